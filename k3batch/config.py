@@ -1,0 +1,265 @@
+"""Job configuration: one YAML file, validated by pydantic, every field described."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line naming the field and the value."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class InputConfig(Strict):
+    uri: str = Field(
+        description="Parquet file or directory of Parquet files: a local path or any fsspec URI "
+        "(s3://bucket/prompts/, gs://...)."
+    )
+    prompt_column: str = Field("prompt", description="Column holding the text prompt.")
+    id_column: str = Field(
+        "id",
+        description="Column holding a stable row id. When the table has no such column, ids are "
+        "derived from the source file and row position, so a rerun gives the same ids.",
+    )
+
+
+class DtypeMap(Strict):
+    """Per-component dtypes, as the `dtype_map` of the Kandinsky 3 README."""
+
+    unet: Dtype = Field("float32", description="UNet weights and activations.")
+    text_encoder: Dtype = Field(
+        "float16", description="T5 (Flan-UL2) encoder; the reference runs it in float16."
+    )
+    movq: Dtype = Field("float32", description="MoVQ decoder.")
+
+
+class ModelConfig(Strict):
+    name: Literal["kandinsky3"] = Field(
+        "kandinsky3", description="Model family member. `kandinsky3`: Kandinsky 3 base text-to-image."
+    )
+    path: str = Field(
+        "kandinsky-community/kandinsky-3",
+        description="Diffusers-layout checkpoint: a Hugging Face repo id or a local directory "
+        "with unet/, text_encoder/, tokenizer/ and movq/.",
+    )
+    variant: str | None = Field(
+        None, description="Weight file variant to load, e.g. `fp16` for kandinsky-community/kandinsky-3."
+    )
+    make_tiny: bool = Field(
+        False,
+        description="Build a tiny random-weight checkpoint of the same architecture at `path` "
+        "when none is there (demo and tests; never use for real images).",
+    )
+    dtype: DtypeMap = Field(default_factory=DtypeMap, description="Dtype per component.")
+    device: str = Field(
+        "auto",
+        description="Torch device for all components: `auto` (CUDA when the actor has a GPU, "
+        "else CPU), `cpu`, `cuda` or `cuda:N`.",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+
+def _multiple_of_64(v: int) -> int:
+    if v <= 0 or v % 64:
+        raise ValueError("must be a positive multiple of 64")
+    return v
+
+
+class GenerationConfig(Strict):
+    """Defaults for every row; optional input columns of the same names override them."""
+
+    num_inference_steps: int = Field(
+        50, ge=1, le=1000, description="Denoising steps (reference spacing range(999, 0, -1000//steps))."
+    )
+    guidance_scale: float = Field(
+        3.0, ge=0, description="Classifier-free guidance weight w in (w+1)*cond - w*uncond."
+    )
+    width: int = Field(1024, description="Image width in pixels, a multiple of 64.")
+    height: int = Field(1024, description="Image height in pixels, a multiple of 64.")
+    negative_prompt: str | None = Field(
+        None, description="Negative prompt for rows without their own; null for none."
+    )
+    seed: int = Field(
+        0,
+        ge=-1,
+        lt=2**63,
+        description="Base seed. A row without its own `seed` gets one derived from this and its "
+        "id; -1 picks a random seed per row. The seed used is recorded per row.",
+    )
+
+    @field_validator("width", "height")
+    @classmethod
+    def _side(cls, v: int) -> int:
+        return _multiple_of_64(v)
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be finite")
+        return v
+
+
+class LimitsConfig(Strict):
+    max_side: int = Field(2048, ge=64, description="Largest allowed width or height of a row.")
+    max_num_inference_steps: int = Field(
+        1000, ge=1, le=1000, description="Largest allowed num_inference_steps of a row."
+    )
+    max_prompt_chars: int = Field(
+        20000,
+        ge=1,
+        description="Longest allowed prompt in characters (the text encoder reads 128 tokens "
+        "anyway; this guards the tokenizer against absurd rows).",
+    )
+
+
+class ResourcesConfig(Strict):
+    batch_size: int = Field(
+        4, ge=1, description="Rows per generation call. Rows of different size or step count "
+        "are split into separate forward passes within a batch."
+    )
+    num_actors: int = Field(1, ge=1, description="Generation actors to start (one model each).")
+    max_actors: int | None = Field(
+        None, ge=1, description="Upper bound for autoscaling the generation pool; null = num_actors."
+    )
+    num_gpus_per_actor: float = Field(
+        0.0, ge=0, description="GPUs per generation actor (0 on CPU-only machines)."
+    )
+    num_cpus_per_actor: float = Field(
+        1.0, gt=0, description="CPUs per generation actor; Ray also sets the actor's torch thread count from it."
+    )
+    decode_batch_size: int = Field(
+        1, ge=1, description="Latents per MoVQ decode call. 1 keeps decode memory flat and results batch-independent."
+    )
+    write_num_cpus: float = Field(
+        0.5, gt=0, description="CPUs per image encode/write task."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ResourcesConfig:
+        if self.max_actors is not None and self.max_actors < self.num_actors:
+            raise ValueError(
+                f"max_actors ({self.max_actors}) must be >= num_actors ({self.num_actors})"
+            )
+        return self
+
+
+class OutputConfig(Strict):
+    uri: str = Field(description="Output directory: a local path or an fsspec URI.")
+    image_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
+    quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality (ignored for PNG).")
+    overwrite: bool = Field(
+        False,
+        description="Replace a previous run found in `uri`. Without it a job refuses to write "
+        "over one (`k3batch run --overwrite` sets this).",
+    )
+
+
+class RayConfig(Strict):
+    address: str | None = Field(
+        None,
+        description="Ray cluster to join. null: RAY_ADDRESS if set (as under `ray job submit`), "
+        "else a new local Ray instance.",
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a new local Ray instance; null = all.")
+    object_store_memory_mb: int | None = Field(
+        None, ge=75, description="Object store size of a new local Ray instance; null = Ray's default."
+    )
+
+
+class JobConfig(Strict):
+    input: InputConfig = Field(description="Where the prompt table is read from.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Which model and how to load it.")
+    generation: GenerationConfig = Field(
+        default_factory=GenerationConfig, description="Generation defaults for every row."
+    )
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-row validation limits.")
+    resources: ResourcesConfig = Field(
+        default_factory=ResourcesConfig, description="Batching and actor pool resources."
+    )
+    output: OutputConfig = Field(description="Where images and metadata are written.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="How to reach Ray.")
+
+    @model_validator(mode="after")
+    def _sizes_within_limits(self) -> JobConfig:
+        g, lim = self.generation, self.limits
+        for name in ("width", "height"):
+            if getattr(g, name) > lim.max_side:
+                raise ValueError(f"generation.{name}={getattr(g, name)} is above limits.max_side={lim.max_side}")
+        if g.num_inference_steps > lim.max_num_inference_steps:
+            raise ValueError(
+                f"generation.num_inference_steps={g.num_inference_steps} is above "
+                f"limits.max_num_inference_steps={lim.max_num_inference_steps}"
+            )
+        return self
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key.path=value, got {item!r}")
+        out.append((key.strip(), yaml.safe_load(raw) if raw != "" else ""))
+    return out
+
+
+def format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) or e["type"] == "missing" else f" (got {value!r})"
+        parts.append(f"{loc}: {msg}{shown}" if loc else f"{msg}")
+    return "; ".join(parts)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None) -> JobConfig:
+    """Read YAML, apply `--set key.path=value` overrides, validate. Raises ConfigError."""
+    if data is None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path} is not valid YAML: {e}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    for key, value in parse_overrides(overrides or []):
+        _set_path(data, key, value)
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"config error: {format_validation_error(e)}") from None

@@ -1,0 +1,135 @@
+"""Prompt tokenisation and text conditioning with the reference's semantics.
+
+Kandinsky 3 (kandinsky3/condition_processors.py, condition_encoders.py) tokenises each prompt
+to at most 128 tokens, right-pads, runs the T5 encoder with the attention mask, projects,
+zeroes padded positions and cuts the context to the longest prompt + 1 (k3batch keeps
+the full 128 positions; see `encode`). A negative prompt is
+cut to the positive prompt's token count, ends with `</s>`, and reuses the positive prompt's
+attention mask. The unconditional branch without a negative prompt is the learned
+`null_embedding` at token 0.
+
+This module does that for a batch of rows with different prompts. Each row keeps its own
+token count `n`: the UNet's attention pooling divides by `n + 1` per row (see
+`kandinsky3.RowLengthPooling`), so a row's result does not depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TOKENS_LENGTH = 128
+
+# How the unconditional branch is built when a row has no negative prompt.
+UNCOND_NULL_EMBEDDING = "null_embedding"  # the reference: learned vector at token 0
+UNCOND_ZEROS = "zeros"  # diffusers' Kandinsky3Pipeline: projected zero embeddings
+
+
+@dataclass
+class Tokens:
+    input_ids: torch.Tensor  # [B, 128] long
+    attention_mask: torch.Tensor  # [B, 128] long
+    negative_input_ids: torch.Tensor  # [B, 128] long (rows without negative prompt: unused)
+    has_negative: list[bool]
+    lengths: torch.Tensor  # [B] long: real tokens of the positive prompt (with </s>)
+
+
+def tokenize(tokenizer, prompts: list[str], negative_prompts: list[str | None]) -> Tokens:
+    """Tokenise rows exactly as the reference processor does, one row at a time."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    ids, masks, neg_ids, has_neg, lengths = [], [], [], [], []
+    for prompt, negative in zip(prompts, negative_prompts, strict=True):
+        enc = tokenizer(prompt, max_length=TOKENS_LENGTH, truncation=True)["input_ids"]
+        n = len(enc)
+        ids.append(enc + [pad] * (TOKENS_LENGTH - n))
+        masks.append([1] * n + [0] * (TOKENS_LENGTH - n))
+        lengths.append(n)
+        if negative:
+            neg = tokenizer(negative, max_length=TOKENS_LENGTH, truncation=True)["input_ids"][:n]
+            neg[-1] = eos
+            neg_ids.append(neg + [pad] * (TOKENS_LENGTH - len(neg)))
+            has_neg.append(True)
+        else:
+            neg_ids.append([pad] * TOKENS_LENGTH)
+            has_neg.append(False)
+    return Tokens(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        attention_mask=torch.tensor(masks, dtype=torch.long),
+        negative_input_ids=torch.tensor(neg_ids, dtype=torch.long),
+        has_negative=has_neg,
+        lengths=torch.tensor(lengths, dtype=torch.long),
+    )
+
+
+@dataclass
+class Conditioning:
+    """Cond and uncond contexts for a batch, 128 positions each."""
+
+    context: torch.Tensor  # [B, L, C]
+    context_mask: torch.Tensor  # [B, L] long
+    uncond_context: torch.Tensor  # [B, L, C]
+    uncond_mask: torch.Tensor  # [B, L] long
+    pool_lengths: torch.Tensor  # [B] float: n + 1, the reference's context length per row
+
+
+@torch.no_grad()
+def encode(
+    tokens: Tokens,
+    text_encoder,
+    projection: torch.nn.Module,
+    uncond: str,
+    null_embedding: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> Conditioning:
+    """Run T5 on positive and negative prompts in one pass, project, build both branches."""
+    device = text_encoder.device
+    b = tokens.input_ids.shape[0]
+    neg_rows = [i for i, has in enumerate(tokens.has_negative) if has]
+    ids = torch.cat([tokens.input_ids, tokens.negative_input_ids[neg_rows]])
+    # The reference encodes a negative prompt with the positive prompt's mask.
+    mask = torch.cat([tokens.attention_mask, tokens.attention_mask[neg_rows]])
+    hidden = text_encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    proj_param = next(projection.parameters())
+    context = projection(hidden.to(proj_param.device, proj_param.dtype))
+    mask = mask.to(context.device)
+    # Zero padded positions. The reference then cuts the context to the longest prompt + 1;
+    # k3batch keeps all 128 positions: masked keys add exactly nothing, and a fixed length
+    # keeps a row's floating-point result independent of its batch-mates' prompt lengths.
+    context = context * mask.unsqueeze(-1).to(context.dtype)
+
+    cond, cond_mask = context[:b], mask[:b]
+    uncond = _uncond_branch(cond, cond_mask, tokens.lengths, uncond, null_embedding, projection)
+    uncond_ctx, uncond_mask = uncond
+    for j, i in enumerate(neg_rows):
+        uncond_ctx[i] = context[b + j]
+        uncond_mask[i] = mask[b + j]
+    return Conditioning(
+        context=cond.to(out_dtype),
+        context_mask=cond_mask,
+        uncond_context=uncond_ctx.to(out_dtype),
+        uncond_mask=uncond_mask,
+        pool_lengths=(tokens.lengths + 1).to(device=cond.device, dtype=torch.float32),
+    )
+
+
+def _uncond_branch(cond, cond_mask, lengths, uncond, null_embedding, projection):
+    ctx = torch.zeros_like(cond)
+    mask = torch.zeros_like(cond_mask)
+    if uncond == UNCOND_NULL_EMBEDDING:
+        ctx[:, 0] = null_embedding.to(ctx.device, ctx.dtype)
+        mask[:, 0] = 1
+    elif uncond == UNCOND_ZEROS:
+        # diffusers feeds zero encoder states with an all-zero mask: every position becomes
+        # projection(0) and attention is uniform over them. Filling each row's own n + 1
+        # positions and attending to exactly those gives the same values, independent of
+        # the context length.
+        weight = projection.projection_linear.weight
+        zeros = torch.zeros(1, 1, weight.shape[1], device=weight.device, dtype=weight.dtype)
+        filler = projection(zeros)
+        for i, n in enumerate(lengths.tolist()):
+            ctx[i, : n + 1] = filler[0, 0].to(ctx.dtype)
+            mask[i, : n + 1] = 1
+    else:
+        raise ValueError(f"unknown unconditional branch {uncond!r}")
+    return ctx, mask

@@ -1,0 +1,219 @@
+"""Row normalisation and validation: plain Python, no Ray, no torch.
+
+A bad row is never dropped and never raises: it comes back with `status="error"` and an
+`error` naming each bad field and its value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+import re
+import secrets
+from dataclasses import dataclass
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+# Optional input columns that override the job's generation defaults per row.
+OVERRIDE_COLUMNS = (
+    "negative_prompt",
+    "seed",
+    "width",
+    "height",
+    "num_inference_steps",
+    "guidance_scale",
+)
+MAX_SEED = 2**64 - 1
+_SHOWN_CHARS = 60
+
+
+@dataclass(frozen=True)
+class RowRules:
+    """Defaults and limits a row is checked against (from the job config)."""
+
+    negative_prompt: str | None = None
+    seed: int = 0
+    width: int = 1024
+    height: int = 1024
+    num_inference_steps: int = 50
+    guidance_scale: float = 3.0
+    max_side: int = 2048
+    max_num_inference_steps: int = 1000
+    max_prompt_chars: int = 20000
+
+    @classmethod
+    def from_config(cls, generation, limits) -> RowRules:
+        return cls(
+            negative_prompt=generation.negative_prompt,
+            seed=generation.seed,
+            width=generation.width,
+            height=generation.height,
+            num_inference_steps=generation.num_inference_steps,
+            guidance_scale=generation.guidance_scale,
+            max_side=limits.max_side,
+            max_num_inference_steps=limits.max_num_inference_steps,
+            max_prompt_chars=limits.max_prompt_chars,
+        )
+
+
+def show(value) -> str:
+    """A value quoted for an error message, shortened."""
+    text = repr(value)
+    if len(text) > _SHOWN_CHARS:
+        text = text[: _SHOWN_CHARS - 3] + "..." + f" ({len(str(value))} chars)"
+    return text
+
+
+class RowError(ValueError):
+    pass
+
+
+def _as_int(field: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise RowError(f"{field}: expected an integer, got {show(value)}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if not math.isfinite(value) or value != int(value):
+        raise RowError(f"{field}: expected an integer, got {show(value)}")
+    return int(value)
+
+
+def _as_float(field: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise RowError(f"{field}: expected a number, got {show(value)}")
+    return float(value)
+
+
+def derive_seed(base_seed: int, row_id: str) -> int:
+    """A row's seed from the job's base seed and its id: stable across reruns and batches."""
+    digest = hashlib.blake2b(f"{base_seed}/{row_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # 63 bits: fits int64 consumers too
+
+
+def pick_seed() -> int:
+    return secrets.randbits(63)
+
+
+def derived_id(row_hash: int) -> str:
+    return f"{int(row_hash):016x}"
+
+
+def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
+    """The row's normalised generation fields plus `status` and `error`.
+
+    `raw` holds the input columns (override columns optional). `raw["id"]` must already be
+    the row's id (a string).
+    """
+    errors: list[str] = []
+    out: dict = {"id": raw["id"]}
+
+    prompt = raw.get(prompt_column)
+    if prompt is None:
+        errors.append(f"{prompt_column}: missing (null)")
+    elif not isinstance(prompt, str):
+        errors.append(f"{prompt_column}: expected text, got {show(prompt)}")
+        prompt = None
+    elif not prompt.strip():
+        errors.append(f"{prompt_column}: empty or whitespace only, got {show(prompt)}")
+    elif len(prompt) > rules.max_prompt_chars:
+        errors.append(
+            f"{prompt_column}: {len(prompt)} characters, above limits.max_prompt_chars={rules.max_prompt_chars}"
+        )
+    out["prompt"] = prompt
+
+    def field(name, parse, check):
+        value = raw.get(name)
+        if value is None:
+            value = getattr(rules, name)
+        else:
+            try:
+                value = check(parse(name, value))
+            except RowError as e:
+                errors.append(str(e))
+                return None
+        return value
+
+    negative = raw.get("negative_prompt")
+    if negative is None:
+        negative = rules.negative_prompt
+    elif not isinstance(negative, str):
+        errors.append(f"negative_prompt: expected text, got {show(negative)}")
+        negative = None
+    elif len(negative) > rules.max_prompt_chars:
+        errors.append(
+            f"negative_prompt: {len(negative)} characters, above limits.max_prompt_chars={rules.max_prompt_chars}"
+        )
+        negative = None
+    out["negative_prompt"] = negative if negative and negative.strip() else None
+
+    def side(name):
+        def check(v):
+            if v <= 0 or v % 64:
+                raise RowError(f"{name}: must be a positive multiple of 64, got {v}")
+            if v > rules.max_side:
+                raise RowError(f"{name}: {v} is above limits.max_side={rules.max_side}")
+            return v
+
+        return check
+
+    def steps(v):
+        if v < 1:
+            raise RowError(f"num_inference_steps: must be >= 1, got {v}")
+        if v > rules.max_num_inference_steps:
+            raise RowError(
+                f"num_inference_steps: {v} is above limits.max_num_inference_steps={rules.max_num_inference_steps}"
+            )
+        return v
+
+    def guidance(v):
+        if not math.isfinite(v):
+            raise RowError(f"guidance_scale: must be finite, got {v}")
+        if v < 0:
+            raise RowError(f"guidance_scale: must be >= 0, got {v}")
+        return v
+
+    def seed_check(v):
+        if v == -1:
+            return v
+        if not 0 <= v <= MAX_SEED:
+            raise RowError(f"seed: must be -1 or in [0, 2**64), got {v}")
+        return v
+
+    out["width"] = field("width", _as_int, side("width"))
+    out["height"] = field("height", _as_int, side("height"))
+    out["num_inference_steps"] = field("num_inference_steps", _as_int, steps)
+    out["guidance_scale"] = field("guidance_scale", _as_float, guidance)
+
+    if raw.get("seed") is None:
+        seed = pick_seed() if rules.seed == -1 else derive_seed(rules.seed, out["id"])
+    else:
+        seed = field("seed", _as_int, seed_check)
+        if seed == -1:
+            seed = pick_seed()
+    out["seed"] = seed
+
+    out["status"] = STATUS_ERROR if errors else STATUS_OK
+    out["error"] = "; ".join(errors) if errors else None
+    return out
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_HASHED = re.compile(r"-h[0-9a-f]{16}$")
+MAX_KEY_CHARS = 120
+
+
+def object_key(row_id: str) -> str:
+    """A file-name-safe key for an id: never escapes the output prefix, and injective.
+
+    Ids made only of [A-Za-z0-9._-] (not starting with '.') are kept as they are. Others are
+    sanitised, cut, and suffixed with a hash of the original id, so two ids never share a key.
+    """
+    safe = _UNSAFE.sub("_", row_id)
+    if safe.startswith("."):
+        safe = "_" + safe[1:]
+    if safe == row_id and len(safe) <= MAX_KEY_CHARS and safe and not _HASHED.search(safe):
+        return safe
+    digest = hashlib.blake2b(row_id.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    return f"{safe[: MAX_KEY_CHARS - 18]}-h{digest}"

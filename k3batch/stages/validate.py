@@ -1,0 +1,80 @@
+"""Normalise and validate input rows; give each a stable id."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from k3batch import rows
+from k3batch.stages.base import Stage
+
+# Columns k3batch writes that are not read from the input. An input column with one of these
+# names is kept as `input_<name>` rather than overwritten.
+OUTPUT_ONLY_COLUMNS = (
+    "status",
+    "error",
+    "model",
+    "image_uri",
+    "generate_seconds",
+    "uncond_embedding",
+    "image_rgb",
+)
+ROW_HASH = "row_hash"  # added by ray.data.read_parquet(include_row_hash=True)
+
+
+class ValidateStage(Stage):
+    adds = {
+        "id": pa.string(),
+        "prompt": pa.string(),
+        "negative_prompt": pa.string(),
+        "seed": pa.uint64(),
+        "width": pa.int64(),
+        "height": pa.int64(),
+        "num_inference_steps": pa.int64(),
+        "guidance_scale": pa.float64(),
+        "status": pa.string(),
+        "error": pa.string(),
+    }
+    drops = (ROW_HASH,)
+
+    def __init__(self, rules: rows.RowRules, prompt_column: str = "prompt", id_column: str = "id"):
+        self.rules = rules
+        self.prompt_column = prompt_column
+        self.id_column = id_column
+        self.needs = (prompt_column,)
+        self.optional = (id_column, ROW_HASH, *rows.OVERRIDE_COLUMNS)
+
+    def prepare(self, table: pa.Table) -> pa.Table:
+        names = [f"input_{c}" if c in OUTPUT_ONLY_COLUMNS else c for c in table.column_names]
+        if self.id_column not in names and ROW_HASH not in names:
+            raise KeyError(
+                f"ValidateStage needs an {self.id_column!r} column or a {ROW_HASH!r} column to derive ids from"
+            )
+        return table.rename_columns(names)
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        n = len(batch[self.prompt_column])
+        ids = batch.get(self.id_column)
+        hashes = batch.get(ROW_HASH)
+        out: dict[str, list] = {name: [] for name in self.adds}
+        for i in range(n):
+            raw = {c: batch[c][i] for c in batch}
+            id_error = None
+            value = ids[i] if ids is not None else None
+            if ids is None:
+                row_id = rows.derived_id(hashes[i])
+            elif isinstance(value, str) and value:
+                row_id = value
+            elif isinstance(value, int) and not isinstance(value, bool):
+                row_id = str(value)
+            else:
+                # Keep the row (accounted for, with an error) under a derived id when we can.
+                row_id = rows.derived_id(hashes[i]) if hashes is not None else f"row-{i}"
+                id_error = f"{self.id_column}: expected a non-empty string or integer, got {rows.show(value)}"
+            raw["id"] = row_id
+            row = rows.normalise_row(raw, self.prompt_column, self.rules)
+            if id_error:
+                row["status"] = rows.STATUS_ERROR
+                row["error"] = "; ".join(e for e in (id_error, row["error"]) if e)
+            for name in self.adds:
+                out[name].append(row[name])
+        return out

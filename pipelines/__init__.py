@@ -1,0 +1,1 @@
+"""Job graphs: each module builds one Ray Data job from a `JobConfig`."""
