@@ -11,8 +11,8 @@ def _run(args) -> int:
     from k3batch.config import load_config
     from k3batch.runner import run_job, summary
 
-    cfg = load_config(args.config, args.set)
-    result = run_job(cfg, overwrite=args.overwrite or cfg.output.overwrite)
+    overrides = [*args.set, *(["output.overwrite=true"] if args.overwrite else [])]
+    result = run_job(load_config(args.config, overrides))
     print(summary(result.run))
     return 0 if result.ok else 1
 
@@ -43,16 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a batch job described by a YAML config")
     run.add_argument("config", help="job config (YAML), e.g. configs/demo.yaml")
     run.add_argument(
-        "--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
         help="override a config field, e.g. --set resources.batch_size=8 (repeatable)",
     )
-    run.add_argument("--overwrite", action="store_true", help="replace a previous run in output.uri")
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace a previous run in output.uri"
+    )
     run.set_defaults(func=_run)
 
     tiny = sub.add_parser("make-tiny", help="write a tiny random-weight Kandinsky 3 checkpoint")
     tiny.add_argument("dir", help="directory to write (diffusers layout)")
     tiny.add_argument(
-        "--no-null-embedding", action="store_true",
+        "--no-null-embedding",
+        action="store_true",
         help="leave out unet/null_embedding.safetensors, like kandinsky-community/kandinsky-3",
     )
     tiny.set_defaults(func=_make_tiny)

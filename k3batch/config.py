@@ -45,7 +45,8 @@ class DtypeMap(Strict):
 
 class ModelConfig(Strict):
     name: Literal["kandinsky3"] = Field(
-        "kandinsky3", description="Model family member. `kandinsky3`: Kandinsky 3 base text-to-image."
+        "kandinsky3",
+        description="Model family member. `kandinsky3`: Kandinsky 3 base text-to-image.",
     )
     path: str = Field(
         "kandinsky-community/kandinsky-3",
@@ -53,7 +54,8 @@ class ModelConfig(Strict):
         "with unet/, text_encoder/, tokenizer/ and movq/.",
     )
     variant: str | None = Field(
-        None, description="Weight file variant to load, e.g. `fp16` for kandinsky-community/kandinsky-3."
+        None,
+        description="Weight file variant to load, e.g. `fp16` for kandinsky-community/kandinsky-3.",
     )
     make_tiny: bool = Field(
         False,
@@ -85,7 +87,10 @@ class GenerationConfig(Strict):
     """Defaults for every row; optional input columns of the same names override them."""
 
     num_inference_steps: int = Field(
-        50, ge=1, le=1000, description="Denoising steps (reference spacing range(999, 0, -1000//steps))."
+        50,
+        ge=1,
+        le=1000,
+        description="Denoising steps (reference spacing range(999, 0, -1000//steps)).",
     )
     guidance_scale: float = Field(
         3.0, ge=0, description="Classifier-free guidance weight w in (w+1)*cond - w*uncond."
@@ -131,25 +136,31 @@ class LimitsConfig(Strict):
 
 class ResourcesConfig(Strict):
     batch_size: int = Field(
-        4, ge=1, description="Rows per generation call. Rows of different size or step count "
-        "are split into separate forward passes within a batch."
+        4,
+        ge=1,
+        description="Rows per generation call. Rows of different size or step count "
+        "are split into separate forward passes within a batch.",
     )
     num_actors: int = Field(1, ge=1, description="Generation actors to start (one model each).")
     max_actors: int | None = Field(
-        None, ge=1, description="Upper bound for autoscaling the generation pool; null = num_actors."
+        None,
+        ge=1,
+        description="Upper bound for autoscaling the generation pool; null = num_actors.",
     )
     num_gpus_per_actor: float = Field(
         0.0, ge=0, description="GPUs per generation actor (0 on CPU-only machines)."
     )
     num_cpus_per_actor: float = Field(
-        1.0, gt=0, description="CPUs per generation actor; Ray also sets the actor's torch thread count from it."
+        1.0,
+        gt=0,
+        description="CPUs per generation actor; Ray also sets the actor's torch thread count from it.",
     )
     decode_batch_size: int = Field(
-        1, ge=1, description="Latents per MoVQ decode call. 1 keeps decode memory flat and results batch-independent."
+        1,
+        ge=1,
+        description="Latents per MoVQ decode call. 1 keeps decode memory flat and results batch-independent.",
     )
-    write_num_cpus: float = Field(
-        0.5, gt=0, description="CPUs per image encode/write task."
-    )
+    write_num_cpus: float = Field(0.5, gt=0, description="CPUs per image encode/write task.")
 
     @model_validator(mode="after")
     def _bounds(self) -> ResourcesConfig:
@@ -177,19 +188,27 @@ class RayConfig(Strict):
         description="Ray cluster to join. null: RAY_ADDRESS if set (as under `ray job submit`), "
         "else a new local Ray instance.",
     )
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of a new local Ray instance; null = all.")
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs of a new local Ray instance; null = all."
+    )
     object_store_memory_mb: int | None = Field(
-        None, ge=75, description="Object store size of a new local Ray instance; null = Ray's default."
+        None,
+        ge=75,
+        description="Object store size of a new local Ray instance; null = Ray's default.",
     )
 
 
 class JobConfig(Strict):
     input: InputConfig = Field(description="Where the prompt table is read from.")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="Which model and how to load it.")
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="Which model and how to load it."
+    )
     generation: GenerationConfig = Field(
         default_factory=GenerationConfig, description="Generation defaults for every row."
     )
-    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-row validation limits.")
+    limits: LimitsConfig = Field(
+        default_factory=LimitsConfig, description="Per-row validation limits."
+    )
     resources: ResourcesConfig = Field(
         default_factory=ResourcesConfig, description="Batching and actor pool resources."
     )
@@ -201,7 +220,9 @@ class JobConfig(Strict):
         g, lim = self.generation, self.limits
         for name in ("width", "height"):
             if getattr(g, name) > lim.max_side:
-                raise ValueError(f"generation.{name}={getattr(g, name)} is above limits.max_side={lim.max_side}")
+                raise ValueError(
+                    f"generation.{name}={getattr(g, name)} is above limits.max_side={lim.max_side}"
+                )
         if g.num_inference_steps > lim.max_num_inference_steps:
             raise ValueError(
                 f"generation.num_inference_steps={g.num_inference_steps} is above "
@@ -244,7 +265,9 @@ def format_validation_error(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None) -> JobConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None
+) -> JobConfig:
     """Read YAML, apply `--set key.path=value` overrides, validate. Raises ConfigError."""
     if data is None:
         try:

@@ -35,10 +35,14 @@ def map_stage(
     """Add `stage_cls` to the dataset: on an actor pool of (min, max) actors, or as tasks."""
     import ray.data
 
-    common = dict(batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus, zero_copy_batch=True)
+    common = dict(
+        batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus, zero_copy_batch=True
+    )
     if actors is None:
         return ds.map_batches(
-            run_stage_task, fn_kwargs={"stage_cls": stage_cls, "stage_kwargs": stage_kwargs}, **common
+            run_stage_task,
+            fn_kwargs={"stage_cls": stage_cls, "stage_kwargs": stage_kwargs},
+            **common,
         )
     return ds.map_batches(
         StageActor,

@@ -55,11 +55,17 @@ def inspect_input(cfg: JobConfig) -> InputInfo:
     try:
         if not fs.exists(path):
             raise ConfigError(f"input.uri: no such file or directory: {cfg.input.uri}")
-        files = [path] if fs.isfile(path) else sorted(f for f in fs.find(path) if f.endswith(".parquet"))
+        files = (
+            [path]
+            if fs.isfile(path)
+            else sorted(f for f in fs.find(path) if f.endswith(".parquet"))
+        )
     except ConfigError:
         raise
     except Exception as e:  # storage errors: unreachable endpoint, credentials, permissions
-        raise ConfigError(f"input.uri: cannot read {cfg.input.uri}: {type(e).__name__}: {e}") from None
+        raise ConfigError(
+            f"input.uri: cannot read {cfg.input.uri}: {type(e).__name__}: {e}"
+        ) from None
     if not files:
         raise ConfigError(f"input.uri: no .parquet files under {cfg.input.uri}")
     try:
@@ -67,7 +73,9 @@ def inspect_input(cfg: JobConfig) -> InputInfo:
         columns = dataset.schema.names
         num_rows = dataset.count_rows()
     except Exception as e:
-        raise ConfigError(f"input.uri: not a readable Parquet table: {cfg.input.uri}: {e}") from None
+        raise ConfigError(
+            f"input.uri: not a readable Parquet table: {cfg.input.uri}: {e}"
+        ) from None
     if cfg.input.prompt_column not in columns:
         raise ConfigError(
             f"input.prompt_column: column {cfg.input.prompt_column!r} is not in the input table "
@@ -86,11 +94,11 @@ def check_model(cfg: JobConfig) -> None:
         )
 
 
-def prepare_output(cfg: JobConfig, overwrite: bool) -> None:
+def prepare_output(cfg: JobConfig) -> None:
     fs, root = storage.filesystem(cfg.output.uri)
     try:
         previous = [p for p in ("metadata", "images", "run.json") if fs.exists(f"{root}/{p}")]
-        if previous and not overwrite:
+        if previous and not cfg.output.overwrite:
             raise ConfigError(
                 f"output.uri: {cfg.output.uri} already holds a run ({', '.join(previous)}); "
                 "choose a new output or pass --overwrite"
@@ -101,15 +109,17 @@ def prepare_output(cfg: JobConfig, overwrite: bool) -> None:
     except ConfigError:
         raise
     except Exception as e:
-        raise ConfigError(f"output.uri: cannot write to {cfg.output.uri}: {type(e).__name__}: {e}") from None
+        raise ConfigError(
+            f"output.uri: cannot write to {cfg.output.uri}: {type(e).__name__}: {e}"
+        ) from None
 
 
-def preflight(cfg: JobConfig, overwrite: bool = False) -> tuple[JobConfig, InputInfo]:
+def preflight(cfg: JobConfig) -> tuple[JobConfig, InputInfo]:
     """Everything that can fail before Ray starts and before any model loads."""
     cfg = resolve_paths(cfg)
     info = inspect_input(cfg)
     check_model(cfg)
-    prepare_output(cfg, overwrite)
+    prepare_output(cfg)
     return cfg, info
 
 
@@ -119,11 +129,15 @@ def init_ray(cfg: JobConfig) -> None:
 
     if not ray.is_initialized():
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-        kwargs = {"address": address} if address else {
-            "num_cpus": cfg.ray.num_cpus,
-            "object_store_memory": (cfg.ray.object_store_memory_mb or 0) * 2**20 or None,
-            "include_dashboard": False,
-        }
+        kwargs = (
+            {"address": address}
+            if address
+            else {
+                "num_cpus": cfg.ray.num_cpus,
+                "object_store_memory": (cfg.ray.object_store_memory_mb or 0) * 2**20 or None,
+                "include_dashboard": False,
+            }
+        )
         ray.init(**kwargs, logging_level=logging.WARNING)
     ctx = DataContext.get_current()
     # Progress bars redraw many times a second: fine on a terminal, a flood in job logs.
@@ -137,7 +151,9 @@ def account(cfg: JobConfig, info: InputInfo) -> dict:
 
     fs, root = storage.filesystem(storage.join(cfg.output.uri, "metadata"))
     files = sorted(f for f in fs.find(root) if f.endswith(".parquet"))
-    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=["id", "status", "error"])
+    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(
+        columns=["id", "status", "error"]
+    )
     ids = table.column("id").to_pylist()
     statuses = Counter(table.column("status").to_pylist())
     duplicates = sorted(i for i, c in Counter(ids).items() if c > 1)
@@ -175,12 +191,12 @@ def versions() -> dict:
     return out
 
 
-def run_job(cfg: JobConfig, overwrite: bool = False) -> RunResult:
+def run_job(cfg: JobConfig) -> RunResult:
     from pipelines import text_to_image
 
     started = time.time()
     started_at = datetime.now(timezone.utc).isoformat()
-    cfg, info = preflight(cfg, overwrite)
+    cfg, info = preflight(cfg)
     init_ray(cfg)
     if cfg.model.make_tiny:
         # Build once on the driver so local actors find it ready (they would build the same).

@@ -1,10 +1,11 @@
 """Text-to-image job: Parquet prompts -> validate -> generate -> encode/write -> metadata.
 
-    read_parquet(input.uri)
-      -> ValidateStage      (tasks)      ids, per-row settings, bad rows marked
-      -> GenerateStage      (actor pool) Kandinsky 3, model loaded once per actor
-      -> WriteImagesStage   (tasks, CPU) OUTPUT/images/<key>.<ext>
-      -> write_parquet(OUTPUT/metadata/)
+read_parquet(input.uri)
+  -> ValidateStage      (tasks)      ids, per-row settings, bad rows marked
+  -> repartition        (streaming)  blocks of one generation batch
+  -> GenerateStage      (actor pool) Kandinsky 3, model loaded once per actor
+  -> WriteImagesStage   (tasks, CPU) OUTPUT/images/<key>.<ext>
+  -> write_parquet(OUTPUT/metadata/)
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def build(cfg: JobConfig):
         batch_size=VALIDATE_BATCH_SIZE,
         num_cpus=0.25,
     )
+    # An actor pool takes whole blocks, and a Parquet file reads as few large blocks: cut
+    # them to one generation batch each (streaming, no shuffle) so every actor gets work.
+    ds = ds.repartition(target_num_rows_per_block=res.batch_size)
     ds = map_stage(
         ds,
         GenerateStage,

@@ -109,7 +109,9 @@ class Kandinsky3:
         self.pooling = RowLengthPooling(unet.add_time_condition)
         unet.add_time_condition = self.pooling
         self.null_embedding = null_embedding
-        self.uncond = textmod.UNCOND_NULL_EMBEDDING if null_embedding is not None else textmod.UNCOND_ZEROS
+        self.uncond = (
+            textmod.UNCOND_NULL_EMBEDDING if null_embedding is not None else textmod.UNCOND_ZEROS
+        )
         self.device = next(unet.parameters()).device
         self.schedule = DiffusionSchedule(self.device)
 
@@ -164,7 +166,12 @@ class Kandinsky3:
             self.tokenizer, [r.prompt for r in requests], [r.negative_prompt for r in requests]
         )
         cond = textmod.encode(
-            tokens, self.text_encoder, self.projection, self.uncond, self.null_embedding, self.unet_dtype
+            tokens,
+            self.text_encoder,
+            self.projection,
+            self.uncond,
+            self.null_embedding,
+            self.unet_dtype,
         )
         latents = self._sample(requests, cond)
         return self.decode(latents)

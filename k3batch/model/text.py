@@ -89,7 +89,9 @@ def encode(
     ids = torch.cat([tokens.input_ids, tokens.negative_input_ids[neg_rows]])
     # The reference encodes a negative prompt with the positive prompt's mask.
     mask = torch.cat([tokens.attention_mask, tokens.attention_mask[neg_rows]])
-    hidden = text_encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    hidden = text_encoder(
+        input_ids=ids.to(device), attention_mask=mask.to(device)
+    ).last_hidden_state
     proj_param = next(projection.parameters())
     context = projection(hidden.to(proj_param.device, proj_param.dtype))
     mask = mask.to(context.device)

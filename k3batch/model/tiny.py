@@ -17,17 +17,76 @@ TINY_SEED = 20231122
 MARKER = "k3batch_tiny.json"
 TINY_FORMAT = 1
 
-_COLOURS = "red orange yellow green blue purple pink black white golden silver rusty".split()
-_SUBJECTS = (
-    "cat dog fox owl whale castle lighthouse robot dragon tree forest city street bridge "
-    "mountain lake river boat train bicycle teapot guitar violin astronaut knight wizard "
-    "flower garden cake bowl portrait village"
-).split()
-_STYLES = (
-    "oil painting, watercolor, pencil sketch, photo, 3d render, pixel art, anime style, "
-    "ukiyo-e print, cinematic still, studio lighting, isometric view, low poly"
-).split(", ")
-_PLACES = "at sunset|in the rain|under the stars|on the moon|in winter|in a misty morning".split("|")
+_COLOURS = [
+    "red",
+    "orange",
+    "yellow",
+    "green",
+    "blue",
+    "purple",
+    "pink",
+    "black",
+    "white",
+    "golden",
+    "silver",
+    "rusty",
+]
+_SUBJECTS = [
+    "cat",
+    "dog",
+    "fox",
+    "owl",
+    "whale",
+    "castle",
+    "lighthouse",
+    "robot",
+    "dragon",
+    "tree",
+    "forest",
+    "city",
+    "street",
+    "bridge",
+    "mountain",
+    "lake",
+    "river",
+    "boat",
+    "train",
+    "bicycle",
+    "teapot",
+    "guitar",
+    "violin",
+    "astronaut",
+    "knight",
+    "wizard",
+    "flower",
+    "garden",
+    "cake",
+    "bowl",
+    "portrait",
+    "village",
+]
+_STYLES = [
+    "oil painting",
+    "watercolor",
+    "pencil sketch",
+    "photo",
+    "3d render",
+    "pixel art",
+    "anime style",
+    "ukiyo-e print",
+    "cinematic still",
+    "studio lighting",
+    "isometric view",
+    "low poly",
+]
+_PLACES = [
+    "at sunset",
+    "in the rain",
+    "under the stars",
+    "on the moon",
+    "in winter",
+    "in a misty morning",
+]
 
 
 def _corpus() -> list[str]:
@@ -109,7 +168,10 @@ def build_components(null_embedding: bool = True):
     # The scheduler config only makes the directory a complete diffusers pipeline; k3batch
     # samples with the reference schedule, not with this object.
     scheduler = DDPMScheduler(
-        beta_schedule="squaredcos_cap_v2", clip_sample=True, thresholding=False, variance_type="fixed_small"
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=True,
+        thresholding=False,
+        variance_type="fixed_small",
     )
     torch.manual_seed(TINY_SEED + 3)
     null = torch.randn(4) if null_embedding else None
@@ -146,9 +208,14 @@ def make_tiny(path: str, null_embedding: bool = True, overwrite: bool = False) -
     try:
         Kandinsky3Pipeline(**parts).save_pretrained(tmp)
         if null is not None:
-            save_file({"null_embedding": null.contiguous()}, os.path.join(tmp, "unet", "null_embedding.safetensors"))
+            save_file(
+                {"null_embedding": null.contiguous()},
+                os.path.join(tmp, "unet", "null_embedding.safetensors"),
+            )
         with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump({"format": TINY_FORMAT, "seed": TINY_SEED, "null_embedding": null is not None}, f)
+            json.dump(
+                {"format": TINY_FORMAT, "seed": TINY_SEED, "null_embedding": null is not None}, f
+            )
         if os.path.exists(path):
             shutil.rmtree(path)
         try:

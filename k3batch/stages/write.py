@@ -25,7 +25,11 @@ class WriteImagesStage(Stage):
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         n = len(batch["id"])
-        out = {"image_uri": [None] * n, "status": list(batch["status"]), "error": list(batch["error"])}
+        out = {
+            "image_uri": [None] * n,
+            "status": list(batch["status"]),
+            "error": list(batch["error"]),
+        }
         for i in range(n):
             if batch["status"][i] != STATUS_OK:
                 continue
@@ -36,7 +40,11 @@ class WriteImagesStage(Stage):
             name = f"{object_key(batch['id'][i])}.{self.ext}"
             try:
                 data = encode_rgb(
-                    batch["image_rgb"][i], batch["width"][i], batch["height"][i], self.image_format, self.quality
+                    batch["image_rgb"][i],
+                    batch["width"][i],
+                    batch["height"][i],
+                    self.image_format,
+                    self.quality,
                 )
                 self.fs.pipe_file(f"{self.root}/{name}", data)
             except Exception as e:  # noqa: BLE001 - a failed write is that row's error

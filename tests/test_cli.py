@@ -1,0 +1,115 @@
+"""The command line as users call it, in subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+K3BATCH = [sys.executable, "-m", "k3batch.cli"]
+
+
+def k3batch(*args, cwd=REPO, timeout=600):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    return subprocess.run(
+        [*K3BATCH, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env
+    )
+
+
+def demo_config(tmp_path, **changes):
+    data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    data["input"]["uri"] = str(REPO / "data" / "demo_prompts.parquet")
+    data["output"]["uri"] = str(tmp_path / "out")
+    data["model"]["path"] = str(tmp_path / "tiny")
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        data.setdefault(section, {})[key] = value
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("changes", "needles"),
+    [
+        ({"generation__bogus": 1}, ["generation.bogus", "Extra inputs"]),
+        ({"generation__width": 1000}, ["generation.width", "multiple of 64", "1000"]),
+        ({"generation__num_inference_steps": "many"}, ["generation.num_inference_steps", "'many'"]),
+        (
+            {"input__uri": "/nonexistent/prompts.parquet"},
+            ["input.uri", "/nonexistent/prompts.parquet"],
+        ),
+        ({"input__prompt_column": "caption"}, ["input.prompt_column", "'caption'"]),
+        (
+            {"model__make_tiny": False, "model__path": "./no/such/dir"},
+            ["model.path", "./no/such/dir"],
+        ),
+    ],
+)
+def test_bad_config_fails_at_start_with_one_line_and_writes_nothing(tmp_path, changes, needles):
+    proc = k3batch("run", str(demo_config(tmp_path, **changes)))
+    assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "tiny").exists()
+
+
+def test_set_overrides_and_unreadable_yaml(tmp_path):
+    proc = k3batch(
+        "config",
+        str(demo_config(tmp_path)),
+        "--set",
+        "resources.batch_size=8",
+        "--set",
+        "generation.negative_prompt=dark",
+    )
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert (
+        shown["resources"]["batch_size"] == 8 and shown["generation"]["negative_prompt"] == "dark"
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input: [unclosed")
+    assert_one_line_error(k3batch("run", str(bad)), "not valid YAML")
+    assert_one_line_error(k3batch("run", str(tmp_path / "missing.yaml")), "cannot read config")
+    assert_one_line_error(
+        k3batch("run", str(demo_config(tmp_path)), "--set", "nokey"), "key.path=value"
+    )
+
+
+def test_schema_describes_every_field():
+    proc = k3batch("config", "--schema")
+    schema = json.loads(proc.stdout)
+
+    def walk(node, path):
+        for name, prop in node.get("properties", {}).items():
+            assert prop.get("description"), f"{path}{name} has no description"
+            ref = prop.get("$ref") or next(
+                (a.get("$ref") for a in prop.get("allOf", []) if "$ref" in a), None
+            )
+            if ref:
+                walk(schema["$defs"][ref.split("/")[-1]], f"{path}{name}.")
+
+    walk(schema, "")
+
+
+@pytest.mark.slow
+def test_demo_config_runs_end_to_end_from_the_command_line(tmp_path):
+    proc = k3batch("run", str(demo_config(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rows in/out   36 / 36" in proc.stdout
+    table = pads.dataset(str(tmp_path / "out" / "metadata"), format="parquet").to_table()
+    assert table.num_rows == 36 and set(table.column("status").to_pylist()) == {"ok"}
+    assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 36
+    assert str(tmp_path / "out") in proc.stdout

@@ -1,0 +1,132 @@
+"""The whole job on local Ray with the tiny model."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from k3batch.config import ConfigError, load_config
+from k3batch.runner import run_job
+
+from .conftest import job_config
+
+pytestmark = pytest.mark.slow
+
+
+def write_prompts(directory, tables):
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, table in enumerate(tables):
+        pq.write_table(table, directory / f"part-{i}.parquet")
+    return str(directory)
+
+
+def read_metadata(out):
+    return pads.dataset(str(out / "metadata"), format="parquet").to_table().to_pylist()
+
+
+@pytest.fixture(scope="module")
+def prompts_dir(tmp_path_factory):
+    part1 = pa.table(
+        {
+            "prompt": ["a red cat", "a blue dog", "", "a castle", "a tree"],
+            "width": pa.array([None, 128, None, 63, None], pa.int64()),
+            "seed": pa.array([None, 5, None, None, 2**63 - 1], pa.int64()),
+            "tag": ["t0", "t1", "t2", "t3", "t4"],
+        }
+    )
+    part2 = pa.table(
+        {
+            "prompt": ["an owl", None, "a boat at sunset", "a robot"],
+            "width": pa.array([None, None, None, None], pa.int64()),
+            "seed": pa.array([None, None, None, None], pa.int64()),
+            "tag": ["u0", "u1", "u2", "u3"],
+            "negative_prompt": ["blurry", None, None, "dark"],
+        }
+    )
+    return write_prompts(tmp_path_factory.mktemp("in") / "prompts", [part1, part2])
+
+
+def run(tmp_path, prompts, model_dir, **sections):
+    cfg = load_config(data=job_config(tmp_path, prompts, model_dir, **sections))
+    return run_job(cfg)
+
+
+def test_job_writes_one_row_per_input_row_and_images_at_requested_size(
+    ray_local, tmp_path, prompts_dir, tiny_dir
+):
+    result = run(tmp_path, prompts_dir, tiny_dir)
+    meta = read_metadata(tmp_path / "out")
+    assert result.ok and len(meta) == 9 == result.run["rows_in"] == result.run["rows_out"]
+    assert len({m["id"] for m in meta}) == 9
+    by_tag = {m["tag"]: m for m in meta}
+    assert {t for t, m in by_tag.items() if m["status"] == "error"} == {"t2", "t3", "u1"}
+    assert by_tag["t2"]["error"].startswith("prompt: empty")
+    assert by_tag["t3"]["error"] == "width: must be a positive multiple of 64, got 63"
+    assert by_tag["u1"]["error"] == "prompt: missing (null)"
+    assert result.run["ok"] == 6 and result.run["error"] == 3
+    assert result.run["errors_by_field"] == {"prompt": 2, "width": 1}
+    expected_columns = {
+        "id",
+        "prompt",
+        "negative_prompt",
+        "seed",
+        "width",
+        "height",
+        "num_inference_steps",
+        "guidance_scale",
+        "model",
+        "image_uri",
+        "status",
+        "error",
+        "generate_seconds",
+        "tag",
+    }
+    assert expected_columns <= set(meta[0])
+    assert by_tag["t1"]["seed"] == 5 and by_tag["t4"]["seed"] == 2**63 - 1
+    assert by_tag["u0"]["negative_prompt"] == "blurry"
+    assert by_tag["u0"]["uncond_embedding"] == "negative_prompt"
+    assert by_tag["t0"]["uncond_embedding"] == "null_embedding"
+    for m in meta:
+        if m["status"] == "ok":
+            with Image.open(m["image_uri"]) as image:
+                assert image.size == (m["width"], m["height"]) and image.mode == "RGB"
+        else:
+            assert m["image_uri"] is None
+    assert by_tag["t1"]["width"] == 128 and by_tag["t0"]["width"] == 64
+    assert len(list((tmp_path / "out" / "images").iterdir())) == 6
+    run_json = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run_json["rows_in"] == 9 and run_json["accounting"]["ok"]
+    assert run_json["config"]["generation"]["num_inference_steps"] == 3
+    assert run_json["versions"]["ray"] and run_json["images_per_second"] > 0
+
+
+def pixels(meta):
+    return {m["id"]: np.asarray(Image.open(m["image_uri"])) for m in meta if m["status"] == "ok"}
+
+
+def test_batch_size_and_actor_count_do_not_change_images_or_ids(
+    ray_local, tmp_path, prompts_dir, tiny_dir
+):
+    one = run(tmp_path / "b1", prompts_dir, tiny_dir, resources={"batch_size": 1})
+    four = run(tmp_path / "b4", prompts_dir, tiny_dir, resources={"batch_size": 4, "num_actors": 2})
+    assert one.ok and four.ok
+    a, b = (
+        pixels(read_metadata(tmp_path / "b1" / "out")),
+        pixels(read_metadata(tmp_path / "b4" / "out")),
+    )
+    assert a.keys() == b.keys() and len(a) == 6
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+
+
+def test_existing_output_is_refused_without_overwrite(ray_local, tmp_path, prompts_dir, tiny_dir):
+    first = run(tmp_path, prompts_dir, tiny_dir)
+    assert first.ok
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run(tmp_path, prompts_dir, tiny_dir)
+    again = run(tmp_path, prompts_dir, tiny_dir, output={"overwrite": True})
+    assert again.ok and len(read_metadata(tmp_path / "out")) == 9

@@ -1,0 +1,176 @@
+import numpy as np
+import pytest
+import torch
+
+from k3batch.model.kandinsky3 import Kandinsky3, Request
+from k3batch.model.schedule import DiffusionSchedule, base_timesteps, cosine_betas
+
+from .conftest import FP32
+
+
+def req(prompt="a red cat at sunset", seed=1, size=64, steps=4, w=3.0, negative=None, width=None):
+    return Request(prompt, negative, seed, width or size, size, steps, w)
+
+
+def test_reference_timesteps():
+    assert base_timesteps(50) == list(range(999, 0, -20))
+    assert base_timesteps(50)[-1] == 19 and len(base_timesteps(50)) == 50
+    assert base_timesteps(4) == [999, 749, 499, 249]
+    with pytest.raises(ValueError):
+        base_timesteps(0)
+
+
+def test_cosine_schedule_matches_formula():
+    betas = cosine_betas()
+    assert betas.shape == (1000,) and float(betas.max()) == pytest.approx(0.999)
+    abar = torch.cumprod(1 - betas, 0)
+    assert float(abar[0]) == pytest.approx(1 - betas[0].item())
+    assert float(abar[-1]) < 1e-4
+
+
+def test_last_step_adds_no_noise_and_threshold_bounds_x0():
+    s = DiffusionSchedule()
+    x, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    a = s.ddim_step(x, 19, 0, eps, torch.randn_like(x), 0.99)
+    b = s.ddim_step(x, 19, 0, eps, torch.randn_like(x), 0.99)
+    assert torch.equal(a, b)
+    c = s.ddim_step(x, 39, 19, eps, torch.randn_like(x), 0.99)
+    d = s.ddim_step(x, 39, 19, eps, torch.randn_like(x), 0.99)
+    assert not torch.equal(c, d)
+    x0 = s.threshold(torch.randn(3, 4, 8, 8) * 5, 0.99)
+    assert float(x0.abs().max()) <= 1.0 + 1e-6
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_dir):
+    from .reference_oracle import Oracle
+
+    return Oracle(tiny_dir)
+
+
+@pytest.mark.parametrize("negative", [None, "blurry, ugly"])
+def test_matches_reference_sampler_for_one_prompt(tiny_model, oracle, negative):
+    prompt, seed = "a blue robot in the rain, oil painting", 11
+    ref_latent, ref_image = oracle(prompt, seed, w=3.0, steps=4, size=64, negative=negative)
+    r = req(prompt, seed, negative=negative)
+    cond = tiny_model_cond(tiny_model, [r])
+    latent = tiny_model._sample([r], cond)
+    torch.testing.assert_close(latent, ref_latent, atol=1e-4, rtol=1e-4)
+    image = tiny_model.generate([r])[0]
+    assert image.shape == ref_image.shape == (64, 64, 3)
+    assert np.abs(image.astype(int) - ref_image.astype(int)).max() <= 1
+
+
+def tiny_model_cond(model, requests):
+    from k3batch.model import text
+
+    tokens = text.tokenize(
+        model.tokenizer, [r.prompt for r in requests], [r.negative_prompt for r in requests]
+    )
+    return text.encode(
+        tokens,
+        model.text_encoder,
+        model.projection,
+        model.uncond,
+        model.null_embedding,
+        torch.float32,
+    )
+
+
+def test_image_depends_only_on_its_row_not_on_batch(tiny_model):
+    rows = [
+        req("a red cat at sunset", 1),
+        req(
+            "a blue robot in the rain, oil painting, with a much longer prompt than the others",
+            2,
+            negative="blurry",
+        ),
+        req("owl", 3, w=0.0),
+        req("a dragon over a castle", 4, negative="ugly dragon cat", w=5.0),
+        req("a teapot", 2**64 - 1),
+    ]
+    together = tiny_model.generate(rows)
+    alone = [tiny_model.generate([r])[0] for r in rows]
+    reordered = tiny_model.generate(rows[::-1])[::-1]
+    for a, b, c in zip(together, alone, reordered, strict=True):
+        assert np.array_equal(a, b)
+        assert np.array_equal(a, c)
+
+
+def test_seed_prompt_and_guidance_each_change_the_image(tiny_model):
+    base = tiny_model.generate([req(seed=5)])[0]
+    assert np.array_equal(base, tiny_model.generate([req(seed=5)])[0])
+    for other in (
+        req(seed=6),
+        req(prompt="a green owl", seed=5),
+        req(seed=5, w=7.0),
+        req(seed=5, negative="dark"),
+    ):
+        assert not np.array_equal(base, tiny_model.generate([other])[0])
+
+
+def test_output_size_follows_width_and_height(tiny_model):
+    image = tiny_model.generate([req(size=64, width=128)])[0]
+    assert image.shape == (64, 128, 3) and image.dtype == np.uint8
+
+
+def test_one_call_refuses_mixed_sizes(tiny_model):
+    with pytest.raises(ValueError, match="one size and step count"):
+        tiny_model.generate([req(size=64), req(size=128)])
+
+
+def test_checkpoint_without_null_embedding_uses_zeros_and_says_so(tiny_dir_no_null):
+    model = Kandinsky3.from_pretrained(tiny_dir_no_null, dtype=FP32, device="cpu")
+    assert model.uncond == "zeros" and model.null_embedding is None
+    rows = [req("a cat", 1), req("a very long prompt about a castle in the clouds at night", 2)]
+    together = model.generate(rows)
+    assert all(
+        np.array_equal(a, model.generate([r])[0]) for a, r in zip(together, rows, strict=True)
+    )
+
+
+def test_zeros_branch_equals_diffusers_zero_embeddings(tiny_dir_no_null):
+    """The 'zeros' uncond branch gives what diffusers' all-zero embeddings + mask give."""
+    from k3batch.model import text
+
+    model = Kandinsky3.from_pretrained(tiny_dir_no_null, dtype=FP32, device="cpu")
+    r = req("a lighthouse at sunset", 3)
+    cond = tiny_model_cond(model, [r])
+    n = int(cond.pool_lengths[0])
+    x = torch.randn(1, 4, 8, 8)
+    t = torch.tensor([500.0])
+    model.pooling.lengths = cond.pool_lengths
+    ours = model.unet(x, t, cond.uncond_context, cond.uncond_mask).sample
+    # diffusers: zeros through the projection at every position of a context cut to n, mask 0
+    zeros_ctx = model.projection(torch.zeros(1, n, model.projection.projection_linear.in_features))
+    model.pooling.lengths = torch.tensor([float(n)])
+    theirs = model.unet(x, t, zeros_ctx, torch.zeros(1, n, dtype=torch.long)).sample
+    model.pooling.lengths = None
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert model.uncond == text.UNCOND_ZEROS
+
+
+def test_row_length_pooling_equals_stock_pooling_on_each_rows_own_context(tiny_model):
+    """Per row, pooling over the 128-position context equals diffusers' mean pooling over
+    the reference's context cut to n + 1 (and the plain mean over 128 would not)."""
+    rows = [req("owl", 1), req("a blue robot in the rain, oil painting, in a misty morning", 2)]
+    cond = tiny_model_cond(tiny_model, rows)
+    pooling = tiny_model.pooling
+    stock = pooling.pooling  # diffusers' Kandinsky3AttentionPooling
+    time_embed = torch.randn(2, 4)
+    mask = (1 - cond.context_mask.float()) * -10000.0
+    pooling.lengths = cond.pool_lengths
+    ours = pooling(time_embed, cond.context * 20, mask.unsqueeze(1))
+    pooling.lengths = None
+    for i in range(2):
+        n = int(cond.pool_lengths[i])
+        ref = stock(
+            time_embed[i : i + 1],
+            cond.context[i : i + 1, :n] * 20,
+            mask[i : i + 1, :n].unsqueeze(1),
+        )
+        torch.testing.assert_close(ours[i : i + 1], ref, atol=1e-6, rtol=1e-6)
+        plain = stock(
+            time_embed[i : i + 1], cond.context[i : i + 1] * 20, mask[i : i + 1].unsqueeze(1)
+        )
+        assert (plain - ref).abs().max() > 1e-4

@@ -1,0 +1,121 @@
+import math
+
+import pytest
+
+from k3batch import rows
+from k3batch.rows import RowRules, normalise_row, object_key
+
+RULES = RowRules(width=64, height=64, num_inference_steps=4, seed=7)
+
+
+def norm(**raw):
+    raw.setdefault("id", "r1")
+    raw.setdefault("prompt", "a cat")
+    return normalise_row(raw, "prompt", RULES)
+
+
+def test_good_row_takes_defaults_and_derives_a_stable_seed():
+    row = norm()
+    assert row["status"] == "ok" and row["error"] is None
+    assert (row["width"], row["height"], row["num_inference_steps"]) == (64, 64, 4)
+    assert row["guidance_scale"] == 3.0 and row["negative_prompt"] is None
+    assert row["seed"] == rows.derive_seed(7, "r1") == norm()["seed"]
+    assert norm(id="r2")["seed"] != row["seed"]
+
+
+def test_overrides_are_used_and_integral_floats_accepted():
+    row = norm(
+        width=128.0,
+        height=192,
+        num_inference_steps=10,
+        guidance_scale=5,
+        seed=2**64 - 1,
+        negative_prompt="blurry",
+    )
+    assert row["status"] == "ok", row["error"]
+    assert (row["width"], row["height"], row["num_inference_steps"]) == (128, 192, 10)
+    assert row["guidance_scale"] == 5.0 and row["seed"] == 2**64 - 1
+    assert row["negative_prompt"] == "blurry"
+
+
+def test_seed_minus_one_picks_and_records_a_seed():
+    a, b = norm(seed=-1), norm(seed=-1)
+    assert a["status"] == "ok" and 0 <= a["seed"] < 2**63 and a["seed"] != b["seed"]
+    picked = normalise_row({"id": "x", "prompt": "p"}, "prompt", RowRules(seed=-1))
+    assert picked["seed"] >= 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "shown"),
+    [
+        ({"prompt": None}, "prompt", "null"),
+        ({"prompt": ""}, "prompt", "''"),
+        ({"prompt": "  \n\t "}, "prompt", "empty"),
+        ({"prompt": 123}, "prompt", "123"),
+        ({"prompt": "x" * 100_000}, "prompt", "100000"),
+        ({"width": 0}, "width", "0"),
+        ({"width": 63}, "width", "63"),
+        ({"height": 100}, "height", "100"),
+        ({"width": -64}, "width", "-64"),
+        ({"width": 4096}, "width", "4096"),
+        ({"width": 100000}, "width", "100000"),
+        ({"width": "64"}, "width", "'64'"),
+        ({"width": 64.5}, "width", "64.5"),
+        ({"num_inference_steps": 0}, "num_inference_steps", "0"),
+        ({"num_inference_steps": -1}, "num_inference_steps", "-1"),
+        ({"num_inference_steps": 10**6}, "num_inference_steps", "1000000"),
+        ({"guidance_scale": math.nan}, "guidance_scale", "nan"),
+        ({"guidance_scale": math.inf}, "guidance_scale", "inf"),
+        ({"guidance_scale": -1.0}, "guidance_scale", "-1.0"),
+        ({"guidance_scale": "high"}, "guidance_scale", "'high'"),
+        ({"seed": 2**70}, "seed", str(2**70)),
+        ({"seed": -2}, "seed", "-2"),
+        ({"seed": "abc"}, "seed", "'abc'"),
+        ({"seed": True}, "seed", "True"),
+        ({"negative_prompt": 5}, "negative_prompt", "5"),
+    ],
+)
+def test_bad_rows_become_errors_naming_field_and_value(raw, field, shown):
+    row = norm(**raw)
+    assert row["status"] == "error"
+    assert row["error"].startswith(f"{field}:"), row["error"]
+    assert shown in row["error"], row["error"]
+
+
+def test_all_errors_of_a_row_are_reported():
+    row = norm(prompt="", width=63, seed=-5)
+    assert [p.split(":")[0] for p in row["error"].split("; ")] == ["prompt", "width", "seed"]
+
+
+def test_error_messages_stay_short_for_huge_values():
+    row = norm(prompt=123, negative_prompt=["x"] * 10_000)
+    assert len(row["error"]) < 300
+
+
+@pytest.mark.parametrize(
+    "row_id",
+    ["../../x", "a/b", "/abs", "..", ".", "a\x00b\nc", "x" * 2000, "ünï cödé", "CON", "a" * 121],
+)
+def test_object_key_is_a_safe_file_name(row_id):
+    key = object_key(row_id)
+    assert "/" not in key and "\\" not in key and not key.startswith(".")
+    assert key and len(key) <= rows.MAX_KEY_CHARS
+    assert all(c.isascii() and (c.isalnum() or c in "._-") for c in key)
+
+
+def test_object_key_keeps_plain_ids_and_never_collides():
+    assert object_key("demo-001") == "demo-001"
+    ids = [
+        "a/b",
+        "a_b",
+        "a\\b",
+        "a b",
+        "a_b-h0000000000000000",
+        "../x",
+        "__x",
+        "x" * 2000,
+        "x" * 2001,
+    ]
+    keys = [object_key(i) for i in ids]
+    assert len(set(keys)) == len(ids)
+    assert object_key("a_b") == "a_b" and object_key("a/b") != "a_b"
