@@ -36,6 +36,14 @@ def _config(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from k3batch.serve.launch import load_serve_config, serve_forever
+
+    spec = load_serve_config(args.config, args.set)
+    serve_forever(spec, host=args.host, port=args.port, address=args.address)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="k3batch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave out unet/null_embedding.safetensors, like kandinsky-community/kandinsky-3",
     )
     tiny.set_defaults(func=_make_tiny)
+
+    srv = sub.add_parser("serve", help="serve a Ray Serve config (OpenAI Images API endpoint)")
+    srv.add_argument("config", help="Serve config (YAML), e.g. configs/serve-demo.yaml")
+    srv.add_argument("--host", help="override http_options.host")
+    srv.add_argument("--port", type=int, help="override http_options.port")
+    srv.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or a local Ray)")
+    srv.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a field of the first application's args, e.g. --set batching.max_batch_size=8",
+    )
+    srv.set_defaults(func=_serve)
 
     config = sub.add_parser("config", help="validate and print a config, or print the JSON schema")
     config.add_argument("config", nargs="?", help="job config (YAML)")
