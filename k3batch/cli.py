@@ -44,6 +44,23 @@ def _serve(args) -> int:
     return 0
 
 
+def _submit(args) -> int:
+    from k3batch.config import ConfigError
+    from k3batch.submit import default_address, submit
+
+    address = args.address or default_address()
+    if not address:
+        raise ConfigError("submit needs --address http://HEAD:8265 (or RAY_ADDRESS)")
+    return submit(
+        address,
+        args.config,
+        args.set,
+        wait=args.wait,
+        working_dir=args.working_dir,
+        job_id=args.job_id,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="k3batch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave out unet/null_embedding.safetensors, like kandinsky-community/kandinsky-3",
     )
     tiny.set_defaults(func=_make_tiny)
+
+    sbm = sub.add_parser("submit", help="submit a job to a Ray cluster (Ray Jobs API)")
+    sbm.add_argument("config", help="job config (YAML) inside the project directory")
+    sbm.add_argument(
+        "--address", help="the cluster's dashboard, e.g. http://HEAD:8265 (default: RAY_ADDRESS)"
+    )
+    sbm.add_argument(
+        "--wait", action="store_true", help="stream the logs and exit with the job's outcome"
+    )
+    sbm.add_argument("--working-dir", help="directory to upload (default: the project root)")
+    sbm.add_argument("--job-id", help="submission id (default: generated)")
+    sbm.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config field on the cluster (repeatable)",
+    )
+    sbm.set_defaults(func=_submit)
 
     srv = sub.add_parser("serve", help="serve a Ray Serve config (OpenAI Images API endpoint)")
     srv.add_argument("config", help="Serve config (YAML), e.g. configs/serve-demo.yaml")

@@ -11,7 +11,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from k3batch import __version__, storage
 from k3batch.config import ConfigError, JobConfig
@@ -195,7 +195,7 @@ def run_job(cfg: JobConfig) -> RunResult:
     from pipelines import text_to_image
 
     started = time.time()
-    started_at = datetime.now(timezone.utc).isoformat()
+    started_at = datetime.now(UTC).isoformat()
     cfg, info = preflight(cfg)
     init_ray(cfg)
     if cfg.model.make_tiny:
@@ -209,7 +209,7 @@ def run_job(cfg: JobConfig) -> RunResult:
     run = {
         "k3batch_version": __version__,
         "started_at": started_at,
-        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "finished_at": datetime.now(UTC).isoformat(),
         "wall_seconds": round(wall, 3),
         "images_per_second": round(counts["ok"] / wall, 4) if wall > 0 else None,
         **{k: v for k, v in counts.items() if k != "accounting"},

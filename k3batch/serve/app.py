@@ -247,7 +247,7 @@ class Ingress:
             )
         except serve.exceptions.BackPressureError:
             raise self._busy(429, "the server is at capacity; retry later") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise self._busy(
                 503, f"request not served within {self.cfg.request_timeout_s:g} s"
             ) from None
