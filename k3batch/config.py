@@ -155,6 +155,13 @@ class ResourcesConfig(Strict):
         gt=0,
         description="CPUs per generation actor; Ray also sets the actor's torch thread count from it.",
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads per generation actor; null = Ray's default (the actor's CPU "
+        "request, rounded down). On CPU-only machines set it to the cores the model may use, "
+        "above the CPU request, so the light CPU stages can still be scheduled beside it.",
+    )
     decode_batch_size: int = Field(
         1,
         ge=1,

@@ -44,7 +44,11 @@ def build(cfg: JobConfig):
     ds = map_stage(
         ds,
         GenerateStage,
-        {"model": cfg.model.model_dump(), "decode_batch_size": res.decode_batch_size},
+        {
+            "model": cfg.model.model_dump(),
+            "decode_batch_size": res.decode_batch_size,
+            "torch_threads": res.torch_threads,
+        },
         batch_size=res.batch_size,
         num_cpus=res.num_cpus_per_actor,
         num_gpus=res.num_gpus_per_actor,

@@ -147,3 +147,17 @@ def test_write_stage_turns_a_failed_write_into_a_row_error(tmp_path):
     )
     assert out["status"] == ["error", "ok"]
     assert out["error"][0].startswith("write: ") and out["image_uri"][0] is None
+
+
+def test_generate_stage_sets_its_torch_thread_count(tiny_dir):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        GenerateStage(
+            {"name": "kandinsky3", "path": tiny_dir, "dtype": FP32, "device": "cpu"},
+            torch_threads=1,
+        )
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -53,7 +53,11 @@ class GenerateStage(Stage):
         "uncond_embedding": pa.string(),
     }
 
-    def __init__(self, model: dict, decode_batch_size: int = 1):
+    def __init__(self, model: dict, decode_batch_size: int = 1, torch_threads: int | None = None):
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
         self.model_name = f"{model['name']}:{model['path']}"
         self.pipe = load_model(model, decode_batch_size)
 
