@@ -21,6 +21,8 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.dirname(__file__))
+import contextlib
+
 from common import job, prompt_table, tiny_model_dir  # noqa: E402
 
 
@@ -46,10 +48,8 @@ class PeakSampler:
             if raylet:
                 rss = []
                 for child in raylet.children(recursive=True):
-                    try:
+                    with contextlib.suppress(psutil.Error):
                         rss.append(child.memory_info().rss)
-                    except psutil.Error:
-                        pass
                 if rss:
                     self.worker_max = max(self.worker_max, max(rss))
                     self.worker_sum = max(self.worker_sum, sum(rss))
