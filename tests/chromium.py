@@ -19,6 +19,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+import pytest
+
 FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -39,6 +41,13 @@ BROKEN_IMAGES_JS = (
 
 def find_chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def require_chromium():
+    if find_chromium() is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing in CI: scripts/system-deps.sh should install it")
+        pytest.skip("chromium is not installed (bash scripts/system-deps.sh installs it)")
 
 
 @dataclass

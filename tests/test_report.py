@@ -4,19 +4,17 @@ filesystem, and the page opened in headless Chromium."""
 import base64
 import io
 import json
-import os
 import re
-from html.parser import HTMLParser
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from k3batch.report import CAPTION_HEIGHT, PAD, beautify, write_report
 
-from .chromium import find_chromium, open_page
+from .chromium import open_page, require_chromium
+from .report_html import figures
 
 SCHEMA = pa.schema(
     [
@@ -81,42 +79,6 @@ def make_output(fs, root: str, n_ok: int = 10, run: dict | None = None) -> list[
     if run is not None:
         fs.pipe_file(f"{root}/run.json", json.dumps(run).encode())
     return rows
-
-
-class Links(HTMLParser):
-    """The sample figures of the page: data-id, link target, thumbnail, caption text."""
-
-    def __init__(self):
-        super().__init__()
-        self.figures: list[dict] = []
-        self._in_caption = False
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "figure":
-            self.figures.append({"id": attrs["data-id"], "caption": ""})
-        elif self.figures and tag == "a" and "href" not in self.figures[-1]:
-            self.figures[-1]["href"] = attrs["href"]
-        elif self.figures and tag == "img" and "src" not in self.figures[-1]:
-            self.figures[-1]["src"] = attrs["src"]
-        elif tag == "figcaption":
-            self._in_caption = True
-        elif tag == "span":
-            self._in_caption = False
-
-    def handle_data(self, data):
-        if self._in_caption:
-            self.figures[-1]["caption"] += data
-
-    def handle_endtag(self, tag):
-        if tag == "figcaption":
-            self._in_caption = False
-
-
-def figures(page: str) -> list[dict]:
-    parser = Links()
-    parser.feed(page)
-    return parser.figures
 
 
 RUN = {
@@ -214,13 +176,6 @@ def test_beautify_captions():
     assert beautify("кот в сапогах") == "Кот в сапогах"
     assert beautify("y" * 50, max_chars=10) == "Y" + "y" * 8 + "\u2026"
     assert beautify(None) == ""
-
-
-def require_chromium():
-    if find_chromium() is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing in CI: scripts/system-deps.sh should install it")
-        pytest.skip("chromium is not installed (bash scripts/system-deps.sh installs it)")
 
 
 def test_chromium_sees_a_broken_page(tmp_path):
