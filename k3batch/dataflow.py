@@ -59,7 +59,8 @@ def map_stage(
     observer = StageObserver.for_stage(stage_cls)
     tracker = progress.active()
     if tracker is not None:
-        observer.tally = tracker.register(observer.stage, num_gpus, actor_pool=actors is not None)
+        observer.stage = tracker.register(observer.stage, num_gpus, actor_pool=actors is not None)
+        observer.tally = tracker.tally
     common = dict(
         batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus, zero_copy_batch=True
     )

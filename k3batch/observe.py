@@ -99,22 +99,40 @@ class StageObserver:
         start = time.perf_counter()
         out = apply_stage(stage, table)
         seconds = time.perf_counter() - start
+        # Observing must never fail a batch: errors are logged once per process and dropped.
         try:
             stats = batch_stats(self.stage, table, out, seconds, self.makes_images)
-            self._record(stats)
-        except Exception as e:  # noqa: BLE001 - observing must never fail a batch
-            log.warning("k3batch: could not record stage %s: %s", self.stage, e)
+            self._metrics(stats)
+        except Exception as e:  # noqa: BLE001
+            _warn_once("metrics", f"k3batch: could not record metrics of {self.stage}: {e}")
+            return out
+        if self.tally is not None:
+            try:
+                self._tally(stats)
+            except Exception as e:  # noqa: BLE001
+                _warn_once("tally", f"k3batch: progress tally unreachable, counting stops: {e}")
+                self.tally = None
         return out
 
-    def _record(self, stats: BatchStats) -> None:
+    def _metrics(self, stats: BatchStats) -> None:
         m = metrics(self.app)
         m.rows(stats.stage, stats.rows)
         m.images(stats.stage, stats.images)
         m.errors(stats.stage, stats.errors)
         m.latency(stats.stage, stats.seconds)
-        if self.tally is not None:
-            import ray
 
-            actor = (self.actor_id, self.actor_started, time.time()) if self.actor_id else None
-            # Waited for: the driver's final count must include this batch.
-            ray.get(self.tally.add.remote(asdict(stats), actor), timeout=TALLY_TIMEOUT_S)
+    def _tally(self, stats: BatchStats) -> None:
+        import ray
+
+        actor = (self.actor_id, self.actor_started, time.time()) if self.actor_id else None
+        # Waited for: the driver's final count must include this batch.
+        ray.get(self.tally.add.remote(asdict(stats), actor), timeout=TALLY_TIMEOUT_S)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(what: str, message: str) -> None:
+    if what not in _warned:
+        _warned.add(what)
+        log.warning(message)

@@ -157,10 +157,15 @@ class Tracker:
             self.reporter.start(self.snapshot, self.total)
         return self
 
-    def register(self, name: str, gpus_per_actor: float = 0.0, actor_pool: bool = False):
-        """A stage joins the job (in pipeline order); returns the tally handle for its workers."""
-        self.order.append(StageInfo(name, gpus_per_actor or 0.0, actor_pool))
-        return self.tally
+    def register(self, name: str, gpus_per_actor: float = 0.0, actor_pool: bool = False) -> str:
+        """A stage joins the job, in pipeline order; returns its name, made unique (`x_2`)."""
+        taken = {info.name for info in self.order}
+        unique, n = name, 1
+        while unique in taken:
+            n += 1
+            unique = f"{name}_{n}"
+        self.order.append(StageInfo(unique, gpus_per_actor or 0.0, actor_pool))
+        return unique
 
     def snapshot(self) -> Snapshot:
         import ray

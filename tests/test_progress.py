@@ -3,6 +3,7 @@
 import io
 
 import pyarrow as pa
+import pytest
 
 from k3batch.metrics import error_kinds
 from k3batch.observe import batch_stats, stage_name
@@ -133,3 +134,47 @@ def test_terminal_mode_redraws_one_line():
     redraws = out.split("\r")[1:]
     assert len(redraws) == 2 and all(r.startswith("3/6 rows") for r in redraws)
     assert all("\x1b[K" in r for r in redraws)
+
+
+@pytest.mark.slow
+def test_tracker_counts_batches_of_real_ray_stages(ray_local):
+    """Stages on Ray report to the tally actor: tasks, then an actor pool of the same stage."""
+    import ray.data
+
+    from k3batch.dataflow import map_stage
+    from k3batch.progress import Tracker
+    from k3batch.rows import RowRules
+    from k3batch.stages.validate import ValidateStage
+
+    rows = [{"id": f"r{i}", "prompt": "" if i % 5 == 0 else f"p{i}"} for i in range(20)]
+    kwargs = {"rules": RowRules(width=64, height=64)}
+    with Tracker(total=20) as tracker:
+        ds = map_stage(ray.data.from_items(rows), ValidateStage, kwargs, batch_size=4, num_cpus=0.25)  # fmt: skip
+        ds = map_stage(ds, ValidateStage, kwargs, batch_size=4, num_cpus=0.25, actors=(1, 1))
+        assert ds.count() == 20
+    snap = tracker.final
+    assert [s.name for s in snap.order] == ["validate", "validate_2"]
+    assert snap.done == 20 and snap.images == 16
+    # Rows that failed in the first stage are not counted again by the second.
+    assert snap.errors == 4 and snap.stages["validate"]["errors"] == {"prompt": 4}
+    pool = snap.stages["validate_2"]
+    assert pool["rows"] == 20 and pool["actors"] == 1 and pool["actor_seconds"] > 0
+    assert snap.stages["validate"]["actors"] == 0
+
+
+@pytest.mark.slow
+def test_an_unreachable_tally_never_fails_a_batch(ray_local, caplog):
+    import ray
+
+    from k3batch.observe import StageObserver
+    from k3batch.progress import Tally
+    from k3batch.rows import RowRules
+    from k3batch.stages.validate import ValidateStage
+
+    tally = ray.remote(num_cpus=0)(Tally).remote()
+    ray.kill(tally)
+    observer = StageObserver.for_stage(ValidateStage, tally=tally)
+    table = pa.table({"id": ["a", "b"], "prompt": ["x", ""]})
+    out = observer.apply(ValidateStage(RowRules()), table)
+    assert out.column("status").to_pylist() == ["ok", "error"]
+    assert observer.tally is None and "progress tally unreachable" in caplog.text
