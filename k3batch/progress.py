@@ -238,10 +238,23 @@ class Reporter:
         self._rows = Rate()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock = threading.RLock()
+        self._line = ""  # the progress line now on the terminal ("" when none)
+        self._midline = False  # other output left the cursor mid-line: do not draw over it
+        self._stderr = None  # the real sys.stderr while ours stands in for it
+        self._handlers: list[logging.StreamHandler] = []  # log handlers pointed at ours
 
     def start(self, snapshot, total: int) -> None:
         for note in self.notes:
             self._write(f"k3batch: {note}\n")
+        if self.tty:
+            # Route other output through us so it prints above the progress line: forwarded
+            # worker output goes to whatever sys.stderr is, Ray's log handlers hold the stream.
+            self._stderr = sys.stderr
+            sys.stderr = above = _AboveProgress(self, self._stderr)
+            self._handlers = [h for h in _stream_handlers() if h.stream is self._stderr]
+            for handler in self._handlers:
+                handler.setStream(above)
         self._thread = threading.Thread(
             target=self._loop, args=(snapshot,), name="k3batch-progress", daemon=True
         )
@@ -261,21 +274,75 @@ class Reporter:
         line = render(
             snap, self._images.update(now, snap.images), self._rows.update(now, snap.done)
         )
-        if self.tty:
-            # Carriage return and erase-to-end: the line redraws in place.
-            self._write(f"\r{line}\x1b[K" + ("\n" if final else ""))
-        else:
+        if not self.tty:
             self._write(f"k3batch progress: {line}\n")
+            return
+        with self._lock:
+            if self._midline and not final:
+                return
+            # Carriage return and erase-to-end: the line redraws in place.
+            self._write(
+                ("\n" if self._midline else "") + f"\r{line}\x1b[K" + ("\n" if final else "")
+            )
+            self._line, self._midline = ("" if final else line), False
+
+    def _foreign(self, text: str, stream) -> None:
+        """Other output while the line shows: clear the line, print it, redraw below."""
+        with self._lock:
+            if self._line and not self._midline:
+                self._write("\r\x1b[K")
+            stream.write(text)
+            stream.flush()
+            self._midline = not text.endswith("\n")
+            if self._line and not self._midline:
+                self._write(f"\r{self._line}\x1b[K")
 
     def stop(self, final: Snapshot | None) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self._stderr is not None:
+            for handler in self._handlers:
+                if isinstance(handler.stream, _AboveProgress):
+                    handler.setStream(self._stderr)
+            if isinstance(sys.stderr, _AboveProgress):
+                sys.stderr = self._stderr
+            self._stderr, self._handlers = None, []
         if final is not None:
             self.show(final, final=True)
-        elif self.tty:
+        elif self.tty and self._line:
             self._write("\n")
 
     def _write(self, text: str) -> None:
         self.stream.write(text)
         self.stream.flush()
+
+
+def _stream_handlers() -> list[logging.StreamHandler]:
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    return [
+        h
+        for logger in loggers
+        if isinstance(logger, logging.Logger)
+        for h in logger.handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
+
+
+class _AboveProgress:
+    """Stands in for sys.stderr while a terminal progress line shows."""
+
+    def __init__(self, reporter: Reporter, stream):
+        self._reporter = reporter
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if text:
+            self._reporter._foreign(text, self._stream)
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)

@@ -1,6 +1,9 @@
 """Progress counting and rendering, without Ray: the tally, batch counts, both output modes."""
 
 import io
+import logging
+import re
+import sys
 
 import pyarrow as pa
 import pytest
@@ -122,6 +125,23 @@ def test_log_mode_prints_plain_lines_without_redraws():
     assert len(lines) == 3  # the note, the first update, the final line: no redraw flood
 
 
+def screen(output: str) -> list[str]:
+    """What a terminal shows after `output`: \\r, \\n and erase-to-end-of-line applied."""
+    lines, col = [""], 0
+    for token in re.split(r"(\r|\n|\x1b\[K)", output):
+        if token == "\r":
+            col = 0
+        elif token == "\n":
+            lines.append("")
+            col = 0
+        elif token == "\x1b[K":
+            lines[-1] = lines[-1][:col]
+        elif token:
+            lines[-1] = lines[-1][:col] + token + lines[-1][col + len(token) :]
+            col += len(token)
+    return lines
+
+
 def test_terminal_mode_redraws_one_line():
     stream = Terminal()
     reporter = Reporter(stream, interval=3600)
@@ -130,10 +150,31 @@ def test_terminal_mode_redraws_one_line():
     reporter.start(source, total=6)
     reporter.stop(source())
     out = stream.getvalue()
-    assert out.count("\n") == 1 and out.endswith("\n")  # one line, finished at the end
-    redraws = out.split("\r")[1:]
-    assert len(redraws) == 2 and all(r.startswith("3/6 rows") for r in redraws)
-    assert all("\x1b[K" in r for r in redraws)
+    assert out.count("\n") == 1 and out.count("\r") == 2  # drawn, redrawn, then finished
+    assert screen(out) == ["3/6 rows (50%), - images/s, 0 errors, ETA ?, elapsed 2s", ""]
+
+
+def test_terminal_mode_prints_other_output_above_the_line(monkeypatch):
+    stream = Terminal()
+    monkeypatch.setattr(sys, "stderr", stream)
+    # Like Ray Data's console handler: it keeps the stream it was made with.
+    handler = logging.StreamHandler(sys.stderr)
+    logger = logging.getLogger("k3batch-test-ray-data")
+    logger.addHandler(handler)
+    logger.propagate = False
+    reporter = Reporter(stream, interval=3600)
+    source = snapshot_source()
+    reporter.start(source, total=6)
+    print("worker output", file=sys.stderr)  # forwarded worker lines go to sys.stderr
+    sys.stderr.write("half a ")
+    sys.stderr.write("line\n")
+    logger.warning("a Ray log line")
+    reporter.stop(source())
+    logger.removeHandler(handler)
+    assert sys.stderr is stream and handler.stream is stream  # both given back
+    shown = screen(stream.getvalue())
+    assert shown[:3] == ["worker output", "half a line", "a Ray log line"]
+    assert shown[3].startswith("3/6 rows (50%)") and shown[4:] == [""]
 
 
 @pytest.mark.slow
