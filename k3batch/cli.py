@@ -21,13 +21,45 @@ def _write_report(output: str, args) -> str | None:
         return None
 
 
+def _positive_int(raw: str) -> int:
+    if not raw.isdigit() or int(raw) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number above 0, got {raw!r}")
+    return int(raw)
+
+
+def _positive_seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0, got {raw!r}")
+    return value
+
+
+def _env_seconds(name: str) -> float | None:
+    from k3batch.config import ConfigError
+
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name} must be a number of seconds above 0, got {raw!r}")
+    return value
+
+
 def _run(args) -> int:
     from k3batch.config import load_config
     from k3batch.progress import Reporter
     from k3batch.runner import run_job, summary
 
     overrides = [*args.set, *(["output.overwrite=true"] if args.overwrite else [])]
-    reporter = None if args.no_progress else Reporter(interval=args.progress_interval)
+    interval = args.progress_interval or _env_seconds("K3BATCH_PROGRESS_INTERVAL")
+    reporter = None if args.no_progress else Reporter(interval=interval)
     result = run_job(load_config(args.config, overrides), reporter)
     report = None if args.no_report else _write_report(result.run["output"], args)
     print(summary(result.run, report))
@@ -79,19 +111,19 @@ def _report_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("report")
     group.add_argument(
         "--samples",
-        type=int,
+        type=_positive_int,
         default=DEFAULT_SAMPLES,
         help=f"images on the contact sheet and page (default {DEFAULT_SAMPLES})",
     )
     group.add_argument(
         "--columns",
-        type=int,
+        type=_positive_int,
         default=DEFAULT_COLUMNS,
         help=f"contact sheet columns (default {DEFAULT_COLUMNS})",
     )
     group.add_argument(
         "--thumb-size",
-        type=int,
+        type=_positive_int,
         default=DEFAULT_THUMB,
         metavar="PX",
         help=f"thumbnail box in pixels (default {DEFAULT_THUMB})",
@@ -116,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--progress-interval",
-        type=float,
-        default=float(os.environ.get("K3BATCH_PROGRESS_INTERVAL", 0)) or None,
+        type=_positive_seconds,
+        default=None,
         metavar="SECONDS",
         help="seconds between progress lines when stderr is not a terminal (default 30; "
         "env K3BATCH_PROGRESS_INTERVAL); on a terminal one line redraws twice a second",

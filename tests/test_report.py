@@ -5,6 +5,8 @@ import base64
 import io
 import json
 import re
+import subprocess
+import sys
 
 import fsspec
 import pyarrow as pa
@@ -198,3 +200,18 @@ def test_report_page_opens_in_chromium_without_errors(tmp_path):
     assert result.errors == [] and result.broken_images == []
     assert result.images == len(report.samples) + 1  # the samples and the contact sheet
     assert result.title.startswith("k3batch report")
+
+
+def test_report_command(tmp_path):
+    make_output(fsspec.filesystem("file"), str(tmp_path / "out"), run=RUN)
+    cli = [sys.executable, "-m", "k3batch.cli", "report"]
+    args = ["--samples", "3", "--columns", "3", "--thumb-size", "32"]
+    proc = subprocess.run([*cli, str(tmp_path / "out"), *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    index = tmp_path / "out" / "report" / "index.html"
+    assert proc.stdout.splitlines()[-1] == f"report        {index}"
+    with Image.open(tmp_path / "out" / "report" / "contact_sheet.png") as sheet:
+        assert sheet.size == (3 * (32 + 2 * PAD), 32 + CAPTION_HEIGHT + 2 * PAD)
+    missing = subprocess.run([*cli, str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "no metadata Parquet files" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
