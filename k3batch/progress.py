@@ -229,10 +229,17 @@ def render(snap: Snapshot, images_per_s: float | None, rows_per_s: float | None)
 class Reporter:
     """Prints progress: one redrawn line on a terminal, a plain line every N seconds otherwise."""
 
-    def __init__(self, stream=None, interval: float | None = None, tty: bool | None = None):
+    def __init__(
+        self,
+        stream=None,
+        interval: float | None = None,
+        tty: bool | None = None,
+        tty_interval: float = TTY_INTERVAL_S,
+    ):
+        """`interval`: seconds between lines in a log; a terminal redraws every `tty_interval`."""
         self.stream = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
-        self.interval = interval or (TTY_INTERVAL_S if self.tty else LOG_INTERVAL_S)
+        self.interval = tty_interval if self.tty else (interval or LOG_INTERVAL_S)
         self.notes: list[str] = []  # printed once at start (e.g. where the metrics are)
         self._images = Rate()
         self._rows = Rate()

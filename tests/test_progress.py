@@ -144,7 +144,7 @@ def screen(output: str) -> list[str]:
 
 def test_terminal_mode_redraws_one_line():
     stream = Terminal()
-    reporter = Reporter(stream, interval=3600)
+    reporter = Reporter(stream, tty_interval=3600)
     assert reporter.tty
     source = snapshot_source()
     reporter.start(source, total=6)
@@ -162,7 +162,7 @@ def test_terminal_mode_prints_other_output_above_the_line(monkeypatch):
     logger = logging.getLogger("k3batch-test-ray-data")
     logger.addHandler(handler)
     logger.propagate = False
-    reporter = Reporter(stream, interval=3600)
+    reporter = Reporter(stream, tty_interval=3600)
     source = snapshot_source()
     reporter.start(source, total=6)
     print("worker output", file=sys.stderr)  # forwarded worker lines go to sys.stderr
