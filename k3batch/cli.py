@@ -1,20 +1,84 @@
-"""`k3batch` command line: run a job, build tiny models, show the config schema."""
+"""`k3batch` command line: run a job, report on it, build tiny models, show the config."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+
+def _write_report(output: str, args) -> str | None:
+    """The report's index URI, or None (with a one-line warning) if it could not be written."""
+    from k3batch.report import write_report
+
+    try:
+        return write_report(
+            output, samples=args.samples, columns=args.columns, thumb=args.thumb_size
+        ).index_uri
+    except Exception as e:  # noqa: BLE001 - the job's outcome stands without a report
+        print(f"k3batch: could not write the report: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+
+
+def _positive_int(raw: str) -> int:
+    if not raw.isdigit() or int(raw) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number above 0, got {raw!r}")
+    return int(raw)
+
+
+def _positive_seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0, got {raw!r}")
+    return value
+
+
+def _env_seconds(name: str) -> float | None:
+    from k3batch.config import ConfigError
+
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigError(f"{name} must be a number of seconds above 0, got {raw!r}")
+    return value
 
 
 def _run(args) -> int:
     from k3batch.config import load_config
+    from k3batch.progress import Reporter
     from k3batch.runner import run_job, summary
 
     overrides = [*args.set, *(["output.overwrite=true"] if args.overwrite else [])]
-    result = run_job(load_config(args.config, overrides))
-    print(summary(result.run))
+    interval = args.progress_interval or _env_seconds("K3BATCH_PROGRESS_INTERVAL")
+    reporter = None if args.no_progress else Reporter(interval=interval)
+    result = run_job(load_config(args.config, overrides), reporter)
+    report = None if args.no_report else _write_report(result.run["output"], args)
+    print(summary(result.run, report))
     return 0 if result.ok else 1
+
+
+def _report(args) -> int:
+    from k3batch.config import ConfigError
+    from k3batch.report import write_report
+
+    try:
+        report = write_report(
+            args.output, samples=args.samples, columns=args.columns, thumb=args.thumb_size
+        )
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    print(f"contact sheet {report.contact_sheet_uri} ({len(report.samples)} images)")
+    print(f"report        {report.index_uri}")
+    return 0
 
 
 def _make_tiny(args) -> int:
@@ -30,6 +94,11 @@ def _config(args) -> int:
 
     if args.schema:
         print(json.dumps(JobConfig.model_json_schema(), indent=2))
+        return 0
+    if args.reference:
+        from k3batch.docs import config_reference
+
+        print(config_reference(), end="")
         return 0
     cfg = load_config(args.config, args.set)
     print(json.dumps(cfg.model_dump(mode="json"), indent=2))
@@ -61,6 +130,31 @@ def _submit(args) -> int:
     )
 
 
+def _report_options(parser: argparse.ArgumentParser) -> None:
+    from k3batch.report import DEFAULT_COLUMNS, DEFAULT_SAMPLES, DEFAULT_THUMB
+
+    group = parser.add_argument_group("report")
+    group.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=DEFAULT_SAMPLES,
+        help=f"images on the contact sheet and page (default {DEFAULT_SAMPLES})",
+    )
+    group.add_argument(
+        "--columns",
+        type=_positive_int,
+        default=DEFAULT_COLUMNS,
+        help=f"contact sheet columns (default {DEFAULT_COLUMNS})",
+    )
+    group.add_argument(
+        "--thumb-size",
+        type=_positive_int,
+        default=DEFAULT_THUMB,
+        metavar="PX",
+        help=f"thumbnail box in pixels (default {DEFAULT_THUMB})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="k3batch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,7 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--overwrite", action="store_true", help="replace a previous run in output.uri"
     )
+    run.add_argument(
+        "--progress-interval",
+        type=_positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="seconds between progress lines when stderr is not a terminal (default 30; "
+        "env K3BATCH_PROGRESS_INTERVAL); on a terminal one line redraws twice a second",
+    )
+    run.add_argument("--no-progress", action="store_true", help="print no live progress")
+    run.add_argument(
+        "--no-report", action="store_true", help="do not write OUTPUT/report/ after the run"
+    )
+    _report_options(run)
     run.set_defaults(func=_run)
+
+    report = sub.add_parser(
+        "report",
+        help="write OUTPUT/report/index.html and contact_sheet.png for a finished run",
+    )
+    report.add_argument("output", help="the run's output.uri (local path or fsspec URI)")
+    _report_options(report)
+    report.set_defaults(func=_report)
 
     tiny = sub.add_parser("make-tiny", help="write a tiny random-weight Kandinsky 3 checkpoint")
     tiny.add_argument("dir", help="directory to write (diffusers layout)")
@@ -125,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("config", nargs="?", help="job config (YAML)")
     config.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     config.add_argument("--schema", action="store_true", help="print the config's JSON schema")
+    config.add_argument(
+        "--reference",
+        action="store_true",
+        help="print the config reference as Markdown (docs/config.md)",
+    )
     config.set_defaults(func=_config)
     return parser
 
@@ -133,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     from k3batch.config import ConfigError
 
     args = build_parser().parse_args(argv)
-    if args.command == "config" and not args.schema and not args.config:
-        print("k3batch config: give a CONFIG or --schema", file=sys.stderr)
+    if args.command == "config" and not (args.schema or args.reference or args.config):
+        print("k3batch config: give a CONFIG, --schema or --reference", file=sys.stderr)
         return 2
     try:
         return args.func(args)

@@ -203,6 +203,14 @@ class RayConfig(Strict):
         ge=75,
         description="Object store size of a new local Ray instance; null = Ray's default.",
     )
+    metrics_export_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Port where a new local Ray instance serves Prometheus metrics "
+        "(http://127.0.0.1:PORT/metrics); null = a free port Ray picks. On a cluster, set it "
+        "with `ray start --metrics-export-port`.",
+    )
 
 
 class JobConfig(Strict):

@@ -4,22 +4,39 @@ from __future__ import annotations
 
 from typing import Any
 
+from k3batch import progress
+from k3batch.observe import StageObserver
 from k3batch.stages.base import Stage, apply_stage
 
 
 class StageActor:
     """Ray Data actor UDF: builds the stage (and its model) once, then maps batches."""
 
-    def __init__(self, stage_cls: type[Stage], stage_kwargs: dict[str, Any]):
+    def __init__(
+        self,
+        stage_cls: type[Stage],
+        stage_kwargs: dict[str, Any],
+        observer: StageObserver | None = None,
+    ):
+        # Started before the model loads: the load counts in the actor's (GPU) seconds.
+        self.observer = observer.in_actor() if observer else None
         self.stage = stage_cls(**stage_kwargs)
 
     def __call__(self, table):
-        return apply_stage(self.stage, table)
+        if self.observer is None:
+            return apply_stage(self.stage, table)
+        return self.observer.apply(self.stage, table)
 
 
-def run_stage_task(table, stage_cls: type[Stage], stage_kwargs: dict[str, Any]):
+def run_stage_task(
+    table,
+    stage_cls: type[Stage],
+    stage_kwargs: dict[str, Any],
+    observer: StageObserver | None = None,
+):
     """Ray Data task UDF for cheap stages that hold no model."""
-    return apply_stage(stage_cls(**stage_kwargs), table)
+    stage = stage_cls(**stage_kwargs)
+    return observer.apply(stage, table) if observer else apply_stage(stage, table)
 
 
 def map_stage(
@@ -32,21 +49,34 @@ def map_stage(
     num_gpus: float = 0,
     actors: tuple[int, int] | None = None,
 ):
-    """Add `stage_cls` to the dataset: on an actor pool of (min, max) actors, or as tasks."""
+    """Add `stage_cls` to the dataset: on an actor pool of (min, max) actors, or as tasks.
+
+    Every stage records k3batch's metrics; while a `progress.Tracker` is active (a job run),
+    the stage also joins its progress tally, in the order the pipeline adds stages.
+    """
     import ray.data
 
+    observer = StageObserver.for_stage(stage_cls)
+    tracker = progress.active()
+    if tracker is not None:
+        observer.stage = tracker.register(observer.stage, num_gpus, actor_pool=actors is not None)
+        observer.tally = tracker.tally
     common = dict(
         batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus, zero_copy_batch=True
     )
     if actors is None:
         return ds.map_batches(
             run_stage_task,
-            fn_kwargs={"stage_cls": stage_cls, "stage_kwargs": stage_kwargs},
+            fn_kwargs={"stage_cls": stage_cls, "stage_kwargs": stage_kwargs, "observer": observer},
             **common,
         )
     return ds.map_batches(
         StageActor,
-        fn_constructor_kwargs={"stage_cls": stage_cls, "stage_kwargs": stage_kwargs},
+        fn_constructor_kwargs={
+            "stage_cls": stage_cls,
+            "stage_kwargs": stage_kwargs,
+            "observer": observer,
+        },
         compute=ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
         num_gpus=num_gpus or None,
         **common,

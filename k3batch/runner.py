@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 from k3batch import __version__, storage
 from k3batch.config import ConfigError, JobConfig
+from k3batch.progress import Reporter, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,9 @@ def init_ray(cfg: JobConfig) -> None:
     import ray
     from ray.data import DataContext
 
+    if not sys.stderr.isatty():
+        # Model-loading bars (tqdm) in a log are \r-redraw noise; local workers inherit this.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     if not ray.is_initialized():
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
         kwargs = (
@@ -136,6 +140,7 @@ def init_ray(cfg: JobConfig) -> None:
                 "num_cpus": cfg.ray.num_cpus,
                 "object_store_memory": (cfg.ray.object_store_memory_mb or 0) * 2**20 or None,
                 "include_dashboard": False,
+                "_metrics_export_port": cfg.ray.metrics_export_port,
             }
         )
         ray.init(**kwargs, logging_level=logging.WARNING)
@@ -191,7 +196,21 @@ def versions() -> dict:
     return out
 
 
-def run_job(cfg: JobConfig) -> RunResult:
+def _take_over_progress(reporter: Reporter) -> None:
+    """k3batch's own progress line replaces Ray Data's bars (they would garble each other)."""
+    from ray.data import DataContext
+
+    from k3batch.metrics import metrics_url
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False
+    url = metrics_url()
+    if url:
+        reporter.notes.append(f"metrics at {url}")
+
+
+def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
+    """Run the job; `reporter` (the CLI's) prints live progress, replacing Ray Data's bars."""
     from pipelines import text_to_image
 
     started = time.time()
@@ -203,7 +222,10 @@ def run_job(cfg: JobConfig) -> RunResult:
         from k3batch.model.tiny import make_tiny
 
         make_tiny(cfg.model.path)
-    text_to_image.run(cfg)
+    if reporter is not None:
+        _take_over_progress(reporter)
+    with Tracker(info.num_rows, reporter) as tracker:
+        text_to_image.run(cfg)
     counts = account(cfg, info)
     wall = time.time() - started
     run = {
@@ -214,6 +236,7 @@ def run_job(cfg: JobConfig) -> RunResult:
         "images_per_second": round(counts["ok"] / wall, 4) if wall > 0 else None,
         **{k: v for k, v in counts.items() if k != "accounting"},
         "accounting": counts["accounting"],
+        **tracker.final.cost(),
         "input_files": len(info.files),
         "output": cfg.output.uri,
         "config": cfg.model_dump(mode="json"),
@@ -224,16 +247,43 @@ def run_job(cfg: JobConfig) -> RunResult:
     return RunResult(run=run)
 
 
-def summary(run: dict) -> str:
+def _cost_line(run: dict) -> str | None:
+    """GPU-seconds per image; on CPU (no GPUs) the pool actors' seconds per image instead."""
+    if run.get("gpu_seconds_per_image") is None and run.get("actor_seconds_per_image") is None:
+        return None
+    pools = {n: s for n, s in run.get("stages", {}).items() if s.get("actor_pool")}
+    actors = sum(s["actors"] for s in pools.values())
+    gpus = max((s["gpus_per_actor"] for s in pools.values()), default=0)
+    if run.get("gpu_seconds"):
+        return (
+            f"{run['gpu_seconds_per_image']:.2f} GPU-s/image "
+            f"({actors} actors x {gpus:g} GPU, {run['gpu_seconds']:.1f} GPU-s in all)"
+        )
+    per_image = run.get("actor_seconds_per_image")
+    shown = f"{per_image:.2f}" if per_image is not None else "-"
+    return f"0 GPU-s/image (no GPUs; {shown} actor-s/image over {actors} pool actors)"
+
+
+def summary(run: dict, report: str | None = None) -> str:
+    """The table the CLI prints at the end of a run."""
     lines = [
         f"output        {run['output']}",
         f"rows in/out   {run['rows_in']} / {run['rows_out']}",
         f"ok / errors   {run['ok']} / {run['error']}",
-        f"wall time     {run['wall_seconds']:.1f} s ({run['images_per_second']:.2f} images/s)",
     ]
     if run["errors_by_field"]:
         kinds = ", ".join(f"{k}: {v}" for k, v in run["errors_by_field"].items())
         lines.append(f"errors by     {kinds}")
+    lines.append(f"skipped       {run.get('skipped_by_resume', 0)} (done by an earlier run)")
+    lines.append(
+        f"wall time     {run['wall_seconds']:.1f} s ({run['images_per_second']:.2f} images/s)"
+    )
+    cost = _cost_line(run)
+    if cost:
+        lines.append(f"GPU time      {cost}")
+    if run.get("stages"):
+        busy = ", ".join(f"{n} {s['busy_seconds']:.1f} s" for n, s in run["stages"].items())
+        lines.append(f"stage time    {busy} (busy, summed over workers)")
     if not run["accounting"]["ok"]:
         acc = run["accounting"]
         lines.append(
@@ -242,5 +292,7 @@ def summary(run: dict) -> str:
         )
     lines.append(f"images        {storage.join(run['output'], 'images')}/")
     lines.append(f"metadata      {storage.join(run['output'], 'metadata')}/ (Parquet)")
-    lines.append(f"run report    {storage.join(run['output'], 'run.json')}")
+    lines.append(f"run record    {storage.join(run['output'], 'run.json')}")
+    if report:
+        lines.append(f"report        {report}")
     return "\n".join(lines)

@@ -1,0 +1,318 @@
+"""`k3batch report OUTPUT`: a static HTML page and a contact sheet PNG for a finished run.
+
+Reads OUTPUT/run.json and OUTPUT/metadata/*.parquet through fsspec (local paths and s3://
+alike) and writes OUTPUT/report/index.html and OUTPUT/report/contact_sheet.png. The page needs
+no server and no network: sample thumbnails are embedded as data URIs, the full images are
+relative links (../images/NAME), and there are no scripts or web fonts.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import random
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import quote
+
+from k3batch import __version__, storage
+from k3batch.metrics import error_kinds
+
+DEFAULT_SAMPLES = 16
+DEFAULT_COLUMNS = 4
+DEFAULT_THUMB = 256
+MAX_ERROR_EXAMPLES = 20
+
+# Contact sheet layout: each cell is the thumbnail (fitted in a THUMB x THUMB box) above a
+# caption of up to CAPTION_LINES lines, with PAD pixels around both.
+PAD = 8
+FONT_SIZE = 13
+LINE_HEIGHT = 16
+CAPTION_LINES = 3
+CAPTION_HEIGHT = CAPTION_LINES * LINE_HEIGHT + PAD
+BACKGROUND = (255, 255, 255)
+TEXT_COLOUR = (30, 30, 30)
+
+METADATA_COLUMNS = (
+    "id",
+    "prompt",
+    "status",
+    "error",
+    "image_uri",
+    "seed",
+    "width",
+    "height",
+    "num_inference_steps",
+    "guidance_scale",
+    "generate_seconds",
+)
+
+
+def beautify(prompt: str | None, max_chars: int | None = None) -> str:
+    """A prompt as a caption: whitespace collapsed, wrapping quotes dropped, first letter upper."""
+    text = " ".join((prompt or "").split())
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    if text[:1].islower():
+        text = text[0].upper() + text[1:]
+    if max_chars is not None and len(text) > max_chars:
+        text = text[: max_chars - 1].rstrip() + "\u2026"
+    return text
+
+
+@dataclass
+class Sample:
+    id: str
+    prompt: str
+    caption: str
+    image_name: str
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    generate_seconds: float | None = None
+    thumb_data_uri: str = ""
+
+    @property
+    def href(self) -> str:
+        return "../images/" + quote(self.image_name)
+
+
+@dataclass
+class Report:
+    index_uri: str
+    contact_sheet_uri: str
+    samples: list[Sample] = field(default_factory=list)
+    contact_sheet_size: tuple[int, int] = (0, 0)
+    missing_images: list[str] = field(default_factory=list)
+
+
+def _read_metadata(fs, root: str):
+    import pyarrow.dataset as pads
+
+    meta = f"{root}/metadata"
+    files = sorted(f for f in fs.find(meta) if f.endswith(".parquet")) if fs.exists(meta) else []
+    if not files:
+        raise FileNotFoundError(
+            f"no metadata Parquet files under {meta}: is this a k3batch output?"
+        )
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    columns = [c for c in METADATA_COLUMNS if c in dataset.schema.names]
+    return dataset.to_table(columns=columns)
+
+
+def _pick(table, n: int, seed: int) -> list[dict]:
+    """`n` ok rows with images, the same ones each time for the same metadata (sorted by id)."""
+    import pyarrow.compute as pc
+
+    ok = table.filter(pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["image_uri"])))
+    ok = ok.take(pc.sort_indices(ok, sort_keys=[("id", "ascending")]))
+    chosen = sorted(random.Random(seed).sample(range(ok.num_rows), min(n, ok.num_rows)))
+    return ok.take(chosen).to_pylist()
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    # DejaVu covers Cyrillic and more when the system has it; Pillow's own font otherwise.
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default(size=size)
+
+
+def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
+    """Greedy word wrap to `width` pixels; the last kept line ends with an ellipsis if cut."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        candidate = f"{current} {word}".strip()
+        if draw.textlength(candidate, font=font) <= width:
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        current = word
+        while draw.textlength(current, font=font) > width:  # a word longer than a line
+            cut = len(current)
+            while cut > 1 and draw.textlength(current[:cut], font=font) > width:
+                cut -= 1
+            lines.append(current[:cut])
+            current = current[cut:]
+    if current:
+        lines.append(current)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and draw.textlength(last + "\u2026", font=font) > width:
+            last = last[:-1]
+        lines = [*lines[: max_lines - 1], last.rstrip() + "\u2026"]
+    return lines
+
+
+def contact_sheet_size(n: int, columns: int, thumb: int) -> tuple[int, int]:
+    """(width, height) in pixels of the sheet for `n` samples."""
+    cols = max(1, min(columns, n))
+    rows = max(1, math.ceil(n / cols))
+    return cols * (thumb + 2 * PAD), rows * (thumb + CAPTION_HEIGHT + 2 * PAD)
+
+
+def _thumbnail(data: bytes, thumb: int):
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as image:
+        # Fitted to the box both ways: small images (the demo's 128 px) are scaled up too.
+        return ImageOps.contain(image.convert("RGB"), (thumb, thumb))
+
+
+def _data_uri(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def draw_contact_sheet(samples: list[Sample], thumbs: list, columns: int, thumb: int):
+    """The grid: each thumbnail centred in its cell, its caption below it."""
+    from PIL import Image, ImageDraw
+
+    size = contact_sheet_size(len(samples), columns, thumb)
+    sheet = Image.new("RGB", size, BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    font = _font(FONT_SIZE)
+    cols = max(1, min(columns, len(samples)))
+    for i, (sample, image) in enumerate(zip(samples, thumbs, strict=True)):
+        x0 = (i % cols) * (thumb + 2 * PAD) + PAD
+        y0 = (i // cols) * (thumb + CAPTION_HEIGHT + 2 * PAD) + PAD
+        sheet.paste(image, (x0 + (thumb - image.width) // 2, y0 + (thumb - image.height) // 2))
+        for j, line in enumerate(_wrap(draw, sample.caption, font, thumb, CAPTION_LINES)):
+            draw.text(
+                (x0, y0 + thumb + PAD // 2 + j * LINE_HEIGHT), line, fill=TEXT_COLOUR, font=font
+            )
+    return sheet
+
+
+def _error_breakdown(table) -> tuple[list[tuple[str, int]], list[dict]]:
+    kinds: Counter = Counter()
+    examples = []
+    errors = table.column("error").to_pylist() if "error" in table.column_names else []
+    for i, err in enumerate(errors):
+        if not err:
+            continue
+        kinds.update(error_kinds(err))
+        if len(examples) < MAX_ERROR_EXAMPLES:
+            examples.append(
+                {
+                    "id": table["id"][i].as_py(),
+                    "prompt": beautify(table["prompt"][i].as_py(), 120),
+                    "error": err,
+                }
+            )
+    return kinds.most_common(), examples
+
+
+def _generate_timing(table) -> dict | None:
+    if "generate_seconds" not in table.column_names:
+        return None
+    values = sorted(v for v in table.column("generate_seconds").to_pylist() if v is not None)
+    if not values:
+        return None
+    return {
+        "images": len(values),
+        "mean": statistics.fmean(values),
+        "p50": values[len(values) // 2],
+        "p95": values[min(len(values) - 1, math.ceil(0.95 * len(values)) - 1)],
+    }
+
+
+def _render(context: dict) -> str:
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+        autoescape=True,  # prompts, errors and config values are user text
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    return env.get_template("report.html").render(**context)
+
+
+def write_report(
+    output_uri: str,
+    samples: int = DEFAULT_SAMPLES,
+    columns: int = DEFAULT_COLUMNS,
+    thumb: int = DEFAULT_THUMB,
+    seed: int = 0,
+) -> Report:
+    """Write OUTPUT/report/index.html and contact_sheet.png; returns where and what it sampled."""
+    fs, root = storage.filesystem(output_uri)
+    root = root.rstrip("/")
+    run = json.loads(fs.cat_file(f"{root}/run.json")) if fs.exists(f"{root}/run.json") else {}
+    table = _read_metadata(fs, root)
+    report_dir = storage.join(output_uri, "report")
+    report = Report(
+        index_uri=storage.join(report_dir, "index.html"),
+        contact_sheet_uri=storage.join(report_dir, "contact_sheet.png"),
+    )
+    thumbs = []
+    for row in _pick(table, samples, seed):
+        name = row["image_uri"].rsplit("/", 1)[-1]
+        # By name under this output, not the recorded URI: the output may have been moved.
+        try:
+            image = _thumbnail(fs.cat_file(f"{root}/images/{name}"), thumb)
+        except (OSError, ValueError):
+            report.missing_images.append(name)
+            continue
+        sample = Sample(
+            id=row["id"],
+            prompt=row.get("prompt") or "",
+            caption=beautify(row.get("prompt")),
+            image_name=name,
+            **{k: row.get(k) for k in ("seed", "width", "height", "num_inference_steps")},
+            guidance_scale=row.get("guidance_scale"),
+            generate_seconds=row.get("generate_seconds"),
+            thumb_data_uri=_data_uri(image),
+        )
+        report.samples.append(sample)
+        thumbs.append(image)
+
+    fs.makedirs(f"{root}/report", exist_ok=True)
+    if report.samples:
+        sheet = draw_contact_sheet(report.samples, thumbs, columns, thumb)
+        report.contact_sheet_size = sheet.size
+        buf = io.BytesIO()
+        sheet.save(buf, format="PNG", optimize=True)
+        fs.pipe_file(f"{root}/report/contact_sheet.png", buf.getvalue())
+    elif fs.exists(f"{root}/report/contact_sheet.png"):
+        fs.rm(f"{root}/report/contact_sheet.png")
+
+    statuses = Counter(table.column("status").to_pylist())
+    kinds, examples = _error_breakdown(table)
+    html = _render(
+        {
+            "output": output_uri,
+            "run": run,
+            "rows": table.num_rows,
+            "ok": statuses.get("ok", 0),
+            "errors": statuses.get("error", 0),
+            "skipped": run.get("skipped_by_resume", 0),
+            "samples": report.samples,
+            "has_sheet": bool(report.samples),
+            "missing_images": report.missing_images,
+            "error_kinds": kinds,
+            "error_examples": examples,
+            "stages": run.get("stages", {}),
+            "generate_timing": _generate_timing(table),
+            "config_json": json.dumps(run.get("config", {}), indent=2),
+            "versions": run.get("versions", {}),
+            "generated_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "version": __version__,
+        }
+    )
+    fs.pipe_file(f"{root}/report/index.html", html.encode("utf-8"))
+    return report
