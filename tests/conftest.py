@@ -13,6 +13,8 @@ os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "300")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray pushes metrics every 10 s by default; tests read them sooner.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 FP32 = {"unet": "float32", "text_encoder": "float32", "movq": "float32"}
 

@@ -174,6 +174,43 @@ def test_errors_use_the_openai_error_shape(server, body, headers, status, param)
         assert error["param"] == param
 
 
+def test_serve_metrics_are_exported_with_app_serve(server):
+    """After the requests above, Ray's metrics endpoint shows the Serve app's own metrics."""
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from k3batch.metrics import metrics_url
+
+    url = metrics_url()
+    assert url, "Ray exposes no metrics port"
+
+    def totals():
+        found = {}
+        for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+            for sample in family.samples:
+                if sample.name.startswith("ray_k3batch") and sample.labels.get("app") == "serve":
+                    key = (sample.name, sample.labels.get("stage"), sample.labels.get("kind"))
+                    found[key] = found.get(key, 0) + sample.value
+        return found
+
+    deadline, found = time.time() + 60, {}
+    wanted = [
+        ("ray_k3batch_images_generated_total", "generate", None),
+        ("ray_k3batch_rows_processed_total", "request", None),
+        ("ray_k3batch_errors_total", "request", "size"),
+        ("ray_k3batch_errors_total", "request", "invalid_api_key"),
+        ("ray_k3batch_stage_seconds_count", "request", None),
+        ("ray_k3batch_stage_seconds_count", "generate", None),
+    ]
+    while time.time() < deadline:
+        found = totals()
+        if all(found.get(key, 0) > 0 for key in wanted):
+            break
+        time.sleep(1)
+    assert all(found.get(key, 0) > 0 for key in wanted), {k: found.get(k) for k in wanted}
+
+
 def test_unknown_route_and_edits_without_inpainting_model(server):
     r = httpx.get(f"{server['url']}/v1/nothing", headers=auth())
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"

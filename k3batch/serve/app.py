@@ -210,6 +210,21 @@ class Ingress:
 
     @fastapi_app.post("/v1/images/generations")
     async def generations(self, request: Request):
+        from k3batch.metrics import APP_SERVE, metrics
+
+        recorder = metrics(APP_SERVE)
+        start = time.perf_counter()
+        try:
+            answer = await self._generations(request)
+        except ApiError as e:
+            recorder.errors("request", {e.param or e.code or e.type: 1})
+            raise
+        finally:
+            recorder.latency("request", time.perf_counter() - start)
+        recorder.rows("request", len(answer["data"]))
+        return answer
+
+    async def _generations(self, request: Request) -> dict:
         self._authorize(request)
         try:
             req = ImageGenerationRequest.model_validate(await self._json(request))
@@ -321,6 +336,19 @@ class Generator:
         return await asyncio.to_thread(self._generate, jobs)
 
     def _generate(self, jobs: list[dict]) -> list[dict]:
+        from k3batch.metrics import APP_SERVE, metrics
+
+        start = time.perf_counter()
+        results = self._generate_groups(jobs)
+        recorder = metrics(APP_SERVE)
+        failed = sum(1 for r in results if r.get("error"))
+        recorder.rows("generate", len(jobs))
+        recorder.images("generate", len(jobs) - failed)
+        recorder.errors("generate", {"generate": failed})
+        recorder.latency("generate", time.perf_counter() - start)
+        return results
+
+    def _generate_groups(self, jobs: list[dict]) -> list[dict]:
         from k3batch.images import encode_rgb
         from k3batch.model.kandinsky3 import Request
 
