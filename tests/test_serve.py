@@ -231,10 +231,14 @@ def test_burst_beyond_the_queue_bound_is_refused_with_retry_after(server):
 
     responses = asyncio.run(burst())
     codes = [r.status_code for r in responses]
-    refused = [r for r in responses if r.status_code in (429, 503)]
-    assert refused and codes.count(200) >= 1, codes
-    assert set(codes) <= {200, 429, 503}, codes
-    assert all(r.headers["retry-after"] == "7" for r in refused)
+    # max_ongoing_requests (4) + max_queued_requests (2) are admitted; the rest is refused at
+    # once. Admitted ones finish (200) or, on a loaded machine, hit the 3 s timeout (503).
+    refused = [r for r in responses if r.status_code == 429]
+    admitted = [r for r in responses if r.status_code != 429]
+    assert 1 <= len(refused) <= 16 - 1 and len(admitted) <= 6, codes
+    assert all(r.status_code == 200 or "within 3 s" in r.text for r in admitted), codes
+    assert all(r.headers["retry-after"] == "7" for r in responses if r.status_code != 200)
+    assert all(r.json()["error"]["code"] == "overloaded" for r in refused)
 
 
 def test_a_request_over_its_timeout_gets_503(server):
