@@ -183,10 +183,14 @@ _SECRET_OPTION = re.compile(
 )
 
 
+class SecretInValue(ValueError):
+    """A value that holds a credential: its error message never repeats the value."""
+
+
 def _no_userinfo(uri: str) -> str:
     scheme, sep, rest = uri.partition("://")
     if sep and "@" in rest.split("/", 1)[0]:
-        raise ValueError(
+        raise SecretInValue(
             f"must not carry credentials (user:password@host), got {scheme}://***@...; "
             "give them through the environment or storage.profile"
         )
@@ -369,7 +373,12 @@ def format_validation_error(err: ValidationError) -> str:
         loc = ".".join(str(x) for x in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         value = e.get("input")
-        shown = "" if isinstance(value, dict) or e["type"] == "missing" else f" (got {value!r})"
+        hidden = isinstance((e.get("ctx") or {}).get("error"), SecretInValue)
+        shown = (
+            ""
+            if hidden or isinstance(value, dict) or e["type"] == "missing"
+            else f" (got {value!r})"
+        )
         parts.append(f"{loc}: {msg}{shown}" if loc else f"{msg}")
     return "; ".join(parts)
 
