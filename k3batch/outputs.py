@@ -2,7 +2,8 @@
 
 files:       OUTPUT/images/<key>.<ext>, OUTPUT/metadata/*.parquet (one row per input row),
              OUTPUT/images/metadata.parquet (rows with an image, `file_name` relative to
-             images/: the metadata file of a Hugging Face image folder)
+             images/, without the resume key `row_hash`: the metadata file of a Hugging
+             Face image folder)
 webdataset:  OUTPUT/shards/NNNNN.tar + NNNNN.parquet (see k3batch.shards)
 both:        OUTPUT/run.json, OUTPUT/_k3batch/ (job fingerprint, Ray's checkpoint)
 """
@@ -13,7 +14,7 @@ import posixpath
 
 from k3batch import shards, storage
 from k3batch.config import JobConfig
-from k3batch.resume import STATE_DIR
+from k3batch.resume import ID_COLUMN, STATE_DIR
 
 HF_METADATA = "metadata.parquet"
 # Everything a run may leave in its output, removed by `output.overwrite`.
@@ -70,9 +71,18 @@ def finalise(cfg: JobConfig, num_rows: int) -> None:
     import pyarrow.parquet as pq
 
     table = read_records(cfg, record_files(cfg))
-    table = table.filter(pc.equal(table.column("status"), "ok"))
+    table = table.filter(pc.equal(table.column("status"), "ok")).drop_columns([ID_COLUMN])
     names = [posixpath.basename(uri) for uri in table.column("image_uri").to_pylist()]
     table = table.add_column(0, "file_name", pa.array(names, pa.string()))
+    for i, field in enumerate(table.schema):
+        # `datasets` fails on uint64 values above 2**63 - 1 (OverflowError while building its
+        # Arrow table); such a column (a seed given in the input) is written as text here.
+        if pa.types.is_uint64(field.type):
+            column = table.column(i)
+            fits = len(column) == 0 or (pc.max(column).as_py() or 0) < 2**63
+            table = table.set_column(
+                i, field.name, column.cast(pa.int64() if fits else pa.string())
+            )
     fs, root = storage.filesystem(storage.join(cfg.output.uri, "images"), settings)
     fs.makedirs(root, exist_ok=True)
     pq.write_table(table, f"{root}/{HF_METADATA}", filesystem=fs)

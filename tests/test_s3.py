@@ -77,13 +77,6 @@ def test_job_reads_a_bucket_and_writes_images_and_metadata_to_a_bucket(
     logs = capfd.readouterr()
     assert S3_SECRET not in logs.out + logs.err
 
-    # The same job again resumes: every row is finished, so nothing is generated or written.
-    again = run_job(load_config(data=cfg))
-    assert again.ok and again.run["resumed"]
-    assert (again.run["rows_this_run"], again.run["skipped_by_resume"]) == (0, 6)
-    after = objects(client, bucket, "runs/r1/metadata/")
-    assert sorted(after) == sorted(parts)
-
 
 def test_named_profile_reaches_the_bucket(s3_server, s3_bucket, tmp_path, monkeypatch):
     """storage.profile: credentials from a named profile, none in the environment."""
@@ -109,3 +102,55 @@ def test_named_profile_reaches_the_bucket(s3_server, s3_bucket, tmp_path, monkey
     data["storage"]["profile"] = "nosuchprofile"
     with pytest.raises(Exception, match="input.uri: cannot read"):
         inspect_input(load_config(data=data))
+
+
+def test_webdataset_shards_to_a_bucket_resume_and_renumber_there(
+    ray_local, s3_server, s3_bucket, tiny_dir, tmp_path
+):
+    import webdataset as wds
+
+    client, bucket = s3_bucket
+    buf = io.BytesIO()
+    pq.write_table(
+        pa.table({"prompt": [f"prompt {i}" for i in range(6)], "n": list(range(6))}), buf
+    )
+    client.put_object(Bucket=bucket, Key="in.parquet", Body=buf.getvalue())
+    cfg = job_config(
+        tmp_path,
+        f"s3://{bucket}/in.parquet",
+        tiny_dir,
+        resources={"batch_size": 2},
+        output={"uri": f"s3://{bucket}/wds", "format": "webdataset", "shard_size": 2},
+        storage={"endpoint_url": s3_server},
+    )
+    assert run_job(load_config(data=cfg)).ok
+
+    def shard_keys():
+        return sorted(k for k in objects(client, bucket, "wds/shards/") if not k.endswith("/"))
+
+    first = shard_keys()
+    numbers = sorted({k.rsplit("/", 1)[1].split(".")[0] for k in first})
+    assert numbers == [f"{i:05d}" for i in range(len(numbers))] and len(numbers) >= 2
+    assert first == sorted(f"wds/shards/{n}.{e}" for n in numbers for e in ("tar", "parquet"))
+
+    # Shard 00000 never committed, as after a preemption: the rerun regenerates its rows into
+    # a new shard, then renames it into the gap (a copy and delete on S3).
+    lost = pq.read_table(io.BytesIO(get(client, bucket, "wds/shards/00000.parquet")))
+    for key in (
+        "wds/shards/00000.tar",
+        "wds/shards/00000.parquet",
+        "wds/_k3batch/checkpoint/00000.parquet",
+    ):
+        client.delete_object(Bucket=bucket, Key=key)
+    again = run_job(load_config(data=cfg))
+    assert again.ok and again.run["rows_this_run"] == lost.num_rows
+    assert shard_keys() == first
+    samples = []
+    for n in numbers:
+        path = tmp_path / f"{n}.tar"
+        path.write_bytes(get(client, bucket, f"wds/shards/{n}.tar"))
+        samples += list(wds.WebDataset(str(path), shardshuffle=False).decode("pil"))
+    assert sorted(s["json"]["n"] for s in samples) == list(range(6))
+    assert all(
+        s["txt"] == f"prompt {s['json']['n']}" and s["png"].size == (64, 64) for s in samples
+    )
