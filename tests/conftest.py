@@ -145,6 +145,7 @@ def s3_server(tmp_path_factory):
         "-s3.port.lance=0",  # on by default (9101) otherwise
         "-master.volumeSizeLimitMB=64",
         "-volume.max=16",
+        "-volume.preStopSeconds=0",  # stop at once (it waits 10 s by default)
         *(f"-{name}={port}" for name, port in ports.items()),
     ]
     log = open(root / "weed.log", "wb")  # noqa: SIM115 - closed at teardown
@@ -167,7 +168,7 @@ def s3_server(tmp_path_factory):
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=5)  # a throwaway store: no need for a long graceful stop
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
