@@ -243,9 +243,14 @@ class StorageConfig(Strict):
     def _endpoint(cls, v: str | None) -> str | None:
         if v is None:
             return v
+        if "@" in v.split("://", 1)[-1].split("/", 1)[0]:
+            raise SecretInValue(
+                "must not carry credentials (user:password@host); give them through the "
+                "environment or storage.profile"
+            )
         if not v.startswith(("http://", "https://")):
-            raise ValueError(f"must start with http:// or https://, got {v!r}")
-        return _no_userinfo(v)
+            raise ValueError("must start with http:// or https://")
+        return v
 
     @field_validator("options")
     @classmethod

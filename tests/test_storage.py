@@ -57,6 +57,7 @@ def test_any_fsspec_protocol_and_local_paths_get_filesystems(tmp_path):
         ("storage", {"options": {"key": "AKIA"}}, ["storage.options", "key"]),
         ("storage", {"endpoint_url": "127.0.0.1:9000"}, ["storage.endpoint_url", "http://"]),
         ("storage", {"endpoint_url": "http://u:p@host"}, ["storage.endpoint_url", "credentials"]),
+        ("storage", {"endpoint_url": "u:p@host:9000"}, ["storage.endpoint_url", "credentials"]),
         ("output", {"uri": "s3://AKIA:secret@bucket/out"}, ["output.uri", "credentials"]),
         ("storage", {"password": "x"}, ["storage.password", "Extra inputs"]),
         ("output", {"format": "tfrecord"}, ["output.format", "tfrecord"]),
