@@ -117,7 +117,7 @@ def prepare_output(cfg: JobConfig) -> bool:
                 changed = resume.differences(job["job"], identity)
                 raise ConfigError(
                     f"output.uri: {cfg.output.uri} holds a run of a different job "
-                    f"(changed: {', '.join(changed) or 'k3batch version'}); rerun with the same "
+                    f"(changed: {', '.join(changed) or 'fingerprint'}); rerun with the same "
                     "config to resume, choose a new output, or pass --overwrite"
                 )
             return True
