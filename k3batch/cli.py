@@ -8,13 +8,17 @@ import os
 import sys
 
 
-def _write_report(output: str, args) -> str | None:
+def _write_report(output: str, args, storage_settings: dict | None = None) -> str | None:
     """The report's index URI, or None (with a one-line warning) if it could not be written."""
     from k3batch.report import write_report
 
     try:
         return write_report(
-            output, samples=args.samples, columns=args.columns, thumb=args.thumb_size
+            output,
+            samples=args.samples,
+            columns=args.columns,
+            thumb=args.thumb_size,
+            storage_settings=storage_settings,
         ).index_uri
     except Exception as e:  # noqa: BLE001 - the job's outcome stands without a report
         print(f"k3batch: could not write the report: {type(e).__name__}: {e}", file=sys.stderr)
@@ -61,7 +65,8 @@ def _run(args) -> int:
     interval = args.progress_interval or _env_seconds("K3BATCH_PROGRESS_INTERVAL")
     reporter = None if args.no_progress else Reporter(interval=interval)
     result = run_job(load_config(args.config, overrides), reporter)
-    report = None if args.no_report else _write_report(result.run["output"], args)
+    settings = result.run["config"].get("storage")
+    report = None if args.no_report else _write_report(result.run["output"], args, settings)
     print(summary(result.run, report))
     return 0 if result.ok else 1
 

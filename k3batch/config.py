@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,11 @@ class InputConfig(Strict):
         description="Column holding a stable row id. When the table has no such column, ids are "
         "derived from the source file and row position, so a rerun gives the same ids.",
     )
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials_in_uri(cls, v: str) -> str:
+        return _no_userinfo(v)
 
 
 class DtypeMap(Strict):
@@ -178,15 +184,123 @@ class ResourcesConfig(Strict):
         return self
 
 
+# Option names that carry secrets in fsspec/s3fs/gcsfs/adlfs storage options.
+_SECRET_OPTION = re.compile(
+    r"secret|password|token|credential|sas|account_key|^key$|access_key", re.I
+)
+
+
+class SecretInValue(ValueError):
+    """A value that holds a credential: its error message never repeats the value."""
+
+
+def _no_userinfo(uri: str) -> str:
+    scheme, sep, rest = uri.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        raise SecretInValue(
+            f"must not carry credentials (user:password@host), got {scheme}://***@...; "
+            "give them through the environment or storage.profile"
+        )
+    return uri
+
+
+def _secret_keys(options: Any, path: str = "") -> list[str]:
+    if not isinstance(options, dict):
+        return []
+    found = []
+    for key, value in options.items():
+        name = f"{path}{key}"
+        if _SECRET_OPTION.search(str(key)):
+            found.append(name)
+        found += _secret_keys(value, f"{name}.")
+    return found
+
+
+class StorageConfig(Strict):
+    """How every input and output URI is reached (fsspec; s3:// through s3fs).
+
+    Holds no secrets: credentials come from the environment (AWS_ACCESS_KEY_ID /
+    AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, instance roles) or a named profile, on the
+    driver and on every Ray worker alike.
+    """
+
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint for s3:// URIs (MinIO, SeaweedFS, R2, Ceph), e.g. "
+        "http://127.0.0.1:9000. null: AWS, or AWS_ENDPOINT_URL when set.",
+    )
+    region: str | None = Field(
+        None, description="S3 region for s3:// URIs; null: the profile's or environment's."
+    )
+    profile: str | None = Field(
+        None,
+        description="Named profile from ~/.aws/credentials or ~/.aws/config (the file must "
+        "exist on every Ray node). null: environment credentials or an instance role.",
+    )
+    anonymous: bool = Field(False, description="Read public s3:// buckets without credentials.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra fsspec storage options for every URI's filesystem (any protocol), "
+        "e.g. {requester_pays: true} for s3 or {project: my-project} for gs. Secrets are refused "
+        "here: they would be written into run.json.",
+    )
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if "@" in v.split("://", 1)[-1].split("/", 1)[0]:
+            raise SecretInValue(
+                "must not carry credentials (user:password@host); give them through the "
+                "environment or storage.profile"
+            )
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
+        secret = _secret_keys(v)
+        if secret:
+            raise ValueError(
+                f"{', '.join(secret)} look like credentials; keep secrets out of the config "
+                "(environment variables or storage.profile)"
+            )
+        return v
+
+
 class OutputConfig(Strict):
-    uri: str = Field(description="Output directory: a local path or an fsspec URI.")
+    uri: str = Field(
+        description="Output directory: a local path or an fsspec URI (s3://bucket/run/)."
+    )
+    format: Literal["files", "webdataset"] = Field(
+        "files",
+        description="`files`: images/<key>.<ext> plus metadata/*.parquet (and images/metadata.parquet, "
+        "so the folder loads as a Hugging Face image folder). `webdataset`: tar shards "
+        "shards/00000.tar ... holding <key>.<ext>, <key>.txt (prompt) and <key>.json (metadata), "
+        "each with a Parquet index shards/00000.parquet of all its rows (img2dataset's layout).",
+    )
+    shard_size: int = Field(
+        256,
+        ge=1,
+        description="Rows per webdataset shard (a target: a shard holds whole generation batches, "
+        "and the last one of a run may be smaller). Ignored by `files`.",
+    )
     image_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality (ignored for PNG).")
     overwrite: bool = Field(
         False,
-        description="Replace a previous run found in `uri`. Without it a job refuses to write "
-        "over one (`k3batch run --overwrite` sets this).",
+        description="Replace a previous run found in `uri`. Without it, a rerun of the same job "
+        "resumes (only rows without finished output are generated) and a different job into a "
+        "used output is refused (`k3batch run --overwrite` sets this).",
     )
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials_in_uri(cls, v: str) -> str:
+        return _no_userinfo(v)
 
 
 class RayConfig(Strict):
@@ -228,6 +342,10 @@ class JobConfig(Strict):
         default_factory=ResourcesConfig, description="Batching and actor pool resources."
     )
     output: OutputConfig = Field(description="Where images and metadata are written.")
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig,
+        description="How input and output URIs are reached (endpoint, region, profile); no secrets.",
+    )
     ray: RayConfig = Field(default_factory=RayConfig, description="How to reach Ray.")
 
     @model_validator(mode="after")
@@ -275,7 +393,12 @@ def format_validation_error(err: ValidationError) -> str:
         loc = ".".join(str(x) for x in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         value = e.get("input")
-        shown = "" if isinstance(value, dict) or e["type"] == "missing" else f" (got {value!r})"
+        hidden = isinstance((e.get("ctx") or {}).get("error"), SecretInValue)
+        shown = (
+            ""
+            if hidden or isinstance(value, dict) or e["type"] == "missing"
+            else f" (got {value!r})"
+        )
         parts.append(f"{loc}: {msg}{shown}" if loc else f"{msg}")
     return "; ".join(parts)
 

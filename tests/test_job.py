@@ -97,11 +97,30 @@ def test_job_writes_one_row_per_input_row_and_images_at_requested_size(
         else:
             assert m["image_uri"] is None
     assert by_tag["t1"]["width"] == 128 and by_tag["t0"]["width"] == 64
-    assert len(list((tmp_path / "out" / "images").iterdir())) == 6
+    assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 6
     run_json = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run_json["rows_in"] == 9 and run_json["accounting"]["ok"]
     assert run_json["config"]["generation"]["num_inference_steps"] == 3
     assert run_json["versions"]["ray"] and run_json["images_per_second"] > 0
+    assert len({m["row_hash"] for m in meta}) == 9  # the resume key: one per input row
+
+    # The files output is a Hugging Face image folder too (images/metadata.parquet).
+    from datasets import load_dataset
+
+    meta = {m["id"]: m for m in meta}
+    folder = load_dataset(
+        "imagefolder", data_dir=str(tmp_path / "out"), split="train", cache_dir=str(tmp_path / "hf")
+    )
+    rows = list(folder)
+    # Every row with an image, with its metadata attached; rows in error have no image.
+    assert sorted(r["id"] for r in rows) == sorted(
+        i for i, m in meta.items() if m["status"] == "ok"
+    )
+    for r in rows:
+        m = meta[r["id"]]
+        assert r["image"].size == (m["width"], m["height"])
+        assert (r["prompt"], r["seed"], r["tag"]) == (m["prompt"], m["seed"], m["tag"])
+        assert np.array_equal(np.asarray(r["image"]), np.asarray(Image.open(m["image_uri"])))
 
 
 def pixels(meta):
@@ -123,10 +142,27 @@ def test_batch_size_and_actor_count_do_not_change_images_or_ids(
         assert np.array_equal(a[key], b[key]), key
 
 
-def test_existing_output_is_refused_without_overwrite(ray_local, tmp_path, prompts_dir, tiny_dir):
+def test_same_job_resumes_a_different_one_is_refused_overwrite_replaces(
+    ray_local, tmp_path, prompts_dir, tiny_dir
+):
     first = run(tmp_path, prompts_dir, tiny_dir)
-    assert first.ok
-    with pytest.raises(ConfigError, match="already holds a run"):
+    assert first.ok and not first.run["resumed"] and first.run["rows_this_run"] == 9
+    files = sorted(p.name for p in (tmp_path / "out" / "metadata").iterdir())
+    with pytest.raises(
+        ConfigError, match=r"different job \(changed: generation.num_inference_steps\)"
+    ):
+        run(tmp_path, prompts_dir, tiny_dir, generation={"num_inference_steps": 4})
+    # Resources are not part of the job: a rerun on other hardware resumes, and finds nothing to do.
+    again = run(tmp_path, prompts_dir, tiny_dir, resources={"batch_size": 2})
+    assert again.ok and again.run["resumed"]
+    assert (again.run["rows_this_run"], again.run["skipped_by_resume"]) == (0, 9)
+    assert sorted(p.name for p in (tmp_path / "out" / "metadata").iterdir()) == files
+    fresh = run(tmp_path, prompts_dir, tiny_dir, output={"overwrite": True})
+    assert fresh.ok and not fresh.run["resumed"] and fresh.run["rows_this_run"] == 9
+    assert len(read_metadata(tmp_path / "out")) == 9
+
+
+def test_output_with_foreign_files_is_refused(tmp_path, prompts_dir, tiny_dir):
+    (tmp_path / "out" / "images").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="no k3batch job to resume"):
         run(tmp_path, prompts_dir, tiny_dir)
-    again = run(tmp_path, prompts_dir, tiny_dir, output={"overwrite": True})
-    assert again.ok and len(read_metadata(tmp_path / "out")) == 9

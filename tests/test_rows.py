@@ -119,3 +119,40 @@ def test_object_key_keeps_plain_ids_and_never_collides():
     keys = [object_key(i) for i in ids]
     assert len(set(keys)) == len(ids)
     assert object_key("a_b") == "a_b" and object_key("a/b") != "a_b"
+
+
+HOSTILE_IDS = [
+    "../../x",
+    "a/b",
+    "/abs",
+    "..",
+    ".",
+    "a\x00b\nc\x1b[31m",
+    "\r\t",
+    "x" * 2000,
+    "ünï cödé",
+    "a.b",
+    "a_b",
+    "a.b.png",
+    "shard.00001",
+    "",
+]
+
+
+@pytest.mark.parametrize("dots", [True, False])
+def test_keys_stay_inside_the_prefix_and_never_collide(dots):
+    keys = [object_key(i, dots=dots) for i in HOSTILE_IDS]
+    assert len(set(keys)) == len(HOSTILE_IDS)
+    for key in keys:
+        assert key and len(key) <= rows.MAX_KEY_CHARS and key not in (".", "..")
+        assert all(c.isascii() and (c.isalnum() or c in "._-") for c in key)
+        assert not key.startswith(".")
+        if not dots:  # webdataset splits a member name at its first dot
+            assert "." not in key
+
+
+def test_webdataset_keys_keep_plain_ids_and_hash_dotted_ones():
+    assert object_key("demo-001", dots=False) == "demo-001"
+    assert object_key("a.b", dots=True) == "a.b"
+    dotted = object_key("a.b", dots=False)
+    assert dotted.startswith("a_b-h") and dotted != object_key("a_b", dots=False) == "a_b"

@@ -58,7 +58,8 @@ def test_validate_keeps_input_columns_and_renames_clashing_ones():
     assert out.column("input_status").to_pylist() == ["mine"]
     assert out.column("status").to_pylist() == ["ok"]
     assert out.column("extra").to_pylist() == [1]
-    assert "row_hash" not in out.column_names
+    # row_hash stays: it is the id Ray's checkpoint records for resume.
+    assert out.column("row_hash").to_pylist() == [5]
     assert out.schema.field("seed").type == pa.uint64()
 
 

@@ -18,7 +18,9 @@ OUTPUT_ONLY_COLUMNS = (
     "uncond_embedding",
     "image_rgb",
 )
-ROW_HASH = "row_hash"  # added by ray.data.read_parquet(include_row_hash=True)
+# Added by ray.data.read_parquet(include_row_hash=True) and kept to the end: it is the id
+# Ray's checkpoint records for resume (see k3batch.resume).
+ROW_HASH = "row_hash"
 
 
 class ValidateStage(Stage):
@@ -34,7 +36,6 @@ class ValidateStage(Stage):
         "status": pa.string(),
         "error": pa.string(),
     }
-    drops = (ROW_HASH,)
 
     def __init__(self, rules: rows.RowRules, prompt_column: str = "prompt", id_column: str = "id"):
         self.rules = rules

@@ -1,0 +1,131 @@
+"""webdataset output: tar shards with a Parquet index each, numbered 00000, 00001, ...
+
+A shard is `shards/NNNNN.tar` (`<key>.<ext>`, `<key>.txt` with the prompt, `<key>.json` with
+the row's metadata, for the rows with an image) plus `shards/NNNNN.parquet` (every row of the
+shard, errors included): the layout img2dataset writes. Ray's own webdataset writer writes
+the tar (its datasink, extended here with the index); webdataset's TarWriter would do too,
+but importing `webdataset` pulls torch into every write worker.
+
+Numbers come from Ray's write task index plus the first free number, so a resumed run
+appends after the shards already there; `renumber` closes the gaps a killed run leaves, so a
+finished output is always 00000 .. N-1 (brace patterns such as `{00000..00041}.tar` work).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+
+from k3batch import storage
+
+MIN_DIGITS = 5
+SHARD_NAME = re.compile(r"^(\d+)\.(tar|parquet)$")
+_MANIFEST = "_renumber.json"
+SAMPLE_EXCLUDE = ("image_bytes",)
+
+
+def digits(num_rows: int) -> int:
+    """Shard number width: a run never writes more shards than rows, so names never outgrow
+    it (Ray's checkpoint recovery matches a pending shard's files by name prefix, which a
+    longer number could share)."""
+    return max(MIN_DIGITS, len(str(num_rows)))
+
+
+def existing(fs, root: str) -> dict[int, set[str]]:
+    """Shard number -> the extensions present ({"tar", "parquet"})."""
+    found: dict[int, set[str]] = {}
+    for path in storage.list_files(fs, root):
+        m = SHARD_NAME.match(posixpath.basename(path))
+        if m:
+            found.setdefault(int(m.group(1)), set()).add(m.group(2))
+    return found
+
+
+def next_number(fs, root: str) -> int:
+    numbers = existing(fs, root)
+    return max(numbers) + 1 if numbers else 0
+
+
+def shard_sink(path: str, *, filesystem, first: int, width: int, image_ext: str, shard_size: int):
+    """A Ray datasink writing one shard (tar + index) per write task."""
+    from ray.data._internal.datasource.webdataset_datasink import WebDatasetDatasink
+    from ray.data.datasource import FilenameProvider
+
+    class ShardNames(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"{first + task_index:0{width}d}.tar"
+
+    class ShardDatasink(WebDatasetDatasink):
+        def write_block(self, block, block_index, ctx):
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            from ray.data._internal.planner.plan_write_op import WRITE_UUID_KWARG_NAME
+            from ray.data.block import BlockAccessor
+
+            table = block.to_arrow()
+            super().write_block(
+                BlockAccessor.for_block(samples(table, image_ext)), block_index, ctx
+            )
+            # The index goes last: a shard is recorded only once its tar is complete, and
+            # Ray's checkpoint commits the rows only after both files are written.
+            name = self.filename_provider.get_filename_for_task(
+                ctx.kwargs[WRITE_UUID_KWARG_NAME], ctx.task_idx
+            )
+            index = table.drop_columns([c for c in SAMPLE_EXCLUDE if c in table.column_names])
+            with self.open_output_stream(
+                posixpath.join(self.path, name.removesuffix(".tar") + ".parquet")
+            ) as f:
+                pq.write_table(pa.Table.from_batches(index.to_batches(), index.schema), f)
+
+    return ShardDatasink(
+        path,
+        encoder=None,  # samples() already made every field bytes or text
+        filesystem=filesystem,
+        filename_provider=ShardNames(),
+        min_rows_per_file=shard_size,
+    )
+
+
+def samples(table, image_ext: str):
+    """The tar's samples: `__key__`, the image, the prompt and the row as JSON (ok rows)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ok = table.filter(pc.equal(table.column("status"), "ok"))
+    rows = ok.drop_columns([c for c in SAMPLE_EXCLUDE if c in ok.column_names]).to_pylist()
+    return pa.table(
+        {
+            "__key__": ok.column("key"),
+            image_ext: ok.column("image_bytes"),
+            "txt": ok.column("prompt"),
+            "json": pa.array([json.dumps(r, default=str) for r in rows], pa.string()),
+        }
+    )
+
+
+def renumber(fs, root: str, width: int) -> int:
+    """Rename the highest shards into the gaps so numbers run 0 .. N-1; returns N.
+
+    The moves are written to a manifest first and replayed by the next call if this one is
+    killed half-way, so a tar and its index are never split up.
+    """
+    manifest = f"{root}/{_MANIFEST}"
+    if fs.exists(manifest):
+        moves = json.loads(fs.cat_file(manifest))
+    else:
+        numbers = sorted(existing(fs, root))
+        total = len(numbers)
+        gaps = [n for n in range(total) if n not in set(numbers)]
+        above = [n for n in numbers if n >= total]
+        moves = list(zip(above, gaps, strict=True))
+        if not moves:
+            return total
+        fs.pipe_file(manifest, json.dumps(moves).encode())
+    for src, dst in moves:
+        for ext in ("tar", "parquet"):
+            source = f"{root}/{src:0{width}d}.{ext}"
+            if fs.exists(source):  # gone already: moved before a kill
+                fs.mv(source, f"{root}/{dst:0{width}d}.{ext}")
+    fs.rm(manifest)
+    return len(existing(fs, root))

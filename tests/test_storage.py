@@ -1,0 +1,92 @@
+"""Storage settings, config checks and job fingerprints (no Ray, no server)."""
+
+import pyarrow.fs as pafs
+import pytest
+
+from k3batch import resume, storage
+from k3batch.config import ConfigError, load_config
+
+BASE = {"input": {"uri": "in.parquet"}, "output": {"uri": "out"}}
+
+
+def config(**sections):
+    data = {k: dict(v) for k, v in BASE.items()}
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return load_config(data=data)
+
+
+def test_s3_settings_become_s3fs_options_and_reach_other_protocols_as_given():
+    settings = config(
+        storage={
+            "endpoint_url": "http://127.0.0.1:9000",
+            "region": "eu-west-1",
+            "profile": "research",
+            "options": {"requester_pays": True},
+        }
+    ).storage.model_dump()
+    options = storage.storage_options("s3://bucket/x", settings)
+    assert options["endpoint_url"] == "http://127.0.0.1:9000"
+    assert options["client_kwargs"] == {"region_name": "eu-west-1"}
+    assert options["profile"] == "research" and options["requester_pays"] is True
+    # Other protocols get only the generic options; local paths get none.
+    assert storage.storage_options("memory://x", settings) == {"requester_pays": True}
+    assert storage.storage_options("/tmp/x", settings) == {}
+
+
+def test_any_fsspec_protocol_and_local_paths_get_filesystems(tmp_path):
+    fs, path = storage.filesystem("memory://k3batch-test/a.txt")
+    fs.pipe_file(path, b"x")
+    arrow, arrow_path = storage.arrow_filesystem("memory://k3batch-test/a.txt")
+    assert isinstance(arrow, pafs.PyFileSystem)
+    with arrow.open_input_stream(arrow_path) as f:
+        assert f.read() == b"x"
+    local, local_path = storage.arrow_filesystem(str(tmp_path / "out"))
+    assert isinstance(local, pafs.LocalFileSystem) and local_path == str(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "needles"),
+    [
+        ("storage", {"options": {"secret": "x"}}, ["storage.options", "secret", "credentials"]),
+        (
+            "storage",
+            {"options": {"client_kwargs": {"aws_secret_access_key": "x"}}},
+            ["client_kwargs.aws_secret_access_key"],
+        ),
+        ("storage", {"options": {"key": "AKIA"}}, ["storage.options", "key"]),
+        ("storage", {"endpoint_url": "127.0.0.1:9000"}, ["storage.endpoint_url", "http://"]),
+        ("storage", {"endpoint_url": "http://u:p@host"}, ["storage.endpoint_url", "credentials"]),
+        ("storage", {"endpoint_url": "u:p@host:9000"}, ["storage.endpoint_url", "credentials"]),
+        ("output", {"uri": "s3://AKIA:secret@bucket/out"}, ["output.uri", "credentials"]),
+        ("storage", {"password": "x"}, ["storage.password", "Extra inputs"]),
+        ("output", {"format": "tfrecord"}, ["output.format", "tfrecord"]),
+        ("output", {"shard_size": 0}, ["output.shard_size"]),
+    ],
+)
+def test_bad_storage_and_output_settings_are_one_line_errors(section, values, needles):
+    with pytest.raises(ConfigError) as err:
+        config(**{section: values})
+    message = str(err.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+    # A refused secret is never echoed back.
+    assert "AKIA:secret" not in message and "u:p@" not in message
+
+
+def test_fingerprint_ignores_how_a_job_runs_but_not_what_it_makes():
+    base = resume.job_identity(config())
+    same = resume.job_identity(
+        config(
+            resources={"batch_size": 16, "num_actors": 3},
+            ray={"num_cpus": 8},
+            storage={"endpoint_url": "http://other:9000"},
+            output={"overwrite": True},
+            model={"device": "cpu"},
+        )
+    )
+    assert resume.fingerprint(same) == resume.fingerprint(base)
+    changed = resume.job_identity(config(output={"format": "webdataset"}, generation={"seed": 3}))
+    assert resume.fingerprint(changed) != resume.fingerprint(base)
+    assert resume.differences(base, changed) == ["generation.seed", "output.format"]
