@@ -44,6 +44,10 @@ def resolve_paths(cfg: JobConfig) -> JobConfig:
     cfg.output.uri = storage.absolute(cfg.output.uri)
     if os.path.exists(cfg.model.path) or cfg.model.make_tiny:
         cfg.model.path = os.path.abspath(cfg.model.path)
+    if cfg.beautify.backend == "vllm" and (
+        os.path.exists(cfg.beautify.model) or cfg.beautify.make_tiny
+    ):
+        cfg.beautify.model = os.path.abspath(cfg.beautify.model)
     return cfg
 
 
@@ -81,10 +85,26 @@ def inspect_input(cfg: JobConfig) -> InputInfo:
             f"input.prompt_column: column {cfg.input.prompt_column!r} is not in the input table "
             f"(columns: {', '.join(columns)})"
         )
+    beautified = cfg.input.beautified_prompt_column
+    if beautified and beautified not in columns:
+        raise ConfigError(
+            f"input.beautified_prompt_column: column {beautified!r} is not in the input table "
+            f"(columns: {', '.join(columns)})"
+        )
     return InputInfo(files=files, columns=columns, num_rows=num_rows)
 
 
 def check_model(cfg: JobConfig) -> None:
+    b = cfg.beautify
+    local_llm = b.make_tiny or os.path.isdir(b.model)
+    if b.enabled and b.backend == "vllm" and not local_llm:  # noqa: SIM102 - reads as two rules
+        if os.path.exists(b.model) or not _HF_REPO_ID.match(b.model):
+            raise ConfigError(
+                f"beautify.model: {b.model!r} is neither a model directory nor a Hugging Face "
+                "repo id"
+            )
+    if cfg.job == "beautify":
+        return  # no diffusion model involved
     path = cfg.model.path
     if cfg.model.make_tiny or os.path.isdir(path):
         return
@@ -151,9 +171,9 @@ def account(cfg: JobConfig, info: InputInfo) -> dict:
 
     fs, root = storage.filesystem(storage.join(cfg.output.uri, "metadata"))
     files = sorted(f for f in fs.find(root) if f.endswith(".parquet"))
-    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(
-        columns=["id", "status", "error"]
-    )
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    beautify_columns = [c for c in BEAUTIFY_COLUMNS if c in dataset.schema.names]
+    table = dataset.to_table(columns=["id", "status", "error", *beautify_columns])
     ids = table.column("id").to_pylist()
     statuses = Counter(table.column("status").to_pylist())
     duplicates = sorted(i for i, c in Counter(ids).items() if c > 1)
@@ -165,7 +185,7 @@ def account(cfg: JobConfig, info: InputInfo) -> dict:
     rows_out = len(ids)
     ok = statuses.get("ok", 0)
     failed = statuses.get("error", 0)
-    return {
+    out = {
         "rows_in": info.num_rows,
         "rows_out": rows_out,
         "ok": ok,
@@ -177,6 +197,25 @@ def account(cfg: JobConfig, info: InputInfo) -> dict:
             "num_duplicate_ids": len(duplicates),
         },
     }
+    if beautify_columns:
+        out["beautify"] = beautify_counts(table)
+    return out
+
+
+BEAUTIFY_COLUMNS = ("beautified_prompt", "beautify_error", "beautify_fallback")
+
+
+def beautify_counts(table) -> dict:
+    """How many rows the LLM beautified, how many requests failed, and which prompt was used."""
+    counts = {}
+    if "beautified_prompt" in table.column_names:
+        counts["beautified"] = sum(1 for t in table.column("beautified_prompt").to_pylist() if t)
+    if "beautify_error" in table.column_names:
+        counts["errors"] = sum(1 for e in table.column("beautify_error").to_pylist() if e)
+    if "beautify_fallback" in table.column_names:
+        fallbacks = Counter(table.column("beautify_fallback").to_pylist())
+        counts["fallbacks"] = {str(k): v for k, v in fallbacks.most_common()}
+    return counts
 
 
 def versions() -> dict:
@@ -192,18 +231,23 @@ def versions() -> dict:
 
 
 def run_job(cfg: JobConfig) -> RunResult:
-    from pipelines import text_to_image
+    from pipelines import beautify, text_to_image
 
+    pipeline = beautify if cfg.job == "beautify" else text_to_image
     started = time.time()
     started_at = datetime.now(timezone.utc).isoformat()
     cfg, info = preflight(cfg)
     init_ray(cfg)
-    if cfg.model.make_tiny:
+    if cfg.model.make_tiny and cfg.job == "text_to_image":
         # Build once on the driver so local actors find it ready (they would build the same).
         from k3batch.model.tiny import make_tiny
 
         make_tiny(cfg.model.path)
-    text_to_image.run(cfg)
+    if cfg.beautify.enabled and cfg.beautify.make_tiny:
+        from k3batch.model.tiny_llm import make_tiny_llm
+
+        make_tiny_llm(cfg.beautify.model)
+    pipeline.run(cfg)
     counts = account(cfg, info)
     wall = time.time() - started
     run = {
@@ -240,7 +284,15 @@ def summary(run: dict) -> str:
             f"ACCOUNTING FAILED: rows in {run['rows_in']}, rows out {run['rows_out']}, "
             f"duplicate ids ({acc['num_duplicate_ids']}): {acc['duplicate_ids'][:10]}"
         )
-    lines.append(f"images        {storage.join(run['output'], 'images')}/")
+    if "beautify" in run:
+        b = run["beautify"]
+        fallbacks = ", ".join(f"{k}: {v}" for k, v in b.get("fallbacks", {}).items())
+        lines.append(
+            f"beautified    {b.get('beautified', 0)} (LLM errors {b.get('errors', 0)})"
+            + (f"; prompt used: {fallbacks}" if fallbacks else "")
+        )
+    if run["config"].get("job", "text_to_image") == "text_to_image":
+        lines.append(f"images        {storage.join(run['output'], 'images')}/")
     lines.append(f"metadata      {storage.join(run['output'], 'metadata')}/ (Parquet)")
     lines.append(f"run report    {storage.join(run['output'], 'run.json')}")
     return "\n".join(lines)

@@ -2,6 +2,8 @@
 
 read_parquet(input.uri)
   -> ValidateStage      (tasks)      ids, per-row settings, bad rows marked
+  [-> beautify, ChoosePromptStage]   when beautify.enabled or input.beautified_prompt_column
+                                     (pipelines/beautify.py): generation reads `prompt_used`
   -> repartition        (streaming)  blocks of one generation batch
   -> GenerateStage      (actor pool) Kandinsky 3, model loaded once per actor
   -> WriteImagesStage   (tasks, CPU) OUTPUT/images/<key>.<ext>
@@ -17,6 +19,7 @@ from k3batch.rows import RowRules
 from k3batch.stages.generate import GenerateStage
 from k3batch.stages.validate import ValidateStage
 from k3batch.stages.write import WriteImagesStage
+from pipelines import beautify
 
 VALIDATE_BATCH_SIZE = 256
 
@@ -38,13 +41,18 @@ def build(cfg: JobConfig):
         batch_size=VALIDATE_BATCH_SIZE,
         num_cpus=0.25,
     )
+    ds, generate_from = beautify.add_to_text_to_image(ds, cfg)
     # An actor pool takes whole blocks, and a Parquet file reads as few large blocks: cut
     # them to one generation batch each (streaming, no shuffle) so every actor gets work.
     ds = ds.repartition(target_num_rows_per_block=res.batch_size)
     ds = map_stage(
         ds,
         GenerateStage,
-        {"model": cfg.model.model_dump(), "decode_batch_size": res.decode_batch_size},
+        {
+            "model": cfg.model.model_dump(),
+            "decode_batch_size": res.decode_batch_size,
+            "prompt_column": generate_from,
+        },
         batch_size=res.batch_size,
         num_cpus=res.num_cpus_per_actor,
         num_gpus=res.num_gpus_per_actor,

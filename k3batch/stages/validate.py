@@ -17,6 +17,8 @@ OUTPUT_ONLY_COLUMNS = (
     "generate_seconds",
     "uncond_embedding",
     "image_rgb",
+    "prompt_used",
+    "beautify_fallback",
 )
 ROW_HASH = "row_hash"  # added by ray.data.read_parquet(include_row_hash=True)
 
