@@ -30,6 +30,9 @@ ROWS = {
     "r3": "an owl",
     "r4": LONG,  # the engine rejects it: that row alone falls back
     "r5": "a tree",
+    # With this id's seed the tiny LLM ends at once (EOS first), here as through `vllm
+    # serve` (test_beautify_openai.py): a real empty answer.
+    "e": "an owl",
 }
 
 
@@ -88,12 +91,17 @@ def test_every_row_has_its_prompt_a_beautified_prompt_or_a_recorded_fallback(run
             assert choose.token_count(t5, m["beautified_prompt"]) > 128
             assert m["beautified_prompt"].startswith(m["prompt_used"])
         assert choose.token_count(t5, m["prompt_used"]) <= 128
+    e = meta["e"]
+    assert e["beautified_prompt"] == "" and e["beautify_error"] is None
+    assert e["beautify_fallback"] == "original:empty" and e["prompt_used"] == "an owl"
+    assert e["status"] == "ok" and e["image_uri"]
     # With these ids and seeds the tiny LLM's answers include both outcomes.
     assert set(fallbacks.values()) == {"none", "truncated"}, fallbacks
     report = json.loads(Path(result.run["output"], "run.json").read_text())
     assert report["config"]["beautify"]["backend"] == "vllm"
     beautify = report["beautify"]
     assert beautify["beautified"] == 4 and beautify["errors"] == 1
+    assert beautify["fallbacks"]["original:empty"] == 1
     assert beautify["fallbacks"]["skipped"] == 1 and beautify["fallbacks"]["original:error"] == 1
 
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from k3batch import rows
 from k3batch.beautify import choose
-from k3batch.beautify.prompt import request_seed
+from k3batch.beautify.prompt import clean_output, request_seed
 from k3batch.stages.base import Stage
 from k3batch.stages.validate import ROW_HASH, ValidateStage
 
@@ -123,7 +123,7 @@ class OpenAIBeautifyStage(Stage):
             **self.kwargs,
         )
         for i, (text, error) in zip(todo, results, strict=True):
-            out[BEAUTIFIED][i] = text.strip() if text is not None else None
+            out[BEAUTIFIED][i] = clean_output(text)
             out[BEAUTIFY_ERROR][i] = f"openai: {error}" if error else None
         return out
 
