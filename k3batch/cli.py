@@ -87,10 +87,23 @@ def _report(args) -> int:
 
 
 def _make_tiny(args) -> int:
+    if args.llm:
+        from k3batch.model.tiny_llm import make_tiny_llm
+
+        path = make_tiny_llm(args.dir, overwrite=True)
+        print(f"tiny random Mistral LLM (Hugging Face layout, for vLLM) written to {path}")
+        return 0
     from k3batch.model.tiny import make_tiny
 
     path = make_tiny(args.dir, null_embedding=not args.no_null_embedding, overwrite=True)
     print(f"tiny Kandinsky 3 checkpoint (diffusers layout) written to {path}")
+    return 0
+
+
+def _chat_template(args) -> int:
+    from k3batch.beautify.prompt import CHAT_TEMPLATE
+
+    print(CHAT_TEMPLATE)
     return 0
 
 
@@ -199,12 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     _report_options(report)
     report.set_defaults(func=_report)
 
-    tiny = sub.add_parser("make-tiny", help="write a tiny random-weight Kandinsky 3 checkpoint")
+    tiny = sub.add_parser(
+        "make-tiny", help="write a tiny random-weight Kandinsky 3 checkpoint (or LLM: --llm)"
+    )
     tiny.add_argument("dir", help="directory to write (diffusers layout)")
     tiny.add_argument(
         "--no-null-embedding",
         action="store_true",
         help="leave out unet/null_embedding.safetensors, like kandinsky-community/kandinsky-3",
+    )
+    tiny.add_argument(
+        "--llm",
+        action="store_true",
+        help="write a tiny random Mistral LLM instead (for the beautify tests and demo)",
     )
     tiny.set_defaults(func=_make_tiny)
 
@@ -240,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a field of the first application's args, e.g. --set batching.max_batch_size=8",
     )
     srv.set_defaults(func=_serve)
+
+    template = sub.add_parser(
+        "chat-template",
+        help="print the Kandinsky 3.1 beautification chat template (for vllm serve --chat-template)",
+    )
+    template.set_defaults(func=_chat_template)
 
     config = sub.add_parser("config", help="validate and print a config, or print the JSON schema")
     config.add_argument("config", nargs="?", help="job config (YAML)")

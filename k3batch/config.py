@@ -10,6 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from k3batch.beautify.config import BeautifyConfig
+
 Dtype = Literal["float32", "float16", "bfloat16"]
 
 
@@ -31,6 +33,12 @@ class InputConfig(Strict):
         "id",
         description="Column holding a stable row id. When the table has no such column, ids are "
         "derived from the source file and row position, so a rerun gives the same ids.",
+    )
+    beautified_prompt_column: str | None = Field(
+        None,
+        description="Column of already beautified prompts (e.g. `beautified_prompt` written by "
+        "a beautify-only job): generation uses it, and the original prompt where it is empty; "
+        "the LLM does not run. null: none (or beautify.enabled runs the LLM).",
     )
 
     @field_validator("uri")
@@ -328,6 +336,11 @@ class RayConfig(Strict):
 
 
 class JobConfig(Strict):
+    job: Literal["text_to_image", "beautify"] = Field(
+        "text_to_image",
+        description="`text_to_image`: prompts to images and metadata. `beautify`: prompts to a "
+        "prompt table with `beautified_prompt` (no diffusion model; needs beautify.enabled).",
+    )
     input: InputConfig = Field(description="Where the prompt table is read from.")
     model: ModelConfig = Field(
         default_factory=ModelConfig, description="Which model and how to load it."
@@ -347,6 +360,21 @@ class JobConfig(Strict):
         description="How input and output URIs are reached (endpoint, region, profile); no secrets.",
     )
     ray: RayConfig = Field(default_factory=RayConfig, description="How to reach Ray.")
+    beautify: BeautifyConfig = Field(
+        default_factory=BeautifyConfig,
+        description="Prompt beautification with an LLM between validation and generation.",
+    )
+
+    @model_validator(mode="after")
+    def _beautify_source(self) -> JobConfig:
+        if self.job == "beautify" and not self.beautify.enabled:
+            raise ValueError("job=beautify needs beautify.enabled: true")
+        if self.beautify.enabled and self.input.beautified_prompt_column:
+            raise ValueError(
+                "input.beautified_prompt_column reads prompts beautified earlier; it cannot be "
+                "combined with beautify.enabled (which runs the LLM again)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _sizes_within_limits(self) -> JobConfig:

@@ -36,9 +36,14 @@ def record_files(cfg: JobConfig) -> list[str]:
     return files
 
 
-def read_records(cfg: JobConfig, files: list[str], columns: list[str] | None = None):
+def read_records(
+    cfg: JobConfig,
+    files: list[str],
+    columns: list[str] | None = None,
+    optional: tuple[str, ...] = (),
+):
     """One Arrow table from record files whose schemas may differ (input parts need not
-    share their pass-through columns)."""
+    share their pass-through columns). `optional` columns are added when the files have them."""
     import pyarrow as pa
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
@@ -47,6 +52,8 @@ def read_records(cfg: JobConfig, files: list[str], columns: list[str] | None = N
     if not files:
         return pa.table({c: pa.array([], pa.string()) for c in columns or []})
     schema = pa.unify_schemas([pq.read_schema(f, filesystem=fs) for f in files])
+    if columns is not None:
+        columns = [*columns, *(c for c in optional if c in schema.names)]
     return pads.dataset(files, schema=schema, filesystem=fs, format="parquet").to_table(
         columns=columns
     )

@@ -45,6 +45,10 @@ def resolve_paths(cfg: JobConfig) -> JobConfig:
     cfg.output.uri = storage.absolute(cfg.output.uri)
     if os.path.exists(cfg.model.path) or cfg.model.make_tiny:
         cfg.model.path = os.path.abspath(cfg.model.path)
+    if cfg.beautify.backend == "vllm" and (
+        os.path.exists(cfg.beautify.model) or cfg.beautify.make_tiny
+    ):
+        cfg.beautify.model = os.path.abspath(cfg.beautify.model)
     return cfg
 
 
@@ -82,10 +86,26 @@ def inspect_input(cfg: JobConfig) -> InputInfo:
             f"input.prompt_column: column {cfg.input.prompt_column!r} is not in the input table "
             f"(columns: {', '.join(columns)})"
         )
+    beautified = cfg.input.beautified_prompt_column
+    if beautified and beautified not in columns:
+        raise ConfigError(
+            f"input.beautified_prompt_column: column {beautified!r} is not in the input table "
+            f"(columns: {', '.join(columns)})"
+        )
     return InputInfo(files=files, columns=columns, num_rows=num_rows)
 
 
 def check_model(cfg: JobConfig) -> None:
+    b = cfg.beautify
+    local_llm = b.make_tiny or os.path.isdir(b.model)
+    if b.enabled and b.backend == "vllm" and not local_llm:  # noqa: SIM102 - reads as two rules
+        if os.path.exists(b.model) or not _HF_REPO_ID.match(b.model):
+            raise ConfigError(
+                f"beautify.model: {b.model!r} is neither a model directory nor a Hugging Face "
+                "repo id"
+            )
+    if cfg.job == "beautify":
+        return  # no diffusion model involved
     path = cfg.model.path
     if cfg.model.make_tiny or os.path.isdir(path):
         return
@@ -184,7 +204,10 @@ def init_ray(cfg: JobConfig, resumed: bool = False) -> None:
 def account(cfg: JobConfig, info: InputInfo) -> dict:
     """Rows in = rows out = ok + error, no id twice: read back from the written records
     (across every run into this output, each row once)."""
-    table = outputs.read_records(cfg, outputs.record_files(cfg), columns=["id", "status", "error"])
+    table = outputs.read_records(
+        cfg, outputs.record_files(cfg), columns=["id", "status", "error"], optional=BEAUTIFY_COLUMNS
+    )
+    beautify_columns = [c for c in BEAUTIFY_COLUMNS if c in table.column_names]
     ids = table.column("id").to_pylist()
     statuses = Counter(table.column("status").to_pylist())
     duplicates = sorted(i for i, c in Counter(ids).items() if c > 1)
@@ -196,7 +219,7 @@ def account(cfg: JobConfig, info: InputInfo) -> dict:
     rows_out = len(ids)
     ok = statuses.get("ok", 0)
     failed = statuses.get("error", 0)
-    return {
+    out = {
         "rows_in": info.num_rows,
         "rows_out": rows_out,
         "ok": ok,
@@ -208,6 +231,25 @@ def account(cfg: JobConfig, info: InputInfo) -> dict:
             "num_duplicate_ids": len(duplicates),
         },
     }
+    if beautify_columns:
+        out["beautify"] = beautify_counts(table)
+    return out
+
+
+BEAUTIFY_COLUMNS = ("beautified_prompt", "beautify_error", "beautify_fallback")
+
+
+def beautify_counts(table) -> dict:
+    """How many rows the LLM beautified, how many requests failed, and which prompt was used."""
+    counts = {}
+    if "beautified_prompt" in table.column_names:
+        counts["beautified"] = sum(1 for t in table.column("beautified_prompt").to_pylist() if t)
+    if "beautify_error" in table.column_names:
+        counts["errors"] = sum(1 for e in table.column("beautify_error").to_pylist() if e)
+    if "beautify_fallback" in table.column_names:
+        fallbacks = Counter(table.column("beautify_fallback").to_pylist())
+        counts["fallbacks"] = {str(k): v for k, v in fallbacks.most_common()}
+    return counts
 
 
 def versions() -> dict:
@@ -237,17 +279,26 @@ def _take_over_progress(reporter: Reporter) -> None:
 
 def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
     """Run the job; `reporter` (the CLI's) prints live progress, replacing Ray Data's bars."""
-    from pipelines import text_to_image
+    from pipelines import beautify, text_to_image
 
     started = time.time()
     started_at = datetime.now(UTC).isoformat()
     cfg, info, resumed = preflight(cfg)
+    if resumed and cfg.job == "beautify":
+        raise ConfigError(
+            f"output.uri: {cfg.output.uri} already holds this beautify job; beautify-only jobs "
+            "do not resume: pass --overwrite"
+        )
     init_ray(cfg, resumed)
-    if cfg.model.make_tiny:
+    if cfg.model.make_tiny and cfg.job == "text_to_image":
         # Build once on the driver so local actors find it ready (they would build the same).
         from k3batch.model.tiny import make_tiny
 
         make_tiny(cfg.model.path)
+    if cfg.beautify.enabled and cfg.beautify.make_tiny:
+        from k3batch.model.tiny_llm import make_tiny_llm
+
+        make_tiny_llm(cfg.beautify.model)
     if reporter is not None:
         _take_over_progress(reporter)
     before = set(outputs.record_files(cfg))
@@ -256,15 +307,19 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
         max(info.num_rows - outputs.count_rows(cfg, sorted(before)), 0) if before else info.num_rows
     )
     with Tracker(todo, reporter) as tracker:
-        text_to_image.run(cfg, info.num_rows)
+        if cfg.job == "beautify":
+            beautify.run(cfg)
+        else:
+            text_to_image.run(cfg, info.num_rows)
     # Record files from before that are still there hold rows an earlier run finished (Ray
     # deleted those of writes it had not committed); the new ones hold this run's rows.
     after = outputs.record_files(cfg)
     new = outputs.read_records(cfg, [f for f in after if f not in before], columns=["status"])
     generated = new.num_rows
-    images = new.column("status").to_pylist().count("ok")
+    images = new.column("status").to_pylist().count("ok") if cfg.job == "text_to_image" else 0
     skipped = outputs.count_rows(cfg, [f for f in after if f in before])
-    outputs.finalise(cfg, info.num_rows)
+    if cfg.job == "text_to_image":
+        outputs.finalise(cfg, info.num_rows)
     counts = account(cfg, info)
     wall = time.time() - started
     run = {
@@ -334,8 +389,17 @@ def summary(run: dict, report: str | None = None) -> str:
             f"ACCOUNTING FAILED: rows in {run['rows_in']}, rows out {run['rows_out']}, "
             f"duplicate ids ({acc['num_duplicate_ids']}): {acc['duplicate_ids'][:10]}"
         )
+    if "beautify" in run:
+        b = run["beautify"]
+        fallbacks = ", ".join(f"{k}: {v}" for k, v in b.get("fallbacks", {}).items())
+        lines.append(
+            f"beautified    {b.get('beautified', 0)} (LLM errors {b.get('errors', 0)})"
+            + (f"; prompt used: {fallbacks}" if fallbacks else "")
+        )
     out = run["output"]
-    if run.get("format", "files") == "files":
+    if run["config"].get("job", "text_to_image") != "text_to_image":
+        lines.append(f"prompts       {storage.join(out, 'metadata')}/ (Parquet)")
+    elif run.get("format", "files") == "files":
         lines.append(f"images        {storage.join(out, 'images')}/")
         lines.append(f"metadata      {storage.join(out, 'metadata')}/ (Parquet)")
     else:

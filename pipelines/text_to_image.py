@@ -3,6 +3,8 @@
 read_parquet(input.uri, include_row_hash)
   [CheckpointFilter]    (Ray, on resume) drops rows an earlier run already committed
   -> ValidateStage      (tasks)      ids, per-row settings, bad rows marked
+  [-> beautify, ChoosePromptStage]   when beautify.enabled or input.beautified_prompt_column
+                                     (pipelines/beautify.py): generation reads `prompt_used`
   -> repartition        (streaming)  blocks of one generation batch
   -> GenerateStage      (actor pool) Kandinsky 3, model loaded once per actor
   -> files:      WriteImagesStage  (tasks) OUTPUT/images/<key>.<ext>
@@ -23,6 +25,7 @@ from k3batch.rows import RowRules
 from k3batch.stages.generate import GenerateStage
 from k3batch.stages.validate import ValidateStage
 from k3batch.stages.write import EncodeImagesStage, WriteImagesStage
+from pipelines import beautify
 
 VALIDATE_BATCH_SIZE = 256
 
@@ -46,6 +49,7 @@ def build(cfg: JobConfig):
         batch_size=VALIDATE_BATCH_SIZE,
         num_cpus=0.25,
     )
+    ds, generate_from = beautify.add_to_text_to_image(ds, cfg)
     # An actor pool takes whole blocks, and a Parquet file reads as few large blocks: cut
     # them to one generation batch each (streaming, no shuffle) so every actor gets work.
     ds = ds.repartition(target_num_rows_per_block=res.batch_size)
@@ -56,6 +60,7 @@ def build(cfg: JobConfig):
             "model": cfg.model.model_dump(),
             "decode_batch_size": res.decode_batch_size,
             "torch_threads": res.torch_threads,
+            "prompt_column": generate_from,
         },
         batch_size=res.batch_size,
         num_cpus=res.num_cpus_per_actor,

@@ -188,3 +188,42 @@ def s3_bucket(s3_server, request):
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-b"
     client.create_bucket(Bucket=name)
     return client, name
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory) -> str:
+    from k3batch.model.tiny_llm import make_tiny_llm
+
+    return make_tiny_llm(str(tmp_path_factory.mktemp("models") / "tiny-llm"))
+
+
+@pytest.fixture(scope="session")
+def vllm_env(tmp_path_factory) -> dict:
+    """What a vLLM engine on this 2-core CPU machine needs: a 1 GiB KV cache (its default
+    takes a share of all memory) and a private cache directory."""
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CACHE_ROOT": str(tmp_path_factory.mktemp("vllm-cache")),
+    }
+
+
+def vllm_beautify(llm_dir: str, env: dict, **sampling) -> dict:
+    """A `beautify` config section for the tiny LLM on a CPU vLLM engine (Ray Data LLM).
+
+    Half a CPU per engine: with the generation actor's half, one CPU stays free for the
+    read and the light tasks on a 2-CPU Ray."""
+    return {
+        "enabled": True,
+        "backend": "vllm",
+        "model": llm_dir,
+        "sampling": {"max_tokens": 64, **sampling},
+        "vllm": {
+            "num_gpus_per_engine": 0,
+            "num_cpus_per_engine": 0.5,
+            "max_model_len": 256,
+            "batch_size": 4,
+            "dtype": "float32",
+            "engine_kwargs": {"enforce_eager": True},
+            "env": env,
+        },
+    }

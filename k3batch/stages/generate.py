@@ -53,12 +53,21 @@ class GenerateStage(Stage):
         "uncond_embedding": pa.string(),
     }
 
-    def __init__(self, model: dict, decode_batch_size: int = 1, torch_threads: int | None = None):
+    def __init__(
+        self,
+        model: dict,
+        decode_batch_size: int = 1,
+        torch_threads: int | None = None,
+        prompt_column: str = "prompt",
+    ):
         if torch_threads:
             import torch
 
             torch.set_num_threads(torch_threads)
         self.model_name = f"{model['name']}:{model['path']}"
+        # `prompt_used` when beautification chose the text; `prompt` stays the original.
+        self.prompt_column = prompt_column
+        self.needs = tuple(prompt_column if c == "prompt" else c for c in type(self).needs)
         self.pipe = load_model(model, decode_batch_size)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
@@ -82,7 +91,7 @@ class GenerateStage(Stage):
         for indices in groups.values():
             requests = [
                 Request(
-                    prompt=batch["prompt"][i],
+                    prompt=batch[self.prompt_column][i],
                     negative_prompt=batch["negative_prompt"][i],
                     seed=batch["seed"][i],
                     width=batch["width"][i],

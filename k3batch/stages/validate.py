@@ -17,6 +17,8 @@ OUTPUT_ONLY_COLUMNS = (
     "generate_seconds",
     "uncond_embedding",
     "image_rgb",
+    "prompt_used",
+    "beautify_fallback",
 )
 # Added by ray.data.read_parquet(include_row_hash=True) and kept to the end: it is the id
 # Ray's checkpoint records for resume (see k3batch.resume).
