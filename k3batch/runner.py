@@ -85,8 +85,19 @@ def inspect_input(cfg: JobConfig) -> InputInfo:
 
 
 def check_model(cfg: JobConfig) -> None:
-    path = cfg.model.path
-    if cfg.model.make_tiny or os.path.isdir(path):
+    from k3batch.model import family
+
+    m = cfg.model
+    path = m.path
+    if m.make_tiny:
+        return
+    if os.path.isdir(path):
+        missing = family.missing_files(path, m.name, m.refine, m.layout)
+        if missing:
+            raise ConfigError(
+                f"model.path: {path} has no {', '.join(missing)} for model.name={m.name}"
+                + (" with model.refine" if m.refine else "")
+            )
         return
     if os.path.exists(path) or not _HF_REPO_ID.match(path):
         raise ConfigError(
@@ -152,7 +163,7 @@ def account(cfg: JobConfig, info: InputInfo) -> dict:
     fs, root = storage.filesystem(storage.join(cfg.output.uri, "metadata"))
     files = sorted(f for f in fs.find(root) if f.endswith(".parquet"))
     table = pads.dataset(files, filesystem=fs, format="parquet").to_table(
-        columns=["id", "status", "error"]
+        columns=["id", "status", "error", "warning"]
     )
     ids = table.column("id").to_pylist()
     statuses = Counter(table.column("status").to_pylist())
@@ -162,6 +173,11 @@ def account(cfg: JobConfig, info: InputInfo) -> dict:
         if err:
             for part in err.split("; "):
                 errors_by_field[part.split(":", 1)[0]] += 1
+    warnings_by_field = Counter()
+    for warning in table.column("warning").to_pylist():
+        if warning:
+            for part in warning.split("; "):
+                warnings_by_field[part.split(":", 1)[0]] += 1
     rows_out = len(ids)
     ok = statuses.get("ok", 0)
     failed = statuses.get("error", 0)
@@ -171,6 +187,7 @@ def account(cfg: JobConfig, info: InputInfo) -> dict:
         "ok": ok,
         "error": failed,
         "errors_by_field": dict(errors_by_field.most_common()),
+        "warnings_by_field": dict(warnings_by_field.most_common()),
         "accounting": {
             "ok": rows_out == info.num_rows and ok + failed == rows_out and not duplicates,
             "duplicate_ids": duplicates[:100],
@@ -202,7 +219,9 @@ def run_job(cfg: JobConfig) -> RunResult:
         # Build once on the driver so local actors find it ready (they would build the same).
         from k3batch.model.tiny import make_tiny
 
-        make_tiny(cfg.model.path)
+        make_tiny(
+            cfg.model.path, layout="reference" if cfg.model.layout == "reference" else "diffusers"
+        )
     text_to_image.run(cfg)
     counts = account(cfg, info)
     wall = time.time() - started
@@ -234,6 +253,9 @@ def summary(run: dict) -> str:
     if run["errors_by_field"]:
         kinds = ", ".join(f"{k}: {v}" for k, v in run["errors_by_field"].items())
         lines.append(f"errors by     {kinds}")
+    if run.get("warnings_by_field"):
+        kinds = ", ".join(f"{k}: {v}" for k, v in run["warnings_by_field"].items())
+        lines.append(f"warnings by   {kinds} (see the metadata's `warning` column)")
     if not run["accounting"]["ok"]:
         acc = run["accounting"]
         lines.append(

@@ -1,7 +1,9 @@
-"""Text-to-image job: Parquet prompts -> validate -> generate -> encode/write -> metadata.
+"""The generation job for every family member (text-to-image, image-to-image, inpainting,
+Flash): Parquet rows -> validate -> read input images -> generate -> encode/write -> metadata.
 
 read_parquet(input.uri)
   -> ValidateStage      (tasks)      ids, per-row settings, bad rows marked
+  -> PrepareImagesStage (tasks)      rows with `image`/`mask`: read, size as the reference
   -> repartition        (streaming)  blocks of one generation batch
   -> GenerateStage      (actor pool) Kandinsky 3, model loaded once per actor
   -> WriteImagesStage   (tasks, CPU) OUTPUT/images/<key>.<ext>
@@ -10,15 +12,19 @@ read_parquet(input.uri)
 
 from __future__ import annotations
 
+import os
+
 from k3batch import storage
 from k3batch.config import JobConfig
 from k3batch.dataflow import map_stage
 from k3batch.rows import RowRules
 from k3batch.stages.generate import GenerateStage
+from k3batch.stages.prepare import PrepareImagesStage
 from k3batch.stages.validate import ValidateStage
 from k3batch.stages.write import WriteImagesStage
 
 VALIDATE_BATCH_SIZE = 256
+PREPARE_BATCH_SIZE = 16  # decoded images are large; keep task batches small
 
 
 def build(cfg: JobConfig):
@@ -31,12 +37,20 @@ def build(cfg: JobConfig):
         ds,
         ValidateStage,
         {
-            "rules": RowRules.from_config(cfg.generation, cfg.limits),
+            "rules": RowRules.from_config(cfg.generation, cfg.limits, cfg.model.name),
             "prompt_column": cfg.input.prompt_column,
             "id_column": cfg.input.id_column,
         },
         batch_size=VALIDATE_BATCH_SIZE,
         num_cpus=0.25,
+    )
+    # Image reads and resizes stay off the GPU actors; rows without an image pass through.
+    ds = map_stage(
+        ds,
+        PrepareImagesStage,
+        {"max_side": cfg.limits.max_side, "base_dir": os.getcwd()},
+        batch_size=PREPARE_BATCH_SIZE,
+        num_cpus=res.write_num_cpus,
     )
     # An actor pool takes whole blocks, and a Parquet file reads as few large blocks: cut
     # them to one generation batch each (streaming, no shuffle) so every actor gets work.

@@ -107,4 +107,3 @@ def convert(
             indent=2,
         )
     return [m.name for m in found]
-

@@ -138,7 +138,9 @@ def _load_diffusers(path, members, dtypes, devices, variant) -> Components:
     for m in members:
         unet = (
             unet_class(m)
-            .from_pretrained(path, subfolder=m.unet_folder, torch_dtype=dtypes["unet"], variant=variant)
+            .from_pretrained(
+                path, subfolder=m.unet_folder, torch_dtype=dtypes["unet"], variant=variant
+            )
             .to(devices["unet"])
         )
         null = _diffusers_null_embedding(path, m.unet_folder)
@@ -204,9 +206,7 @@ def cast(model: nn.Module, device, dtype) -> nn.Module:
 def reference_unet(root: str, member: family.Member, text_dim: int | None = None):
     """(Kandinsky3UNet on CPU in float32, null_embedding) from a reference-layout member."""
     ckpt = load_pickle(os.path.join(root, member.reference_file))
-    projection = load_pickle(
-        os.path.join(root, family.REFERENCE_TEXT_DIR, member.projection_file)
-    )
+    projection = load_pickle(os.path.join(root, family.REFERENCE_TEXT_DIR, member.projection_file))
     state = keymap.unet_state_to_diffusers(ckpt["unet"], projection)
     config = {**REFERENCE_UNET_CONFIG, **family.read_reference_config(root).get("unet", {})}
     config["in_channels"] = member.in_channels

@@ -296,7 +296,9 @@ def _write_reference(root: str, parts: dict) -> None:
     for name, (unet, null) in parts["unets"].items():
         member = family.MEMBERS[name]
         ref_unet, projection = keymap.unet_state_to_reference(unet.state_dict())
-        torch.save({"unet": ref_unet, "null_embedding": null}, os.path.join(weights, member.reference_file))
+        torch.save(
+            {"unet": ref_unet, "null_embedding": null}, os.path.join(weights, member.reference_file)
+        )
         torch.save(projection, os.path.join(text_dir, member.projection_file))
     levels = len(TINY_MOVQ["block_out_channels"])
     movq_state = keymap.movq_state_to_reference(parts["movq"].state_dict(), levels)

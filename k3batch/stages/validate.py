@@ -17,6 +17,9 @@ OUTPUT_ONLY_COLUMNS = (
     "generate_seconds",
     "uncond_embedding",
     "image_rgb",
+    "warning",
+    "source_rgb",
+    "keep_mask",
 )
 ROW_HASH = "row_hash"  # added by ray.data.read_parquet(include_row_hash=True)
 
@@ -31,8 +34,10 @@ class ValidateStage(Stage):
         "height": pa.int64(),
         "num_inference_steps": pa.int64(),
         "guidance_scale": pa.float64(),
+        "strength": pa.float64(),
         "status": pa.string(),
         "error": pa.string(),
+        "warning": pa.string(),
     }
     drops = (ROW_HASH,)
 
@@ -41,7 +46,7 @@ class ValidateStage(Stage):
         self.prompt_column = prompt_column
         self.id_column = id_column
         self.needs = (prompt_column,)
-        self.optional = (id_column, ROW_HASH, *rows.OVERRIDE_COLUMNS)
+        self.optional = (id_column, ROW_HASH, *rows.OVERRIDE_COLUMNS, *rows.IMAGE_COLUMNS)
 
     def prepare(self, table: pa.Table) -> pa.Table:
         names = [f"input_{c}" if c in OUTPUT_ONLY_COLUMNS else c for c in table.column_names]
