@@ -208,7 +208,7 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
     elif rules.model == INPAINT:
         for name in IMAGE_COLUMNS:
             if raw.get(name) is None:
-                errors.append(f"{name}: missing (null); kandinsky3-inpaint needs image and mask")
+                errors.append(f"{name}: missing (null), kandinsky3-inpaint needs image and mask")
     elif raw.get("mask") is not None:
         errors.append(f"mask: only kandinsky3-inpaint takes a mask, got {show(raw.get('mask'))}")
     has_image = image is not None and rules.model != FLASH

@@ -322,7 +322,7 @@ class Kandinsky3:
 
     def _inpaint(self, requests, cond, generators, shape):
         image = self._pixels(requests)
-        keep = torch.stack([torch.from_numpy(np.asarray(r.mask, np.float32)) for r in requests])
+        keep = torch.stack([torch.from_numpy(np.array(r.mask, dtype=np.float32)) for r in requests])
         keep = keep.unsqueeze(1).to(image.device)
         # As the reference: zero the repaint area (any pixel whose keep value is below 1),
         # MoVQ-encode, and nearest-resize the keep-mask to latent size.
@@ -342,7 +342,7 @@ class Kandinsky3:
 
     def _pixels(self, requests) -> torch.Tensor:
         """Input images as the reference's ToTensor()*2-1: float32 in [-1, 1], NCHW."""
-        images = [torch.from_numpy(np.ascontiguousarray(r.image)) for r in requests]
+        images = [torch.from_numpy(np.array(r.image, dtype=np.uint8)) for r in requests]
         x = torch.stack(images).permute(0, 3, 1, 2).float().div(255)
         return (x * 2 - 1).to(next(self.movq.parameters()).device)
 

@@ -108,7 +108,7 @@ class PrepareImagesStage(Stage):
             if asked is not None and asked != derived:
                 raise RowFailure(
                     f"{name}: {asked} differs from the size derived from the image "
-                    f"({w0}x{h0} -> {width}x{height}); leave width/height empty for image rows"
+                    f"({w0}x{h0} -> {width}x{height}), leave width/height empty for image rows"
                 )
         if mask_source is not None:
             mask_image = self._open("mask", mask_source)
