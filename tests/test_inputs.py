@@ -247,3 +247,34 @@ def test_inpaint_rows_through_validate_prepare_generate(inpaint_stage, files):
     assert out["uncond_embedding"][0] == "null_embedding"
     # The same image as a URI and as bytes with different prompts and seeds: different results.
     assert out["image_rgb"][0] != out["image_rgb"][1]
+
+
+# ------------------------------------------------------------------ pre-flight
+def test_preflight_names_the_missing_member_files(tmp_path):
+    from k3batch.runner import check_model
+
+    for sub in ("tokenizer", "text_encoder", "movq", "unet"):
+        (tmp_path / "diff" / sub).mkdir(parents=True)
+    ref = tmp_path / "ref" / "weights"
+    (ref / "flan_ul2_encoder").mkdir(parents=True)
+    for name in ("movq.pt", "kandinsky3.pt", "flan_ul2_encoder/projection.pt"):
+        (ref / name).write_bytes(b"")
+
+    def check(path, **model):
+        data = {
+            "input": {"uri": "x"},
+            "output": {"uri": "y"},
+            "model": {"path": str(path), **model},
+        }
+        check_model(load_config(data=data))
+
+    check(tmp_path / "diff")
+    check(tmp_path / "ref")
+    with pytest.raises(
+        ConfigError, match="has no unet_flash for model.name=kandinsky3 with model.refine"
+    ):
+        check(tmp_path / "diff", refine=True)
+    with pytest.raises(
+        ConfigError, match="kandinsky3_inpainting.pt, flan_ul2_encoder/projection_inpainting.pt"
+    ):
+        check(tmp_path / "ref", name="kandinsky3-inpaint")

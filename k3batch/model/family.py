@@ -100,10 +100,14 @@ def detect_layout(path: str, layout: str = "auto") -> str:
         return layout
     if os.path.isdir(path):
         return LAYOUT_REFERENCE if reference_root(path) else LAYOUT_DIFFUSERS
-    from huggingface_hub import file_exists
+    from huggingface_hub import file_exists, try_to_load_from_cache
 
     ref_file = f"{REFERENCE_WEIGHTS_DIR}/{REFERENCE_MOVQ_FILE}"
-    return LAYOUT_REFERENCE if file_exists(path, ref_file) else LAYOUT_DIFFUSERS
+    try:
+        found = file_exists(path, ref_file)
+    except Exception:  # noqa: BLE001 - offline (HF_HUB_OFFLINE) or unreachable: ask the cache
+        found = isinstance(try_to_load_from_cache(path, ref_file), str)
+    return LAYOUT_REFERENCE if found else LAYOUT_DIFFUSERS
 
 
 def missing_files(path: str, name: str, refine: bool, layout: str = "auto") -> list[str]:

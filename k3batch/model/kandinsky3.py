@@ -35,12 +35,9 @@ from torch import nn
 
 from k3batch.model import family
 from k3batch.model import text as textmod
-from k3batch.model.loading import DTYPES, resolve_device  # noqa: F401 - re-exported
 from k3batch.model.schedule import DiffusionSchedule, base_timesteps
 
 log = logging.getLogger(__name__)
-
-BASE_THRESHOLD_PERCENTILE = family.MEMBERS[family.BASE].threshold_percentile
 
 KIND_TEXT = "text-to-image"
 KIND_IMAGE = "image-to-image"
