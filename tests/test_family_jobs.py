@@ -1,6 +1,5 @@
 """Whole jobs for the family's other members on local Ray with the tiny models."""
 
-import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -62,26 +61,6 @@ def test_inpaint_job_on_the_shipped_example_with_bad_rows(ray_local, tmp_path, t
             assert image.size == size
     assert result.run["errors_by_field"] == {"image": 1, "mask": 2}
     assert "source_rgb" not in meta["inpaint-house"] and "keep_mask" not in meta["inpaint-house"]
-
-
-def test_flash_job_reports_what_it_ignores(ray_local, tmp_path, tiny_dir):
-    table = pa.table(
-        {
-            "prompt": ["a red cat", "a blue dog", "an owl"],
-            "negative_prompt": ["blurry", None, None],
-            "guidance_scale": pa.array([None, 7.0, None], pa.float64()),
-        }
-    )
-    cfg = {"name": "kandinsky3-flash"}
-    result = run(tmp_path, table, tiny_dir, model=cfg, generation={"num_inference_steps": None})
-    meta = read_metadata(tmp_path / "out")
-    assert result.ok and [m["status"] for m in meta] == ["ok"] * 3
-    assert all(m["num_inference_steps"] == 4 and m["guidance_scale"] is None for m in meta)
-    assert {m["uncond_embedding"] for m in meta} == {"none"}
-    run_json = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert run_json["warnings_by_field"] == {"negative_prompt": 1, "guidance_scale": 1}
-    warned = [m for m in meta if m["warning"]]
-    assert len(warned) == 2 and all("kandinsky3-flash" in m["warning"] for m in warned)
 
 
 def test_refined_base_job_with_text_and_image_rows(ray_local, tmp_path, tiny_dir):

@@ -278,3 +278,38 @@ def test_preflight_names_the_missing_member_files(tmp_path):
         ConfigError, match="kandinsky3_inpainting.pt, flan_ul2_encoder/projection_inpainting.pt"
     ):
         check(tmp_path / "ref", name="kandinsky3-inpaint")
+
+
+def test_flash_rows_through_validate_and_generate_report_what_flash_ignores(tiny_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from k3batch.runner import InputInfo, account
+
+    rules = RowRules(width=64, height=64, num_inference_steps=4, model="kandinsky3-flash")
+    batch = {
+        "prompt": ["a red cat", "a blue dog", "an owl"],
+        "row_hash": [1, 2, 3],
+        "negative_prompt": ["blurry", None, None],
+        "guidance_scale": [None, 7.0, None],
+    }
+    batch = {**batch, **ValidateStage(rules)(batch)}
+    stage = GenerateStage(
+        {"name": "kandinsky3-flash", "path": tiny_dir, "dtype": FP32, "device": "cpu"}
+    )
+    out = {**batch, **stage(batch)}
+    assert out["status"] == ["ok"] * 3
+    assert out["num_inference_steps"] == [4] * 3 and out["guidance_scale"] == [None] * 3
+    assert out["uncond_embedding"] == ["none"] * 3 and out["negative_prompt"] == [None] * 3
+    assert out["warning"][0].startswith("negative_prompt: ignored by kandinsky3-flash")
+    assert out["warning"][1].startswith("guidance_scale: ignored by kandinsky3-flash")
+    assert out["warning"][2] is None
+    # run.json counts warnings by field, from the written metadata
+    meta = tmp_path / "out" / "metadata"
+    meta.mkdir(parents=True)
+    columns = {k: out[k] for k in ("id", "status", "error", "warning")}
+    pq.write_table(pa.table(columns), meta / "part.parquet")
+    data = {"input": {"uri": "x"}, "output": {"uri": str(tmp_path / "out")}}
+    counts = account(load_config(data=data), InputInfo(files=[], columns=[], num_rows=3))
+    assert counts["warnings_by_field"] == {"negative_prompt": 1, "guidance_scale": 1}
+    assert counts["accounting"]["ok"]
