@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=_run)
 
-    tiny = sub.add_parser("make-tiny", help="write a tiny random-weight Kandinsky 3 checkpoint")
+    tiny = sub.add_parser(
+        "make-tiny", help="write a tiny random-weight Kandinsky 3 family checkpoint"
+    )
     tiny.add_argument("dir", help="directory to write")
     tiny.add_argument(
         "--layout",
