@@ -95,8 +95,23 @@ def _make_tiny(args) -> int:
         return 0
     from k3batch.model.tiny import make_tiny
 
-    path = make_tiny(args.dir, null_embedding=not args.no_null_embedding, overwrite=True)
-    print(f"tiny Kandinsky 3 checkpoint (diffusers layout) written to {path}")
+    path = make_tiny(
+        args.dir, null_embedding=not args.no_null_embedding, overwrite=True, layout=args.layout
+    )
+    print(f"tiny Kandinsky 3 family checkpoint ({args.layout} layout) written to {path}")
+    return 0
+
+
+def _convert(args) -> int:
+    from k3batch.model.convert import convert
+
+    members = args.members.split(",") if args.members else None
+    try:
+        written = convert(args.src, args.dst, members, args.dtype, args.overwrite)
+    except (FileNotFoundError, FileExistsError, KeyError) as e:
+        print(f"k3batch convert: {e}", file=sys.stderr)
+        return 2
+    print(f"converted {', '.join(written)} from {args.src} to {args.dst} (diffusers layout)")
     return 0
 
 
@@ -215,11 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser(
         "make-tiny", help="write a tiny random-weight Kandinsky 3 checkpoint (or LLM: --llm)"
     )
-    tiny.add_argument("dir", help="directory to write (diffusers layout)")
+    tiny.add_argument("dir", help="directory to write")
+    tiny.add_argument(
+        "--layout",
+        choices=["diffusers", "reference"],
+        default="diffusers",
+        help="k3batch's diffusers family layout (default) or ai-forever/Kandinsky3.1's weights/",
+    )
     tiny.add_argument(
         "--no-null-embedding",
         action="store_true",
-        help="leave out unet/null_embedding.safetensors, like kandinsky-community/kandinsky-3",
+        help="leave out the null embeddings, like kandinsky-community/kandinsky-3 "
+        "(diffusers layout)",
     )
     tiny.add_argument(
         "--llm",
@@ -266,6 +288,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the Kandinsky 3.1 beautification chat template (for vllm serve --chat-template)",
     )
     template.set_defaults(func=_chat_template)
+
+    conv = sub.add_parser(
+        "convert",
+        help="convert a reference-layout checkpoint (ai-forever/Kandinsky3.1) to k3batch's "
+        "diffusers family layout in safetensors",
+    )
+    conv.add_argument("src", help="reference checkpoint: a directory with weights/, or a repo id")
+    conv.add_argument("dst", help="directory to write (diffusers family layout)")
+    conv.add_argument(
+        "--members",
+        help="comma-separated subset of kandinsky3,kandinsky3-flash,kandinsky3-inpaint "
+        "(default: every member found)",
+    )
+    conv.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="cast the weights when writing (default: keep the source's dtype)",
+    )
+    conv.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    conv.set_defaults(func=_convert)
 
     config = sub.add_parser("config", help="validate and print a config, or print the JSON schema")
     config.add_argument("config", nargs="?", help="job config (YAML)")

@@ -57,38 +57,80 @@ class DtypeMap(Strict):
     movq: Dtype = Field("float32", description="MoVQ decoder.")
 
 
+def _check_device(v: str) -> str:
+    if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+        raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}")
+    return v
+
+
+class DeviceMap(Strict):
+    """Per-component devices, as the `device_map` of the Kandinsky 3 README."""
+
+    unet: str = Field("auto", description="Device of the UNet(s) and the sampler.")
+    text_encoder: str = Field(
+        "auto", description="Device of the T5 encoder (its projection runs with the UNet)."
+    )
+    movq: str = Field("auto", description="Device of the MoVQ encoder/decoder.")
+
+    @field_validator("unet", "text_encoder", "movq")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return _check_device(v)
+
+
 class ModelConfig(Strict):
-    name: Literal["kandinsky3"] = Field(
+    name: Literal["kandinsky3", "kandinsky3-flash", "kandinsky3-inpaint"] = Field(
         "kandinsky3",
-        description="Model family member. `kandinsky3`: Kandinsky 3 base text-to-image.",
+        description="Family member. `kandinsky3`: base text-to-image (and image-to-image for "
+        "rows with an `image`); `kandinsky3-flash`: Kandinsky 3.1 Flash, 4 fixed steps, no "
+        "guidance; `kandinsky3-inpaint`: inpainting, rows carry `image` and `mask`.",
     )
     path: str = Field(
         "kandinsky-community/kandinsky-3",
-        description="Diffusers-layout checkpoint: a Hugging Face repo id or a local directory "
-        "with unet/, text_encoder/, tokenizer/ and movq/.",
+        description="Checkpoint: a Hugging Face repo id or a local directory, in k3batch's "
+        "diffusers family layout (tokenizer/, text_encoder/, movq/ and unet/, unet_flash/ or "
+        "unet_inpaint/; `k3batch convert` writes it) or the reference layout of "
+        "ai-forever/Kandinsky3.1 (weights/*.pt).",
+    )
+    layout: Literal["auto", "diffusers", "reference"] = Field(
+        "auto",
+        description="Weight layout of `path`; `auto` detects it (a local directory by its files, "
+        "a repo id by whether it has weights/movq.pt).",
     )
     variant: str | None = Field(
         None,
-        description="Weight file variant to load, e.g. `fp16` for kandinsky-community/kandinsky-3.",
+        description="Weight file variant to load (diffusers layout), e.g. `fp16` for "
+        "kandinsky-community/kandinsky-3.",
+    )
+    refine: bool = Field(
+        False,
+        description="Base jobs only: after sampling, run one Kandinsky 3.1 Flash step at t=229 on "
+        "the latent (the 3.1 release's refiner). Loads the Flash UNet too; the T5 encoder "
+        "is shared.",
     )
     make_tiny: bool = Field(
         False,
-        description="Build a tiny random-weight checkpoint of the same architecture at `path` "
-        "when none is there (demo and tests; never use for real images).",
+        description="Build a tiny random-weight checkpoint of the whole family at `path` (in "
+        "`layout`, diffusers when auto) when none is there (demo and tests; never use for real "
+        "images).",
     )
     dtype: DtypeMap = Field(default_factory=DtypeMap, description="Dtype per component.")
-    device: str = Field(
+    device: str | DeviceMap = Field(
         "auto",
-        description="Torch device for all components: `auto` (CUDA when the actor has a GPU, "
-        "else CPU), `cpu`, `cuda` or `cuda:N`.",
+        description="Torch device for all components (`auto`: CUDA when the actor has a GPU, "
+        "else CPU; `cpu`, `cuda` or `cuda:N`), or a mapping per component "
+        "{unet, text_encoder, movq}.",
     )
 
     @field_validator("device")
     @classmethod
-    def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
-            raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}")
-        return v
+    def _device(cls, v):
+        return _check_device(v) if isinstance(v, str) else v
+
+    def device_map(self) -> dict[str, str]:
+        if isinstance(self.device, str):
+            return {c: self.device for c in ("unet", "text_encoder", "movq")}
+        return self.device.model_dump()
 
 
 def _multiple_of_64(v: int) -> int:
@@ -100,14 +142,26 @@ def _multiple_of_64(v: int) -> int:
 class GenerationConfig(Strict):
     """Defaults for every row; optional input columns of the same names override them."""
 
-    num_inference_steps: int = Field(
-        50,
+    num_inference_steps: int | None = Field(
+        None,
         ge=1,
         le=1000,
-        description="Denoising steps (reference spacing range(999, 0, -1000//steps)).",
+        description="Denoising steps (reference spacing range(999, 0, -1000//steps)); null = "
+        "the model's default (50). Flash always runs its 4 fixed steps.",
     )
-    guidance_scale: float = Field(
-        3.0, ge=0, description="Classifier-free guidance weight w in (w+1)*cond - w*uncond."
+    guidance_scale: float | None = Field(
+        None,
+        ge=0,
+        description="Classifier-free guidance weight w in (w+1)*cond - w*uncond; null = the "
+        "model's default (3.0 base, 4.0 inpainting). Flash uses no guidance.",
+    )
+    strength: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="Image-to-image rows (base model, rows with an `image`): how far the input "
+        "is noised; the last int(steps * strength) timesteps run (diffusers' rule and "
+        "default). Near 0 returns the input, 1 ignores it.",
     )
     width: int = Field(1024, description="Image width in pixels, a multiple of 64.")
     height: int = Field(1024, description="Image height in pixels, a multiple of 64.")
@@ -129,8 +183,8 @@ class GenerationConfig(Strict):
 
     @field_validator("guidance_scale")
     @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
             raise ValueError("must be finite")
         return v
 
@@ -374,6 +428,41 @@ class JobConfig(Strict):
                 "input.beautified_prompt_column reads prompts beautified earlier; it cannot be "
                 "combined with beautify.enabled (which runs the LLM again)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _model_settings(self) -> JobConfig:
+        """Model-specific checks, then null generation defaults become the model's own."""
+        from k3batch.model import family
+
+        g, m = self.generation, self.model
+        member = family.MEMBERS[m.name]
+        if m.refine and m.name != family.BASE:
+            raise ValueError(f"model.refine: works on kandinsky3 (base) jobs, not {m.name}")
+        if m.name == family.FLASH:
+            # Flash has no guidance and fixed timesteps: settings that would not be used are
+            # reported here rather than silently dropped.
+            if g.negative_prompt is not None:
+                raise ValueError(
+                    f"generation.negative_prompt: kandinsky3-flash uses no guidance, so a "
+                    f"negative prompt has no effect (got {g.negative_prompt!r}); remove it"
+                )
+            if g.guidance_scale is not None:
+                raise ValueError(
+                    f"generation.guidance_scale: kandinsky3-flash uses no guidance "
+                    f"(got {g.guidance_scale!r}); remove it"
+                )
+            if g.num_inference_steps not in (None, len(family.FLASH_TIMESTEPS)):
+                raise ValueError(
+                    f"generation.num_inference_steps: kandinsky3-flash always runs 4 steps at "
+                    f"{list(family.FLASH_TIMESTEPS)} (got {g.num_inference_steps!r}); remove it"
+                )
+            g.num_inference_steps = len(family.FLASH_TIMESTEPS)
+        else:
+            if g.num_inference_steps is None:
+                g.num_inference_steps = member.num_inference_steps
+            if g.guidance_scale is None:
+                g.guidance_scale = member.guidance_scale
         return self
 
     @model_validator(mode="after")

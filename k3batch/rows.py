@@ -24,7 +24,13 @@ OVERRIDE_COLUMNS = (
     "height",
     "num_inference_steps",
     "guidance_scale",
+    "strength",
 )
+# Optional input columns of image-to-image and inpainting rows: a URI or raw bytes each.
+IMAGE_COLUMNS = ("image", "mask")
+
+BASE, FLASH, INPAINT = "kandinsky3", "kandinsky3-flash", "kandinsky3-inpaint"
+FLASH_STEPS = 4
 MAX_SEED = 2**64 - 1
 _SHOWN_CHARS = 60
 
@@ -38,14 +44,18 @@ class RowRules:
     width: int = 1024
     height: int = 1024
     num_inference_steps: int = 50
-    guidance_scale: float = 3.0
+    guidance_scale: float | None = 3.0
+    strength: float = 0.3
+    model: str = BASE
     max_side: int = 2048
     max_num_inference_steps: int = 1000
     max_prompt_chars: int = 20000
 
     @classmethod
-    def from_config(cls, generation, limits) -> RowRules:
+    def from_config(cls, generation, limits, model_name: str = BASE) -> RowRules:
         return cls(
+            model=model_name,
+            strength=generation.strength,
             negative_prompt=generation.negative_prompt,
             seed=generation.seed,
             width=generation.width,
@@ -174,6 +184,11 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
             raise RowError(f"guidance_scale: must be >= 0, got {v}")
         return v
 
+    def strength_check(v):
+        if not (math.isfinite(v) and 0 < v <= 1):
+            raise RowError(f"strength: must be in (0, 1], got {v}")
+        return v
+
     def seed_check(v):
         if v == -1:
             return v
@@ -181,10 +196,64 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
             raise RowError(f"seed: must be -1 or in [0, 2**64), got {v}")
         return v
 
-    out["width"] = field("width", _as_int, side("width"))
-    out["height"] = field("height", _as_int, side("height"))
-    out["num_inference_steps"] = field("num_inference_steps", _as_int, steps)
-    out["guidance_scale"] = field("guidance_scale", _as_float, guidance)
+    warnings: list[str] = []
+    image = _source(raw, "image", errors)
+    _source(raw, "mask", errors)
+    if rules.model == FLASH:
+        for name in IMAGE_COLUMNS:
+            if raw.get(name) is not None:
+                errors.append(
+                    f"{name}: kandinsky3-flash is text-to-image only, got {show(raw.get(name))}"
+                )
+    elif rules.model == INPAINT:
+        for name in IMAGE_COLUMNS:
+            if raw.get(name) is None:
+                errors.append(f"{name}: missing (null), kandinsky3-inpaint needs image and mask")
+    elif raw.get("mask") is not None:
+        errors.append(f"mask: only kandinsky3-inpaint takes a mask, got {show(raw.get('mask'))}")
+    has_image = image is not None and rules.model != FLASH
+
+    if has_image:
+        # The size follows the input image (the reference's resize); an explicit size is
+        # checked against it once the image is read (PrepareImagesStage).
+        out["width"] = None if raw.get("width") is None else field("width", _as_int, side("width"))
+        out["height"] = (
+            None if raw.get("height") is None else field("height", _as_int, side("height"))
+        )
+    else:
+        out["width"] = field("width", _as_int, side("width"))
+        out["height"] = field("height", _as_int, side("height"))
+
+    if rules.model == FLASH:
+        # Flash has fixed timesteps and no guidance: per-row values are reported, not used.
+        for name, used in (
+            ("negative_prompt", None),
+            ("guidance_scale", 0.0),
+            ("num_inference_steps", FLASH_STEPS),
+        ):
+            value = raw.get(name)
+            if (
+                value is not None
+                and value != used
+                and not (name == "negative_prompt" and not value)
+            ):
+                warnings.append(
+                    f"{name}: ignored by kandinsky3-flash (no guidance, 4 fixed steps), got {show(value)}"
+                )
+        out["negative_prompt"] = None
+        out["num_inference_steps"] = FLASH_STEPS
+        out["guidance_scale"] = None
+    else:
+        out["num_inference_steps"] = field("num_inference_steps", _as_int, steps)
+        out["guidance_scale"] = field("guidance_scale", _as_float, guidance)
+
+    out["strength"] = None
+    if raw.get("strength") is not None and not (rules.model == BASE and has_image):
+        warnings.append(
+            f"strength: ignored, only image-to-image rows (kandinsky3 with an image) use it, got {show(raw.get('strength'))}"
+        )
+    elif rules.model == BASE and has_image:
+        out["strength"] = field("strength", _as_float, strength_check)
 
     if raw.get("seed") is None:
         seed = pick_seed() if rules.seed == -1 else derive_seed(rules.seed, out["id"])
@@ -196,7 +265,27 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
 
     out["status"] = STATUS_ERROR if errors else STATUS_OK
     out["error"] = "; ".join(errors) if errors else None
+    out["warning"] = "; ".join(warnings) if warnings else None
     return out
+
+
+def _source(raw: dict, name: str, errors: list[str]):
+    """An image or mask column's value: a non-empty URI string or non-empty raw bytes."""
+    value = raw.get(name)
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        if not value:
+            errors.append(f"{name}: empty bytes")
+            return None
+        return value
+    if isinstance(value, str):
+        if not value.strip():
+            errors.append(f"{name}: empty URI, got {show(value)}")
+            return None
+        return value
+    errors.append(f"{name}: expected a URI or raw bytes, got {show(value)}")
+    return None
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")

@@ -106,8 +106,19 @@ def check_model(cfg: JobConfig) -> None:
             )
     if cfg.job == "beautify":
         return  # no diffusion model involved
-    path = cfg.model.path
-    if cfg.model.make_tiny or os.path.isdir(path):
+    from k3batch.model import family
+
+    m = cfg.model
+    path = m.path
+    if m.make_tiny:
+        return
+    if os.path.isdir(path):
+        missing = family.missing_files(path, m.name, m.refine, m.layout)
+        if missing:
+            raise ConfigError(
+                f"model.path: {path} has no {', '.join(missing)} for model.name={m.name}"
+                + (" with model.refine" if m.refine else "")
+            )
         return
     if os.path.exists(path) or not _HF_REPO_ID.match(path):
         raise ConfigError(
@@ -205,7 +216,10 @@ def account(cfg: JobConfig, info: InputInfo) -> dict:
     """Rows in = rows out = ok + error, no id twice: read back from the written records
     (across every run into this output, each row once)."""
     table = outputs.read_records(
-        cfg, outputs.record_files(cfg), columns=["id", "status", "error"], optional=BEAUTIFY_COLUMNS
+        cfg,
+        outputs.record_files(cfg),
+        columns=["id", "status", "error"],
+        optional=(*BEAUTIFY_COLUMNS, "warning"),
     )
     beautify_columns = [c for c in BEAUTIFY_COLUMNS if c in table.column_names]
     ids = table.column("id").to_pylist()
@@ -216,6 +230,12 @@ def account(cfg: JobConfig, info: InputInfo) -> dict:
         if err:
             for part in err.split("; "):
                 errors_by_field[part.split(":", 1)[0]] += 1
+    warnings_by_field = Counter()
+    warnings = table.column("warning").to_pylist() if "warning" in table.column_names else []
+    for warning in warnings:
+        if warning:
+            for part in warning.split("; "):
+                warnings_by_field[part.split(":", 1)[0]] += 1
     rows_out = len(ids)
     ok = statuses.get("ok", 0)
     failed = statuses.get("error", 0)
@@ -225,6 +245,7 @@ def account(cfg: JobConfig, info: InputInfo) -> dict:
         "ok": ok,
         "error": failed,
         "errors_by_field": dict(errors_by_field.most_common()),
+        "warnings_by_field": dict(warnings_by_field.most_common()),
         "accounting": {
             "ok": rows_out == info.num_rows and ok + failed == rows_out and not duplicates,
             "duplicate_ids": duplicates[:100],
@@ -294,7 +315,9 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
         # Build once on the driver so local actors find it ready (they would build the same).
         from k3batch.model.tiny import make_tiny
 
-        make_tiny(cfg.model.path)
+        make_tiny(
+            cfg.model.path, layout="reference" if cfg.model.layout == "reference" else "diffusers"
+        )
     if cfg.beautify.enabled and cfg.beautify.make_tiny:
         from k3batch.model.tiny_llm import make_tiny_llm
 
@@ -383,6 +406,9 @@ def summary(run: dict, report: str | None = None) -> str:
     if run.get("stages"):
         busy = ", ".join(f"{n} {s['busy_seconds']:.1f} s" for n, s in run["stages"].items())
         lines.append(f"stage time    {busy} (busy, summed over workers)")
+    if run.get("warnings_by_field"):
+        kinds = ", ".join(f"{k}: {v}" for k, v in run["warnings_by_field"].items())
+        lines.append(f"warnings by   {kinds} (see the metadata's `warning` column)")
     if not run["accounting"]["ok"]:
         acc = run["accounting"]
         lines.append(

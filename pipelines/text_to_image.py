@@ -1,10 +1,12 @@
-"""Text-to-image job: Parquet prompts -> validate -> generate -> encode/write -> metadata.
+"""The generation job for every family member (text-to-image, image-to-image, inpainting,
+Flash): Parquet rows -> validate -> read input images -> generate -> encode/write -> metadata.
 
 read_parquet(input.uri, include_row_hash)
   [CheckpointFilter]    (Ray, on resume) drops rows an earlier run already committed
   -> ValidateStage      (tasks)      ids, per-row settings, bad rows marked
   [-> beautify, ChoosePromptStage]   when beautify.enabled or input.beautified_prompt_column
                                      (pipelines/beautify.py): generation reads `prompt_used`
+  -> PrepareImagesStage (tasks)      rows with `image`/`mask`: read, size as the reference
   -> repartition        (streaming)  blocks of one generation batch
   -> GenerateStage      (actor pool) Kandinsky 3, model loaded once per actor
   -> files:      WriteImagesStage  (tasks) OUTPUT/images/<key>.<ext>
@@ -15,6 +17,7 @@ read_parquet(input.uri, include_row_hash)
 
 from __future__ import annotations
 
+import os
 import warnings
 
 from k3batch import resume, shards, storage
@@ -23,11 +26,13 @@ from k3batch.dataflow import map_stage
 from k3batch.images import EXTENSIONS
 from k3batch.rows import RowRules
 from k3batch.stages.generate import GenerateStage
+from k3batch.stages.prepare import PrepareImagesStage
 from k3batch.stages.validate import ValidateStage
 from k3batch.stages.write import EncodeImagesStage, WriteImagesStage
 from pipelines import beautify
 
 VALIDATE_BATCH_SIZE = 256
+PREPARE_BATCH_SIZE = 16  # decoded images are large; keep task batches small
 
 
 def build(cfg: JobConfig):
@@ -42,7 +47,7 @@ def build(cfg: JobConfig):
         ds,
         ValidateStage,
         {
-            "rules": RowRules.from_config(cfg.generation, cfg.limits),
+            "rules": RowRules.from_config(cfg.generation, cfg.limits, cfg.model.name),
             "prompt_column": cfg.input.prompt_column,
             "id_column": cfg.input.id_column,
         },
@@ -50,6 +55,14 @@ def build(cfg: JobConfig):
         num_cpus=0.25,
     )
     ds, generate_from = beautify.add_to_text_to_image(ds, cfg)
+    # Image reads and resizes stay off the GPU actors; rows without an image pass through.
+    ds = map_stage(
+        ds,
+        PrepareImagesStage,
+        {"max_side": cfg.limits.max_side, "base_dir": os.getcwd()},
+        batch_size=PREPARE_BATCH_SIZE,
+        num_cpus=res.write_num_cpus,
+    )
     # An actor pool takes whole blocks, and a Parquet file reads as few large blocks: cut
     # them to one generation batch each (streaming, no shuffle) so every actor gets work.
     ds = ds.repartition(target_num_rows_per_block=res.batch_size)

@@ -48,10 +48,43 @@ def tiny_dir_no_null(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_dir):
+def tiny_ref_dir(tmp_path_factory) -> str:
+    """The same tiny family in the reference layout (weights/*.pt, flan_ul2_encoder/)."""
+    from k3batch.model.tiny import make_tiny
+
+    return make_tiny(str(tmp_path_factory.mktemp("models") / "tiny-k3-ref"), layout="reference")
+
+
+def load_tiny(path, member="kandinsky3", **kwargs):
     from k3batch.model.kandinsky3 import Kandinsky3
 
-    return Kandinsky3.from_pretrained(tiny_dir, dtype=FP32, device="cpu")
+    kwargs.setdefault("dtype", FP32)
+    return Kandinsky3.from_pretrained(path, member=member, device="cpu", **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    return load_tiny(tiny_dir)
+
+
+# Batch invariance. Each row has its own generator, so a row's noise never depends on its
+# batch. The arithmetic can: CPU convolution and matrix kernels pick different blockings for
+# different batch shapes, so latents agree to float32 rounding (~1e-6), and an image byte
+# that sits on a rounding boundary can flip by one grey level.
+LATENT_ATOL = 1e-4
+
+
+def assert_same_images(a, b, max_flips=8):
+    import numpy as np
+
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.shape == y.shape
+        diff = np.abs(x.astype(int) - y.astype(int))
+        assert diff.max() <= 1 and int((diff > 0).sum()) <= max_flips, (
+            diff.max(),
+            (diff > 0).sum(),
+        )
 
 
 @pytest.fixture(scope="session")

@@ -113,3 +113,14 @@ def test_demo_config_runs_end_to_end_from_the_command_line(tmp_path):
     assert table.num_rows == 36 and set(table.column("status").to_pylist()) == {"ok"}
     assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 36
     assert str(tmp_path / "out") in proc.stdout
+
+
+def test_convert_command(tmp_path, tiny_ref_dir):
+    proc = k3batch("convert", tiny_ref_dir, str(tmp_path / "family"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "kandinsky3, kandinsky3-flash, kandinsky3-inpaint" in proc.stdout
+    for sub in ("unet", "unet_flash", "unet_inpaint", "text_encoder", "tokenizer", "movq"):
+        assert (tmp_path / "family" / sub).is_dir()
+    assert (tmp_path / "family" / "unet_flash" / "null_embedding.safetensors").exists()
+    bad = k3batch("convert", str(tmp_path / "nothing"), str(tmp_path / "out"))
+    assert_one_line_error(bad, "no reference-layout checkpoint")

@@ -12,7 +12,7 @@ from PIL import Image
 from k3batch.config import ConfigError, load_config
 from k3batch.runner import run_job
 
-from .conftest import job_config
+from .conftest import assert_same_images, job_config
 
 pytestmark = pytest.mark.slow
 
@@ -139,7 +139,7 @@ def test_batch_size_and_actor_count_do_not_change_images_or_ids(
     )
     assert a.keys() == b.keys() and len(a) == 6
     for key in a:
-        assert np.array_equal(a[key], b[key]), key
+        assert_same_images([a[key]], [b[key]])
 
 
 def test_same_job_resumes_a_different_one_is_refused_overwrite_replaces(

@@ -1,39 +1,53 @@
-"""Kandinsky 3 text-to-image on diffusers' model classes, sampled as the reference does.
+"""The Kandinsky 3.1 family on diffusers' model classes, sampled as the reference does.
 
-Components load with `from_pretrained` from a diffusers-layout checkpoint
-(`kandinsky-community/kandinsky-3` or a local directory): `Kandinsky3UNet`, `VQModel`
-(MoVQ), transformers' `T5EncoderModel` and its tokenizer. Sampling follows
-ai-forever/Kandinsky-3 (see `schedule.py` and `text.py`), not diffusers' pipeline.
+Components load from either weight layout (`loading`): `Kandinsky3UNet` (one per family
+member, each with its own text projection), `VQModel` (MoVQ), transformers'
+`T5EncoderModel` and its tokenizer, shared by every member in memory. Sampling follows
+ai-forever/Kandinsky-3 (see `schedule.py` and `text.py`), not diffusers' pipelines:
 
-Reproducibility: every row has its own CPU `torch.Generator` seeded from its `seed`, drawing
-its initial latent and its per-step noise, so an image depends only on its row, not on the
-batch it ran in or the device's RNG.
+- base text-to-image: DDIM eta=1 on `range(999, 0, -1000//steps)`, guidance against the
+  null embedding, x0 thresholded at percentile 0.99;
+- image-to-image (base): the input's MoVQ latent noised to the first of the last
+  `int(steps * strength)` of those timesteps, then the same loop;
+- inpainting: the same loop on a 9-channel UNet input (noisy latent, keep-mask, latent of the
+  masked image), guidance 4, percentile 0.95;
+- Flash: at each of 979, 729, 479, 229 re-noise the current x0 estimate to t, predict
+  epsilon, take x0; no guidance, no thresholding;
+- refine (base + Flash): one Flash step at t=229 on the base result's latent.
+
+Reproducibility: every row has its own CPU `torch.Generator` seeded from its `seed`. It
+draws, in this order: the initial latent (text-to-image, inpainting, Flash) or the noise that
+takes an input image's latent to the first timestep (image-to-image); one draw per step
+(DDIM: at every step, the last one's unused, as in the reference; Flash: the re-noising of
+every step); then one draw for the refiner's re-noising. An image depends only on its row, not on the batch it ran
+in or the device's RNG.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from k3batch.model import family
 from k3batch.model import text as textmod
 from k3batch.model.schedule import DiffusionSchedule, base_timesteps
 
 log = logging.getLogger(__name__)
 
-NULL_EMBEDDING_FILE = "unet/null_embedding.safetensors"
-BASE_THRESHOLD_PERCENTILE = 0.99
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+KIND_TEXT = "text-to-image"
+KIND_IMAGE = "image-to-image"
+KIND_INPAINT = "inpainting"
+KIND_FLASH = "flash"
 
 
 @dataclass
 class Request:
-    """One row to generate; rows of one `generate` call share size and step count."""
+    """One row to generate; rows of one `generate` call share size, steps and kind."""
 
     prompt: str
     negative_prompt: str | None
@@ -42,6 +56,9 @@ class Request:
     height: int
     num_inference_steps: int
     guidance_scale: float
+    image: np.ndarray | None = None  # HxWx3 uint8 at (height, width): img2img, inpainting
+    mask: np.ndarray | None = None  # HxW float32 keep-mask (1 = keep, 0 = repaint)
+    strength: float | None = None  # img2img
 
 
 class RowLengthPooling(nn.Module):
@@ -68,40 +85,12 @@ class RowLengthPooling(nn.Module):
         return x + out.squeeze(1)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+class Denoiser:
+    """One member's UNet with its text projection, row-length pooling and null embedding."""
 
-
-def _load_null_embedding(path: str) -> torch.Tensor | None:
-    """The learned unconditional embedding, if the checkpoint ships one (k3batch's layout)."""
-    from safetensors.torch import load_file
-
-    if os.path.isdir(path):
-        file = os.path.join(path, NULL_EMBEDDING_FILE)
-        if not os.path.exists(file):
-            return None
-    else:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
-
-        try:
-            file = hf_hub_download(path, NULL_EMBEDDING_FILE)
-        except EntryNotFoundError:
-            return None
-    return load_file(file)["null_embedding"]
-
-
-class Kandinsky3:
-    """Loaded Kandinsky 3 components and the reference sampler for batches of rows."""
-
-    def __init__(self, tokenizer, text_encoder, unet, movq, null_embedding, *, decode_batch_size=1):
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder.eval()
+    def __init__(self, member: family.Member, unet: nn.Module, null_embedding):
+        self.member = member
         self.unet = unet.eval()
-        self.movq = movq.eval()
-        self.decode_batch_size = decode_batch_size
         # The text projection runs outside the UNet: the reference zeroes padded positions
         # and places `null_embedding` after the projection, in the UNet's context space.
         self.projection = unet.encoder_hid_proj
@@ -109,10 +98,58 @@ class Kandinsky3:
         self.pooling = RowLengthPooling(unet.add_time_condition)
         unet.add_time_condition = self.pooling
         self.null_embedding = null_embedding
-        self.uncond = (
-            textmod.UNCOND_NULL_EMBEDDING if null_embedding is not None else textmod.UNCOND_ZEROS
+        if member.guidance_scale is None:
+            self.uncond = textmod.UNCOND_NONE
+        elif null_embedding is not None:
+            self.uncond = textmod.UNCOND_NULL_EMBEDDING
+        else:
+            self.uncond = textmod.UNCOND_ZEROS
+        param = next(unet.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    @property
+    def guided(self) -> bool:
+        return self.uncond != textmod.UNCOND_NONE
+
+    def condition(self, hidden: textmod.Hidden, tokens: textmod.Tokens) -> textmod.Conditioning:
+        uncond = self.uncond if self.guided else None
+        return textmod.project(
+            hidden, tokens, self.projection, uncond, self.null_embedding, self.dtype
         )
-        self.device = next(unet.parameters()).device
+
+    def __call__(self, x, t: int, context, mask, lengths) -> torch.Tensor:
+        """Epsilon in float32 for a batch at one timestep."""
+        self.pooling.lengths = lengths
+        try:
+            tt = torch.full((x.shape[0],), float(t), device=self.device)
+            out = self.unet(x.to(self.device, self.dtype), tt, context, mask, return_dict=False)
+        finally:
+            self.pooling.lengths = None
+        return out[0].float()
+
+
+class Kandinsky3:
+    """Loaded family components and the reference samplers for batches of rows."""
+
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder,
+        movq,
+        denoisers: dict[str, Denoiser],
+        member: str = family.BASE,
+        *,
+        refine: bool = False,
+        decode_batch_size: int = 1,
+    ):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.eval()
+        self.movq = movq.eval()
+        self.member = family.MEMBERS[member]
+        self.denoiser = denoisers[member]
+        self.refiner = denoisers[family.FLASH] if refine else None
+        self.decode_batch_size = decode_batch_size
+        self.device = self.denoiser.device
         self.schedule = DiffusionSchedule(self.device)
 
     @classmethod
@@ -120,92 +157,201 @@ class Kandinsky3:
         cls,
         path: str,
         *,
-        dtype: dict[str, str],
-        device: str = "auto",
+        member: str = family.BASE,
+        refine: bool = False,
+        layout: str = "auto",
+        dtype: dict | str = "float32",
+        device: dict | str = "auto",
         variant: str | None = None,
         decode_batch_size: int = 1,
     ) -> Kandinsky3:
-        from diffusers import Kandinsky3UNet, VQModel
-        from transformers import AutoTokenizer, T5EncoderModel
+        from k3batch.model import loading
 
-        dev = resolve_device(device)
-        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-        text_encoder = T5EncoderModel.from_pretrained(
-            path, subfolder="text_encoder", dtype=DTYPES[dtype["text_encoder"]], variant=variant
-        ).to(dev)
-        unet = Kandinsky3UNet.from_pretrained(
-            path, subfolder="unet", torch_dtype=DTYPES[dtype["unet"]], variant=variant
-        ).to(dev)
-        movq = VQModel.from_pretrained(
-            path, subfolder="movq", torch_dtype=DTYPES[dtype["movq"]], variant=variant
-        ).to(dev)
-        null_embedding = _load_null_embedding(path)
-        if null_embedding is None:
-            log.warning(
-                "%s has no %s; the unconditional branch uses diffusers' zero embeddings",
-                path,
-                NULL_EMBEDDING_FILE,
-            )
-        return cls(
-            tokenizer, text_encoder, unet, movq, null_embedding, decode_batch_size=decode_batch_size
+        if refine and member != family.BASE:
+            raise ValueError(f"refine works on {family.BASE} jobs, not {member}")
+        members = family.members_needed(member, refine)
+        parts = loading.load(
+            path, members, layout=layout, dtype=dtype, device=device, variant=variant
         )
+        denoisers = {}
+        for m in members:
+            unet, null = parts.unets[m.name]
+            if null is None and m.guidance_scale is not None:
+                log.warning(
+                    "%s has no null embedding for %s; the unconditional branch uses diffusers' "
+                    "zero embeddings",
+                    path,
+                    m.name,
+                )
+            denoisers[m.name] = Denoiser(m, unet, null)
+        return cls(
+            parts.tokenizer,
+            parts.text_encoder,
+            parts.movq,
+            denoisers,
+            member,
+            refine=refine,
+            decode_batch_size=decode_batch_size,
+        )
+
+    # Views of the job's own member (tests and the stage read them).
+    @property
+    def unet(self):
+        return self.denoiser.unet
+
+    @property
+    def projection(self):
+        return self.denoiser.projection
+
+    @property
+    def pooling(self):
+        return self.denoiser.pooling
+
+    @property
+    def null_embedding(self):
+        return self.denoiser.null_embedding
+
+    @property
+    def uncond(self) -> str:
+        return self.denoiser.uncond
 
     @property
     def unet_dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return self.denoiser.dtype
+
+    def kind(self, request: Request) -> str:
+        if self.member.name == family.FLASH:
+            return KIND_FLASH
+        if self.member.name == family.INPAINT:
+            return KIND_INPAINT
+        return KIND_IMAGE if request.image is not None else KIND_TEXT
+
+    def group_key(self, request: Request) -> tuple:
+        """Rows with equal keys can share a `generate` call."""
+        kind = self.kind(request)
+        steps = 0 if kind == KIND_FLASH else request.num_inference_steps
+        strength = request.strength if kind == KIND_IMAGE else None
+        return (request.width, request.height, steps, kind, strength)
 
     @torch.no_grad()
     def generate(self, requests: list[Request]) -> list[np.ndarray]:
-        """Images (uint8, HxWx3) for rows that share width, height and step count."""
-        first = requests[0]
-        shape_key = (first.width, first.height, first.num_inference_steps)
-        for r in requests:
-            if (r.width, r.height, r.num_inference_steps) != shape_key:
-                raise ValueError("one generate() call takes rows of one size and step count")
+        """Images (uint8, HxWx3) for rows of one `group_key`."""
+        return self.decode(self.sample(requests))
+
+    @torch.no_grad()
+    def sample(self, requests: list[Request]) -> torch.Tensor:
+        """Final latents (float32) for rows of one `group_key`."""
+        key = self.group_key(requests[0])
+        if any(self.group_key(r) != key for r in requests):
+            raise ValueError(
+                "one generate() call takes rows of one size, step count and kind (and strength)"
+            )
+        kind = key[3]
         tokens = textmod.tokenize(
-            self.tokenizer, [r.prompt for r in requests], [r.negative_prompt for r in requests]
+            self.tokenizer,
+            [r.prompt for r in requests],
+            [r.negative_prompt if self.denoiser.guided else None for r in requests],
         )
-        cond = textmod.encode(
-            tokens,
-            self.text_encoder,
-            self.projection,
-            self.uncond,
-            self.null_embedding,
-            self.unet_dtype,
-        )
-        latents = self._sample(requests, cond)
-        return self.decode(latents)
-
-    def _sample(self, requests: list[Request], cond: textmod.Conditioning) -> torch.Tensor:
-        first = requests[0]
-        shape = (4, first.height // 8, first.width // 8)
+        hidden = textmod.run_encoder(tokens, self.text_encoder, with_negatives=self.denoiser.guided)
+        cond = self.denoiser.condition(hidden, tokens)
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
-        x = self._noise(generators, shape)
-        w = torch.tensor([r.guidance_scale for r in requests], device=self.device).view(-1, 1, 1, 1)
+        shape = (4, requests[0].height // 8, requests[0].width // 8)
+        if kind == KIND_FLASH:
+            x = self._flash(cond, generators, shape)
+        elif kind == KIND_INPAINT:
+            x = self._inpaint(requests, cond, generators, shape)
+        elif kind == KIND_IMAGE:
+            x = self._image_to_image(requests, cond, generators, shape)
+        else:
+            x = self._guided(requests, self._noise(generators, shape), cond, generators, shape)
+        if self.refiner is not None:
+            x = self._refine(x, hidden, tokens, generators, shape)
+        return x
 
+    # ------------------------------------------------------------ samplers
+    def _guided(self, requests, x, cond, generators, shape, times=None, extra=None):
+        """The reference's guided DDIM (eta=1) loop; `extra` = inpainting's input channels."""
+        d = self.denoiser
+        if times is None:
+            times = base_timesteps(requests[0].num_inference_steps)
+        w = torch.tensor([r.guidance_scale for r in requests], device=self.device).view(-1, 1, 1, 1)
         # Cond and uncond rows go through the UNet in one forward of twice the batch.
         context = torch.cat([cond.context, cond.uncond_context])
         mask = torch.cat([cond.context_mask, cond.uncond_mask])
-        self.pooling.lengths = torch.cat([cond.pool_lengths, cond.pool_lengths])
-        times = base_timesteps(first.num_inference_steps)
-        try:
-            for t, prev_t in zip(times, [*times[1:], 0], strict=True):
-                unet_in = torch.cat([x, x]).to(self.unet_dtype)
-                tt = torch.full((unet_in.shape[0],), float(t), device=self.device)
-                out = self.unet(unet_in, tt, context, mask, return_dict=False)[0].float()
-                eps_cond, eps_uncond = out.chunk(2)
-                eps = (w + 1.0) * eps_cond - w * eps_uncond
-                noise = self._noise(generators, shape) if prev_t != 0 else None
-                x = self.schedule.ddim_step(x, t, prev_t, eps, noise, BASE_THRESHOLD_PERCENTILE)
-        finally:
-            self.pooling.lengths = None
+        lengths = torch.cat([cond.pool_lengths, cond.pool_lengths])
+        if extra is not None:
+            extra = torch.cat([extra, extra])
+        for t, prev_t in zip(times, [*times[1:], 0], strict=True):
+            unet_in = torch.cat([x, x])
+            if extra is not None:
+                unet_in = torch.cat([unet_in, extra], dim=1)
+            eps_cond, eps_uncond = d(unet_in, t, context, mask, lengths).chunk(2)
+            eps = (w + 1.0) * eps_cond - w * eps_uncond
+            # Drawn at the last step too (unused there), as the reference's p_sample does, so
+            # a row's generator is where the reference's would be after the loop.
+            noise = self._noise(generators, shape)
+            x = self.schedule.ddim_step(x, t, prev_t, eps, noise, d.member.threshold_percentile)
         return x
 
+    def _flash(self, cond, generators, shape):
+        d = self.denoiser
+        x = self._noise(generators, shape)
+        for t in family.FLASH_TIMESTEPS:
+            x_t = self.schedule.add_noise(x, t, self._noise(generators, shape))
+            eps = d(x_t, t, cond.context, cond.context_mask, cond.pool_lengths)
+            x = self.schedule.x0_from_eps(x_t, t, eps)
+        return x
+
+    def _refine(self, x, hidden, tokens, generators, shape):
+        cond = self.refiner.condition(hidden, tokens)
+        t = family.REFINE_TIMESTEP
+        x_t = self.schedule.add_noise(x, t, self._noise(generators, shape))
+        eps = self.refiner(x_t, t, cond.context, cond.context_mask, cond.pool_lengths)
+        return self.schedule.x0_from_eps(x_t, t, eps)
+
+    def _image_to_image(self, requests, cond, generators, shape):
+        latents = self.encode(self._pixels(requests))
+        times = image_to_image_timesteps(requests[0].num_inference_steps, requests[0].strength)
+        if not times:
+            return latents
+        x = self.schedule.add_noise(latents, times[0], self._noise(generators, shape))
+        return self._guided(requests, x, cond, generators, shape, times=times)
+
+    def _inpaint(self, requests, cond, generators, shape):
+        image = self._pixels(requests)
+        keep = torch.stack([torch.from_numpy(np.array(r.mask, dtype=np.float32)) for r in requests])
+        keep = keep.unsqueeze(1).to(image.device)
+        # As the reference: zero the repaint area (any pixel whose keep value is below 1),
+        # MoVQ-encode, and nearest-resize the keep-mask to latent size.
+        masked = image.masked_fill((1 - keep).bool(), 0)
+        masked_latent = self.encode(masked)
+        keep_latent = F.interpolate(keep, size=masked_latent.shape[-2:]).to(self.device)
+        extra = torch.cat([keep_latent, masked_latent], dim=1)
+        x = self._noise(generators, shape)
+        return self._guided(requests, x, cond, generators, shape, extra=extra)
+
+    # ------------------------------------------------------------ helpers
     def _noise(self, generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
         # Drawn on CPU, one generator per row: the same seed gives the same noise on any
         # device and in any batch.
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
         return noise.to(self.device)
+
+    def _pixels(self, requests) -> torch.Tensor:
+        """Input images as the reference's ToTensor()*2-1: float32 in [-1, 1], NCHW."""
+        images = [torch.from_numpy(np.array(r.image, dtype=np.uint8)) for r in requests]
+        x = torch.stack(images).permute(0, 3, 1, 2).float().div(255)
+        return (x * 2 - 1).to(next(self.movq.parameters()).device)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """MoVQ latents (float32, UNet device) of [-1, 1] images, one image per call.
+
+        One at a time for the same reason as `decode`: results independent of batch size.
+        """
+        dtype = next(self.movq.parameters()).dtype
+        out = [self.movq.encode(p[None].to(dtype)).latents.float() for p in pixels]
+        return torch.cat(out).to(self.device)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
@@ -216,12 +362,21 @@ class Kandinsky3:
         may round differently for other batch shapes. One 1024x1024 decode (~34 TFLOP)
         already fills a GPU.
         """
-        movq_dtype = next(self.movq.parameters()).dtype
+        param = next(self.movq.parameters())
         images = []
         for chunk in latents.split(self.decode_batch_size):
-            out = self.movq.decode(chunk.to(movq_dtype), force_not_quantize=True).sample
+            out = self.movq.decode(
+                chunk.to(param.device, param.dtype), force_not_quantize=True
+            ).sample
             out = ((out.float() + 1.0) / 2.0).clamp(0.0, 1.0)
             # x255 then truncate, as the reference's torchvision ToPILImage does.
             out = out.mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             images.extend(list(out))
         return images
+
+
+def image_to_image_timesteps(num_inference_steps: int, strength: float) -> list[int]:
+    """The last `int(len(times) * strength)` reference timesteps (diffusers' strength rule)."""
+    times = base_timesteps(num_inference_steps)
+    n = min(int(len(times) * strength), len(times))
+    return times[len(times) - n :]

@@ -24,6 +24,7 @@ TOKENS_LENGTH = 128
 # How the unconditional branch is built when a row has no negative prompt.
 UNCOND_NULL_EMBEDDING = "null_embedding"  # the reference: learned vector at token 0
 UNCOND_ZEROS = "zeros"  # diffusers' Kandinsky3Pipeline: projected zero embeddings
+UNCOND_NONE = "none"  # no guidance (Flash): the unconditional branch is not run
 
 
 @dataclass
@@ -68,42 +69,65 @@ class Conditioning:
 
     context: torch.Tensor  # [B, L, C]
     context_mask: torch.Tensor  # [B, L] long
-    uncond_context: torch.Tensor  # [B, L, C]
-    uncond_mask: torch.Tensor  # [B, L] long
+    uncond_context: torch.Tensor | None  # [B, L, C]; None without guidance (Flash)
+    uncond_mask: torch.Tensor | None  # [B, L] long
     pool_lengths: torch.Tensor  # [B] float: n + 1, the reference's context length per row
 
 
+@dataclass
+class Hidden:
+    """T5 outputs for a batch: positive rows first, then the rows' negative prompts."""
+
+    states: torch.Tensor  # [B + negatives, 128, d_model]
+    mask: torch.Tensor  # [B + negatives, 128] long
+    neg_rows: list[int]  # row index of each negative prompt, in order
+
+
 @torch.no_grad()
-def encode(
-    tokens: Tokens,
-    text_encoder,
-    projection: torch.nn.Module,
-    uncond: str,
-    null_embedding: torch.Tensor | None,
-    out_dtype: torch.dtype,
-) -> Conditioning:
-    """Run T5 on positive and negative prompts in one pass, project, build both branches."""
+def run_encoder(tokens: Tokens, text_encoder, with_negatives: bool = True) -> Hidden:
+    """T5 on positive and negative prompts in one pass (negatives only when guided)."""
     device = text_encoder.device
-    b = tokens.input_ids.shape[0]
-    neg_rows = [i for i, has in enumerate(tokens.has_negative) if has]
+    neg_rows = [i for i, has in enumerate(tokens.has_negative) if has] if with_negatives else []
     ids = torch.cat([tokens.input_ids, tokens.negative_input_ids[neg_rows]])
     # The reference encodes a negative prompt with the positive prompt's mask.
     mask = torch.cat([tokens.attention_mask, tokens.attention_mask[neg_rows]])
-    hidden = text_encoder(
+    states = text_encoder(
         input_ids=ids.to(device), attention_mask=mask.to(device)
     ).last_hidden_state
+    return Hidden(states=states, mask=mask, neg_rows=neg_rows)
+
+
+@torch.no_grad()
+def project(
+    hidden: Hidden,
+    tokens: Tokens,
+    projection: torch.nn.Module,
+    uncond: str | None,
+    null_embedding: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> Conditioning:
+    """One UNet's context from shared T5 outputs: project, zero padding, build both branches.
+
+    `uncond=None` builds the conditional branch only (Flash: no guidance).
+    """
+    b = tokens.input_ids.shape[0]
     proj_param = next(projection.parameters())
-    context = projection(hidden.to(proj_param.device, proj_param.dtype))
-    mask = mask.to(context.device)
+    states = hidden.states if uncond is not None else hidden.states[:b]
+    context = projection(states.to(proj_param.device, proj_param.dtype))
+    mask = hidden.mask[: context.shape[0]].to(context.device)
     # Zero padded positions. The reference then cuts the context to the longest prompt + 1;
     # k3batch keeps all 128 positions: masked keys add exactly nothing, and a fixed length
     # keeps a row's floating-point result independent of its batch-mates' prompt lengths.
     context = context * mask.unsqueeze(-1).to(context.dtype)
 
     cond, cond_mask = context[:b], mask[:b]
-    uncond = _uncond_branch(cond, cond_mask, tokens.lengths, uncond, null_embedding, projection)
-    uncond_ctx, uncond_mask = uncond
-    for j, i in enumerate(neg_rows):
+    pool_lengths = (tokens.lengths + 1).to(device=cond.device, dtype=torch.float32)
+    if uncond is None:
+        return Conditioning(cond.to(out_dtype), cond_mask, None, None, pool_lengths)
+    uncond_ctx, uncond_mask = _uncond_branch(
+        cond, cond_mask, tokens.lengths, uncond, null_embedding, projection
+    )
+    for j, i in enumerate(hidden.neg_rows):
         uncond_ctx[i] = context[b + j]
         uncond_mask[i] = mask[b + j]
     return Conditioning(
@@ -111,8 +135,22 @@ def encode(
         context_mask=cond_mask,
         uncond_context=uncond_ctx.to(out_dtype),
         uncond_mask=uncond_mask,
-        pool_lengths=(tokens.lengths + 1).to(device=cond.device, dtype=torch.float32),
+        pool_lengths=pool_lengths,
     )
+
+
+@torch.no_grad()
+def encode(
+    tokens: Tokens,
+    text_encoder,
+    projection: torch.nn.Module,
+    uncond: str | None,
+    null_embedding: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> Conditioning:
+    """`run_encoder` then `project`, for one UNet."""
+    hidden = run_encoder(tokens, text_encoder, with_negatives=uncond is not None)
+    return project(hidden, tokens, projection, uncond, null_embedding, out_dtype)
 
 
 def _uncond_branch(cond, cond_mask, lengths, uncond, null_embedding, projection):

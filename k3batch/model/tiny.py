@@ -1,7 +1,8 @@
-"""Tiny random-weight Kandinsky 3 checkpoints, built offline, in the real on-disk layout.
+"""Tiny random-weight Kandinsky 3 family checkpoints, built offline, in either real layout.
 
-Same architecture classes as the real model (Kandinsky3UNet, an x8 SpatialNorm MoVQ, a T5
-encoder and a T5 tokenizer), with small widths, so tests and the demo run the real loading
+Same architecture classes as the real models (Kandinsky3UNet for base and Flash, its 9-in
+variant for inpainting, an x8 SpatialNorm MoVQ, a T5 encoder and a T5 tokenizer), with small
+widths, so tests and the demo run the real loading
 and sampling code on a CPU in seconds. Weights are random but seeded: every machine that
 builds the model gets the same weights, so a cluster's workers can each build their own.
 """
@@ -15,7 +16,7 @@ import tempfile
 
 TINY_SEED = 20231122
 MARKER = "k3batch_tiny.json"
-TINY_FORMAT = 1
+TINY_FORMAT = 2
 
 _COLOURS = [
     "red",
@@ -116,40 +117,72 @@ def build_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def build_components(null_embedding: bool = True):
-    """The tiny components, seeded. Sizes follow diffusers' own Kandinsky 3 tests."""
+TINY_UNET = dict(
+    time_embedding_dim=4,
+    groups=2,
+    attention_head_dim=4,
+    layers_per_block=3,
+    block_out_channels=(32, 64),
+    cross_attention_dim=4,
+    encoder_hid_dim=32,
+)
+# Four levels: a true x8 autoencoder like the real MoVQ. 32 groups as in the reference's
+# MoVQ (its GroupNorms are hard-coded to 32), so channels are multiples of 32.
+TINY_MOVQ = dict(
+    block_out_channels=[32, 32, 64, 64],
+    down_block_types=["DownEncoderBlock2D"] * 3 + ["AttnDownEncoderBlock2D"],
+    up_block_types=["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 3,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=32,
+    norm_type="spatial",
+    num_vq_embeddings=12,
+    vq_embed_dim=4,
+)
+
+
+def _wake_zero_weights(module, seed: int) -> None:
+    """Give zero-initialised weights (the UNet's time-conditioned norms) small random values.
+
+    Kandinsky3UNet starts its ConditionalGroupNorm MLPs at zero, which would make a random
+    UNet ignore the timestep, the attention pooling and the null embedding; tests must see
+    those paths.
+    """
     import torch
-    from diffusers import DDPMScheduler, Kandinsky3UNet, VQModel
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.numel() and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def build_components(null_embedding: bool = True):
+    """The tiny components, seeded: shared tokenizer, T5, MoVQ; one UNet per family member.
+
+    UNet sizes follow diffusers' own Kandinsky 3 tests; each member has its own weights and
+    its own text projection (`encoder_hid_proj`), as the real Flash and inpainting models do.
+    """
+    import torch
+    from diffusers import DDPMScheduler, VQModel
     from transformers import T5Config, T5EncoderModel
 
+    from k3batch.model import family
+    from k3batch.model.loading import unet_class
+
     tokenizer = build_tokenizer()
-    torch.manual_seed(TINY_SEED)
-    unet = Kandinsky3UNet(
-        in_channels=4,
-        time_embedding_dim=4,
-        groups=2,
-        attention_head_dim=4,
-        layers_per_block=3,
-        block_out_channels=(32, 64),
-        cross_attention_dim=4,
-        encoder_hid_dim=32,
-    )
+    unets = {}
+    for i, (name, member) in enumerate(family.MEMBERS.items()):
+        torch.manual_seed(TINY_SEED + 10 * i)
+        unet = unet_class(member)(in_channels=member.in_channels, **TINY_UNET)
+        _wake_zero_weights(unet, TINY_SEED + 10 * i + 1)
+        torch.manual_seed(TINY_SEED + 10 * i + 2)
+        null = torch.randn(TINY_UNET["cross_attention_dim"]) if null_embedding else None
+        unets[name] = (unet.eval(), null)
     torch.manual_seed(TINY_SEED + 1)
-    # Four levels: a true x8 autoencoder like the real MoVQ (SpatialNorm needs channels that
-    # are multiples of 32 here).
-    movq = VQModel(
-        block_out_channels=[32, 32, 64, 64],
-        down_block_types=["DownEncoderBlock2D"] * 3 + ["AttnDownEncoderBlock2D"],
-        up_block_types=["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 3,
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        norm_type="spatial",
-        num_vq_embeddings=12,
-        vq_embed_dim=4,
-    )
+    movq = VQModel(**TINY_MOVQ)
     torch.manual_seed(TINY_SEED + 2)
     text_encoder = T5EncoderModel(
         T5Config(
@@ -173,48 +206,54 @@ def build_components(null_embedding: bool = True):
         thresholding=False,
         variance_type="fixed_small",
     )
-    torch.manual_seed(TINY_SEED + 3)
-    null = torch.randn(4) if null_embedding else None
     return dict(
         tokenizer=tokenizer,
         text_encoder=text_encoder.eval(),
-        unet=unet.eval(),
         movq=movq.eval(),
         scheduler=scheduler,
-        null_embedding=null,
+        unets=unets,
     )
 
 
-def is_tiny_checkpoint(path: str) -> bool:
+def is_tiny_checkpoint(path: str, layout: str | None = None) -> bool:
     marker = os.path.join(path, MARKER)
     if not os.path.exists(marker):
         return False
     with open(marker) as f:
-        return json.load(f).get("format") == TINY_FORMAT
+        info = json.load(f)
+    return info.get("format") == TINY_FORMAT and layout in (None, info.get("layout"))
 
 
-def make_tiny(path: str, null_embedding: bool = True, overwrite: bool = False) -> str:
-    """Write a tiny diffusers-layout Kandinsky 3 checkpoint to `path` (atomic rename)."""
-    if is_tiny_checkpoint(path) and not overwrite:
+def make_tiny(
+    path: str, null_embedding: bool = True, overwrite: bool = False, layout: str = "diffusers"
+) -> str:
+    """Write a tiny checkpoint of the whole family to `path` (atomic rename).
+
+    `layout`: `diffusers` (k3batch's family layout) or `reference` (ai-forever/Kandinsky3.1's
+    `weights/` files, with a `k3batch_config.json` for the tiny architecture).
+    """
+    if is_tiny_checkpoint(path, layout) and not overwrite:
         return path
-    from diffusers import Kandinsky3Pipeline
-    from safetensors.torch import save_file
-
     parts = build_components(null_embedding=null_embedding)
-    null = parts.pop("null_embedding")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
     try:
-        Kandinsky3Pipeline(**parts).save_pretrained(tmp)
-        if null is not None:
-            save_file(
-                {"null_embedding": null.contiguous()},
-                os.path.join(tmp, "unet", "null_embedding.safetensors"),
-            )
+        if layout == "reference":
+            _write_reference(tmp, parts)
+        elif layout == "diffusers":
+            _write_diffusers(tmp, parts)
+        else:
+            raise ValueError(f"layout must be diffusers or reference, got {layout!r}")
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump(
-                {"format": TINY_FORMAT, "seed": TINY_SEED, "null_embedding": null is not None}, f
+                {
+                    "format": TINY_FORMAT,
+                    "layout": layout,
+                    "seed": TINY_SEED,
+                    "null_embedding": null_embedding,
+                },
+                f,
             )
         if os.path.exists(path):
             shutil.rmtree(path)
@@ -222,9 +261,48 @@ def make_tiny(path: str, null_embedding: bool = True, overwrite: bool = False) -
             os.rename(tmp, path)
         except OSError:
             # Another process (a second worker on this node) finished first.
-            if not is_tiny_checkpoint(path):
+            if not is_tiny_checkpoint(path, layout):
                 raise
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _write_diffusers(root: str, parts: dict) -> None:
+    from diffusers import Kandinsky3Pipeline
+
+    from k3batch.model import family
+    from k3batch.model.convert import save_member
+
+    unets = parts["unets"]
+    base_unet = unets[family.BASE][0]
+    pipe_parts = {k: parts[k] for k in ("tokenizer", "text_encoder", "movq", "scheduler")}
+    Kandinsky3Pipeline(unet=base_unet, **pipe_parts).save_pretrained(root)
+    for name, (unet, null) in unets.items():
+        save_member(root, family.MEMBERS[name], unet, null)
+
+
+def _write_reference(root: str, parts: dict) -> None:
+    import torch
+
+    from k3batch.model import family, keymap
+
+    weights = os.path.join(root, family.REFERENCE_WEIGHTS_DIR)
+    text_dir = os.path.join(weights, family.REFERENCE_TEXT_DIR)
+    os.makedirs(text_dir)
+    parts["text_encoder"].save_pretrained(text_dir)
+    parts["tokenizer"].save_pretrained(text_dir)
+    for name, (unet, null) in parts["unets"].items():
+        member = family.MEMBERS[name]
+        ref_unet, projection = keymap.unet_state_to_reference(unet.state_dict())
+        torch.save(
+            {"unet": ref_unet, "null_embedding": null}, os.path.join(weights, member.reference_file)
+        )
+        torch.save(projection, os.path.join(text_dir, member.projection_file))
+    levels = len(TINY_MOVQ["block_out_channels"])
+    movq_state = keymap.movq_state_to_reference(parts["movq"].state_dict(), levels)
+    torch.save(movq_state, os.path.join(weights, family.REFERENCE_MOVQ_FILE))
+    unet_config = {k: v for k, v in TINY_UNET.items() if k != "encoder_hid_dim"}
+    with open(os.path.join(weights, family.REFERENCE_CONFIG_FILE), "w") as f:
+        json.dump({"unet": unet_config, "movq": TINY_MOVQ}, f, indent=2)

@@ -1,4 +1,4 @@
-"""Generate images with Kandinsky 3: the model loads once per stage instance (per actor)."""
+"""Generate images with the Kandinsky 3 family: the model loads once per stage instance."""
 
 from __future__ import annotations
 
@@ -15,20 +15,30 @@ log = logging.getLogger(__name__)
 
 
 def load_model(model: dict, decode_batch_size: int = 1):
-    """The Kandinsky 3 model described by a `ModelConfig` dump (builds the tiny one if asked)."""
+    """The model described by a `ModelConfig` dump (builds the tiny one if asked)."""
     from k3batch.model.kandinsky3 import Kandinsky3
 
+    layout = model.get("layout", "auto")
     if model.get("make_tiny"):
         from k3batch.model.tiny import make_tiny
 
-        make_tiny(model["path"])
+        make_tiny(model["path"], layout="reference" if layout == "reference" else "diffusers")
+    device = model.get("device", "auto")
     return Kandinsky3.from_pretrained(
         model["path"],
+        member=model.get("name", "kandinsky3"),
+        refine=model.get("refine", False),
+        layout=layout,
         dtype=model["dtype"],
-        device=model["device"],
+        device=device,
         variant=model.get("variant"),
         decode_batch_size=decode_batch_size,
     )
+
+
+def model_label(model: dict) -> str:
+    refine = "+flash-refiner" if model.get("refine") else ""
+    return f"{model.get('name', 'kandinsky3')}{refine}:{model['path']}"
 
 
 class GenerateStage(Stage):
@@ -44,6 +54,7 @@ class GenerateStage(Stage):
         "status",
         "error",
     )
+    optional = ("strength", "source_rgb", "keep_mask")
     adds = {
         "image_rgb": pa.binary(),
         "status": pa.string(),
@@ -52,6 +63,7 @@ class GenerateStage(Stage):
         "model": pa.string(),
         "uncond_embedding": pa.string(),
     }
+    drops = ("source_rgb", "keep_mask")
 
     def __init__(
         self,
@@ -64,15 +76,37 @@ class GenerateStage(Stage):
             import torch
 
             torch.set_num_threads(torch_threads)
-        self.model_name = f"{model['name']}:{model['path']}"
+        self.model_name = model_label(model)
         # `prompt_used` when beautification chose the text; `prompt` stays the original.
         self.prompt_column = prompt_column
         self.needs = tuple(prompt_column if c == "prompt" else c for c in type(self).needs)
         self.pipe = load_model(model, decode_batch_size)
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+    def _request(self, batch, i):
+        import numpy as np
+
         from k3batch.model.kandinsky3 import Request
 
+        def optional(name):
+            values = batch.get(name)
+            return None if values is None else values[i]
+
+        w, h = batch["width"][i], batch["height"][i]
+        rgb, keep = optional("source_rgb"), optional("keep_mask")
+        return Request(
+            prompt=batch[self.prompt_column][i],
+            negative_prompt=batch["negative_prompt"][i],
+            seed=batch["seed"][i],
+            width=w,
+            height=h,
+            num_inference_steps=batch["num_inference_steps"][i],
+            guidance_scale=batch["guidance_scale"][i],
+            image=None if rgb is None else np.frombuffer(rgb, np.uint8).reshape(h, w, 3),
+            mask=None if keep is None else np.frombuffer(keep, np.float32).reshape(h, w),
+            strength=optional("strength"),
+        )
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         n = len(batch["id"])
         out = {
             "image_rgb": [None] * n,
@@ -82,26 +116,21 @@ class GenerateStage(Stage):
             "model": [self.model_name] * n,
             "uncond_embedding": [None] * n,
         }
-        # Rows of different size or step count never share a forward pass.
-        groups: dict[tuple, list[int]] = defaultdict(list)
+        # Rows of different size, step count or kind never share a forward pass.
+        groups: dict[tuple, list] = defaultdict(list)
         for i in range(n):
-            if batch["status"][i] == STATUS_OK:
-                key = (batch["width"][i], batch["height"][i], batch["num_inference_steps"][i])
-                groups[key].append(i)
-        for indices in groups.values():
-            requests = [
-                Request(
-                    prompt=batch[self.prompt_column][i],
-                    negative_prompt=batch["negative_prompt"][i],
-                    seed=batch["seed"][i],
-                    width=batch["width"][i],
-                    height=batch["height"][i],
-                    num_inference_steps=batch["num_inference_steps"][i],
-                    guidance_scale=batch["guidance_scale"][i],
-                )
-                for i in indices
-            ]
-            self._run_group(indices, requests, out, batch)
+            if batch["status"][i] != STATUS_OK:
+                continue
+            try:
+                request = self._request(batch, i)
+            except Exception as e:  # noqa: BLE001 - a malformed prepared row is its own error
+                out["status"][i] = STATUS_ERROR
+                out["error"][i] = f"generate: {type(e).__name__}: {e}"
+                continue
+            groups[self.pipe.group_key(request)].append((i, request))
+        for members in groups.values():
+            indices = [i for i, _ in members]
+            self._run_group(indices, [r for _, r in members], out, batch)
         return out
 
     def _run_group(self, indices, requests, out, batch) -> None:

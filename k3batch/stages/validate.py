@@ -19,6 +19,9 @@ OUTPUT_ONLY_COLUMNS = (
     "image_rgb",
     "prompt_used",
     "beautify_fallback",
+    "warning",
+    "source_rgb",
+    "keep_mask",
 )
 # Added by ray.data.read_parquet(include_row_hash=True) and kept to the end: it is the id
 # Ray's checkpoint records for resume (see k3batch.resume).
@@ -35,8 +38,10 @@ class ValidateStage(Stage):
         "height": pa.int64(),
         "num_inference_steps": pa.int64(),
         "guidance_scale": pa.float64(),
+        "strength": pa.float64(),
         "status": pa.string(),
         "error": pa.string(),
+        "warning": pa.string(),
     }
 
     def __init__(self, rules: rows.RowRules, prompt_column: str = "prompt", id_column: str = "id"):
@@ -44,7 +49,7 @@ class ValidateStage(Stage):
         self.prompt_column = prompt_column
         self.id_column = id_column
         self.needs = (prompt_column,)
-        self.optional = (id_column, ROW_HASH, *rows.OVERRIDE_COLUMNS)
+        self.optional = (id_column, ROW_HASH, *rows.OVERRIDE_COLUMNS, *rows.IMAGE_COLUMNS)
 
     def prepare(self, table: pa.Table) -> pa.Table:
         names = [f"input_{c}" if c in OUTPUT_ONLY_COLUMNS else c for c in table.column_names]

@@ -1,0 +1,139 @@
+"""The Kandinsky 3.1 family: members, their defaults, and where their weights live.
+
+Torch-free: the config and the pre-flight checks use it before any model loads.
+
+Two on-disk layouts hold the family:
+
+- **diffusers layout** (k3batch's, what `k3batch convert` writes): one directory whose
+  `tokenizer/`, `text_encoder/` and `movq/` are shared by every member, and one UNet
+  subfolder per member (`unet/`, `unet_flash/`, `unet_inpaint/`). Each UNet carries its own
+  text projection as `encoder_hid_proj` and its learned unconditional vector as
+  `null_embedding.safetensors`. `model_index.json` + `scheduler/` keep the base member
+  loadable by diffusers' `Kandinsky3Pipeline`; `kandinsky-community/kandinsky-3` is this
+  layout with only `unet/`.
+- **reference layout** (`ai-forever/Kandinsky3.1`): `weights/kandinsky3*.pt`
+  (`{'unet', 'null_embedding'}`), `weights/flan_ul2_encoder/` (T5 encoder, tokenizer and
+  `projection*.pt`), `weights/movq.pt`. The reference code hard-codes the architecture;
+  a `k3batch_config.json` beside the weights (written by `make-tiny`) overrides it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+BASE = "kandinsky3"
+FLASH = "kandinsky3-flash"
+INPAINT = "kandinsky3-inpaint"
+
+FLASH_TIMESTEPS = (979, 729, 479, 229)  # range(979, 0, -250) of the reference
+REFINE_TIMESTEP = 229  # one Flash step, as the 3.1 release and KandiSuperRes refine
+
+LAYOUT_DIFFUSERS = "diffusers"
+LAYOUT_REFERENCE = "reference"
+
+REFERENCE_WEIGHTS_DIR = "weights"
+REFERENCE_TEXT_DIR = "flan_ul2_encoder"
+REFERENCE_MOVQ_FILE = "movq.pt"
+REFERENCE_CONFIG_FILE = "k3batch_config.json"
+NULL_EMBEDDING_FILE = "null_embedding.safetensors"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of the family and the reference's settings for it."""
+
+    name: str
+    unet_folder: str  # diffusers layout
+    reference_file: str  # reference layout, under weights/
+    projection_file: str  # reference layout, under weights/flan_ul2_encoder/
+    in_channels: int
+    num_inference_steps: int | None  # default; None: fixed timesteps (Flash)
+    guidance_scale: float | None  # default; None: no guidance (Flash)
+    threshold_percentile: float | None  # dynamic thresholding of x0; None: none (Flash)
+
+
+MEMBERS = {
+    BASE: Member(BASE, "unet", "kandinsky3.pt", "projection.pt", 4, 50, 3.0, 0.99),
+    FLASH: Member(
+        FLASH, "unet_flash", "kandinsky3_flash.pt", "projection_flash.pt", 4, None, None, None
+    ),
+    INPAINT: Member(
+        INPAINT,
+        "unet_inpaint",
+        "kandinsky3_inpainting.pt",
+        "projection_inpainting.pt",
+        9,
+        50,
+        4.0,
+        0.95,
+    ),
+}
+NAMES = tuple(MEMBERS)
+
+_HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def members_needed(name: str, refine: bool = False) -> list[Member]:
+    """The members a job loads: its own, plus Flash when a base job refines."""
+    needed = [MEMBERS[name]]
+    if refine and name != FLASH:
+        needed.append(MEMBERS[FLASH])
+    return needed
+
+
+def reference_root(path: str) -> str | None:
+    """The `weights/` directory of a local reference-layout checkpoint, or None."""
+    for root in (os.path.join(path, REFERENCE_WEIGHTS_DIR), path):
+        if os.path.isfile(os.path.join(root, REFERENCE_MOVQ_FILE)) and os.path.isdir(
+            os.path.join(root, REFERENCE_TEXT_DIR)
+        ):
+            return root
+    return None
+
+
+def detect_layout(path: str, layout: str = "auto") -> str:
+    """`diffusers` or `reference` for a local directory or a Hugging Face repo id."""
+    if layout != "auto":
+        return layout
+    if os.path.isdir(path):
+        return LAYOUT_REFERENCE if reference_root(path) else LAYOUT_DIFFUSERS
+    from huggingface_hub import file_exists, try_to_load_from_cache
+
+    ref_file = f"{REFERENCE_WEIGHTS_DIR}/{REFERENCE_MOVQ_FILE}"
+    try:
+        found = file_exists(path, ref_file)
+    except Exception:  # noqa: BLE001 - offline (HF_HUB_OFFLINE) or unreachable: ask the cache
+        found = isinstance(try_to_load_from_cache(path, ref_file), str)
+    return LAYOUT_REFERENCE if found else LAYOUT_DIFFUSERS
+
+
+def missing_files(path: str, name: str, refine: bool, layout: str = "auto") -> list[str]:
+    """What a local checkpoint lacks for a job (empty when complete). Hub ids: not checked."""
+    if not os.path.isdir(path):
+        return []
+    layout = detect_layout(path, layout)
+    needed = members_needed(name, refine)
+    if layout == LAYOUT_REFERENCE:
+        root = reference_root(path) or os.path.join(path, REFERENCE_WEIGHTS_DIR)
+        wanted = [REFERENCE_MOVQ_FILE, REFERENCE_TEXT_DIR]
+        for m in needed:
+            wanted += [m.reference_file, f"{REFERENCE_TEXT_DIR}/{m.projection_file}"]
+    else:
+        root = path
+        wanted = ["tokenizer", "text_encoder", "movq", *(m.unet_folder for m in needed)]
+    return [w for w in wanted if not os.path.exists(os.path.join(root, w))]
+
+
+def is_hub_id(path: str) -> bool:
+    return bool(_HF_REPO_ID.match(path)) and not os.path.exists(path)
+
+
+def read_reference_config(root: str) -> dict:
+    file = os.path.join(root, REFERENCE_CONFIG_FILE)
+    if not os.path.exists(file):
+        return {}
+    with open(file) as f:
+        return json.load(f)

@@ -1,0 +1,255 @@
+"""Load the family's components from either weight layout (see `family`).
+
+diffusers layout: `from_pretrained` per component. Reference layout: the UNet and MoVQ
+pickles are read with `torch.load(weights_only=True, mmap=True)` (tensors only, no code runs;
+mmap keeps a 12 GB file from being copied into memory twice), renamed by `keymap`, and
+loaded into models built on the meta device; T5 and its tokenizer load with
+`from_pretrained` from `weights/flan_ul2_encoder/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from diffusers import Kandinsky3UNet
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+from k3batch.model import family, keymap
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+COMPONENTS = ("unet", "text_encoder", "movq")
+
+# The reference hard-codes its architecture (kandinsky3/__init__.py); in diffusers' terms:
+REFERENCE_UNET_CONFIG = dict(
+    time_embedding_dim=1536,
+    groups=32,
+    attention_head_dim=64,
+    layers_per_block=3,
+    block_out_channels=(384, 768, 1536, 3072),
+    cross_attention_dim=4096,
+)
+REFERENCE_MOVQ_CONFIG = dict(
+    block_out_channels=[256, 512, 512, 1024],
+    down_block_types=["DownEncoderBlock2D"] * 3 + ["AttnDownEncoderBlock2D"],
+    up_block_types=["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 3,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    norm_type="spatial",
+    num_vq_embeddings=16384,
+    vq_embed_dim=4,
+)
+
+
+class Kandinsky3InpaintUNet(Kandinsky3UNet):
+    """`Kandinsky3UNet` with 9 input and 4 output channels (the inpainting UNet).
+
+    diffusers' class ties out_channels to in_channels; the reference's inpainting UNet reads
+    noisy latent + mask + masked-image latent (9) and predicts epsilon (4).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 9,
+        out_channels: int = 4,
+        time_embedding_dim: int = 1536,
+        groups: int = 32,
+        attention_head_dim: int = 64,
+        layers_per_block: int = 3,
+        block_out_channels: tuple[int, ...] = (384, 768, 1536, 3072),
+        cross_attention_dim: int = 4096,
+        encoder_hid_dim: int = 4096,
+    ):
+        super().__init__(
+            in_channels=in_channels,
+            time_embedding_dim=time_embedding_dim,
+            groups=groups,
+            attention_head_dim=attention_head_dim,
+            layers_per_block=layers_per_block,
+            block_out_channels=block_out_channels,
+            cross_attention_dim=cross_attention_dim,
+            encoder_hid_dim=encoder_hid_dim,
+        )
+        self.conv_out = nn.Conv2d(block_out_channels[0] // 2, out_channels, 3, padding=1)
+
+
+def unet_class(member: family.Member):
+    return Kandinsky3InpaintUNet if member.in_channels != 4 else Kandinsky3UNet
+
+
+@dataclass
+class Components:
+    tokenizer: object
+    text_encoder: nn.Module
+    movq: nn.Module
+    unets: dict  # member name -> (unet, null_embedding or None)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def per_component(value, name: str):
+    """`value` is one setting for all components or a mapping per component."""
+    return value[name] if isinstance(value, dict) else value
+
+
+def load(
+    path: str,
+    members: list[family.Member],
+    *,
+    layout: str = "auto",
+    dtype: dict | str = "float32",
+    device: dict | str = "auto",
+    variant: str | None = None,
+) -> Components:
+    layout = family.detect_layout(path, layout)
+    dtypes = {c: DTYPES[per_component(dtype, c)] for c in COMPONENTS}
+    devices = {c: resolve_device(per_component(device, c)) for c in COMPONENTS}
+    if layout == family.LAYOUT_REFERENCE:
+        return _load_reference(path, members, dtypes, devices)
+    return _load_diffusers(path, members, dtypes, devices, variant)
+
+
+# ---------------------------------------------------------------- diffusers layout
+def _load_diffusers(path, members, dtypes, devices, variant) -> Components:
+    from diffusers import VQModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+    text_encoder = T5EncoderModel.from_pretrained(
+        path, subfolder="text_encoder", dtype=dtypes["text_encoder"], variant=variant
+    ).to(devices["text_encoder"])
+    movq = VQModel.from_pretrained(
+        path, subfolder="movq", torch_dtype=dtypes["movq"], variant=variant
+    ).to(devices["movq"])
+    unets = {}
+    for m in members:
+        unet = (
+            unet_class(m)
+            .from_pretrained(
+                path, subfolder=m.unet_folder, torch_dtype=dtypes["unet"], variant=variant
+            )
+            .to(devices["unet"])
+        )
+        null = _diffusers_null_embedding(path, m.unet_folder)
+        unets[m.name] = (unet, null)
+    return Components(tokenizer, text_encoder, movq, unets)
+
+
+def _diffusers_null_embedding(path: str, folder: str) -> torch.Tensor | None:
+    """The learned unconditional embedding, if the checkpoint ships one (k3batch's layout)."""
+    from safetensors.torch import load_file
+
+    name = f"{folder}/{family.NULL_EMBEDDING_FILE}"
+    if os.path.isdir(path):
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            file = hf_hub_download(path, name)
+        except EntryNotFoundError:
+            return None
+    return load_file(file)["null_embedding"]
+
+
+# ---------------------------------------------------------------- reference layout
+def reference_download(repo_id: str, members: list[family.Member]) -> str:
+    """Only the files a job needs from a reference-layout Hugging Face repo."""
+    from huggingface_hub import snapshot_download
+
+    w, t = family.REFERENCE_WEIGHTS_DIR, family.REFERENCE_TEXT_DIR
+    patterns = [f"{w}/{family.REFERENCE_MOVQ_FILE}", f"{w}/{family.REFERENCE_CONFIG_FILE}"]
+    patterns += [f"{w}/{t}/*"] + [f"{w}/{m.reference_file}" for m in members]
+    return snapshot_download(repo_id, allow_patterns=patterns)
+
+
+def load_pickle(file: str) -> dict:
+    """A reference checkpoint: tensors only (`weights_only=True`), memory-mapped when possible."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        # Files written in torch's legacy (pre-zip) format cannot be memory-mapped.
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _build(cls, config: dict, state: dict, dtype, device) -> nn.Module:
+    with torch.device("meta"):
+        model = cls(**config)
+    model.load_state_dict(state, strict=True, assign=True)
+    return cast(model, device, dtype).eval()
+
+
+def cast(model: nn.Module, device, dtype) -> nn.Module:
+    # nn.Module.to: diffusers' ModelMixin.to warns on any dtype cast; these models keep no
+    # float32-only modules, so the plain cast is what from_pretrained(torch_dtype=) does.
+    return nn.Module.to(model, device=device, dtype=dtype)
+
+
+def reference_unet(root: str, member: family.Member, text_dim: int | None = None):
+    """(Kandinsky3UNet on CPU in float32, null_embedding) from a reference-layout member."""
+    ckpt = load_pickle(os.path.join(root, member.reference_file))
+    projection = load_pickle(os.path.join(root, family.REFERENCE_TEXT_DIR, member.projection_file))
+    state = keymap.unet_state_to_diffusers(ckpt["unet"], projection)
+    config = {**REFERENCE_UNET_CONFIG, **family.read_reference_config(root).get("unet", {})}
+    config["in_channels"] = member.in_channels
+    config["encoder_hid_dim"] = projection["0.weight"].shape[1]
+    null = ckpt.get("null_embedding")
+    unet = _build(unet_class(member), config, state, torch.float32, "cpu")
+    return unet, (null.float().clone() if null is not None else None)
+
+
+def reference_movq(root: str):
+    from diffusers import VQModel
+
+    config = {**REFERENCE_MOVQ_CONFIG, **family.read_reference_config(root).get("movq", {})}
+    state = keymap.movq_state_to_diffusers(
+        load_pickle(os.path.join(root, family.REFERENCE_MOVQ_FILE)),
+        len(config["block_out_channels"]),
+    )
+    # The reference MoVQ has no codebook: k3batch decodes with force_not_quantize=True, as the
+    # reference does (it never quantizes); zeros only make the diffusers model complete.
+    state.setdefault(
+        "quantize.embedding.weight",
+        torch.zeros(config["num_vq_embeddings"], config["vq_embed_dim"]),
+    )
+    return _build(VQModel, config, state, torch.float32, "cpu")
+
+
+def _load_reference(path, members, dtypes, devices) -> Components:
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    if family.is_hub_id(path):
+        path = reference_download(path, members)
+    root = family.reference_root(path)
+    if root is None:
+        raise FileNotFoundError(f"{path} is not a reference-layout checkpoint (no weights/movq.pt)")
+    text_dir = os.path.join(root, family.REFERENCE_TEXT_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(text_dir)
+    # transformers reads pytorch_model*.bin with torch.load(weights_only=True) as well.
+    text_encoder = T5EncoderModel.from_pretrained(text_dir, dtype=dtypes["text_encoder"]).to(
+        devices["text_encoder"]
+    )
+    movq = cast(reference_movq(root), devices["movq"], dtypes["movq"])
+    unets = {}
+    for m in members:
+        unet, null = reference_unet(root, m)
+        unets[m.name] = (cast(unet, devices["unet"], dtypes["unet"]), null)
+    return Components(tokenizer, text_encoder, movq, unets)

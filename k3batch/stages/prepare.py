@@ -1,0 +1,129 @@
+"""Read the input images and masks of image-to-image and inpainting rows, on CPU tasks.
+
+Each `image`/`mask` is a URI (any fsspec protocol or a local path) or raw bytes. The image is
+sized as the reference does (about one megapixel at most, sides floored to multiples of 64)
+and handed on as raw RGB; the mask becomes the reference's keep-mask at the same size.
+Anything that goes wrong is that row's error, naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from k3batch import images
+from k3batch.rows import STATUS_ERROR, STATUS_OK, show
+from k3batch.stages.base import Stage
+
+
+def describe(value) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"
+    return show(value)
+
+
+class RowFailure(Exception):
+    pass
+
+
+class PrepareImagesStage(Stage):
+    needs = ("id", "width", "height", "status", "error")
+    optional = ("image", "mask")
+    adds = {
+        "source_rgb": pa.binary(),
+        "keep_mask": pa.binary(),
+        "width": pa.int64(),
+        "height": pa.int64(),
+        "status": pa.string(),
+        "error": pa.string(),
+    }
+
+    def __init__(self, max_side: int = 2048, base_dir: str | None = None):
+        self.max_side = max_side
+        # Relative local paths in the table are relative to where the job was started (as in
+        # the config); Ray workers may run elsewhere.
+        self.base_dir = base_dir
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        n = len(batch["id"])
+        out = {
+            "source_rgb": [None] * n,
+            "keep_mask": [None] * n,
+            "width": list(batch["width"]),
+            "height": list(batch["height"]),
+            "status": list(batch["status"]),
+            "error": list(batch["error"]),
+        }
+        sources = batch.get("image") or [None] * n
+        masks = batch.get("mask") or [None] * n
+        for i in range(n):
+            if batch["status"][i] != STATUS_OK or sources[i] is None:
+                continue
+            try:
+                self._prepare(i, sources[i], masks[i], batch, out)
+            except RowFailure as e:
+                out["status"][i] = STATUS_ERROR
+                out["error"][i] = str(e)
+        return out
+
+    def _open(self, field: str, value):
+        try:
+            data = images.read_bytes(self._resolve(value))
+        except Exception as e:  # noqa: BLE001 - any storage failure is the row's error
+            raise RowFailure(
+                f"{field}: cannot read {describe(value)}: {type(e).__name__}: {e}"
+            ) from None
+        try:
+            return images.open_image(data)
+        except Exception as e:  # noqa: BLE001 - undecodable data is the row's error
+            raise RowFailure(
+                f"{field}: not a readable image: {describe(value)}: {type(e).__name__}: {e}"
+            ) from None
+
+    def _resolve(self, value):
+        import os
+
+        from k3batch.storage import is_remote
+
+        if isinstance(value, str) and self.base_dir and not is_remote(value):
+            path = value.removeprefix("file://")
+            return path if os.path.isabs(path) else os.path.join(self.base_dir, path)
+        return value
+
+    def _prepare(self, i, source, mask_source, batch, out) -> None:
+        image = self._open("image", source)
+        w0, h0 = image.size
+        width, height = images.diffusion_size(w0, h0)
+        if min(width, height) < 64:
+            raise RowFailure(
+                f"image: {w0}x{h0} is too small: each side must be at least 64 pixels "
+                f"(got {width}x{height} after the reference's resize)"
+            )
+        if max(width, height) > self.max_side:
+            raise RowFailure(
+                f"image: {w0}x{h0} gives {width}x{height}, above limits.max_side={self.max_side}"
+            )
+        for name, derived in (("width", width), ("height", height)):
+            asked = batch[name][i]
+            if asked is not None and asked != derived:
+                raise RowFailure(
+                    f"{name}: {asked} differs from the size derived from the image "
+                    f"({w0}x{h0} -> {width}x{height}), leave width/height empty for image rows"
+                )
+        if mask_source is not None:
+            mask_image = self._open("mask", mask_source)
+            if mask_image.size != image.size:
+                raise RowFailure(
+                    f"mask: size {mask_image.size[0]}x{mask_image.size[1]} differs from the "
+                    f"image's {w0}x{h0} ({describe(mask_source)})"
+                )
+            repaint = images.mask_array(mask_image)
+            if not repaint.any():
+                raise RowFailure(
+                    f"mask: empty, no pixel to repaint (white, grey >= {images.MASK_THRESHOLD}, "
+                    f"= repaint): {describe(mask_source)}"
+                )
+            keep = images.prepare_mask(repaint, (width, height))
+            out["keep_mask"][i] = np.ascontiguousarray(keep).tobytes()
+        out["source_rgb"][i] = images.prepare_image(image, (width, height)).tobytes()
+        out["width"][i], out["height"][i] = width, height
