@@ -389,6 +389,43 @@ class RayConfig(Strict):
     )
 
 
+def apply_member_defaults(generation: GenerationConfig, model: ModelConfig) -> None:
+    """Fill null steps/guidance with the family member's own; refuse settings it cannot use.
+
+    Shared by batch jobs and the Serve app, so both treat a member the same way.
+    """
+    from k3batch.model import family
+
+    g, m = generation, model
+    member = family.MEMBERS[m.name]
+    if m.refine and m.name != family.BASE:
+        raise ValueError(f"model.refine: works on kandinsky3 (base) jobs, not {m.name}")
+    if m.name == family.FLASH:
+        # Flash has no guidance and fixed timesteps: settings that would not be used are
+        # reported here rather than silently dropped.
+        if g.negative_prompt is not None:
+            raise ValueError(
+                f"generation.negative_prompt: kandinsky3-flash uses no guidance, so a "
+                f"negative prompt has no effect (got {g.negative_prompt!r}); remove it"
+            )
+        if g.guidance_scale is not None:
+            raise ValueError(
+                f"generation.guidance_scale: kandinsky3-flash uses no guidance "
+                f"(got {g.guidance_scale!r}); remove it"
+            )
+        if g.num_inference_steps not in (None, len(family.FLASH_TIMESTEPS)):
+            raise ValueError(
+                f"generation.num_inference_steps: kandinsky3-flash always runs 4 steps at "
+                f"{list(family.FLASH_TIMESTEPS)} (got {g.num_inference_steps!r}); remove it"
+            )
+        g.num_inference_steps = len(family.FLASH_TIMESTEPS)
+    else:
+        if g.num_inference_steps is None:
+            g.num_inference_steps = member.num_inference_steps
+        if g.guidance_scale is None:
+            g.guidance_scale = member.guidance_scale
+
+
 class JobConfig(Strict):
     job: Literal["text_to_image", "beautify"] = Field(
         "text_to_image",
@@ -433,36 +470,7 @@ class JobConfig(Strict):
     @model_validator(mode="after")
     def _model_settings(self) -> JobConfig:
         """Model-specific checks, then null generation defaults become the model's own."""
-        from k3batch.model import family
-
-        g, m = self.generation, self.model
-        member = family.MEMBERS[m.name]
-        if m.refine and m.name != family.BASE:
-            raise ValueError(f"model.refine: works on kandinsky3 (base) jobs, not {m.name}")
-        if m.name == family.FLASH:
-            # Flash has no guidance and fixed timesteps: settings that would not be used are
-            # reported here rather than silently dropped.
-            if g.negative_prompt is not None:
-                raise ValueError(
-                    f"generation.negative_prompt: kandinsky3-flash uses no guidance, so a "
-                    f"negative prompt has no effect (got {g.negative_prompt!r}); remove it"
-                )
-            if g.guidance_scale is not None:
-                raise ValueError(
-                    f"generation.guidance_scale: kandinsky3-flash uses no guidance "
-                    f"(got {g.guidance_scale!r}); remove it"
-                )
-            if g.num_inference_steps not in (None, len(family.FLASH_TIMESTEPS)):
-                raise ValueError(
-                    f"generation.num_inference_steps: kandinsky3-flash always runs 4 steps at "
-                    f"{list(family.FLASH_TIMESTEPS)} (got {g.num_inference_steps!r}); remove it"
-                )
-            g.num_inference_steps = len(family.FLASH_TIMESTEPS)
-        else:
-            if g.num_inference_steps is None:
-                g.num_inference_steps = member.num_inference_steps
-            if g.guidance_scale is None:
-                g.guidance_scale = member.guidance_scale
+        apply_member_defaults(self.generation, self.model)
         return self
 
     @model_validator(mode="after")

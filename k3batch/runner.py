@@ -391,7 +391,8 @@ def summary(run: dict, report: str | None = None) -> str:
         f"output        {run['output']}",
         f"rows in/out   {run['rows_in']} / {run['rows_out']}",
         f"ok / errors   {run['ok']} / {run['error']}",
-        f"this run      {run.get('rows_this_run', run['rows_out'])} rows",
+        f"this run      {run.get('rows_this_run', run['rows_out'])} rows; "
+        f"{run.get('skipped_by_resume', 0)} finished earlier, skipped",
     ]
     if run["errors_by_field"]:
         kinds = ", ".join(f"{k}: {v}" for k, v in run["errors_by_field"].items())

@@ -41,7 +41,7 @@ def server(ray_local, tiny_dir, tmp_path_factory):
         "generation": {"num_inference_steps": 2, "width": 64, "height": 64, "seed": -1},
         "limits": {"max_side": 256, "max_n": 3, "max_request_bytes": 4096},
         "batching": {"max_batch_size": 4, "batch_wait_timeout_s": 0.3},
-        "generator": {"num_cpus": 0.5, "max_ongoing_requests": 4, "max_queued_requests": 2},
+        "generator": {"num_cpus": 0.5, "max_ongoing_requests": 4, "max_queued_requests": 8},
         "request_timeout_s": 3,
         "retry_after_s": 7,
         "auth": {"api_keys_file": str(keys)},
@@ -112,7 +112,9 @@ def test_concurrent_requests_are_batched_and_keep_their_own_seeds(server):
             return together, alone
 
     together, alone = asyncio.run(burst())
-    assert all(r.status_code == 200 for r in together + alone)
+    assert all(r.status_code == 200 for r in together + alone), [
+        (r.status_code, r.text[:200]) for r in together + alone if r.status_code != 200
+    ]
     # Batched on the server vs one at a time: equal up to float rounding (see conftest).
     assert_same_images(
         [png_pixels(a.json()["data"][0]["b64_json"]) for a in together],
@@ -233,11 +235,11 @@ def test_burst_beyond_the_queue_bound_is_refused_with_retry_after(server):
 
     responses = asyncio.run(burst())
     codes = [r.status_code for r in responses]
-    # max_ongoing_requests (4) + max_queued_requests (2) are admitted; the rest is refused at
-    # once. Admitted ones finish (200) or, on a loaded machine, hit the 3 s timeout (503).
+    # At most max_ongoing_requests (4) + max_queued_requests (8) are admitted; the rest is
+    # refused at once. Admitted ones finish (200) or, on a loaded machine, hit the 3 s timeout.
     refused = [r for r in responses if r.status_code == 429]
     admitted = [r for r in responses if r.status_code != 429]
-    assert 1 <= len(refused) <= 16 - 1 and len(admitted) <= 6, codes
+    assert len(refused) >= 16 - 12 and len(admitted) <= 12, codes
     assert all(r.status_code == 200 or "within 3 s" in r.text for r in admitted), codes
     assert all(r.headers["retry-after"] == "7" for r in responses if r.status_code != 200)
     assert all(r.json()["error"]["code"] == "overloaded" for r in refused)

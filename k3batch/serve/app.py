@@ -134,7 +134,10 @@ class Ingress:
         self.cfg = ServeAppConfig.model_validate(cfg)
         self.generator = generator
         self.keys = load_api_keys(self.cfg)
-        self.rules = rows.RowRules.from_config(self.cfg.generation, self.cfg.limits)
+        # The model name resolves null steps/guidance to the member's own defaults.
+        self.rules = rows.RowRules.from_config(
+            self.cfg.generation, self.cfg.limits, self.cfg.model.name
+        )
 
     # -- helpers ------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:

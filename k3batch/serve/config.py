@@ -6,7 +6,13 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from k3batch.config import GenerationConfig, LimitsConfig, ModelConfig, Strict
+from k3batch.config import (
+    GenerationConfig,
+    LimitsConfig,
+    ModelConfig,
+    Strict,
+    apply_member_defaults,
+)
 
 
 class BatchingConfig(Strict):
@@ -93,6 +99,7 @@ class ServeAppConfig(Strict):
 
     @model_validator(mode="after")
     def _replicas(self) -> ServeAppConfig:
+        apply_member_defaults(self.generation, self.model)
         g = self.generator
         if g.autoscaling_config is not None:
             g.num_replicas = None
