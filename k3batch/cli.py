@@ -188,19 +188,17 @@ def _report_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="k3batch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a batch job described by a YAML config")
     run.add_argument("config", help="job config (YAML), e.g. configs/demo.yaml")
-    run.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a config field, e.g. --set resources.batch_size=8 (repeatable)",
-    )
+    _add_set(run, "override a config field, e.g. --set resources.batch_size=8 (repeatable)")
     run.add_argument(
         "--overwrite", action="store_true", help="replace a previous run in output.uri"
     )
@@ -260,13 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sbm.add_argument("--working-dir", help="directory to upload (default: the project root)")
     sbm.add_argument("--job-id", help="submission id (default: generated)")
-    sbm.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a config field on the cluster (repeatable)",
-    )
+    _add_set(sbm, "override a config field on the cluster (repeatable)")
     sbm.set_defaults(func=_submit)
 
     srv = sub.add_parser("serve", help="serve a Ray Serve config (OpenAI Images API endpoint)")
@@ -274,12 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", help="override http_options.host")
     srv.add_argument("--port", type=int, help="override http_options.port")
     srv.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or a local Ray)")
-    srv.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a field of the first application's args, e.g. --set batching.max_batch_size=8",
+    _add_set(
+        srv,
+        "override a field of the first application's args, e.g. --set batching.max_batch_size=8",
     )
     srv.set_defaults(func=_serve)
 
@@ -311,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="validate and print a config, or print the JSON schema")
     config.add_argument("config", nargs="?", help="job config (YAML)")
-    config.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    _add_set(config, "override a config field (repeatable)")
     config.add_argument("--schema", action="store_true", help="print the config's JSON schema")
     config.add_argument(
         "--reference",

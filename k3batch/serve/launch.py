@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from k3batch.config import ConfigError, format_validation_error, parse_overrides
+from k3batch.config import ConfigError, _set_path, format_validation_error, parse_overrides
 
 
 def import_attr(path: str):
@@ -36,11 +36,7 @@ def load_serve_config(path: str, overrides: list[str] | None = None) -> dict:
     if not apps:
         raise ConfigError(f"serve config {path}: needs an `applications` list")
     for key, value in parse_overrides(overrides or []):
-        node = apps[0].setdefault("args", {})
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
+        _set_path(apps[0].setdefault("args", {}), key, value)
     for i, app in enumerate(apps):
         if app.get("import_path") == "k3batch.serve.app:build_app":
             try:
