@@ -7,6 +7,7 @@ benchmark's own raylet (workers and actors), per process and summed.
 
     .venv/bin/python benchmarks/streaming_memory.py            # ~10 min on 2 idle cores
     .venv/bin/python benchmarks/streaming_memory.py --quick    # 500 vs 5,000 rows
+    .venv/bin/python benchmarks/streaming_memory.py --rows 50 200   # smoke test (CI)
 """
 
 from __future__ import annotations
@@ -105,8 +106,9 @@ def run(n: int, model_dir: str, tmp: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rows", type=int, nargs=2, metavar=("SMALL", "LARGE"))
     args = parser.parse_args()
-    small, large = (500, 5_000) if args.quick else (5_000, 50_000)
+    small, large = args.rows or ((500, 5_000) if args.quick else (5_000, 50_000))
     model_dir = tiny_model_dir()
     tmp = tempfile.mkdtemp(prefix="k3batch-mem-")
     a, b = run(small, model_dir, tmp), run(large, model_dir, tmp)
