@@ -159,6 +159,37 @@ def image_flops(per_call: dict, member: str, steps: int) -> dict[str, float]:
     return {**stages, "image": sum(stages.values())}
 
 
+def sdpa_backends(device: str, dtype, side: int) -> dict[str, list[str]]:
+    """Which SDPA kernels take the model's attention shapes on this GPU (the MoVQ's one
+    1024-wide head over (side/8)^2 tokens is beyond flash attention's head size)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    tokens = (side // 8) ** 2
+    shapes = {
+        "movq mid-block (1 head x 1024)": (1, 1, tokens, 1024),
+        "unet self-attention (64-wide heads)": (2, 12, tokens // 4, 64),
+    }
+    found = {}
+    for name, shape in shapes.items():
+        q = torch.randn(shape, device=device, dtype=dtype)
+        found[name] = []
+        for backend in (
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.CUDNN_ATTENTION,
+        ):
+            try:
+                with sdpa_kernel([backend]):
+                    F.scaled_dot_product_attention(q, q, q)
+                found[name].append(backend.name)
+            except RuntimeError:
+                pass
+        del q
+    return found
+
+
 # ------------------------------------------------------------------ timing
 def synchronize(device: str) -> None:
     import torch
@@ -349,6 +380,11 @@ def main(argv=None) -> dict:
             f"UNet {f['unet'] / scale:.2f}, decode {f['decode'] / scale:.2f})",
             flush=True,
         )
+    backends = {}
+    if args.device.startswith("cuda"):
+        backends = sdpa_backends(args.device, dtype, args.size)
+        for name, names in backends.items():
+            print(f"SDPA kernels for {name}: {', '.join(names) or 'none (math fallback)'}")
     results: list[Result] = []
 
     # diffusers first: k3batch's Denoiser rewires the UNet it wraps (projection, pooling).
@@ -388,6 +424,7 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
         "args": vars(args),
         "flops_per_image": flops,
+        "sdpa_backends": backends,
         "results": [{**asdict(r), "images_per_second": r.images_per_second} for r in results],
     }
     if args.json:
