@@ -25,8 +25,8 @@ in or the device's RNG.
 Precision: each component runs in its `model.dtype`, but the sampler's state stays float32
 whatever the UNet's dtype: latents between steps, noise, the guidance combination
 (w+1)*cond - w*uncond (w=3 multiplies the UNet's rounding by 7), x0 and its percentile
-threshold, the DDIM update and the MoVQ output's conversion to pixels. The UNet sees a
-bfloat16 copy of the latent; its epsilon comes back as float32.
+threshold, the DDIM update and the MoVQ output's conversion to pixels. The UNet gets a
+copy of the latent in its own dtype; its epsilon comes back as float32.
 
 GPU path (`model.performance`, `performance.py`): SDPA attention, channels_last,
 torch.compile of the UNet(s) and the MoVQ decoder; cond and uncond rows run in one UNet

@@ -9,12 +9,8 @@ keeps its state in float32 (see `kandinsky3` and `schedule`).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 SDPA = "sdpa"
 EAGER = "eager"
@@ -64,11 +60,6 @@ def compile_module(module: nn.Module, settings: dict) -> nn.Module:
         dynamic=settings.get("dynamic"),
     )
     return module
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """A device allocation failure (CUDA, and other accelerators torch reports the same way)."""
-    return isinstance(error, torch.OutOfMemoryError)
 
 
 def release_cached_memory(device: torch.device) -> None:
