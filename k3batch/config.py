@@ -57,6 +57,53 @@ class DtypeMap(Strict):
     movq: Dtype = Field("float32", description="MoVQ decoder.")
 
 
+class CompileConfig(Strict):
+    """`torch.compile` of the denoising UNet(s) and the MoVQ decoder (off by default)."""
+
+    unet: bool = Field(
+        False,
+        description="Compile the UNet(s) (every member the job loads). The first batch of each "
+        "new shape (size, batch) compiles, which takes minutes at 1024x1024.",
+    )
+    movq: bool = Field(
+        False,
+        description="Compile the MoVQ decoder: worth it for Flash, where decoding is ~70% of "
+        "the work.",
+    )
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
+        Field("default", description="torch.compile `mode`.")
+    )
+    backend: str = Field("inductor", description="torch.compile `backend`.")
+    fullgraph: bool = Field(
+        False, description="torch.compile `fullgraph`: fail on graph breaks instead of splitting."
+    )
+    dynamic: bool | None = Field(
+        None,
+        description="torch.compile `dynamic`; null: recompile once with dynamic shapes when a "
+        "shape changes (e.g. a smaller last batch).",
+    )
+
+
+class PerformanceConfig(Strict):
+    """Speed settings that keep each image equal to the plain path up to float rounding."""
+
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa",
+        description="Attention kernel of every attention layer (UNet, its attention pooling, "
+        "MoVQ, T5). `sdpa`: torch's scaled_dot_product_attention (diffusers' AttnProcessor2_0; "
+        "flash / memory-efficient kernels on GPUs, no 16384x16384 score matrix in the MoVQ "
+        "decoder at 1024x1024). `eager`: diffusers' AttnProcessor, scores materialised.",
+    )
+    channels_last: bool = Field(
+        False,
+        description="Convolution weights and activations of the UNet(s) and MoVQ in "
+        "torch.channels_last memory format (faster convolutions in half precision on GPUs).",
+    )
+    compile: CompileConfig = Field(
+        default_factory=CompileConfig, description="torch.compile settings."
+    )
+
+
 def _check_device(v: str) -> str:
     if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
         raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}")
@@ -120,6 +167,10 @@ class ModelConfig(Strict):
         description="Torch device for all components (`auto`: CUDA when the actor has a GPU, "
         "else CPU; `cpu`, `cuda` or `cuda:N`), or a mapping per component "
         "{unet, text_encoder, movq}.",
+    )
+    performance: PerformanceConfig = Field(
+        default_factory=PerformanceConfig,
+        description="Attention kernel, memory format and torch.compile (the GPU path).",
     )
 
     @field_validator("device")
@@ -202,6 +253,41 @@ class LimitsConfig(Strict):
     )
 
 
+class TextEncoderPoolConfig(Strict):
+    """The T5 text encoder in its own actor pool, ahead of the generation pool."""
+
+    enabled: bool = Field(
+        False,
+        description="Run the text encoder in its own actor pool: it adds per-row prompt "
+        "embeddings (`prompt_embeds`, `negative_prompt_embeds`) that the generation actors "
+        "read, and those actors load no T5 (8.7B parameters, 17 GB in bfloat16). Images equal "
+        "those of the in-actor encoder. Use it when encoding holds up the UNet, or to fit the "
+        "UNet actors in less memory.",
+    )
+    num_actors: int = Field(1, ge=1, description="Text encoder actors to start.")
+    max_actors: int | None = Field(
+        None, ge=1, description="Upper bound for autoscaling the pool; null = num_actors."
+    )
+    num_gpus_per_actor: float = Field(
+        0.0,
+        ge=0,
+        description="GPUs per text encoder actor; fractions share a GPU (e.g. 0.5: two "
+        "encoders per GPU, or one beside a generation actor that asks for 0.5).",
+    )
+    num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per text encoder actor.")
+    batch_size: int = Field(
+        32, ge=1, description="Rows per text encoder call (with their negative prompts)."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> TextEncoderPoolConfig:
+        if self.max_actors is not None and self.max_actors < self.num_actors:
+            raise ValueError(
+                f"max_actors ({self.max_actors}) must be >= num_actors ({self.num_actors})"
+            )
+        return self
+
+
 class ResourcesConfig(Strict):
     batch_size: int = Field(
         4,
@@ -233,9 +319,15 @@ class ResourcesConfig(Strict):
     decode_batch_size: int = Field(
         1,
         ge=1,
-        description="Latents per MoVQ decode call. 1 keeps decode memory flat and results batch-independent.",
+        description="Latents per MoVQ decode call, at most: a call that runs out of GPU memory "
+        "is retried with half as many (and later calls keep the smaller size). 1 keeps decode "
+        "memory flat and results batch-independent.",
     )
     write_num_cpus: float = Field(0.5, gt=0, description="CPUs per image encode/write task.")
+    text_encoder_pool: TextEncoderPoolConfig = Field(
+        default_factory=TextEncoderPoolConfig,
+        description="Optional separate actor pool for the T5 text encoder.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> ResourcesConfig:

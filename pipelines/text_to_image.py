@@ -7,6 +7,8 @@ read_parquet(input.uri, include_row_hash)
   [-> beautify, ChoosePromptStage]   when beautify.enabled or input.beautified_prompt_column
                                      (pipelines/beautify.py): generation reads `prompt_used`
   -> PrepareImagesStage (tasks)      rows with `image`/`mask`: read, size as the reference
+  [-> TextEncodeStage   (actor pool) resources.text_encoder_pool: T5 in its own pool, per-row
+                                     prompt embeddings for the generation actors]
   -> repartition        (streaming)  blocks of one generation batch
   -> GenerateStage      (actor pool) Kandinsky 3, model loaded once per actor
   -> files:      WriteImagesStage  (tasks) OUTPUT/images/<key>.<ext>
@@ -27,6 +29,7 @@ from k3batch.images import EXTENSIONS
 from k3batch.rows import RowRules
 from k3batch.stages.generate import GenerateStage
 from k3batch.stages.prepare import PrepareImagesStage
+from k3batch.stages.text_encode import TextEncodeStage
 from k3batch.stages.validate import ValidateStage
 from k3batch.stages.write import EncodeImagesStage, WriteImagesStage
 from pipelines import beautify
@@ -63,6 +66,23 @@ def build(cfg: JobConfig):
         batch_size=PREPARE_BATCH_SIZE,
         num_cpus=res.write_num_cpus,
     )
+    pool = res.text_encoder_pool
+    if pool.enabled:
+        # T5 in its own pool: rows arrive at generation with their prompt embeddings.
+        ds = ds.repartition(target_num_rows_per_block=pool.batch_size)
+        ds = map_stage(
+            ds,
+            TextEncodeStage,
+            {
+                "model": cfg.model.model_dump(),
+                "prompt_column": generate_from,
+                "torch_threads": res.torch_threads,
+            },
+            batch_size=pool.batch_size,
+            num_cpus=pool.num_cpus_per_actor,
+            num_gpus=pool.num_gpus_per_actor,
+            actors=(pool.num_actors, pool.max_actors or pool.num_actors),
+        )
     # An actor pool takes whole blocks, and a Parquet file reads as few large blocks: cut
     # them to one generation batch each (streaming, no shuffle) so every actor gets work.
     ds = ds.repartition(target_num_rows_per_block=res.batch_size)
@@ -74,6 +94,7 @@ def build(cfg: JobConfig):
             "decode_batch_size": res.decode_batch_size,
             "torch_threads": res.torch_threads,
             "prompt_column": generate_from,
+            "text_encoder_pool": pool.enabled,
         },
         batch_size=res.batch_size,
         num_cpus=res.num_cpus_per_actor,

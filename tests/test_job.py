@@ -142,6 +142,26 @@ def test_batch_size_and_actor_count_do_not_change_images_or_ids(
         assert_same_images([a[key]], [b[key]])
 
 
+def test_text_encoder_pool_gives_the_images_of_the_in_actor_encoder(
+    ray_local, tmp_path, prompts_dir, tiny_dir
+):
+    plain = run(tmp_path / "plain", prompts_dir, tiny_dir)
+    pool = {"enabled": True, "batch_size": 3, "num_cpus_per_actor": 0.5}
+    pooled = run(tmp_path / "pool", prompts_dir, tiny_dir, resources={"text_encoder_pool": pool})
+    assert plain.ok and pooled.ok
+    stages = pooled.run["stages"]
+    assert stages["text_encode"]["actor_pool"] and stages["text_encode"]["rows"] == 9
+    assert "text_encode" not in plain.run["stages"]
+    meta = read_metadata(tmp_path / "pool" / "out")
+    # The embeddings travel from the encoder pool to generation and are not written out.
+    assert not {"prompt_embeds", "negative_prompt_embeds", "prompt_embeds_length"} & set(meta[0])
+    a = pixels(read_metadata(tmp_path / "plain" / "out"))
+    b = pixels(meta)
+    assert a.keys() == b.keys() and len(a) == 6  # rows with negative prompts among them
+    for key in a:
+        assert_same_images([a[key]], [b[key]])
+
+
 def test_same_job_resumes_a_different_one_is_refused_overwrite_replaces(
     ray_local, tmp_path, prompts_dir, tiny_dir
 ):

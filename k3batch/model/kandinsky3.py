@@ -21,6 +21,16 @@ takes an input image's latent to the first timestep (image-to-image); one draw p
 (DDIM: at every step, the last one's unused, as in the reference; Flash: the re-noising of
 every step); then one draw for the refiner's re-noising. An image depends only on its row, not on the batch it ran
 in or the device's RNG.
+
+Precision: each component runs in its `model.dtype`, but the sampler's state stays float32
+whatever the UNet's dtype: latents between steps, noise, the guidance combination
+(w+1)*cond - w*uncond (w=3 multiplies the UNet's rounding by 7), x0 and its percentile
+threshold, the DDIM update and the MoVQ output's conversion to pixels. The UNet gets a
+copy of the latent in its own dtype; its epsilon comes back as float32.
+
+GPU path (`model.performance`, `performance.py`): SDPA attention, channels_last,
+torch.compile of the UNet(s) and the MoVQ decoder; cond and uncond rows run in one UNet
+forward of twice the batch; MoVQ decode chunks halve on out-of-memory.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from k3batch.model import family
+from k3batch.model import family, performance
 from k3batch.model import text as textmod
 from k3batch.model.schedule import DiffusionSchedule, base_timesteps
 
@@ -59,6 +69,8 @@ class Request:
     image: np.ndarray | None = None  # HxWx3 uint8 at (height, width): img2img, inpainting
     mask: np.ndarray | None = None  # HxW float32 keep-mask (1 = keep, 0 = repaint)
     strength: float | None = None  # img2img
+    # T5 output of this row from the text encoder pool; None: the model encodes the prompt.
+    text: textmod.PromptEmbedding | None = None
 
 
 class RowLengthPooling(nn.Module):
@@ -106,15 +118,16 @@ class Denoiser:
             self.uncond = textmod.UNCOND_ZEROS
         param = next(unet.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.memory_format = torch.preserve_format  # channels_last with model.performance
 
     @property
     def guided(self) -> bool:
         return self.uncond != textmod.UNCOND_NONE
 
-    def condition(self, hidden: textmod.Hidden, tokens: textmod.Tokens) -> textmod.Conditioning:
+    def condition(self, hidden: textmod.Hidden, lengths: torch.Tensor) -> textmod.Conditioning:
         uncond = self.uncond if self.guided else None
         return textmod.project(
-            hidden, tokens, self.projection, uncond, self.null_embedding, self.dtype
+            hidden, lengths, self.projection, uncond, self.null_embedding, self.dtype
         )
 
     def __call__(self, x, t: int, context, mask, lengths) -> torch.Tensor:
@@ -122,7 +135,8 @@ class Denoiser:
         self.pooling.lengths = lengths
         try:
             tt = torch.full((x.shape[0],), float(t), device=self.device)
-            out = self.unet(x.to(self.device, self.dtype), tt, context, mask, return_dict=False)
+            x = x.to(self.device, self.dtype, memory_format=self.memory_format)
+            out = self.unet(x, tt, context, mask, return_dict=False)
         finally:
             self.pooling.lengths = None
         return out[0].float()
@@ -143,8 +157,10 @@ class Kandinsky3:
         decode_batch_size: int = 1,
     ):
         self.tokenizer = tokenizer
-        self.text_encoder = text_encoder.eval()
+        # None when prompt embeddings come from the text encoder pool (`Request.text`).
+        self.text_encoder = text_encoder.eval() if text_encoder is not None else None
         self.movq = movq.eval()
+        self.movq_memory_format = torch.preserve_format
         self.member = family.MEMBERS[member]
         self.denoiser = denoisers[member]
         self.refiner = denoisers[family.FLASH] if refine else None
@@ -164,14 +180,24 @@ class Kandinsky3:
         device: dict | str = "auto",
         variant: str | None = None,
         decode_batch_size: int = 1,
+        performance: dict | None = None,
+        text_encoder: bool = True,
     ) -> Kandinsky3:
+        """Load a member (and the Flash refiner); `performance`: `optimize`'s arguments
+        (`model.performance`); `text_encoder=False` leaves T5 to the text encoder pool."""
         from k3batch.model import loading
 
         if refine and member != family.BASE:
             raise ValueError(f"refine works on {family.BASE} jobs, not {member}")
         members = family.members_needed(member, refine)
         parts = loading.load(
-            path, members, layout=layout, dtype=dtype, device=device, variant=variant
+            path,
+            members,
+            layout=layout,
+            dtype=dtype,
+            device=device,
+            variant=variant,
+            text_encoder=text_encoder,
         )
         denoisers = {}
         for m in members:
@@ -184,7 +210,7 @@ class Kandinsky3:
                     m.name,
                 )
             denoisers[m.name] = Denoiser(m, unet, null)
-        return cls(
+        model = cls(
             parts.tokenizer,
             parts.text_encoder,
             parts.movq,
@@ -193,6 +219,32 @@ class Kandinsky3:
             refine=refine,
             decode_batch_size=decode_batch_size,
         )
+        return model.optimize(**(performance or {}))
+
+    def optimize(
+        self, attention: str = "sdpa", channels_last: bool = False, compile: dict | None = None
+    ) -> Kandinsky3:
+        """Apply `model.performance` to the loaded modules (see `performance`); returns self."""
+        denoisers = [d for d in (self.denoiser, self.refiner) if d is not None]
+        for d in denoisers:
+            performance.set_attention(d.unet, attention)
+        performance.set_attention(self.movq, attention)
+        if self.text_encoder is not None:
+            performance.set_text_attention(self.text_encoder, attention)
+        if channels_last:
+            for d in denoisers:
+                performance.to_channels_last(d.unet)
+                d.memory_format = torch.channels_last
+            performance.to_channels_last(self.movq)
+            self.movq_memory_format = torch.channels_last
+        compile = compile or {}
+        if compile.get("unet"):
+            for d in denoisers:
+                performance.compile_module(d.unet, compile)
+        if compile.get("movq"):
+            # The decoder is nearly all of decode(); post_quant_conv is one 4->4 conv.
+            performance.compile_module(self.movq.decoder, compile)
+        return self
 
     # Views of the job's own member (tests and the stage read them).
     @property
@@ -247,13 +299,8 @@ class Kandinsky3:
                 "one generate() call takes rows of one size, step count and kind (and strength)"
             )
         kind = key[3]
-        tokens = textmod.tokenize(
-            self.tokenizer,
-            [r.prompt for r in requests],
-            [r.negative_prompt if self.denoiser.guided else None for r in requests],
-        )
-        hidden = textmod.run_encoder(tokens, self.text_encoder, with_negatives=self.denoiser.guided)
-        cond = self.denoiser.condition(hidden, tokens)
+        lengths, hidden = self._text(requests)
+        cond = self.denoiser.condition(hidden, lengths)
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
         shape = (4, requests[0].height // 8, requests[0].width // 8)
         if kind == KIND_FLASH:
@@ -265,8 +312,25 @@ class Kandinsky3:
         else:
             x = self._guided(requests, self._noise(generators, shape), cond, generators, shape)
         if self.refiner is not None:
-            x = self._refine(x, hidden, tokens, generators, shape)
+            x = self._refine(x, hidden, lengths, generators, shape)
         return x
+
+    def _text(self, requests) -> tuple[torch.Tensor, textmod.Hidden]:
+        """(token counts, T5 outputs) of the rows: from the text encoder pool or run here."""
+        guided = self.denoiser.guided
+        if all(r.text is not None for r in requests):
+            return textmod.from_embeddings([r.text for r in requests], with_negatives=guided)
+        if self.text_encoder is None:
+            raise RuntimeError(
+                "the model was loaded without its text encoder; rows need prompt embeddings "
+                "(resources.text_encoder_pool)"
+            )
+        tokens = textmod.tokenize(
+            self.tokenizer,
+            [r.prompt for r in requests],
+            [r.negative_prompt if guided else None for r in requests],
+        )
+        return tokens.lengths, textmod.run_encoder(tokens, self.text_encoder, guided)
 
     # ------------------------------------------------------------ samplers
     def _guided(self, requests, x, cond, generators, shape, times=None, extra=None):
@@ -302,8 +366,8 @@ class Kandinsky3:
             x = self.schedule.x0_from_eps(x_t, t, eps)
         return x
 
-    def _refine(self, x, hidden, tokens, generators, shape):
-        cond = self.refiner.condition(hidden, tokens)
+    def _refine(self, x, hidden, lengths, generators, shape):
+        cond = self.refiner.condition(hidden, lengths)
         t = family.REFINE_TIMESTEP
         x_t = self.schedule.add_noise(x, t, self._noise(generators, shape))
         eps = self.refiner(x_t, t, cond.context, cond.context_mask, cond.pool_lengths)
@@ -355,24 +419,90 @@ class Kandinsky3:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
-        """MoVQ-decode to uint8 HWC images, `decode_batch_size` latents per call.
+        """MoVQ-decode to uint8 HWC images, at most `decode_batch_size` latents per call.
 
-        The default of 1 keeps decode memory flat (the decoder's attention at 1024x1024 is
+        The default of 1 keeps decode memory flat (the decoder's activations at 1024x1024 are
         the memory peak) and makes results independent of batch size: convolution kernels
         may round differently for other batch shapes. One 1024x1024 decode (~34 TFLOP)
-        already fills a GPU.
+        already fills a GPU. A call that runs out of device memory is retried with half the
+        latents, and `decode_batch_size` keeps the smaller size for later batches.
         """
         param = next(self.movq.parameters())
-        images = []
-        for chunk in latents.split(self.decode_batch_size):
-            out = self.movq.decode(
-                chunk.to(param.device, param.dtype), force_not_quantize=True
-            ).sample
-            out = ((out.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-            # x255 then truncate, as the reference's torchvision ToPILImage does.
-            out = out.mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            images.extend(list(out))
+        images: list[np.ndarray] = []
+        start = 0
+        while start < len(latents):
+            size = min(self.decode_batch_size, len(latents) - start)
+            try:
+                chunk = self._decode_chunk(latents[start : start + size], param)
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+                chunk = None
+            if chunk is None:
+                # Out of the except block, so the failed call's tensors are already freed.
+                self.decode_batch_size = max(1, size // 2)
+                log.warning(
+                    "MoVQ decode of %d latents ran out of memory; decoding %d at a time",
+                    size,
+                    self.decode_batch_size,
+                )
+                performance.release_cached_memory(param.device)
+                continue
+            images.extend(chunk)
+            start += size
         return images
+
+    def _decode_chunk(self, latents: torch.Tensor, param: torch.Tensor) -> list[np.ndarray]:
+        z = latents.to(param.device, param.dtype, memory_format=self.movq_memory_format)
+        out = self.movq.decode(z, force_not_quantize=True).sample
+        out = ((out.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        # x255 then truncate, as the reference's torchvision ToPILImage does.
+        out = out.mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return list(out)
+
+
+class PromptEncoder:
+    """The family's shared T5 encoder without UNets or MoVQ: per-row prompt embeddings.
+
+    The text encoder pool runs it; `Kandinsky3.sample` reads its output from `Request.text`
+    and computes what it would have computed with the encoder in the same actor.
+    """
+
+    def __init__(self, tokenizer, text_encoder, guided: bool):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.eval()
+        # Without guidance (Flash) negative prompts are never encoded, as in `sample`.
+        self.guided = guided
+        self.dtype = next(text_encoder.parameters()).dtype
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        member: str = family.BASE,
+        layout: str = "auto",
+        dtype: dict | str = "float32",
+        device: dict | str = "auto",
+        variant: str | None = None,
+        attention: str = "sdpa",
+    ) -> PromptEncoder:
+        from k3batch.model import loading
+
+        tokenizer, text_encoder = loading.load_text(
+            path, layout=layout, dtype=dtype, device=device, variant=variant
+        )
+        performance.set_text_attention(text_encoder, attention)
+        return cls(tokenizer, text_encoder, family.MEMBERS[member].guidance_scale is not None)
+
+    @torch.no_grad()
+    def embed(
+        self, prompts: list[str], negative_prompts: list[str | None]
+    ) -> list[textmod.PromptEmbedding]:
+        negatives = [n if self.guided else None for n in negative_prompts]
+        tokens = textmod.tokenize(self.tokenizer, prompts, negatives)
+        hidden = textmod.run_encoder(tokens, self.text_encoder, self.guided)
+        return textmod.row_embeddings(hidden, tokens.lengths)
 
 
 def image_to_image_timesteps(num_inference_steps: int, strength: float) -> list[int]:

@@ -88,8 +88,8 @@ def unet_class(member: family.Member):
 
 @dataclass
 class Components:
-    tokenizer: object
-    text_encoder: nn.Module
+    tokenizer: object  # None when loaded without the text encoder
+    text_encoder: nn.Module | None  # None: prompt embeddings come from the text encoder pool
     movq: nn.Module
     unets: dict  # member name -> (unet, null_embedding or None)
 
@@ -113,24 +113,55 @@ def load(
     dtype: dict | str = "float32",
     device: dict | str = "auto",
     variant: str | None = None,
+    text_encoder: bool = True,
 ) -> Components:
+    """The members' UNets, the MoVQ and (unless `text_encoder=False`) T5 and its tokenizer."""
     layout = family.detect_layout(path, layout)
     dtypes = {c: DTYPES[per_component(dtype, c)] for c in COMPONENTS}
     devices = {c: resolve_device(per_component(device, c)) for c in COMPONENTS}
     if layout == family.LAYOUT_REFERENCE:
-        return _load_reference(path, members, dtypes, devices)
-    return _load_diffusers(path, members, dtypes, devices, variant)
+        return _load_reference(path, members, dtypes, devices, text_encoder)
+    return _load_diffusers(path, members, dtypes, devices, variant, text_encoder)
+
+
+def load_text(
+    path: str,
+    *,
+    layout: str = "auto",
+    dtype: dict | str = "float32",
+    device: dict | str = "auto",
+    variant: str | None = None,
+):
+    """(tokenizer, T5 encoder) alone, for the text encoder pool."""
+    layout = family.detect_layout(path, layout)
+    dtype = DTYPES[per_component(dtype, "text_encoder")]
+    device = resolve_device(per_component(device, "text_encoder"))
+    if layout == family.LAYOUT_REFERENCE:
+        if family.is_hub_id(path):
+            path = reference_download(path, [])
+        return _reference_text(_reference_root(path), dtype, device)
+    return _diffusers_text(path, dtype, device, variant)
 
 
 # ---------------------------------------------------------------- diffusers layout
-def _load_diffusers(path, members, dtypes, devices, variant) -> Components:
-    from diffusers import VQModel
+def _diffusers_text(path, dtype, device, variant):
     from transformers import AutoTokenizer, T5EncoderModel
 
     tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
     text_encoder = T5EncoderModel.from_pretrained(
-        path, subfolder="text_encoder", dtype=dtypes["text_encoder"], variant=variant
-    ).to(devices["text_encoder"])
+        path, subfolder="text_encoder", dtype=dtype, variant=variant
+    ).to(device)
+    return tokenizer, text_encoder
+
+
+def _load_diffusers(path, members, dtypes, devices, variant, with_text=True) -> Components:
+    from diffusers import VQModel
+
+    tokenizer = text_encoder = None
+    if with_text:
+        tokenizer, text_encoder = _diffusers_text(
+            path, dtypes["text_encoder"], devices["text_encoder"], variant
+        )
     movq = VQModel.from_pretrained(
         path, subfolder="movq", torch_dtype=dtypes["movq"], variant=variant
     ).to(devices["movq"])
@@ -169,13 +200,21 @@ def _diffusers_null_embedding(path: str, folder: str) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------- reference layout
-def reference_download(repo_id: str, members: list[family.Member]) -> str:
-    """Only the files a job needs from a reference-layout Hugging Face repo."""
+def reference_download(repo_id: str, members: list[family.Member], text: bool = True) -> str:
+    """Only the files a job needs from a reference-layout Hugging Face repo.
+
+    `text=False` skips the T5 weights (the text encoder pool has them) but keeps the
+    members' projections, which the UNet side runs.
+    """
     from huggingface_hub import snapshot_download
 
     w, t = family.REFERENCE_WEIGHTS_DIR, family.REFERENCE_TEXT_DIR
     patterns = [f"{w}/{family.REFERENCE_MOVQ_FILE}", f"{w}/{family.REFERENCE_CONFIG_FILE}"]
-    patterns += [f"{w}/{t}/*"] + [f"{w}/{m.reference_file}" for m in members]
+    if text:
+        patterns.append(f"{w}/{t}/*")
+    else:
+        patterns += [f"{w}/{t}/{m.projection_file}" for m in members]
+    patterns += [f"{w}/{m.reference_file}" for m in members]
     return snapshot_download(repo_id, allow_patterns=patterns)
 
 
@@ -233,20 +272,32 @@ def reference_movq(root: str):
     return _build(VQModel, config, state, torch.float32, "cpu")
 
 
-def _load_reference(path, members, dtypes, devices) -> Components:
-    from transformers import AutoTokenizer, T5EncoderModel
-
-    if family.is_hub_id(path):
-        path = reference_download(path, members)
+def _reference_root(path: str) -> str:
     root = family.reference_root(path)
     if root is None:
         raise FileNotFoundError(f"{path} is not a reference-layout checkpoint (no weights/movq.pt)")
+    return root
+
+
+def _reference_text(root: str, dtype, device):
+    from transformers import AutoTokenizer, T5EncoderModel
+
     text_dir = os.path.join(root, family.REFERENCE_TEXT_DIR)
     tokenizer = AutoTokenizer.from_pretrained(text_dir)
     # transformers reads pytorch_model*.bin with torch.load(weights_only=True) as well.
-    text_encoder = T5EncoderModel.from_pretrained(text_dir, dtype=dtypes["text_encoder"]).to(
-        devices["text_encoder"]
-    )
+    text_encoder = T5EncoderModel.from_pretrained(text_dir, dtype=dtype).to(device)
+    return tokenizer, text_encoder
+
+
+def _load_reference(path, members, dtypes, devices, with_text=True) -> Components:
+    if family.is_hub_id(path):
+        path = reference_download(path, members, text=with_text)
+    root = _reference_root(path)
+    tokenizer = text_encoder = None
+    if with_text:
+        tokenizer, text_encoder = _reference_text(
+            root, dtypes["text_encoder"], devices["text_encoder"]
+        )
     movq = cast(reference_movq(root), devices["movq"], dtypes["movq"])
     unets = {}
     for m in members:

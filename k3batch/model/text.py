@@ -100,7 +100,7 @@ def run_encoder(tokens: Tokens, text_encoder, with_negatives: bool = True) -> Hi
 @torch.no_grad()
 def project(
     hidden: Hidden,
-    tokens: Tokens,
+    lengths: torch.Tensor,
     projection: torch.nn.Module,
     uncond: str | None,
     null_embedding: torch.Tensor | None,
@@ -108,9 +108,10 @@ def project(
 ) -> Conditioning:
     """One UNet's context from shared T5 outputs: project, zero padding, build both branches.
 
-    `uncond=None` builds the conditional branch only (Flash: no guidance).
+    `lengths`: each row's token count n (`Tokens.lengths`). `uncond=None` builds the
+    conditional branch only (Flash: no guidance).
     """
-    b = tokens.input_ids.shape[0]
+    b = lengths.shape[0]
     proj_param = next(projection.parameters())
     states = hidden.states if uncond is not None else hidden.states[:b]
     context = projection(states.to(proj_param.device, proj_param.dtype))
@@ -121,11 +122,11 @@ def project(
     context = context * mask.unsqueeze(-1).to(context.dtype)
 
     cond, cond_mask = context[:b], mask[:b]
-    pool_lengths = (tokens.lengths + 1).to(device=cond.device, dtype=torch.float32)
+    pool_lengths = (lengths + 1).to(device=cond.device, dtype=torch.float32)
     if uncond is None:
         return Conditioning(cond.to(out_dtype), cond_mask, None, None, pool_lengths)
     uncond_ctx, uncond_mask = _uncond_branch(
-        cond, cond_mask, tokens.lengths, uncond, null_embedding, projection
+        cond, cond_mask, lengths, uncond, null_embedding, projection
     )
     for j, i in enumerate(hidden.neg_rows):
         uncond_ctx[i] = context[b + j]
@@ -150,7 +151,66 @@ def encode(
 ) -> Conditioning:
     """`run_encoder` then `project`, for one UNet."""
     hidden = run_encoder(tokens, text_encoder, with_negatives=uncond is not None)
-    return project(hidden, tokens, projection, uncond, null_embedding, out_dtype)
+    return project(hidden, tokens.lengths, projection, uncond, null_embedding, out_dtype)
+
+
+@dataclass
+class PromptEmbedding:
+    """One row's T5 output at its n real token positions: all the UNet side needs of it.
+
+    Padded positions never reach the UNet (the projected context is zeroed there), so the n
+    positions rebuild the row's context exactly. A negative prompt is encoded with the
+    positive prompt's mask, so it has n positions too. This is what the text encoder pool
+    hands to the generation actors (`to_bytes` / `from_bytes`).
+    """
+
+    states: torch.Tensor  # [n, d_model], the encoder's dtype, CPU
+    negative: torch.Tensor | None = None  # [n, d_model]; None without a negative prompt
+
+    @property
+    def length(self) -> int:
+        return self.states.shape[0]
+
+
+def row_embeddings(hidden: Hidden, lengths: torch.Tensor) -> list[PromptEmbedding]:
+    """Split a batch's T5 outputs into per-row embeddings (on CPU)."""
+    b = lengths.shape[0]
+    states = hidden.states.cpu()
+    ns = lengths.tolist()
+    rows = [PromptEmbedding(states[i, : ns[i]].clone()) for i in range(b)]
+    for j, i in enumerate(hidden.neg_rows):
+        rows[i].negative = states[b + j, : ns[i]].clone()
+    return rows
+
+
+def from_embeddings(
+    rows: list[PromptEmbedding], with_negatives: bool = True
+) -> tuple[torch.Tensor, Hidden]:
+    """(lengths, Hidden) of per-row embeddings, as `run_encoder` would give for the batch.
+
+    Positions past a row's n are zeros instead of T5's padding outputs; `project` zeroes
+    them either way.
+    """
+    neg_rows = [i for i, r in enumerate(rows) if r.negative is not None] if with_negatives else []
+    parts = [r.states for r in rows] + [rows[i].negative for i in neg_rows]
+    first = rows[0].states
+    states = torch.zeros(len(parts), TOKENS_LENGTH, first.shape[1], dtype=first.dtype)
+    mask = torch.zeros(len(parts), TOKENS_LENGTH, dtype=torch.long)
+    for k, part in enumerate(parts):
+        states[k, : part.shape[0]] = part
+        mask[k, : part.shape[0]] = 1
+    lengths = torch.tensor([r.length for r in rows], dtype=torch.long)
+    return lengths, Hidden(states=states, mask=mask, neg_rows=neg_rows)
+
+
+def to_bytes(t: torch.Tensor) -> bytes:
+    """Raw bytes of a tensor (any dtype, bfloat16 included: numpy has none)."""
+    return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def from_bytes(data: bytes, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """[length, d] tensor of `dtype` from `to_bytes` output."""
+    return torch.frombuffer(bytearray(data), dtype=dtype).view(length, -1)
 
 
 def _uncond_branch(cond, cond_mask, lengths, uncond, null_embedding, projection):

@@ -143,6 +143,57 @@ TINY_MOVQ = dict(
 )
 
 
+TINY_T5 = dict(
+    d_model=32,
+    d_kv=8,
+    d_ff=37,
+    num_layers=5,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+)
+# Flan-UL2's encoder (8.72B parameters with its 32128-token embedding), for
+# `random_components(size="full")`; the UNet and MoVQ are the reference's own
+# (`loading.REFERENCE_UNET_CONFIG`, `REFERENCE_MOVQ_CONFIG`).
+FULL_T5 = dict(
+    d_model=4096,
+    d_kv=256,
+    d_ff=16384,
+    num_layers=32,
+    num_heads=16,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-silu",
+    layer_norm_epsilon=1e-6,
+    tie_word_embeddings=False,
+)
+FULL_T5_VOCAB = 32128
+
+
+def _t5_config(sizes: dict, vocab_size: int):
+    from transformers import T5Config
+
+    return T5Config(
+        **sizes,
+        vocab_size=vocab_size,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+
+
+def diffusers_scheduler():
+    """The scheduler that makes a directory a diffusers Kandinsky3Pipeline (and the one that
+    pipeline samples with); k3batch samples with the reference schedule, not with it."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=True,
+        thresholding=False,
+        variance_type="fixed_small",
+    )
+
+
 def _wake_zero_weights(module, seed: int) -> None:
     """Give zero-initialised weights (the UNet's time-conditioned norms) small random values.
 
@@ -166,8 +217,8 @@ def build_components(null_embedding: bool = True):
     its own text projection (`encoder_hid_proj`), as the real Flash and inpainting models do.
     """
     import torch
-    from diffusers import DDPMScheduler, VQModel
-    from transformers import T5Config, T5EncoderModel
+    from diffusers import VQModel
+    from transformers import T5EncoderModel
 
     from k3batch.model import family
     from k3batch.model.loading import unet_class
@@ -184,33 +235,72 @@ def build_components(null_embedding: bool = True):
     torch.manual_seed(TINY_SEED + 1)
     movq = VQModel(**TINY_MOVQ)
     torch.manual_seed(TINY_SEED + 2)
-    text_encoder = T5EncoderModel(
-        T5Config(
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=5,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            vocab_size=len(tokenizer),
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
-    # The scheduler config only makes the directory a complete diffusers pipeline; k3batch
-    # samples with the reference schedule, not with this object.
-    scheduler = DDPMScheduler(
-        beta_schedule="squaredcos_cap_v2",
-        clip_sample=True,
-        thresholding=False,
-        variance_type="fixed_small",
-    )
+    text_encoder = T5EncoderModel(_t5_config(TINY_T5, len(tokenizer)))
+    scheduler = diffusers_scheduler()
     return dict(
         tokenizer=tokenizer,
         text_encoder=text_encoder.eval(),
         movq=movq.eval(),
         scheduler=scheduler,
+        unets=unets,
+    )
+
+
+def architecture(size: str, tiny_vocab: int) -> tuple[dict, dict, object]:
+    """(UNet kwargs, MoVQ kwargs, T5Config) of the `tiny` or `full` (real) architecture."""
+    from k3batch.model.loading import REFERENCE_MOVQ_CONFIG, REFERENCE_UNET_CONFIG
+
+    if size == "full":
+        unet = {**REFERENCE_UNET_CONFIG, "encoder_hid_dim": FULL_T5["d_model"]}
+        return unet, REFERENCE_MOVQ_CONFIG, _t5_config(FULL_T5, FULL_T5_VOCAB)
+    if size == "tiny":
+        return TINY_UNET, TINY_MOVQ, _t5_config(TINY_T5, tiny_vocab)
+    raise ValueError(f"size must be tiny or full, got {size!r}")
+
+
+def random_components(size: str, device, dtype, seed: int = TINY_SEED) -> dict:
+    """Random-weight components of the `tiny` or `full` (real) architecture, for benchmarks.
+
+    Built on the meta device and materialised on `device` in `dtype`, so the full size
+    (12B parameters) never takes float32 host memory. Weights are N(0, 1/fan_in), norm
+    scales 1, biases 0: activations stay in range through the real depth. Returns what
+    `build_components` does, with UNets for base and Flash (no inpainting) as
+    {name: (unet, null_embedding)}; the tokenizer is the tiny one at both sizes (token ids
+    fit the full vocabulary; the encoder runs on 128 positions whatever the prompt).
+    """
+    import torch
+    from diffusers import Kandinsky3UNet, VQModel
+    from transformers import T5EncoderModel
+
+    from k3batch.model import family
+
+    tokenizer = build_tokenizer()
+    unet_config, movq_config, t5_config = architecture(size, len(tokenizer))
+    gen = torch.Generator(device).manual_seed(seed)
+
+    def materialise(build):
+        with torch.device("meta"):
+            model = build()
+        # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast.
+        model = torch.nn.Module.to(model, dtype).to_empty(device=device)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, p[0].numel() ** -0.5, generator=gen)
+                else:
+                    p.fill_(1.0 if name.endswith("weight") else 0.0)
+        return model.eval()
+
+    unets = {}
+    for name in (family.BASE, family.FLASH):
+        unet = materialise(lambda: Kandinsky3UNet(in_channels=4, **unet_config))
+        null = torch.randn(unet_config["cross_attention_dim"], generator=gen, device=device)
+        unets[name] = (unet, null)
+    return dict(
+        tokenizer=tokenizer,
+        text_encoder=materialise(lambda: T5EncoderModel(t5_config)),
+        movq=materialise(lambda: VQModel(**movq_config)),
+        scheduler=diffusers_scheduler(),
         unets=unets,
     )
 

@@ -10,29 +10,39 @@ import pyarrow as pa
 
 from k3batch.rows import STATUS_ERROR, STATUS_OK
 from k3batch.stages.base import Stage
+from k3batch.stages.text_encode import EMBEDDING_COLUMNS, PROMPT_EMBEDS
 
 log = logging.getLogger(__name__)
 
 
-def load_model(model: dict, decode_batch_size: int = 1):
-    """The model described by a `ModelConfig` dump (builds the tiny one if asked)."""
-    from k3batch.model.kandinsky3 import Kandinsky3
-
-    layout = model.get("layout", "auto")
+def ensure_tiny(model: dict) -> None:
+    """Build the tiny checkpoint at `path` when the config asks for it (demo, tests)."""
     if model.get("make_tiny"):
         from k3batch.model.tiny import make_tiny
 
+        layout = model.get("layout", "auto")
         make_tiny(model["path"], layout="reference" if layout == "reference" else "diffusers")
-    device = model.get("device", "auto")
+
+
+def load_model(model: dict, decode_batch_size: int = 1, text_encoder: bool = True):
+    """The model described by a `ModelConfig` dump (builds the tiny one if asked).
+
+    `text_encoder=False`: no T5; rows bring prompt embeddings from the text encoder pool.
+    """
+    from k3batch.model.kandinsky3 import Kandinsky3
+
+    ensure_tiny(model)
     return Kandinsky3.from_pretrained(
         model["path"],
         member=model.get("name", "kandinsky3"),
         refine=model.get("refine", False),
-        layout=layout,
+        layout=model.get("layout", "auto"),
         dtype=model["dtype"],
-        device=device,
+        device=model.get("device", "auto"),
         variant=model.get("variant"),
         decode_batch_size=decode_batch_size,
+        performance=model.get("performance"),
+        text_encoder=text_encoder,
     )
 
 
@@ -54,7 +64,7 @@ class GenerateStage(Stage):
         "status",
         "error",
     )
-    optional = ("strength", "source_rgb", "keep_mask")
+    optional = ("strength", "source_rgb", "keep_mask", *EMBEDDING_COLUMNS)
     adds = {
         "image_rgb": pa.binary(),
         "status": pa.string(),
@@ -63,7 +73,8 @@ class GenerateStage(Stage):
         "model": pa.string(),
         "uncond_embedding": pa.string(),
     }
-    drops = ("source_rgb", "keep_mask")
+    # The embeddings are ~1 MB a row with the real T5: used here, never written out.
+    drops = ("source_rgb", "keep_mask", *EMBEDDING_COLUMNS)
 
     def __init__(
         self,
@@ -71,6 +82,7 @@ class GenerateStage(Stage):
         decode_batch_size: int = 1,
         torch_threads: int | None = None,
         prompt_column: str = "prompt",
+        text_encoder_pool: bool = False,
     ):
         if torch_threads:
             import torch
@@ -80,7 +92,14 @@ class GenerateStage(Stage):
         # `prompt_used` when beautification chose the text; `prompt` stays the original.
         self.prompt_column = prompt_column
         self.needs = tuple(prompt_column if c == "prompt" else c for c in type(self).needs)
-        self.pipe = load_model(model, decode_batch_size)
+        # With the text encoder pool, rows carry their prompt embeddings and T5 stays out
+        # of this actor's memory.
+        self.text_encoder_pool = text_encoder_pool
+        if text_encoder_pool:
+            from k3batch.model.loading import DTYPES
+
+            self.embeds_dtype = DTYPES[model["dtype"]["text_encoder"]]
+        self.pipe = load_model(model, decode_batch_size, text_encoder=not text_encoder_pool)
 
     def _request(self, batch, i):
         import numpy as np
@@ -104,6 +123,19 @@ class GenerateStage(Stage):
             image=None if rgb is None else np.frombuffer(rgb, np.uint8).reshape(h, w, 3),
             mask=None if keep is None else np.frombuffer(keep, np.float32).reshape(h, w),
             strength=optional("strength"),
+            text=self._embedding(batch, i) if self.text_encoder_pool else None,
+        )
+
+    def _embedding(self, batch, i):
+        from k3batch.model import text
+
+        embeds, negative, length = (batch.get(c) for c in EMBEDDING_COLUMNS)
+        if embeds is None or embeds[i] is None or length[i] is None:
+            raise ValueError(f"row has no {PROMPT_EMBEDS} from the text encoder pool")
+        neg = None if negative is None else negative[i]
+        return text.PromptEmbedding(
+            text.from_bytes(embeds[i], length[i], self.embeds_dtype),
+            None if neg is None else text.from_bytes(neg, length[i], self.embeds_dtype),
         )
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:

@@ -1,0 +1,437 @@
+"""GPU benchmark: k3batch's Kandinsky 3 path against diffusers' Kandinsky3Pipeline, same GPU.
+
+The full-size architecture (Flan-UL2 encoder 8.7B, UNet 3.1B, MoVQ 271M) is built from the
+real configs with random weights (`k3batch.model.tiny.random_components`; no download), in
+bfloat16, at 1024x1024. Two runs, each timed per stage (text encode, UNet loop, MoVQ decode)
+and as a whole `generate()` call:
+
+- base: 50 steps with guidance (the reference's sampler: DDIM eta=1, null-embedding
+  guidance, dynamic thresholding);
+- Flash: 4 steps, no guidance (same architecture, its own random UNet).
+
+The baseline peer is diffusers' `Kandinsky3Pipeline` built from the same modules, run with
+the same batch, size and UNet evaluation count (base: 50 steps at guidance 3.0; Flash: 4
+steps at guidance 1.0, which diffusers runs without guidance). Model FLOPs per image are
+counted with torch's FlopCounterMode on meta-device copies (eager attention, so attention
+is counted as its matmuls); MFU is FLOPs / time / peak (989 TFLOP/s: H100 SXM dense bf16).
+Random weights make the images noise; the arithmetic and its cost are the real model's.
+
+    python benchmarks/gpu_bench.py                       # CUDA, full size (~45 GB of GPU memory)
+    python benchmarks/gpu_bench.py --compile             # + torch.compile of UNet and MoVQ decoder
+    python benchmarks/gpu_bench.py --small               # CPU smoke run: tiny architecture, 64x64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+H100_BF16_TFLOPS = 989.0
+PROMPTS = [
+    "a red cat at sunset, oil painting",
+    "a lighthouse on a cliff in a storm, cinematic still",
+    "a blue robot reading a book in a library, 3d render",
+    "a bowl of cherries on a wooden table, studio lighting",
+    "an owl in a misty forest at dawn, watercolor",
+    "a castle in the clouds, pixel art",
+    "a golden dragon over a city at night, ukiyo-e print",
+    "a violin on a windowsill in the rain, photo",
+]
+
+
+@dataclass
+class Result:
+    member: str  # kandinsky3 | kandinsky3-flash
+    impl: str  # k3batch | diffusers
+    batch: int
+    seconds: float  # one batch, whole call (median over repeats)
+    text: float | None = None  # per-stage seconds for the batch
+    unet: float | None = None
+    decode: float | None = None
+    peak_gib: float | None = None
+
+    @property
+    def images_per_second(self) -> float:
+        return self.batch / self.seconds
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--small", action="store_true", help="tiny architecture on CPU, float32")
+    p.add_argument("--device", default=None, help="default: cuda (cpu with --small)")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 (float32 with --small)")
+    p.add_argument("--movq-dtype", default=None, help="MoVQ dtype; default: --dtype")
+    p.add_argument("--size", type=int, default=None, help="image side; default 1024 (64 small)")
+    p.add_argument("--steps", type=int, default=None, help="base steps; default 50 (10 small)")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--decode-batch-size", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=None, help="timed runs; default 3 (1 small)")
+    p.add_argument("--members", default="kandinsky3,kandinsky3-flash")
+    p.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa")
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: on for CUDA, off on CPU",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile UNet and MoVQ decoder")
+    p.add_argument("--compile-mode", default="default")
+    p.add_argument("--no-baseline", action="store_true", help="skip diffusers' pipeline")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help=f"for MFU; default {H100_BF16_TFLOPS:g} on CUDA, none on CPU",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    small = args.small
+    args.device = args.device or ("cpu" if small else "cuda")
+    args.dtype = args.dtype or ("float32" if small else "bfloat16")
+    args.movq_dtype = args.movq_dtype or args.dtype
+    args.size = args.size or (64 if small else 1024)
+    args.steps = args.steps or (10 if small else 50)
+    args.repeats = args.repeats or (1 if small else 3)
+    if args.channels_last is None:
+        args.channels_last = args.device.startswith("cuda")
+    if args.peak_tflops is None and args.device.startswith("cuda"):
+        args.peak_tflops = H100_BF16_TFLOPS
+    args.members = args.members.split(",")
+    return args
+
+
+# ------------------------------------------------------------------ FLOPs
+def flops_per_call(size: str, side: int) -> dict[str, float]:
+    """FLOPs of one T5 prompt (128 tokens), one UNet sample forward, one MoVQ decode."""
+    import torch
+    from diffusers import Kandinsky3UNet, VQModel
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import T5EncoderModel
+
+    from k3batch.model import performance, tiny
+
+    unet_cfg, movq_cfg, t5_cfg = tiny.architecture(size, len(tiny.build_tokenizer()))
+    latent = side // 8
+    out = {}
+    with torch.device("meta"), torch.no_grad():
+        unet = Kandinsky3UNet(in_channels=4, **unet_cfg)
+        movq = VQModel(**movq_cfg)
+        t5 = T5EncoderModel(t5_cfg)
+        # Eager attention: FlopCounterMode counts its matmuls on any device.
+        performance.set_attention(unet, "eager")
+        performance.set_attention(movq, "eager")
+        t5.set_attn_implementation("eager")
+        x = torch.zeros(1, 4, latent, latent)
+        context = torch.zeros(1, 128, unet_cfg["encoder_hid_dim"])
+        mask = torch.ones(1, 128, dtype=torch.long)
+        calls = {
+            "text": lambda: t5(input_ids=torch.zeros(1, 128, dtype=torch.long)),
+            "unet": lambda: unet(x, torch.tensor([999.0]), context, mask),
+            "decode": lambda: movq.decode(x, force_not_quantize=True),
+        }
+        for name, call in calls.items():
+            with FlopCounterMode(display=False) as counter:
+                call()
+            out[name] = float(counter.get_total_flops())
+    return out
+
+
+def image_flops(per_call: dict, member: str, steps: int) -> dict[str, float]:
+    """Model FLOPs per image by stage (no negative prompts: T5 runs once per image)."""
+    from k3batch.model import family
+    from k3batch.model.schedule import base_timesteps
+
+    if member == family.FLASH:
+        unet = len(family.FLASH_TIMESTEPS) * per_call["unet"]
+    else:
+        unet = len(base_timesteps(steps)) * 2 * per_call["unet"]  # cond + uncond
+    stages = {"text": per_call["text"], "unet": unet, "decode": per_call["decode"]}
+    return {**stages, "image": sum(stages.values())}
+
+
+def sdpa_backends(device: str, dtype, side: int) -> dict[str, list[str]]:
+    """Which SDPA kernels take the model's attention shapes on this GPU (the MoVQ's one
+    1024-wide head over (side/8)^2 tokens is beyond flash attention's head size)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    tokens = (side // 8) ** 2
+    shapes = {
+        "movq mid-block (1 head x 1024)": (1, 1, tokens, 1024),
+        "unet self-attention (64-wide heads)": (2, 12, tokens // 4, 64),
+    }
+    found = {}
+    for name, shape in shapes.items():
+        q = torch.randn(shape, device=device, dtype=dtype)
+        found[name] = []
+        for backend in (
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.CUDNN_ATTENTION,
+        ):
+            try:
+                with sdpa_kernel([backend]):
+                    F.scaled_dot_product_attention(q, q, q)
+                found[name].append(backend.name)
+            except RuntimeError:
+                pass
+        del q
+    return found
+
+
+# ------------------------------------------------------------------ timing
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str):
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def reset_peak(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: str) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+
+
+def bench_k3batch(model, member: str, args) -> Result:
+    from k3batch.model import text as textmod
+    from k3batch.model.kandinsky3 import Request
+    from k3batch.rows import derive_seed
+
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch_size)]
+    requests = [
+        Request(p, None, derive_seed(0, str(i)), args.size, args.size, args.steps, args.guidance)
+        for i, p in enumerate(prompts)
+    ]
+    guided = model.denoiser.guided
+
+    def stages():
+        def encode():
+            tokens = textmod.tokenize(model.tokenizer, prompts, [None] * len(prompts))
+            return tokens.lengths, textmod.run_encoder(tokens, model.text_encoder, guided)
+
+        (lengths, hidden), t_text = timed(encode, args.device)
+        embedded = [
+            replace(r, text=e)
+            for r, e in zip(requests, textmod.row_embeddings(hidden, lengths), strict=True)
+        ]
+        latents, t_unet = timed(lambda: model.sample(embedded), args.device)
+        _, t_decode = timed(lambda: model.decode(latents), args.device)
+        return t_text, t_unet, t_decode
+
+    model.generate(requests)  # warm-up (and compilation)
+    stages()
+    whole, split = [], []
+    reset_peak(args.device)
+    for _ in range(args.repeats):
+        whole.append(timed(lambda: model.generate(requests), args.device)[1])
+        split.append(stages())
+    med = [statistics.median(s[i] for s in split) for i in range(3)]
+    return Result(
+        member, "k3batch", args.batch_size, statistics.median(whole), *med, peak_gib(args.device)
+    )
+
+
+def bench_diffusers(pipe, member: str, args) -> Result:
+    import torch
+
+    from k3batch.model import family
+
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch_size)]
+    flash = member == family.FLASH
+    steps = len(family.FLASH_TIMESTEPS) if flash else args.steps
+    guidance = 1.0 if flash else args.guidance  # diffusers: guidance <= 1 runs no uncond branch
+    spent = {"text": 0.0, "decode": 0.0}
+
+    def timing(name, fn):
+        def wrapper(*a, **kw):
+            out, seconds = timed(lambda: fn(*a, **kw), args.device)
+            spent[name] += seconds
+            return out
+
+        return wrapper
+
+    def call():
+        return pipe(
+            prompts,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=args.size,
+            width=args.size,
+            generator=torch.Generator(args.device).manual_seed(0),
+            output_type="np",
+        )
+
+    pipe.encode_prompt = timing("text", pipe.encode_prompt)
+    pipe.movq.decode = timing("decode", pipe.movq.decode)
+    try:
+        call()  # warm-up
+        whole, text, decode = [], [], []
+        reset_peak(args.device)
+        for _ in range(args.repeats):
+            spent.update(text=0.0, decode=0.0)
+            whole.append(timed(call, args.device)[1])
+            text.append(spent["text"])
+            decode.append(spent["decode"])
+    finally:
+        del pipe.encode_prompt  # the instance attributes; the methods are back
+        del pipe.movq.decode
+    w, t, d = (statistics.median(v) for v in (whole, text, decode))
+    return Result(member, "diffusers", args.batch_size, w, t, w - t - d, d, peak_gib(args.device))
+
+
+# ------------------------------------------------------------------ report
+def mfu(flops: float, seconds: float | None, peak_tflops: float | None) -> str:
+    if not peak_tflops or not seconds:
+        return "-"
+    return f"{100 * flops / seconds / (peak_tflops * 1e12):.1f}%"
+
+
+def report(results: list[Result], flops: dict, args) -> str:
+    head = (
+        f"{'member':<17} {'impl':<10} {'img/s':>8} {'s/batch':>8} {'text s':>7} {'unet s':>8} "
+        f"{'decode s':>8} {'MFU text':>8} {'MFU unet':>8} {'MFU dec':>8} {'MFU img':>8} "
+        f"{'peak GiB':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        f, b, peak = flops[r.member], r.batch, args.peak_tflops
+        lines.append(
+            f"{r.member:<17} {r.impl:<10} {r.images_per_second:>8.3f} {r.seconds:>8.3f} "
+            f"{r.text:>7.3f} {r.unet:>8.3f} {r.decode:>8.3f} "
+            f"{mfu(f['text'] * b, r.text, peak):>8} {mfu(f['unet'] * b, r.unet, peak):>8} "
+            f"{mfu(f['decode'] * b, r.decode, peak):>8} {mfu(f['image'] * b, r.seconds, peak):>8} "
+            f"{'-' if r.peak_gib is None else f'{r.peak_gib:.1f}':>8}"
+        )
+    for member in args.members:
+        ours = [r for r in results if r.member == member and r.impl == "k3batch"]
+        base = [r for r in results if r.member == member and r.impl == "diffusers"]
+        if ours and base:
+            ratio = ours[0].images_per_second / base[0].images_per_second
+            lines.append(f"{member}: k3batch / diffusers images/s = {ratio:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from diffusers import Kandinsky3Pipeline
+
+    from k3batch.model import family
+    from k3batch.model.kandinsky3 import Denoiser, Kandinsky3
+    from k3batch.model.loading import DTYPES
+    from k3batch.model.tiny import random_components
+
+    size = "tiny" if args.small else "full"
+    dtype = DTYPES[args.dtype]
+    per_call = flops_per_call(size, args.size)
+    flops = {m: image_flops(per_call, m, args.steps) for m in args.members}
+    start = time.perf_counter()
+    parts = random_components(size, args.device, dtype)
+    if args.movq_dtype != args.dtype:
+        torch.nn.Module.to(parts["movq"], DTYPES[args.movq_dtype])
+    build_s = time.perf_counter() - start
+    device_name = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"CPU ({os.cpu_count()} cores)"
+    )
+    print(
+        f"{device_name}; torch {torch.__version__}; {size} architecture, random weights built in "
+        f"{build_s:.0f} s; {args.dtype} (MoVQ {args.movq_dtype}); {args.size}x{args.size}; "
+        f"batch {args.batch_size}; base {args.steps} steps, guidance {args.guidance:g}; "
+        f"attention {args.attention}, channels_last {args.channels_last}, compile {args.compile}",
+        flush=True,
+    )
+    for m in args.members:
+        f = flops[m]
+        scale, unit = (1e12, "TFLOP") if f["image"] >= 1e12 else (1e9, "GFLOP")
+        print(
+            f"{m}: {f['image'] / scale:.2f} {unit}/image (text {f['text'] / scale:.2f}, "
+            f"UNet {f['unet'] / scale:.2f}, decode {f['decode'] / scale:.2f})",
+            flush=True,
+        )
+    backends = {}
+    if args.device.startswith("cuda"):
+        backends = sdpa_backends(args.device, dtype, args.size)
+        for name, names in backends.items():
+            print(f"SDPA kernels for {name}: {', '.join(names) or 'none (math fallback)'}")
+    results: list[Result] = []
+
+    # diffusers first: k3batch's Denoiser rewires the UNet it wraps (projection, pooling).
+    if not args.no_baseline:
+        pipe = Kandinsky3Pipeline(
+            tokenizer=parts["tokenizer"],
+            text_encoder=parts["text_encoder"],
+            unet=parts["unets"][family.BASE][0],
+            scheduler=parts["scheduler"],
+            movq=parts["movq"],
+        )
+        pipe.set_progress_bar_config(disable=True)
+        for m in args.members:
+            results.append(bench_diffusers(pipe, m, args))
+            print(f"  diffusers {m}: {results[-1].images_per_second:.3f} img/s", flush=True)
+        del pipe
+
+    compile_settings = {"unet": args.compile, "movq": args.compile, "mode": args.compile_mode}
+    for m in args.members:
+        unet, null = parts["unets"][m]
+        member = family.MEMBERS[m]
+        model = Kandinsky3(
+            parts["tokenizer"],
+            parts["text_encoder"],
+            parts["movq"],
+            {m: Denoiser(member, unet, null if member.guidance_scale is not None else None)},
+            m,
+            decode_batch_size=args.decode_batch_size,
+        ).optimize(args.attention, args.channels_last, compile_settings)
+        results.append(bench_k3batch(model, m, args))
+        print(f"  k3batch {m}: {results[-1].images_per_second:.3f} img/s", flush=True)
+
+    print()
+    print(report(results, flops, args))
+    out = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "args": vars(args),
+        "flops_per_image": flops,
+        "sdpa_backends": backends,
+        "results": [{**asdict(r), "images_per_second": r.images_per_second} for r in results],
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()

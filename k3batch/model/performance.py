@@ -1,0 +1,67 @@
+"""The GPU path's switches, applied to loaded modules: attention kernel, memory format, compile.
+
+Each one changes how the arithmetic runs, not what it computes: outputs stay equal to the
+plain path up to float rounding (tests/test_performance.py checks each on the tiny model).
+
+Precision is set per component by `model.dtype`; whatever those dtypes are, the sampler
+keeps its state in float32 (see `kandinsky3` and `schedule`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SDPA = "sdpa"
+EAGER = "eager"
+
+
+def set_attention(module: nn.Module, kind: str) -> int:
+    """Give every diffusers `Attention` in `module` the `kind` processor; returns how many.
+
+    `sdpa` is diffusers' AttnProcessor2_0 (torch's scaled_dot_product_attention), already
+    diffusers' default; setting it explicitly keeps a checkpoint or an earlier call from
+    leaving the score-materialising AttnProcessor in place. This covers the UNet's self- and
+    cross-attention, its attention pooling and the MoVQ encoder/decoder attention (mid block
+    and the first up block, 128x128 = 16384 tokens of one 1024-wide head at 1024x1024: the
+    eager score matrix alone is 1 GiB per image in float32).
+    """
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    if kind not in (SDPA, EAGER):
+        raise ValueError(f"attention must be {SDPA} or {EAGER}, got {kind!r}")
+    processor = AttnProcessor2_0() if kind == SDPA else AttnProcessor()
+    n = 0
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.set_processor(processor)
+            n += 1
+    return n
+
+
+def set_text_attention(text_encoder: nn.Module, kind: str) -> None:
+    """transformers' attention implementation of the T5 encoder (`sdpa` or `eager`)."""
+    text_encoder.set_attn_implementation(kind)
+
+
+def to_channels_last(module: nn.Module) -> nn.Module:
+    # nn.Module.to: diffusers' ModelMixin.to only adds dtype-cast warnings.
+    return nn.Module.to(module, memory_format=torch.channels_last)
+
+
+def compile_module(module: nn.Module, settings: dict) -> nn.Module:
+    """`module.compile(...)` in place (state dict keys and attributes stay as they are)."""
+    mode = settings.get("mode", "default")
+    module.compile(
+        backend=settings.get("backend", "inductor"),
+        # torch.compile refuses a mode for some backends; "default" is the same as none.
+        mode=None if mode == "default" else mode,
+        fullgraph=settings.get("fullgraph", False),
+        dynamic=settings.get("dynamic"),
+    )
+    return module
+
+
+def release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
