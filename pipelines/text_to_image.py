@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import warnings
 
-from k3batch import resume, shards, storage
+from k3batch import crashes, resume, shards, storage, testhooks
 from k3batch.config import JobConfig
 from k3batch.dataflow import map_stage
 from k3batch.images import EXTENSIONS
@@ -35,14 +35,20 @@ VALIDATE_BATCH_SIZE = 256
 PREPARE_BATCH_SIZE = 16  # decoded images are large; keep task batches small
 
 
-def build(cfg: JobConfig):
-    """The job's Ray Data dataset, not yet executed (ends before the final write)."""
+def build(cfg: JobConfig, schema=None, journal=None):
+    """The job's Ray Data dataset, not yet executed (ends before the final write).
+
+    `schema`: the input files' unified schema (`runner.inspect_input`), so every file is read
+    alike, also those Ray's schema sample skips. `journal`: the job's crash journal
+    (`k3batch.crashes`), or None for no crash isolation.
+    """
     import ray.data
 
     res = cfg.resources
     settings = cfg.storage.model_dump()
     fs, path = storage.arrow_filesystem(cfg.input.uri, settings)
-    ds = ray.data.read_parquet(path, filesystem=fs, include_row_hash=True)
+    read_args = {} if schema is None else {"schema": schema}
+    ds = ray.data.read_parquet(path, filesystem=fs, include_row_hash=True, **read_args)
     ds = map_stage(
         ds,
         ValidateStage,
@@ -74,6 +80,9 @@ def build(cfg: JobConfig):
             "decode_batch_size": res.decode_batch_size,
             "torch_threads": res.torch_threads,
             "prompt_column": generate_from,
+            "journal": journal,
+            "max_crashes_per_row": cfg.faults.max_crashes_per_row,
+            "test_hooks": testhooks.from_env(),
         },
         batch_size=res.batch_size,
         num_cpus=res.num_cpus_per_actor,
@@ -116,20 +125,29 @@ def write(ds, cfg: JobConfig, num_rows: int) -> None:
     )
 
 
-def run(cfg: JobConfig, num_rows: int) -> None:
+def run(cfg: JobConfig, num_rows: int, schema=None) -> None:
     """Execute the job with Ray Data's checkpointing on, so a rerun resumes."""
+    import ray
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    previous = ctx.checkpoint_config
+    previous = ctx.checkpoint_config, ctx.execution_no_progress_timeout_s
     ctx.checkpoint_config = resume.checkpoint_config(cfg)
+    if cfg.faults.stall_timeout_s:
+        ctx.execution_no_progress_timeout_s = cfg.faults.stall_timeout_s
+    journal = crashes.start_journal()
     try:
-        ds = build(cfg)  # the dataset takes a copy of the context, checkpoint config included
+        # The dataset takes a copy of the context: checkpoint config and stall timeout included.
+        ds = build(cfg, schema, journal)
         with warnings.catch_warnings():
             # Ray turns checkpointing off with only a warning when the plan does not allow it
             # (it must run from a Read to a Write); a job that silently cannot resume is worse
             # than one that fails at start.
             warnings.filterwarnings("error", message="You've enabled checkpointing")
             write(ds, cfg, num_rows)
+    except BaseException:
+        crashes.stop_workers(journal)
+        raise
     finally:
-        ctx.checkpoint_config = previous
+        ctx.checkpoint_config, ctx.execution_no_progress_timeout_s = previous
+        ray.kill(journal)
