@@ -165,6 +165,34 @@ def check_model(cfg: JobConfig) -> None:
         raise ConfigError(
             f"model.path: {path!r} is neither a checkpoint directory nor a Hugging Face repo id"
         )
+    check_hub_model(path)
+
+
+# A file each layout's repo has at its top: what the local cache must hold in offline mode.
+_HUB_MARKERS = ("model_index.json", "unet/config.json", "weights/movq.pt")
+
+
+def check_hub_model(repo_id: str) -> None:
+    """A Hub repo id must name a repo (online) or one in the local cache (HF_HUB_OFFLINE),
+    rather than fail in every actor after Ray has started."""
+    from huggingface_hub import constants, repo_exists, try_to_load_from_cache
+
+    if constants.is_offline_mode():
+        if not any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in _HUB_MARKERS):
+            raise ConfigError(
+                f"model.path: {repo_id!r} is not in the local Hugging Face cache and "
+                "HF_HUB_OFFLINE is set; download it first or give a local directory"
+            )
+        return
+    try:
+        exists = repo_exists(repo_id)
+    except Exception as e:  # noqa: BLE001 - the Hub unreachable from here: the workers retry
+        log.warning("k3batch: could not ask the Hugging Face Hub about %s: %s", repo_id, e)
+        return
+    if not exists:
+        raise ConfigError(
+            f"model.path: no Hugging Face repo {repo_id!r} (a private or gated repo needs HF_TOKEN)"
+        )
 
 
 def prepare_output(cfg: JobConfig) -> bool:
@@ -477,13 +505,21 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
 RESUME_HINT = "rows finished before are kept; rerun the same command to resume"
 
 
-def _causes(e: BaseException):
-    """The exception and every exception it was raised from, Ray's wrappers included."""
-    seen = set()
-    while e is not None and id(e) not in seen:
+def _causes(error: BaseException):
+    """The exception and every exception it was raised from. A Ray task error stands in
+    for its `cause` (the exception the task raised; the wrapper's text is a traceback)."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
         seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
+        inner = getattr(e, "cause", None)
+        if isinstance(inner, BaseException):
+            todo.insert(0, inner)
+        else:
+            yield e
+        todo.append(e.__cause__ or e.__context__)
 
 
 def _first_line(e: BaseException) -> str:
@@ -529,13 +565,14 @@ def failure_message(cfg: JobConfig, error: Exception, tracker: Tracker) -> str:
         if isinstance(c, storage.StorageError):
             return f"{str(c).splitlines()[0]}; {RESUME_HINT}"
     for c in causes:
-        if storage.unreachable(c):
+        if storage.unavailable(c):
             return (
-                f"output.uri: storage unreachable at {cfg.output.uri} after "
+                f"output.uri: storage failed at {cfg.output.uri} after "
                 f"{cfg.storage.max_attempts} attempts (storage.max_attempts): {_first_line(c)}; "
                 f"{RESUME_HINT}"
             )
-    root = causes[-1]
+    # The first exception that is not Ray's own (executor errors wrap the stage's).
+    root = next((c for c in causes if not type(c).__module__.startswith("ray.")), causes[0])
     return f"the job failed: {_first_line(root)}; {RESUME_HINT}"
 
 

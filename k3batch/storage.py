@@ -114,20 +114,24 @@ def list_files(fs, root: str, suffix: str = "") -> list[str]:
     return sorted(f for f in fs.find(root) if f.endswith(suffix) and not f.endswith("/"))
 
 
-def unreachable(error: BaseException) -> bool:
-    """Whether `error` says the store could not be reached (connection refused or reset,
-    timeouts), as botocore, aiohttp or the OS raise it."""
+def unavailable(error: BaseException) -> bool:
+    """Whether `error` says the store could not serve a request (connection refused or
+    reset, timeouts, throttling, 5xx), as botocore, aiohttp, s3fs or the OS raise it."""
     import builtins
+    import errno
 
     names = {c.__name__ for c in type(error).__mro__}
-    return isinstance(error, (builtins.ConnectionError, TimeoutError)) or bool(
-        names
-        & {
-            "EndpointConnectionError",
-            "ConnectionClosedError",
-            "ConnectTimeoutError",
-            "ReadTimeoutError",
-            "ClientConnectorError",
-            "ServerDisconnectedError",
-        }
-    )
+    if names & {
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ClientConnectorError",
+        "ServerDisconnectedError",
+    }:
+        return True
+    if isinstance(error, (builtins.ConnectionError, TimeoutError)):
+        return True
+    # s3fs turns S3's 5xx answers (InternalError, ServiceUnavailable, SlowDown) into
+    # OSError(EREMOTEIO) or OSError(EBUSY).
+    return isinstance(error, OSError) and error.errno in (errno.EREMOTEIO, errno.EBUSY)

@@ -112,3 +112,19 @@ def test_fingerprint_ignores_how_a_job_runs_but_not_what_it_makes():
     changed = resume.job_identity(config(output={"format": "webdataset"}, generation={"seed": 3}))
     assert resume.fingerprint(changed) != resume.fingerprint(base)
     assert resume.differences(base, changed) == ["generation.seed", "output.format"]
+
+
+def test_storage_failures_that_a_rerun_can_outlast_are_told_apart():
+    import errno
+
+    from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+
+    assert storage.unavailable(EndpointConnectionError(endpoint_url="http://x"))
+    assert storage.unavailable(ReadTimeoutError(endpoint_url="http://x"))
+    assert storage.unavailable(ConnectionRefusedError())
+    # s3fs's translation of S3's 500 InternalError and 503 SlowDown
+    assert storage.unavailable(OSError(errno.EREMOTEIO, "We encountered an internal error"))
+    assert storage.unavailable(OSError(errno.EBUSY, "Please reduce your request rate"))
+    assert not storage.unavailable(PermissionError(errno.EACCES, "Access Denied"))
+    assert not storage.unavailable(FileNotFoundError("s3://bucket/x"))
+    assert not storage.unavailable(ValueError("bad"))
