@@ -28,6 +28,7 @@ class InputInfo:
     columns: list[str]
     num_rows: int
     schema: object = None  # pyarrow.Schema: every input file's columns, unified
+    duplicate_ids: dict = field(default_factory=dict)  # id -> rows that give it (2 or more)
 
 
 class JobFailed(RuntimeError):
@@ -100,7 +101,47 @@ def inspect_input(cfg: JobConfig) -> InputInfo:
             f"input.beautified_prompt_column: column {beautified!r} is not in the input table "
             f"(columns: {', '.join(columns)})"
         )
-    return InputInfo(files=files, columns=columns, num_rows=num_rows, schema=schema)
+    duplicates = {}
+    if cfg.input.id_column in columns:
+        try:
+            ids = pads.dataset(files, schema=schema, filesystem=fs, format="parquet").to_table(
+                columns=[cfg.input.id_column]
+            )
+        except Exception as e:
+            raise ConfigError(f"input.uri: cannot read {cfg.input.uri}: {e}") from None
+        duplicates = repeated_ids(ids.column(0), cfg.input.id_column)
+    return InputInfo(
+        files=files, columns=columns, num_rows=num_rows, schema=schema, duplicate_ids=duplicates
+    )
+
+
+MAX_DUPLICATE_IDS = 10_000
+
+
+def repeated_ids(column, name: str) -> dict[str, int]:
+    """Ids that more than one input row gives (as ValidateStage spells ids), with counts.
+
+    Such rows would share an image key and overwrite each other's image: they become row
+    errors instead. A table where nearly every id repeats is refused: its id column is not
+    an id.
+    """
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(column).to_pylist()
+    repeated: dict[str, int] = {}
+    for entry in counts:
+        value, n = entry["values"], entry["counts"]
+        if n < 2 or isinstance(value, bool):
+            continue
+        if isinstance(value, int) or (isinstance(value, str) and value):
+            repeated[str(value)] = repeated.get(str(value), 0) + n
+    if len(repeated) > MAX_DUPLICATE_IDS:
+        shown = ", ".join(repr(v) for v in list(repeated)[:5])
+        raise ConfigError(
+            f"input.id_column: {len(repeated)} values of column {name!r} repeat (e.g. {shown}); "
+            "ids must be unique: fix the column, or name another with input.id_column"
+        )
+    return repeated
 
 
 def unified_schema(files: list[str], schemas: list):
@@ -461,7 +502,7 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
             if cfg.job == "beautify":
                 beautify.run(cfg)
             else:
-                text_to_image.run(cfg, info.num_rows, info.schema)
+                text_to_image.run(cfg, info.num_rows, info.schema, info.duplicate_ids)
         except Exception as e:
             raise JobFailed(failure_message(cfg, e, tracker)) from e
     # Record files from before that are still there hold rows an earlier run finished (Ray

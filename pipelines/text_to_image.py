@@ -35,12 +35,13 @@ VALIDATE_BATCH_SIZE = 256
 PREPARE_BATCH_SIZE = 16  # decoded images are large; keep task batches small
 
 
-def build(cfg: JobConfig, schema=None, journal=None):
+def build(cfg: JobConfig, schema=None, journal=None, duplicate_ids=None):
     """The job's Ray Data dataset, not yet executed (ends before the final write).
 
     `schema`: the input files' unified schema (`runner.inspect_input`), so every file is read
     alike, also those Ray's schema sample skips. `journal`: the job's crash journal
-    (`k3batch.crashes`), or None for no crash isolation.
+    (`k3batch.crashes`), or None for no crash isolation. `duplicate_ids`: ids that several
+    input rows give (id -> rows), which those rows may not use.
     """
     import ray.data
 
@@ -56,6 +57,7 @@ def build(cfg: JobConfig, schema=None, journal=None):
             "rules": RowRules.from_config(cfg.generation, cfg.limits, cfg.model.name),
             "prompt_column": cfg.input.prompt_column,
             "id_column": cfg.input.id_column,
+            "duplicate_ids": duplicate_ids,
         },
         batch_size=VALIDATE_BATCH_SIZE,
         num_cpus=0.25,
@@ -125,7 +127,7 @@ def write(ds, cfg: JobConfig, num_rows: int) -> None:
     )
 
 
-def run(cfg: JobConfig, num_rows: int, schema=None) -> None:
+def run(cfg: JobConfig, num_rows: int, schema=None, duplicate_ids=None) -> None:
     """Execute the job with Ray Data's checkpointing on, so a rerun resumes."""
     import ray
     from ray.data import DataContext
@@ -138,7 +140,7 @@ def run(cfg: JobConfig, num_rows: int, schema=None) -> None:
     journal = crashes.start_journal()
     try:
         # The dataset takes a copy of the context: checkpoint config and stall timeout included.
-        ds = build(cfg, schema, journal)
+        ds = build(cfg, schema, journal, duplicate_ids)
         with warnings.catch_warnings():
             # Ray turns checkpointing off with only a warning when the plan does not allow it
             # (it must run from a Read to a Write); a job that silently cannot resume is worse

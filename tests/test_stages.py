@@ -46,6 +46,23 @@ def test_validate_stage_uses_id_column_and_flags_bad_ids():
     assert out["error"][2].startswith("key:")
 
 
+def test_rows_sharing_an_id_become_errors_under_ids_of_their_own():
+    from k3batch.config import ConfigError
+    from k3batch.runner import repeated_ids
+
+    # Found before the job (across all files), as ValidateStage spells ids: 7 and "7" are one.
+    repeated = repeated_ids(pa.chunked_array([["a", "7", "b", "a", None, None, ""]]), "id")
+    assert repeated == {"a": 2}
+    assert repeated_ids(pa.chunked_array([[7, 7, 8]]), "id") == {"7": 2}
+    with pytest.raises(ConfigError, match="input.id_column: 10001 values of column 'id' repeat"):
+        repeated_ids(pa.chunked_array([[f"x{i}" for i in range(10001)] * 2]), "id")
+    stage = ValidateStage(RULES, duplicate_ids={"a": 2})
+    out = stage({"prompt": ["x", "y", "z"], "id": ["a", "b", "a"], "row_hash": [1, 2, 3]})
+    assert out["id"] == ["0000000000000001", "b", "0000000000000003"]
+    assert out["status"] == ["error", "ok", "error"]
+    assert out["error"][0] == "id: 'a' is not unique (2 input rows give it)"
+
+
 def test_validate_keeps_input_columns_and_renames_clashing_ones():
     table = pa.table(
         {
