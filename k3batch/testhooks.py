@@ -36,6 +36,12 @@ def from_env() -> dict | None:
     return hooks
 
 
+def clean_up(hooks: dict | None) -> None:
+    """After the job: remove the crash marker (it exists only once a crash happened)."""
+    if hooks and os.path.exists(hooks["marker"]):
+        os.remove(hooks["marker"])
+
+
 class Hooks:
     """A generation actor's view of the hooks (its own batch count)."""
 

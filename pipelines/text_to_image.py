@@ -35,13 +35,14 @@ VALIDATE_BATCH_SIZE = 256
 PREPARE_BATCH_SIZE = 16  # decoded images are large; keep task batches small
 
 
-def build(cfg: JobConfig, schema=None, journal=None, duplicate_ids=None):
+def build(cfg: JobConfig, schema=None, journal=None, duplicate_ids=None, test_hooks=None):
     """The job's Ray Data dataset, not yet executed (ends before the final write).
 
     `schema`: the input files' unified schema (`runner.inspect_input`), so every file is read
     alike, also those Ray's schema sample skips. `journal`: the job's crash journal
     (`k3batch.crashes`), or None for no crash isolation. `duplicate_ids`: ids that several
-    input rows give (id -> rows), which those rows may not use.
+    input rows give (id -> rows), which those rows may not use. `test_hooks`: see
+    k3batch.testhooks.
     """
     import ray.data
 
@@ -84,7 +85,7 @@ def build(cfg: JobConfig, schema=None, journal=None, duplicate_ids=None):
             "prompt_column": generate_from,
             "journal": journal,
             "max_crashes_per_row": cfg.faults.max_crashes_per_row,
-            "test_hooks": testhooks.from_env(),
+            "test_hooks": test_hooks,
         },
         batch_size=res.batch_size,
         num_cpus=res.num_cpus_per_actor,
@@ -138,9 +139,10 @@ def run(cfg: JobConfig, num_rows: int, schema=None, duplicate_ids=None) -> None:
     if cfg.faults.stall_timeout_s:
         ctx.execution_no_progress_timeout_s = cfg.faults.stall_timeout_s
     journal = crashes.start_journal()
+    hooks = testhooks.from_env()
     try:
         # The dataset takes a copy of the context: checkpoint config and stall timeout included.
-        ds = build(cfg, schema, journal, duplicate_ids)
+        ds = build(cfg, schema, journal, duplicate_ids, hooks)
         with warnings.catch_warnings():
             # Ray turns checkpointing off with only a warning when the plan does not allow it
             # (it must run from a Read to a Write); a job that silently cannot resume is worse
@@ -153,3 +155,4 @@ def run(cfg: JobConfig, num_rows: int, schema=None, duplicate_ids=None) -> None:
     finally:
         ctx.checkpoint_config, ctx.execution_no_progress_timeout_s = previous
         ray.kill(journal)
+        testhooks.clean_up(hooks)
