@@ -189,7 +189,9 @@ class SeaweedFS:
             "-s3.port.iceberg=0",  # on by default (8181) otherwise
             "-s3.port.lance=0",  # on by default (9101) otherwise
             "-master.volumeSizeLimitMB=64",
-            "-volume.max=16",
+            # A bucket is a collection that grows 7 volumes at its first write: 16 volumes
+            # held two buckets with data, and the third got InternalError.
+            "-volume.max=128",
             "-volume.preStopSeconds=0",  # stop at once (it waits 10 s by default)
             *(f"-{name}={port}" for name, port in self.ports.items()),
         ]

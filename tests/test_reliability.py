@@ -413,7 +413,7 @@ def test_store_gone_for_good_fails_in_one_line_and_a_rerun_resumes(
 # ------------------------------------------------------------------ bad environment
 @pytest.mark.slow
 def test_unreachable_store_and_missing_credentials_stop_at_start_in_one_line(
-    s3_server, s3_bucket, tmp_path, monkeypatch, capsys
+    s3_server, s3_bucket, tmp_path, monkeypatch, capsys, request
 ):
     import s3fs
     import yaml
@@ -442,6 +442,8 @@ def test_unreachable_store_and_missing_credentials_stop_at_start_in_one_line(
         assert code == 2 and len(err) == 1, err
         return err[0]
 
+    # Clients built without credentials must not outlive the test in fsspec's instance cache.
+    request.addfinalizer(s3fs.S3FileSystem.clear_instance_cache)
     dead = f"http://127.0.0.1:{free_port()}"
     line = run(f"s3://{bucket}/in.parquet", endpoint_url=dead, max_attempts=2)
     assert line.startswith(f"k3batch: input.uri: cannot read s3://{bucket}/in.parquet: ")
