@@ -59,7 +59,7 @@ def _env_seconds(name: str) -> float | None:
 def _run(args) -> int:
     from k3batch.config import load_config
     from k3batch.progress import Reporter
-    from k3batch.runner import run_job, summary
+    from k3batch.runner import accounting_problem, run_job, summary
 
     overrides = [*args.set, *(["output.overwrite=true"] if args.overwrite else [])]
     interval = args.progress_interval or _env_seconds("K3BATCH_PROGRESS_INTERVAL")
@@ -68,7 +68,10 @@ def _run(args) -> int:
     settings = result.run["config"].get("storage")
     report = None if args.no_report else _write_report(result.run["output"], args, settings)
     print(summary(result.run, report))
-    return 0 if result.ok else 1
+    if not result.ok:
+        print(f"k3batch: accounting failed: {accounting_problem(result.run)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _report(args) -> int:
@@ -312,7 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 every row accounted for; 1 the job stopped part-way or its accounting
+    failed; 2 a bad config, input or environment, found before any work."""
     from k3batch.config import ConfigError
+    from k3batch.runner import JobFailed
 
     args = build_parser().parse_args(argv)
     if args.command == "config" and not (args.schema or args.reference or args.config):
@@ -323,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"k3batch: {e}", file=sys.stderr)
         return 2
+    except JobFailed as e:
+        print(f"k3batch: job failed: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

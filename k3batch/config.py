@@ -392,6 +392,29 @@ class StorageConfig(Strict):
         "exist on every Ray node). null: environment credentials or an instance role.",
     )
     anonymous: bool = Field(False, description="Read public s3:// buckets without credentials.")
+    max_attempts: int = Field(
+        10,
+        ge=1,
+        le=100,
+        description="Attempts per s3:// request, the first included (botocore's retries, "
+        "exponential backoff with jitter, at most 20 s apart): a store that is unreachable, "
+        "throttling or answering 5xx for a few seconds costs retries, not rows. A write that "
+        "still fails stops the job with a storage error; rerunning it resumes. 1: no retries.",
+    )
+    retry_mode: Literal["standard", "adaptive"] = Field(
+        "standard",
+        description="botocore retry mode for s3:// requests: `standard`, or `adaptive` "
+        "(standard plus client-side rate limiting when the store throttles).",
+    )
+    connect_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds to wait for a connection to the s3:// endpoint before the attempt "
+        "counts as failed (botocore's default is 60).",
+    )
+    read_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds to wait for an s3:// response before the attempt fails."
+    )
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra fsspec storage options for every URI's filesystem (any protocol), "
@@ -455,6 +478,27 @@ class OutputConfig(Strict):
     @classmethod
     def _no_credentials_in_uri(cls, v: str) -> str:
         return _no_userinfo(v)
+
+
+class FaultsConfig(Strict):
+    """How a job reacts to stalls and crashed workers (bad rows and storage: see the README)."""
+
+    stall_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Fail the job, naming the stage that stopped, when no stage has made "
+        "progress (no batch moved) for this many seconds; rows finished before are kept and a "
+        "rerun resumes. Must exceed the time to load the model and generate the first batch. "
+        "null: RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S if set, else 1800 (Ray Data's default).",
+    )
+    max_crashes_per_row: int = Field(
+        2,
+        ge=1,
+        description="A generation batch whose worker process died (killed, segfault, out of "
+        "memory) is retried on a replacement worker one row at a time; a row that was running "
+        "alone when a worker died this many times becomes `status=error` instead of being "
+        "retried again (Ray alone would retry it forever).",
+    )
 
 
 class RayConfig(Strict):
@@ -541,6 +585,10 @@ class JobConfig(Strict):
     storage: StorageConfig = Field(
         default_factory=StorageConfig,
         description="How input and output URIs are reached (endpoint, region, profile); no secrets.",
+    )
+    faults: FaultsConfig = Field(
+        default_factory=FaultsConfig,
+        description="Stall timeout and crashed-worker handling.",
     )
     ray: RayConfig = Field(default_factory=RayConfig, description="How to reach Ray.")
     beautify: BeautifyConfig = Field(

@@ -9,7 +9,7 @@ column, while user ids may be missing, malformed or repeated (those rows are sti
 accounted for, as errors).
 
 An output remembers its job in `_k3batch/job.json`: a fingerprint of the config without the
-fields that cannot change the output (resources, ray, storage, overwrite, device). The same
+fields that cannot change the output (resources, ray, storage, faults, overwrite, device). The same
 job resumes; a different one is refused unless `output.overwrite`.
 """
 
@@ -28,6 +28,7 @@ _NOT_FINGERPRINTED = {
     "resources": None,
     "ray": None,
     "storage": None,
+    "faults": None,
     "output": {"overwrite"},
     "model": {"device"},
 }

@@ -11,6 +11,7 @@ import math
 import numbers
 import re
 import secrets
+import unicodedata
 from dataclasses import dataclass
 
 STATUS_OK = "ok"
@@ -96,6 +97,12 @@ def _as_float(field: str, value) -> float:
     return float(value)
 
 
+def _visible(text: str) -> bool:
+    """Whether `text` has a character that is not a control, format, unassigned or
+    separator character (Unicode categories C* and Z*): a letter, digit, mark, symbol..."""
+    return any(unicodedata.category(c)[0] not in "CZ" for c in text)
+
+
 def derive_seed(base_seed: int, row_id: str) -> int:
     """A row's seed from the job's base seed and its id: stable across reruns and batches."""
     digest = hashlib.blake2b(f"{base_seed}/{row_id}".encode(), digest_size=8).digest()
@@ -127,6 +134,11 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
         prompt = None
     elif not prompt.strip():
         errors.append(f"{prompt_column}: empty or whitespace only, got {show(prompt)}")
+    elif not _visible(prompt):
+        errors.append(
+            f"{prompt_column}: no visible characters (only control, format or space "
+            f"characters), got {show(prompt)}"
+        )
     elif len(prompt) > rules.max_prompt_chars:
         errors.append(
             f"{prompt_column}: {len(prompt)} characters, above limits.max_prompt_chars={rules.max_prompt_chars}"

@@ -27,6 +27,13 @@ class InputInfo:
     files: list[str]
     columns: list[str]
     num_rows: int
+    schema: object = None  # pyarrow.Schema: every input file's columns, unified
+    duplicate_ids: dict = field(default_factory=dict)  # id -> rows that give it (2 or more)
+
+
+class JobFailed(RuntimeError):
+    """The job stopped part-way (stall, storage, a stage's error): one line saying why.
+    Rows committed before it are kept; rerunning the same command resumes."""
 
 
 @dataclass
@@ -75,12 +82,14 @@ def inspect_input(cfg: JobConfig) -> InputInfo:
         raise ConfigError(f"input.uri: no .parquet files under {cfg.input.uri}")
     try:
         dataset = pads.dataset(files, filesystem=fs, format="parquet")
-        columns = dataset.schema.names
+        schemas = [fragment.physical_schema for fragment in dataset.get_fragments()]
         num_rows = dataset.count_rows()
     except Exception as e:
         raise ConfigError(
             f"input.uri: not a readable Parquet table: {cfg.input.uri}: {e}"
         ) from None
+    schema = unified_schema(files, schemas)
+    columns = schema.names
     if cfg.input.prompt_column not in columns:
         raise ConfigError(
             f"input.prompt_column: column {cfg.input.prompt_column!r} is not in the input table "
@@ -92,7 +101,80 @@ def inspect_input(cfg: JobConfig) -> InputInfo:
             f"input.beautified_prompt_column: column {beautified!r} is not in the input table "
             f"(columns: {', '.join(columns)})"
         )
-    return InputInfo(files=files, columns=columns, num_rows=num_rows)
+    duplicates = {}
+    if cfg.input.id_column in columns:
+        try:
+            ids = pads.dataset(files, schema=schema, filesystem=fs, format="parquet").to_table(
+                columns=[cfg.input.id_column]
+            )
+        except Exception as e:
+            raise ConfigError(f"input.uri: cannot read {cfg.input.uri}: {e}") from None
+        duplicates = repeated_ids(ids.column(0), cfg.input.id_column)
+    return InputInfo(
+        files=files, columns=columns, num_rows=num_rows, schema=schema, duplicate_ids=duplicates
+    )
+
+
+MAX_DUPLICATE_IDS = 10_000
+
+
+def repeated_ids(column, name: str) -> dict[str, int]:
+    """Ids that more than one input row gives (as ValidateStage spells ids), with counts.
+
+    Such rows would share an image key and overwrite each other's image: they become row
+    errors instead. A table where nearly every id repeats is refused: its id column is not
+    an id.
+    """
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(column).to_pylist()
+    repeated: dict[str, int] = {}
+    for entry in counts:
+        value, n = entry["values"], entry["counts"]
+        if n < 2 or isinstance(value, bool):
+            continue
+        if isinstance(value, int) or (isinstance(value, str) and value):
+            repeated[str(value)] = repeated.get(str(value), 0) + n
+    if len(repeated) > MAX_DUPLICATE_IDS:
+        shown = ", ".join(repr(v) for v in list(repeated)[:5])
+        raise ConfigError(
+            f"input.id_column: {len(repeated)} values of column {name!r} repeat (e.g. {shown}); "
+            "ids must be unique: fix the column, or name another with input.id_column"
+        )
+    return repeated
+
+
+def unified_schema(files: list[str], schemas: list):
+    """One schema for all input files: a column missing from a file reads as nulls there
+    (so its rows fail on a missing prompt, row by row), int32 and int64 unify, and so on.
+
+    Ray Data infers its schema from a sample of the files and cannot read a column that is a
+    number in one file and text in another: such input is refused here, naming the column.
+    """
+    import pyarrow as pa
+
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        pass
+    seen: dict[str, tuple] = {}
+    for path, schema in zip(files, schemas, strict=True):
+        for column in schema:
+            if column.name not in seen:
+                seen[column.name] = (column.type, path)
+                continue
+            first_type, first_path = seen[column.name]
+            try:
+                pa.unify_schemas(
+                    [pa.schema([(column.name, first_type)]), pa.schema([column])],
+                    promote_options="permissive",
+                )
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                raise ConfigError(
+                    f"input.uri: column {column.name!r} is {first_type} in {first_path} but "
+                    f"{column.type} in {path}; every input file must give a column one type"
+                ) from None
+    raise ConfigError("input.uri: the input files' schemas cannot be combined")
 
 
 def check_model(cfg: JobConfig) -> None:
@@ -123,6 +205,34 @@ def check_model(cfg: JobConfig) -> None:
     if os.path.exists(path) or not _HF_REPO_ID.match(path):
         raise ConfigError(
             f"model.path: {path!r} is neither a checkpoint directory nor a Hugging Face repo id"
+        )
+    check_hub_model(path)
+
+
+# A file each layout's repo has at its top: what the local cache must hold in offline mode.
+_HUB_MARKERS = ("model_index.json", "unet/config.json", "weights/movq.pt")
+
+
+def check_hub_model(repo_id: str) -> None:
+    """A Hub repo id must name a repo (online) or one in the local cache (HF_HUB_OFFLINE),
+    rather than fail in every actor after Ray has started."""
+    from huggingface_hub import constants, repo_exists, try_to_load_from_cache
+
+    if constants.is_offline_mode():
+        if not any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in _HUB_MARKERS):
+            raise ConfigError(
+                f"model.path: {repo_id!r} is not in the local Hugging Face cache and "
+                "HF_HUB_OFFLINE is set; download it first or give a local directory"
+            )
+        return
+    try:
+        exists = repo_exists(repo_id)
+    except Exception as e:  # noqa: BLE001 - the Hub unreachable from here: the workers retry
+        log.warning("k3batch: could not ask the Hugging Face Hub about %s: %s", repo_id, e)
+        return
+    if not exists:
+        raise ConfigError(
+            f"model.path: no Hugging Face repo {repo_id!r} (a private or gated repo needs HF_TOKEN)"
         )
 
 
@@ -212,19 +322,27 @@ def init_ray(cfg: JobConfig, resumed: bool = False) -> None:
     ctx.enable_operator_progress_bars = sys.stderr.isatty()
 
 
+SHOWN_IDS = 100  # ids listed per accounting problem in run.json (all are counted)
+
+
 def account(cfg: JobConfig, info: InputInfo) -> dict:
-    """Rows in = rows out = ok + error, no id twice: read back from the written records
-    (across every run into this output, each row once)."""
+    """Rows in = rows out = ok + error, no row and no id twice: read back from the written
+    records (across every run into this output, each row once). When rows are missing or
+    doubled, the input is read again (through Ray, for its row hashes) to name them."""
     table = outputs.read_records(
         cfg,
         outputs.record_files(cfg),
         columns=["id", "status", "error"],
-        optional=(*BEAUTIFY_COLUMNS, "warning"),
+        optional=(*BEAUTIFY_COLUMNS, "warning", resume.ID_COLUMN),
     )
     beautify_columns = [c for c in BEAUTIFY_COLUMNS if c in table.column_names]
     ids = table.column("id").to_pylist()
     statuses = Counter(table.column("status").to_pylist())
     duplicates = sorted(i for i, c in Counter(ids).items() if c > 1)
+    hashes = (
+        table.column(resume.ID_COLUMN).to_pylist() if resume.ID_COLUMN in table.column_names else []
+    )
+    repeated_rows = sum(c - 1 for c in Counter(hashes).values() if c > 1)
     errors_by_field = Counter()
     for err in table.column("error").to_pylist():
         if err:
@@ -239,6 +357,9 @@ def account(cfg: JobConfig, info: InputInfo) -> dict:
     rows_out = len(ids)
     ok = statuses.get("ok", 0)
     failed = statuses.get("error", 0)
+    missing, unexpected = [], []
+    if hashes and (rows_out != info.num_rows or repeated_rows):
+        missing, unexpected = compare_with_input(cfg, info, table)
     out = {
         "rows_in": info.num_rows,
         "rows_out": rows_out,
@@ -247,14 +368,61 @@ def account(cfg: JobConfig, info: InputInfo) -> dict:
         "errors_by_field": dict(errors_by_field.most_common()),
         "warnings_by_field": dict(warnings_by_field.most_common()),
         "accounting": {
-            "ok": rows_out == info.num_rows and ok + failed == rows_out and not duplicates,
-            "duplicate_ids": duplicates[:100],
+            "ok": rows_out == info.num_rows
+            and ok + failed == rows_out
+            and not duplicates
+            and not repeated_rows
+            and not missing
+            and not unexpected,
+            "rows_in": info.num_rows,
+            "rows_out": rows_out,
+            "ok_plus_error": ok + failed,
+            "other_status": rows_out - ok - failed,
+            "duplicate_ids": duplicates[:SHOWN_IDS],
             "num_duplicate_ids": len(duplicates),
+            "rows_written_twice": repeated_rows,
+            "missing_ids": missing[:SHOWN_IDS],
+            "num_missing": len(missing),
+            "unexpected_ids": unexpected[:SHOWN_IDS],
+            "num_unexpected": len(unexpected),
         },
     }
     if beautify_columns:
         out["beautify"] = beautify_counts(table)
     return out
+
+
+def compare_with_input(cfg: JobConfig, info: InputInfo, table) -> tuple[list, list]:
+    """Ids of input rows without a record, and of records of no input row, by row hash (the
+    identity Ray gives each input row; user ids may repeat)."""
+    import ray.data
+
+    from k3batch import rows
+    from k3batch.stages.validate import ROW_HASH
+
+    fs, path = storage.arrow_filesystem(cfg.input.uri, cfg.storage.model_dump())
+    read_args = {} if info.schema is None else {"schema": info.schema}
+    ds = ray.data.read_parquet(path, filesystem=fs, include_row_hash=True, **read_args)
+    id_column = cfg.input.id_column if cfg.input.id_column in info.columns else None
+    input_hashes, input_ids = [], []
+    for batch in ds.select_columns([c for c in (id_column, ROW_HASH) if c]).iter_batches(
+        batch_format="pyarrow", batch_size=None
+    ):
+        hashes = batch.column(ROW_HASH).to_pylist()
+        input_hashes += hashes
+        # As ValidateStage names rows: the id column, or an id derived from the row hash.
+        given = batch.column(id_column).to_pylist() if id_column else [None] * len(hashes)
+        input_ids += [
+            i if isinstance(i, (str, int)) and i != "" else rows.derived_id(h)
+            for i, h in zip(given, hashes, strict=True)
+        ]
+    out_hashes = table.column(ROW_HASH).to_pylist()
+    out_ids = table.column("id").to_pylist()
+    written = set(out_hashes)
+    known = set(input_hashes)
+    missing = [str(i) for h, i in zip(input_hashes, input_ids, strict=True) if h not in written]
+    unexpected = [str(i) for h, i in zip(out_hashes, out_ids, strict=True) if h not in known]
+    return missing, unexpected
 
 
 BEAUTIFY_COLUMNS = ("beautified_prompt", "beautify_error", "beautify_fallback")
@@ -330,10 +498,13 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
         max(info.num_rows - outputs.count_rows(cfg, sorted(before)), 0) if before else info.num_rows
     )
     with Tracker(todo, reporter) as tracker:
-        if cfg.job == "beautify":
-            beautify.run(cfg)
-        else:
-            text_to_image.run(cfg, info.num_rows)
+        try:
+            if cfg.job == "beautify":
+                beautify.run(cfg)
+            else:
+                text_to_image.run(cfg, info.num_rows, info.schema, info.duplicate_ids)
+        except Exception as e:
+            raise JobFailed(failure_message(cfg, e, tracker)) from e
     # Record files from before that are still there hold rows an earlier run finished (Ray
     # deleted those of writes it had not committed); the new ones hold this run's rows.
     after = outputs.record_files(cfg)
@@ -355,7 +526,11 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
         "resumed": resumed,
         "rows_this_run": generated,
         "skipped_by_resume": skipped,
-        "accounting": counts["accounting"],
+        "accounting": {
+            **counts["accounting"],
+            "rows_this_run": generated,
+            "skipped_by_resume": skipped,
+        },
         **tracker.final.cost(),
         "input_files": len(info.files),
         "output": cfg.output.uri,
@@ -366,6 +541,98 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
     fs, root = storage.filesystem(cfg.output.uri, cfg.storage.model_dump())
     fs.pipe_file(f"{root}/run.json", json.dumps(run, indent=2).encode())
     return RunResult(run=run)
+
+
+RESUME_HINT = "rows finished before are kept; rerun the same command to resume"
+
+
+def _causes(error: BaseException):
+    """The exception and every exception it was raised from. A Ray task error stands in
+    for its `cause` (the exception the task raised; the wrapper's text is a traceback)."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        inner = getattr(e, "cause", None)
+        if isinstance(inner, BaseException):
+            todo.insert(0, inner)
+        else:
+            yield e
+        todo.append(e.__cause__ or e.__context__)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def stalled_stage(snapshot) -> tuple[str, int, int] | None:
+    """(stage, rows it finished, rows that reached it) for the first stage behind its input."""
+    expected = snapshot.total
+    for info in snapshot.order:
+        done = snapshot.stages.get(info.name, {}).get("rows", 0)
+        if done < expected:
+            return info.name, done, expected
+        expected = done
+    return None
+
+
+def failure_message(cfg: JobConfig, error: Exception, tracker: Tracker) -> str:
+    """One line for a job that stopped part-way: what stopped it, and that a rerun resumes."""
+    from ray.data import DataContext
+    from ray.data.exceptions import ExecutionTimeoutError
+
+    causes = list(_causes(error))
+    if any(isinstance(c, ExecutionTimeoutError) for c in causes):
+        timeout = (
+            cfg.faults.stall_timeout_s or DataContext.get_current().execution_no_progress_timeout_s
+        )
+        try:
+            where = stalled_stage(tracker.snapshot())
+        except Exception:  # noqa: BLE001 - the message does without the stage
+            where = None
+        stage = (
+            f"stage {where[0]!r} stopped after {where[1]} of {where[2]} rows"
+            if where
+            else "the final write stopped"
+        )
+        return (
+            f"faults.stall_timeout_s: no stage made progress for {timeout:g} s; {stage} "
+            f"(a worker stuck in a batch, or waiting for resources); {RESUME_HINT}"
+        )
+    for c in causes:
+        if isinstance(c, storage.StorageError):
+            return f"{str(c).splitlines()[0]}; {RESUME_HINT}"
+    for c in causes:
+        if storage.unavailable(c):
+            return (
+                f"output.uri: storage failed at {cfg.output.uri} after "
+                f"{cfg.storage.max_attempts} attempts (storage.max_attempts): {_first_line(c)}; "
+                f"{RESUME_HINT}"
+            )
+    # The first exception that is not Ray's own (executor errors wrap the stage's).
+    root = next((c for c in causes if not type(c).__module__.startswith("ray.")), causes[0])
+    return f"the job failed: {_first_line(root)}; {RESUME_HINT}"
+
+
+def accounting_problem(run: dict) -> str:
+    """One line naming what broke the invariant, and which ids (the first ten of each)."""
+    acc = run["accounting"]
+    parts = [f"rows in {run['rows_in']}, rows out {run['rows_out']}"]
+    if acc.get("other_status"):
+        parts.append(f"{acc['other_status']} rows neither ok nor error")
+    for label, count, ids in (
+        ("missing", "num_missing", "missing_ids"),
+        ("not in the input", "num_unexpected", "unexpected_ids"),
+        ("ids twice", "num_duplicate_ids", "duplicate_ids"),
+    ):
+        if acc.get(count):
+            parts.append(f"{label} ({acc[count]}): {', '.join(map(repr, acc[ids][:10]))}")
+    if acc.get("rows_written_twice"):
+        parts.append(f"{acc['rows_written_twice']} rows written twice")
+    return "; ".join(parts)
 
 
 def _cost_line(run: dict) -> str | None:
@@ -411,11 +678,7 @@ def summary(run: dict, report: str | None = None) -> str:
         kinds = ", ".join(f"{k}: {v}" for k, v in run["warnings_by_field"].items())
         lines.append(f"warnings by   {kinds} (see the metadata's `warning` column)")
     if not run["accounting"]["ok"]:
-        acc = run["accounting"]
-        lines.append(
-            f"ACCOUNTING FAILED: rows in {run['rows_in']}, rows out {run['rows_out']}, "
-            f"duplicate ids ({acc['num_duplicate_ids']}): {acc['duplicate_ids'][:10]}"
-        )
+        lines.append(f"ACCOUNTING FAILED: {accounting_problem(run)}")
     if "beautify" in run:
         b = run["beautify"]
         fallbacks = ", ".join(f"{k}: {v}" for k, v in b.get("fallbacks", {}).items())

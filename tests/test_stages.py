@@ -11,6 +11,7 @@ from k3batch.stages.base import apply_stage
 from k3batch.stages.generate import GenerateStage
 from k3batch.stages.validate import ValidateStage
 from k3batch.stages.write import WriteImagesStage
+from k3batch.storage import StorageError
 
 from .conftest import FP32
 
@@ -43,6 +44,23 @@ def test_validate_stage_uses_id_column_and_flags_bad_ids():
     assert out["id"] == ["k1", "7", "0000000000000003"]
     assert out["status"] == ["ok", "ok", "error"]
     assert out["error"][2].startswith("key:")
+
+
+def test_rows_sharing_an_id_become_errors_under_ids_of_their_own():
+    from k3batch.config import ConfigError
+    from k3batch.runner import repeated_ids
+
+    # Found before the job (across all files), as ValidateStage spells ids: 7 and "7" are one.
+    repeated = repeated_ids(pa.chunked_array([["a", "7", "b", "a", None, None, ""]]), "id")
+    assert repeated == {"a": 2}
+    assert repeated_ids(pa.chunked_array([[7, 7, 8]]), "id") == {"7": 2}
+    with pytest.raises(ConfigError, match="input.id_column: 10001 values of column 'id' repeat"):
+        repeated_ids(pa.chunked_array([[f"x{i}" for i in range(10001)] * 2]), "id")
+    stage = ValidateStage(RULES, duplicate_ids={"a": 2})
+    out = stage({"prompt": ["x", "y", "z"], "id": ["a", "b", "a"], "row_hash": [1, 2, 3]})
+    assert out["id"] == ["0000000000000001", "b", "0000000000000003"]
+    assert out["status"] == ["error", "ok", "error"]
+    assert out["error"][0] == "id: 'a' is not unique (2 input rows give it)"
 
 
 def test_validate_keeps_input_columns_and_renames_clashing_ones():
@@ -131,23 +149,26 @@ def test_write_stage_writes_images_and_sets_uri(tmp_path):
     )
 
 
-def test_write_stage_turns_a_failed_write_into_a_row_error(tmp_path):
+def test_write_stage_fails_the_batch_when_storage_fails_and_marks_unencodable_rows(tmp_path):
     stage = WriteImagesStage(str(tmp_path), "png")
-    (
-        tmp_path / "images" / "x.png"
-    ).mkdir()  # a directory where the file must go: fails even as root
-    out = stage(
-        {
-            "id": ["x", "y"],
-            "image_rgb": [b"\0" * 64 * 64 * 3] * 2,
-            "width": [64] * 2,
-            "height": [64] * 2,
-            "status": ["ok"] * 2,
-            "error": [None] * 2,
-        }
-    )
-    assert out["status"] == ["error", "ok"]
-    assert out["error"][0].startswith("write: ") and out["image_uri"][0] is None
+    batch = {
+        "id": ["short", "y", "x"],
+        # 10 bytes cannot be a 64x64 image: that row's error, not the batch's
+        "image_rgb": [b"\0" * 10] + [b"\0" * 64 * 64 * 3] * 2,
+        "width": [64] * 3,
+        "height": [64] * 3,
+        "status": ["ok"] * 3,
+        "error": [None] * 3,
+    }
+    (tmp_path / "images" / "x.png").mkdir()  # a directory where the file must go: fails as root
+    # The store failing (after its retries) is no row's fault: the batch fails, so the job
+    # stops and a rerun writes these rows, instead of recording them as errors for good.
+    with pytest.raises(StorageError, match=r"output.uri: cannot write .*/images/x.png: "):
+        stage(batch)
+    (tmp_path / "images" / "x.png").rmdir()
+    out = stage(batch)
+    assert out["status"] == ["error", "ok", "ok"] and out["image_uri"][0] is None
+    assert out["error"][0].startswith("encode: ")
 
 
 def test_generate_stage_sets_its_torch_thread_count(tiny_dir):

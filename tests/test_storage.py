@@ -34,6 +34,21 @@ def test_s3_settings_become_s3fs_options_and_reach_other_protocols_as_given():
     assert storage.storage_options("/tmp/x", settings) == {}
 
 
+def test_s3_requests_retry_with_backoff_as_configured_and_options_refine_it():
+    settings = config(storage={"max_attempts": 4, "retry_mode": "adaptive"}).storage.model_dump()
+    botocore = storage.storage_options("s3://bucket/x", settings)["config_kwargs"]
+    # botocore's `total_max_attempts` counts the first try (its `max_attempts` would not).
+    assert botocore["retries"] == {"total_max_attempts": 4, "mode": "adaptive"}
+    assert (botocore["connect_timeout"], botocore["read_timeout"]) == (10.0, 60.0)
+    settings["options"] = {"config_kwargs": {"read_timeout": 5, "max_pool_connections": 50}}
+    botocore = storage.storage_options("s3://bucket/x", settings)["config_kwargs"]
+    assert botocore["retries"]["total_max_attempts"] == 4 and botocore["read_timeout"] == 5
+    assert botocore["max_pool_connections"] == 50
+    # The filesystem gets them: its botocore client is built from these.
+    fs, _ = storage.filesystem("s3://bucket/x", settings)
+    assert fs.config_kwargs["retries"] == {"total_max_attempts": 4, "mode": "adaptive"}
+
+
 def test_any_fsspec_protocol_and_local_paths_get_filesystems(tmp_path):
     fs, path = storage.filesystem("memory://k3batch-test/a.txt")
     fs.pipe_file(path, b"x")
@@ -62,6 +77,12 @@ def test_any_fsspec_protocol_and_local_paths_get_filesystems(tmp_path):
         ("storage", {"password": "x"}, ["storage.password", "Extra inputs"]),
         ("output", {"format": "tfrecord"}, ["output.format", "tfrecord"]),
         ("output", {"shard_size": 0}, ["output.shard_size"]),
+        ("storage", {"max_attempts": 0}, ["storage.max_attempts", "0"]),
+        ("storage", {"retry_mode": "legacy"}, ["storage.retry_mode", "'legacy'"]),
+        ("storage", {"connect_timeout_s": "soon"}, ["storage.connect_timeout_s", "'soon'"]),
+        ("faults", {"stall_timeout_s": 0}, ["faults.stall_timeout_s", "0"]),
+        ("faults", {"max_crashes_per_row": 0}, ["faults.max_crashes_per_row", "0"]),
+        ("faults", {"timeout": 5}, ["faults.timeout", "Extra inputs"]),
     ],
 )
 def test_bad_storage_and_output_settings_are_one_line_errors(section, values, needles):
@@ -84,9 +105,26 @@ def test_fingerprint_ignores_how_a_job_runs_but_not_what_it_makes():
             storage={"endpoint_url": "http://other:9000"},
             output={"overwrite": True},
             model={"device": "cpu"},
+            faults={"stall_timeout_s": 60, "max_crashes_per_row": 5},
         )
     )
     assert resume.fingerprint(same) == resume.fingerprint(base)
     changed = resume.job_identity(config(output={"format": "webdataset"}, generation={"seed": 3}))
     assert resume.fingerprint(changed) != resume.fingerprint(base)
     assert resume.differences(base, changed) == ["generation.seed", "output.format"]
+
+
+def test_storage_failures_that_a_rerun_can_outlast_are_told_apart():
+    import errno
+
+    from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+
+    assert storage.unavailable(EndpointConnectionError(endpoint_url="http://x"))
+    assert storage.unavailable(ReadTimeoutError(endpoint_url="http://x"))
+    assert storage.unavailable(ConnectionRefusedError())
+    # s3fs's translation of S3's 500 InternalError and 503 SlowDown
+    assert storage.unavailable(OSError(errno.EREMOTEIO, "We encountered an internal error"))
+    assert storage.unavailable(OSError(errno.EBUSY, "Please reduce your request rate"))
+    assert not storage.unavailable(PermissionError(errno.EACCES, "Access Denied"))
+    assert not storage.unavailable(FileNotFoundError("s3://bucket/x"))
+    assert not storage.unavailable(ValueError("bad"))

@@ -550,7 +550,8 @@ class Generator:
         from k3batch.metrics import APP_SERVE, metrics
 
         start = time.perf_counter()
-        columns = (*self.stage.needs, *self.stage.optional)
+        # Optional columns only when the jobs carry them (edits: source_rgb, keep_mask).
+        columns = [*self.stage.needs, *(c for c in self.stage.optional if c in jobs[0])]
         out = self.stage({c: [job.get(c) for job in jobs] for c in columns})
         results = []
         for i, job in enumerate(jobs):

@@ -64,7 +64,7 @@ class GenerateStage(Stage):
         "status",
         "error",
     )
-    optional = ("strength", "source_rgb", "keep_mask", *EMBEDDING_COLUMNS)
+    optional = ("strength", "source_rgb", "keep_mask", "row_hash", *EMBEDDING_COLUMNS)
     adds = {
         "image_rgb": pa.binary(),
         "status": pa.string(),
@@ -83,7 +83,15 @@ class GenerateStage(Stage):
         torch_threads: int | None = None,
         prompt_column: str = "prompt",
         text_encoder_pool: bool = False,
+        journal=None,
+        max_crashes_per_row: int = 2,
+        test_hooks: dict | None = None,
     ):
+        from k3batch import crashes, testhooks
+
+        self.journal = crashes.JournalClient(journal)
+        self.max_crashes_per_row = max_crashes_per_row
+        self.hooks = testhooks.Hooks(test_hooks)
         if torch_threads:
             import torch
 
@@ -139,7 +147,21 @@ class GenerateStage(Stage):
         )
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        from k3batch import crashes
+
         n = len(batch["id"])
+        # row_hash is unique per input row (ids may repeat in a bad table).
+        row_keys = batch.get("row_hash") or batch["id"]
+        batch_key = crashes.key(row_keys)
+        crashed = self.journal.start(batch_key)
+        self.hooks.before_batch()
+        out = self._generate(batch, n, [crashes.key([k]) for k in row_keys] if crashed else None)
+        self.journal.end(batch_key)
+        return out
+
+    def _generate(self, batch, n, isolate: list[str] | None) -> dict[str, list]:
+        """The batch's results; `isolate` (row keys) after a worker died running it: then each
+        row runs alone and is journaled, and a row that crashed workers too often fails."""
         out = {
             "image_rgb": [None] * n,
             "status": list(batch["status"]),
@@ -160,6 +182,24 @@ class GenerateStage(Stage):
                 out["error"][i] = f"generate: {type(e).__name__}: {e}"
                 continue
             groups[self.pipe.group_key(request)].append((i, request))
+        if isolate is not None:
+            rows = [m for members in groups.values() for m in members]
+            log.warning(
+                "a worker died while generating this batch; retrying its %d rows one at a time",
+                len(rows),
+            )
+            for i, request in rows:
+                deaths = self.journal.start(isolate[i])
+                if deaths >= self.max_crashes_per_row:
+                    out["status"][i] = STATUS_ERROR
+                    out["error"][i] = (
+                        "generate: the worker process died while generating this row alone, "
+                        f"{deaths} time(s) (faults.max_crashes_per_row={self.max_crashes_per_row})"
+                    )
+                else:
+                    self._run_group([i], [request], out, batch)
+                self.journal.end(isolate[i])
+            return out
         for members in groups.values():
             indices = [i for i, _ in members]
             self._run_group(indices, [r for _, r in members], out, batch)
@@ -168,6 +208,7 @@ class GenerateStage(Stage):
     def _run_group(self, indices, requests, out, batch) -> None:
         try:
             start = time.perf_counter()
+            self.hooks.before_generate([r.prompt for r in requests])
             images = self.pipe.generate(requests)
             per_row = (time.perf_counter() - start) / len(indices)
         except Exception as e:  # noqa: BLE001 - any failure becomes row errors, never a job crash

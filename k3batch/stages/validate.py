@@ -44,10 +44,18 @@ class ValidateStage(Stage):
         "warning": pa.string(),
     }
 
-    def __init__(self, rules: rows.RowRules, prompt_column: str = "prompt", id_column: str = "id"):
+    def __init__(
+        self,
+        rules: rows.RowRules,
+        prompt_column: str = "prompt",
+        id_column: str = "id",
+        duplicate_ids: dict[str, int] | None = None,
+    ):
         self.rules = rules
         self.prompt_column = prompt_column
         self.id_column = id_column
+        # Ids several input rows give (found before the job starts, across all files).
+        self.duplicate_ids = duplicate_ids or {}
         self.needs = (prompt_column,)
         self.optional = (id_column, ROW_HASH, *rows.OVERRIDE_COLUMNS, *rows.IMAGE_COLUMNS)
 
@@ -70,14 +78,21 @@ class ValidateStage(Stage):
             value = ids[i] if ids is not None else None
             if ids is None:
                 row_id = rows.derived_id(hashes[i])
-            elif isinstance(value, str) and value:
-                row_id = value
-            elif isinstance(value, int) and not isinstance(value, bool):
+            elif (isinstance(value, str) and value) or (
+                isinstance(value, int) and not isinstance(value, bool)
+            ):
                 row_id = str(value)
+                if row_id in self.duplicate_ids:
+                    # Rows sharing an id would share an image key: none of them may use it.
+                    id_error = (
+                        f"{self.id_column}: {rows.show(value)} is not unique "
+                        f"({self.duplicate_ids[row_id]} input rows give it)"
+                    )
             else:
+                id_error = f"{self.id_column}: expected a non-empty string or integer, got {rows.show(value)}"
+            if id_error:
                 # Keep the row (accounted for, with an error) under a derived id when we can.
                 row_id = rows.derived_id(hashes[i]) if hashes is not None else f"row-{i}"
-                id_error = f"{self.id_column}: expected a non-empty string or integer, got {rows.show(value)}"
             raw["id"] = row_id
             row = rows.normalise_row(raw, self.prompt_column, self.rules)
             if id_error:

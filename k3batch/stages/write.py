@@ -67,13 +67,22 @@ class WriteImagesStage(_EncodeStage):
         for i in self._rows_to_encode(batch, out):
             name = f"{object_key(batch['id'][i])}.{self.ext}"
             try:
+                data = self._encode(batch, i)
+            except Exception as e:  # noqa: BLE001 - a failed encode is that row's error
+                out["status"][i] = STATUS_ERROR
+                out["error"][i] = f"encode: {type(e).__name__}: {e}"
+                continue
+            try:
                 # pipe_file returns once the object is complete (one PUT, or a completed
                 # multipart upload), so a row is never `ok` with a partial image.
-                self.fs.pipe_file(f"{self.root}/{name}", self._encode(batch, i))
-            except Exception as e:  # noqa: BLE001 - a failed write is that row's error
-                out["status"][i] = STATUS_ERROR
-                out["error"][i] = f"write: {type(e).__name__}: {e}"
-                continue
+                self.fs.pipe_file(f"{self.root}/{name}", data)
+            except Exception as e:
+                # Not the row's fault (s3fs already retried): fail the batch, so the job stops
+                # and a rerun writes these rows, instead of recording them as errors for good.
+                raise storage.StorageError(
+                    f"output.uri: cannot write {storage.join(self.images_uri, name)}: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
             out["image_uri"][i] = storage.join(self.images_uri, name)
         return out
 

@@ -1,0 +1,73 @@
+"""Fault injection for the reliability tests: K3BATCH_TEST_* environment variables.
+
+Test hooks only, never set in production. The driver reads them when it builds a job
+(`from_env`) and hands them to the generation stage in its constructor arguments, so they
+reach Ray workers whatever environment those started with.
+
+K3BATCH_TEST_CRASH_ON_BATCH=N       the N-th batch a generation actor receives kills its process
+                                    (`os._exit`), once per job: the actor Ray starts in its
+                                    place does not crash again (a marker file says it happened).
+K3BATCH_TEST_HANG_AFTER_BATCHES=N   a generation actor that has finished N batches sleeps
+                                    forever in the next one (a stalled stage).
+K3BATCH_TEST_FAIL_PROMPT=TEXT       generating any group of rows that holds a row with prompt
+                                    TEXT raises (a batch that fails on one bad row).
+K3BATCH_TEST_CRASH_PROMPT=TEXT      generating any group that holds a row with prompt TEXT kills
+                                    the process, every time (a row that crashes its worker).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+
+PREFIX = "K3BATCH_TEST_"
+_NAMES = ("CRASH_ON_BATCH", "HANG_AFTER_BATCHES", "FAIL_PROMPT", "CRASH_PROMPT")
+
+
+def from_env() -> dict | None:
+    """The hooks set on this (driver) process, or None when there are none."""
+    hooks = {n.lower(): os.environ[PREFIX + n] for n in _NAMES if PREFIX + n in os.environ}
+    if not hooks:
+        return None
+    # Once per job: the marker is unique to this job build.
+    hooks["marker"] = os.path.join(tempfile.gettempdir(), f"k3batch-test-crash-{uuid.uuid4().hex}")
+    return hooks
+
+
+def clean_up(hooks: dict | None) -> None:
+    """After the job: remove the crash marker (it exists only once a crash happened)."""
+    if hooks and os.path.exists(hooks["marker"]):
+        os.remove(hooks["marker"])
+
+
+class Hooks:
+    """A generation actor's view of the hooks (its own batch count)."""
+
+    def __init__(self, hooks: dict | None):
+        self.hooks = hooks or {}
+        self.batches = 0
+
+    def before_batch(self) -> None:
+        self.batches += 1
+        crash_on = self.hooks.get("crash_on_batch")
+        if crash_on and self.batches == int(crash_on):
+            marker = self.hooks["marker"]
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pass  # this job crashed once already
+            else:
+                os.close(fd)
+                os._exit(1)
+        hang_after = self.hooks.get("hang_after_batches")
+        if hang_after and self.batches > int(hang_after):
+            while True:
+                time.sleep(3600)
+
+    def before_generate(self, prompts: list) -> None:
+        if "crash_prompt" in self.hooks and self.hooks["crash_prompt"] in prompts:
+            os._exit(1)
+        if "fail_prompt" in self.hooks and self.hooks["fail_prompt"] in prompts:
+            raise RuntimeError(f"test hook: failing on prompt {self.hooks['fail_prompt']!r}")
