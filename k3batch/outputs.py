@@ -59,11 +59,22 @@ def read_records(
     )
 
 
-def count_rows(cfg: JobConfig, files: list[str]) -> int:
+def count_rows(cfg: JobConfig, files: list[str], skip_unreadable: bool = False) -> int:
+    """Rows in these record files, from their footers. `skip_unreadable`: count a file
+    without a readable footer as empty: a write that a failed or killed run left half-done
+    (Ray deletes it, by its pending checkpoint, when the rerun starts)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, _ = storage.filesystem(cfg.output.uri, cfg.storage.model_dump())
-    return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files)
+    total = 0
+    for f in files:
+        try:
+            total += pq.read_metadata(f, filesystem=fs).num_rows
+        except (pa.ArrowInvalid, OSError):
+            if not skip_unreadable:
+                raise
+    return total
 
 
 def finalise(cfg: JobConfig, num_rows: int) -> None:

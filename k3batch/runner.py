@@ -495,7 +495,9 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
     before = set(outputs.record_files(cfg))
     # Progress counts this run's rows: those an earlier run finished are skipped.
     todo = (
-        max(info.num_rows - outputs.count_rows(cfg, sorted(before)), 0) if before else info.num_rows
+        max(info.num_rows - outputs.count_rows(cfg, sorted(before), skip_unreadable=True), 0)
+        if before
+        else info.num_rows
     )
     with Tracker(todo, reporter) as tracker:
         try:

@@ -155,10 +155,18 @@ def run(cfg: JobConfig, num_rows: int, schema=None, duplicate_ids=None) -> None:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    previous = ctx.checkpoint_config, ctx.execution_no_progress_timeout_s
+    previous = (
+        ctx.checkpoint_config,
+        ctx.execution_no_progress_timeout_s,
+        ctx.raise_original_map_exception,
+    )
     ctx.checkpoint_config = resume.checkpoint_config(cfg)
     if cfg.faults.stall_timeout_s:
         ctx.execution_no_progress_timeout_s = cfg.faults.stall_timeout_s
+    # Ray wraps a stage's exception in UserCodeException, and the original (a StorageError,
+    # say) does not survive the trip to the driver, only its traceback text does: keep it,
+    # so the runner can say what stopped the job.
+    ctx.raise_original_map_exception = True
     journal = crashes.start_journal()
     hooks = testhooks.from_env()
     try:
@@ -174,6 +182,10 @@ def run(cfg: JobConfig, num_rows: int, schema=None, duplicate_ids=None) -> None:
         crashes.stop_workers(journal)
         raise
     finally:
-        ctx.checkpoint_config, ctx.execution_no_progress_timeout_s = previous
+        (
+            ctx.checkpoint_config,
+            ctx.execution_no_progress_timeout_s,
+            ctx.raise_original_map_exception,
+        ) = previous
         ray.kill(journal)
         testhooks.clean_up(hooks)

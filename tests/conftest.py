@@ -199,11 +199,11 @@ class SeaweedFS:
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
         deadline = time.monotonic() + timeout
-        while True:  # ready once a bucket can be created (or, after a restart, listed)
+        while True:  # ready once an object can be written (after a restart: volumes back)
             try:
                 with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
                     client.create_bucket(Bucket="k3batch-ready")
-                client.list_objects_v2(Bucket="k3batch-ready")
+                client.put_object(Bucket="k3batch-ready", Key="ready", Body=b"1")
                 return
             except Exception:
                 if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -319,6 +319,35 @@ def test_a_broken_accounting_exits_non_zero_and_names_the_ids(
     assert sorted(acc["duplicate_ids"]) == twice and acc["rows_written_twice"] == len(twice)
 
 
+@pytest.mark.slow
+def test_an_image_the_output_cannot_store_stops_the_job_in_one_line_and_a_rerun_resumes(
+    ray_local, tmp_path, tiny_dir
+):
+    from k3batch.runner import JobFailed, prepare_output, resolve_paths
+
+    cfg = load_config(data=small(tmp_path, prompts(tmp_path, 6), tiny_dir))
+    prepare_output(resolve_paths(cfg))  # the output is this job's, as after a first attempt
+    blocked = tmp_path / "out" / "images" / "r04.png"
+    blocked.mkdir(parents=True)  # a directory where the image must go: fails even as root
+    with pytest.raises(JobFailed) as err:
+        run_job(cfg)
+    # The stage's own error reaches the driver (Ray would have wrapped it into
+    # "UserCodeException: UDF failed to process a data block").
+    assert str(err.value).startswith(f"output.uri: cannot write {blocked}: IsADirectoryError")
+    assert str(err.value).endswith("rerun the same command to resume")
+    blocked.rmdir()
+    # A metadata write the failure cut short: its pending checkpoint and a file with no footer
+    # yet. The rerun must not trip over it, and Ray deletes both.
+    pending = tmp_path / "out" / "_k3batch" / "checkpoint" / "cut_000009.pending.parquet"
+    pq.write_table(pa.table({"row_hash": pa.array([1], pa.uint64())}), pending)
+    half = tmp_path / "out" / "metadata" / "cut_000009-0.parquet"
+    half.write_bytes(b"PAR1")
+    again = run_job(cfg)
+    assert again.ok and again.run["resumed"] and again.run["rows_out"] == again.run["ok"] == 6
+    assert (tmp_path / "out" / "images" / "r04.png").is_file()
+    assert not half.exists() and not pending.exists()
+
+
 # ------------------------------------------------------------------ flaky storage
 def stop_store_once_writing(server, client, bucket, prefix, back_after=None):
     """A thread that stops the store as soon as the job has written an object under `prefix`
@@ -404,7 +433,8 @@ def test_store_gone_for_good_fails_in_one_line_and_a_rerun_resumes(
     assert "\n" not in message and "output.uri: " in message, message
     assert "s3://gone/run" in message and "rerun the same command to resume" in message
     flaky_s3.start()
-    again = run_job(cfg)
+    # Back, and the rerun resumes (storage settings are not part of the job: more patience).
+    again = run_job(s3_job(tmp_path, tiny_dir, flaky_s3.endpoint, "gone", n))
     run = again.run
     assert again.ok and run["resumed"] and (run["rows_out"], run["ok"]) == (n, n), run
     assert run["rows_this_run"] + run["skipped_by_resume"] == n and run["rows_this_run"] > 0
