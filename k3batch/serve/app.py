@@ -70,26 +70,6 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-class ImageGenerationRequest(BaseModel):
-    """OpenAI `POST /v1/images/generations` body plus k3batch's extensions."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str
-    n: int = 1
-    size: str | None = None
-    response_format: Literal["b64_json", "url"] = "b64_json"
-    model: str | None = None
-    user: str | None = None
-    quality: str | None = None  # accepted for client compatibility; not used
-    style: str | None = None  # accepted for client compatibility; not used
-    negative_prompt: str | None = None
-    seed: int | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    beautify: bool = False
-
-
 class ImageEditRequest(BaseModel):
     """OpenAI `POST /v1/images/edits` form fields (image and mask are files) plus k3batch's
     extensions. Form values arrive as text; pydantic parses the numbers."""
@@ -108,6 +88,12 @@ class ImageEditRequest(BaseModel):
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     beautify: bool = False
+
+
+class ImageGenerationRequest(ImageEditRequest):
+    """OpenAI `POST /v1/images/generations` body: the edits fields, as JSON, plus `style`."""
+
+    style: str | None = None  # accepted for client compatibility; not used
 
 
 def parse_size(size: str) -> tuple[int, int]:
