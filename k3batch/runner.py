@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -277,23 +278,79 @@ def prepare_output(cfg: JobConfig) -> bool:
 def preflight(cfg: JobConfig) -> tuple[JobConfig, InputInfo, bool]:
     """Everything that can fail before Ray starts and before any model loads."""
     cfg = resolve_paths(cfg)
+    check_local_cpus(cfg)
     info = inspect_input(cfg)
     check_model(cfg)
     resumed = prepare_output(cfg)
     return cfg, info, resumed
 
 
-def local_num_cpus(cfg: JobConfig, resumed: bool) -> int | None:
-    """Logical CPUs of a new local Ray instance.
+def reserved_cpus(cfg: JobConfig) -> float:
+    """CPUs the job's actor pools hold for the whole run, at their starting sizes."""
+    r, b = cfg.resources, cfg.beautify
+    cpus = 0.0
+    if cfg.job == "text_to_image":
+        cpus += r.num_actors * r.num_cpus_per_actor
+        if r.text_encoder_pool.enabled:
+            pool = r.text_encoder_pool
+            cpus += pool.num_actors * pool.num_cpus_per_actor
+    if cfg.job == "beautify" or b.enabled:
+        if b.backend == "vllm":
+            # GPU engines take one CPU per GPU in Ray Data LLM's bundles.
+            v = b.vllm
+            cpus += v.num_engines * (v.num_gpus_per_engine or v.num_cpus_per_engine)
+        else:
+            cpus += b.openai.num_actors * b.openai.num_cpus_per_actor
+    return cpus
+
+
+def cpus_needed(cfg: JobConfig) -> int:
+    """Logical CPUs the job cannot run with fewer of: its actor pools' plus one whole CPU,
+    as Ray Data's list-files, read and repartition tasks ask one each. With none left those
+    tasks are never scheduled and the job hangs without a word from Ray."""
+    return math.ceil(reserved_cpus(cfg) + 1)
+
+
+def check_local_cpus(cfg: JobConfig) -> None:
+    local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    if local and cfg.ray.num_cpus is not None and cfg.ray.num_cpus < cpus_needed(cfg):
+        raise ConfigError(
+            f"ray.num_cpus: {cfg.ray.num_cpus} CPUs cannot run this job: its actor pools "
+            f"reserve {reserved_cpus(cfg):g} (resources.num_actors x "
+            "resources.num_cpus_per_actor, plus the text encoder and beautify pools) and Ray "
+            f"Data's own tasks need one more; set ray.num_cpus to {cpus_needed(cfg)} or more, "
+            "or leave it unset"
+        )
+
+
+def local_num_cpus(cfg: JobConfig, resumed: bool) -> int:
+    """Logical CPUs of a new local Ray instance: ray.num_cpus, else the machine's, but at
+    least `cpus_needed`. A small machine then counts more CPUs than it has: the tasks that
+    need the extra one are short, and the actors' threads are what keep the cores busy.
 
     On resume Ray adds a CheckpointFilter actor pool that reserves one whole CPU (Ray 2.60 has
-    no setting for it), and Ray Data's list-files and repartition tasks need one CPU each: on
-    a small machine those tasks would then never be scheduled and the job would hang. The
-    filter mostly waits, so a resumed run counts one more logical CPU than it has.
+    no setting for it); the filter mostly waits, so a resumed run counts one more.
     """
-    if not resumed:
-        return cfg.ray.num_cpus
-    return (cfg.ray.num_cpus or os.cpu_count() or 1) + 1
+    cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, cpus_needed(cfg))
+    return cpus + 1 if resumed else cpus
+
+
+def warn_if_cluster_short(cfg: JobConfig, resumed: bool) -> None:
+    """A cluster we did not start may be too small for the job (until its autoscaler adds
+    nodes): say so, since Ray Data waits without a word."""
+    import ray
+
+    have = ray.cluster_resources().get("CPU", 0)
+    need = cpus_needed(cfg) + (1 if resumed else 0)
+    if have < need:
+        log.warning(
+            "k3batch: the Ray cluster has %g CPUs and this job needs %d (actor pools %g, "
+            "plus one for Ray Data's tasks%s): it will wait until the cluster grows",
+            have,
+            need,
+            reserved_cpus(cfg),
+            ", plus one for resume's checkpoint filter" if resumed else "",
+        )
 
 
 def init_ray(cfg: JobConfig, resumed: bool = False) -> None:
@@ -303,8 +360,9 @@ def init_ray(cfg: JobConfig, resumed: bool = False) -> None:
     if not sys.stderr.isatty():
         # Model-loading bars (tqdm) in a log are \r-redraw noise; local workers inherit this.
         os.environ.setdefault("TQDM_DISABLE", "1")
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    started_here = not (ray.is_initialized() or address)
     if not ray.is_initialized():
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
         kwargs = (
             {"address": address}
             if address
@@ -316,6 +374,8 @@ def init_ray(cfg: JobConfig, resumed: bool = False) -> None:
             }
         )
         ray.init(**kwargs, logging_level=logging.WARNING)
+    if not started_here:
+        warn_if_cluster_short(cfg, resumed)
     ctx = DataContext.get_current()
     # Progress bars redraw many times a second: fine on a terminal, a flood in job logs.
     ctx.enable_progress_bars = sys.stderr.isatty()

@@ -57,6 +57,10 @@ def assert_one_line_error(proc, *needles):
             {"model__make_tiny": False, "model__path": "./no/such/dir"},
             ["model.path", "./no/such/dir"],
         ),
+        (
+            {"ray__num_cpus": 2, "resources__num_actors": 2},
+            ["ray.num_cpus", "2 CPUs cannot run this job", "set ray.num_cpus to 3"],
+        ),
     ],
 )
 def test_bad_config_fails_at_start_with_one_line_and_writes_nothing(tmp_path, changes, needles):
@@ -113,6 +117,22 @@ def test_demo_config_runs_end_to_end_from_the_command_line(tmp_path):
     assert table.num_rows == 36 and set(table.column("status").to_pylist()) == {"ok"}
     assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 36
     assert str(tmp_path / "out") in proc.stdout
+
+
+@pytest.mark.slow
+def test_actors_on_every_cpu_still_leave_room_for_ray_datas_own_tasks(tmp_path):
+    # Two 1-CPU generation actors on a 2-core machine: Ray Data's list-files, read and
+    # repartition tasks ask one whole CPU, so with no CPU left the job used to hang.
+    cores = os.cpu_count() or 1
+    proc = k3batch(
+        "run",
+        str(demo_config(tmp_path, resources__num_actors=cores, resources__torch_threads=1)),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rows in/out   36 / 36" in proc.stdout
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["ok"] == 36
 
 
 def test_convert_command(tmp_path, tiny_ref_dir):
