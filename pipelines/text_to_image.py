@@ -130,9 +130,12 @@ def build(cfg: JobConfig, schema=None, journal=None, duplicate_ids=None, test_ho
 
 def write(ds, cfg: JobConfig, num_rows: int) -> None:
     settings = cfg.storage.model_dump()
+    # The same CPU request as the encode/write stage lets Ray fuse the two into one task per
+    # block (Ray fuses only operators whose remote args match).
+    remote_args = {"num_cpus": cfg.resources.write_num_cpus}
     if cfg.output.format == "files":
         fs, path = storage.arrow_filesystem(storage.join(cfg.output.uri, "metadata"), settings)
-        ds.write_parquet(path, filesystem=fs)
+        ds.write_parquet(path, filesystem=fs, ray_remote_args=remote_args)
         return
     shards_uri = storage.join(cfg.output.uri, "shards")
     fsspec_fs, root = storage.filesystem(shards_uri, settings)
@@ -145,7 +148,8 @@ def write(ds, cfg: JobConfig, num_rows: int) -> None:
             width=shards.digits(num_rows),
             image_ext=EXTENSIONS[cfg.output.image_format],
             shard_size=cfg.output.shard_size,
-        )
+        ),
+        ray_remote_args=remote_args,
     )
 
 
