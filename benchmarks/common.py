@@ -39,10 +39,11 @@ def prompt_table(path: str, n: int) -> str:
     return path
 
 
-def tiny_model_dir() -> str:
+def tiny_model_dir(size: str = "tiny") -> str:
+    """The seeded random checkpoint: `tiny` (tests' model) or `bench` (see tiny.BENCH_UNET)."""
     from k3batch.model.tiny import make_tiny
 
-    return make_tiny(os.path.join(tempfile.gettempdir(), "k3batch-bench-tiny"))
+    return make_tiny(os.path.join(tempfile.gettempdir(), f"k3batch-bench-{size}"), size=size)
 
 
 def job(

@@ -99,9 +99,13 @@ def _make_tiny(args) -> int:
     from k3batch.model.tiny import make_tiny
 
     path = make_tiny(
-        args.dir, null_embedding=not args.no_null_embedding, overwrite=True, layout=args.layout
+        args.dir,
+        null_embedding=not args.no_null_embedding,
+        overwrite=True,
+        layout=args.layout,
+        size=args.size,
     )
-    print(f"tiny Kandinsky 3 family checkpoint ({args.layout} layout) written to {path}")
+    print(f"{args.size} Kandinsky 3 family checkpoint ({args.layout} layout) written to {path}")
     return 0
 
 
@@ -243,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave out the null embeddings, like kandinsky-community/kandinsky-3 "
         "(diffusers layout)",
+    )
+    tiny.add_argument(
+        "--size",
+        choices=["tiny", "bench"],
+        default="tiny",
+        help="bench: wider UNet and MoVQ, a batch of about a second on a small CPU "
+        "(the CPU benchmarks' model; diffusers layout)",
     )
     tiny.add_argument(
         "--llm",

@@ -172,3 +172,17 @@ def test_row_length_pooling_equals_stock_pooling_on_each_rows_own_context(tiny_m
             time_embed[i : i + 1], cond.context[i : i + 1] * 20, mask[i : i + 1].unsqueeze(1)
         )
         assert (plain - ref).abs().max() > 1e-4
+
+
+def test_bench_size_is_the_same_family_wider_and_loads_like_the_tiny_one(tmp_path):
+    from k3batch.model.tiny import BENCH_MOVQ, BENCH_UNET, is_tiny_checkpoint, make_tiny
+
+    path = make_tiny(str(tmp_path / "bench"), size="bench")
+    assert is_tiny_checkpoint(path, size="bench") and not is_tiny_checkpoint(path)
+    model = Kandinsky3.from_pretrained(path, dtype=FP32, device="cpu")
+    assert tuple(model.unet.config.block_out_channels) == BENCH_UNET["block_out_channels"]
+    assert list(model.movq.config.block_out_channels) == BENCH_MOVQ["block_out_channels"]
+    (image,) = model.generate([req(size=64, steps=1)])
+    assert image.shape == (64, 64, 3) and image.std() > 0
+    with pytest.raises(ValueError, match="diffusers layout only"):
+        make_tiny(str(tmp_path / "ref"), layout="reference", size="bench")

@@ -142,6 +142,21 @@ TINY_MOVQ = dict(
     vq_embed_dim=4,
 )
 
+# Benchmark size: the same classes, wider (UNet 128/256 channels, 32-wide heads; MoVQ
+# 64/128), so a batch of 4 at 128x128 and 8 steps costs about a second on a 2-core CPU in
+# fewer, larger operations, as the real model's are (the tiny one's are mostly overhead).
+BENCH_UNET = dict(
+    TINY_UNET,
+    time_embedding_dim=128,
+    groups=32,
+    attention_head_dim=32,
+    layers_per_block=2,
+    block_out_channels=(128, 256),
+    cross_attention_dim=128,
+)
+BENCH_MOVQ = dict(TINY_MOVQ, block_out_channels=[64, 64, 128, 128])
+SIZES = {"tiny": (TINY_UNET, TINY_MOVQ), "bench": (BENCH_UNET, BENCH_MOVQ)}
+
 
 TINY_T5 = dict(
     d_model=32,
@@ -210,11 +225,12 @@ def _wake_zero_weights(module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
-def build_components(null_embedding: bool = True):
+def build_components(null_embedding: bool = True, size: str = "tiny"):
     """The tiny components, seeded: shared tokenizer, T5, MoVQ; one UNet per family member.
 
     UNet sizes follow diffusers' own Kandinsky 3 tests; each member has its own weights and
     its own text projection (`encoder_hid_proj`), as the real Flash and inpainting models do.
+    `size`: `tiny`, or `bench` (wider UNet and MoVQ, same T5; see BENCH_UNET).
     """
     import torch
     from diffusers import VQModel
@@ -223,17 +239,20 @@ def build_components(null_embedding: bool = True):
     from k3batch.model import family
     from k3batch.model.loading import unet_class
 
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    unet_config, movq_config = SIZES[size]
     tokenizer = build_tokenizer()
     unets = {}
     for i, (name, member) in enumerate(family.MEMBERS.items()):
         torch.manual_seed(TINY_SEED + 10 * i)
-        unet = unet_class(member)(in_channels=member.in_channels, **TINY_UNET)
+        unet = unet_class(member)(in_channels=member.in_channels, **unet_config)
         _wake_zero_weights(unet, TINY_SEED + 10 * i + 1)
         torch.manual_seed(TINY_SEED + 10 * i + 2)
-        null = torch.randn(TINY_UNET["cross_attention_dim"]) if null_embedding else None
+        null = torch.randn(unet_config["cross_attention_dim"]) if null_embedding else None
         unets[name] = (unet.eval(), null)
     torch.manual_seed(TINY_SEED + 1)
-    movq = VQModel(**TINY_MOVQ)
+    movq = VQModel(**movq_config)
     torch.manual_seed(TINY_SEED + 2)
     text_encoder = T5EncoderModel(_t5_config(TINY_T5, len(tokenizer)))
     scheduler = diffusers_scheduler()
@@ -305,26 +324,37 @@ def random_components(size: str, device, dtype, seed: int = TINY_SEED) -> dict:
     )
 
 
-def is_tiny_checkpoint(path: str, layout: str | None = None) -> bool:
+def is_tiny_checkpoint(path: str, layout: str | None = None, size: str = "tiny") -> bool:
     marker = os.path.join(path, MARKER)
     if not os.path.exists(marker):
         return False
     with open(marker) as f:
         info = json.load(f)
-    return info.get("format") == TINY_FORMAT and layout in (None, info.get("layout"))
+    return (
+        info.get("format") == TINY_FORMAT
+        and layout in (None, info.get("layout"))
+        and info.get("size", "tiny") == size
+    )
 
 
 def make_tiny(
-    path: str, null_embedding: bool = True, overwrite: bool = False, layout: str = "diffusers"
+    path: str,
+    null_embedding: bool = True,
+    overwrite: bool = False,
+    layout: str = "diffusers",
+    size: str = "tiny",
 ) -> str:
     """Write a tiny checkpoint of the whole family to `path` (atomic rename).
 
     `layout`: `diffusers` (k3batch's family layout) or `reference` (ai-forever/Kandinsky3.1's
-    `weights/` files, with a `k3batch_config.json` for the tiny architecture).
+    `weights/` files, with a `k3batch_config.json` for the tiny architecture). `size`:
+    `tiny`, or `bench` (diffusers layout only) for the CPU benchmarks.
     """
-    if is_tiny_checkpoint(path, layout) and not overwrite:
+    if size != "tiny" and layout != "diffusers":
+        raise ValueError(f"the {size!r} size is written in the diffusers layout only")
+    if is_tiny_checkpoint(path, layout, size) and not overwrite:
         return path
-    parts = build_components(null_embedding=null_embedding)
+    parts = build_components(null_embedding=null_embedding, size=size)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
@@ -342,6 +372,7 @@ def make_tiny(
                     "layout": layout,
                     "seed": TINY_SEED,
                     "null_embedding": null_embedding,
+                    "size": size,
                 },
                 f,
             )
@@ -351,7 +382,7 @@ def make_tiny(
             os.rename(tmp, path)
         except OSError:
             # Another process (a second worker on this node) finished first.
-            if not is_tiny_checkpoint(path, layout):
+            if not is_tiny_checkpoint(path, layout, size):
                 raise
     finally:
         if os.path.exists(tmp):
