@@ -6,7 +6,15 @@ The pipeline's steady-state rate is marginal: two runs of different lengths, (N_
 N_short) / (t_long - t_short), which cancels Ray start-up, actor start and model load. The
 bare loop runs before and after the pipeline runs; their mean is the reference.
 
-    .venv/bin/python benchmarks/pipeline_efficiency.py           # ~4 min on 2 cores
+The model is the benchmark-sized random one (`make_tiny(size="bench")`: the tiny
+architecture widened so that a batch of 4 at 128x128 and 8 steps takes about a second here,
+in few large operations like the real model's); `--model tiny` uses the tests' model, whose
+batch at 192x192 is the same second spent in many tiny operations. The run also reads the
+generation actor's own seconds per batch (`generate_seconds` in the metadata): the part of
+the loss that is the model running slower inside the pipeline (CPU taken by Ray's processes
+and the other stages) rather than waiting between batches.
+
+    .venv/bin/python benchmarks/pipeline_efficiency.py           # ~3 min on 2 cores
     .venv/bin/python benchmarks/pipeline_efficiency.py --quick   # smoke run
 """
 
@@ -47,7 +55,10 @@ def bare_loop(model_dir: str, n: int, batch: int, size: int, steps: int, threads
 
 def pipeline_seconds(
     model_dir: str, tmp: str, n: int, batch: int, size: int, steps: int, threads: int
-) -> float:
+) -> tuple[float, float]:
+    """(wall seconds of a whole run of `n` rows, the actor's mean seconds per batch)."""
+    import pyarrow.dataset as pads
+
     from k3batch.runner import run_job
 
     cfg = job(
@@ -63,51 +74,74 @@ def pipeline_seconds(
     )
     start = time.perf_counter()
     result = run_job(cfg)
+    seconds = time.perf_counter() - start
     assert result.ok and result.run["ok"] == n, result.run
-    return time.perf_counter() - start
+    records = pads.dataset(f"{tmp}/out{n}/metadata", format="parquet").to_table()
+    per_row = records.column("generate_seconds").to_pylist()
+    return seconds, sum(per_row) / len(per_row) * batch
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--size", type=int, default=192)
+    parser.add_argument("--model", choices=["bench", "tiny"], default="bench")
+    parser.add_argument("--size", type=int, default=None, help="default: bench 128, tiny 192")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
+    size = args.size or (128 if args.model == "bench" else 192)
     short, long = (4, 12) if args.quick else (16, 64)
+    run = (args.batch, size, args.steps, args.threads)
 
     import ray
 
-    model_dir = tiny_model_dir()
+    model_dir = tiny_model_dir(args.model)
     tmp = tempfile.mkdtemp(prefix="k3batch-eff-")
-    bare1 = bare_loop(model_dir, long - short, args.batch, args.size, args.steps, args.threads)
+    bare1 = bare_loop(model_dir, long - short, *run)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
-    pipeline_seconds(
-        model_dir, tmp, short, args.batch, args.size, args.steps, args.threads
-    )  # warm caches
-    t_short = pipeline_seconds(
-        model_dir, tmp, short, args.batch, args.size, args.steps, args.threads
+    # The same bare loop inside a Ray actor, with Ray started and idle: what Ray's own
+    # processes cost the model before any pipeline runs.
+    here = os.path.dirname(os.path.abspath(__file__))
+    in_ray = ray.get(
+        ray.remote(num_cpus=1)(bare_loop)
+        .options(runtime_env={"env_vars": {"PYTHONPATH": here}})
+        .remote(model_dir, long - short, *run)
     )
-    t_long = pipeline_seconds(model_dir, tmp, long, args.batch, args.size, args.steps, args.threads)
+    pipeline_seconds(model_dir, tmp, short, *run)  # warm caches
+    t_short, _ = pipeline_seconds(model_dir, tmp, short, *run)
+    t_long, in_actor = pipeline_seconds(model_dir, tmp, long, *run)
     ray.shutdown()
-    bare2 = bare_loop(model_dir, long - short, args.batch, args.size, args.steps, args.threads)
+    bare2 = bare_loop(model_dir, long - short, *run)
 
     bare = (bare1 + bare2) / 2
     pipe = (long - short) / (t_long - t_short)
+    bare_batch, pipe_batch = args.batch / bare, args.batch / pipe
     print(
-        f"\nPipeline efficiency: tiny model, {args.size}x{args.size}, {args.steps} steps, batch {args.batch}, "
-        f"{args.threads} torch threads, {os.cpu_count()} CPUs"
+        f"\nPipeline efficiency: {args.model} model, {size}x{size}, {args.steps} steps, "
+        f"batch {args.batch}, {args.threads} torch threads, {os.cpu_count()} CPUs"
     )
     print(
         f"bare loop        {bare:7.3f} images/s  (before {bare1:.3f}, after {bare2:.3f}; "
-        f"{args.batch / bare:.2f} s per batch)"
+        f"{bare_batch:.2f} s per batch)"
+    )
+    print(
+        f"in a Ray actor   {in_ray:7.3f} images/s  (the bare loop as a Ray task, Ray idle: "
+        f"{in_ray / bare:.3f} of the bare loop)"
     )
     print(
         f"k3batch run      {pipe:7.3f} images/s  (marginal: {long - short} images in "
-        f"{t_long - t_short:.1f} s; runs of {short} and {long} rows took {t_short:.1f} s and {t_long:.1f} s)"
+        f"{t_long - t_short:.1f} s; runs of {short} and {long} rows took {t_short:.1f} s "
+        f"and {t_long:.1f} s; {pipe_batch:.2f} s per batch)"
     )
-    print(f"efficiency       {pipe / bare:7.3f}  (target >= 0.85)")
+    print(
+        f"in the actor     {in_actor:7.2f} s per batch in the model ({in_actor / bare_batch:.2f}x "
+        f"the bare loop's), {pipe_batch - in_actor:.2f} s per batch outside it"
+    )
+    print(
+        f"efficiency       {pipe / bare:7.3f}  (target >= 0.85; {pipe / in_ray:.3f} of the "
+        "bare loop run inside Ray)"
+    )
 
 
 if __name__ == "__main__":
