@@ -77,8 +77,15 @@ def count_rows(cfg: JobConfig, files: list[str], skip_unreadable: bool = False) 
     return total
 
 
+FINALISE_BATCH_ROWS = 8192  # rows per record batch while writing the image folder's file
+
+
 def finalise(cfg: JobConfig, num_rows: int) -> None:
-    """After a run: the image folder's metadata file, or shard numbers without gaps."""
+    """After a run: the image folder's metadata file, or shard numbers without gaps.
+
+    The metadata file is written batch by batch: a job of millions of rows never has its
+    whole table in the driver's memory.
+    """
     settings = cfg.storage.model_dump()
     if cfg.output.format == "webdataset":
         fs, root = storage.filesystem(storage.join(cfg.output.uri, "shards"), settings)
@@ -86,24 +93,53 @@ def finalise(cfg: JobConfig, num_rows: int) -> None:
         return
     import pyarrow as pa
     import pyarrow.compute as pc
+    import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    table = read_records(cfg, record_files(cfg))
-    table = table.filter(pc.equal(table.column("status"), "ok")).drop_columns([ID_COLUMN])
-    names = [posixpath.basename(uri) for uri in table.column("image_uri").to_pylist()]
-    table = table.add_column(0, "file_name", pa.array(names, pa.string()))
-    for i, field in enumerate(table.schema):
-        # `datasets` fails on uint64 values above 2**63 - 1 (OverflowError while building its
-        # Arrow table); such a column (a seed given in the input) is written as text here.
-        if pa.types.is_uint64(field.type):
-            column = table.column(i)
-            fits = len(column) == 0 or (pc.max(column).as_py() or 0) < 2**63
-            table = table.set_column(
-                i, field.name, column.cast(pa.int64() if fits else pa.string())
-            )
+    files = record_files(cfg)
+    in_fs, _ = storage.filesystem(cfg.output.uri, settings)
+    if files:
+        schema = pa.unify_schemas([pq.read_schema(f, filesystem=in_fs) for f in files])
+        dataset = pads.dataset(files, schema=schema, filesystem=in_fs, format="parquet")
+    else:
+        schema, dataset = pa.schema([(ID_COLUMN, pa.uint64()), ("status", pa.string())]), None
+    ok = pc.field("status") == "ok"
+    # `datasets` fails on uint64 values above 2**63 - 1 (OverflowError while building its
+    # Arrow table); such a column (a seed given in the input) is written as int64 when all
+    # its values fit, as text otherwise: a first pass over those columns alone decides.
+    casts = {}
+    for field in schema:
+        if field.name != ID_COLUMN and pa.types.is_uint64(field.type):
+            top = 0
+            for batch in dataset.to_batches(columns=[field.name], filter=ok) if dataset else []:
+                top = max(top, pc.max(batch.column(0)).as_py() or 0)
+            casts[field.name] = pa.int64() if top < 2**63 else pa.string()
+    columns = [f for f in schema if f.name != ID_COLUMN]
+    out_schema = pa.schema(
+        [pa.field("file_name", pa.string())]
+        + [pa.field(f.name, casts.get(f.name, f.type)) for f in columns]
+    )
     fs, root = storage.filesystem(storage.join(cfg.output.uri, "images"), settings)
     fs.makedirs(root, exist_ok=True)
-    pq.write_table(table, f"{root}/{HF_METADATA}", filesystem=fs)
+    with fs.open(f"{root}/{HF_METADATA}", "wb") as sink, pq.ParquetWriter(sink, out_schema) as w:
+        batches = (
+            dataset.to_batches(
+                columns=[f.name for f in columns], filter=ok, batch_size=FINALISE_BATCH_ROWS
+            )
+            if dataset
+            else []
+        )
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            names = [posixpath.basename(u) for u in batch.column("image_uri").to_pylist()]
+            arrays = [pa.array(names, pa.string())] + [
+                batch.column(f.name).cast(casts[f.name])
+                if f.name in casts
+                else batch.column(f.name)
+                for f in columns
+            ]
+            w.write_batch(pa.record_batch(arrays, schema=out_schema))
 
 
 def clear(fs, root: str) -> None:
