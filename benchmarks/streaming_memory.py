@@ -3,7 +3,8 @@
 within 1.25x of the smaller's: nothing may hold the whole table.
 
 Memory is sampled every 0.2 s: the driver's RSS, and the RSS of every process under this
-benchmark's own raylet (workers and actors), per process and summed.
+benchmark's own raylet (workers and actors), per process and summed. Each run has a process
+of its own, so the larger run's driver does not start from what the smaller one left.
 
     .venv/bin/python benchmarks/streaming_memory.py            # ~10 min on 2 idle cores
     .venv/bin/python benchmarks/streaming_memory.py --quick    # 500 vs 5,000 rows
@@ -13,7 +14,9 @@ benchmark's own raylet (workers and actors), per process and summed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -65,6 +68,15 @@ class PeakSampler:
         self._thread.join()
 
 
+def one_run(n: int) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--one", str(n)], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {n}-row run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run(n: int, model_dir: str, tmp: str) -> dict:
     import ray
 
@@ -107,11 +119,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rows", type=int, nargs=2, metavar=("SMALL", "LARGE"))
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # a single run, as JSON
     args = parser.parse_args()
-    small, large = args.rows or ((500, 5_000) if args.quick else (5_000, 50_000))
     model_dir = tiny_model_dir()
     tmp = tempfile.mkdtemp(prefix="k3batch-mem-")
-    a, b = run(small, model_dir, tmp), run(large, model_dir, tmp)
+    if args.one:
+        print(json.dumps(run(args.one, model_dir, tmp)))
+        return
+    small, large = args.rows or ((500, 5_000) if args.quick else (5_000, 50_000))
+    a, b = (one_run(n) for n in (small, large))
     mib = 2**20
     print(f"\nStreaming memory: tiny model, 64x64, 1 step, batch 32, {os.cpu_count()} CPUs")
     print(
