@@ -20,6 +20,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from k3batch.crashes import CrashJournal
+
 log = logging.getLogger(__name__)
 
 TTY_INTERVAL_S = 0.5
@@ -65,6 +67,18 @@ class Tally:
             }
             for name, s in self.stages.items()
         }
+
+
+class JobActor(Tally, CrashJournal):
+    """The job's one small actor: the progress tally and the crash journal (`k3batch.crashes`).
+
+    One process rather than two: each Ray actor is a Python process that takes about a second
+    of CPU to start, on the first image's path, and a little CPU all along while idle.
+    """
+
+    def __init__(self):
+        Tally.__init__(self)
+        CrashJournal.__init__(self)
 
 
 @dataclass
@@ -150,7 +164,7 @@ class Tracker:
         global _active
         import ray
 
-        self.tally = ray.remote(num_cpus=0)(Tally).remote()
+        self.tally = ray.remote(num_cpus=0)(JobActor).remote()
         self.started = time.monotonic()
         _active = self
         if self.reporter is not None:

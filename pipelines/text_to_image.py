@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import warnings
 
-from k3batch import crashes, resume, shards, storage, testhooks
+from k3batch import crashes, progress, resume, shards, storage, testhooks
 from k3batch.config import JobConfig
 from k3batch.dataflow import map_stage
 from k3batch.images import EXTENSIONS
@@ -64,7 +64,9 @@ def build(cfg: JobConfig, schema=None, journal=None, duplicate_ids=None, test_ho
             "duplicate_ids": duplicate_ids,
         },
         batch_size=VALIDATE_BATCH_SIZE,
-        num_cpus=0.25,
+        # The image-preparing stage's request: Ray fuses the two into one task per block
+        # when no beautify stage sits between them (it fuses only equal requests).
+        num_cpus=res.write_num_cpus,
     )
     ds, generate_from = beautify.add_to_text_to_image(ds, cfg)
     # Image reads and resizes stay off the GPU actors; rows without an image pass through.
@@ -171,7 +173,9 @@ def run(cfg: JobConfig, num_rows: int, schema=None, duplicate_ids=None) -> None:
     # say) does not survive the trip to the driver, only its traceback text does: keep it,
     # so the runner can say what stopped the job.
     ctx.raise_original_map_exception = True
-    journal = crashes.start_journal()
+    # The progress tracker's actor is also the job's crash journal (progress.JobActor).
+    tracker = progress.active()
+    journal = tracker.tally if tracker is not None else crashes.start_journal()
     hooks = testhooks.from_env()
     try:
         # The dataset takes a copy of the context: checkpoint config and stall timeout included.
@@ -191,5 +195,6 @@ def run(cfg: JobConfig, num_rows: int, schema=None, duplicate_ids=None) -> None:
             ctx.execution_no_progress_timeout_s,
             ctx.raise_original_map_exception,
         ) = previous
-        ray.kill(journal)
+        if tracker is None:
+            ray.kill(journal)
         testhooks.clean_up(hooks)
