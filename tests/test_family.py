@@ -25,7 +25,7 @@ def req(prompt=PROMPT, seed=1, size=64, steps=4, w=3.0, negative=None, **kw):
     return Request(prompt, negative, seed, size, size, steps, w, **kw)
 
 
-def test_image(w=64, h=64, seed=0) -> np.ndarray:
+def sample_image(w=64, h=64, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
@@ -159,7 +159,7 @@ def left_half_mask(h=64, w=64) -> np.ndarray:
 
 
 def test_inpainting_keeps_the_unmasked_conditioning_and_repaints_only_the_mask(inpaint_model):
-    image = test_image()
+    image = sample_image()
     r = inpaint_request(image, left_half_mask())
     encoded, unet_inputs = [], []
     hooks = [
@@ -191,7 +191,7 @@ def test_inpainting_keeps_the_unmasked_conditioning_and_repaints_only_the_mask(i
 
 def test_inpainting_matches_the_reference_pipeline(inpaint_model, tiny_dir):
     # 100x70 with a mask of the same size: both resized by the reference's rules to 64x64.
-    image = test_image(100, 70, seed=4)
+    image = sample_image(100, 70, seed=4)
     repaint = np.zeros((70, 100))
     repaint[10:50, 20:70] = 1
     expected = Oracle(tiny_dir, "unet_inpaint").inpaint(
@@ -203,8 +203,8 @@ def test_inpainting_matches_the_reference_pipeline(inpaint_model, tiny_dir):
 
 def test_inpainting_is_batch_invariant(inpaint_model):
     rows = [
-        inpaint_request(test_image(seed=1), left_half_mask(), seed=1),
-        inpaint_request(test_image(seed=2), left_half_mask().T.copy(), seed=2),
+        inpaint_request(sample_image(seed=1), left_half_mask(), seed=1),
+        inpaint_request(sample_image(seed=2), left_half_mask().T.copy(), seed=2),
     ]
     together = inpaint_model.sample(rows)
     alone = torch.cat([inpaint_model.sample([r]) for r in rows])
@@ -213,7 +213,7 @@ def test_inpainting_is_batch_invariant(inpaint_model):
 
 # ------------------------------------------------------------------ image-to-image
 def test_image_to_image_with_strength_near_zero_returns_the_input(tiny_model):
-    image = test_image(seed=5)
+    image = sample_image(seed=5)
     r = req(steps=10, image=image, strength=0.05)  # int(10 * 0.05) = 0 steps
     latent = tiny_model.sample([r])
     source = tiny_model.encode(tiny_model._pixels([r]))
@@ -230,12 +230,12 @@ def test_image_to_image_with_strength_near_zero_returns_the_input(tiny_model):
 def test_image_to_image_at_full_strength_is_text_to_image(tiny_model):
     # At t=999 the input keeps a weight of sqrt(alphas_cumprod[999]) ~ 5e-5.
     text = tiny_model.sample([req(seed=9)])
-    image = tiny_model.sample([req(seed=9, image=test_image(), strength=1.0)])
+    image = tiny_model.sample([req(seed=9, image=sample_image(), strength=1.0)])
     torch.testing.assert_close(image, text, atol=1e-3, rtol=0)
 
 
 def test_image_to_image_rows_are_batch_invariant(tiny_model):
-    rows = [req(seed=s, image=test_image(seed=s), strength=0.5) for s in (1, 2)]
+    rows = [req(seed=s, image=sample_image(seed=s), strength=0.5) for s in (1, 2)]
     together = tiny_model.sample(rows)
     alone = torch.cat([tiny_model.sample([r]) for r in rows])
     torch.testing.assert_close(together, alone, atol=LATENT_ATOL, rtol=0)
