@@ -45,18 +45,24 @@ def read_records(
     """One Arrow table from record files whose schemas may differ (input parts need not
     share their pass-through columns). `optional` columns are added when the files have them."""
     import pyarrow as pa
+
+    if not files:
+        return pa.table({c: pa.array([], pa.string()) for c in columns or []})
+    dataset = records_dataset(cfg, files)
+    if columns is not None:
+        columns = [*columns, *(c for c in optional if c in dataset.schema.names)]
+    return dataset.to_table(columns=columns)
+
+
+def records_dataset(cfg: JobConfig, files: list[str]):
+    """An Arrow dataset over record files (non-empty list), on their unified schema."""
+    import pyarrow as pa
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
     fs, _ = storage.filesystem(cfg.output.uri, cfg.storage.model_dump())
-    if not files:
-        return pa.table({c: pa.array([], pa.string()) for c in columns or []})
     schema = pa.unify_schemas([pq.read_schema(f, filesystem=fs) for f in files])
-    if columns is not None:
-        columns = [*columns, *(c for c in optional if c in schema.names)]
-    return pads.dataset(files, schema=schema, filesystem=fs, format="parquet").to_table(
-        columns=columns
-    )
+    return pads.dataset(files, schema=schema, filesystem=fs, format="parquet")
 
 
 def count_rows(cfg: JobConfig, files: list[str], skip_unreadable: bool = False) -> int:
@@ -93,27 +99,24 @@ def finalise(cfg: JobConfig, num_rows: int) -> None:
         return
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
     files = record_files(cfg)
-    in_fs, _ = storage.filesystem(cfg.output.uri, settings)
     if files:
-        schema = pa.unify_schemas([pq.read_schema(f, filesystem=in_fs) for f in files])
-        dataset = pads.dataset(files, schema=schema, filesystem=in_fs, format="parquet")
+        dataset = records_dataset(cfg, files)
+        schema = dataset.schema
     else:
         schema, dataset = pa.schema([(ID_COLUMN, pa.uint64()), ("status", pa.string())]), None
     ok = pc.field("status") == "ok"
     # `datasets` fails on uint64 values above 2**63 - 1 (OverflowError while building its
     # Arrow table); such a column (a seed given in the input) is written as int64 when all
     # its values fit, as text otherwise: a first pass over those columns alone decides.
-    casts = {}
-    for field in schema:
-        if field.name != ID_COLUMN and pa.types.is_uint64(field.type):
-            top = 0
-            for batch in dataset.to_batches(columns=[field.name], filter=ok) if dataset else []:
-                top = max(top, pc.max(batch.column(0)).as_py() or 0)
-            casts[field.name] = pa.int64() if top < 2**63 else pa.string()
+    wide = [f.name for f in schema if f.name != ID_COLUMN and pa.types.is_uint64(f.type)]
+    top = dict.fromkeys(wide, 0)
+    for batch in dataset.to_batches(columns=wide, filter=ok) if dataset and wide else []:
+        for name in wide:
+            top[name] = max(top[name], pc.max(batch.column(name)).as_py() or 0)
+    casts = {name: pa.int64() if top[name] < 2**63 else pa.string() for name in wide}
     columns = [f for f in schema if f.name != ID_COLUMN]
     out_schema = pa.schema(
         [pa.field("file_name", pa.string())]
