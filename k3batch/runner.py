@@ -311,8 +311,18 @@ def cpus_needed(cfg: JobConfig) -> int:
     return math.ceil(reserved_cpus(cfg) + 1)
 
 
+# On resume Ray adds a CheckpointFilter actor pool that reserves one whole CPU (Ray 2.60
+# has no setting for it); the filter mostly waits, so a resumed run counts one more.
+CHECKPOINT_FILTER_CPUS = 1
+
+
+def ray_address(cfg: JobConfig) -> str | None:
+    """The cluster to join (ray.address, else RAY_ADDRESS); None starts a local Ray."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS")
+
+
 def check_local_cpus(cfg: JobConfig) -> None:
-    local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    local = not ray_address(cfg)
     if local and cfg.ray.num_cpus is not None and cfg.ray.num_cpus < cpus_needed(cfg):
         raise ConfigError(
             f"ray.num_cpus: {cfg.ray.num_cpus} CPUs cannot run this job: its actor pools "
@@ -326,13 +336,11 @@ def check_local_cpus(cfg: JobConfig) -> None:
 def local_num_cpus(cfg: JobConfig, resumed: bool) -> int:
     """Logical CPUs of a new local Ray instance: ray.num_cpus, else the machine's, but at
     least `cpus_needed`. A small machine then counts more CPUs than it has: the tasks that
-    need the extra one are short, and the actors' threads are what keep the cores busy.
-
-    On resume Ray adds a CheckpointFilter actor pool that reserves one whole CPU (Ray 2.60 has
-    no setting for it); the filter mostly waits, so a resumed run counts one more.
+    need the extra one are short, and the actors' threads are what keep the cores busy. A
+    resumed run counts CHECKPOINT_FILTER_CPUS more.
     """
     cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, cpus_needed(cfg))
-    return cpus + 1 if resumed else cpus
+    return cpus + (CHECKPOINT_FILTER_CPUS if resumed else 0)
 
 
 def warn_if_cluster_short(cfg: JobConfig, resumed: bool) -> None:
@@ -341,7 +349,7 @@ def warn_if_cluster_short(cfg: JobConfig, resumed: bool) -> None:
     import ray
 
     have = ray.cluster_resources().get("CPU", 0)
-    need = cpus_needed(cfg) + (1 if resumed else 0)
+    need = cpus_needed(cfg) + (CHECKPOINT_FILTER_CPUS if resumed else 0)
     if have < need:
         log.warning(
             "k3batch: the Ray cluster has %g CPUs and this job needs %d (actor pools %g, "
@@ -360,7 +368,7 @@ def init_ray(cfg: JobConfig, resumed: bool = False) -> None:
     if not sys.stderr.isatty():
         # Model-loading bars (tqdm) in a log are \r-redraw noise; local workers inherit this.
         os.environ.setdefault("TQDM_DISABLE", "1")
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(cfg)
     started_here = not (ray.is_initialized() or address)
     if not ray.is_initialized():
         kwargs = (
@@ -564,7 +572,10 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
             if cfg.job == "beautify":
                 beautify.run(cfg)
             else:
-                text_to_image.run(cfg, info.num_rows, info.schema, info.duplicate_ids)
+                # The tracker's actor is also the job's crash journal (progress.JobActor).
+                text_to_image.run(
+                    cfg, info.num_rows, info.schema, info.duplicate_ids, journal=tracker.tally
+                )
         except Exception as e:
             raise JobFailed(failure_message(cfg, e, tracker)) from e
     # Record files from before that are still there hold rows an earlier run finished (Ray

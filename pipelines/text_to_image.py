@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import warnings
 
-from k3batch import crashes, progress, resume, shards, storage, testhooks
+from k3batch import crashes, resume, shards, storage, testhooks
 from k3batch.config import JobConfig
 from k3batch.dataflow import map_stage
 from k3batch.images import EXTENSIONS
@@ -155,8 +155,12 @@ def write(ds, cfg: JobConfig, num_rows: int) -> None:
     )
 
 
-def run(cfg: JobConfig, num_rows: int, schema=None, duplicate_ids=None) -> None:
-    """Execute the job with Ray Data's checkpointing on, so a rerun resumes."""
+def run(cfg: JobConfig, num_rows: int, schema=None, duplicate_ids=None, journal=None) -> None:
+    """Execute the job with Ray Data's checkpointing on, so a rerun resumes.
+
+    `journal`: the job's crash journal actor (the runner passes its `progress.JobActor`);
+    None starts one for this run.
+    """
     import ray
     from ray.data import DataContext
 
@@ -173,9 +177,9 @@ def run(cfg: JobConfig, num_rows: int, schema=None, duplicate_ids=None) -> None:
     # say) does not survive the trip to the driver, only its traceback text does: keep it,
     # so the runner can say what stopped the job.
     ctx.raise_original_map_exception = True
-    # The progress tracker's actor is also the job's crash journal (progress.JobActor).
-    tracker = progress.active()
-    journal = tracker.tally if tracker is not None else crashes.start_journal()
+    own_journal = journal is None
+    if own_journal:
+        journal = crashes.start_journal()
     hooks = testhooks.from_env()
     try:
         # The dataset takes a copy of the context: checkpoint config and stall timeout included.
@@ -195,6 +199,6 @@ def run(cfg: JobConfig, num_rows: int, schema=None, duplicate_ids=None) -> None:
             ctx.execution_no_progress_timeout_s,
             ctx.raise_original_map_exception,
         ) = previous
-        if tracker is None:
+        if own_journal:
             ray.kill(journal)
         testhooks.clean_up(hooks)
