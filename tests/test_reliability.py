@@ -505,3 +505,25 @@ def test_a_hub_model_that_is_not_there_stops_at_start(tmp_path):
     }
     with pytest.raises(ConfigError, match=r"model.path: 'k3batch-test/no-such-model' is not in"):
         check_model(load_config(data=data))
+
+
+def test_a_cluster_too_small_for_the_actor_pools_gets_a_warning_naming_the_cpus(
+    ray_local, tmp_path, tiny_dir, caplog
+):
+    import logging
+
+    import ray
+
+    from k3batch.runner import init_ray
+
+    have = int(ray.cluster_resources()["CPU"])
+    data = small(tmp_path, prompts(tmp_path, 2), tiny_dir)
+    data["resources"] = {**data.get("resources", {}), "num_actors": have, "num_cpus_per_actor": 1}
+    with caplog.at_level(logging.WARNING, logger="k3batch.runner"):
+        init_ray(load_config(data=data))  # Ray is already up: a cluster k3batch did not start
+    assert f"the Ray cluster has {have} CPUs and this job needs {have + 1}" in caplog.text
+    caplog.clear()
+    data["resources"]["num_actors"] = have - 1
+    with caplog.at_level(logging.WARNING, logger="k3batch.runner"):
+        init_ray(load_config(data=data))
+    assert "the Ray cluster has" not in caplog.text
