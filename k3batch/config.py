@@ -465,6 +465,15 @@ class OutputConfig(Strict):
         description="Rows per webdataset shard (a target: a shard holds whole generation batches, "
         "and the last one of a run may be smaller). Ignored by `files`.",
     )
+    rows_per_file: int = Field(
+        256,
+        ge=1,
+        description="Rows per metadata file under metadata/, at least (`files` only; the last "
+        "file of a run may hold fewer): Ray Data gathers the rows of several batches into one "
+        "Parquet file, so a table of millions of rows leaves thousands of files, not one per "
+        "batch. A row counts as finished for resume once its file is written: a run stopped "
+        "part-way generates the rows of unwritten files again, up to about this many.",
+    )
     image_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
     quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality (ignored for PNG).")
     overwrite: bool = Field(

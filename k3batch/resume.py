@@ -9,8 +9,9 @@ column, while user ids may be missing, malformed or repeated (those rows are sti
 accounted for, as errors).
 
 An output remembers its job in `_k3batch/job.json`: a fingerprint of the config without the
-fields that cannot change the output (resources, ray, storage, faults, overwrite, device). The same
-job resumes; a different one is refused unless `output.overwrite`.
+fields that cannot change the output (resources, ray, storage, faults, overwrite,
+rows_per_file, device). The same job resumes; a different one is refused unless
+`output.overwrite`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ _NOT_FINGERPRINTED = {
     "ray": None,
     "storage": None,
     "faults": None,
-    "output": {"overwrite"},
+    "output": {"overwrite", "rows_per_file"},
     "model": {"device"},
 }
 

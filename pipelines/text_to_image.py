@@ -12,7 +12,7 @@ read_parquet(input.uri, include_row_hash)
   -> repartition        (streaming)  blocks of one generation batch
   -> GenerateStage      (actor pool) Kandinsky 3, model loaded once per actor
   -> files:      WriteImagesStage  (tasks) OUTPUT/images/<key>.<ext>
-                 -> write_parquet(OUTPUT/metadata/)
+                 -> write_parquet(OUTPUT/metadata/), output.rows_per_file rows a file
   -> webdataset: EncodeImagesStage (tasks) image bytes + sample key
                  -> shard sink     OUTPUT/shards/NNNNN.tar + NNNNN.parquet
 """
@@ -137,7 +137,19 @@ def write(ds, cfg: JobConfig, num_rows: int) -> None:
     remote_args = {"num_cpus": cfg.resources.write_num_cpus}
     if cfg.output.format == "files":
         fs, path = storage.arrow_filesystem(storage.join(cfg.output.uri, "metadata"), settings)
-        ds.write_parquet(path, filesystem=fs, ray_remote_args=remote_args)
+        rows = cfg.output.rows_per_file
+        if rows <= cfg.resources.batch_size:
+            ds.write_parquet(path, filesystem=fs, ray_remote_args=remote_args)
+            return
+        # Ray gathers a file's rows before the task that writes it: fused with the image
+        # write, batches would wait there holding their decoded images. Half the request
+        # (a metadata write is light) keeps the two apart, so only metadata rows wait.
+        ds.write_parquet(
+            path,
+            filesystem=fs,
+            min_rows_per_file=rows,
+            ray_remote_args={"num_cpus": cfg.resources.write_num_cpus / 2},
+        )
         return
     shards_uri = storage.join(cfg.output.uri, "shards")
     fsspec_fs, root = storage.filesystem(shards_uri, settings)

@@ -172,14 +172,45 @@ def test_same_job_resumes_a_different_one_is_refused_overwrite_replaces(
         ConfigError, match=r"different job \(changed: generation.num_inference_steps\)"
     ):
         run(tmp_path, prompts_dir, tiny_dir, generation={"num_inference_steps": 4})
-    # Resources are not part of the job: a rerun on other hardware resumes, and finds nothing to do.
-    again = run(tmp_path, prompts_dir, tiny_dir, resources={"batch_size": 2})
+    # Resources and the file size are not part of the job: a rerun on other hardware
+    # resumes, and finds nothing to do.
+    again = run(
+        tmp_path,
+        prompts_dir,
+        tiny_dir,
+        resources={"batch_size": 2},
+        output={"rows_per_file": 3},
+    )
     assert again.ok and again.run["resumed"]
     assert (again.run["rows_this_run"], again.run["skipped_by_resume"]) == (0, 9)
     assert sorted(p.name for p in (tmp_path / "out" / "metadata").iterdir()) == files
     fresh = run(tmp_path, prompts_dir, tiny_dir, output={"overwrite": True})
     assert fresh.ok and not fresh.run["resumed"] and fresh.run["rows_this_run"] == 9
     assert len(read_metadata(tmp_path / "out")) == 9
+
+
+def test_metadata_files_gather_the_rows_of_several_batches(
+    ray_local, tmp_path, prompts_dir, tiny_dir
+):
+    def file_rows(out):
+        files = sorted((out / "metadata").glob("*.parquet"))
+        return sorted(pq.read_metadata(f).num_rows for f in files)
+
+    # Default: a table this small is one file, not one per batch of 2.
+    assert run(tmp_path / "a", prompts_dir, tiny_dir, resources={"batch_size": 2}).ok
+    assert file_rows(tmp_path / "a" / "out") == [9]
+    four = run(
+        tmp_path / "b",
+        prompts_dir,
+        tiny_dir,
+        resources={"batch_size": 2},
+        output={"rows_per_file": 4},
+    )
+    rows = file_rows(tmp_path / "b" / "out")
+    # At least 4 rows a file (whole batches), but for the last one; every row once.
+    assert four.ok and sum(rows) == 9 and len(rows) >= 2 and min(rows[1:]) >= 4, rows
+    assert len(read_metadata(tmp_path / "b" / "out")) == 9
+    assert len(list((tmp_path / "b" / "out" / "images").glob("*.png"))) == 6
 
 
 def test_output_with_foreign_files_is_refused(tmp_path, prompts_dir, tiny_dir):

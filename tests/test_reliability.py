@@ -260,7 +260,12 @@ def test_a_stalled_stage_fails_the_job_naming_it_and_a_rerun_resumes(
 
     uri = prompts(tmp_path, 8)
     cfg = small(
-        tmp_path, uri, tiny_dir, resources={"batch_size": 2}, faults={"stall_timeout_s": 20}
+        tmp_path,
+        uri,
+        tiny_dir,
+        resources={"batch_size": 2},
+        faults={"stall_timeout_s": 20},
+        output={"rows_per_file": 2},  # each batch committed as it is written
     )
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(cfg))
@@ -293,7 +298,9 @@ def test_a_broken_accounting_exits_non_zero_and_names_the_ids(
     import yaml
 
     uri = prompts(tmp_path, 6)
-    cfg = small(tmp_path, uri, tiny_dir, resources={"batch_size": 2})
+    cfg = small(
+        tmp_path, uri, tiny_dir, resources={"batch_size": 2}, output={"rows_per_file": 2}
+    )
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(config), "--no-report", "--no-progress"]) == 0

@@ -121,6 +121,7 @@ def test_killed_job_resumes_and_generates_only_missing_rows(tmp_path, tiny_dir):
         # still going when the first rows are committed.
         generation={"num_inference_steps": 10},
         resources={"batch_size": 1, "num_cpus_per_actor": 1},
+        output={"rows_per_file": 1},
         ray={"num_cpus": 2, "object_store_memory_mb": 200},
     )
     config = tmp_path / "job.yaml"
