@@ -298,9 +298,7 @@ def test_a_broken_accounting_exits_non_zero_and_names_the_ids(
     import yaml
 
     uri = prompts(tmp_path, 6)
-    cfg = small(
-        tmp_path, uri, tiny_dir, resources={"batch_size": 2}, output={"rows_per_file": 2}
-    )
+    cfg = small(tmp_path, uri, tiny_dir, resources={"batch_size": 2}, output={"rows_per_file": 2})
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(config), "--no-report", "--no-progress"]) == 0
