@@ -34,14 +34,15 @@ def encode_rgb(raw: bytes, width: int, height: int, image_format: str, quality: 
 MASK_THRESHOLD = 128  # mask images: grey level >= 128 (white) = repaint
 
 
-def read_bytes(value) -> bytes:
-    """The bytes of a URI (any fsspec protocol, or a local path) or of raw bytes."""
+def read_bytes(value, storage_settings: dict | None = None) -> bytes:
+    """The bytes of a URI (any fsspec protocol, or a local path) or of raw bytes.
+    `storage_settings`: the config's `storage` section (an S3 endpoint, profile, retries)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
-    import fsspec
+    from k3batch import storage
 
-    with fsspec.open(value, "rb") as f:
-        return f.read()
+    fs, path = storage.filesystem(value, storage_settings)
+    return fs.cat_file(path)
 
 
 def open_image(data: bytes):

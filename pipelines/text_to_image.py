@@ -73,7 +73,7 @@ def build(cfg: JobConfig, schema=None, journal=None, duplicate_ids=None, test_ho
     ds = map_stage(
         ds,
         PrepareImagesStage,
-        {"max_side": cfg.limits.max_side, "base_dir": os.getcwd()},
+        {"max_side": cfg.limits.max_side, "base_dir": os.getcwd(), "storage_settings": settings},
         batch_size=PREPARE_BATCH_SIZE,
         num_cpus=res.write_num_cpus,
     )

@@ -154,3 +154,30 @@ def test_webdataset_shards_to_a_bucket_resume_and_renumber_there(
     assert all(
         s["txt"] == f"prompt {s['json']['n']}" and s["png"].size == (64, 64) for s in samples
     )
+
+
+def test_input_images_on_the_store_are_read_with_the_storage_settings(s3_server, s3_bucket):
+    """An image-to-image row's `image` on an S3-compatible store is read through the job's
+    `storage` section (its endpoint here), as the prompts are."""
+    from k3batch.stages.prepare import PrepareImagesStage
+
+    client, bucket = s3_bucket
+    buf = io.BytesIO()
+    Image.new("RGB", (128, 64), (200, 30, 30)).save(buf, "PNG")
+    client.put_object(Bucket=bucket, Key="inputs/a.png", Body=buf.getvalue())
+    batch = {
+        "id": ["a", "b"],
+        "width": [None, None],
+        "height": [None, None],
+        "status": ["ok", "ok"],
+        "error": [None, None],
+        "image": [f"s3://{bucket}/inputs/a.png", f"s3://{bucket}/inputs/missing.png"],
+        "mask": [None, None],
+    }
+    settings = {"endpoint_url": s3_server, "region": "us-east-1", "max_attempts": 1}
+    out = PrepareImagesStage(storage_settings=settings)(batch)
+    assert out["status"] == ["ok", "error"], out["error"]
+    assert (out["width"][0], out["height"][0]) == (128, 64)
+    assert len(out["source_rgb"][0]) == 128 * 64 * 3
+    assert out["error"][1].startswith("image: cannot read 's3://")
+    assert out["error"][1].endswith(f"FileNotFoundError: {bucket}/inputs/missing.png")

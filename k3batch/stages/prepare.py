@@ -38,8 +38,16 @@ class PrepareImagesStage(Stage):
         "error": pa.string(),
     }
 
-    def __init__(self, max_side: int = 2048, base_dir: str | None = None):
+    def __init__(
+        self,
+        max_side: int = 2048,
+        base_dir: str | None = None,
+        storage_settings: dict | None = None,
+    ):
         self.max_side = max_side
+        # The job's `storage` section: input images on an S3-compatible store are read
+        # through the same endpoint and credentials as the prompts.
+        self.storage_settings = storage_settings
         # Relative local paths in the table are relative to where the job was started (as in
         # the config); Ray workers may run elsewhere.
         self.base_dir = base_dir
@@ -68,7 +76,7 @@ class PrepareImagesStage(Stage):
 
     def _open(self, field: str, value):
         try:
-            data = images.read_bytes(self._resolve(value))
+            data = images.read_bytes(self._resolve(value), self.storage_settings)
         except Exception as e:  # noqa: BLE001 - any storage failure is the row's error
             raise RowFailure(
                 f"{field}: cannot read {describe(value)}: {type(e).__name__}: {e}"
