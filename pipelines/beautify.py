@@ -91,7 +91,9 @@ def build(cfg: JobConfig):
     """The beautify-only dataset, not yet executed (ends before the write)."""
     import ray.data
 
-    ds = ray.data.read_parquet(cfg.input.uri, include_row_hash=True)
+    # Through the job's `storage` section (endpoint, profile), as the generation job reads.
+    fs, path = storage.arrow_filesystem(cfg.input.uri, cfg.storage.model_dump())
+    ds = ray.data.read_parquet(path, filesystem=fs, include_row_hash=True)
     ds = map_stage(
         ds,
         PromptRowsStage,
@@ -108,4 +110,6 @@ def build(cfg: JobConfig):
 
 def run(cfg: JobConfig) -> None:
     """Execute the beautify-only job; the prompt table lands in OUTPUT/metadata/."""
-    build(cfg).write_parquet(storage.join(cfg.output.uri, "metadata"))
+    uri = storage.join(cfg.output.uri, "metadata")
+    fs, path = storage.arrow_filesystem(uri, cfg.storage.model_dump())
+    build(cfg).write_parquet(path, filesystem=fs)

@@ -181,3 +181,43 @@ def test_input_images_on_the_store_are_read_with_the_storage_settings(s3_server,
     assert len(out["source_rgb"][0]) == 128 * 64 * 3
     assert out["error"][1].startswith("image: cannot read 's3://")
     assert out["error"][1].endswith(f"FileNotFoundError: {bucket}/inputs/missing.png")
+
+
+def test_beautify_only_job_reads_and_writes_the_store_with_the_storage_settings(
+    ray_local, s3_server, s3_bucket, tmp_path
+):
+    """The beautify-only job reaches the bucket through `storage` (here its endpoint) both
+    ways. Nothing listens for the LLM: every row says so in `beautify_error`, as designed."""
+    from .conftest import free_port
+
+    client, bucket = s3_bucket
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["a cat", "a dog"]}), buf)
+    client.put_object(Bucket=bucket, Key="prompts/part-0.parquet", Body=buf.getvalue())
+    cfg = {
+        "job": "beautify",
+        "input": {"uri": f"s3://{bucket}/prompts/"},
+        "model": {"path": "no-diffusion-model-needed"},
+        "beautify": {
+            "enabled": True,
+            "backend": "openai",
+            "model": "no-llm",
+            "openai": {
+                "base_url": f"http://127.0.0.1:{free_port()}/v1",
+                "max_retries": 0,
+                "retry_backoff_s": 0.05,
+            },
+        },
+        "output": {"uri": f"s3://{bucket}/beautified"},
+        "storage": {"endpoint_url": s3_server, "region": "us-east-1"},
+    }
+    result = run_job(load_config(data=cfg))
+    assert result.ok and result.run["rows_out"] == 2, result.run
+    keys = [k for k in objects(client, bucket, "beautified/metadata/") if k.endswith(".parquet")]
+    rows = pa.concat_tables(
+        pq.read_table(io.BytesIO(get(client, bucket, k))) for k in keys
+    ).to_pylist()
+    assert sorted(r["id"] for r in rows) == ["a", "b"]
+    assert all(
+        r["beautified_prompt"] is None and r["beautify_error"].startswith("openai: ") for r in rows
+    ), rows
