@@ -2,35 +2,52 @@
 by images/s of a bare in-process loop calling the same generation code with the same model,
 batch size and settings. Target >= 0.85 on a 2-core machine.
 
+Two CPU layouts, each measured against a bare twin of the same layout, in one run:
+
+A. one actor with a torch thread per core, against the bare loop with as many threads;
+B. one single-thread actor per core (the layout README's Scaling out recommends on CPU),
+   against as many single-thread bare loops in processes of their own, running at once.
+
+The headline is the faster layout's k3batch rate over the bare in-process loop (A's twin):
+what a user gets from k3batch against the plain script; A and B say what the pipeline
+itself costs in each layout.
+
 The pipeline's steady-state rate is marginal: two runs of different lengths, (N_long -
 N_short) / (t_long - t_short), which cancels Ray start-up, actor start and model load. The
-bare loop runs before and after the pipeline runs; their mean is the reference.
+bare loops run before and after the pipeline runs; their mean is the reference (this VM's
+speed drifts).
 
 The model is the benchmark-sized random one (`make_tiny(size="bench")`: the tiny
 architecture widened so that a batch of 4 at 128x128 and 8 steps takes about a second here,
 in few large operations like the real model's); `--model tiny` uses the tests' model, whose
 batch at 192x192 is the same second spent in many tiny operations. The run also reads the
-generation actor's own seconds per batch (`generate_seconds` in the metadata): the part of
+generation actors' own seconds per batch (`generate_seconds` in the metadata): the part of
 the loss that is the model running slower inside the pipeline (CPU taken by Ray's processes
 and the other stages) rather than waiting between batches.
 
-    .venv/bin/python benchmarks/pipeline_efficiency.py           # ~3 min on 2 cores
+    .venv/bin/python benchmarks/pipeline_efficiency.py           # ~6 min on 2 cores
     .venv/bin/python benchmarks/pipeline_efficiency.py --quick   # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import job, prompt_table, tiny_model_dir  # noqa: E402
 
 
-def bare_loop(model_dir: str, n: int, batch: int, size: int, steps: int, threads: int) -> float:
+def bare_loop(
+    model_dir: str, n: int, batch: int, size: int, steps: int, threads: int, barrier=None
+) -> float:
+    """Images/s of `model.generate` in a plain loop; `barrier`: wait there after warm-up
+    (several loops at once start timing together)."""
     import torch
 
     from k3batch.model.kandinsky3 import Kandinsky3, Request
@@ -47,27 +64,45 @@ def bare_loop(model_dir: str, n: int, batch: int, size: int, steps: int, threads
         for i in range(n)
     ]
     model.generate(requests[:batch])  # warm-up
+    if barrier is not None:
+        barrier.wait()
     start = time.perf_counter()
     for i in range(0, n, batch):
         model.generate(requests[i : i + batch])
     return n / (time.perf_counter() - start)
 
 
+def _bare_worker(args) -> float:
+    return bare_loop(*args)
+
+
+def bare_processes(model_dir: str, n: int, run: tuple, workers: int) -> float:
+    """Images/s of `workers` bare loops at once, each in a process of its own with `n /
+    workers` images: the same layout as that many single-thread actors, without Ray."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        barrier = manager.Barrier(workers)
+        jobs = [(model_dir, n // workers, *run, barrier)] * workers
+        return sum(pool.map(_bare_worker, jobs))
+
+
 def pipeline_seconds(
-    model_dir: str, tmp: str, n: int, batch: int, size: int, steps: int, threads: int
+    model_dir: str, tmp: str, n: int, actors: int, batch: int, size: int, steps: int, threads: int
 ) -> tuple[float, float]:
-    """(wall seconds of a whole run of `n` rows, the actor's mean seconds per batch)."""
+    """(wall seconds of a whole run of `n` rows, the actors' mean seconds per batch)."""
     import pyarrow.dataset as pads
 
     from k3batch.runner import run_job
 
+    out = f"{tmp}/out{n}-{actors}"
     cfg = job(
         prompt_table(f"{tmp}/p{n}.parquet", n),
-        f"{tmp}/out{n}",
+        out,
         model_dir,
         size=size,
         steps=steps,
         batch_size=batch,
+        num_actors=actors,
         num_cpus_per_actor=1,
         torch_threads=threads,
         write_num_cpus=0.25,
@@ -76,9 +111,19 @@ def pipeline_seconds(
     result = run_job(cfg)
     seconds = time.perf_counter() - start
     assert result.ok and result.run["ok"] == n, result.run
-    records = pads.dataset(f"{tmp}/out{n}/metadata", format="parquet").to_table()
+    records = pads.dataset(f"{out}/metadata", format="parquet").to_table()
     per_row = records.column("generate_seconds").to_pylist()
     return seconds, sum(per_row) / len(per_row) * batch
+
+
+def marginal(model_dir: str, tmp: str, short: int, long: int, actors: int, run: tuple):
+    """(images/s of a k3batch run in steady state, the actors' seconds per batch, the two
+    runs' seconds): two runs of different lengths, (long - short) / (t_long - t_short),
+    which cancels Ray start-up, actor start and model load."""
+    pipeline_seconds(model_dir, tmp, short, actors, *run)  # warm caches
+    t_short, _ = pipeline_seconds(model_dir, tmp, short, actors, *run)
+    t_long, in_actor = pipeline_seconds(model_dir, tmp, long, actors, *run)
+    return (long - short) / (t_long - t_short), in_actor, t_short, t_long
 
 
 def main() -> None:
@@ -88,59 +133,77 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="default: bench 128, tiny 192")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
+    cpus = os.cpu_count() or 1
     size = args.size or (128 if args.model == "bench" else 192)
-    short, long = (4, 12) if args.quick else (16, 64)
-    run = (args.batch, size, args.steps, args.threads)
+    short, long = (cpus * 2, cpus * 6) if args.quick else (16, 64)
+    n = long - short
+    shared = (args.batch, size, args.steps)
+    one = (*shared, cpus)  # one actor, every core's thread
+    per_core = (*shared, 1)  # one single-thread actor per core
 
     import ray
 
     model_dir = tiny_model_dir(args.model)
     tmp = tempfile.mkdtemp(prefix="k3batch-eff-")
-    bare1 = bare_loop(model_dir, long - short, *run)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    # Bare loops before and after the pipeline runs; their mean is the reference (the
+    # machine's speed drifts).
+    bare_a = [bare_loop(model_dir, n, *one)]
+    bare_b = [bare_processes(model_dir, n, per_core, cpus)]
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR")
     # The same bare loop inside a Ray actor, with Ray started and idle: what Ray's own
     # processes cost the model before any pipeline runs.
     here = os.path.dirname(os.path.abspath(__file__))
     in_ray = ray.get(
         ray.remote(num_cpus=1)(bare_loop)
         .options(runtime_env={"env_vars": {"PYTHONPATH": here}})
-        .remote(model_dir, long - short, *run)
+        .remote(model_dir, n, *one)
     )
-    pipeline_seconds(model_dir, tmp, short, *run)  # warm caches
-    t_short, _ = pipeline_seconds(model_dir, tmp, short, *run)
-    t_long, in_actor = pipeline_seconds(model_dir, tmp, long, *run)
+    pipe_a, actor_a, short_a, long_a = marginal(model_dir, tmp, short, long, 1, one)
     ray.shutdown()
-    bare2 = bare_loop(model_dir, long - short, *run)
+    # One actor per core leaves no CPU for Ray Data's tasks: start Ray as `k3batch run`
+    # would (runner.local_num_cpus), the actors' CPUs plus one.
+    ray.init(num_cpus=cpus + 1, include_dashboard=False, logging_level="ERROR")
+    pipe_b, actor_b, short_b, long_b = marginal(model_dir, tmp, short, long, cpus, per_core)
+    ray.shutdown()
+    bare_a.append(bare_loop(model_dir, n, *one))
+    bare_b.append(bare_processes(model_dir, n, per_core, cpus))
+    bare, bare_many = sum(bare_a) / 2, sum(bare_b) / 2
 
-    bare = (bare1 + bare2) / 2
-    pipe = (long - short) / (t_long - t_short)
-    bare_batch, pipe_batch = args.batch / bare, args.batch / pipe
     print(
         f"\nPipeline efficiency: {args.model} model, {size}x{size}, {args.steps} steps, "
-        f"batch {args.batch}, {args.threads} torch threads, {os.cpu_count()} CPUs"
+        f"batch {args.batch}, {cpus} CPUs; marginal rate of runs of {short} and {long} rows"
     )
+    print(f"\nA. one actor with {cpus} torch threads (num_actors 1, torch_threads {cpus})")
     print(
-        f"bare loop        {bare:7.3f} images/s  (before {bare1:.3f}, after {bare2:.3f}; "
-        f"{bare_batch:.2f} s per batch)"
+        f"bare loop        {bare:7.3f} images/s  (before {bare_a[0]:.3f}, after "
+        f"{bare_a[1]:.3f}; {args.batch / bare:.2f} s per batch)"
     )
     print(
         f"in a Ray actor   {in_ray:7.3f} images/s  (the bare loop as a Ray task, Ray idle: "
         f"{in_ray / bare:.3f} of the bare loop)"
     )
     print(
-        f"k3batch run      {pipe:7.3f} images/s  (marginal: {long - short} images in "
-        f"{t_long - t_short:.1f} s; runs of {short} and {long} rows took {t_short:.1f} s "
-        f"and {t_long:.1f} s; {pipe_batch:.2f} s per batch)"
+        f"k3batch run      {pipe_a:7.3f} images/s  ({short_a:.1f} s and {long_a:.1f} s; "
+        f"{args.batch / pipe_a:.2f} s per batch, {actor_a:.2f} s of it in the model: "
+        f"{actor_a / (args.batch / bare):.2f}x the bare loop's)"
+    )
+    print(f"efficiency A     {pipe_a / bare:7.3f}  (k3batch / bare loop, same layout)")
+    print(f"\nB. {cpus} single-thread actors (num_actors {cpus}, torch_threads 1)")
+    print(
+        f"bare processes   {bare_many:7.3f} images/s  ({cpus} single-thread bare loops at once; "
+        f"before {bare_b[0]:.3f}, after {bare_b[1]:.3f})"
     )
     print(
-        f"in the actor     {in_actor:7.2f} s per batch in the model ({in_actor / bare_batch:.2f}x "
-        f"the bare loop's), {pipe_batch - in_actor:.2f} s per batch outside it"
+        f"k3batch run      {pipe_b:7.3f} images/s  ({short_b:.1f} s and {long_b:.1f} s; "
+        f"{actor_b:.2f} s per batch in the model, {actor_b / (args.batch * cpus / bare_many):.2f}x "
+        "the bare processes')"
     )
+    print(f"efficiency B     {pipe_b / bare_many:7.3f}  (k3batch / bare processes, same layout)")
+    best = max(pipe_a, pipe_b)
     print(
-        f"efficiency       {pipe / bare:7.3f}  (target >= 0.85; {pipe / in_ray:.3f} of the "
-        "bare loop run inside Ray)"
+        f"\nefficiency       {best / bare:7.3f}  (target >= 0.85: k3batch's faster layout, "
+        f"{'B' if pipe_b > pipe_a else 'A'}, / the bare in-process loop)"
     )
 
 

@@ -30,6 +30,9 @@ def test_pipeline_efficiency_benchmark_prints_its_ratio():
     out = run_benchmark(
         "benchmarks/pipeline_efficiency.py", "--quick", "--size", "64", "--steps", "1"
     )
+    # Both layouts, each against its bare twin, and the headline ratio.
+    layouts = re.findall(r"^efficiency ([AB])\s+(-?[0-9.]+)", out, re.M)
+    assert [name for name, _ in layouts] == ["A", "B"]
     ratio = float(re.search(r"^efficiency\s+([0-9.]+)", out, re.M).group(1))
     assert ratio > 0
 
