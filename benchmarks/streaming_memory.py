@@ -34,6 +34,7 @@ class PeakSampler:
     def __init__(self, temp_dir: str):
         self.temp_dir = temp_dir
         self.driver = self.worker_max = self.worker_sum = 0
+        self.processes = 0  # worker processes alive at the sum's peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -56,7 +57,8 @@ class PeakSampler:
                         rss.append(child.memory_info().rss)
                 if rss:
                     self.worker_max = max(self.worker_max, max(rss))
-                    self.worker_sum = max(self.worker_sum, sum(rss))
+                    if sum(rss) > self.worker_sum:
+                        self.worker_sum, self.processes = sum(rss), len(rss)
             time.sleep(0.2)
 
     def __enter__(self):
@@ -112,6 +114,7 @@ def run(n: int, model_dir: str, tmp: str) -> dict:
         "driver": peaks.driver,
         "worker_max": peaks.worker_max,
         "worker_sum": peaks.worker_sum,
+        "processes": peaks.processes,
     }
 
 
@@ -131,12 +134,13 @@ def main() -> None:
     mib = 2**20
     print(f"\nStreaming memory: tiny model, 64x64, 1 step, batch 32, {os.cpu_count()} CPUs")
     print(
-        f"{'rows':>7} {'seconds':>8} {'driver MiB':>11} {'largest worker MiB':>19} {'all workers MiB':>16}"
+        f"{'rows':>7} {'seconds':>8} {'driver MiB':>11} {'largest worker MiB':>19} "
+        f"{'all workers MiB':>16} {'(processes)':>12}"
     )
     for r in (a, b):
         print(
             f"{r['rows']:>7} {r['seconds']:>8.1f} {r['driver'] / mib:>11.0f} {r['worker_max'] / mib:>19.0f} "
-            f"{r['worker_sum'] / mib:>16.0f}"
+            f"{r['worker_sum'] / mib:>16.0f} {r['processes']:>12}"
         )
     for key, name in (
         ("driver", "driver"),
