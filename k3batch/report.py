@@ -14,6 +14,7 @@ import json
 import math
 import random
 import statistics
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -93,28 +94,112 @@ class Report:
     missing_images: list[str] = field(default_factory=list)
 
 
-def _read_metadata(fs, root: str):
-    import pyarrow.dataset as pads
-
+def _metadata_files(fs, root: str) -> list[str]:
     meta = f"{root}/metadata"
     files = sorted(f for f in fs.find(meta) if f.endswith(".parquet")) if fs.exists(meta) else []
     if not files:
         raise FileNotFoundError(
             f"no metadata Parquet files under {meta}: is this a k3batch output?"
         )
-    dataset = pads.dataset(files, filesystem=fs, format="parquet")
-    columns = [c for c in METADATA_COLUMNS if c in dataset.schema.names]
-    return dataset.to_table(columns=columns)
+    return files
 
 
-def _pick(table, n: int, seed: int) -> list[dict]:
-    """`n` ok rows with images, the same ones each time for the same metadata (sorted by id)."""
+def _read_file(fs, path: str, columns):
+    """The columns of one metadata file that it has."""
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        names = parquet.schema_arrow.names
+        return parquet.read(columns=[c for c in columns if c in names], use_threads=False)
+
+
+def _with_image(table):
+    """Rows in `ok` with an image (none when the table has no image column)."""
     import pyarrow.compute as pc
 
-    ok = table.filter(pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["image_uri"])))
-    ok = ok.take(pc.sort_indices(ok, sort_keys=[("id", "ascending")]))
-    chosen = sorted(random.Random(seed).sample(range(ok.num_rows), min(n, ok.num_rows)))
-    return ok.take(chosen).to_pylist()
+    if "image_uri" not in table.column_names:
+        return table.slice(0, 0)
+    return table.filter(pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["image_uri"])))
+
+
+SCAN_COLUMNS = ("id", "prompt", "status", "error", "image_uri", "generate_seconds")
+
+
+@dataclass
+class Scan:
+    """What the page says of every row, gathered a metadata file at a time: a run of millions
+    of rows is never one table in memory."""
+
+    rows: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    error_kinds: Counter = field(default_factory=Counter)
+    error_examples: list[dict] = field(default_factory=list)
+    seconds: array = field(default_factory=lambda: array("d"))  # generate_seconds
+    ok_ids: list = field(default_factory=list)  # Arrow arrays: ids of rows with an image
+
+    def add(self, table) -> None:
+        import pyarrow as pa
+
+        names = table.column_names
+        self.rows += table.num_rows
+        self.statuses.update(table.column("status").to_pylist())
+        for i, err in enumerate(table.column("error").to_pylist() if "error" in names else []):
+            if not err:
+                continue
+            self.error_kinds.update(error_kinds(err))
+            if len(self.error_examples) < MAX_ERROR_EXAMPLES:
+                self.error_examples.append(
+                    {
+                        "id": table["id"][i].as_py(),
+                        "prompt": beautify(table["prompt"][i].as_py(), 120),
+                        "error": err,
+                    }
+                )
+        if "generate_seconds" in names:
+            values = table.column("generate_seconds").to_pylist()
+            self.seconds.extend(v for v in values if v is not None)
+        ids = _with_image(table).column("id")
+        self.ok_ids.append(ids.combine_chunks().cast(pa.string()))
+
+    def generate_timing(self) -> dict | None:
+        values = sorted(self.seconds)
+        if not values:
+            return None
+        return {
+            "images": len(values),
+            "mean": statistics.fmean(values),
+            "p50": values[len(values) // 2],
+            "p95": values[min(len(values) - 1, math.ceil(0.95 * len(values)) - 1)],
+        }
+
+
+def _scan(fs, files: list[str]) -> Scan:
+    scan = Scan()
+    for path in files:
+        scan.add(_read_file(fs, path, SCAN_COLUMNS))
+    return scan
+
+
+def _pick(fs, files: list[str], scan: Scan, n: int, seed: int) -> list[dict]:
+    """`n` ok rows with images, the same ones each time for the same metadata: drawn with
+    `seed` from those rows sorted by id, then read back whole (a second pass over the files,
+    keeping only them)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = pa.chunked_array(scan.ok_ids, pa.string())
+    chosen = sorted(random.Random(seed).sample(range(len(ids)), min(n, len(ids))))
+    if not chosen:
+        return []
+    wanted = ids.take(pc.sort_indices(ids).take(pa.array(chosen))).to_pylist()
+    found: dict[str, dict] = {}
+    for path in files:
+        table = _with_image(_read_file(fs, path, METADATA_COLUMNS))
+        keep = pc.is_in(table["id"].cast(pa.string()), value_set=pa.array(wanted, pa.string()))
+        for row in table.filter(keep).to_pylist():
+            found.setdefault(str(row["id"]), row)
+    return [found[i] for i in wanted if i in found]
 
 
 def _font(size: int):
@@ -196,39 +281,6 @@ def draw_contact_sheet(samples: list[Sample], thumbs: list, columns: int, thumb:
     return sheet
 
 
-def _error_breakdown(table) -> tuple[list[tuple[str, int]], list[dict]]:
-    kinds: Counter = Counter()
-    examples = []
-    errors = table.column("error").to_pylist() if "error" in table.column_names else []
-    for i, err in enumerate(errors):
-        if not err:
-            continue
-        kinds.update(error_kinds(err))
-        if len(examples) < MAX_ERROR_EXAMPLES:
-            examples.append(
-                {
-                    "id": table["id"][i].as_py(),
-                    "prompt": beautify(table["prompt"][i].as_py(), 120),
-                    "error": err,
-                }
-            )
-    return kinds.most_common(), examples
-
-
-def _generate_timing(table) -> dict | None:
-    if "generate_seconds" not in table.column_names:
-        return None
-    values = sorted(v for v in table.column("generate_seconds").to_pylist() if v is not None)
-    if not values:
-        return None
-    return {
-        "images": len(values),
-        "mean": statistics.fmean(values),
-        "p50": values[len(values) // 2],
-        "p95": values[min(len(values) - 1, math.ceil(0.95 * len(values)) - 1)],
-    }
-
-
 def _render(context: dict) -> str:
     import jinja2
 
@@ -258,14 +310,15 @@ def write_report(
     fs, root = storage.filesystem(output_uri, storage_settings)
     root = root.rstrip("/")
     run = json.loads(fs.cat_file(f"{root}/run.json")) if fs.exists(f"{root}/run.json") else {}
-    table = _read_metadata(fs, root)
+    files = _metadata_files(fs, root)
+    scan = _scan(fs, files)
     report_dir = storage.join(output_uri, "report")
     report = Report(
         index_uri=storage.join(report_dir, "index.html"),
         contact_sheet_uri=storage.join(report_dir, "contact_sheet.png"),
     )
     thumbs = []
-    for row in _pick(table, samples, seed):
+    for row in _pick(fs, files, scan, samples, seed):
         name = row["image_uri"].rsplit("/", 1)[-1]
         # By name under this output, not the recorded URI: the output may have been moved.
         try:
@@ -296,23 +349,21 @@ def write_report(
     elif fs.exists(f"{root}/report/contact_sheet.png"):
         fs.rm(f"{root}/report/contact_sheet.png")
 
-    statuses = Counter(table.column("status").to_pylist())
-    kinds, examples = _error_breakdown(table)
     html = _render(
         {
             "output": output_uri,
             "run": run,
-            "rows": table.num_rows,
-            "ok": statuses.get("ok", 0),
-            "errors": statuses.get("error", 0),
+            "rows": scan.rows,
+            "ok": scan.statuses.get("ok", 0),
+            "errors": scan.statuses.get("error", 0),
             "skipped": run.get("skipped_by_resume", 0),
             "samples": report.samples,
             "has_sheet": bool(report.samples),
             "missing_images": report.missing_images,
-            "error_kinds": kinds,
-            "error_examples": examples,
+            "error_kinds": scan.error_kinds.most_common(),
+            "error_examples": scan.error_examples,
             "stages": run.get("stages", {}),
-            "generate_timing": _generate_timing(table),
+            "generate_timing": scan.generate_timing(),
             "config_json": json.dumps(run.get("config", {}), indent=2),
             "versions": run.get("versions", {}),
             "generated_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
