@@ -128,7 +128,9 @@ def repeated_ids(column, name: str) -> dict[str, int]:
     """
     import pyarrow.compute as pc
 
-    counts = pc.value_counts(column).to_pylist()
+    counts = pc.value_counts(column)
+    # Only the repeated values become Python objects (not one per input row).
+    counts = counts.filter(pc.greater(counts.field("counts"), 1)).to_pylist()
     repeated: dict[str, int] = {}
     for entry in counts:
         value, n = entry["values"], entry["counts"]
@@ -404,29 +406,24 @@ def account(cfg: JobConfig, info: InputInfo) -> dict:
         optional=(*BEAUTIFY_COLUMNS, "warning", resume.ID_COLUMN),
     )
     beautify_columns = [c for c in BEAUTIFY_COLUMNS if c in table.column_names]
-    ids = table.column("id").to_pylist()
-    statuses = Counter(table.column("status").to_pylist())
-    duplicates = sorted(i for i, c in Counter(ids).items() if c > 1)
-    hashes = (
-        table.column(resume.ID_COLUMN).to_pylist() if resume.ID_COLUMN in table.column_names else []
+    # Counted in Arrow: only repeated ids and the rows in error become Python objects (a
+    # table of millions of rows would otherwise be millions of them in the driver).
+    statuses = _value_counts(table.column("status"))
+    duplicates = sorted(v for v, c in _value_counts(table.column("id")).items() if c > 1)
+    repeated_rows = (
+        sum(c - 1 for c in _value_counts(table.column(resume.ID_COLUMN)).values() if c > 1)
+        if resume.ID_COLUMN in table.column_names
+        else 0
     )
-    repeated_rows = sum(c - 1 for c in Counter(hashes).values() if c > 1)
-    errors_by_field = Counter()
-    for err in table.column("error").to_pylist():
-        if err:
-            for part in err.split("; "):
-                errors_by_field[part.split(":", 1)[0]] += 1
-    warnings_by_field = Counter()
-    warnings = table.column("warning").to_pylist() if "warning" in table.column_names else []
-    for warning in warnings:
-        if warning:
-            for part in warning.split("; "):
-                warnings_by_field[part.split(":", 1)[0]] += 1
-    rows_out = len(ids)
+    errors_by_field = _fields_named(table.column("error"))
+    warnings_by_field = (
+        _fields_named(table.column("warning")) if "warning" in table.column_names else Counter()
+    )
+    rows_out = table.num_rows
     ok = statuses.get("ok", 0)
     failed = statuses.get("error", 0)
     missing, unexpected = [], []
-    if hashes and (rows_out != info.num_rows or repeated_rows):
+    if resume.ID_COLUMN in table.column_names and (rows_out != info.num_rows or repeated_rows):
         missing, unexpected = compare_with_input(cfg, info, table)
     out = {
         "rows_in": info.num_rows,
@@ -458,6 +455,28 @@ def account(cfg: JobConfig, info: InputInfo) -> dict:
     if beautify_columns:
         out["beautify"] = beautify_counts(table)
     return out
+
+
+def _value_counts(column) -> dict:
+    """value -> rows, nulls left out."""
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(column.drop_null())
+    return dict(
+        zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True)
+    )
+
+
+def _fields_named(column) -> Counter:
+    """How many rows name each field in an error (or warning) text like "prompt: ...; seed: ..."."""
+    import pyarrow.compute as pc
+
+    found = Counter()
+    texts = column.drop_null()
+    for text in texts.filter(pc.not_equal(texts, "")).to_pylist():
+        for part in text.split("; "):
+            found[part.split(":", 1)[0]] += 1
+    return found
 
 
 def compare_with_input(cfg: JobConfig, info: InputInfo, table) -> tuple[list, list]:
