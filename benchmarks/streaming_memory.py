@@ -1,6 +1,7 @@
 """Streaming memory: peak RSS of the driver and of the Ray workers for a 5,000-row and a
-50,000-row job (beautify off, tiny model, 64x64, 1 step). The larger run's peaks must be
-within 1.25x of the smaller's: nothing may hold the whole table.
+50,000-row job (beautify off, tiny model, 64x64, 1 step), the report page included as
+`k3batch run` writes it. The larger run's peaks must be within 1.25x of the smaller's:
+nothing may hold the whole table.
 
 Memory is sampled every 0.2 s: the driver's RSS, and the RSS of every process under this
 benchmark's own raylet (workers and actors), per process and summed. Each run has a process
@@ -82,6 +83,7 @@ def one_run(n: int) -> dict:
 def run(n: int, model_dir: str, tmp: str) -> dict:
     import ray
 
+    from k3batch.report import write_report
     from k3batch.runner import run_job
 
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
@@ -105,6 +107,8 @@ def run(n: int, model_dir: str, tmp: str) -> dict:
     start = time.perf_counter()
     with PeakSampler(ray_tmp) as peaks:
         result = run_job(cfg)
+        # What `k3batch run` does next in the same process: the report page.
+        write_report(cfg.output.uri)
     seconds = time.perf_counter() - start
     ray.shutdown()
     assert result.ok and result.run["rows_out"] == n, result.run
