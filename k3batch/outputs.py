@@ -73,16 +73,13 @@ def iter_records(cfg: JobConfig, files: list[str], columns: list[str] | None, sc
     table.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     fs, _ = storage.filesystem(cfg.output.uri, cfg.storage.model_dump())
     if columns is not None:
         schema = pa.schema([schema.field(c) for c in columns])
     for path in files:
-        with fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            have = [c for c in schema.names if c in parquet.schema_arrow.names]
-            table = parquet.read(columns=have, use_threads=False)
+        table = read_file(fs, path, schema.names)
+        have = table.column_names
         yield pa.table(
             [
                 table.column(field.name).cast(field.type)
@@ -92,6 +89,17 @@ def iter_records(cfg: JobConfig, files: list[str], columns: list[str] | None, sc
             ],
             schema=schema,
         )
+
+
+def read_file(fs, path: str, columns):
+    """Those of `columns` that one Parquet file has, read whole (see iter_records: a plain
+    read, not Arrow's dataset scanner)."""
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        names = parquet.schema_arrow.names
+        return parquet.read(columns=[c for c in columns if c in names], use_threads=False)
 
 
 def count_rows(cfg: JobConfig, files: list[str], skip_unreadable: bool = False) -> int:

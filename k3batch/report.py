@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
-from k3batch import __version__, storage
+from k3batch import __version__, outputs, storage
 from k3batch.metrics import error_kinds
 
 DEFAULT_SAMPLES = 16
@@ -104,16 +104,6 @@ def _metadata_files(fs, root: str) -> list[str]:
     return files
 
 
-def _read_file(fs, path: str, columns):
-    """The columns of one metadata file that it has."""
-    import pyarrow.parquet as pq
-
-    with fs.open(path, "rb") as f:
-        parquet = pq.ParquetFile(f)
-        names = parquet.schema_arrow.names
-        return parquet.read(columns=[c for c in columns if c in names], use_threads=False)
-
-
 def _with_image(table):
     """Rows in `ok` with an image (none when the table has no image column)."""
     import pyarrow.compute as pc
@@ -177,7 +167,7 @@ class Scan:
 def _scan(fs, files: list[str]) -> Scan:
     scan = Scan()
     for path in files:
-        scan.add(_read_file(fs, path, SCAN_COLUMNS))
+        scan.add(outputs.read_file(fs, path, SCAN_COLUMNS))
     return scan
 
 
@@ -195,7 +185,7 @@ def _pick(fs, files: list[str], scan: Scan, n: int, seed: int) -> list[dict]:
     wanted = ids.take(pc.sort_indices(ids).take(pa.array(chosen))).to_pylist()
     found: dict[str, dict] = {}
     for path in files:
-        table = _with_image(_read_file(fs, path, METADATA_COLUMNS))
+        table = _with_image(outputs.read_file(fs, path, METADATA_COLUMNS))
         keep = pc.is_in(table["id"].cast(pa.string()), value_set=pa.array(wanted, pa.string()))
         for row in table.filter(keep).to_pylist():
             found.setdefault(str(row["id"]), row)
