@@ -28,6 +28,19 @@ class StageActor:
         return self.observer.apply(self.stage, table)
 
 
+def read_input(cfg, schema=None):
+    """The job's input table as a Ray dataset, with Ray's `row_hash` per row, reached through
+    the config's `storage` section. `schema`: the input files' unified schema
+    (`runner.inspect_input`), so every file is read alike, also those Ray's sample skips."""
+    import ray.data
+
+    from k3batch import storage
+
+    fs, path = storage.arrow_filesystem(cfg.input.uri, cfg.storage.model_dump())
+    read_args = {} if schema is None else {"schema": schema}
+    return ray.data.read_parquet(path, filesystem=fs, include_row_hash=True, **read_args)
+
+
 def run_stage_task(
     table,
     stage_cls: type[Stage],

@@ -482,14 +482,11 @@ def _fields_named(column) -> Counter:
 def compare_with_input(cfg: JobConfig, info: InputInfo, table) -> tuple[list, list]:
     """Ids of input rows without a record, and of records of no input row, by row hash (the
     identity Ray gives each input row; user ids may repeat)."""
-    import ray.data
-
     from k3batch import rows
+    from k3batch.dataflow import read_input
     from k3batch.stages.validate import ROW_HASH
 
-    fs, path = storage.arrow_filesystem(cfg.input.uri, cfg.storage.model_dump())
-    read_args = {} if info.schema is None else {"schema": info.schema}
-    ds = ray.data.read_parquet(path, filesystem=fs, include_row_hash=True, **read_args)
+    ds = read_input(cfg, info.schema)
     id_column = cfg.input.id_column if cfg.input.id_column in info.columns else None
     input_hashes, input_ids = [], []
     for batch in ds.select_columns([c for c in (id_column, ROW_HASH) if c]).iter_batches(

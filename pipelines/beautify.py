@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from k3batch import storage
 from k3batch.config import JobConfig
-from k3batch.dataflow import map_stage
+from k3batch.dataflow import map_stage, read_input
 from k3batch.stages.beautify import (
     BEAUTIFIED,
     PROMPT_USED,
@@ -89,11 +89,7 @@ def add_to_text_to_image(ds, cfg: JobConfig):
 
 def build(cfg: JobConfig):
     """The beautify-only dataset, not yet executed (ends before the write)."""
-    import ray.data
-
-    # Through the job's `storage` section (endpoint, profile), as the generation job reads.
-    fs, path = storage.arrow_filesystem(cfg.input.uri, cfg.storage.model_dump())
-    ds = ray.data.read_parquet(path, filesystem=fs, include_row_hash=True)
+    ds = read_input(cfg)
     ds = map_stage(
         ds,
         PromptRowsStage,

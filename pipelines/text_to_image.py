@@ -24,7 +24,7 @@ import warnings
 
 from k3batch import crashes, resume, shards, storage, testhooks
 from k3batch.config import JobConfig
-from k3batch.dataflow import map_stage
+from k3batch.dataflow import map_stage, read_input
 from k3batch.images import EXTENSIONS
 from k3batch.rows import RowRules
 from k3batch.stages.generate import GenerateStage
@@ -47,13 +47,10 @@ def build(cfg: JobConfig, schema=None, journal=None, duplicate_ids=None, test_ho
     input rows give (id -> rows), which those rows may not use. `test_hooks`: see
     k3batch.testhooks.
     """
-    import ray.data
 
     res = cfg.resources
     settings = cfg.storage.model_dump()
-    fs, path = storage.arrow_filesystem(cfg.input.uri, settings)
-    read_args = {} if schema is None else {"schema": schema}
-    ds = ray.data.read_parquet(path, filesystem=fs, include_row_hash=True, **read_args)
+    ds = read_input(cfg, schema)
     ds = map_stage(
         ds,
         ValidateStage,
