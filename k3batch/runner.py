@@ -119,6 +119,19 @@ def inspect_input(cfg: JobConfig) -> InputInfo:
 MAX_DUPLICATE_IDS = 10_000
 
 
+def value_counts(column, at_least: int = 1) -> dict:
+    """value -> rows holding it, for the values at least `at_least` rows hold. Counted in
+    Arrow: only those values become Python objects, not one per row of a large table."""
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(column)
+    if at_least > 1:
+        counts = counts.filter(pc.greater_equal(counts.field("counts"), at_least))
+    return dict(
+        zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True)
+    )
+
+
 def repeated_ids(column, name: str) -> dict[str, int]:
     """Ids that more than one input row gives (as ValidateStage spells ids), with counts.
 
@@ -126,15 +139,9 @@ def repeated_ids(column, name: str) -> dict[str, int]:
     errors instead. A table where nearly every id repeats is refused: its id column is not
     an id.
     """
-    import pyarrow.compute as pc
-
-    counts = pc.value_counts(column)
-    # Only the repeated values become Python objects (not one per input row).
-    counts = counts.filter(pc.greater(counts.field("counts"), 1)).to_pylist()
     repeated: dict[str, int] = {}
-    for entry in counts:
-        value, n = entry["values"], entry["counts"]
-        if n < 2 or isinstance(value, bool):
+    for value, n in value_counts(column, at_least=2).items():
+        if isinstance(value, bool):
             continue
         if isinstance(value, int) or (isinstance(value, str) and value):
             repeated[str(value)] = repeated.get(str(value), 0) + n
@@ -408,10 +415,13 @@ def account(cfg: JobConfig, info: InputInfo) -> dict:
     beautify_columns = [c for c in BEAUTIFY_COLUMNS if c in table.column_names]
     # Counted in Arrow: only repeated ids and the rows in error become Python objects (a
     # table of millions of rows would otherwise be millions of them in the driver).
-    statuses = _value_counts(table.column("status"))
-    duplicates = sorted(v for v, c in _value_counts(table.column("id")).items() if c > 1)
+    statuses = value_counts(table.column("status").drop_null())
+    duplicates = sorted(value_counts(table.column("id").drop_null(), at_least=2))
     repeated_rows = (
-        sum(c - 1 for c in _value_counts(table.column(resume.ID_COLUMN)).values() if c > 1)
+        sum(
+            c - 1
+            for c in value_counts(table.column(resume.ID_COLUMN).drop_null(), at_least=2).values()
+        )
         if resume.ID_COLUMN in table.column_names
         else 0
     )
@@ -455,16 +465,6 @@ def account(cfg: JobConfig, info: InputInfo) -> dict:
     if beautify_columns:
         out["beautify"] = beautify_counts(table)
     return out
-
-
-def _value_counts(column) -> dict:
-    """value -> rows, nulls left out."""
-    import pyarrow.compute as pc
-
-    counts = pc.value_counts(column.drop_null())
-    return dict(
-        zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True)
-    )
 
 
 def _fields_named(column) -> Counter:
