@@ -96,7 +96,7 @@ class Report:
 
 def _metadata_files(fs, root: str) -> list[str]:
     meta = f"{root}/metadata"
-    files = sorted(f for f in fs.find(meta) if f.endswith(".parquet")) if fs.exists(meta) else []
+    files = storage.list_files(fs, meta, ".parquet")
     if not files:
         raise FileNotFoundError(
             f"no metadata Parquet files under {meta}: is this a k3batch output?"
@@ -126,7 +126,7 @@ class Scan:
     error_kinds: Counter = field(default_factory=Counter)
     error_examples: list[dict] = field(default_factory=list)
     seconds: array = field(default_factory=lambda: array("d"))  # generate_seconds
-    ok_ids: list = field(default_factory=list)  # Arrow arrays: ids of rows with an image
+    ok_ids: list = field(default_factory=list)  # per file, Arrow: ids of rows with an image
 
     def add(self, table) -> None:
         import pyarrow as pa
@@ -173,8 +173,8 @@ def _scan(fs, files: list[str]) -> Scan:
 
 def _pick(fs, files: list[str], scan: Scan, n: int, seed: int) -> list[dict]:
     """`n` ok rows with images, the same ones each time for the same metadata: drawn with
-    `seed` from those rows sorted by id, then read back whole (a second pass over the files,
-    keeping only them)."""
+    `seed` from those rows sorted by id, then read back whole from the files that hold them
+    (the scan's ids are per file)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -183,10 +183,13 @@ def _pick(fs, files: list[str], scan: Scan, n: int, seed: int) -> list[dict]:
     if not chosen:
         return []
     wanted = ids.take(pc.sort_indices(ids).take(pa.array(chosen))).to_pylist()
+    wanted_set = pa.array(wanted, pa.string())
     found: dict[str, dict] = {}
-    for path in files:
+    for path, file_ids in zip(files, scan.ok_ids, strict=True):
+        if not pc.any(pc.is_in(file_ids, value_set=wanted_set)).as_py():
+            continue
         table = _with_image(outputs.read_file(fs, path, METADATA_COLUMNS))
-        keep = pc.is_in(table["id"].cast(pa.string()), value_set=pa.array(wanted, pa.string()))
+        keep = pc.is_in(table["id"].cast(pa.string()), value_set=wanted_set)
         for row in table.filter(keep).to_pylist():
             found.setdefault(str(row["id"]), row)
     return [found[i] for i in wanted if i in found]
