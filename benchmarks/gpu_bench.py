@@ -245,7 +245,8 @@ def bench_k3batch(model, member: str, args) -> Result:
         _, t_decode = timed(lambda: model.decode(latents), args.device)
         return t_text, t_unet, t_decode
 
-    model.generate(requests)  # warm-up (and compilation)
+    warmup = timed(lambda: model.generate(requests), args.device)[1]  # and compilation
+    print(f"  k3batch {member}: first batch (warm-up, compilation) {warmup:.1f} s", flush=True)
     stages()
     whole, split = [], []
     reset_peak(args.device)

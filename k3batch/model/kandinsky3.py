@@ -45,6 +45,7 @@ from torch import nn
 
 from k3batch.model import family, performance
 from k3batch.model import text as textmod
+from k3batch.model.noise import RowNoise
 from k3batch.model.schedule import DiffusionSchedule, base_timesteps
 
 log = logging.getLogger(__name__)
@@ -303,16 +304,17 @@ class Kandinsky3:
         cond = self.denoiser.condition(hidden, lengths)
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
         shape = (4, requests[0].height // 8, requests[0].width // 8)
+        noise = RowNoise(generators, shape, self.device)
         if kind == KIND_FLASH:
-            x = self._flash(cond, generators, shape)
+            x = self._flash(cond, noise)
         elif kind == KIND_INPAINT:
-            x = self._inpaint(requests, cond, generators, shape)
+            x = self._inpaint(requests, cond, noise)
         elif kind == KIND_IMAGE:
-            x = self._image_to_image(requests, cond, generators, shape)
+            x = self._image_to_image(requests, cond, noise)
         else:
-            x = self._guided(requests, self._noise(generators, shape), cond, generators, shape)
+            x = self._guided(requests, noise(), cond, noise)
         if self.refiner is not None:
-            x = self._refine(x, hidden, lengths, generators, shape)
+            x = self._refine(x, hidden, lengths, noise)
         return x
 
     def _text(self, requests) -> tuple[torch.Tensor, textmod.Hidden]:
@@ -333,7 +335,7 @@ class Kandinsky3:
         return tokens.lengths, textmod.run_encoder(tokens, self.text_encoder, guided)
 
     # ------------------------------------------------------------ samplers
-    def _guided(self, requests, x, cond, generators, shape, times=None, extra=None):
+    def _guided(self, requests, x, cond, noise, times=None, extra=None):
         """The reference's guided DDIM (eta=1) loop; `extra` = inpainting's input channels."""
         d = self.denoiser
         if times is None:
@@ -353,35 +355,34 @@ class Kandinsky3:
             eps = (w + 1.0) * eps_cond - w * eps_uncond
             # Drawn at the last step too (unused there), as the reference's p_sample does, so
             # a row's generator is where the reference's would be after the loop.
-            noise = self._noise(generators, shape)
-            x = self.schedule.ddim_step(x, t, prev_t, eps, noise, d.member.threshold_percentile)
+            x = self.schedule.ddim_step(x, t, prev_t, eps, noise(), d.member.threshold_percentile)
         return x
 
-    def _flash(self, cond, generators, shape):
+    def _flash(self, cond, noise):
         d = self.denoiser
-        x = self._noise(generators, shape)
+        x = noise()
         for t in family.FLASH_TIMESTEPS:
-            x_t = self.schedule.add_noise(x, t, self._noise(generators, shape))
+            x_t = self.schedule.add_noise(x, t, noise())
             eps = d(x_t, t, cond.context, cond.context_mask, cond.pool_lengths)
             x = self.schedule.x0_from_eps(x_t, t, eps)
         return x
 
-    def _refine(self, x, hidden, lengths, generators, shape):
+    def _refine(self, x, hidden, lengths, noise):
         cond = self.refiner.condition(hidden, lengths)
         t = family.REFINE_TIMESTEP
-        x_t = self.schedule.add_noise(x, t, self._noise(generators, shape))
+        x_t = self.schedule.add_noise(x, t, noise())
         eps = self.refiner(x_t, t, cond.context, cond.context_mask, cond.pool_lengths)
         return self.schedule.x0_from_eps(x_t, t, eps)
 
-    def _image_to_image(self, requests, cond, generators, shape):
+    def _image_to_image(self, requests, cond, noise):
         latents = self.encode(self._pixels(requests))
         times = image_to_image_timesteps(requests[0].num_inference_steps, requests[0].strength)
         if not times:
             return latents
-        x = self.schedule.add_noise(latents, times[0], self._noise(generators, shape))
-        return self._guided(requests, x, cond, generators, shape, times=times)
+        x = self.schedule.add_noise(latents, times[0], noise())
+        return self._guided(requests, x, cond, noise, times=times)
 
-    def _inpaint(self, requests, cond, generators, shape):
+    def _inpaint(self, requests, cond, noise):
         image = self._pixels(requests)
         keep = torch.stack([torch.from_numpy(np.array(r.mask, dtype=np.float32)) for r in requests])
         keep = keep.unsqueeze(1).to(image.device)
@@ -391,16 +392,9 @@ class Kandinsky3:
         masked_latent = self.encode(masked)
         keep_latent = F.interpolate(keep, size=masked_latent.shape[-2:]).to(self.device)
         extra = torch.cat([keep_latent, masked_latent], dim=1)
-        x = self._noise(generators, shape)
-        return self._guided(requests, x, cond, generators, shape, extra=extra)
+        return self._guided(requests, noise(), cond, noise, extra=extra)
 
     # ------------------------------------------------------------ helpers
-    def _noise(self, generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
-        # Drawn on CPU, one generator per row: the same seed gives the same noise on any
-        # device and in any batch.
-        noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
-        return noise.to(self.device)
-
     def _pixels(self, requests) -> torch.Tensor:
         """Input images as the reference's ToTensor()*2-1: float32 in [-1, 1], NCHW."""
         images = [torch.from_numpy(np.array(r.image, dtype=np.uint8)) for r in requests]
@@ -453,8 +447,15 @@ class Kandinsky3:
         return images
 
     def _decode_chunk(self, latents: torch.Tensor, param: torch.Tensor) -> list[np.ndarray]:
+        n = len(latents)
+        if n < self.decode_batch_size:
+            # Always decode `decode_batch_size` latents at once (zeros fill the rest): kernels
+            # pick their algorithm by shape, so a fixed shape keeps an image independent of
+            # how many rows its batch had.
+            fill = latents.new_zeros((self.decode_batch_size - n, *latents.shape[1:]))
+            latents = torch.cat([latents, fill])
         z = latents.to(param.device, param.dtype, memory_format=self.movq_memory_format)
-        out = self.movq.decode(z, force_not_quantize=True).sample
+        out = self.movq.decode(z, force_not_quantize=True).sample[:n]
         out = ((out.float() + 1.0) / 2.0).clamp(0.0, 1.0)
         # x255 then truncate, as the reference's torchvision ToPILImage does.
         out = out.mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -62,6 +62,17 @@ def compile_module(module: nn.Module, settings: dict) -> nn.Module:
     return module
 
 
+def set_tf32(enabled: bool) -> None:
+    """TF32 tensor cores for float32 matmuls and convolutions on CUDA (process-wide).
+
+    torch leaves float32 matmuls in full float32 by default (8x slower than TF32 on an H100);
+    TF32 keeps float32's range with a 10-bit mantissa, as cuDNN convolutions already use by
+    default. Drift against strict float32: benchmarks/precision_drift.py.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def release_cached_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()

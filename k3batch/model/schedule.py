@@ -89,7 +89,10 @@ class DiffusionSchedule:
         eps = self.eps_from_x0(x, t, x0)
         abar_t, abar_prev = self._abar(t), self._abar(prev_t)
         sigma = torch.sqrt(eta * (1.0 - abar_t / abar_prev) * (1.0 - abar_prev) / (1.0 - abar_t))
-        mean = torch.sqrt(abar_prev) * x0 + torch.sqrt(1.0 - abar_prev - sigma**2) * eps
+        # 1 - abar_prev - sigma^2 >= 0 exactly, but with eta=1 it is 0 up to rounding and can
+        # come out slightly negative in float32 (NaN from then on); clamped, as it is exactly.
+        direction = (1.0 - abar_prev - sigma**2).clamp(min=0.0)
+        mean = torch.sqrt(abar_prev) * x0 + torch.sqrt(direction) * eps
         if prev_t == 0:
             return mean
         return mean + sigma * noise

@@ -277,14 +277,16 @@ def architecture(size: str, tiny_vocab: int) -> tuple[dict, dict, object]:
     raise ValueError(f"size must be tiny or full, got {size!r}")
 
 
-def random_components(size: str, device, dtype, seed: int = TINY_SEED) -> dict:
+def random_components(
+    size: str, device, dtype, seed: int = TINY_SEED, members: tuple[str, ...] | None = None
+) -> dict:
     """Random-weight components of the `tiny` or `full` (real) architecture, for benchmarks.
 
     Built on the meta device and materialised on `device` in `dtype`, so the full size
     (12B parameters) never takes float32 host memory. Weights are N(0, 1/fan_in), norm
     scales 1, biases 0: activations stay in range through the real depth. Returns what
     `build_components` does, with UNets for base and Flash (no inpainting) as
-    {name: (unet, null_embedding)}; the tokenizer is the tiny one at both sizes (token ids
+    {name: (unet, null_embedding)} (`members` picks fewer); the tokenizer is the tiny one at both sizes (token ids
     fit the full vocabulary; the encoder runs on 128 positions whatever the prompt).
     """
     import torch
@@ -311,7 +313,7 @@ def random_components(size: str, device, dtype, seed: int = TINY_SEED) -> dict:
         return model.eval()
 
     unets = {}
-    for name in (family.BASE, family.FLASH):
+    for name in members or (family.BASE, family.FLASH):
         unet = materialise(lambda: Kandinsky3UNet(in_channels=4, **unet_config))
         null = torch.randn(unet_config["cross_attention_dim"], generator=gen, device=device)
         unets[name] = (unet, null)
