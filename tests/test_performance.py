@@ -131,7 +131,8 @@ def test_decode_halves_its_chunk_on_out_of_memory(tiny_dir, plain, monkeypatch):
     monkeypatch.setattr(model.movq, "decode", decode)
     five = torch.cat([latents, latents[:2]])
     out = model.decode(five)
-    assert sizes == [5, 2, 1, 1, 1, 1, 1]  # 8 capped at 5 rows, halved twice, then kept
+    # Chunks keep one shape (5 rows padded to 8), halved on each failure, then kept.
+    assert sizes == [8, 4, 2, 1, 1, 1, 1, 1]
     assert model.decode_batch_size == 1
     assert_same_images(out, [*images, *images[:2]])
     # One latent that does not fit is the row's error, not a loop.

@@ -223,10 +223,17 @@ class Kandinsky3:
         return model.optimize(**(performance or {}))
 
     def optimize(
-        self, attention: str = "sdpa", channels_last: bool = False, compile: dict | None = None
+        self,
+        attention: str = "sdpa",
+        channels_last: bool = False,
+        compile: dict | None = None,
+        tf32: bool = True,
     ) -> Kandinsky3:
         """Apply `model.performance` to the loaded modules (see `performance`); returns self."""
         denoisers = [d for d in (self.denoiser, self.refiner) if d is not None]
+        modules = [d.unet for d in denoisers] + [self.movq, self.text_encoder]
+        if any(performance.runs_float32_on_cuda(m) for m in modules if m is not None):
+            performance.set_tf32(tf32)
         for d in denoisers:
             performance.set_attention(d.unet, attention)
         performance.set_attention(self.movq, attention)
@@ -434,10 +441,11 @@ class Kandinsky3:
                 chunk = None
             if chunk is None:
                 # Out of the except block, so the failed call's tensors are already freed.
-                self.decode_batch_size = max(1, size // 2)
+                tried = self.decode_batch_size
+                self.decode_batch_size = max(1, tried // 2)
                 log.warning(
                     "MoVQ decode of %d latents ran out of memory; decoding %d at a time",
-                    size,
+                    tried,
                     self.decode_batch_size,
                 )
                 performance.release_cached_memory(param.device)

@@ -73,6 +73,11 @@ def set_tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
+def runs_float32_on_cuda(module: nn.Module) -> bool:
+    param = next(module.parameters(), None)
+    return param is not None and param.device.type == "cuda" and param.dtype == torch.float32
+
+
 def release_cached_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
