@@ -82,6 +82,18 @@ class CompileConfig(Strict):
         description="torch.compile `dynamic`; null: recompile once with dynamic shapes when a "
         "shape changes (e.g. a smaller last batch).",
     )
+    warmup: bool = Field(
+        True,
+        description="Compile when the actor starts, on one batch of `resources.batch_size` "
+        "rows at `generation`'s size, instead of on the first real batch (the 3B UNet takes "
+        "over 3 minutes to compile on an H200 host; measured in benchmarks/RESULTS.md).",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Directory for torch.compile's caches (Inductor's and Triton's kernels): "
+        "actors that share it (one node, or a shared filesystem) compile once and load the "
+        "rest from it. null: torch's default, a per-user folder under /tmp.",
+    )
 
 
 class PerformanceConfig(Strict):

@@ -13,6 +13,9 @@ K3BATCH_TEST_FAIL_PROMPT=TEXT       generating any group of rows that holds a ro
                                     TEXT raises (a batch that fails on one bad row).
 K3BATCH_TEST_CRASH_PROMPT=TEXT      generating any group that holds a row with prompt TEXT kills
                                     the process, every time (a row that crashes its worker).
+K3BATCH_TEST_CUDA_ERROR_PROMPT=TEXT generating any group that holds a row with prompt TEXT raises
+                                    the error CUDA gives for an illegal memory access, every time
+                                    (a row that poisons its worker's CUDA context).
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ import time
 import uuid
 
 PREFIX = "K3BATCH_TEST_"
-_NAMES = ("CRASH_ON_BATCH", "HANG_AFTER_BATCHES", "FAIL_PROMPT", "CRASH_PROMPT")
+_NAMES = (
+    "CRASH_ON_BATCH",
+    "HANG_AFTER_BATCHES",
+    "FAIL_PROMPT",
+    "CRASH_PROMPT",
+    "CUDA_ERROR_PROMPT",
+)
 
 
 def from_env() -> dict | None:
@@ -69,5 +78,7 @@ class Hooks:
     def before_generate(self, prompts: list) -> None:
         if "crash_prompt" in self.hooks and self.hooks["crash_prompt"] in prompts:
             os._exit(1)
+        if "cuda_error_prompt" in self.hooks and self.hooks["cuda_error_prompt"] in prompts:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (test hook)")
         if "fail_prompt" in self.hooks and self.hooks["fail_prompt"] in prompts:
             raise RuntimeError(f"test hook: failing on prompt {self.hooks['fail_prompt']!r}")

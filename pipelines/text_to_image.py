@@ -106,6 +106,11 @@ def build(cfg: JobConfig, schema=None, journal=None, duplicate_ids=None, test_ho
             "journal": journal,
             "max_crashes_per_row": cfg.faults.max_crashes_per_row,
             "test_hooks": test_hooks,
+            "warmup": {
+                "width": cfg.generation.width,
+                "height": cfg.generation.height,
+                "batch_size": res.batch_size,
+            },
         },
         batch_size=res.batch_size,
         num_cpus=res.num_cpus_per_actor,

@@ -8,31 +8,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_gpu_bench_small_mode_runs_both_paths_and_reports_ratios(tmp_path):
-    out = tmp_path / "bench.json"
+def test_device_check_small_mode_runs_the_gpu_bench_and_the_drift_check(tmp_path):
+    """The GPU check script's CPU mode: both benchmarks run end to end, results as JSON."""
+    import math
+    import os
+
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
     proc = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/gpu_bench.py",
-            "--small",
-            "--steps",
-            "4",
-            "--batch-size",
-            "2",
-            "--threads",
-            "1",
-            "--json",
-            str(out),
-        ],
+        ["bash", "benchmarks/device_check.sh", "--small"],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
+        env=env,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "kandinsky3: k3batch / diffusers images/s =" in proc.stdout
-    assert "kandinsky3-flash: k3batch / diffusers images/s =" in proc.stdout
-    data = json.loads(out.read_text())
+    log = (tmp_path / "check.log").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    assert "== bench rc=0" in log and "== drift rc=0" in log, log[-3000:]
+    assert "kandinsky3: k3batch / diffusers images/s =" in log
+    assert "kandinsky3-flash: k3batch / diffusers images/s =" in log
+    data = json.loads((tmp_path / "bench.json").read_text())
     runs = {(r["member"], r["impl"]) for r in data["results"]}
     assert runs == {
         (m, i) for m in ("kandinsky3", "kandinsky3-flash") for i in ("k3batch", "diffusers")
@@ -40,6 +35,16 @@ def test_gpu_bench_small_mode_runs_both_paths_and_reports_ratios(tmp_path):
     for r in data["results"]:
         assert r["images_per_second"] > 0 and r["unet"] > 0 and r["decode"] > 0
     base, flash = data["flops_per_image"]["kandinsky3"], data["flops_per_image"]["kandinsky3-flash"]
-    # 4 steps x cond + uncond vs Flash's 4 steps without guidance: twice the UNet FLOPs.
-    assert base["unet"] == 2 * flash["unet"] > 0
+    # 10 steps x cond + uncond vs Flash's 4 steps without guidance.
+    assert base["unet"] == 10 * 2 / 4 * flash["unet"] > 0
     assert base["image"] == base["text"] + base["unet"] + base["decode"]
+
+    drift = json.loads((tmp_path / "drift.json").read_text())["results"]
+    assert list(drift) == ["fp32", "fp32+tf32", "reference", "bfloat16"]
+    assert drift["fp32"]["psnr_db"] == [math.inf, math.inf]
+    # Reduced precision moves the images, by a finite amount (no NaN latents: they would
+    # decode to the same black image and read as equal).
+    bf16 = drift["bfloat16"]
+    assert all(0 < e < 1 for e in bf16["final_latent_rel_error"])
+    assert all(20 < p < math.inf for p in bf16["psnr_db"])
+    assert 0 < drift["reference"]["eps_rel_error"] < bf16["eps_rel_error"]

@@ -215,3 +215,100 @@ def test_generate_stage_passes_performance_settings_to_the_model(tiny_dir):
     assert stage.pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert stage.pipe.text_encoder is None
     assert isinstance(stage.pipe, Kandinsky3)
+
+
+def test_sampling_halves_its_batch_on_out_of_memory(tiny_dir, plain):
+    _, _, images = plain
+    model = load_tiny(tiny_dir)
+    real = model.sample
+    sizes = []
+
+    def sample(requests):
+        sizes.append(len(requests))
+        if len(requests) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(requests)
+
+    model.sample = sample
+    out = model.generate(ROWS)
+    assert sizes == [3, 1, 1, 1]  # 3 rows, halved to 1, then kept
+    assert model.max_batch == 1
+    assert_same_images(out, images)
+    sizes.clear()
+    model.generate(ROWS[:2])
+    assert sizes == [1, 1]
+    # One row that does not fit is the row's error, not a loop.
+    model.sample = lambda requests: (_ for _ in ()).throw(torch.OutOfMemoryError("oom"))
+    with pytest.raises(torch.OutOfMemoryError):
+        model.generate(ROWS[:1])
+
+
+def test_row_noise_is_each_generators_own_sequence_whatever_the_window():
+    from k3batch.model import noise
+
+    seeds = [5, 6, 7]
+    stream = noise.RowNoise([torch.Generator().manual_seed(s) for s in seeds], (4, 8, 8), "cpu")
+    draws = [stream() for _ in range(2 * noise.WINDOW + 3)]  # across three windows
+    for row, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(seed)
+        for k, drawn in enumerate(draws):
+            # One draw per step per row, as the per-step loop drew it before.
+            assert torch.equal(drawn[row], torch.randn((4, 8, 8), generator=g)), (row, k)
+
+
+def test_decode_pads_its_chunks_to_one_shape(tiny_dir, plain):
+    _, latents, images = plain
+    model = load_tiny(tiny_dir, decode_batch_size=2)
+    real = model.movq.decode
+    shapes = []
+    model.movq.decode = lambda z, **kw: shapes.append(z.shape[0]) or real(z, **kw)
+    out = model.decode(latents)  # 3 latents: a chunk of 2, then 1 padded to 2
+    assert shapes == [2, 2]
+    assert_same_images(out, images)
+
+
+def test_a_compiled_generation_stage_warms_up_at_start_on_the_jobs_shape(tiny_dir):
+    from torch._dynamo.utils import counters
+
+    from k3batch.stages.generate import GenerateStage
+
+    torch._dynamo.reset()
+    counters.clear()
+    compile = {"unet": True, "movq": True, "backend": "eager", "fullgraph": True}
+    model = {
+        "name": "kandinsky3",
+        "path": tiny_dir,
+        "dtype": FP32,
+        "device": "cpu",
+        "performance": {"compile": compile},
+    }
+    stage = GenerateStage(model, warmup={"width": 64, "height": 64, "batch_size": 2})
+    # Both compiled modules ran (were captured) before the first real batch.
+    assert stage.warmup_seconds is not None and counters["stats"]["unique_graphs"] >= 2
+    off = GenerateStage(
+        {**model, "performance": {"compile": {**compile, "warmup": False}}},
+        warmup={"width": 64, "height": 64, "batch_size": 2},
+    )
+    assert off.warmup_seconds is None
+
+
+def test_compile_cache_dir_holds_the_compiled_kernels(tmp_path, monkeypatch):
+    from k3batch.model import performance
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    torch._dynamo.reset()
+    module = _Mlp()  # code of torch's own modules is skipped by dynamo; user code is compiled
+    performance.compile_module(module, {"cache_dir": str(tmp_path / "cache")})
+    module(torch.randn(2, 8))
+    # Inductor wrote its generated code there: a second actor pointed at it reuses it.
+    assert list((tmp_path / "cache").rglob("*.py"))
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.linear(x)) * 2 + 1

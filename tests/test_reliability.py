@@ -253,6 +253,39 @@ def test_a_row_that_kills_its_worker_every_time_fails_alone(
 
 
 @pytest.mark.slow
+def test_a_row_whose_cuda_error_poisons_its_worker_restarts_it_and_fails_alone(
+    ray_local, tmp_path, tiny_dir, monkeypatch
+):
+    # The error CUDA raises for an illegal address: every later call in that process would
+    # fail, so the worker ends itself and Ray replaces it; the journal then isolates the row.
+    monkeypatch.setenv("K3BATCH_TEST_CUDA_ERROR_PROMPT", "ILLEGAL")
+    uri = prompts(tmp_path, 6, {3: "ILLEGAL"})
+    cfg = small(
+        tmp_path, uri, tiny_dir, resources={"batch_size": 2}, faults={"max_crashes_per_row": 1}
+    )
+    result = run_job(load_config(data=cfg))
+    meta = metadata(tmp_path / "out")
+    assert result.ok and len(meta) == 6
+    assert {k for k, m in meta.items() if m["status"] == "error"} == {"r03"}
+    assert meta["r03"]["error"].startswith("generate: the worker process died")
+    # Its batch-mate r02 ran again in a fresh worker and got its image.
+    assert meta["r02"]["status"] == "ok"
+    assert result.run["stages"]["generate"]["actors"] >= 2
+
+
+def test_only_cuda_errors_that_poison_the_context_end_the_worker():
+    import torch
+
+    from k3batch.model.performance import poisons_process
+
+    assert poisons_process(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert poisons_process(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not poisons_process(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
+    assert not poisons_process(RuntimeError("expected scalar type Float but found Half"))
+    assert not poisons_process(ValueError("an illegal value in the prompt"))
+
+
+@pytest.mark.slow
 def test_a_stalled_stage_fails_the_job_naming_it_and_a_rerun_resumes(
     ray_local, tmp_path, tiny_dir, monkeypatch, capsys
 ):

@@ -166,6 +166,7 @@ class Kandinsky3:
         self.denoiser = denoisers[member]
         self.refiner = denoisers[family.FLASH] if refine else None
         self.decode_batch_size = decode_batch_size
+        self.max_batch: int | None = None  # rows per sample() call; set on out-of-memory
         self.device = self.denoiser.device
         self.schedule = DiffusionSchedule(self.device)
 
@@ -254,6 +255,40 @@ class Kandinsky3:
             performance.compile_module(self.movq.decoder, compile)
         return self
 
+    @torch.no_grad()
+    def warm_up(self, width: int, height: int, batch_size: int) -> float:
+        """One throwaway batch at this size (compiles a compiled model); returns seconds.
+
+        One step and blank inputs: compilation depends on shapes, not on values or steps.
+        """
+        import time
+
+        start = time.perf_counter()
+        text = None
+        if self.text_encoder is None:
+            width_in = self.denoiser.projection.projection_linear.in_features
+            text = textmod.PromptEmbedding(torch.zeros(2, width_in))
+        blank = np.zeros((height, width, 3), np.uint8)
+        keep = np.ones((height, width), np.float32)
+        inpaint = self.member.name == family.INPAINT
+        rows = [
+            Request(
+                "warm-up",
+                None,
+                i,
+                width,
+                height,
+                1,
+                self.member.guidance_scale or 0.0,
+                image=blank if inpaint else None,
+                mask=keep if inpaint else None,
+                text=text,
+            )
+            for i in range(batch_size)
+        ]
+        self.generate(rows)
+        return time.perf_counter() - start
+
     # Views of the job's own member (tests and the stage read them).
     @property
     def unet(self):
@@ -295,8 +330,36 @@ class Kandinsky3:
 
     @torch.no_grad()
     def generate(self, requests: list[Request]) -> list[np.ndarray]:
-        """Images (uint8, HxWx3) for rows of one `group_key`."""
-        return self.decode(self.sample(requests))
+        """Images (uint8, HxWx3) for rows of one `group_key`.
+
+        Rows are sampled `max_batch` at a time (all at once until memory runs out): a call
+        that runs out of device memory is retried with half the rows, and `max_batch` keeps
+        the smaller size for later batches. An image does not depend on its batch, so the
+        split changes nothing but memory and speed.
+        """
+        images: list[np.ndarray] = []
+        start = 0
+        while start < len(requests):
+            size = min(self.max_batch or len(requests), len(requests) - start)
+            try:
+                chunk = self.decode(self.sample(requests[start : start + size]))
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+                chunk = None
+            if chunk is None:
+                # Out of the except block, so the failed call's tensors are already freed.
+                self.max_batch = max(1, size // 2)
+                log.warning(
+                    "sampling %d rows ran out of memory; sampling %d at a time",
+                    size,
+                    self.max_batch,
+                )
+                performance.release_cached_memory(self.device)
+                continue
+            images.extend(chunk)
+            start += size
+        return images
 
     @torch.no_grad()
     def sample(self, requests: list[Request]) -> torch.Tensor:

@@ -9,6 +9,8 @@ keeps its state in float32 (see `kandinsky3` and `schedule`).
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -52,6 +54,11 @@ def to_channels_last(module: nn.Module) -> nn.Module:
 def compile_module(module: nn.Module, settings: dict) -> nn.Module:
     """`module.compile(...)` in place (state dict keys and attributes stay as they are)."""
     mode = settings.get("mode", "default")
+    if settings.get("cache_dir"):
+        # Read by Inductor and Triton when they first compile, so set before any compile.
+        cache = os.path.abspath(settings["cache_dir"])
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
     module.compile(
         backend=settings.get("backend", "inductor"),
         # torch.compile refuses a mode for some backends; "default" is the same as none.
@@ -76,6 +83,29 @@ def set_tf32(enabled: bool) -> None:
 def runs_float32_on_cuda(module: nn.Module) -> bool:
     param = next(module.parameters(), None)
     return param is not None and param.device.type == "cuda" and param.dtype == torch.float32
+
+
+# CUDA errors after which the process's CUDA context is unusable: every later call fails too.
+# Only a new process recovers (an out-of-memory error is not one of them).
+_POISONING = (
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "misaligned address",
+    "illegal instruction",
+    "uncorrectable ecc error",
+    "an illegal",
+)
+
+
+def poisons_process(error: BaseException) -> bool:
+    """Whether `error` is a CUDA error that leaves this process's CUDA context unusable."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    text = str(error).lower()
+    # torch >= 2.8 raises torch.AcceleratorError for CUDA errors; older ones a RuntimeError.
+    cuda = type(error).__name__ == "AcceleratorError" or "cuda error" in text
+    return cuda and any(p in text for p in _POISONING)
 
 
 def release_cached_memory(device: torch.device) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import defaultdict
 
@@ -13,6 +14,8 @@ from k3batch.stages.base import Stage
 from k3batch.stages.text_encode import EMBEDDING_COLUMNS, PROMPT_EMBEDS
 
 log = logging.getLogger(__name__)
+
+POISONED_EXIT_CODE = 3  # a CUDA error poisoned the process (see _run_group)
 
 
 def ensure_tiny(model: dict) -> None:
@@ -86,7 +89,10 @@ class GenerateStage(Stage):
         journal=None,
         max_crashes_per_row: int = 2,
         test_hooks: dict | None = None,
+        warmup: dict | None = None,
     ):
+        """`warmup`: {width, height, batch_size} of a throwaway first batch, run at start when
+        the model is compiled (`model.performance.compile.warmup`)."""
         from k3batch import crashes, testhooks
 
         self.journal = crashes.JournalClient(journal)
@@ -108,6 +114,13 @@ class GenerateStage(Stage):
 
             self.embeds_dtype = DTYPES[model["dtype"]["text_encoder"]]
         self.pipe = load_model(model, decode_batch_size, text_encoder=not text_encoder_pool)
+        compile = (model.get("performance") or {}).get("compile") or {}
+        self.warmup_seconds = None
+        if warmup and compile.get("warmup", True) and (compile.get("unet") or compile.get("movq")):
+            # Compiling on the first real batch would hold that batch (and the progress
+            # line) for minutes; the actor is not ready until its model is.
+            self.warmup_seconds = self.pipe.warm_up(**warmup)
+            log.info("generate: compiled and warmed up in %.1f s", self.warmup_seconds)
 
     def _request(self, batch, i):
         import numpy as np
@@ -206,21 +219,34 @@ class GenerateStage(Stage):
         return out
 
     def _run_group(self, indices, requests, out, batch) -> None:
+        from k3batch.model import performance
+
+        failure = None
         try:
             start = time.perf_counter()
             self.hooks.before_generate([r.prompt for r in requests])
             images = self.pipe.generate(requests)
             per_row = (time.perf_counter() - start) / len(indices)
         except Exception as e:  # noqa: BLE001 - any failure becomes row errors, never a job crash
+            if performance.poisons_process(e):
+                # Every later batch of this process would fail too. Ending the process lets
+                # Ray start a fresh actor and retry the batch; the crash journal then runs its
+                # rows one by one and fails only a row that keeps killing workers.
+                log.error("generate: %s; ending this worker so Ray replaces it", e)
+                os._exit(POISONED_EXIT_CODE)
+            failure = f"{type(e).__name__}: {e}"
+        if failure is not None:
+            # Retried out of the except block, once the failed call's tensors are released.
+            performance.release_cached_memory(self.pipe.device)
             if len(indices) > 1:
                 # One bad row must not cost its batch-mates: retry each row on its own.
-                log.warning("batch of %d failed (%s); retrying row by row", len(indices), e)
+                log.warning("batch of %d failed (%s); retrying row by row", len(indices), failure)
                 for i, request in zip(indices, requests, strict=True):
                     self._run_group([i], [request], out, batch)
                 return
             i = indices[0]
             out["status"][i] = STATUS_ERROR
-            out["error"][i] = f"generate: {type(e).__name__}: {e}"
+            out["error"][i] = f"generate: {failure}"
             return
         for i, image in zip(indices, images, strict=True):
             out["image_rgb"][i] = image.tobytes()
