@@ -49,6 +49,8 @@ else
   } >>"$log" 2>&1
   step bench "${BENCH_S:-170}" "$python" benchmarks/gpu_bench.py --json "$out/bench.json"
   step drift "${DRIFT_S:-110}" "$python" benchmarks/precision_drift.py --json "$out/drift.json"
+  # Inductor's cache outlives the step: a rerun on the same machine picks up where it stopped.
+  export TORCHINDUCTOR_CACHE_DIR="${TMPDIR:-/tmp}/k3batch-inductor"
   step compile "${COMPILE_S:-150}" "$python" benchmarks/gpu_bench.py --compile --no-baseline \
     --members kandinsky3 --json "$out/bench_compile.json"
 fi
