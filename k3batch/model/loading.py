@@ -1,10 +1,14 @@
 """Load the family's components from either weight layout (see `family`).
 
-diffusers layout: `from_pretrained` per component. Reference layout: the UNet and MoVQ
-pickles are read with `torch.load(weights_only=True, mmap=True)` (tensors only, no code runs;
-mmap keeps a 12 GB file from being copied into memory twice), renamed by `keymap`, and
-loaded into models built on the meta device; T5 and its tokenizer load with
-`from_pretrained` from `weights/flan_ul2_encoder/`.
+diffusers layout: `from_pretrained(device_map=device)` per component. Reference layout: the
+UNet and MoVQ pickles are read with `torch.load(weights_only=True, mmap=True)` (tensors only,
+no code runs), renamed by `keymap`, cast tensor by tensor onto the target device and dtype,
+and assigned into models built on the meta device; T5 and its tokenizer load with
+`from_pretrained(device_map=device)` from `weights/flan_ul2_encoder/`.
+
+Weights go straight to their device: `from_pretrained(...).to(device)` would first build
+each model in host RAM (the 8.7B T5 alone is 17-35 GB per actor, and 8 actors share a
+node's RAM); the memory-mapped pickles are read through the page cache, never copied whole.
 """
 
 from __future__ import annotations
@@ -149,8 +153,8 @@ def _diffusers_text(path, dtype, device, variant):
 
     tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
     text_encoder = T5EncoderModel.from_pretrained(
-        path, subfolder="text_encoder", dtype=dtype, variant=variant
-    ).to(device)
+        path, subfolder="text_encoder", dtype=dtype, variant=variant, device_map=device
+    )
     return tokenizer, text_encoder
 
 
@@ -163,16 +167,20 @@ def _load_diffusers(path, members, dtypes, devices, variant, with_text=True) -> 
             path, dtypes["text_encoder"], devices["text_encoder"], variant
         )
     movq = VQModel.from_pretrained(
-        path, subfolder="movq", torch_dtype=dtypes["movq"], variant=variant
-    ).to(devices["movq"])
+        path,
+        subfolder="movq",
+        torch_dtype=dtypes["movq"],
+        variant=variant,
+        device_map=devices["movq"],
+    )
     unets = {}
     for m in members:
-        unet = (
-            unet_class(m)
-            .from_pretrained(
-                path, subfolder=m.unet_folder, torch_dtype=dtypes["unet"], variant=variant
-            )
-            .to(devices["unet"])
+        unet = unet_class(m).from_pretrained(
+            path,
+            subfolder=m.unet_folder,
+            torch_dtype=dtypes["unet"],
+            variant=variant,
+            device_map=devices["unet"],
         )
         null = _diffusers_null_embedding(path, m.unet_folder)
         unets[m.name] = (unet, null)
@@ -230,10 +238,20 @@ def load_pickle(file: str) -> dict:
 
 
 def _build(cls, config: dict, state: dict, dtype, device) -> nn.Module:
+    """`cls(**config)` on the meta device, holding `state` cast onto `device` and `dtype`.
+
+    Tensor by tensor from the memory-mapped file to the device: no full host copy (in float32
+    on the CPU the parameters stay views of the file's pages), and at most the final model's
+    size on the device. The same values as loading in float32 and casting the model after.
+    """
     with torch.device("meta"):
         model = cls(**config)
+    state = {
+        k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+        for k, v in state.items()
+    }
     model.load_state_dict(state, strict=True, assign=True)
-    return cast(model, device, dtype).eval()
+    return model.eval()
 
 
 def cast(model: nn.Module, device, dtype) -> nn.Module:
@@ -242,8 +260,14 @@ def cast(model: nn.Module, device, dtype) -> nn.Module:
     return nn.Module.to(model, device=device, dtype=dtype)
 
 
-def reference_unet(root: str, member: family.Member, text_dim: int | None = None):
-    """(Kandinsky3UNet on CPU in float32, null_embedding) from a reference-layout member."""
+def reference_unet(
+    root: str,
+    member: family.Member,
+    text_dim: int | None = None,
+    dtype=torch.float32,
+    device="cpu",
+):
+    """(Kandinsky3UNet on `device` in `dtype`, null_embedding) from a reference-layout member."""
     ckpt = load_pickle(os.path.join(root, member.reference_file))
     projection = load_pickle(os.path.join(root, family.REFERENCE_TEXT_DIR, member.projection_file))
     state = keymap.unet_state_to_diffusers(ckpt["unet"], projection)
@@ -251,11 +275,11 @@ def reference_unet(root: str, member: family.Member, text_dim: int | None = None
     config["in_channels"] = member.in_channels
     config["encoder_hid_dim"] = projection["0.weight"].shape[1]
     null = ckpt.get("null_embedding")
-    unet = _build(unet_class(member), config, state, torch.float32, "cpu")
+    unet = _build(unet_class(member), config, state, dtype, device)
     return unet, (null.float().clone() if null is not None else None)
 
 
-def reference_movq(root: str):
+def reference_movq(root: str, dtype=torch.float32, device="cpu"):
     from diffusers import VQModel
 
     config = {**REFERENCE_MOVQ_CONFIG, **family.read_reference_config(root).get("movq", {})}
@@ -269,7 +293,7 @@ def reference_movq(root: str):
         "quantize.embedding.weight",
         torch.zeros(config["num_vq_embeddings"], config["vq_embed_dim"]),
     )
-    return _build(VQModel, config, state, torch.float32, "cpu")
+    return _build(VQModel, config, state, dtype, device)
 
 
 def _reference_root(path: str) -> str:
@@ -285,7 +309,7 @@ def _reference_text(root: str, dtype, device):
     text_dir = os.path.join(root, family.REFERENCE_TEXT_DIR)
     tokenizer = AutoTokenizer.from_pretrained(text_dir)
     # transformers reads pytorch_model*.bin with torch.load(weights_only=True) as well.
-    text_encoder = T5EncoderModel.from_pretrained(text_dir, dtype=dtype).to(device)
+    text_encoder = T5EncoderModel.from_pretrained(text_dir, dtype=dtype, device_map=device)
     return tokenizer, text_encoder
 
 
@@ -298,9 +322,8 @@ def _load_reference(path, members, dtypes, devices, with_text=True) -> Component
         tokenizer, text_encoder = _reference_text(
             root, dtypes["text_encoder"], devices["text_encoder"]
         )
-    movq = cast(reference_movq(root), devices["movq"], dtypes["movq"])
+    movq = reference_movq(root, dtypes["movq"], devices["movq"])
     unets = {}
     for m in members:
-        unet, null = reference_unet(root, m)
-        unets[m.name] = (cast(unet, devices["unet"], dtypes["unet"]), null)
+        unets[m.name] = reference_unet(root, m, dtype=dtypes["unet"], device=devices["unet"])
     return Components(tokenizer, text_encoder, movq, unets)

@@ -1,0 +1,268 @@
+"""GPU memory a k3batch actor needs for a config: weights, peak activations and a margin.
+
+Weights: parameter counts of the real architectures (built on the meta device: no memory,
+about a second each, cached) x bytes of each component's configured dtype, for the
+components that sit on the GPU only: T5 unless the text encoder pool has it or the device
+map puts it on the CPU, one UNet per member the job loads (Flash too when `model.refine`),
+and MoVQ.
+
+Activations: scaled from two measurements on an H200 (full-size random weights, bfloat16,
+SDPA attention, 1024x1024, batch 4 with guidance = UNet batch 8; all weights 28.1 GiB):
+  - decode_batch_size 1: peak allocated 33.5 GiB, so ~5.5 GiB for the UNet at batch 8 (or
+    one decode, whichever is larger);
+  - decode_batch_size 4: peak 48.5 GiB, so ~20.5 GiB for a MoVQ decode of 4 images.
+Both scale linearly with pixels and batch (SDPA keeps attention memory linear in tokens)
+and with the activations' bytes (float32 doubles them). The phases run one after the other
+(encode, sample, decode) and the allocator reuses freed blocks, so the peak is the largest
+phase, not the sum. The T5 activations are a formula (tokens x widths), not measured: they
+are small beside the rest.
+
+Margin: the CUDA context and cuBLAS/cuDNN workspaces (~1.5 GiB) plus 10% of the rest for the
+caching allocator's fragmentation.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+GIB = 1024**3
+MEGAPIXEL = 1024 * 1024
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+# Calibration (H200, bfloat16, 1024x1024; see the module docstring).
+UNET_GIB_AT_BATCH_8 = 5.5
+DECODE_GIB_PER_IMAGE = 20.5 / 4
+CONTEXT_GIB = 1.5
+MARGIN = 0.10
+TEXT_TOKENS = 128  # the encoder runs on 128 positions whatever the prompt
+
+# GPU memory as torch sees it (`total_memory`), a little under the marketing size.
+GPU_GIB = {
+    "H100 80GB": 79.6,  # 81559 MiB, measured on the GPU test machine
+    "A10G 24GB": 22.0,  # 23028 MiB by nvidia-smi, less the driver's reserve
+}
+DEFAULT_GPU = "H100 80GB"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """GPU memory of one actor, in GiB per named part (the parts sum to the total)."""
+
+    actor: str
+    parts: tuple[tuple[str, float], ...]
+
+    @property
+    def total_gib(self) -> float:
+        return sum(gib for _, gib in self.parts)
+
+    def part(self, prefix: str) -> float:
+        """GiB of the parts whose name starts with `prefix` (0 when none)."""
+        return sum(gib for name, gib in self.parts if name.startswith(prefix))
+
+    def summary(self) -> str:
+        items = ", ".join(f"{name} {gib:.1f}" for name, gib in self.parts)
+        return f"{self.actor}: ~{self.total_gib:.1f} GiB ({items})"
+
+    def fits(self, gib: float) -> bool:
+        return self.total_gib <= gib
+
+    def problem(self, gib: float, where: str) -> str | None:
+        """None when it fits `gib`; else a one-line message naming the parts."""
+        if self.fits(gib):
+            return None
+        return f"{self.summary()} does not fit {where} ({gib:.1f} GiB)"
+
+
+@functools.cache
+def parameter_counts() -> dict[str, int]:
+    """Parameters of the real components: text_encoder, movq, unet (4-in), unet9 (inpaint)."""
+    import torch
+    from diffusers import VQModel
+    from transformers import T5EncoderModel
+
+    from k3batch.model import family, tiny
+    from k3batch.model.loading import unet_class
+
+    unet_config, movq_config, t5_config = tiny.architecture("full", tiny.FULL_T5_VOCAB)
+    builders = {
+        "text_encoder": lambda: T5EncoderModel(t5_config),
+        "movq": lambda: VQModel(**movq_config),
+        "unet": lambda: unet_class(family.MEMBERS[family.BASE])(in_channels=4, **unet_config),
+        "unet9": lambda: unet_class(family.MEMBERS[family.INPAINT])(**unet_config),
+    }
+    counts = {}
+    for name, build in builders.items():
+        # Meta tensors have shapes and no storage: the 8.7B T5 costs nothing to build.
+        with torch.device("meta"):
+            counts[name] = sum(p.numel() for p in build().parameters())
+    return counts
+
+
+def _on_gpu(device: str) -> bool:
+    # `auto` is CUDA in an actor that was given a GPU, which is the actor estimated here.
+    return device != "cpu"
+
+
+def _weights_gib(component: str, dtype: str) -> float:
+    return parameter_counts()[component] * BYTES[dtype] / GIB
+
+
+def _unet_activations_gib(samples: int, pixels: int, dtype: str) -> float:
+    return UNET_GIB_AT_BATCH_8 * samples / 8 * pixels / MEGAPIXEL * BYTES[dtype] / 2
+
+
+def _decode_activations_gib(images: int, pixels: int, dtype: str) -> float:
+    return DECODE_GIB_PER_IMAGE * images * pixels / MEGAPIXEL * BYTES[dtype] / 2
+
+
+def _text_activations_gib(prompts: int, dtype: str) -> float:
+    from k3batch.model import tiny
+
+    t5 = tiny.FULL_T5
+    # Per token and layer: residual, q/k/v/o and norm outputs (~6 x d_model), the gated
+    # feed-forward's two inputs and product (3 x d_ff), one row of attention scores per head.
+    per_token = 6 * t5["d_model"] + 3 * t5["d_ff"] + t5["num_heads"] * TEXT_TOKENS
+    return prompts * TEXT_TOKENS * per_token * BYTES[dtype] / GIB
+
+
+def _with_margin(actor: str, parts: list[tuple[str, float]]) -> MemoryEstimate:
+    rest = sum(gib for _, gib in parts)
+    parts.append(("CUDA context and allocator margin", CONTEXT_GIB + MARGIN * rest))
+    return MemoryEstimate(actor, tuple(parts))
+
+
+def generation_estimate(
+    model,
+    *,
+    batch_size: int,
+    width: int,
+    height: int,
+    decode_batch_size: int = 1,
+    text_encoder_pool: bool = False,
+    actor: str = "generation actor",
+) -> MemoryEstimate:
+    """GPU memory of a generation actor (or Serve replica) running `model` (a ModelConfig).
+
+    `batch_size` rows per UNet call at `width` x `height` (use the largest size a row may ask
+    for); `text_encoder_pool`: T5 runs in its own pool, not here.
+    """
+    from k3batch.model import family
+
+    dtypes, devices = model.dtype.model_dump(), model.device_map()
+    parts: list[tuple[str, float]] = []
+    pixels = width * height
+    peaks: list[tuple[str, float]] = []
+    member = family.MEMBERS[model.name]
+    guided = member.guidance_scale is not None
+    if not text_encoder_pool and _on_gpu(devices["text_encoder"]):
+        dt = dtypes["text_encoder"]
+        parts.append((f"T5 encoder weights ({dt})", _weights_gib("text_encoder", dt)))
+        prompts = batch_size * (2 if guided else 1)
+        peaks.append((f"T5 at {prompts} prompts", _text_activations_gib(prompts, dt)))
+    if _on_gpu(devices["unet"]):
+        dt = dtypes["unet"]
+        for m in family.members_needed(model.name, model.refine):
+            count = "unet9" if m.in_channels != 4 else "unet"
+            parts.append((f"UNet {m.name} weights ({dt})", _weights_gib(count, dt)))
+        samples = batch_size * (2 if guided else 1)
+        peaks.append(
+            (
+                f"UNet at batch {samples}, {width}x{height}",
+                _unet_activations_gib(samples, pixels, dt),
+            )
+        )
+    if _on_gpu(devices["movq"]):
+        dt = dtypes["movq"]
+        parts.append((f"MoVQ weights ({dt})", _weights_gib("movq", dt)))
+        images = min(decode_batch_size, batch_size)
+        peaks.append(
+            (
+                f"MoVQ decode of {images} at {width}x{height}",
+                _decode_activations_gib(images, pixels, dt),
+            )
+        )
+    if peaks:
+        name, gib = max(peaks, key=lambda p: p[1])
+        parts.append((f"activations ({name})", gib))
+    return _with_margin(actor, parts)
+
+
+def text_encoder_estimate(
+    model, *, batch_size: int, actor: str = "text encoder actor"
+) -> MemoryEstimate:
+    """GPU memory of a text encoder pool actor: T5 and `batch_size` rows (with negatives)."""
+    from k3batch.model import family
+
+    dt = model.dtype.text_encoder
+    guided = family.MEMBERS[model.name].guidance_scale is not None
+    prompts = batch_size * (2 if guided else 1)
+    parts = [
+        (f"T5 encoder weights ({dt})", _weights_gib("text_encoder", dt)),
+        (f"activations (T5 at {prompts} prompts)", _text_activations_gib(prompts, dt)),
+    ]
+    return _with_margin(actor, parts)
+
+
+@dataclass(frozen=True)
+class ActorMemory:
+    """An actor kind of a job, the GPUs it asks Ray for, and its estimate."""
+
+    estimate: MemoryEstimate
+    gpus: float
+
+    def problem(self, gpu_gib: float, gpu_name: str = "the GPU") -> str | None:
+        share = "" if self.gpus == 1 else f"{self.gpus:g} x "
+        return self.estimate.problem(self.gpus * gpu_gib, f"{share}{gpu_name}")
+
+
+def job_estimates(cfg) -> list[ActorMemory]:
+    """The GPU actors of a batch job (a JobConfig): generation, and the T5 pool if enabled.
+
+    Rows may ask for any size up to `limits.max_side`, so the estimate takes the largest.
+    """
+    if cfg.job != "text_to_image":
+        return []
+    r, g = cfg.resources, cfg.generation
+    pool = r.text_encoder_pool
+    side = max(g.width, g.height, cfg.limits.max_side)
+    out = []
+    if r.num_gpus_per_actor > 0:
+        est = generation_estimate(
+            cfg.model,
+            batch_size=r.batch_size,
+            width=side,
+            height=side,
+            decode_batch_size=r.decode_batch_size,
+            text_encoder_pool=pool.enabled,
+        )
+        out.append(ActorMemory(est, r.num_gpus_per_actor))
+    if pool.enabled and pool.num_gpus_per_actor > 0:
+        est = text_encoder_estimate(cfg.model, batch_size=pool.batch_size)
+        out.append(ActorMemory(est, pool.num_gpus_per_actor))
+    return out
+
+
+def serve_estimates(app) -> list[ActorMemory]:
+    """The GPU replicas of a Serve application (a ServeAppConfig)."""
+    side = app.limits.max_side
+    deployments = [("generator", app.model, app.generator, app.generation)]
+    if app.inpaint_model is not None:
+        deployments.append(
+            ("inpaint generator", app.inpaint_model, app.inpaint_generator, app.inpaint_generation)
+        )
+    out = []
+    for actor, model, deployment, gen in deployments:
+        if deployment.num_gpus <= 0:
+            continue
+        s = max(side, gen.width, gen.height)
+        est = generation_estimate(
+            model,
+            batch_size=app.batching.max_batch_size,
+            width=s,
+            height=s,
+            decode_batch_size=deployment.decode_batch_size,
+            actor=f"{actor} replica",
+        )
+        out.append(ActorMemory(est, deployment.num_gpus))
+    return out
