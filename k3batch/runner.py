@@ -522,6 +522,13 @@ def init_ray(cfg: JobConfig, resumed: bool = False) -> None:
         # environment, they can be raised.
         os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "1")
         os.environ.setdefault("RAY_py_gcs_connect_timeout_s", str(RAY_CONNECT_TIMEOUT_S))
+    else:
+        # Ray 2.60 turns token authentication on for a new local instance and warns so on
+        # every start unless RAY_AUTH_MODE is set. The instance listens on the machine's
+        # address (not only loopback), so keep the token (Ray finds or writes
+        # ~/.ray/auth_token) and say so: no warning. An explicit RAY_AUTH_MODE wins. Set before
+        # `import ray`: its config reads the mode at import.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
     from ray.data import DataContext
 
@@ -539,11 +546,6 @@ def init_ray(cfg: JobConfig, resumed: bool = False) -> None:
                 f"(ray.num_cpus={cfg.ray.num_cpus}, "
                 f"ray.object_store_memory_mb={cfg.ray.object_store_memory_mb})"
             )
-            # Ray 2.60 turns token authentication on for a new local instance and warns so on
-            # every start unless RAY_AUTH_MODE is set. The instance listens on the machine's
-            # address (not only loopback), so keep the token (Ray finds or writes
-            # ~/.ray/auth_token) and say so: no warning. An explicit RAY_AUTH_MODE wins.
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
             kwargs = {
                 # "local": a new instance even if the machine records one, e.g. the address
                 # a crashed `ray start` left in /tmp/ray/ray_current_cluster (without an
@@ -554,7 +556,9 @@ def init_ray(cfg: JobConfig, resumed: bool = False) -> None:
                 "include_dashboard": False,
                 "_metrics_export_port": cfg.ray.metrics_export_port,
             }
-        with _stderr_held() as held:
+        # Held only while joining: a local start spawns Ray's processes, which must not
+        # inherit the holding file as their stderr (the GCS then failed to start).
+        with _stderr_held() if address else contextlib.nullcontext(lambda: "") as held:
             try:
                 ray.init(**kwargs, logging_level=logging.WARNING)
             except Exception as e:

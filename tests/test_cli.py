@@ -198,7 +198,7 @@ def test_demo_run_prints_only_k3batch_lines_even_with_a_stale_ray_address_record
     try:
         (ray_tmp / "ray").mkdir()
         (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}\n")
-        env = {"RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_TOKEN": "k3batch-test-token-0123456789"}
+        env = {"RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_TOKEN": "0123456789abcdef" * 4}
         env.update(RAY_AUTH_MODE=None, RAY_DATA_DISABLE_PROGRESS_BARS=None)  # k3batch's own
         proc = k3batch(
             "run",
