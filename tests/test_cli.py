@@ -2,8 +2,12 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -14,8 +18,15 @@ REPO = Path(__file__).resolve().parent.parent
 K3BATCH = [sys.executable, "-m", "k3batch.cli"]
 
 
-def k3batch(*args, cwd=REPO, timeout=600):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+def k3batch(*args, cwd=REPO, timeout=600, env=None):
+    """`env`: changes to the test environment; a None value removes that variable."""
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        **(env or {}),
+    }
+    env = {k: v for k, v in env.items() if v is not None}
     return subprocess.run(
         [*K3BATCH, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env
     )
@@ -144,3 +155,65 @@ def test_convert_command(tmp_path, tiny_ref_dir):
     assert (tmp_path / "family" / "unet_flash" / "null_embedding.safetensors").exists()
     bad = k3batch("convert", str(tmp_path / "nothing"), str(tmp_path / "out"))
     assert_one_line_error(bad, "no reference-layout checkpoint")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("via", ["ray.address", "RAY_ADDRESS"])
+def test_unreachable_ray_address_is_one_line_and_quick(tmp_path, via):
+    address = f"127.0.0.1:{free_port()}"  # a closed port
+    job = demo_config(tmp_path, **({"ray__address": address} if via == "ray.address" else {}))
+    env = {"RAY_ADDRESS": address} if via == "RAY_ADDRESS" else {}
+    started = time.monotonic()
+    proc = k3batch("run", str(job), env=env, timeout=120)
+    assert time.monotonic() - started < 60
+    assert_one_line_error(proc, via, address, "cannot join the Ray cluster")
+    assert "Traceback" not in proc.stderr
+
+
+def test_ray_start_failure_is_one_line(tmp_path):
+    proc = k3batch(
+        "run", str(demo_config(tmp_path)), env={"RAY_TMPDIR": str(tmp_path / "no" / "such")}
+    )
+    assert_one_line_error(proc, "cannot start a local Ray instance", str(tmp_path / "no"))
+    assert "Traceback" not in proc.stderr
+
+
+# Lines a healthy run must not print: Ray's warnings and errors (Python's "WARNING" and
+# the C++ logger's "[time E pid tid] file.cc:N:"), tracebacks, tqdm bars.
+NOISE = re.compile(r"WARNING|\] [A-Z]+ \S+\.(?:cc|h):\d+|\d+ [EWF] \d+ \d+\]|Traceback|it/s\]")
+
+
+@pytest.mark.slow
+def test_demo_run_prints_only_k3batch_lines_even_with_a_stale_ray_address_recorded(tmp_path):
+    # A crashed `ray start` leaves its address in <ray temp dir>/ray_current_cluster: a job
+    # without an address still starts its own Ray. RAY_TMPDIR keeps the stale file private.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="k3r", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}\n")
+        env = {"RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_TOKEN": "0123456789abcdef" * 4}
+        env.update(RAY_AUTH_MODE=None, RAY_DATA_DISABLE_PROGRESS_BARS=None)  # k3batch's own
+        proc = k3batch(
+            "run",
+            str(demo_config(tmp_path)),
+            "--set",
+            "generation.num_inference_steps=2",
+            env=env,
+            timeout=400,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rows in/out   36 / 36" in proc.stdout and "ok / errors   36 / 0" in proc.stdout
+    assert "k3batch progress: 36/36 rows" in proc.stderr
+    noisy = [ln for ln in (proc.stdout + proc.stderr).splitlines() if NOISE.search(ln)]
+    assert not noisy, "\n".join(noisy)
+    for line in proc.stderr.splitlines():
+        assert line.startswith("k3batch"), line
