@@ -568,6 +568,12 @@ class RayConfig(Strict):
     num_cpus: int | None = Field(
         None, ge=1, description="CPUs of a new local Ray instance; null = all."
     )
+    num_gpus: int | None = Field(
+        None,
+        ge=0,
+        description="GPUs of a new local Ray instance; null = the GPUs Ray detects (capped by "
+        "CUDA_VISIBLE_DEVICES). A job whose pools need more fails at start.",
+    )
     object_store_memory_mb: int | None = Field(
         None,
         ge=75,

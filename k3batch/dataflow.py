@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from k3batch import progress
+from k3batch import gpus, progress
 from k3batch.observe import StageObserver
 from k3batch.stages.base import Stage, apply_stage
 
@@ -83,6 +83,11 @@ def map_stage(
             fn_kwargs={"stage_cls": stage_cls, "stage_kwargs": stage_kwargs, "observer": observer},
             **common,
         )
+    if not num_gpus:
+        # A model actor that asks for no GPU must not see the node's GPUs (k3batch.gpus).
+        # Tasks hold no model, and a runtime_env on them would stop Ray fusing the last
+        # one with the Parquet write (it fuses only equal remote args).
+        common["runtime_env"] = {"env_vars": dict(gpus.ZERO_GPU_ENV)}
     return ds.map_batches(
         StageActor,
         fn_constructor_kwargs={

@@ -79,6 +79,14 @@ class JobActor(Tally, CrashJournal):
     def __init__(self):
         Tally.__init__(self)
         CrashJournal.__init__(self)
+        self.devices: dict[str, dict] = {}  # actor -> its device record (k3batch.gpus)
+
+    def record_devices(self, record: dict) -> None:
+        """A model actor's devices; a restarted actor keeps its id and its one entry."""
+        self.devices[record.get("actor_id") or f"pid {record.get('pid')}"] = record
+
+    def device_records(self) -> list[dict]:
+        return list(self.devices.values())
 
 
 @dataclass
@@ -159,6 +167,7 @@ class Tracker:
         self.tally = None
         self.started = time.monotonic()
         self.final: Snapshot | None = None
+        self.devices: list[dict] = []  # run.json's `devices`: one record per model actor
 
     def __enter__(self) -> Tracker:
         global _active
@@ -197,6 +206,11 @@ class Tracker:
         except Exception as e:  # noqa: BLE001 - progress must not hide the job's own error
             log.warning("k3batch: could not read the progress tally: %s", e)
             self.final = Snapshot(self.total, time.monotonic() - self.started, list(self.order))
+        if self.tally is not None:
+            try:
+                self.devices = ray.get(self.tally.device_records.remote())
+            except Exception as e:  # noqa: BLE001 - as above
+                log.warning("k3batch: could not read the actors' device records: %s", e)
         if self.reporter is not None:
             self.reporter.stop(self.final if exc[0] is None else None)
         if self.tally is not None:

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from k3batch import __version__, outputs, resume, storage
+from k3batch import __version__, gpus, outputs, resume, storage
 from k3batch.config import ConfigError, JobConfig
 from k3batch.progress import Reporter, Tracker
 
@@ -289,6 +289,7 @@ def preflight(cfg: JobConfig) -> tuple[JobConfig, InputInfo, bool]:
     """Everything that can fail before Ray starts and before any model loads."""
     cfg = resolve_paths(cfg)
     check_local_cpus(cfg)
+    gpus.check_local_gpus(cfg, local=not ray_address(cfg))
     info = inspect_input(cfg)
     check_model(cfg)
     resumed = prepare_output(cfg)
@@ -552,6 +553,7 @@ def init_ray(cfg: JobConfig, resumed: bool = False) -> None:
                 # address, ray.init would try to join that and fail).
                 "address": "local",
                 "num_cpus": local_num_cpus(cfg, resumed),
+                "num_gpus": cfg.ray.num_gpus,
                 "object_store_memory": (cfg.ray.object_store_memory_mb or 0) * 2**20 or None,
                 "include_dashboard": False,
                 "_metrics_export_port": cfg.ray.metrics_export_port,
@@ -567,6 +569,7 @@ def init_ray(cfg: JobConfig, resumed: bool = False) -> None:
         _quiet_ray_data_console()
     if not started_here:
         warn_if_cluster_short(cfg, resumed)
+        gpus.check_cluster_gpus(cfg)
     ctx = DataContext.get_current()
     # Progress bars redraw many times a second: fine on a terminal, a flood in job logs.
     ctx.enable_progress_bars = tty
@@ -810,6 +813,7 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
             "skipped_by_resume": skipped,
         },
         **tracker.final.cost(),
+        "devices": tracker.devices,
         "input_files": len(info.files),
         "output": cfg.output.uri,
         "format": cfg.output.format,
@@ -863,6 +867,9 @@ def failure_message(cfg: JobConfig, error: Exception, tracker: Tracker) -> str:
     from ray.data.exceptions import ExecutionTimeoutError
 
     causes = list(_causes(error))
+    unusable = gpus.unusable_gpu(causes)
+    if unusable:
+        return unusable  # a rerun would fail the same way: no resume hint
     if any(isinstance(c, ExecutionTimeoutError) for c in causes):
         timeout = (
             cfg.faults.stall_timeout_s or DataContext.get_current().execution_no_progress_timeout_s

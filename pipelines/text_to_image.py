@@ -85,6 +85,7 @@ def build(cfg: JobConfig, schema=None, journal=None, duplicate_ids=None, test_ho
                 "model": cfg.model.model_dump(),
                 "prompt_column": generate_from,
                 "torch_threads": res.torch_threads,
+                "journal": journal,
             },
             batch_size=pool.batch_size,
             num_cpus=pool.num_cpus_per_actor,

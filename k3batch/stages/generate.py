@@ -49,6 +49,16 @@ def load_model(model: dict, decode_batch_size: int = 1, text_encoder: bool = Tru
     )
 
 
+def model_components(pipe) -> dict:
+    """The loaded modules by component name (for the device record)."""
+    return {
+        "unet": pipe.denoiser.unet,
+        "refiner_unet": pipe.refiner.unet if pipe.refiner is not None else None,
+        "text_encoder": pipe.text_encoder,
+        "movq": pipe.movq,
+    }
+
+
 def model_label(model: dict) -> str:
     refine = "+flash-refiner" if model.get("refine") else ""
     return f"{model.get('name', 'kandinsky3')}{refine}:{model['path']}"
@@ -93,7 +103,7 @@ class GenerateStage(Stage):
     ):
         """`warmup`: {width, height, batch_size} of a throwaway first batch, run at start when
         the model is compiled (`model.performance.compile.warmup`)."""
-        from k3batch import crashes, testhooks
+        from k3batch import crashes, gpus, testhooks
 
         self.journal = crashes.JournalClient(journal)
         self.max_crashes_per_row = max_crashes_per_row
@@ -113,7 +123,9 @@ class GenerateStage(Stage):
             from k3batch.model.loading import DTYPES
 
             self.embeds_dtype = DTYPES[model["dtype"]["text_encoder"]]
+        gpus.check_cuda("generation", model.get("device", "auto"))
         self.pipe = load_model(model, decode_batch_size, text_encoder=not text_encoder_pool)
+        gpus.report_devices(journal, gpus.device_record("generation", model_components(self.pipe)))
         compile = (model.get("performance") or {}).get("compile") or {}
         self.warmup_seconds = None
         if warmup and compile.get("warmup", True) and (compile.get("unet") or compile.get("movq")):

@@ -34,8 +34,14 @@ class TextEncodeStage(Stage):
     }
 
     def __init__(
-        self, model: dict, prompt_column: str = "prompt", torch_threads: int | None = None
+        self,
+        model: dict,
+        prompt_column: str = "prompt",
+        torch_threads: int | None = None,
+        journal=None,
     ):
+        """`journal`: the job's actor (progress.JobActor), told which device T5 runs on."""
+        from k3batch import gpus
         from k3batch.model.kandinsky3 import PromptEncoder
         from k3batch.stages.generate import ensure_tiny
 
@@ -45,6 +51,11 @@ class TextEncodeStage(Stage):
             torch.set_num_threads(torch_threads)
         self.prompt_column = prompt_column
         self.needs = tuple(prompt_column if c == "prompt" else c for c in type(self).needs)
+        device = model.get("device", "auto")
+        gpus.check_cuda(
+            "text encoder",
+            device.get("text_encoder", "auto") if isinstance(device, dict) else device,
+        )
         ensure_tiny(model)
         self.encoder = PromptEncoder.from_pretrained(
             model["path"],
@@ -54,6 +65,10 @@ class TextEncodeStage(Stage):
             device=model.get("device", "auto"),
             variant=model.get("variant"),
             attention=(model.get("performance") or {}).get("attention", "sdpa"),
+        )
+        gpus.report_devices(
+            journal,
+            gpus.device_record("text encoder", {"text_encoder": self.encoder.text_encoder}),
         )
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:

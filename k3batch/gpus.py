@@ -1,0 +1,311 @@
+"""GPUs: what a job's pools ask for against what Ray has, and what each actor really got.
+
+- `gpus_needed` / `check_local_gpus` / `check_cluster_gpus`: before any work, the GPUs the
+  job's actor pools take at their starting sizes against the machine's or the cluster's. Ray
+  Data waits without a word for GPUs that never come.
+- `ZERO_GPU_ENV`: the environment of stage actors that ask for no GPU (see its note).
+- `check_cuda` / `device_record` / `report_devices`: an actor Ray gave a GPU must see CUDA,
+  and every model actor says which device and dtype each component runs on (run.json).
+
+Light at import: torch and ray are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+from k3batch.config import ConfigError, JobConfig
+
+log = logging.getLogger(__name__)
+
+# Ray 2.60 leaves the node's CUDA_VISIBLE_DEVICES on a worker that asks for 0 GPUs
+# (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO defaults to 0), so a model actor with `device: auto`
+# would find every GPU and load onto cuda:0, which Ray has given to another actor. Each
+# zero-GPU model actor gets this in its own runtime_env instead of setting Ray's switch: a
+# per-actor env var works on any cluster we join (the switch would have to be set on every
+# node's `ray start`, or in a job-level runtime_env that replaces the one `ray job submit`
+# brought), and it touches only k3batch's actors.
+ZERO_GPU_ENV = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+@dataclass
+class Pool:
+    """One actor pool's GPU request at its starting size."""
+
+    name: str  # as the config names it
+    actors: int
+    gpus_each: float
+    # GPUs one actor needs on a single node: a vLLM engine takes one bundle of 1 GPU per
+    # tensor-parallel worker (Ray may place them on different nodes); a model actor all of
+    # its request, a fraction on one GPU.
+    per_node: float
+
+    @property
+    def total(self) -> float:
+        return self.actors * self.gpus_each
+
+    def describe(self) -> str:
+        return f"{self.name} {self.actors} x {self.gpus_each:g}"
+
+
+def gpu_pools(cfg: JobConfig) -> list[Pool]:
+    """The job's actor pools that ask for GPUs."""
+    r, b = cfg.resources, cfg.beautify
+    pools = []
+    if cfg.job == "text_to_image":
+        pools.append(
+            Pool("resources (generation)", r.num_actors, r.num_gpus_per_actor, r.num_gpus_per_actor)
+        )
+        t = r.text_encoder_pool
+        if t.enabled:
+            pools.append(
+                Pool(
+                    "resources.text_encoder_pool",
+                    t.num_actors,
+                    t.num_gpus_per_actor,
+                    t.num_gpus_per_actor,
+                )
+            )
+    if (cfg.job == "beautify" or b.enabled) and b.backend == "vllm":
+        v = b.vllm
+        pools.append(
+            Pool(
+                "beautify.vllm", v.num_engines, v.num_gpus_per_engine, min(v.num_gpus_per_engine, 1)
+            )
+        )
+    return [p for p in pools if p.gpus_each > 0]
+
+
+def gpus_needed(cfg: JobConfig) -> float:
+    """GPUs the job's pools hold at their starting sizes; fractions count as fractions (Ray
+    packs fractional actors onto one GPU)."""
+    return sum(p.total for p in gpu_pools(cfg))
+
+
+def _needs(pools: list[Pool]) -> str:
+    return " + ".join(p.describe() for p in pools)
+
+
+def _check_fractions(pools: list[Pool]) -> None:
+    for p in pools:
+        if p.gpus_each > 1 and p.gpus_each != int(p.gpus_each):
+            # Ray refuses such a request when the actor is created, deep in the run.
+            raise ConfigError(
+                f"{p.name}: {p.gpus_each:g} GPUs per actor; Ray takes a fraction of a GPU only "
+                "below 1: ask for a whole number of GPUs"
+            )
+
+
+def detected_gpus() -> int | None:
+    """GPUs a new local Ray would detect here (as Ray counts them: capped by
+    CUDA_VISIBLE_DEVICES); None when Ray cannot tell."""
+    try:
+        from ray._private import accelerators
+
+        manager = accelerators.get_accelerator_manager_for_resource("GPU")
+        count = manager.get_current_node_num_accelerators()
+        visible = manager.get_current_process_visible_accelerator_ids()
+        return min(count, len(visible)) if visible is not None else count
+    except Exception as e:  # noqa: BLE001 - a private Ray API: without it, no check
+        log.debug("could not count this machine's GPUs: %s", e)
+        return None
+
+
+def check_local_gpus(cfg: JobConfig, local: bool) -> None:
+    """A local Ray that k3batch starts has the machine's GPUs (or ray.num_gpus): a job whose
+    pools need more can never start. `local`: no cluster address is set."""
+    pools = gpu_pools(cfg)
+    _check_fractions(pools)
+    ray = sys.modules.get("ray")
+    if not local or not pools or (ray is not None and ray.is_initialized()):
+        return  # a Ray already up is checked as a cluster (check_cluster_gpus)
+    have = cfg.ray.num_gpus if cfg.ray.num_gpus is not None else detected_gpus()
+    if have is None:
+        return
+    need = gpus_needed(cfg)
+    widest = max(pools, key=lambda p: p.per_node)
+    source = "ray.num_gpus" if cfg.ray.num_gpus is not None else "this machine"
+    if need > have + 1e-9 or widest.per_node > have:
+        raise ConfigError(
+            f"GPUs: the job's pools need {need:g} GPUs ({_needs(pools)}) but the local Ray "
+            f"has {have} ({source}); lower the pools' GPU requests or sizes, or join a "
+            "cluster with ray.address"
+        )
+
+
+def cluster_gpus() -> tuple[float, float]:
+    """(GPUs in the cluster now, the most GPUs one alive node has)."""
+    import ray
+
+    total = ray.cluster_resources().get("GPU", 0)
+    largest = max(
+        (n.get("Resources", {}).get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0
+    )
+    return total, largest
+
+
+def autoscaler_limits() -> tuple[float, float] | None:
+    """(most GPUs the cluster may grow to, most GPUs one node type has) from the autoscaler's
+    node groups, or None when Ray does not publish them.
+
+    Ray 2.60 publishes the node groups (with their max counts) in the GCS only under the
+    autoscaler v2 (KubeRay, `ray up` with it on); one GCS key read, through a private API
+    (`ray._private.state`). Neither `ray.autoscaler.sdk` nor a static cluster says how far it
+    may grow: then a short cluster gets a warning only, since it may yet grow.
+    """
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+        if config is None or not config.node_group_configs:
+            return None
+        groups = [g for g in config.node_group_configs if g.max_count != 0]
+        largest = max((g.resources.get("GPU", 0) for g in groups), default=0)
+        if any(g.max_count < 0 and g.resources.get("GPU", 0) > 0 for g in groups):
+            total = math.inf
+        else:
+            total = sum(g.max_count * g.resources.get("GPU", 0) for g in groups)
+        cap = config.max_resources.get("GPU", math.inf) if config.max_resources else math.inf
+        return min(total, cap), largest
+    except Exception as e:  # noqa: BLE001 - a private Ray API: without it, only warn
+        log.debug("could not read the autoscaler's node groups: %s", e)
+        return None
+
+
+def check_cluster_gpus(cfg: JobConfig) -> None:
+    """On a Ray k3batch did not start: fail when the autoscaler's limits say the pools can
+    never be placed; warn when the cluster is short now (it may grow)."""
+    pools = gpu_pools(cfg)
+    if not pools:
+        return
+    need = gpus_needed(cfg)
+    widest = max(pools, key=lambda p: p.per_node)
+    have, largest = cluster_gpus()
+    limits = autoscaler_limits()
+    if limits is not None:
+        most, most_per_node = max(limits[0], have), max(limits[1], largest)
+        if need > most + 1e-9 or widest.per_node > most_per_node:
+            raise ConfigError(
+                f"GPUs: the job's pools need {need:g} GPUs ({_needs(pools)}; one actor of "
+                f"{widest.name} needs {widest.per_node:g} on one node) but the cluster can grow "
+                f"to {most:g} GPUs, at most {most_per_node:g} on a node; lower the pools' GPU "
+                "requests or sizes"
+            )
+    if need > have + 1e-9 or widest.per_node > largest:
+        log.warning(
+            "k3batch: the Ray cluster has %g GPUs (at most %g on a node) and this job's pools "
+            "need %g (%s): it will wait for the autoscaler to add GPU nodes",
+            have,
+            largest,
+            need,
+            _needs(pools),
+        )
+
+
+class GpuUnusable(RuntimeError):
+    """Ray gave an actor a GPU that torch cannot use: the job stops with this one line."""
+
+
+_UNUSABLE = re.compile(r"GpuUnusable: ([^\n]+)")
+
+
+def unusable_gpu(causes) -> str | None:
+    """The GpuUnusable line among a failed job's exceptions, if any. An actor that fails in
+    its constructor reaches the driver as Ray's ActorDiedError, which keeps only the text of
+    the constructor's traceback, not the exception: found there by its name."""
+    for c in causes:
+        if isinstance(c, GpuUnusable):
+            return str(c).splitlines()[0]
+        found = _UNUSABLE.search(str(c))
+        if found:
+            return found.group(1).strip()
+    return None
+
+
+def check_cuda(stage: str, device) -> None:
+    """Fail when Ray gave this actor a GPU but torch sees no CUDA (a CPU build of torch, or
+    no driver), instead of silently running on CPU while the GPU is held. `device`: the
+    model's `device` setting; components all set to `cpu` ask for the CPU explicitly."""
+    devices = device.values() if isinstance(device, dict) else [device]
+    if all(str(d).startswith("cpu") for d in devices):
+        return
+    try:
+        import ray
+
+        gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    except Exception:  # noqa: BLE001 - outside Ray: nothing was given
+        gpu_ids = []
+    if not gpu_ids:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise GpuUnusable(
+            f"{stage} actor was given GPU {list(gpu_ids)} by Ray but torch {torch.__version__} "
+            "sees no CUDA device: install a CUDA build of torch or set "
+            f"{'resources.text_encoder_pool' if stage == 'text encoder' else 'resources'}"
+            ".num_gpus_per_actor: 0"
+        )
+
+
+def describe_module(module) -> str:
+    """`cpu/float32`, `cuda:0/bfloat16`: where the module's parameters are."""
+    kinds = sorted(
+        {f"{p.device}/{str(p.dtype).removeprefix('torch.')}" for p in module.parameters()}
+    )
+    return ",".join(kinds) or "no parameters"
+
+
+def device_record(stage: str, components: dict) -> dict:
+    """Which device and dtype each loaded component runs on, and where the actor is."""
+    import torch
+
+    record = {
+        "stage": stage,
+        "components": {n: describe_module(m) for n, m in components.items() if m is not None},
+        "torch": torch.__version__,
+        "cuda_device": None,
+        "pid": os.getpid(),
+        "actor_id": None,
+        "node_id": None,
+        "gpu_ids": [],
+    }
+    if torch.cuda.is_available():
+        record["cuda_device"] = torch.cuda.get_device_name(torch.cuda.current_device())
+    try:
+        import ray
+
+        if ray.is_initialized():
+            context = ray.get_runtime_context()
+            record["actor_id"] = context.get_actor_id()
+            record["node_id"] = context.get_node_id()
+            record["gpu_ids"] = [str(i) for i in ray.get_gpu_ids()]
+    except Exception:  # noqa: BLE001 - the record does without where it ran
+        pass
+    return record
+
+
+def report_devices(journal, record: dict) -> None:
+    """Log the record once and send it to the job's actor (run.json's `devices`)."""
+    parts = ", ".join(f"{n} {d}" for n, d in record["components"].items())
+    cuda = f", {record['cuda_device']}" if record["cuda_device"] else ""
+    # Printed, not logged at INFO: Ray forwards a worker's stderr to the driver, while its
+    # INFO records go nowhere unless the worker configures logging.
+    print(
+        f"k3batch: {record['stage']} actor {record['actor_id'] or record['pid']} runs {parts} "
+        f"(torch {record['torch']}{cuda})",
+        file=sys.stderr,
+        flush=True,
+    )
+    send = getattr(journal, "record_devices", None)  # a bare crash journal has no such call
+    if send is None:
+        return
+    try:
+        send.remote(record)
+    except Exception as e:  # noqa: BLE001 - the record is not worth failing the actor
+        log.warning("k3batch: could not report this actor's devices: %s", e)
