@@ -246,3 +246,24 @@ def test_reference_layout_assigns_the_memory_mapped_weights_without_a_host_copy(
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     for p, q in zip(unet.parameters(), half.parameters(), strict=True):
         assert torch.equal(p.to(torch.bfloat16), q)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_starts_on_one_gpu(path):
+    """As shipped, each config's pools (at their starting sizes) fit one GPU: no job or Serve
+    app waits forever on a one-GPU machine for a second GPU."""
+    from k3batch.gpus import gpus_needed
+
+    data = yaml.safe_load(path.read_text())
+    if "applications" in data:
+        needed = sum(
+            (app["args"].get(g) or {}).get("num_gpus", 0)
+            * ((app["args"].get(g) or {}).get("autoscaling_config") or {}).get("min_replicas", 1)
+            for app in data["applications"]
+            if app["import_path"].startswith("k3batch.")
+            for g in ("generator", "inpaint_generator")
+            if g != "inpaint_generator" or app["args"].get("inpaint_model")
+        )
+    else:
+        needed = gpus_needed(load_config(path))
+    assert needed <= 1, f"{path.name} needs {needed:g} GPUs to start"
