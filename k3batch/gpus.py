@@ -138,6 +138,37 @@ def check_local_gpus(cfg: JobConfig, local: bool) -> None:
         )
 
 
+def memory_warnings(cfg: JobConfig, gpu_gib: float, gpu_name: str) -> list[str]:
+    """One line per GPU actor of the job whose estimated memory (`model.memory`) is above
+    `gpu_gib`: the estimate is calibrated, not exact, so it warns rather than refuses."""
+    from k3batch.model import memory
+
+    lines = []
+    for actor in memory.job_estimates(cfg):
+        problem = actor.problem(gpu_gib, gpu_name)
+        if problem:
+            lines.append(
+                f"k3batch: {problem}: it may run out of GPU memory (batches then run in halves); "
+                "lower resources.batch_size or limits.max_side, or see docs/gpus.md (offload)"
+            )
+    return lines
+
+
+def warn_local_gpu_memory(cfg: JobConfig) -> None:
+    """On a machine with GPUs, compare each GPU actor's estimate with GPU 0's memory."""
+    if not gpu_pools(cfg) or not detected_gpus():
+        return
+    try:
+        import torch
+
+        props = torch.cuda.get_device_properties(0)
+    except Exception as e:  # noqa: BLE001 - no CUDA here: check_cuda says so in the actor
+        log.debug("could not read the GPU's memory: %s", e)
+        return
+    for line in memory_warnings(cfg, props.total_memory / 2**30, props.name):
+        log.warning(line)
+
+
 def cluster_gpus() -> tuple[float, float]:
     """(GPUs in the cluster now, the most GPUs one alive node has)."""
     import ray

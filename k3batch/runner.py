@@ -288,6 +288,8 @@ def preflight(cfg: JobConfig) -> tuple[JobConfig, InputInfo, bool]:
     cfg = resolve_paths(cfg)
     check_local_cpus(cfg)
     gpus.check_local_gpus(cfg, local=not ray_address(cfg))
+    if not ray_address(cfg):
+        gpus.warn_local_gpu_memory(cfg)
     info = inspect_input(cfg)
     check_model(cfg)
     resumed = prepare_output(cfg)

@@ -267,3 +267,15 @@ def test_every_shipped_config_starts_on_one_gpu(path):
     else:
         needed = gpus_needed(load_config(path))
     assert needed <= 1, f"{path.name} needs {needed:g} GPUs to start"
+
+
+def test_a_job_above_its_gpus_memory_gets_one_warning_line_naming_the_parts():
+    from k3batch.gpus import memory_warnings
+
+    base = load_config(REPO / "configs" / "base.yaml")
+    (line,) = memory_warnings(base, memory.GPU_GIB["A10G 24GB"], "NVIDIA A10G")
+    assert "generation actor: ~50.4 GiB" in line and "T5 encoder weights (bfloat16)" in line
+    assert "does not fit NVIDIA A10G (22.0 GiB)" in line and "\n" not in line
+    assert memory_warnings(base, memory.GPU_GIB["H100 80GB"], "NVIDIA H100") == []
+    small = load_config(REPO / "configs" / "base-24gb.yaml")
+    assert memory_warnings(small, memory.GPU_GIB["A10G 24GB"], "NVIDIA A10G") == []
