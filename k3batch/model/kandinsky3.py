@@ -558,6 +558,7 @@ class PromptEncoder:
         device: dict | str = "auto",
         variant: str | None = None,
         attention: str = "sdpa",
+        tf32: bool = True,
     ) -> PromptEncoder:
         from k3batch.model import loading
 
@@ -565,6 +566,8 @@ class PromptEncoder:
             path, layout=layout, dtype=dtype, device=device, variant=variant
         )
         performance.set_text_attention(text_encoder, attention)
+        if performance.runs_float32_on_cuda(text_encoder):
+            performance.set_tf32(tf32)
         return cls(tokenizer, text_encoder, family.MEMBERS[member].guidance_scale is not None)
 
     @torch.no_grad()

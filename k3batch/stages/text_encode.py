@@ -65,6 +65,7 @@ class TextEncodeStage(Stage):
             device=model.get("device", "auto"),
             variant=model.get("variant"),
             attention=(model.get("performance") or {}).get("attention", "sdpa"),
+            tf32=(model.get("performance") or {}).get("tf32", True),
         )
         gpus.report_devices(
             journal,
