@@ -244,6 +244,9 @@ def init_ray(cfg: JobConfig, resumed: bool = False) -> None:
         # Model-loading bars (tqdm) in a log are \r-redraw noise; local workers inherit this.
         # Set before `import ray`: that imports tqdm, which reads TQDM_* when imported.
         os.environ.setdefault("TQDM_DISABLE", "1")
+        # Ray wraps the "(Actor pid=N)" prefix of forwarded worker lines in ANSI colours
+        # whatever the stream; in a log file those are escape-code noise.
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = ray_address(cfg)
     if address:
         # Bound Ray's own retries for an address that answers but is no Ray head (or is
