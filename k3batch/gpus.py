@@ -118,12 +118,12 @@ def detected_gpus() -> int | None:
 
 def check_local_gpus(cfg: JobConfig, local: bool) -> None:
     """A local Ray that k3batch starts has the machine's GPUs (or ray.num_gpus): a job whose
-    pools need more can never start. `local`: no cluster address is set."""
+    pools need more can never start. `local`: k3batch will start that Ray
+    (`ray_start.starts_local_ray`)."""
     pools = gpu_pools(cfg)
     _check_fractions(pools)
-    ray = sys.modules.get("ray")
-    if not local or not pools or (ray is not None and ray.is_initialized()):
-        return  # a Ray already up is checked as a cluster (check_cluster_gpus)
+    if not local or not pools:
+        return  # a cluster, or a Ray already up, is checked once joined (check_cluster_gpus)
     have = cfg.ray.num_gpus if cfg.ray.num_gpus is not None else detected_gpus()
     if have is None:
         return

@@ -61,6 +61,12 @@ def ray_address(cfg: JobConfig) -> str | None:
     return cfg.ray.address or os.environ.get("RAY_ADDRESS")
 
 
+def starts_local_ray(cfg: JobConfig) -> bool:
+    """Whether `init_ray` will start a Ray of this job's own (no address, none running here)."""
+    ray = sys.modules.get("ray")
+    return not ray_address(cfg) and not (ray is not None and ray.is_initialized())
+
+
 def check_local_cpus(cfg: JobConfig) -> None:
     local = not ray_address(cfg)
     if local and cfg.ray.num_cpus is not None and cfg.ray.num_cpus < cpus_needed(cfg):

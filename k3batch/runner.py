@@ -15,7 +15,12 @@ from datetime import UTC, datetime
 from k3batch import __version__, gpus, outputs, resume, storage
 from k3batch.config import ConfigError, JobConfig
 from k3batch.progress import Reporter, Tracker
-from k3batch.ray_start import check_local_cpus, first_line, init_ray, ray_address
+from k3batch.ray_start import (
+    check_local_cpus,
+    first_line,
+    init_ray,
+    starts_local_ray,
+)
 
 log = logging.getLogger(__name__)
 
@@ -287,8 +292,9 @@ def preflight(cfg: JobConfig) -> tuple[JobConfig, InputInfo, bool]:
     """Everything that can fail before Ray starts and before any model loads."""
     cfg = resolve_paths(cfg)
     check_local_cpus(cfg)
-    gpus.check_local_gpus(cfg, local=not ray_address(cfg))
-    if not ray_address(cfg):
+    local = starts_local_ray(cfg)
+    gpus.check_local_gpus(cfg, local=local)
+    if local:
         gpus.warn_local_gpu_memory(cfg)
     info = inspect_input(cfg)
     check_model(cfg)
