@@ -337,28 +337,17 @@ class Kandinsky3:
         the smaller size for later batches. An image does not depend on its batch, so the
         split changes nothing but memory and speed.
         """
-        images: list[np.ndarray] = []
-        start = 0
-        while start < len(requests):
-            size = min(self.max_batch or len(requests), len(requests) - start)
-            try:
-                chunk = self.decode(self.sample(requests[start : start + size]))
-            except torch.OutOfMemoryError:
-                if size == 1:
-                    raise
-                chunk = None
-            if chunk is None:
-                # Out of the except block, so the failed call's tensors are already freed.
-                self.max_batch = max(1, size // 2)
-                log.warning(
-                    "sampling %d rows ran out of memory; sampling %d at a time",
-                    size,
-                    self.max_batch,
-                )
-                performance.release_cached_memory(self.device)
-                continue
-            images.extend(chunk)
-            start += size
+        limit = self.max_batch or len(requests)
+        images, kept = performance.in_chunks_halving_on_oom(
+            len(requests),
+            limit,
+            lambda start, size, _: self.decode(self.sample(requests[start : start + size])),
+            padded=False,
+            what="sampling rows",
+            device=self.device,
+        )
+        if kept < limit:  # only running out of memory sets a bound (None: all rows at once)
+            self.max_batch = kept
         return images
 
     @torch.no_grad()
@@ -492,38 +481,27 @@ class Kandinsky3:
         latents, and `decode_batch_size` keeps the smaller size for later batches.
         """
         param = next(self.movq.parameters())
-        images: list[np.ndarray] = []
-        start = 0
-        while start < len(latents):
-            size = min(self.decode_batch_size, len(latents) - start)
-            try:
-                chunk = self._decode_chunk(latents[start : start + size], param)
-            except torch.OutOfMemoryError:
-                if size == 1:
-                    raise
-                chunk = None
-            if chunk is None:
-                # Out of the except block, so the failed call's tensors are already freed.
-                tried = self.decode_batch_size
-                self.decode_batch_size = max(1, tried // 2)
-                log.warning(
-                    "MoVQ decode of %d latents ran out of memory; decoding %d at a time",
-                    tried,
-                    self.decode_batch_size,
-                )
-                performance.release_cached_memory(param.device)
-                continue
-            images.extend(chunk)
-            start += size
+        images, self.decode_batch_size = performance.in_chunks_halving_on_oom(
+            len(latents),
+            self.decode_batch_size,
+            lambda start, size, pad_to: self._decode_chunk(
+                latents[start : start + size], param, pad_to
+            ),
+            padded=True,
+            what="MoVQ decode of latents",
+            device=param.device,
+        )
         return images
 
-    def _decode_chunk(self, latents: torch.Tensor, param: torch.Tensor) -> list[np.ndarray]:
+    def _decode_chunk(
+        self, latents: torch.Tensor, param: torch.Tensor, pad_to: int
+    ) -> list[np.ndarray]:
         n = len(latents)
-        if n < self.decode_batch_size:
-            # Always decode `decode_batch_size` latents at once (zeros fill the rest): kernels
-            # pick their algorithm by shape, so a fixed shape keeps an image independent of
-            # how many rows its batch had.
-            fill = latents.new_zeros((self.decode_batch_size - n, *latents.shape[1:]))
+        if n < pad_to:
+            # Always decode `pad_to` latents at once (zeros fill the rest): kernels pick their
+            # algorithm by shape, so a fixed shape keeps an image independent of how many
+            # rows its batch had.
+            fill = latents.new_zeros((pad_to - n, *latents.shape[1:]))
             latents = torch.cat([latents, fill])
         z = latents.to(param.device, param.dtype, memory_format=self.movq_memory_format)
         out = self.movq.decode(z, force_not_quantize=True).sample[:n]

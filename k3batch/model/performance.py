@@ -9,10 +9,13 @@ keeps its state in float32 (see `kandinsky3` and `schedule`).
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 SDPA = "sdpa"
 EAGER = "eager"
@@ -106,6 +109,38 @@ def poisons_process(error: BaseException) -> bool:
     # torch >= 2.8 raises torch.AcceleratorError for CUDA errors; older ones a RuntimeError.
     cuda = type(error).__name__ == "AcceleratorError" or "cuda error" in text
     return cuda and any(p in text for p in _POISONING)
+
+
+def in_chunks_halving_on_oom(
+    total: int, chunk_size: int, run, *, padded: bool, what: str, device
+) -> tuple[list, int]:
+    """`run(start, size, chunk_size)` over `total` items, `chunk_size` at a time (`size` is
+    less for the last chunk); returns (the outputs in order, the chunk size to keep).
+
+    A call that runs out of device memory is retried with half as many items (half the
+    chunk size when `padded`: such calls always ran `chunk_size` items), out of the except
+    block, so the failed call's tensors are already freed, and with the allocator's cache
+    emptied. A single item that does not fit raises.
+    """
+    out: list = []
+    start = 0
+    while start < total:
+        size = min(chunk_size, total - start)
+        try:
+            chunk = run(start, size, chunk_size)
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise
+            chunk = None
+        if chunk is None:
+            tried = chunk_size if padded else size
+            chunk_size = max(1, tried // 2)
+            log.warning("%s of %d ran out of memory; %d at a time", what, tried, chunk_size)
+            release_cached_memory(torch.device(device))
+            continue
+        out.extend(chunk)
+        start += size
+    return out, chunk_size
 
 
 def release_cached_memory(device: torch.device) -> None:
