@@ -25,12 +25,11 @@ import json
 import math
 import os
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.gpu_bench import PROMPTS  # noqa: E402
+from benchmarks.gpu_bench import PROMPTS, timed  # noqa: E402
 
 # name -> (dtype per component, tf32); applied in this order, each casting down in place.
 VARIANTS = {
@@ -113,6 +112,10 @@ def main(argv=None) -> dict:
         eps = d(probe_x, 999, cond.context, cond.context_mask, cond.pool_lengths)
         return eps.float().cpu()
 
+    def sample_and_decode():
+        latents = model.sample(rows)
+        return latents, model.decode(latents)
+
     results, yardstick, saturated = {}, {}, None
     for name in args.variants:
         dtypes, tf32 = VARIANTS[name]
@@ -126,15 +129,8 @@ def main(argv=None) -> dict:
         model.denoiser.dtype = DTYPES[dtypes["unet"]]
         model.denoiser.null_embedding = null.to(DTYPES[dtypes["unet"]])
         eps = probe_eps()
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        latents = model.sample(rows)
-        images = model.decode(latents)
-        latents = latents.float().cpu()
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / len(rows)
+        (latents, images), seconds = timed(sample_and_decode, args.device)
+        latents, seconds = latents.float().cpu(), seconds / len(rows)
         if name == "fp32":
             yardstick = {"images": images, "eps": eps, "latents": latents}
             # PSNR says little about images that random weights drove to 0 or 255 everywhere.
