@@ -1,0 +1,132 @@
+"""Every column k3batch reads, adds or writes: its name, its Arrow type and its group.
+
+Stages, outputs, accounting and tests import names from here instead of spelling them, so a
+column is renamed or retyped in one place. The groups say where a column comes from and
+whether it reaches the written metadata.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Input: read from the prompt table (the prompt and id columns may be renamed by
+# `input.prompt_column` / `input.id_column`; these are the names rows carry after validation).
+ID = "id"
+PROMPT = "prompt"
+NEGATIVE_PROMPT = "negative_prompt"
+SEED = "seed"
+WIDTH = "width"
+HEIGHT = "height"
+NUM_INFERENCE_STEPS = "num_inference_steps"
+GUIDANCE_SCALE = "guidance_scale"
+STRENGTH = "strength"
+IMAGE = "image"  # image-to-image and inpainting source: a URI or raw bytes
+MASK = "mask"  # inpainting mask: a URI or raw bytes
+
+# Status: every row has these from validation on; a failing stage sets them, later ones skip.
+STATUS = "status"
+ERROR = "error"
+WARNING = "warning"
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+# Generation results, written to the metadata.
+MODEL = "model"
+IMAGE_URI = "image_uri"
+GENERATE_SECONDS = "generate_seconds"
+UNCOND_EMBEDDING = "uncond_embedding"
+
+# Prompt beautification.
+BEAUTIFIED_PROMPT = "beautified_prompt"
+BEAUTIFY_ERROR = "beautify_error"
+PROMPT_USED = "prompt_used"
+BEAUTIFY_FALLBACK = "beautify_fallback"
+
+# Text embeddings handed from the text-encoder pool to the generators (never written).
+PROMPT_EMBEDS = "prompt_embeds"
+NEGATIVE_PROMPT_EMBEDS = "negative_prompt_embeds"
+PROMPT_EMBEDS_LENGTH = "prompt_embeds_length"
+
+# Internal: between stages only, or the resume id.
+# Added by ray.data.read_parquet(include_row_hash=True) and kept to the end: it is the id
+# Ray's checkpoint records for resume (see k3batch.resume).
+ROW_HASH = "row_hash"
+IMAGE_RGB = "image_rgb"  # the decoded image, raw RGB bytes
+SOURCE_RGB = "source_rgb"  # the prepared image-to-image / inpainting source
+KEEP_MASK = "keep_mask"  # the prepared inpainting mask
+KEY = "key"  # a WebDataset sample's key
+IMAGE_BYTES = "image_bytes"  # the encoded image of a WebDataset sample
+FILE_NAME = "file_name"  # the Hugging Face image-folder metadata's link to the image
+
+TYPES: dict[str, pa.DataType] = {
+    ID: pa.string(),
+    PROMPT: pa.string(),
+    NEGATIVE_PROMPT: pa.string(),
+    SEED: pa.uint64(),
+    WIDTH: pa.int64(),
+    HEIGHT: pa.int64(),
+    NUM_INFERENCE_STEPS: pa.int64(),
+    GUIDANCE_SCALE: pa.float64(),
+    STRENGTH: pa.float64(),
+    STATUS: pa.string(),
+    ERROR: pa.string(),
+    WARNING: pa.string(),
+    MODEL: pa.string(),
+    IMAGE_URI: pa.string(),
+    GENERATE_SECONDS: pa.float64(),
+    UNCOND_EMBEDDING: pa.string(),
+    BEAUTIFIED_PROMPT: pa.string(),
+    BEAUTIFY_ERROR: pa.string(),
+    PROMPT_USED: pa.string(),
+    BEAUTIFY_FALLBACK: pa.string(),
+    PROMPT_EMBEDS: pa.binary(),
+    NEGATIVE_PROMPT_EMBEDS: pa.binary(),
+    PROMPT_EMBEDS_LENGTH: pa.int32(),
+    ROW_HASH: pa.uint64(),
+    IMAGE_RGB: pa.binary(),
+    SOURCE_RGB: pa.binary(),
+    KEEP_MASK: pa.binary(),
+    KEY: pa.string(),
+    IMAGE_BYTES: pa.binary(),
+    FILE_NAME: pa.string(),
+}
+
+# Optional input columns that override the job's generation defaults per row.
+OVERRIDE_COLUMNS = (
+    NEGATIVE_PROMPT,
+    SEED,
+    WIDTH,
+    HEIGHT,
+    NUM_INFERENCE_STEPS,
+    GUIDANCE_SCALE,
+    STRENGTH,
+)
+# Optional input columns of image-to-image and inpainting rows.
+IMAGE_COLUMNS = (IMAGE, MASK)
+STATUS_COLUMNS = (STATUS, ERROR)
+# What a validated row carries (the generation settings resolved per row).
+VALIDATED_COLUMNS = (ID, PROMPT, *OVERRIDE_COLUMNS, STATUS, ERROR, WARNING)
+BEAUTIFY_COLUMNS = (BEAUTIFIED_PROMPT, BEAUTIFY_ERROR, BEAUTIFY_FALLBACK)
+EMBEDDING_COLUMNS = (PROMPT_EMBEDS, NEGATIVE_PROMPT_EMBEDS, PROMPT_EMBEDS_LENGTH)
+
+# Columns k3batch writes that are not read from the input. An input column with one of these
+# names is kept as `input_<name>` rather than overwritten.
+OUTPUT_ONLY_COLUMNS = (
+    STATUS,
+    ERROR,
+    MODEL,
+    IMAGE_URI,
+    GENERATE_SECONDS,
+    UNCOND_EMBEDDING,
+    IMAGE_RGB,
+    PROMPT_USED,
+    BEAUTIFY_FALLBACK,
+    WARNING,
+    SOURCE_RGB,
+    KEEP_MASK,
+)
+
+
+def types(*names: str) -> dict[str, pa.DataType]:
+    """`{name: Arrow type}` for a stage's `adds`, in the order given."""
+    return {name: TYPES[name] for name in names}
