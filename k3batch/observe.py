@@ -14,8 +14,9 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from k3batch import schema
 from k3batch.metrics import APP_BATCH, error_kinds, metrics
-from k3batch.rows import STATUS_ERROR, STATUS_OK
+from k3batch.schema import STATUS_ERROR, STATUS_OK
 from k3batch.stages.base import Stage, apply_stage
 
 log = logging.getLogger(__name__)
@@ -49,16 +50,18 @@ def batch_stats(
 ) -> BatchStats:
     """Count a batch: rows out, ok rows, images made, and the rows this stage turned to errors."""
     status_out = (
-        table_out.column("status").to_pylist() if "status" in table_out.column_names else []
+        table_out.column(schema.STATUS).to_pylist()
+        if schema.STATUS in table_out.column_names
+        else []
     )
     status_in = (
-        table_in.column("status").to_pylist()
-        if "status" in table_in.column_names
+        table_in.column(schema.STATUS).to_pylist()
+        if schema.STATUS in table_in.column_names
         else [None] * table_in.num_rows
     )
     errors_out = (
-        table_out.column("error").to_pylist()
-        if "error" in table_out.column_names
+        table_out.column(schema.ERROR).to_pylist()
+        if schema.ERROR in table_out.column_names
         else [None] * len(status_out)
     )
     stats = BatchStats(stage=stage, rows=table_out.num_rows, seconds=seconds)

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
-from k3batch import __version__, outputs, storage
+from k3batch import __version__, outputs, schema, storage
 from k3batch.metrics import error_kinds
 
 DEFAULT_SAMPLES = 16
@@ -40,17 +40,17 @@ BACKGROUND = (255, 255, 255)
 TEXT_COLOUR = (30, 30, 30)
 
 METADATA_COLUMNS = (
-    "id",
-    "prompt",
-    "status",
-    "error",
-    "image_uri",
-    "seed",
-    "width",
-    "height",
-    "num_inference_steps",
-    "guidance_scale",
-    "generate_seconds",
+    schema.ID,
+    schema.PROMPT,
+    schema.STATUS,
+    schema.ERROR,
+    schema.IMAGE_URI,
+    schema.SEED,
+    schema.WIDTH,
+    schema.HEIGHT,
+    schema.NUM_INFERENCE_STEPS,
+    schema.GUIDANCE_SCALE,
+    schema.GENERATE_SECONDS,
 )
 
 
@@ -108,9 +108,13 @@ def _with_image(table):
     """Rows in `ok` with an image (none when the table has no image column)."""
     import pyarrow.compute as pc
 
-    if "image_uri" not in table.column_names:
+    if schema.IMAGE_URI not in table.column_names:
         return table.slice(0, 0)
-    return table.filter(pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["image_uri"])))
+    return table.filter(
+        pc.and_(
+            pc.equal(table[schema.STATUS], schema.STATUS_OK), pc.is_valid(table[schema.IMAGE_URI])
+        )
+    )
 
 
 SCAN_COLUMNS = ("id", "prompt", "status", "error", "image_uri", "generate_seconds")
@@ -133,23 +137,25 @@ class Scan:
 
         names = table.column_names
         self.rows += table.num_rows
-        self.statuses.update(table.column("status").to_pylist())
-        for i, err in enumerate(table.column("error").to_pylist() if "error" in names else []):
+        self.statuses.update(table.column(schema.STATUS).to_pylist())
+        for i, err in enumerate(
+            table.column(schema.ERROR).to_pylist() if schema.ERROR in names else []
+        ):
             if not err:
                 continue
             self.error_kinds.update(error_kinds(err))
             if len(self.error_examples) < MAX_ERROR_EXAMPLES:
                 self.error_examples.append(
                     {
-                        "id": table["id"][i].as_py(),
-                        "prompt": beautify(table["prompt"][i].as_py(), 120),
+                        "id": table[schema.ID][i].as_py(),
+                        "prompt": beautify(table[schema.PROMPT][i].as_py(), 120),
                         "error": err,
                     }
                 )
-        if "generate_seconds" in names:
-            values = table.column("generate_seconds").to_pylist()
+        if schema.GENERATE_SECONDS in names:
+            values = table.column(schema.GENERATE_SECONDS).to_pylist()
             self.seconds.extend(v for v in values if v is not None)
-        ids = _with_image(table).column("id")
+        ids = _with_image(table).column(schema.ID)
         self.ok_ids.append(ids.combine_chunks().cast(pa.string()))
 
     def generate_timing(self) -> dict | None:
@@ -189,9 +195,9 @@ def _pick(fs, files: list[str], scan: Scan, n: int, seed: int) -> list[dict]:
         if not pc.any(pc.is_in(file_ids, value_set=wanted_set)).as_py():
             continue
         table = _with_image(outputs.read_file(fs, path, METADATA_COLUMNS))
-        keep = pc.is_in(table["id"].cast(pa.string()), value_set=wanted_set)
+        keep = pc.is_in(table[schema.ID].cast(pa.string()), value_set=wanted_set)
         for row in table.filter(keep).to_pylist():
-            found.setdefault(str(row["id"]), row)
+            found.setdefault(str(row[schema.ID]), row)
     return [found[i] for i in wanted if i in found]
 
 
@@ -312,7 +318,7 @@ def write_report(
     )
     thumbs = []
     for row in _pick(fs, files, scan, samples, seed):
-        name = row["image_uri"].rsplit("/", 1)[-1]
+        name = row[schema.IMAGE_URI].rsplit("/", 1)[-1]
         # By name under this output, not the recorded URI: the output may have been moved.
         try:
             image = _thumbnail(fs.cat_file(f"{root}/images/{name}"), thumb)
@@ -320,13 +326,13 @@ def write_report(
             report.missing_images.append(name)
             continue
         sample = Sample(
-            id=row["id"],
-            prompt=row.get("prompt") or "",
-            caption=beautify(row.get("prompt")),
+            id=row[schema.ID],
+            prompt=row.get(schema.PROMPT) or "",
+            caption=beautify(row.get(schema.PROMPT)),
             image_name=name,
             **{k: row.get(k) for k in ("seed", "width", "height", "num_inference_steps")},
-            guidance_scale=row.get("guidance_scale"),
-            generate_seconds=row.get("generate_seconds"),
+            guidance_scale=row.get(schema.GUIDANCE_SCALE),
+            generate_seconds=row.get(schema.GENERATE_SECONDS),
             thumb_data_uri=_data_uri(image),
         )
         report.samples.append(sample)
@@ -347,8 +353,8 @@ def write_report(
             "output": output_uri,
             "run": run,
             "rows": scan.rows,
-            "ok": scan.statuses.get("ok", 0),
-            "errors": scan.statuses.get("error", 0),
+            "ok": scan.statuses.get(schema.STATUS_OK, 0),
+            "errors": scan.statuses.get(schema.STATUS_ERROR, 0),
             "skipped": run.get("skipped_by_resume", 0),
             "samples": report.samples,
             "has_sheet": bool(report.samples),

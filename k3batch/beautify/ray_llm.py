@@ -18,10 +18,10 @@ import secrets
 
 import pyarrow as pa
 
+from k3batch import schema
 from k3batch.beautify import choose
 from k3batch.beautify.config import BeautifyConfig
 from k3batch.beautify.prompt import clean_output, format_prompt, request_seed
-from k3batch.stages.beautify import BEAUTIFIED, BEAUTIFY_ERROR
 
 PACKED = "__k3batch_row"
 LLM_PROMPT = "__k3batch_llm_prompt"
@@ -48,8 +48,8 @@ def pack_rows(
     """Each row packed into one binary cell, plus its LLM prompt (null: skip) and seed."""
     table = table.replace_schema_metadata(None)  # pandas metadata would repeat per row
     prompts = table.column(prompt_column).to_pylist()
-    statuses = table.column("status").to_pylist()
-    ids = table.column("id").to_pylist()
+    statuses = table.column(schema.STATUS).to_pylist()
+    ids = table.column(schema.ID).to_pylist()
     packed, llm_prompts, seeds = [], [], []
     for i in range(table.num_rows):
         packed.append(_pack_one(table.slice(i, 1)))
@@ -91,10 +91,15 @@ def unpack_rows(table: pa.Table) -> pa.Table:
             beautified.append(clean_output(texts[i] if texts is not None else None))
             failed.append(None)
     if not parts:  # an empty block: nothing to unpack
-        return pa.table({name: pa.array([], pa.string()) for name in (BEAUTIFIED, BEAUTIFY_ERROR)})
+        return pa.table(
+            {
+                name: pa.array([], pa.string())
+                for name in (schema.BEAUTIFIED_PROMPT, schema.BEAUTIFY_ERROR)
+            }
+        )
     # Blocks from different input files may disagree on a column's type only by nullness.
     out = pa.concat_tables(parts, promote_options="default")
-    for name, values in ((BEAUTIFIED, beautified), (BEAUTIFY_ERROR, failed)):
+    for name, values in ((schema.BEAUTIFIED_PROMPT, beautified), (schema.BEAUTIFY_ERROR, failed)):
         column = pa.array(values, pa.string())
         if name in out.column_names:
             out = out.set_column(out.column_names.index(name), name, column)
