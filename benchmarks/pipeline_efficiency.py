@@ -92,7 +92,7 @@ def pipeline_seconds(
     """(wall seconds of a whole run of `n` rows, the actors' mean seconds per batch)."""
     import pyarrow.dataset as pads
 
-    from k3batch.runner import run_job
+    from k3batch.job.run import run_job
 
     out = f"{tmp}/out{n}-{actors}"
     cfg = job(
@@ -162,7 +162,7 @@ def main() -> None:
     pipe_a, actor_a, short_a, long_a = marginal(model_dir, tmp, short, long, 1, one)
     ray.shutdown()
     # One actor per core leaves no CPU for Ray Data's tasks: start Ray as `k3batch run`
-    # would (ray_start.local_num_cpus), the actors' CPUs plus one.
+    # would (job.local_ray.local_num_cpus), the actors' CPUs plus one.
     ray.init(num_cpus=cpus + 1, include_dashboard=False, logging_level="ERROR")
     pipe_b, actor_b, short_b, long_b = marginal(model_dir, tmp, short, long, cpus, per_core)
     ray.shutdown()

@@ -83,8 +83,8 @@ def one_run(n: int) -> dict:
 def run(n: int, model_dir: str, tmp: str) -> dict:
     import ray
 
+    from k3batch.job.run import run_job
     from k3batch.report import write_report
-    from k3batch.runner import run_job
 
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
     ray.init(

@@ -51,7 +51,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-c",
-                "import time; t = time.perf_counter(); import k3batch.runner, pipelines.text_to_image;"
+                "import time; t = time.perf_counter(); import k3batch.job.run, pipelines.text_to_image;"
                 " print(time.perf_counter() - t)",
             ],
             cwd=REPO,

@@ -58,8 +58,9 @@ def _env_seconds(name: str) -> float | None:
 
 def _run(args) -> int:
     from k3batch.config import load_config
+    from k3batch.job.run import run_job
     from k3batch.progress import Reporter
-    from k3batch.runner import accounting_problem, run_job, summary
+    from k3batch.summary import accounting_problem, summary
 
     overrides = [*args.set, *(["output.overwrite=true"] if args.overwrite else [])]
     interval = args.progress_interval or _env_seconds("K3BATCH_PROGRESS_INTERVAL")
@@ -91,12 +92,12 @@ def _report(args) -> int:
 
 def _make_tiny(args) -> int:
     if args.llm:
-        from k3batch.model.tiny_llm import make_tiny_llm
+        from k3batch.testing.tiny_llm import make_tiny_llm
 
         path = make_tiny_llm(args.dir, overwrite=True)
         print(f"tiny random Mistral LLM (Hugging Face layout, for vLLM) written to {path}")
         return 0
-    from k3batch.model.tiny import make_tiny
+    from k3batch.testing.tiny import make_tiny
 
     path = make_tiny(
         args.dir,
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 every row accounted for; 1 the job stopped part-way or its accounting
     failed; 2 a bad config, input or environment, found before any work."""
     from k3batch.config import ConfigError
-    from k3batch.runner import JobFailed
+    from k3batch.job.failures import JobFailed
 
     args = build_parser().parse_args(argv)
     if args.command == "config" and not (args.schema or args.reference or args.config):

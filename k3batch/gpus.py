@@ -17,9 +17,9 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
 
 from k3batch.config import ConfigError, JobConfig
+from k3batch.job.pools import Pool, job_pools
 
 log = logging.getLogger(__name__)
 
@@ -33,52 +33,9 @@ log = logging.getLogger(__name__)
 ZERO_GPU_ENV = {"CUDA_VISIBLE_DEVICES": ""}
 
 
-@dataclass
-class Pool:
-    """One actor pool's GPU request at its starting size."""
-
-    name: str  # as the config names it
-    actors: int
-    gpus_each: float
-    # GPUs one actor needs on a single node: a vLLM engine takes one bundle of 1 GPU per
-    # tensor-parallel worker (Ray may place them on different nodes); a model actor all of
-    # its request, a fraction on one GPU.
-    per_node: float
-
-    @property
-    def total(self) -> float:
-        return self.actors * self.gpus_each
-
-    def describe(self) -> str:
-        return f"{self.name} {self.actors} x {self.gpus_each:g}"
-
-
 def gpu_pools(cfg: JobConfig) -> list[Pool]:
     """The job's actor pools that ask for GPUs."""
-    r, b = cfg.resources, cfg.beautify
-    pools = []
-    if cfg.job == "text_to_image":
-        pools.append(
-            Pool("resources (generation)", r.num_actors, r.num_gpus_per_actor, r.num_gpus_per_actor)
-        )
-        t = r.text_encoder_pool
-        if t.enabled:
-            pools.append(
-                Pool(
-                    "resources.text_encoder_pool",
-                    t.num_actors,
-                    t.num_gpus_per_actor,
-                    t.num_gpus_per_actor,
-                )
-            )
-    if (cfg.job == "beautify" or b.enabled) and b.backend == "vllm":
-        v = b.vllm
-        pools.append(
-            Pool(
-                "beautify.vllm", v.num_engines, v.num_gpus_per_engine, min(v.num_gpus_per_engine, 1)
-            )
-        )
-    return [p for p in pools if p.gpus_each > 0]
+    return [p for p in job_pools(cfg) if p.gpus_each > 0]
 
 
 def gpus_needed(cfg: JobConfig) -> float:
@@ -119,7 +76,7 @@ def detected_gpus() -> int | None:
 def check_local_gpus(cfg: JobConfig, local: bool) -> None:
     """A local Ray that k3batch starts has the machine's GPUs (or ray.num_gpus): a job whose
     pools need more can never start. `local`: k3batch will start that Ray
-    (`ray_start.starts_local_ray`)."""
+    (`job.local_ray.starts_local_ray`)."""
     pools = gpu_pools(cfg)
     _check_fractions(pools)
     if not local or not pools:

@@ -21,8 +21,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
-from k3batch import __version__, outputs, schema, storage
+from k3batch import __version__, schema, storage
 from k3batch.metrics import error_kinds
+from k3batch.outputs import records
 
 DEFAULT_SAMPLES = 16
 DEFAULT_COLUMNS = 4
@@ -173,7 +174,7 @@ class Scan:
 def _scan(fs, files: list[str]) -> Scan:
     scan = Scan()
     for path in files:
-        scan.add(outputs.read_file(fs, path, SCAN_COLUMNS))
+        scan.add(records.read_file(fs, path, SCAN_COLUMNS))
     return scan
 
 
@@ -194,7 +195,7 @@ def _pick(fs, files: list[str], scan: Scan, n: int, seed: int) -> list[dict]:
     for path, file_ids in zip(files, scan.ok_ids, strict=True):
         if not pc.any(pc.is_in(file_ids, value_set=wanted_set)).as_py():
             continue
-        table = _with_image(outputs.read_file(fs, path, METADATA_COLUMNS))
+        table = _with_image(records.read_file(fs, path, METADATA_COLUMNS))
         keep = pc.is_in(table[schema.ID].cast(pa.string()), value_set=wanted_set)
         for row in table.filter(keep).to_pylist():
             found.setdefault(str(row[schema.ID]), row)

@@ -14,12 +14,12 @@ beautified_prompt` and generates from it without running the LLM again.
 
 from __future__ import annotations
 
-from k3batch import storage
+from k3batch import schema, storage
 from k3batch.config import JobConfig
 from k3batch.dataflow import map_stage, read_input
+from k3batch.job.kinds import JobContext, JobKind
+from k3batch.job.pools import Pool, beautify_pools
 from k3batch.stages.beautify import (
-    BEAUTIFIED,
-    PROMPT_USED,
     ChoosePromptStage,
     OpenAIBeautifyStage,
     PromptRowsStage,
@@ -29,7 +29,7 @@ ROWS_BATCH_SIZE = 256
 CHOOSE_CPUS = 0.25  # tokenizing short prompts
 
 
-def add_beautify(ds, cfg: JobConfig, prompt_column: str = "prompt"):
+def add_beautify(ds, cfg: JobConfig, tracker=None, prompt_column: str = schema.PROMPT):
     """Append the configured backend: adds `beautified_prompt` and `beautify_error`."""
     b = cfg.beautify
     if b.backend == "vllm":
@@ -57,22 +57,23 @@ def add_beautify(ds, cfg: JobConfig, prompt_column: str = "prompt"):
         batch_size=o.batch_size,
         num_cpus=o.num_cpus_per_actor,
         actors=(o.num_actors, o.num_actors),
+        tracker=tracker,
     )
 
 
-def add_to_text_to_image(ds, cfg: JobConfig):
+def add_to_text_to_image(ds, cfg: JobConfig, tracker=None):
     """Beautify (or take beautified prompts from the input) and choose each row's prompt.
 
     Returns the dataset and the column generation reads: `prompt_used` when beautified
     prompts are in play, else `prompt`.
     """
     if cfg.beautify.enabled:
-        ds = add_beautify(ds, cfg)
-        candidate = BEAUTIFIED
+        ds = add_beautify(ds, cfg, tracker)
+        candidate = schema.BEAUTIFIED_PROMPT
     elif cfg.input.beautified_prompt_column:
         candidate = cfg.input.beautified_prompt_column
     else:
-        return ds, "prompt"
+        return ds, schema.PROMPT
     ds = map_stage(
         ds,
         ChoosePromptStage,
@@ -83,11 +84,12 @@ def add_to_text_to_image(ds, cfg: JobConfig):
         },
         batch_size=ROWS_BATCH_SIZE,
         num_cpus=CHOOSE_CPUS,
+        tracker=tracker,
     )
-    return ds, PROMPT_USED
+    return ds, schema.PROMPT_USED
 
 
-def build(cfg: JobConfig):
+def build(cfg: JobConfig, tracker=None):
     """The beautify-only dataset, not yet executed (ends before the write)."""
     ds = read_input(cfg)
     ds = map_stage(
@@ -100,12 +102,32 @@ def build(cfg: JobConfig):
         },
         batch_size=ROWS_BATCH_SIZE,
         num_cpus=0.25,
+        tracker=tracker,
     )
-    return add_beautify(ds, cfg, prompt_column=cfg.input.prompt_column)
+    return add_beautify(ds, cfg, tracker, prompt_column=cfg.input.prompt_column)
 
 
-def run(cfg: JobConfig) -> None:
-    """Execute the beautify-only job; the prompt table lands in OUTPUT/metadata/."""
-    uri = storage.join(cfg.output.uri, "metadata")
-    fs, path = storage.arrow_filesystem(uri, cfg.storage.model_dump())
-    build(cfg).write_parquet(path, filesystem=fs)
+class Beautify(JobKind):
+    """Beautify-only: a prompt table in, the same table with beautified prompts out
+    (OUTPUT/metadata/, as the `files` format keeps its records). It does not resume."""
+
+    name = "beautify"
+    resumes = False
+    makes_images = False
+    uses_diffusion_model = False
+
+    def output_format(self, cfg: JobConfig) -> str:
+        return "files"  # its records are metadata/*.parquet whatever output.format says
+
+    def pools(self, cfg: JobConfig) -> list[Pool]:
+        return beautify_pools(cfg)
+
+    def run(self, cfg: JobConfig, ctx: JobContext) -> None:
+        fs, path = ctx.output.arrow_filesystem("metadata")
+        build(cfg, ctx.tracker).write_parquet(path, filesystem=fs)
+
+    def output_lines(self, run: dict) -> list[str]:
+        return [f"prompts       {storage.join(run['output'], 'metadata')}/ (Parquet)"]
+
+
+KIND = Beautify()

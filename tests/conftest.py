@@ -34,14 +34,14 @@ FP32 = {"unet": "float32", "text_encoder": "float32", "movq": "float32"}
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> str:
-    from k3batch.model.tiny import make_tiny
+    from k3batch.testing.tiny import make_tiny
 
     return make_tiny(str(tmp_path_factory.mktemp("models") / "tiny-k3"))
 
 
 @pytest.fixture(scope="session")
 def tiny_dir_no_null(tmp_path_factory) -> str:
-    from k3batch.model.tiny import make_tiny
+    from k3batch.testing.tiny import make_tiny
 
     return make_tiny(
         str(tmp_path_factory.mktemp("models") / "tiny-k3-nonull"), null_embedding=False
@@ -51,7 +51,7 @@ def tiny_dir_no_null(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_ref_dir(tmp_path_factory) -> str:
     """The same tiny family in the reference layout (weights/*.pt, flan_ul2_encoder/)."""
-    from k3batch.model.tiny import make_tiny
+    from k3batch.testing.tiny import make_tiny
 
     return make_tiny(str(tmp_path_factory.mktemp("models") / "tiny-k3-ref"), layout="reference")
 
@@ -96,7 +96,7 @@ def ray_local(tmp_path_factory):
     temp_dir = tmp_path_factory.mktemp("ray")
     ray.init(
         # 3 logical CPUs on this 2-core machine: a resumed job adds Ray's CheckpointFilter
-        # actor, which reserves a whole CPU (see k3batch.ray_start.local_num_cpus).
+        # actor, which reserves a whole CPU (see k3batch.job.local_ray.local_num_cpus).
         num_cpus=3,
         object_store_memory=300 * 2**20,
         include_dashboard=False,
@@ -266,7 +266,7 @@ def s3_bucket(s3_server, request):
 
 @pytest.fixture(scope="session")
 def tiny_llm_dir(tmp_path_factory) -> str:
-    from k3batch.model.tiny_llm import make_tiny_llm
+    from k3batch.testing.tiny_llm import make_tiny_llm
 
     return make_tiny_llm(str(tmp_path_factory.mktemp("models") / "tiny-llm"))
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from k3batch.beautify.client import Sampling, chat_complete
 from k3batch.config import load_config
-from k3batch.runner import run_job
+from k3batch.job.run import run_job
 
 from .conftest import LLM_SERVED_NAME as SERVED_NAME
 from .conftest import free_port, job_config

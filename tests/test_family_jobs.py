@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from k3batch.config import load_config
-from k3batch.runner import run_job
+from k3batch.job.run import run_job
 
 from .conftest import job_config
 from .test_job import read_metadata

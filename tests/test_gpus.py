@@ -188,7 +188,7 @@ def test_run_json_records_each_model_actors_devices(ray_local, tmp_path, tiny_di
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from k3batch.runner import run_job
+    from k3batch.job.run import run_job
 
     pq.write_table(pa.table({"prompt": ["a cat", "a dog"]}), tmp_path / "in.parquet")
     data = job_config(

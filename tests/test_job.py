@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from k3batch.config import ConfigError, load_config
-from k3batch.runner import run_job
+from k3batch.job.run import run_job
 
 from .conftest import assert_same_images, job_config
 

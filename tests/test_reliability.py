@@ -16,7 +16,8 @@ from PIL import Image
 
 from k3batch.cli import main
 from k3batch.config import ConfigError, load_config
-from k3batch.runner import inspect_input, run_job
+from k3batch.job.inputs import inspect_input
+from k3batch.job.run import run_job
 
 from .conftest import job_config
 
@@ -364,10 +365,15 @@ def test_a_broken_accounting_exits_non_zero_and_names_the_ids(
 def test_an_image_the_output_cannot_store_stops_the_job_in_one_line_and_a_rerun_resumes(
     ray_local, tmp_path, tiny_dir
 ):
-    from k3batch.runner import JobFailed, prepare_output, resolve_paths
+    from k3batch.job.failures import JobFailed
+    from k3batch.job.preflight import prepare_output, resolve_paths
+    from k3batch.outputs import Output
 
     cfg = load_config(data=small(tmp_path, prompts(tmp_path, 6), tiny_dir))
-    prepare_output(resolve_paths(cfg))  # the output is this job's, as after a first attempt
+    cfg = resolve_paths(cfg)
+    prepare_output(
+        cfg, Output.from_config(cfg)
+    )  # the output is this job's, as after a first attempt
     blocked = tmp_path / "out" / "images" / "r04.png"
     blocked.mkdir(parents=True)  # a directory where the image must go: fails even as root
     with pytest.raises(JobFailed) as err:
@@ -460,7 +466,7 @@ def test_store_gone_for_good_fails_in_one_line_and_a_rerun_resumes(
 ):
     import boto3
 
-    from k3batch.runner import JobFailed
+    from k3batch.job.failures import JobFailed
 
     client = boto3.client("s3", endpoint_url=flaky_s3.endpoint, region_name="us-east-1")
     client.create_bucket(Bucket="gone")
@@ -536,7 +542,7 @@ def test_unreachable_store_and_missing_credentials_stop_at_start_in_one_line(
 
 
 def test_a_hub_model_that_is_not_there_stops_at_start(tmp_path):
-    from k3batch.runner import check_model
+    from k3batch.job.preflight import check_model
 
     # Offline (as the tests run): a repo id must be in the local cache.
     data = {
@@ -555,16 +561,16 @@ def test_a_cluster_too_small_for_the_actor_pools_gets_a_warning_naming_the_cpus(
 
     import ray
 
-    from k3batch.runner import init_ray
+    from k3batch.job.local_ray import init_ray
 
     have = int(ray.cluster_resources()["CPU"])
     data = small(tmp_path, prompts(tmp_path, 2), tiny_dir)
     data["resources"] = {**data.get("resources", {}), "num_actors": have, "num_cpus_per_actor": 1}
-    with caplog.at_level(logging.WARNING, logger="k3batch.runner"):
+    with caplog.at_level(logging.WARNING, logger="k3batch.job.local_ray"):
         init_ray(load_config(data=data))  # Ray is already up: a cluster k3batch did not start
     assert f"the Ray cluster has {have} CPUs and this job needs {have + 1}" in caplog.text
     caplog.clear()
     data["resources"]["num_actors"] = have - 1
-    with caplog.at_level(logging.WARNING, logger="k3batch.runner"):
+    with caplog.at_level(logging.WARNING, logger="k3batch.job.local_ray"):
         init_ray(load_config(data=data))
     assert "the Ray cluster has" not in caplog.text

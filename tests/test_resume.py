@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from k3batch.config import load_config
+from k3batch.job.run import run_job
 from k3batch.rows import object_key
-from k3batch.runner import run_job
 
 from .conftest import job_config
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from k3batch.config import load_config
+from k3batch.job.run import run_job
 from k3batch.rows import object_key
-from k3batch.runner import run_job
 
 from .conftest import S3_KEY, S3_SECRET, job_config
 
@@ -80,7 +80,7 @@ def test_job_reads_a_bucket_and_writes_images_and_metadata_to_a_bucket(
 
 def test_named_profile_reaches_the_bucket(s3_server, s3_bucket, tmp_path, monkeypatch):
     """storage.profile: credentials from a named profile, none in the environment."""
-    from k3batch.runner import inspect_input
+    from k3batch.job.inputs import inspect_input
 
     client, bucket = s3_bucket
     buf = io.BytesIO()

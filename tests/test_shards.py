@@ -5,7 +5,7 @@ import json
 import fsspec
 import pyarrow as pa
 
-from k3batch import shards
+from k3batch.outputs import shards
 
 
 def make(root, numbers):

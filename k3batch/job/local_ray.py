@@ -16,6 +16,7 @@ import sys
 
 from k3batch import gpus
 from k3batch.config import ConfigError, JobConfig
+from k3batch.job.pools import job_pools
 
 log = logging.getLogger(__name__)
 
@@ -27,21 +28,7 @@ def first_line(e: BaseException) -> str:
 
 def reserved_cpus(cfg: JobConfig) -> float:
     """CPUs the job's actor pools hold for the whole run, at their starting sizes."""
-    r, b = cfg.resources, cfg.beautify
-    cpus = 0.0
-    if cfg.job == "text_to_image":
-        cpus += r.num_actors * r.num_cpus_per_actor
-        if r.text_encoder_pool.enabled:
-            pool = r.text_encoder_pool
-            cpus += pool.num_actors * pool.num_cpus_per_actor
-    if cfg.job == "beautify" or b.enabled:
-        if b.backend == "vllm":
-            # GPU engines take one CPU per GPU in Ray Data LLM's bundles.
-            v = b.vllm
-            cpus += v.num_engines * (v.num_gpus_per_engine or v.num_cpus_per_engine)
-        else:
-            cpus += b.openai.num_actors * b.openai.num_cpus_per_actor
-    return cpus
+    return sum(p.actors * p.cpus_each for p in job_pools(cfg))
 
 
 def cpus_needed(cfg: JobConfig) -> int:

@@ -17,12 +17,12 @@ import json
 import posixpath
 import re
 
-from k3batch import storage
+from k3batch import schema, storage
 
 MIN_DIGITS = 5
 SHARD_NAME = re.compile(r"^(\d+)\.(tar|parquet)$")
 _MANIFEST = "_renumber.json"
-SAMPLE_EXCLUDE = ("image_bytes",)
+SAMPLE_EXCLUDE = (schema.IMAGE_BYTES,)
 
 
 def digits(num_rows: int) -> int:
@@ -92,13 +92,13 @@ def samples(table, image_ext: str):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    ok = table.filter(pc.equal(table.column("status"), "ok"))
+    ok = table.filter(pc.equal(table.column(schema.STATUS), schema.STATUS_OK))
     rows = ok.drop_columns([c for c in SAMPLE_EXCLUDE if c in ok.column_names]).to_pylist()
     return pa.table(
         {
-            "__key__": ok.column("key"),
-            image_ext: ok.column("image_bytes"),
-            "txt": ok.column("prompt"),
+            "__key__": ok.column(schema.KEY),
+            image_ext: ok.column(schema.IMAGE_BYTES),
+            "txt": ok.column(schema.PROMPT),
             "json": pa.array([json.dumps(r, default=str) for r in rows], pa.string()),
         }
     )

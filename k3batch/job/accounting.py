@@ -1,0 +1,136 @@
+"""Accounting after a run: rows in = rows out = ok + error, no row and no id twice, read back
+from the written records."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from k3batch import schema
+from k3batch.config import JobConfig
+from k3batch.job.inputs import InputInfo, value_counts
+from k3batch.outputs import Output, records
+
+SHOWN_IDS = 100  # ids listed per accounting problem in run.json (all are counted)
+
+
+def account(cfg: JobConfig, info: InputInfo, output: Output) -> dict:
+    """Rows in = rows out = ok + error, no row and no id twice: read back from the written
+    records (across every run into this output, each row once). When rows are missing or
+    doubled, the input is read again (through Ray, for its row hashes) to name them."""
+    table = records.read_records(
+        output,
+        output.record_files(),
+        columns=[schema.ID, schema.STATUS, schema.ERROR],
+        optional=(*schema.BEAUTIFY_COLUMNS, schema.WARNING, schema.ROW_HASH),
+    )
+    beautify_columns = [c for c in schema.BEAUTIFY_COLUMNS if c in table.column_names]
+    # Counted in Arrow: only repeated ids and the rows in error become Python objects (a
+    # table of millions of rows would otherwise be millions of them in the driver).
+    statuses = value_counts(table.column(schema.STATUS).drop_null())
+    duplicates = sorted(value_counts(table.column(schema.ID).drop_null(), at_least=2))
+    repeated_rows = (
+        sum(
+            c - 1
+            for c in value_counts(table.column(schema.ROW_HASH).drop_null(), at_least=2).values()
+        )
+        if schema.ROW_HASH in table.column_names
+        else 0
+    )
+    errors_by_field = _fields_named(table.column(schema.ERROR))
+    warnings_by_field = (
+        _fields_named(table.column(schema.WARNING))
+        if schema.WARNING in table.column_names
+        else Counter()
+    )
+    rows_out = table.num_rows
+    ok = statuses.get(schema.STATUS_OK, 0)
+    failed = statuses.get(schema.STATUS_ERROR, 0)
+    missing, unexpected = [], []
+    if schema.ROW_HASH in table.column_names and (rows_out != info.num_rows or repeated_rows):
+        missing, unexpected = compare_with_input(cfg, info, table)
+    out = {
+        "rows_in": info.num_rows,
+        "rows_out": rows_out,
+        "ok": ok,
+        "error": failed,
+        "errors_by_field": dict(errors_by_field.most_common()),
+        "warnings_by_field": dict(warnings_by_field.most_common()),
+        "accounting": {
+            "ok": rows_out == info.num_rows
+            and ok + failed == rows_out
+            and not duplicates
+            and not repeated_rows
+            and not missing
+            and not unexpected,
+            "rows_in": info.num_rows,
+            "rows_out": rows_out,
+            "ok_plus_error": ok + failed,
+            "other_status": rows_out - ok - failed,
+            "duplicate_ids": duplicates[:SHOWN_IDS],
+            "num_duplicate_ids": len(duplicates),
+            "rows_written_twice": repeated_rows,
+            "missing_ids": missing[:SHOWN_IDS],
+            "num_missing": len(missing),
+            "unexpected_ids": unexpected[:SHOWN_IDS],
+            "num_unexpected": len(unexpected),
+        },
+    }
+    if beautify_columns:
+        out["beautify"] = beautify_counts(table)
+    return out
+
+
+def _fields_named(column) -> Counter:
+    """How many rows name each field in an error (or warning) text like "prompt: ...; seed: ..."."""
+    import pyarrow.compute as pc
+
+    found = Counter()
+    texts = column.drop_null()
+    for text in texts.filter(pc.not_equal(texts, "")).to_pylist():
+        for part in text.split("; "):
+            found[part.split(":", 1)[0]] += 1
+    return found
+
+
+def compare_with_input(cfg: JobConfig, info: InputInfo, table) -> tuple[list, list]:
+    """Ids of input rows without a record, and of records of no input row, by row hash (the
+    identity Ray gives each input row; user ids may repeat)."""
+    from k3batch import rows
+    from k3batch.dataflow import read_input
+
+    ds = read_input(cfg, info.schema)
+    id_column = cfg.input.id_column if cfg.input.id_column in info.columns else None
+    input_hashes, input_ids = [], []
+    for batch in ds.select_columns([c for c in (id_column, schema.ROW_HASH) if c]).iter_batches(
+        batch_format="pyarrow", batch_size=None
+    ):
+        hashes = batch.column(schema.ROW_HASH).to_pylist()
+        input_hashes += hashes
+        # As ValidateStage names rows: the id column, or an id derived from the row hash.
+        given = batch.column(id_column).to_pylist() if id_column else [None] * len(hashes)
+        input_ids += [
+            i if isinstance(i, (str, int)) and i != "" else rows.derived_id(h)
+            for i, h in zip(given, hashes, strict=True)
+        ]
+    out_hashes = table.column(schema.ROW_HASH).to_pylist()
+    out_ids = table.column(schema.ID).to_pylist()
+    written = set(out_hashes)
+    known = set(input_hashes)
+    missing = [str(i) for h, i in zip(input_hashes, input_ids, strict=True) if h not in written]
+    unexpected = [str(i) for h, i in zip(out_hashes, out_ids, strict=True) if h not in known]
+    return missing, unexpected
+
+
+def beautify_counts(table) -> dict:
+    """How many rows the LLM beautified, how many requests failed, and which prompt was used."""
+    counts = {}
+    if schema.BEAUTIFIED_PROMPT in table.column_names:
+        counts["beautified"] = sum(
+            1 for t in table.column(schema.BEAUTIFIED_PROMPT).to_pylist() if t
+        )
+    if schema.BEAUTIFY_ERROR in table.column_names:
+        counts["errors"] = sum(1 for e in table.column(schema.BEAUTIFY_ERROR).to_pylist() if e)
+    if schema.BEAUTIFY_FALLBACK in table.column_names:
+        fallbacks = Counter(table.column(schema.BEAUTIFY_FALLBACK).to_pylist())
+        counts["fallbacks"] = {str(k): v for k, v in fallbacks.most_common()}
+    return counts

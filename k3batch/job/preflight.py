@@ -1,0 +1,146 @@
+"""Pre-flight: everything that can fail before Ray starts and before any model loads (paths,
+CPU and GPU budgets, the input, the model, the output), each failure one line naming the
+field."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+from k3batch import gpus, resume, storage
+from k3batch.config import ConfigError, JobConfig
+from k3batch.job import kinds
+from k3batch.job.inputs import InputInfo, inspect_input
+from k3batch.job.local_ray import check_local_cpus, starts_local_ray
+from k3batch.outputs import ENTRIES, Output
+
+log = logging.getLogger(__name__)
+
+_HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_paths(cfg: JobConfig) -> JobConfig:
+    """Local paths absolute: Ray workers need not share the driver's working directory."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.input.uri = storage.absolute(cfg.input.uri)
+    cfg.output.uri = storage.absolute(cfg.output.uri)
+    if os.path.exists(cfg.model.path) or cfg.model.make_tiny:
+        cfg.model.path = os.path.abspath(cfg.model.path)
+    if cfg.beautify.backend == "vllm" and (
+        os.path.exists(cfg.beautify.model) or cfg.beautify.make_tiny
+    ):
+        cfg.beautify.model = os.path.abspath(cfg.beautify.model)
+    return cfg
+
+
+def check_model(cfg: JobConfig) -> None:
+    b = cfg.beautify
+    local_llm = b.make_tiny or os.path.isdir(b.model)
+    if b.enabled and b.backend == "vllm" and not local_llm:  # noqa: SIM102 - reads as two rules
+        if os.path.exists(b.model) or not _HF_REPO_ID.match(b.model):
+            raise ConfigError(
+                f"beautify.model: {b.model!r} is neither a model directory nor a Hugging Face "
+                "repo id"
+            )
+    if not kinds.get(cfg.job).uses_diffusion_model:
+        return
+    from k3batch.model import family
+
+    m = cfg.model
+    path = m.path
+    if m.make_tiny:
+        return
+    if os.path.isdir(path):
+        missing = family.missing_files(path, m.name, m.refine, m.layout)
+        if missing:
+            raise ConfigError(
+                f"model.path: {path} has no {', '.join(missing)} for model.name={m.name}"
+                + (" with model.refine" if m.refine else "")
+            )
+        return
+    if os.path.exists(path) or not _HF_REPO_ID.match(path):
+        raise ConfigError(
+            f"model.path: {path!r} is neither a checkpoint directory nor a Hugging Face repo id"
+        )
+    check_hub_model(path)
+
+
+# A file each layout's repo has at its top: what the local cache must hold in offline mode.
+_HUB_MARKERS = ("model_index.json", "unet/config.json", "weights/movq.pt")
+
+
+def check_hub_model(repo_id: str) -> None:
+    """A Hub repo id must name a repo (online) or one in the local cache (HF_HUB_OFFLINE),
+    rather than fail in every actor after Ray has started."""
+    from huggingface_hub import constants, repo_exists, try_to_load_from_cache
+
+    if constants.is_offline_mode():
+        if not any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in _HUB_MARKERS):
+            raise ConfigError(
+                f"model.path: {repo_id!r} is not in the local Hugging Face cache and "
+                "HF_HUB_OFFLINE is set; download it first or give a local directory"
+            )
+        return
+    try:
+        exists = repo_exists(repo_id)
+    except Exception as e:  # noqa: BLE001 - the Hub unreachable from here: the workers retry
+        log.warning("k3batch: could not ask the Hugging Face Hub about %s: %s", repo_id, e)
+        return
+    if not exists:
+        raise ConfigError(
+            f"model.path: no Hugging Face repo {repo_id!r} (a private or gated repo needs HF_TOKEN)"
+        )
+
+
+def prepare_output(cfg: JobConfig, output: Output) -> bool:
+    """Start, resume or refuse: returns True when the output holds this job to resume.
+
+    A new (or overwritten) output records the job's fingerprint first, so even a run killed
+    in its first minute can be resumed.
+    """
+    fs, root = output.filesystem()
+    identity = resume.job_identity(cfg)
+    try:
+        previous = [p for p in ENTRIES if fs.exists(f"{root}/{p}")]
+        if previous and cfg.output.overwrite:
+            output.clear()
+        elif previous:
+            job = resume.read_job(fs, root)
+            if job is None:
+                raise ConfigError(
+                    f"output.uri: {cfg.output.uri} already holds files ({', '.join(previous)}) "
+                    "but no k3batch job to resume; choose a new output or pass --overwrite"
+                )
+            if job["fingerprint"] != resume.fingerprint(identity):
+                changed = resume.differences(job["job"], identity)
+                raise ConfigError(
+                    f"output.uri: {cfg.output.uri} holds a run of a different job "
+                    f"(changed: {', '.join(changed) or 'fingerprint'}); rerun with the same "
+                    "config to resume, choose a new output, or pass --overwrite"
+                )
+            return True
+        fs.makedirs(root, exist_ok=True)
+        resume.write_job(fs, root, identity)
+        return False
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(
+            f"output.uri: cannot write to {cfg.output.uri}: {type(e).__name__}: {e}"
+        ) from None
+
+
+def preflight(cfg: JobConfig) -> tuple[JobConfig, InputInfo, Output, bool]:
+    """Everything that can fail before Ray starts and before any model loads."""
+    cfg = resolve_paths(cfg)
+    check_local_cpus(cfg)
+    local = starts_local_ray(cfg)
+    gpus.check_local_gpus(cfg, local=local)
+    if local:
+        gpus.warn_local_gpu_memory(cfg)
+    info = inspect_input(cfg)
+    check_model(cfg)
+    output = Output.from_config(cfg, kinds.get(cfg.job).output_format(cfg))
+    resumed = prepare_output(cfg, output)
+    return cfg, info, output, resumed

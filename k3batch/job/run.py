@@ -1,0 +1,137 @@
+"""`run_job`: pre-flight, Ray start-up, the job kind's dataset, accounting and run.json."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from k3batch import __version__, schema
+from k3batch.config import ConfigError, JobConfig
+from k3batch.job import kinds
+from k3batch.job.accounting import account
+from k3batch.job.failures import JobFailed, failure_message
+from k3batch.job.kinds import JobContext
+from k3batch.job.local_ray import init_ray
+from k3batch.job.preflight import preflight
+from k3batch.outputs import records
+from k3batch.progress import Reporter, Tracker
+from k3batch.testing import faults
+
+
+@dataclass
+class RunResult:
+    run: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.run["accounting"]["ok"]
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"k3batch": __version__, "python": platform.python_version()}
+    for name in ("ray", "torch", "diffusers", "transformers", "pyarrow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _take_over_progress(reporter: Reporter) -> None:
+    """k3batch's own progress line replaces Ray Data's bars (they would garble each other)."""
+    from ray.data import DataContext
+
+    from k3batch.metrics import metrics_url
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False
+    url = metrics_url()
+    if url:
+        reporter.notes.append(f"metrics at {url}")
+
+
+def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
+    """Run the job; `reporter` (the CLI's) prints live progress, replacing Ray Data's bars."""
+    started = time.time()
+    started_at = datetime.now(UTC).isoformat()
+    kind = kinds.get(cfg.job)
+    cfg, info, output, resumed = preflight(cfg)
+    if resumed and not kind.resumes:
+        raise ConfigError(
+            f"output.uri: {cfg.output.uri} already holds this {cfg.job} job; {cfg.job} jobs "
+            "do not resume: pass --overwrite"
+        )
+    init_ray(cfg, resumed)
+    kind.prepare(cfg)
+    if cfg.beautify.enabled and cfg.beautify.make_tiny:
+        from k3batch.testing.tiny_llm import make_tiny_llm
+
+        make_tiny_llm(cfg.beautify.model)
+    if reporter is not None:
+        _take_over_progress(reporter)
+    before = set(output.record_files())
+    # Progress counts this run's rows: those an earlier run finished are skipped.
+    todo = (
+        max(info.num_rows - records.count_rows(output, sorted(before), skip_unreadable=True), 0)
+        if before
+        else info.num_rows
+    )
+    with Tracker(todo, reporter) as tracker, faults.stage_overrides() as overrides:
+        try:
+            # The tracker's actor is also the job's crash journal (progress.JobActor).
+            ctx = JobContext(
+                output,
+                info.num_rows,
+                info.schema,
+                info.duplicate_ids,
+                journal=tracker.tally,
+                tracker=tracker,
+                stage_overrides=overrides,
+            )
+            kind.run(cfg, ctx)
+        except Exception as e:
+            raise JobFailed(failure_message(cfg, e, tracker)) from e
+    # Record files from before that are still there hold rows an earlier run finished (Ray
+    # deleted those of writes it had not committed); the new ones hold this run's rows.
+    after = output.record_files()
+    new = records.read_records(
+        output, [f for f in after if f not in before], columns=[schema.STATUS]
+    )
+    generated = new.num_rows
+    statuses = new.column(schema.STATUS).to_pylist()
+    images = statuses.count(schema.STATUS_OK) if kind.makes_images else 0
+    skipped = records.count_rows(output, [f for f in after if f in before])
+    kind.finalise(cfg, ctx)
+    counts = account(cfg, info, output)
+    wall = time.time() - started
+    run = {
+        "k3batch_version": __version__,
+        "started_at": started_at,
+        "finished_at": datetime.now(UTC).isoformat(),
+        "wall_seconds": round(wall, 3),
+        "images_per_second": round(images / wall, 4) if wall > 0 else None,
+        **{k: v for k, v in counts.items() if k != "accounting"},
+        "resumed": resumed,
+        "rows_this_run": generated,
+        "skipped_by_resume": skipped,
+        "accounting": {
+            **counts["accounting"],
+            "rows_this_run": generated,
+            "skipped_by_resume": skipped,
+        },
+        **tracker.final.cost(),
+        "devices": tracker.devices,
+        "input_files": len(info.files),
+        "output": cfg.output.uri,
+        "format": cfg.output.format,
+        "config": cfg.model_dump(mode="json"),
+        "versions": versions(),
+    }
+    fs, root = output.filesystem()
+    fs.pipe_file(f"{root}/run.json", json.dumps(run, indent=2).encode())
+    return RunResult(run=run)
