@@ -14,24 +14,9 @@ import secrets
 import unicodedata
 from dataclasses import dataclass
 
-STATUS_OK = "ok"
-STATUS_ERROR = "error"
+from k3batch.model.family import BASE, MEMBERS, members_with
+from k3batch.schema import IMAGE_COLUMNS, STATUS_ERROR, STATUS_OK
 
-# Optional input columns that override the job's generation defaults per row.
-OVERRIDE_COLUMNS = (
-    "negative_prompt",
-    "seed",
-    "width",
-    "height",
-    "num_inference_steps",
-    "guidance_scale",
-    "strength",
-)
-# Optional input columns of image-to-image and inpainting rows: a URI or raw bytes each.
-IMAGE_COLUMNS = ("image", "mask")
-
-BASE, FLASH, INPAINT = "kandinsky3", "kandinsky3-flash", "kandinsky3-inpaint"
-FLASH_STEPS = 4
 MAX_SEED = 2**64 - 1
 _SHOWN_CHARS = 60
 
@@ -211,19 +196,21 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
     warnings: list[str] = []
     image = _source(raw, "image", errors)
     _source(raw, "mask", errors)
-    if rules.model == FLASH:
+    member = MEMBERS[rules.model]
+    if not member.takes_image:
         for name in IMAGE_COLUMNS:
             if raw.get(name) is not None:
                 errors.append(
-                    f"{name}: kandinsky3-flash is text-to-image only, got {show(raw.get(name))}"
+                    f"{name}: {member.name} is text-to-image only, got {show(raw.get(name))}"
                 )
-    elif rules.model == INPAINT:
+    elif member.needs_mask:
         for name in IMAGE_COLUMNS:
             if raw.get(name) is None:
-                errors.append(f"{name}: missing (null), kandinsky3-inpaint needs image and mask")
+                errors.append(f"{name}: missing (null), {member.name} needs image and mask")
     elif raw.get("mask") is not None:
-        errors.append(f"mask: only kandinsky3-inpaint takes a mask, got {show(raw.get('mask'))}")
-    has_image = image is not None and rules.model != FLASH
+        masked = ", ".join(members_with(needs_mask=True))
+        errors.append(f"mask: only {masked} takes a mask, got {show(raw.get('mask'))}")
+    has_image = image is not None and member.takes_image
 
     if has_image:
         # The size follows the input image (the reference's resize); an explicit size is
@@ -236,35 +223,38 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
         out["width"] = field("width", _as_int, side("width"))
         out["height"] = field("height", _as_int, side("height"))
 
-    if rules.model == FLASH:
-        # Flash has fixed timesteps and no guidance: per-row values are reported, not used.
-        for name, used in (
-            ("negative_prompt", None),
-            ("guidance_scale", 0.0),
-            ("num_inference_steps", FLASH_STEPS),
-        ):
-            value = raw.get(name)
-            if (
-                value is not None
-                and value != used
-                and not (name == "negative_prompt" and not value)
-            ):
-                warnings.append(
-                    f"{name}: ignored by kandinsky3-flash (no guidance, 4 fixed steps), got {show(value)}"
-                )
-        out["negative_prompt"] = None
-        out["num_inference_steps"] = FLASH_STEPS
-        out["guidance_scale"] = None
+    # A member without guidance or with fixed timesteps: per-row values are reported, not used.
+    unused = []
+    if not member.guided:
+        unused += [("negative_prompt", None), ("guidance_scale", 0.0)]
+    if member.fixed_timesteps:
+        unused.append(("num_inference_steps", member.steps))
+    why = ", ".join(
+        ([] if member.guided else ["no guidance"])
+        + ([f"{member.steps} fixed steps"] if member.fixed_timesteps else [])
+    )
+    for name, used in unused:
+        value = raw.get(name)
+        if value is not None and value != used and not (name == "negative_prompt" and not value):
+            warnings.append(f"{name}: ignored by {member.name} ({why}), got {show(value)}")
+    if member.fixed_timesteps:
+        out["num_inference_steps"] = member.steps
     else:
         out["num_inference_steps"] = field("num_inference_steps", _as_int, steps)
+    if not member.guided:
+        out["negative_prompt"] = None
+        out["guidance_scale"] = None
+    else:
         out["guidance_scale"] = field("guidance_scale", _as_float, guidance)
 
     out["strength"] = None
-    if raw.get("strength") is not None and not (rules.model == BASE and has_image):
+    image_to_image = has_image and member.image_input == "optional"
+    if raw.get("strength") is not None and not image_to_image:
+        takers = ", ".join(members_with(image_input="optional"))
         warnings.append(
-            f"strength: ignored, only image-to-image rows (kandinsky3 with an image) use it, got {show(raw.get('strength'))}"
+            f"strength: ignored, only image-to-image rows ({takers} with an image) use it, got {show(raw.get('strength'))}"
         )
-    elif rules.model == BASE and has_image:
+    elif image_to_image:
         out["strength"] = field("strength", _as_float, strength_check)
 
     if raw.get("seed") is None:

@@ -43,32 +43,76 @@ NULL_EMBEDDING_FILE = "null_embedding.safetensors"
 
 @dataclass(frozen=True)
 class Member:
-    """One model of the family and the reference's settings for it."""
+    """One model of the family, declared once: its weights, the reference's settings for it,
+    and what it can do. Config validation, row normalisation, loading, sampling and Serve
+    read these fields instead of testing member names, so a new member is one entry here."""
 
     name: str
     unet_folder: str  # diffusers layout
     reference_file: str  # reference layout, under weights/
     projection_file: str  # reference layout, under weights/flan_ul2_encoder/
     in_channels: int
-    num_inference_steps: int | None  # default; None: fixed timesteps (Flash)
-    guidance_scale: float | None  # default; None: no guidance (Flash)
-    threshold_percentile: float | None  # dynamic thresholding of x0; None: none (Flash)
+    num_inference_steps: int | None  # default; None: fixed timesteps
+    guidance_scale: float | None  # default; None: no classifier-free guidance
+    threshold_percentile: float | None  # dynamic thresholding of x0; None: none
+    # "none": text-to-image only; "optional": an `image` row is image-to-image (with
+    # `strength`); "required": every row brings an image (and a mask, with `needs_mask`).
+    image_input: str = "none"
+    needs_mask: bool = False
+    fixed_timesteps: tuple[int, ...] | None = None  # sampled at exactly these timesteps
+    refinable: bool = False  # `model.refine`: a final Flash step at REFINE_TIMESTEP
+    text_encoder: str = "flan-ul2 encoder"  # T5, shared by the family
+    max_prompt_tokens: int = 128  # the text encoder's context; longer prompts are cut
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale is not None
+
+    @property
+    def takes_image(self) -> bool:
+        return self.image_input != "none"
+
+    @property
+    def steps(self) -> int | None:
+        """Steps every row runs when they are fixed, else None (the row's own)."""
+        return len(self.fixed_timesteps) if self.fixed_timesteps else None
 
 
 MEMBERS = {
-    BASE: Member(BASE, "unet", "kandinsky3.pt", "projection.pt", 4, 50, 3.0, 0.99),
+    BASE: Member(
+        BASE,
+        "unet",
+        "kandinsky3.pt",
+        "projection.pt",
+        in_channels=4,
+        num_inference_steps=50,
+        guidance_scale=3.0,
+        threshold_percentile=0.99,
+        image_input="optional",
+        refinable=True,
+    ),
     FLASH: Member(
-        FLASH, "unet_flash", "kandinsky3_flash.pt", "projection_flash.pt", 4, None, None, None
+        FLASH,
+        "unet_flash",
+        "kandinsky3_flash.pt",
+        "projection_flash.pt",
+        in_channels=4,
+        num_inference_steps=None,
+        guidance_scale=None,
+        threshold_percentile=None,
+        fixed_timesteps=FLASH_TIMESTEPS,
     ),
     INPAINT: Member(
         INPAINT,
         "unet_inpaint",
         "kandinsky3_inpainting.pt",
         "projection_inpainting.pt",
-        9,
-        50,
-        4.0,
-        0.95,
+        in_channels=9,
+        num_inference_steps=50,
+        guidance_scale=4.0,
+        threshold_percentile=0.95,
+        image_input="required",
+        needs_mask=True,
     ),
 }
 NAMES = tuple(MEMBERS)
@@ -76,10 +120,17 @@ NAMES = tuple(MEMBERS)
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def members_with(**capabilities) -> list[str]:
+    """Names of the members whose fields equal these, e.g. `members_with(needs_mask=True)`."""
+    return [
+        m.name for m in MEMBERS.values() if all(getattr(m, k) == v for k, v in capabilities.items())
+    ]
+
+
 def members_needed(name: str, refine: bool = False) -> list[Member]:
     """The members a job loads: its own, plus Flash when a base job refines."""
     needed = [MEMBERS[name]]
-    if refine and name != FLASH:
+    if refine and MEMBERS[name].refinable:
         needed.append(MEMBERS[FLASH])
     return needed
 

@@ -117,9 +117,9 @@ def _decode_activations_gib(images: int, pixels: int, dtype: str) -> float:
 
 
 def _text_activations_gib(prompts: int, dtype: str) -> float:
-    from k3batch.model import tiny
+    from k3batch.model.loading import FULL_T5
 
-    t5 = tiny.FULL_T5
+    t5 = FULL_T5
     # Per token and layer: residual, q/k/v/o and norm outputs (~6 x d_model), the gated
     # feed-forward's two inputs and product (3 x d_ff), one row of attention scores per head.
     per_token = 6 * t5["d_model"] + 3 * t5["d_ff"] + t5["num_heads"] * TEXT_TOKENS
@@ -154,7 +154,7 @@ def generation_estimate(
     pixels = width * height
     peaks: list[tuple[str, float]] = []
     member = family.MEMBERS[model.name]
-    guided = member.guidance_scale is not None
+    guided = member.guided
     if not text_encoder_pool and _on_gpu(devices["text_encoder"]):
         dt = dtypes["text_encoder"]
         parts.append((f"T5 encoder weights ({dt})", _weights_gib("text_encoder", dt)))
@@ -195,7 +195,7 @@ def text_encoder_estimate(
     from k3batch.model import family
 
     dt = model.dtype.text_encoder
-    guided = family.MEMBERS[model.name].guidance_scale is not None
+    guided = family.MEMBERS[model.name].guided
     prompts = batch_size * (2 if guided else 1)
     parts = [
         (f"T5 encoder weights ({dt})", _weights_gib("text_encoder", dt)),

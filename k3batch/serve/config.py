@@ -176,18 +176,22 @@ class ServeAppConfig(Strict):
 
     @model_validator(mode="after")
     def _replicas(self) -> ServeAppConfig:
+        from k3batch.model import family
+
         apply_member_defaults(self.generation, self.model)
-        if self.model.name == "kandinsky3-inpaint":
+        # /v1/images/generations serves a member that needs no image; /v1/images/edits one
+        # that repaints an image under a mask.
+        if family.MEMBERS[self.model.name].needs_mask:
             raise ValueError(
-                "model.name: kandinsky3-inpaint needs an image and a mask; configure it as "
+                f"model.name: {self.model.name} needs an image and a mask; configure it as "
                 "inpaint_model (served at /v1/images/edits)"
             )
         deployments = [("generator", self.generator)]
         if self.inpaint_model is not None:
-            if self.inpaint_model.name != "kandinsky3-inpaint":
+            if not family.MEMBERS[self.inpaint_model.name].needs_mask:
+                masked = " or ".join(family.members_with(needs_mask=True))
                 raise ValueError(
-                    f"inpaint_model.name: must be kandinsky3-inpaint, got "
-                    f"{self.inpaint_model.name!r}"
+                    f"inpaint_model.name: must be {masked}, got {self.inpaint_model.name!r}"
                 )
             apply_member_defaults(self.inpaint_generation, self.inpaint_model)
             deployments.append(("inpaint_generator", self.inpaint_generator))

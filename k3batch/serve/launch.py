@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from k3batch.config import ConfigError, _set_path, format_validation_error, parse_overrides
+from k3batch.config import ConfigError, format_validation_error, parse_overrides, set_path
 
 
 def import_attr(path: str):
@@ -36,7 +36,7 @@ def load_serve_config(path: str, overrides: list[str] | None = None) -> dict:
     if not apps:
         raise ConfigError(f"serve config {path}: needs an `applications` list")
     for key, value in parse_overrides(overrides or []):
-        _set_path(apps[0].setdefault("args", {}), key, value)
+        set_path(apps[0].setdefault("args", {}), key, value)
     for i, app in enumerate(apps):
         if app.get("import_path") == "k3batch.serve.app:build_app":
             try:

@@ -1,0 +1,120 @@
+"""`generation:` and `limits:`: the defaults every row starts from, the limits it is checked
+against, and how a model member fills and refuses them."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from pydantic import Field, field_validator
+
+from k3batch.config.base import Strict
+
+if TYPE_CHECKING:
+    from k3batch.config.model import ModelConfig
+
+
+def _multiple_of_64(v: int) -> int:
+    if v <= 0 or v % 64:
+        raise ValueError("must be a positive multiple of 64")
+    return v
+
+
+class GenerationConfig(Strict):
+    """Defaults for every row; optional input columns of the same names override them."""
+
+    num_inference_steps: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="Denoising steps (reference spacing range(999, 0, -1000//steps)); null = "
+        "the model's default (50). Flash always runs its 4 fixed steps.",
+    )
+    guidance_scale: float | None = Field(
+        None,
+        ge=0,
+        description="Classifier-free guidance weight w in (w+1)*cond - w*uncond; null = the "
+        "model's default (3.0 base, 4.0 inpainting). Flash uses no guidance.",
+    )
+    strength: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="Image-to-image rows (base model, rows with an `image`): how far the input "
+        "is noised; the last int(steps * strength) timesteps run (diffusers' rule and "
+        "default). Near 0 returns the input, 1 ignores it.",
+    )
+    width: int = Field(1024, description="Image width in pixels, a multiple of 64.")
+    height: int = Field(1024, description="Image height in pixels, a multiple of 64.")
+    negative_prompt: str | None = Field(
+        None, description="Negative prompt for rows without their own; null for none."
+    )
+    seed: int = Field(
+        0,
+        ge=-1,
+        lt=2**63,
+        description="Base seed. A row without its own `seed` gets one derived from this and its "
+        "id; -1 picks a random seed per row. The seed used is recorded per row.",
+    )
+
+    @field_validator("width", "height")
+    @classmethod
+    def _side(cls, v: int) -> int:
+        return _multiple_of_64(v)
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be finite")
+        return v
+
+
+class LimitsConfig(Strict):
+    max_side: int = Field(2048, ge=64, description="Largest allowed width or height of a row.")
+    max_num_inference_steps: int = Field(
+        1000, ge=1, le=1000, description="Largest allowed num_inference_steps of a row."
+    )
+    max_prompt_chars: int = Field(
+        20000,
+        ge=1,
+        description="Longest allowed prompt in characters (the text encoder reads 128 tokens "
+        "anyway; this guards the tokenizer against absurd rows).",
+    )
+
+
+def apply_member_defaults(generation: GenerationConfig, model: ModelConfig) -> None:
+    """Fill null steps/guidance with the family member's own; refuse settings it cannot use.
+
+    Shared by batch jobs and the Serve app, so both treat a member the same way.
+    """
+    from k3batch.model import family
+
+    g, m = generation, model
+    member = family.MEMBERS[m.name]
+    if m.refine and not member.refinable:
+        refinable = ", ".join(family.members_with(refinable=True))
+        raise ValueError(f"model.refine: works on {refinable} (base) jobs, not {m.name}")
+    # Settings a member would not use are reported here rather than silently dropped.
+    if not member.guided:
+        if g.negative_prompt is not None:
+            raise ValueError(
+                f"generation.negative_prompt: {m.name} uses no guidance, so a "
+                f"negative prompt has no effect (got {g.negative_prompt!r}); remove it"
+            )
+        if g.guidance_scale is not None:
+            raise ValueError(
+                f"generation.guidance_scale: {m.name} uses no guidance "
+                f"(got {g.guidance_scale!r}); remove it"
+            )
+    elif g.guidance_scale is None:
+        g.guidance_scale = member.guidance_scale
+    if member.fixed_timesteps:
+        if g.num_inference_steps not in (None, member.steps):
+            raise ValueError(
+                f"generation.num_inference_steps: {m.name} always runs {member.steps} steps at "
+                f"{list(member.fixed_timesteps)} (got {g.num_inference_steps!r}); remove it"
+            )
+        g.num_inference_steps = member.steps
+    elif g.num_inference_steps is None:
+        g.num_inference_steps = member.num_inference_steps
