@@ -41,7 +41,7 @@ def prompt_table(path: str, n: int) -> str:
 
 def tiny_model_dir(size: str = "tiny") -> str:
     """The seeded random checkpoint: `tiny` (tests' model) or `bench` (see tiny.BENCH_UNET)."""
-    from k3batch.model.tiny import make_tiny
+    from k3batch.testing.tiny import make_tiny
 
     return make_tiny(os.path.join(tempfile.gettempdir(), f"k3batch-bench-{size}"), size=size)
 

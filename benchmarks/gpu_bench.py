@@ -1,7 +1,7 @@
 """GPU benchmark: k3batch's Kandinsky 3 path against diffusers' Kandinsky3Pipeline, same GPU.
 
 The full-size architecture (Flan-UL2 encoder 8.7B, UNet 3.1B, MoVQ 271M) is built from the
-real configs with random weights (`k3batch.model.tiny.random_components`; no download), in
+real configs with random weights (`k3batch.testing.tiny_parts.random_components`; no download), in
 bfloat16, at 1024x1024. Two runs, each timed per stage (text encode, UNet loop, MoVQ decode)
 and as a whole `generate()` call:
 
@@ -349,9 +349,10 @@ def main(argv=None) -> dict:
     from diffusers import Kandinsky3Pipeline
 
     from k3batch.model import family
-    from k3batch.model.kandinsky3 import Denoiser, Kandinsky3
+    from k3batch.model.denoiser import Denoiser
+    from k3batch.model.kandinsky3 import Kandinsky3
     from k3batch.model.loading import DTYPES
-    from k3batch.model.tiny import random_components
+    from k3batch.testing.tiny_parts import random_components
 
     size = "tiny" if args.small else "full"
     dtype = DTYPES[args.dtype]

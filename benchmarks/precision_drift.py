@@ -73,10 +73,11 @@ def main(argv=None) -> dict:
 
     from k3batch.model import family, performance
     from k3batch.model import text as textmod
-    from k3batch.model.kandinsky3 import Denoiser, Kandinsky3, Request
+    from k3batch.model.denoiser import Denoiser
+    from k3batch.model.kandinsky3 import Kandinsky3, Request
     from k3batch.model.loading import DTYPES
-    from k3batch.model.tiny import random_components
     from k3batch.rows import derive_seed
+    from k3batch.testing.tiny_parts import random_components
 
     size = "tiny" if args.small else "full"
     parts = random_components(size, args.device, torch.float32, members=(family.BASE,))

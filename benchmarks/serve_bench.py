@@ -64,8 +64,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from k3batch.model.tiny import make_tiny
     from k3batch.serve.app import build_app
+    from k3batch.testing.tiny import make_tiny
 
     model_dir = make_tiny(os.path.join(tempfile.gettempdir(), "k3batch-bench-tiny"))
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")

@@ -61,16 +61,16 @@ def map_stage(
     num_cpus: float,
     num_gpus: float = 0,
     actors: tuple[int, int] | None = None,
+    tracker: progress.Tracker | None = None,
 ):
     """Add `stage_cls` to the dataset: on an actor pool of (min, max) actors, or as tasks.
 
-    Every stage records k3batch's metrics; while a `progress.Tracker` is active (a job run),
-    the stage also joins its progress tally, in the order the pipeline adds stages.
+    Every stage records k3batch's metrics; given the job's `tracker` (a job run), the stage
+    also joins its progress tally, in the order the pipeline adds stages.
     """
     import ray.data
 
     observer = StageObserver.for_stage(stage_cls)
-    tracker = progress.active()
     if tracker is not None:
         observer.stage = tracker.register(observer.stage, num_gpus, actor_pool=actors is not None)
         observer.tally = tracker.tally

@@ -27,7 +27,11 @@ TALLY_TIMEOUT_S = 60
 
 
 def stage_name(stage_cls: type) -> str:
-    """`WriteImagesStage` -> `write_images`: the `stage` tag and the name in run.json."""
+    """`WriteImagesStage` -> `write_images`: the `stage` tag and the name in run.json. A
+    stage subclassed elsewhere (fault injection in tests) keeps its production name."""
+    stage_cls = next(
+        (c for c in stage_cls.__mro__ if c.__module__.startswith("k3batch.stages.")), stage_cls
+    )
     name = stage_cls.__name__.removesuffix("Stage") or stage_cls.__name__
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 

@@ -149,14 +149,6 @@ class Snapshot:
         }
 
 
-_active: Tracker | None = None
-
-
-def active() -> Tracker | None:
-    """The tracker of the job being built on this driver, if any (read by `map_stage`)."""
-    return _active
-
-
 class Tracker:
     """Driver side of a job's progress: the tally actor, the stage order, the reporter."""
 
@@ -170,12 +162,10 @@ class Tracker:
         self.devices: list[dict] = []  # run.json's `devices`: one record per model actor
 
     def __enter__(self) -> Tracker:
-        global _active
         import ray
 
         self.tally = ray.remote(num_cpus=0)(JobActor).remote()
         self.started = time.monotonic()
-        _active = self
         if self.reporter is not None:
             self.reporter.start(self.snapshot, self.total)
         return self
@@ -197,10 +187,8 @@ class Tracker:
         return Snapshot(self.total, time.monotonic() - self.started, list(self.order), stages)
 
     def __exit__(self, *exc) -> None:
-        global _active
         import ray
 
-        _active = None
         try:
             self.final = self.snapshot()
         except Exception as e:  # noqa: BLE001 - progress must not hide the job's own error

@@ -30,7 +30,8 @@ from transformers import T5EncoderModel
 from k3batch import images as kimg
 from k3batch.model import loading  # noqa: F401
 from k3batch.model.kandinsky3 import Kandinsky3, Request
-from k3batch.model.tiny import TINY_MOVQ, TINY_UNET, make_tiny
+from k3batch.testing.tiny import make_tiny
+from k3batch.testing.tiny_parts import TINY_MOVQ, TINY_UNET
 
 PROMPT = "a blue robot in the rain, oil painting"
 

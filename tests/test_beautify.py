@@ -183,7 +183,7 @@ def test_beautify_config_rules(tmp_path):
 def test_missing_beautified_prompt_column_fails_at_start(tmp_path, tiny_dir):
     import pyarrow.parquet as pq
 
-    from k3batch.runner import preflight
+    from k3batch.job.preflight import preflight
 
     pq.write_table(pa.table({"prompt": ["a cat"]}), tmp_path / "in.parquet")
     data = job_config(tmp_path, str(tmp_path / "in.parquet"), tiny_dir)

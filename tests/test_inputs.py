@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from k3batch import images
-from k3batch.config import ConfigError, load_config
+from k3batch.config import ConfigError, ModelConfig, load_config
 from k3batch.rows import RowRules, normalise_row
 from k3batch.stages.generate import GenerateStage
 from k3batch.stages.prepare import PrepareImagesStage
@@ -221,7 +221,9 @@ def test_prepare_scales_large_images_to_about_one_megapixel():
 @pytest.fixture(scope="module")
 def inpaint_stage(tiny_dir):
     return GenerateStage(
-        {"name": "kandinsky3-inpaint", "path": tiny_dir, "dtype": FP32, "device": "cpu"}
+        ModelConfig(
+            **{"name": "kandinsky3-inpaint", "path": tiny_dir, "dtype": FP32, "device": "cpu"}
+        )
     )
 
 
@@ -251,7 +253,7 @@ def test_inpaint_rows_through_validate_prepare_generate(inpaint_stage, files):
 
 # ------------------------------------------------------------------ pre-flight
 def test_preflight_names_the_missing_member_files(tmp_path):
-    from k3batch.runner import check_model
+    from k3batch.job.preflight import check_model
 
     for sub in ("tokenizer", "text_encoder", "movq", "unet"):
         (tmp_path / "diff" / sub).mkdir(parents=True)
@@ -284,7 +286,9 @@ def test_flash_rows_through_validate_and_generate_report_what_flash_ignores(tiny
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from k3batch.runner import InputInfo, account
+    from k3batch.job.accounting import account
+    from k3batch.job.inputs import InputInfo
+    from k3batch.outputs import Output
 
     rules = RowRules(width=64, height=64, num_inference_steps=4, model="kandinsky3-flash")
     batch = {
@@ -295,7 +299,9 @@ def test_flash_rows_through_validate_and_generate_report_what_flash_ignores(tiny
     }
     batch = {**batch, **ValidateStage(rules)(batch)}
     stage = GenerateStage(
-        {"name": "kandinsky3-flash", "path": tiny_dir, "dtype": FP32, "device": "cpu"}
+        ModelConfig(
+            **{"name": "kandinsky3-flash", "path": tiny_dir, "dtype": FP32, "device": "cpu"}
+        )
     )
     out = {**batch, **stage(batch)}
     assert out["status"] == ["ok"] * 3
@@ -310,6 +316,7 @@ def test_flash_rows_through_validate_and_generate_report_what_flash_ignores(tiny
     columns = {k: out[k] for k in ("id", "status", "error", "warning")}
     pq.write_table(pa.table(columns), meta / "part.parquet")
     data = {"input": {"uri": "x"}, "output": {"uri": str(tmp_path / "out")}}
-    counts = account(load_config(data=data), InputInfo(files=[], columns=[], num_rows=3))
+    cfg = load_config(data=data)
+    counts = account(cfg, InputInfo(files=[], columns=[], num_rows=3), Output.from_config(cfg))
     assert counts["warnings_by_field"] == {"negative_prompt": 1, "guidance_scale": 1}
     assert counts["accounting"]["ok"]

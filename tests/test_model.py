@@ -175,7 +175,8 @@ def test_row_length_pooling_equals_stock_pooling_on_each_rows_own_context(tiny_m
 
 
 def test_bench_size_is_the_same_family_wider_and_loads_like_the_tiny_one(tmp_path):
-    from k3batch.model.tiny import BENCH_MOVQ, BENCH_UNET, is_tiny_checkpoint, make_tiny
+    from k3batch.testing.tiny import is_tiny_checkpoint, make_tiny
+    from k3batch.testing.tiny_parts import BENCH_MOVQ, BENCH_UNET
 
     path = make_tiny(str(tmp_path / "bench"), size="bench")
     assert is_tiny_checkpoint(path, size="bench") and not is_tiny_checkpoint(path)

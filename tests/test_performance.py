@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from k3batch.config import ModelConfig
 from k3batch.model import text
-from k3batch.model.kandinsky3 import Kandinsky3, PromptEncoder, Request
+from k3batch.model.kandinsky3 import Kandinsky3, Request
+from k3batch.model.prompt_encoder import PromptEncoder
 
 from .conftest import FP32, LATENT_ATOL, assert_same_images, load_tiny
 
@@ -201,7 +203,6 @@ def test_embeddings_from_the_prompt_encoder_give_the_same_images(tiny_dir, membe
 
 
 def test_generate_stage_passes_performance_settings_to_the_model(tiny_dir):
-    from k3batch.config import ModelConfig
     from k3batch.stages.generate import GenerateStage
 
     cfg = ModelConfig(
@@ -210,7 +211,7 @@ def test_generate_stage_passes_performance_settings_to_the_model(tiny_dir):
         device="cpu",
         performance={"attention": "eager", "channels_last": True},
     )
-    stage = GenerateStage(cfg.model_dump(), text_encoder_pool=True)
+    stage = GenerateStage(cfg, text_encoder_pool=True)
     assert set(attention_processors(stage.pipe.movq)) == {"AttnProcessor"}
     assert stage.pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert stage.pipe.text_encoder is None
@@ -282,11 +283,11 @@ def test_a_compiled_generation_stage_warms_up_at_start_on_the_jobs_shape(tiny_di
         "device": "cpu",
         "performance": {"compile": compile},
     }
-    stage = GenerateStage(model, warmup={"width": 64, "height": 64, "batch_size": 2})
+    stage = GenerateStage(ModelConfig(**model), warmup={"width": 64, "height": 64, "batch_size": 2})
     # Both compiled modules ran (were captured) before the first real batch.
     assert stage.warmup_seconds is not None and counters["stats"]["unique_graphs"] >= 2
     off = GenerateStage(
-        {**model, "performance": {"compile": {**compile, "warmup": False}}},
+        ModelConfig(**{**model, "performance": {"compile": {**compile, "warmup": False}}}),
         warmup={"width": 64, "height": 64, "batch_size": 2},
     )
     assert off.warmup_seconds is None

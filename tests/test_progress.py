@@ -190,8 +190,8 @@ def test_tracker_counts_batches_of_real_ray_stages(ray_local):
     rows = [{"id": f"r{i}", "prompt": "" if i % 5 == 0 else f"p{i}"} for i in range(20)]
     kwargs = {"rules": RowRules(width=64, height=64)}
     with Tracker(total=20) as tracker:
-        ds = map_stage(ray.data.from_items(rows), ValidateStage, kwargs, batch_size=4, num_cpus=0.25)  # fmt: skip
-        ds = map_stage(ds, ValidateStage, kwargs, batch_size=4, num_cpus=0.25, actors=(1, 1))
+        ds = map_stage(ray.data.from_items(rows), ValidateStage, kwargs, batch_size=4, num_cpus=0.25, tracker=tracker)  # fmt: skip
+        ds = map_stage(ds, ValidateStage, kwargs, batch_size=4, num_cpus=0.25, actors=(1, 1), tracker=tracker)  # fmt: skip
         assert ds.count() == 20
     snap = tracker.final
     assert [s.name for s in snap.order] == ["validate", "validate_2"]

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from k3batch.config import ModelConfig
 from k3batch.rows import RowRules
 from k3batch.stages.base import apply_stage
 from k3batch.stages.generate import GenerateStage
@@ -48,7 +49,7 @@ def test_validate_stage_uses_id_column_and_flags_bad_ids():
 
 def test_rows_sharing_an_id_become_errors_under_ids_of_their_own():
     from k3batch.config import ConfigError
-    from k3batch.runner import repeated_ids
+    from k3batch.job.inputs import repeated_ids
 
     # Found before the job (across all files), as ValidateStage spells ids: 7 and "7" are one.
     repeated = repeated_ids(pa.chunked_array([["a", "7", "b", "a", None, None, ""]]), "id")
@@ -88,7 +89,9 @@ def test_validate_without_id_or_row_hash_is_a_clear_error():
 
 @pytest.fixture(scope="module")
 def generate_stage(tiny_dir):
-    return GenerateStage({"name": "kandinsky3", "path": tiny_dir, "dtype": FP32, "device": "cpu"})
+    return GenerateStage(
+        ModelConfig(**{"name": "kandinsky3", "path": tiny_dir, "dtype": FP32, "device": "cpu"})
+    )
 
 
 def valid_batch(prompts, **overrides):
@@ -177,7 +180,7 @@ def test_generate_stage_sets_its_torch_thread_count(tiny_dir):
     before = torch.get_num_threads()
     try:
         GenerateStage(
-            {"name": "kandinsky3", "path": tiny_dir, "dtype": FP32, "device": "cpu"},
+            ModelConfig(**{"name": "kandinsky3", "path": tiny_dir, "dtype": FP32, "device": "cpu"}),
             torch_threads=1,
         )
         assert torch.get_num_threads() == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 from k3batch.beautify import config as bc
-from k3batch.rows import STATUS_OK
+from k3batch.schema import STATUS_OK
 
 TEXT_ENCODER_TOKENS = 128  # Kandinsky 3 tokenizes to 128 tokens, </s> included
 

@@ -41,12 +41,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from k3batch.model import family, performance
+from k3batch.model import movq as movq_codec
 from k3batch.model import text as textmod
+from k3batch.model.denoiser import Denoiser
 from k3batch.model.noise import RowNoise
-from k3batch.model.schedule import DiffusionSchedule, base_timesteps
+from k3batch.model.schedule import DiffusionSchedule, base_timesteps, image_to_image_timesteps
 
 log = logging.getLogger(__name__)
 
@@ -72,75 +73,6 @@ class Request:
     strength: float | None = None  # img2img
     # T5 output of this row from the text encoder pool; None: the model encodes the prompt.
     text: textmod.PromptEmbedding | None = None
-
-
-class RowLengthPooling(nn.Module):
-    """The UNet's attention pooling with the reference's per-row context length.
-
-    The reference pools with the mean over a context cut to the prompt's own length + 1
-    (one prompt per call). k3batch's context is 128 positions for every row, so the plain
-    mean would differ. Padded positions are zero, so the sum over the context divided by the
-    row's own n + 1 is the reference's value.
-    """
-
-    def __init__(self, pooling: nn.Module):
-        super().__init__()
-        self.pooling = pooling
-        self.lengths: torch.Tensor | None = None  # [batch] set by the sampler per forward
-
-    def forward(self, x, context, context_mask=None):
-        if self.lengths is None:
-            raise RuntimeError("RowLengthPooling.lengths must be set before the UNet runs")
-        query = context.sum(dim=1, keepdim=True) / self.lengths.to(context.dtype).view(-1, 1, 1)
-        if context_mask is not None:
-            context_mask = context_mask.to(dtype=context.dtype)
-        out = self.pooling.attention(query, context, context_mask)
-        return x + out.squeeze(1)
-
-
-class Denoiser:
-    """One member's UNet with its text projection, row-length pooling and null embedding."""
-
-    def __init__(self, member: family.Member, unet: nn.Module, null_embedding):
-        self.member = member
-        self.unet = unet.eval()
-        # The text projection runs outside the UNet: the reference zeroes padded positions
-        # and places `null_embedding` after the projection, in the UNet's context space.
-        self.projection = unet.encoder_hid_proj
-        unet.encoder_hid_proj = nn.Identity()
-        self.pooling = RowLengthPooling(unet.add_time_condition)
-        unet.add_time_condition = self.pooling
-        self.null_embedding = null_embedding
-        if member.guidance_scale is None:
-            self.uncond = textmod.UNCOND_NONE
-        elif null_embedding is not None:
-            self.uncond = textmod.UNCOND_NULL_EMBEDDING
-        else:
-            self.uncond = textmod.UNCOND_ZEROS
-        param = next(unet.parameters())
-        self.device, self.dtype = param.device, param.dtype
-        self.memory_format = torch.preserve_format  # channels_last with model.performance
-
-    @property
-    def guided(self) -> bool:
-        return self.uncond != textmod.UNCOND_NONE
-
-    def condition(self, hidden: textmod.Hidden, lengths: torch.Tensor) -> textmod.Conditioning:
-        uncond = self.uncond if self.guided else None
-        return textmod.project(
-            hidden, lengths, self.projection, uncond, self.null_embedding, self.dtype
-        )
-
-    def __call__(self, x, t: int, context, mask, lengths) -> torch.Tensor:
-        """Epsilon in float32 for a batch at one timestep."""
-        self.pooling.lengths = lengths
-        try:
-            tt = torch.full((x.shape[0],), float(t), device=self.device)
-            x = x.to(self.device, self.dtype, memory_format=self.memory_format)
-            out = self.unet(x, tt, context, mask, return_dict=False)
-        finally:
-            self.pooling.lengths = None
-        return out[0].float()
 
 
 class Kandinsky3:
@@ -189,7 +121,7 @@ class Kandinsky3:
         (`model.performance`); `text_encoder=False` leaves T5 to the text encoder pool."""
         from k3batch.model import loading
 
-        if refine and member != family.BASE:
+        if refine and not family.MEMBERS[member].refinable:
             raise ValueError(f"refine works on {family.BASE} jobs, not {member}")
         members = family.members_needed(member, refine)
         parts = loading.load(
@@ -270,7 +202,7 @@ class Kandinsky3:
             text = textmod.PromptEmbedding(torch.zeros(2, width_in))
         blank = np.zeros((height, width, 3), np.uint8)
         keep = np.ones((height, width), np.float32)
-        inpaint = self.member.name == family.INPAINT
+        inpaint = self.member.needs_mask
         rows = [
             Request(
                 "warm-up",
@@ -315,9 +247,9 @@ class Kandinsky3:
         return self.denoiser.dtype
 
     def kind(self, request: Request) -> str:
-        if self.member.name == family.FLASH:
+        if self.member.fixed_timesteps:
             return KIND_FLASH
-        if self.member.name == family.INPAINT:
+        if self.member.needs_mask:
             return KIND_INPAINT
         return KIND_IMAGE if request.image is not None else KIND_TEXT
 
@@ -420,7 +352,7 @@ class Kandinsky3:
     def _flash(self, cond, noise):
         d = self.denoiser
         x = noise()
-        for t in family.FLASH_TIMESTEPS:
+        for t in d.member.fixed_timesteps:
             x_t = self.schedule.add_noise(x, t, noise())
             eps = d(x_t, t, cond.context, cond.context_mask, cond.pool_lengths)
             x = self.schedule.x0_from_eps(x_t, t, eps)
@@ -462,104 +394,14 @@ class Kandinsky3:
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """MoVQ latents (float32, UNet device) of [-1, 1] images, one image per call.
-
-        One at a time for the same reason as `decode`: results independent of batch size.
-        """
-        dtype = next(self.movq.parameters()).dtype
-        out = [self.movq.encode(p[None].to(dtype)).latents.float() for p in pixels]
-        return torch.cat(out).to(self.device)
+        """MoVQ latents (float32, UNet device) of [-1, 1] images (`movq.encode`)."""
+        return movq_codec.encode(self.movq, pixels).to(self.device)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
-        """MoVQ-decode to uint8 HWC images, at most `decode_batch_size` latents per call.
-
-        The default of 1 keeps decode memory flat (the decoder's activations at 1024x1024 are
-        the memory peak) and makes results independent of batch size: convolution kernels
-        may round differently for other batch shapes. One 1024x1024 decode (~34 TFLOP)
-        already fills a GPU. A call that runs out of device memory is retried with half the
-        latents, and `decode_batch_size` keeps the smaller size for later batches.
-        """
-        param = next(self.movq.parameters())
-        images, self.decode_batch_size = performance.in_chunks_halving_on_oom(
-            len(latents),
-            self.decode_batch_size,
-            lambda start, size, pad_to: self._decode_chunk(
-                latents[start : start + size], param, pad_to
-            ),
-            padded=True,
-            what="MoVQ decode of latents",
-            device=param.device,
+        """MoVQ-decode to uint8 HWC images, at most `decode_batch_size` latents per call; a
+        call that runs out of memory halves it for later batches too (`movq.decode`)."""
+        images, self.decode_batch_size = movq_codec.decode(
+            self.movq, latents, self.decode_batch_size, self.movq_memory_format
         )
         return images
-
-    def _decode_chunk(
-        self, latents: torch.Tensor, param: torch.Tensor, pad_to: int
-    ) -> list[np.ndarray]:
-        n = len(latents)
-        if n < pad_to:
-            # Always decode `pad_to` latents at once (zeros fill the rest): kernels pick their
-            # algorithm by shape, so a fixed shape keeps an image independent of how many
-            # rows its batch had.
-            fill = latents.new_zeros((pad_to - n, *latents.shape[1:]))
-            latents = torch.cat([latents, fill])
-        z = latents.to(param.device, param.dtype, memory_format=self.movq_memory_format)
-        out = self.movq.decode(z, force_not_quantize=True).sample[:n]
-        out = ((out.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-        # x255 then truncate, as the reference's torchvision ToPILImage does.
-        out = out.mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return list(out)
-
-
-class PromptEncoder:
-    """The family's shared T5 encoder without UNets or MoVQ: per-row prompt embeddings.
-
-    The text encoder pool runs it; `Kandinsky3.sample` reads its output from `Request.text`
-    and computes what it would have computed with the encoder in the same actor.
-    """
-
-    def __init__(self, tokenizer, text_encoder, guided: bool):
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder.eval()
-        # Without guidance (Flash) negative prompts are never encoded, as in `sample`.
-        self.guided = guided
-        self.dtype = next(text_encoder.parameters()).dtype
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str,
-        *,
-        member: str = family.BASE,
-        layout: str = "auto",
-        dtype: dict | str = "float32",
-        device: dict | str = "auto",
-        variant: str | None = None,
-        attention: str = "sdpa",
-        tf32: bool = True,
-    ) -> PromptEncoder:
-        from k3batch.model import loading
-
-        tokenizer, text_encoder = loading.load_text(
-            path, layout=layout, dtype=dtype, device=device, variant=variant
-        )
-        performance.set_text_attention(text_encoder, attention)
-        if performance.runs_float32_on_cuda(text_encoder):
-            performance.set_tf32(tf32)
-        return cls(tokenizer, text_encoder, family.MEMBERS[member].guidance_scale is not None)
-
-    @torch.no_grad()
-    def embed(
-        self, prompts: list[str], negative_prompts: list[str | None]
-    ) -> list[textmod.PromptEmbedding]:
-        negatives = [n if self.guided else None for n in negative_prompts]
-        tokens = textmod.tokenize(self.tokenizer, prompts, negatives)
-        hidden = textmod.run_encoder(tokens, self.text_encoder, self.guided)
-        return textmod.row_embeddings(hidden, tokens.lengths)
-
-
-def image_to_image_timesteps(num_inference_steps: int, strength: float) -> list[int]:
-    """The last `int(len(times) * strength)` reference timesteps (diffusers' strength rule)."""
-    times = base_timesteps(num_inference_steps)
-    n = min(int(len(times) * strength), len(times))
-    return times[len(times) - n :]

@@ -327,3 +327,20 @@ def _load_reference(path, members, dtypes, devices, with_text=True) -> Component
     for m in members:
         unets[m.name] = reference_unet(root, m, dtype=dtypes["unet"], device=devices["unet"])
     return Components(tokenizer, text_encoder, movq, unets)
+
+
+# Flan-UL2's encoder (8.72B parameters with its 32128-token embedding), the text
+# encoder the reference loads (the UNet and MoVQ: REFERENCE_UNET_CONFIG, REFERENCE_MOVQ_CONFIG).
+FULL_T5 = dict(
+    d_model=4096,
+    d_kv=256,
+    d_ff=16384,
+    num_layers=32,
+    num_heads=16,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-silu",
+    layer_norm_epsilon=1e-6,
+    tie_word_embeddings=False,
+)
+FULL_T5_VOCAB = 32128

@@ -96,3 +96,10 @@ class DiffusionSchedule:
         if prev_t == 0:
             return mean
         return mean + sigma * noise
+
+
+def image_to_image_timesteps(num_inference_steps: int, strength: float) -> list[int]:
+    """The last `int(len(times) * strength)` reference timesteps (diffusers' strength rule)."""
+    times = base_timesteps(num_inference_steps)
+    n = min(int(len(times) * strength), len(times))
+    return times[len(times) - n :]

@@ -10,7 +10,7 @@ attention mask. The unconditional branch without a negative prompt is the learne
 
 This module does that for a batch of rows with different prompts. Each row keeps its own
 token count `n`: the UNet's attention pooling divides by `n + 1` per row (see
-`kandinsky3.RowLengthPooling`), so a row's result does not depend on its batch-mates.
+`denoiser.RowLengthPooling`), so a row's result does not depend on its batch-mates.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from k3batch import rows, storage
+from k3batch import rows, schema, storage
 from k3batch.config import format_validation_error
 from k3batch.serve.config import GeneratorDeploymentConfig, ServeAppConfig
 
@@ -204,7 +204,7 @@ def _prepare_images(job: dict, image: bytes, mask: bytes) -> dict:
     batch = {k: [job[k]] for k in ("id", "width", "height", "status", "error")}
     batch.update(image=[image], mask=[mask])
     out = PrepareImagesStage()(batch)
-    if out["status"][0] != rows.STATUS_OK:
+    if out["status"][0] != schema.STATUS_OK:
         error = out["error"][0]
         field = error.split(":", 1)[0]
         raise ApiError(400, error, param="size" if field in ("width", "height") else field)
@@ -485,7 +485,7 @@ class Ingress:
             **(extra or {}),
         }
         row = rows.normalise_row(raw, "prompt", rules)
-        if row["status"] != rows.STATUS_OK:
+        if row["status"] != schema.STATUS_OK:
             field = row["error"].split(":", 1)[0]
             raise ApiError(
                 400, row["error"], param="size" if field in ("width", "height") else field
@@ -515,7 +515,7 @@ class Generator:
         self.cfg = ServeAppConfig.model_validate(cfg)
         model = self.cfg.model if role == "generate" else self.cfg.inpaint_model
         deployment = self.cfg.generator if role == "generate" else self.cfg.inpaint_generator
-        self.stage = GenerateStage(model.model_dump(), deployment.decode_batch_size)
+        self.stage = GenerateStage(model, deployment.decode_batch_size)
         self.generate.set_max_batch_size(self.cfg.batching.max_batch_size)
         self.generate.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s)
         self.batch_sizes: list[int] = []  # observed batch sizes, for tests and benchmarks
@@ -541,7 +541,7 @@ class Generator:
         out = self.stage({c: [job.get(c) for job in jobs] for c in columns})
         results = []
         for i, job in enumerate(jobs):
-            if out["status"][i] != rows.STATUS_OK:
+            if out["status"][i] != schema.STATUS_OK:
                 results.append({"error": out["error"][i]})
             else:
                 png = encode_rgb(out["image_rgb"][i], job["width"], job["height"], "png")

@@ -6,6 +6,8 @@ from typing import ClassVar
 
 import pyarrow as pa
 
+from k3batch.schema import ERROR, STATUS, STATUS_COLUMNS, STATUS_ERROR, STATUS_OK
+
 
 class Stage:
     """A batch transform. Subclasses set `needs`, `adds` (column -> Arrow type) and `drops`."""
@@ -50,3 +52,23 @@ def apply_stage(stage: Stage, table: pa.Table) -> pa.Table:
             table = table.append_column(name, column)
     keep = [c for c in table.column_names if c not in stage.drops]
     return table.select(keep)
+
+
+def start_output(batch: dict[str, list], adds) -> dict[str, list]:
+    """A stage's output columns for `batch`: each row's status and error carried over (a row
+    in error stays so), every other added column empty."""
+    n = len(batch[STATUS])
+    return {name: list(batch[name]) if name in STATUS_COLUMNS else [None] * n for name in adds}
+
+
+def ok_rows(batch: dict[str, list]) -> list[int]:
+    """Indices of the rows still ok: a stage works on these and passes the others through."""
+    return [i for i, status in enumerate(batch[STATUS]) if status == STATUS_OK]
+
+
+def fail_row(out: dict[str, list], i: int, field: str | None, reason) -> None:
+    """Mark row `i` failed, naming the field (or stage) at fault: `field: reason`; an
+    exception reads `Type: message`."""
+    text = f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else reason
+    out[STATUS][i] = STATUS_ERROR
+    out[ERROR][i] = f"{field}: {text}" if field else text

@@ -8,17 +8,11 @@ import os
 
 import pyarrow as pa
 
-from k3batch import rows
+from k3batch import rows, schema
 from k3batch.beautify import choose
 from k3batch.beautify.prompt import clean_output, request_seed
 from k3batch.stages.base import Stage
-from k3batch.stages.validate import ROW_HASH, ValidateStage
-
-BEAUTIFIED = "beautified_prompt"
-BEAUTIFY_ERROR = "beautify_error"
-PROMPT_USED = "prompt_used"
-FALLBACK = "beautify_fallback"
-BEAUTIFY_COLUMNS = {BEAUTIFIED: pa.string(), BEAUTIFY_ERROR: pa.string()}
+from k3batch.stages.validate import ValidateStage
 
 
 class PromptRowsStage(Stage):
@@ -27,8 +21,8 @@ class PromptRowsStage(Stage):
     column, the prompt included, passes through untouched: the output is still a prompt
     table, without the generation defaults a ValidateStage would fill in."""
 
-    adds = {"id": pa.string(), "status": pa.string(), "error": pa.string()}
-    drops = (ROW_HASH,)
+    adds = schema.types(schema.ID, schema.STATUS, schema.ERROR)
+    drops = (schema.ROW_HASH,)
 
     def __init__(
         self, prompt_column: str = "prompt", id_column: str = "id", max_chars: int = 20000
@@ -38,7 +32,7 @@ class PromptRowsStage(Stage):
         )
         self.prompt_column = prompt_column
         self.needs = (prompt_column,)
-        self.optional = (id_column, ROW_HASH)
+        self.optional = (id_column, schema.ROW_HASH)
 
     def prepare(self, table: pa.Table) -> pa.Table:
         return self.validate.prepare(table)
@@ -46,19 +40,19 @@ class PromptRowsStage(Stage):
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         checked = self.validate(batch)
         prefixes = (f"{self.prompt_column}:", f"{self.validate.id_column}:")
-        out = {"id": checked["id"], "status": [], "error": []}
-        for error in checked["error"]:
+        out = {schema.ID: checked[schema.ID], schema.STATUS: [], schema.ERROR: []}
+        for error in checked[schema.ERROR]:
             # Only the prompt and the id matter here; size or seed columns are not ours.
             mine = [e for e in (error or "").split("; ") if e.startswith(prefixes)]
-            out["status"].append(rows.STATUS_ERROR if mine else rows.STATUS_OK)
-            out["error"].append("; ".join(mine) or None)
+            out[schema.STATUS].append(schema.STATUS_ERROR if mine else schema.STATUS_OK)
+            out[schema.ERROR].append("; ".join(mine) or None)
         return out
 
 
 class OpenAIBeautifyStage(Stage):
     """Beautify through an OpenAI-compatible server; a failed request is that row's error."""
 
-    adds = BEAUTIFY_COLUMNS
+    adds = schema.types(schema.BEAUTIFIED_PROMPT, schema.BEAUTIFY_ERROR)
 
     def __init__(
         self,
@@ -79,7 +73,7 @@ class OpenAIBeautifyStage(Stage):
         from k3batch.beautify.client import RateLimiter, Sampling
 
         self.prompt_column = prompt_column
-        self.needs = ("id", prompt_column, "status")
+        self.needs = (schema.ID, prompt_column, schema.STATUS)
         self.base_seed = sampling.get("seed")
         self.kwargs = dict(
             model=model,
@@ -105,57 +99,60 @@ class OpenAIBeautifyStage(Stage):
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         from k3batch.beautify.client import beautify_many
 
-        n = len(batch["id"])
-        out = {BEAUTIFIED: [None] * n, BEAUTIFY_ERROR: [None] * n}
+        n = len(batch[schema.ID])
+        out = {schema.BEAUTIFIED_PROMPT: [None] * n, schema.BEAUTIFY_ERROR: [None] * n}
         todo = [
             i
             for i in range(n)
-            if choose.wants_beautify(batch[self.prompt_column][i], batch["status"][i])
+            if choose.wants_beautify(batch[self.prompt_column][i], batch[schema.STATUS][i])
         ]
         if not todo:
             return out
         results = beautify_many(
             self.base_url,
             [batch[self.prompt_column][i] for i in todo],
-            [request_seed(self.base_seed, batch["id"][i]) for i in todo],
+            [request_seed(self.base_seed, batch[schema.ID][i]) for i in todo],
             max_in_flight=self.max_in_flight,
             rate_limiter=self.rate_limiter,
             **self.kwargs,
         )
         for i, (text, error) in zip(todo, results, strict=True):
-            out[BEAUTIFIED][i] = clean_output(text)
-            out[BEAUTIFY_ERROR][i] = f"openai: {error}" if error else None
+            out[schema.BEAUTIFIED_PROMPT][i] = clean_output(text)
+            out[schema.BEAUTIFY_ERROR][i] = f"openai: {error}" if error else None
         return out
 
 
 class ChoosePromptStage(Stage):
     """`prompt_used` (what generation reads) and `beautify_fallback` (why) for each row."""
 
-    adds = {PROMPT_USED: pa.string(), FALLBACK: pa.string()}
+    adds = schema.types(schema.PROMPT_USED, schema.BEAUTIFY_FALLBACK)
 
     def __init__(
-        self, model_path: str, candidate_column: str = BEAUTIFIED, on_too_long: str = "truncate"
+        self,
+        model_path: str,
+        candidate_column: str = schema.BEAUTIFIED_PROMPT,
+        on_too_long: str = "truncate",
     ):
         self.tokenizer = choose.load_text_tokenizer(model_path)
         self.candidate_column = candidate_column
         self.on_too_long = on_too_long
-        self.needs = ("prompt", "status", candidate_column)
-        self.optional = (BEAUTIFY_ERROR,)
+        self.needs = (schema.PROMPT, schema.STATUS, candidate_column)
+        self.optional = (schema.BEAUTIFY_ERROR,)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         n = len(batch["prompt"])
-        errors = batch.get(BEAUTIFY_ERROR) or [None] * n
-        out = {PROMPT_USED: [], FALLBACK: []}
+        errors = batch.get(schema.BEAUTIFY_ERROR) or [None] * n
+        out = {schema.PROMPT_USED: [], schema.BEAUTIFY_FALLBACK: []}
         for i in range(n):
             candidate = batch[self.candidate_column][i]
             used, fallback = choose.choose_prompt(
                 batch["prompt"][i],
                 candidate if isinstance(candidate, str) else None,
                 errors[i],
-                batch["status"][i],
+                batch[schema.STATUS][i],
                 self.tokenizer,
                 self.on_too_long,
             )
-            out[PROMPT_USED].append(used)
-            out[FALLBACK].append(fallback)
+            out[schema.PROMPT_USED].append(used)
+            out[schema.BEAUTIFY_FALLBACK].append(fallback)
         return out

@@ -9,11 +9,10 @@ Anything that goes wrong is that row's error, naming the field and the value.
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 
-from k3batch import images
-from k3batch.rows import STATUS_ERROR, STATUS_OK, show
-from k3batch.stages.base import Stage
+from k3batch import images, schema
+from k3batch.rows import show
+from k3batch.stages.base import Stage, fail_row, ok_rows, start_output
 
 
 def describe(value) -> str:
@@ -27,16 +26,11 @@ class RowFailure(Exception):
 
 
 class PrepareImagesStage(Stage):
-    needs = ("id", "width", "height", "status", "error")
-    optional = ("image", "mask")
-    adds = {
-        "source_rgb": pa.binary(),
-        "keep_mask": pa.binary(),
-        "width": pa.int64(),
-        "height": pa.int64(),
-        "status": pa.string(),
-        "error": pa.string(),
-    }
+    needs = (schema.ID, schema.WIDTH, schema.HEIGHT, *schema.STATUS_COLUMNS)
+    optional = schema.IMAGE_COLUMNS
+    adds = schema.types(
+        schema.SOURCE_RGB, schema.KEEP_MASK, schema.WIDTH, schema.HEIGHT, *schema.STATUS_COLUMNS
+    )
 
     def __init__(
         self,
@@ -53,25 +47,21 @@ class PrepareImagesStage(Stage):
         self.base_dir = base_dir
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        n = len(batch["id"])
-        out = {
-            "source_rgb": [None] * n,
-            "keep_mask": [None] * n,
-            "width": list(batch["width"]),
-            "height": list(batch["height"]),
-            "status": list(batch["status"]),
-            "error": list(batch["error"]),
-        }
-        sources = batch.get("image") or [None] * n
-        masks = batch.get("mask") or [None] * n
-        for i in range(n):
-            if batch["status"][i] != STATUS_OK or sources[i] is None:
+        n = len(batch[schema.ID])
+        out = start_output(batch, self.adds)
+        out[schema.WIDTH], out[schema.HEIGHT] = (
+            list(batch[schema.WIDTH]),
+            list(batch[schema.HEIGHT]),
+        )
+        sources = batch.get(schema.IMAGE) or [None] * n
+        masks = batch.get(schema.MASK) or [None] * n
+        for i in ok_rows(batch):
+            if sources[i] is None:
                 continue
             try:
                 self._prepare(i, sources[i], masks[i], batch, out)
             except RowFailure as e:
-                out["status"][i] = STATUS_ERROR
-                out["error"][i] = str(e)
+                fail_row(out, i, None, str(e))  # the message names its field
         return out
 
     def _open(self, field: str, value):
@@ -132,6 +122,6 @@ class PrepareImagesStage(Stage):
                     f"= repaint): {describe(mask_source)}"
                 )
             keep = images.prepare_mask(repaint, (width, height))
-            out["keep_mask"][i] = np.ascontiguousarray(keep).tobytes()
-        out["source_rgb"][i] = images.prepare_image(image, (width, height)).tobytes()
+            out[schema.KEEP_MASK][i] = np.ascontiguousarray(keep).tobytes()
+        out[schema.SOURCE_RGB][i] = images.prepare_image(image, (width, height)).tobytes()
         out["width"][i], out["height"][i] = width, height

@@ -9,63 +9,51 @@ with the encoder in its own actor, so images are the same (tests/test_performanc
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
+from k3batch import schema
+from k3batch.schema import NEGATIVE_PROMPT_EMBEDS, PROMPT_EMBEDS, PROMPT_EMBEDS_LENGTH
+from k3batch.stages.base import Stage, fail_row, ok_rows, start_output
+from k3batch.stages.loading import component_device, ensure_tiny
 
-from k3batch.rows import STATUS_ERROR, STATUS_OK
-from k3batch.stages.base import Stage
+if TYPE_CHECKING:
+    from k3batch.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-PROMPT_EMBEDS = "prompt_embeds"
-NEGATIVE_PROMPT_EMBEDS = "negative_prompt_embeds"
-EMBEDS_LENGTH = "prompt_embeds_length"
-EMBEDDING_COLUMNS = (PROMPT_EMBEDS, NEGATIVE_PROMPT_EMBEDS, EMBEDS_LENGTH)
-
 
 class TextEncodeStage(Stage):
-    needs = ("id", "prompt", "negative_prompt", "status", "error")
-    adds = {
-        PROMPT_EMBEDS: pa.binary(),
-        NEGATIVE_PROMPT_EMBEDS: pa.binary(),
-        EMBEDS_LENGTH: pa.int32(),
-        "status": pa.string(),
-        "error": pa.string(),
-    }
+    needs = (schema.ID, schema.PROMPT, schema.NEGATIVE_PROMPT, *schema.STATUS_COLUMNS)
+    adds = schema.types(*schema.EMBEDDING_COLUMNS, *schema.STATUS_COLUMNS)
 
     def __init__(
         self,
-        model: dict,
-        prompt_column: str = "prompt",
+        model: ModelConfig,
+        prompt_column: str = schema.PROMPT,
         torch_threads: int | None = None,
         journal=None,
     ):
         """`journal`: the job's actor (progress.JobActor), told which device T5 runs on."""
         from k3batch import gpus
-        from k3batch.model.kandinsky3 import PromptEncoder
-        from k3batch.stages.generate import ensure_tiny
+        from k3batch.model.prompt_encoder import PromptEncoder
 
         if torch_threads:
             import torch
 
             torch.set_num_threads(torch_threads)
         self.prompt_column = prompt_column
-        self.needs = tuple(prompt_column if c == "prompt" else c for c in type(self).needs)
-        device = model.get("device", "auto")
-        gpus.check_cuda(
-            "text encoder",
-            device.get("text_encoder", "auto") if isinstance(device, dict) else device,
-        )
+        self.needs = tuple(prompt_column if c == schema.PROMPT else c for c in type(self).needs)
+        gpus.check_cuda("text encoder", component_device(model, "text_encoder"))
         ensure_tiny(model)
         self.encoder = PromptEncoder.from_pretrained(
-            model["path"],
-            member=model.get("name", "kandinsky3"),
-            layout=model.get("layout", "auto"),
-            dtype=model["dtype"],
-            device=model.get("device", "auto"),
-            variant=model.get("variant"),
-            attention=(model.get("performance") or {}).get("attention", "sdpa"),
-            tf32=(model.get("performance") or {}).get("tf32", True),
+            model.path,
+            member=model.name,
+            layout=model.layout,
+            dtype=model.dtype.model_dump(),
+            device=model.device if isinstance(model.device, str) else model.device.model_dump(),
+            variant=model.variant,
+            attention=model.performance.attention,
+            tf32=model.performance.tf32,
         )
         gpus.report_devices(
             journal,
@@ -73,15 +61,8 @@ class TextEncodeStage(Stage):
         )
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        n = len(batch["id"])
-        out = {
-            PROMPT_EMBEDS: [None] * n,
-            NEGATIVE_PROMPT_EMBEDS: [None] * n,
-            EMBEDS_LENGTH: [None] * n,
-            "status": list(batch["status"]),
-            "error": list(batch["error"]),
-        }
-        rows = [i for i in range(n) if batch["status"][i] == STATUS_OK]
+        out = start_output(batch, self.adds)
+        rows = ok_rows(batch)
         if rows:
             self._encode(rows, batch, out)
         return out
@@ -92,7 +73,7 @@ class TextEncodeStage(Stage):
         try:
             embeddings = self.encoder.embed(
                 [batch[self.prompt_column][i] for i in rows],
-                [batch["negative_prompt"][i] for i in rows],
+                [batch[schema.NEGATIVE_PROMPT][i] for i in rows],
             )
         except Exception as e:  # noqa: BLE001 - failures become row errors, never a job crash
             if len(rows) > 1:
@@ -100,11 +81,10 @@ class TextEncodeStage(Stage):
                 for i in rows:
                     self._encode([i], batch, out)
                 return
-            out["status"][rows[0]] = STATUS_ERROR
-            out["error"][rows[0]] = f"text_encode: {type(e).__name__}: {e}"
+            fail_row(out, rows[0], "text_encode", e)
             return
         for i, emb in zip(rows, embeddings, strict=True):
             out[PROMPT_EMBEDS][i] = text.to_bytes(emb.states)
             if emb.negative is not None:
                 out[NEGATIVE_PROMPT_EMBEDS][i] = text.to_bytes(emb.negative)
-            out[EMBEDS_LENGTH][i] = emb.length
+            out[PROMPT_EMBEDS_LENGTH][i] = emb.length

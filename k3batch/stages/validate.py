@@ -4,45 +4,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from k3batch import rows
+from k3batch import rows, schema
 from k3batch.stages.base import Stage
-
-# Columns k3batch writes that are not read from the input. An input column with one of these
-# names is kept as `input_<name>` rather than overwritten.
-OUTPUT_ONLY_COLUMNS = (
-    "status",
-    "error",
-    "model",
-    "image_uri",
-    "generate_seconds",
-    "uncond_embedding",
-    "image_rgb",
-    "prompt_used",
-    "beautify_fallback",
-    "warning",
-    "source_rgb",
-    "keep_mask",
-)
-# Added by ray.data.read_parquet(include_row_hash=True) and kept to the end: it is the id
-# Ray's checkpoint records for resume (see k3batch.resume).
-ROW_HASH = "row_hash"
 
 
 class ValidateStage(Stage):
-    adds = {
-        "id": pa.string(),
-        "prompt": pa.string(),
-        "negative_prompt": pa.string(),
-        "seed": pa.uint64(),
-        "width": pa.int64(),
-        "height": pa.int64(),
-        "num_inference_steps": pa.int64(),
-        "guidance_scale": pa.float64(),
-        "strength": pa.float64(),
-        "status": pa.string(),
-        "error": pa.string(),
-        "warning": pa.string(),
-    }
+    adds = schema.types(*schema.VALIDATED_COLUMNS)
 
     def __init__(
         self,
@@ -57,20 +24,25 @@ class ValidateStage(Stage):
         # Ids several input rows give (found before the job starts, across all files).
         self.duplicate_ids = duplicate_ids or {}
         self.needs = (prompt_column,)
-        self.optional = (id_column, ROW_HASH, *rows.OVERRIDE_COLUMNS, *rows.IMAGE_COLUMNS)
+        self.optional = (
+            id_column,
+            schema.ROW_HASH,
+            *schema.OVERRIDE_COLUMNS,
+            *schema.IMAGE_COLUMNS,
+        )
 
     def prepare(self, table: pa.Table) -> pa.Table:
-        names = [f"input_{c}" if c in OUTPUT_ONLY_COLUMNS else c for c in table.column_names]
-        if self.id_column not in names and ROW_HASH not in names:
+        names = [f"input_{c}" if c in schema.OUTPUT_ONLY_COLUMNS else c for c in table.column_names]
+        if self.id_column not in names and schema.ROW_HASH not in names:
             raise KeyError(
-                f"ValidateStage needs an {self.id_column!r} column or a {ROW_HASH!r} column to derive ids from"
+                f"ValidateStage needs an {self.id_column!r} column or a {schema.ROW_HASH!r} column to derive ids from"
             )
         return table.rename_columns(names)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         n = len(batch[self.prompt_column])
         ids = batch.get(self.id_column)
-        hashes = batch.get(ROW_HASH)
+        hashes = batch.get(schema.ROW_HASH)
         out: dict[str, list] = {name: [] for name in self.adds}
         for i in range(n):
             raw = {c: batch[c][i] for c in batch}
@@ -93,11 +65,11 @@ class ValidateStage(Stage):
             if id_error:
                 # Keep the row (accounted for, with an error) under a derived id when we can.
                 row_id = rows.derived_id(hashes[i]) if hashes is not None else f"row-{i}"
-            raw["id"] = row_id
+            raw[schema.ID] = row_id
             row = rows.normalise_row(raw, self.prompt_column, self.rules)
             if id_error:
-                row["status"] = rows.STATUS_ERROR
-                row["error"] = "; ".join(e for e in (id_error, row["error"]) if e)
+                row[schema.STATUS] = schema.STATUS_ERROR
+                row[schema.ERROR] = "; ".join(e for e in (id_error, row[schema.ERROR]) if e)
             for name in self.adds:
                 out[name].append(row[name])
         return out

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import pyarrow as pa
-
-from k3batch import storage
+from k3batch import schema, storage
 from k3batch.images import EXTENSIONS, encode_rgb
-from k3batch.rows import STATUS_ERROR, STATUS_OK, object_key
-from k3batch.stages.base import Stage
+from k3batch.rows import object_key
+from k3batch.stages.base import Stage, fail_row, ok_rows, start_output
 
 
 class _EncodeStage(Stage):
-    needs = ("id", "image_rgb", "width", "height", "status", "error")
-    drops = ("image_rgb",)
+    needs = (schema.ID, schema.IMAGE_RGB, schema.WIDTH, schema.HEIGHT, *schema.STATUS_COLUMNS)
+    drops = (schema.IMAGE_RGB,)
 
     def __init__(self, image_format: str = "png", quality: int = 95):
         self.image_format = image_format
@@ -21,21 +19,18 @@ class _EncodeStage(Stage):
 
     def _encode(self, batch: dict[str, list], i: int) -> bytes:
         return encode_rgb(
-            batch["image_rgb"][i],
-            batch["width"][i],
-            batch["height"][i],
+            batch[schema.IMAGE_RGB][i],
+            batch[schema.WIDTH][i],
+            batch[schema.HEIGHT][i],
             self.image_format,
             self.quality,
         )
 
     def _rows_to_encode(self, batch, out):
         """Indices of rows with an image; a row marked ok without one becomes an error."""
-        for i in range(len(batch["id"])):
-            if batch["status"][i] != STATUS_OK:
-                continue
-            if batch["image_rgb"][i] is None:
-                out["status"][i] = STATUS_ERROR
-                out["error"][i] = "generate: no image was produced"
+        for i in ok_rows(batch):
+            if batch[schema.IMAGE_RGB][i] is None:
+                fail_row(out, i, "generate", "no image was produced")
                 continue
             yield i
 
@@ -43,7 +38,7 @@ class _EncodeStage(Stage):
 class WriteImagesStage(_EncodeStage):
     """`files` output: one object per image; `image_uri` is set only once it is fully written."""
 
-    adds = {"image_uri": pa.string(), "status": pa.string(), "error": pa.string()}
+    adds = schema.types(schema.IMAGE_URI, *schema.STATUS_COLUMNS)
 
     def __init__(
         self,
@@ -58,19 +53,13 @@ class WriteImagesStage(_EncodeStage):
         self.fs.makedirs(self.root, exist_ok=True)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        n = len(batch["id"])
-        out = {
-            "image_uri": [None] * n,
-            "status": list(batch["status"]),
-            "error": list(batch["error"]),
-        }
+        out = start_output(batch, self.adds)
         for i in self._rows_to_encode(batch, out):
-            name = f"{object_key(batch['id'][i])}.{self.ext}"
+            name = f"{object_key(batch[schema.ID][i])}.{self.ext}"
             try:
                 data = self._encode(batch, i)
             except Exception as e:  # noqa: BLE001 - a failed encode is that row's error
-                out["status"][i] = STATUS_ERROR
-                out["error"][i] = f"encode: {type(e).__name__}: {e}"
+                fail_row(out, i, "encode", e)
                 continue
             try:
                 # pipe_file returns once the object is complete (one PUT, or a completed
@@ -83,34 +72,21 @@ class WriteImagesStage(_EncodeStage):
                     f"output.uri: cannot write {storage.join(self.images_uri, name)}: "
                     f"{type(e).__name__}: {e}"
                 ) from e
-            out["image_uri"][i] = storage.join(self.images_uri, name)
+            out[schema.IMAGE_URI][i] = storage.join(self.images_uri, name)
         return out
 
 
 class EncodeImagesStage(_EncodeStage):
     """`webdataset` output: encoded bytes and the sample key, for the shard writer."""
 
-    adds = {
-        "key": pa.string(),
-        "image_bytes": pa.binary(),
-        "image_uri": pa.string(),
-        "status": pa.string(),
-        "error": pa.string(),
-    }
+    adds = schema.types(schema.KEY, schema.IMAGE_BYTES, schema.IMAGE_URI, *schema.STATUS_COLUMNS)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        n = len(batch["id"])
-        out = {
-            "key": [object_key(row_id, dots=False) for row_id in batch["id"]],
-            "image_bytes": [None] * n,
-            "image_uri": [None] * n,  # an image lives in a shard: see `key`
-            "status": list(batch["status"]),
-            "error": list(batch["error"]),
-        }
+        out = start_output(batch, self.adds)  # no image_uri: an image lives in a shard, see key
+        out[schema.KEY] = [object_key(row_id, dots=False) for row_id in batch[schema.ID]]
         for i in self._rows_to_encode(batch, out):
             try:
-                out["image_bytes"][i] = self._encode(batch, i)
+                out[schema.IMAGE_BYTES][i] = self._encode(batch, i)
             except Exception as e:  # noqa: BLE001 - a failed encode is that row's error
-                out["status"][i] = STATUS_ERROR
-                out["error"][i] = f"encode: {type(e).__name__}: {e}"
+                fail_row(out, i, "encode", e)
         return out

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 
 from k3batch.beautify.prompt import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, format_prompt
-from k3batch.model.tiny import _corpus
+from k3batch.testing import tiny_parts
 
 TINY_LLM_SEED = 20231123
 MARKER = "k3batch_tiny_llm.json"
@@ -28,7 +28,7 @@ def build_llm_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = [*_corpus(), DEFAULT_SYSTEM_PROMPT, format_prompt("a red cat")]
+    corpus = [*tiny_parts.corpus(), DEFAULT_SYSTEM_PROMPT, format_prompt("a red cat")]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

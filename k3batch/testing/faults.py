@@ -1,8 +1,9 @@
 """Fault injection for the reliability tests: K3BATCH_TEST_* environment variables.
 
-Test hooks only, never set in production. The driver reads them when it builds a job
-(`from_env`) and hands them to the generation stage in its constructor arguments, so they
-reach Ray workers whatever environment those started with.
+Test hooks only, never set in production. The runner reads them when it starts a job
+(`stage_overrides`) and hands the pipeline a generation stage with the hooks built in,
+through the job context's one override point (`JobContext.stage_overrides`), so they reach
+Ray workers whatever environment those started with; the production stage takes no hook.
 
 K3BATCH_TEST_CRASH_ON_BATCH=N       the N-th batch a generation actor receives kills its process
                                     (`os._exit`), once per job: the actor Ray starts in its
@@ -20,6 +21,7 @@ K3BATCH_TEST_CUDA_ERROR_PROMPT=TEXT generating any group that holds a row with p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -82,3 +84,37 @@ class Hooks:
             raise RuntimeError("CUDA error: an illegal memory access was encountered (test hook)")
         if "fail_prompt" in self.hooks and self.hooks["fail_prompt"] in prompts:
             raise RuntimeError(f"test hook: failing on prompt {self.hooks['fail_prompt']!r}")
+
+
+def faulty_generate_stage():
+    """GenerateStage with the hooks run at its two override points (imported lazily: the
+    stage module is what a Ray worker loads anyway)."""
+    from k3batch.stages.generate import GenerateStage
+
+    class FaultInjectingGenerateStage(GenerateStage):
+        def __init__(self, *args, test_hooks: dict, **kwargs):
+            self.hooks = Hooks(test_hooks)
+            super().__init__(*args, **kwargs)
+
+        def before_batch(self) -> None:
+            self.hooks.before_batch()
+
+        def before_generate(self, prompts: list) -> None:
+            self.hooks.before_generate(prompts)
+
+    return GenerateStage, FaultInjectingGenerateStage
+
+
+@contextlib.contextmanager
+def stage_overrides():
+    """{production stage: (replacement, extra kwargs)} for the hooks set on this (driver)
+    process, empty when none are; the crash marker is removed after the job."""
+    hooks = from_env()
+    if hooks is None:
+        yield {}
+        return
+    stage, faulty = faulty_generate_stage()
+    try:
+        yield {stage: (faulty, {"test_hooks": hooks})}
+    finally:
+        clean_up(hooks)

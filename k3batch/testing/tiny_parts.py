@@ -1,4 +1,5 @@
-"""Tiny random-weight Kandinsky 3 family checkpoints, built offline, in either real layout.
+"""The parts of tiny random-weight Kandinsky 3 family checkpoints: tokenizer, architectures
+(tiny, bench, and full-size for GPU benchmarks) and seeded random components.
 
 Same architecture classes as the real models (Kandinsky3UNet for base and Flash, its 9-in
 variant for inpainting, an x8 SpatialNorm MoVQ, a T5 encoder and a T5 tokenizer), with small
@@ -10,9 +11,6 @@ builds the model gets the same weights, so a cluster's workers can each build th
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 
 TINY_SEED = 20231122
 MARKER = "k3batch_tiny.json"
@@ -90,7 +88,7 @@ _PLACES = [
 ]
 
 
-def _corpus() -> list[str]:
+def corpus() -> list[str]:
     lines = []
     for i, subject in enumerate(_SUBJECTS):
         for j, colour in enumerate(_COLOURS):
@@ -112,7 +110,7 @@ def build_tokenizer():
     trainer = trainers.UnigramTrainer(
         vocab_size=400, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
     )
-    tok.train_from_iterator(_corpus(), trainer)
+    tok.train_from_iterator(corpus(), trainer)
     vocab = [tuple(item) for item in json.loads(tok.to_str())["model"]["vocab"]]
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
@@ -166,22 +164,6 @@ TINY_T5 = dict(
     num_heads=4,
     relative_attention_num_buckets=8,
 )
-# Flan-UL2's encoder (8.72B parameters with its 32128-token embedding), for
-# `random_components(size="full")`; the UNet and MoVQ are the reference's own
-# (`loading.REFERENCE_UNET_CONFIG`, `REFERENCE_MOVQ_CONFIG`).
-FULL_T5 = dict(
-    d_model=4096,
-    d_kv=256,
-    d_ff=16384,
-    num_layers=32,
-    num_heads=16,
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    feed_forward_proj="gated-silu",
-    layer_norm_epsilon=1e-6,
-    tie_word_embeddings=False,
-)
-FULL_T5_VOCAB = 32128
 
 
 def _t5_config(sizes: dict, vocab_size: int):
@@ -267,7 +249,12 @@ def build_components(null_embedding: bool = True, size: str = "tiny"):
 
 def architecture(size: str, tiny_vocab: int) -> tuple[dict, dict, object]:
     """(UNet kwargs, MoVQ kwargs, T5Config) of the `tiny` or `full` (real) architecture."""
-    from k3batch.model.loading import REFERENCE_MOVQ_CONFIG, REFERENCE_UNET_CONFIG
+    from k3batch.model.loading import (
+        FULL_T5,
+        FULL_T5_VOCAB,
+        REFERENCE_MOVQ_CONFIG,
+        REFERENCE_UNET_CONFIG,
+    )
 
     if size == "full":
         unet = {**REFERENCE_UNET_CONFIG, "encoder_hid_dim": FULL_T5["d_model"]}
@@ -324,108 +311,3 @@ def random_components(
         scheduler=diffusers_scheduler(),
         unets=unets,
     )
-
-
-def is_tiny_checkpoint(path: str, layout: str | None = None, size: str = "tiny") -> bool:
-    marker = os.path.join(path, MARKER)
-    if not os.path.exists(marker):
-        return False
-    with open(marker) as f:
-        info = json.load(f)
-    return (
-        info.get("format") == TINY_FORMAT
-        and layout in (None, info.get("layout"))
-        and info.get("size", "tiny") == size
-    )
-
-
-def make_tiny(
-    path: str,
-    null_embedding: bool = True,
-    overwrite: bool = False,
-    layout: str = "diffusers",
-    size: str = "tiny",
-) -> str:
-    """Write a tiny checkpoint of the whole family to `path` (atomic rename).
-
-    `layout`: `diffusers` (k3batch's family layout) or `reference` (ai-forever/Kandinsky3.1's
-    `weights/` files, with a `k3batch_config.json` for the tiny architecture). `size`:
-    `tiny`, or `bench` (diffusers layout only) for the CPU benchmarks.
-    """
-    if size != "tiny" and layout != "diffusers":
-        raise ValueError(f"the {size!r} size is written in the diffusers layout only")
-    if is_tiny_checkpoint(path, layout, size) and not overwrite:
-        return path
-    parts = build_components(null_embedding=null_embedding, size=size)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
-    try:
-        if layout == "reference":
-            _write_reference(tmp, parts)
-        elif layout == "diffusers":
-            _write_diffusers(tmp, parts)
-        else:
-            raise ValueError(f"layout must be diffusers or reference, got {layout!r}")
-        with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump(
-                {
-                    "format": TINY_FORMAT,
-                    "layout": layout,
-                    "seed": TINY_SEED,
-                    "null_embedding": null_embedding,
-                    "size": size,
-                },
-                f,
-            )
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            # Another process (a second worker on this node) finished first.
-            if not is_tiny_checkpoint(path, layout, size):
-                raise
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def _write_diffusers(root: str, parts: dict) -> None:
-    from diffusers import Kandinsky3Pipeline
-
-    from k3batch.model import family
-    from k3batch.model.convert import save_member
-
-    unets = parts["unets"]
-    base_unet = unets[family.BASE][0]
-    pipe_parts = {k: parts[k] for k in ("tokenizer", "text_encoder", "movq", "scheduler")}
-    Kandinsky3Pipeline(unet=base_unet, **pipe_parts).save_pretrained(root)
-    for name, (unet, null) in unets.items():
-        save_member(root, family.MEMBERS[name], unet, null)
-
-
-def _write_reference(root: str, parts: dict) -> None:
-    import torch
-
-    from k3batch.model import family, keymap
-
-    weights = os.path.join(root, family.REFERENCE_WEIGHTS_DIR)
-    text_dir = os.path.join(weights, family.REFERENCE_TEXT_DIR)
-    os.makedirs(text_dir)
-    parts["text_encoder"].save_pretrained(text_dir)
-    parts["tokenizer"].save_pretrained(text_dir)
-    for name, (unet, null) in parts["unets"].items():
-        member = family.MEMBERS[name]
-        ref_unet, projection = keymap.unet_state_to_reference(unet.state_dict())
-        torch.save(
-            {"unet": ref_unet, "null_embedding": null}, os.path.join(weights, member.reference_file)
-        )
-        torch.save(projection, os.path.join(text_dir, member.projection_file))
-    levels = len(TINY_MOVQ["block_out_channels"])
-    movq_state = keymap.movq_state_to_reference(parts["movq"].state_dict(), levels)
-    torch.save(movq_state, os.path.join(weights, family.REFERENCE_MOVQ_FILE))
-    unet_config = {k: v for k, v in TINY_UNET.items() if k != "encoder_hid_dim"}
-    with open(os.path.join(weights, family.REFERENCE_CONFIG_FILE), "w") as f:
-        json.dump({"unet": unet_config, "movq": TINY_MOVQ}, f, indent=2)

@@ -1,0 +1,129 @@
+"""Tiny random-weight Kandinsky 3 family checkpoints, built offline, in either real layout.
+
+Same architecture classes as the real models (Kandinsky3UNet for base and Flash, its 9-in
+variant for inpainting, an x8 SpatialNorm MoVQ, a T5 encoder and a T5 tokenizer), with small
+widths, so tests and the demo run the real loading and sampling code on a CPU in seconds.
+Weights are random but seeded: every machine that builds the model gets the same weights, so
+a cluster's workers can each build their own. The parts are in `testing.tiny_parts`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+from k3batch.testing.tiny_parts import (
+    MARKER,
+    TINY_FORMAT,
+    TINY_MOVQ,
+    TINY_SEED,
+    TINY_UNET,
+    build_components,
+)
+
+
+def is_tiny_checkpoint(path: str, layout: str | None = None, size: str = "tiny") -> bool:
+    marker = os.path.join(path, MARKER)
+    if not os.path.exists(marker):
+        return False
+    with open(marker) as f:
+        info = json.load(f)
+    return (
+        info.get("format") == TINY_FORMAT
+        and layout in (None, info.get("layout"))
+        and info.get("size", "tiny") == size
+    )
+
+
+def make_tiny(
+    path: str,
+    null_embedding: bool = True,
+    overwrite: bool = False,
+    layout: str = "diffusers",
+    size: str = "tiny",
+) -> str:
+    """Write a tiny checkpoint of the whole family to `path` (atomic rename).
+
+    `layout`: `diffusers` (k3batch's family layout) or `reference` (ai-forever/Kandinsky3.1's
+    `weights/` files, with a `k3batch_config.json` for the tiny architecture). `size`:
+    `tiny`, or `bench` (diffusers layout only) for the CPU benchmarks.
+    """
+    if size != "tiny" and layout != "diffusers":
+        raise ValueError(f"the {size!r} size is written in the diffusers layout only")
+    if is_tiny_checkpoint(path, layout, size) and not overwrite:
+        return path
+    parts = build_components(null_embedding=null_embedding, size=size)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
+    try:
+        if layout == "reference":
+            _write_reference(tmp, parts)
+        elif layout == "diffusers":
+            _write_diffusers(tmp, parts)
+        else:
+            raise ValueError(f"layout must be diffusers or reference, got {layout!r}")
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump(
+                {
+                    "format": TINY_FORMAT,
+                    "layout": layout,
+                    "seed": TINY_SEED,
+                    "null_embedding": null_embedding,
+                    "size": size,
+                },
+                f,
+            )
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            # Another process (a second worker on this node) finished first.
+            if not is_tiny_checkpoint(path, layout, size):
+                raise
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _write_diffusers(root: str, parts: dict) -> None:
+    from diffusers import Kandinsky3Pipeline
+
+    from k3batch.model import family
+    from k3batch.model.convert import save_member
+
+    unets = parts["unets"]
+    base_unet = unets[family.BASE][0]
+    pipe_parts = {k: parts[k] for k in ("tokenizer", "text_encoder", "movq", "scheduler")}
+    Kandinsky3Pipeline(unet=base_unet, **pipe_parts).save_pretrained(root)
+    for name, (unet, null) in unets.items():
+        save_member(root, family.MEMBERS[name], unet, null)
+
+
+def _write_reference(root: str, parts: dict) -> None:
+    import torch
+
+    from k3batch.model import family, keymap
+
+    weights = os.path.join(root, family.REFERENCE_WEIGHTS_DIR)
+    text_dir = os.path.join(weights, family.REFERENCE_TEXT_DIR)
+    os.makedirs(text_dir)
+    parts["text_encoder"].save_pretrained(text_dir)
+    parts["tokenizer"].save_pretrained(text_dir)
+    for name, (unet, null) in parts["unets"].items():
+        member = family.MEMBERS[name]
+        ref_unet, projection = keymap.unet_state_to_reference(unet.state_dict())
+        torch.save(
+            {"unet": ref_unet, "null_embedding": null}, os.path.join(weights, member.reference_file)
+        )
+        torch.save(projection, os.path.join(text_dir, member.projection_file))
+    levels = len(TINY_MOVQ["block_out_channels"])
+    movq_state = keymap.movq_state_to_reference(parts["movq"].state_dict(), levels)
+    torch.save(movq_state, os.path.join(weights, family.REFERENCE_MOVQ_FILE))
+    unet_config = {k: v for k, v in TINY_UNET.items() if k != "encoder_hid_dim"}
+    with open(os.path.join(weights, family.REFERENCE_CONFIG_FILE), "w") as f:
+        json.dump({"unet": unet_config, "movq": TINY_MOVQ}, f, indent=2)
