@@ -14,7 +14,7 @@ from k3batch.beautify import choose
 from k3batch.beautify import config as bc
 from k3batch.beautify.client import ChatError, Sampling, chat_complete_async
 from k3batch.beautify.prompt import clean_output
-from k3batch.rows import STATUS_OK
+from k3batch.schema import STATUS_OK
 from k3batch.serve.config import ServeBeautifyConfig
 
 
