@@ -1,0 +1,318 @@
+"""The Serve deployments: the FastAPI `Ingress` speaking the OpenAI Images API, `Generator`s
+that batch concurrent requests onto their model with `@serve.batch`, and the optional
+`Beautifier` (the client of an OpenAI-compatible LLM server).
+
+    POST /v1/images/generations   text-to-image (OpenAI Images API + k3batch extensions)
+    POST /v1/images/edits         inpainting (multipart image + mask); 404 unless an
+                                  inpainting model is configured
+    GET  /v1/models               the served models
+    GET  /healthz                 200 once every generator has loaded its model, else 503
+"""
+
+import asyncio
+import base64
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from k3batch import rows, schema, storage
+from k3batch.serve.auth import authorize, load_api_keys
+from k3batch.serve.config import ServeAppConfig
+from k3batch.serve.protocol import (
+    ApiError,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    install_error_handlers,
+    overloaded,
+    parse_size,
+    read_json,
+    row_error,
+    validated,
+)
+from k3batch.serve.uploads import edit_inputs, prepare_images, read_form
+
+# Everything the ingress's routes call is imported above the class: `serve.ingress` rebuilds
+# the routes with the module's globals as they are when the class is defined.
+fastapi_app = FastAPI(title="k3batch", description="Kandinsky 3 behind the OpenAI Images API")
+install_error_handlers(fastapi_app)
+
+
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress(fastapi_app)
+class Ingress:
+    def __init__(self, generator, cfg: dict, inpaint_generator=None, beautifier=None):  # noqa: D107
+        self.cfg = ServeAppConfig.model_validate(cfg)
+        self.generator = generator
+        self.inpaint_generator = inpaint_generator
+        self.beautifier = beautifier
+        self.keys = load_api_keys(self.cfg)
+        # The model name resolves null steps/guidance to the member's own defaults.
+        self.rules = rows.RowRules.from_config(
+            self.cfg.generation, self.cfg.limits, self.cfg.model.name
+        )
+        if self.cfg.inpaint_model is not None:
+            self.inpaint_rules = rows.RowRules.from_config(
+                self.cfg.inpaint_generation, self.cfg.limits, self.cfg.inpaint_model.name
+            )
+
+    # -- routes -------------------------------------------------------------------------
+    @fastapi_app.get("/healthz")
+    async def healthz(self):
+        replicas = [g for g in (self.generator, self.inpaint_generator) if g is not None]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(g.health.remote() for g in replicas)), 5)
+        except Exception:  # noqa: BLE001 - any failure means not ready
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok", "model": self.cfg.served_model_name}
+
+    @fastapi_app.get("/v1/models")
+    async def models(self, request: Request):
+        authorize(request, self.keys)
+        names = [self.cfg.served_model_name]
+        if self.cfg.inpaint_model is not None:
+            names.append(self.cfg.inpaint_served_model_name)
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "k3batch"}
+                for name in names
+            ],
+        }
+
+    @fastapi_app.post("/v1/images/edits")
+    async def edits(self, request: Request):
+        return await self._measured(self._edits(request))
+
+    @fastapi_app.post("/v1/images/generations")
+    async def generations(self, request: Request):
+        return await self._measured(self._generations(request))
+
+    # -- request handling ---------------------------------------------------------------
+    async def _measured(self, answer):
+        from k3batch.metrics import APP_SERVE, metrics
+
+        recorder = metrics(APP_SERVE)
+        start = time.perf_counter()
+        try:
+            result = await answer
+        except ApiError as e:
+            recorder.errors("request", {e.param or e.code or e.type: 1})
+            raise
+        finally:
+            recorder.latency("request", time.perf_counter() - start)
+        recorder.rows("request", len(result["data"]))
+        return result
+
+    async def _generations(self, request: Request) -> dict:
+        authorize(request, self.keys)
+        data = await read_json(request, self.cfg.limits.max_request_bytes)
+        req = validated(ImageGenerationRequest, data)
+        self._check_common(req, self.cfg.served_model_name)
+        jobs, beautified = await self._jobs(req, self.rules)
+        results = await self._dispatch(self.generator, jobs)
+        return self._answer(req, jobs, results, beautified)
+
+    async def _edits(self, request: Request) -> dict:
+        authorize(request, self.keys)
+        if self.inpaint_generator is None:
+            raise ApiError(
+                404,
+                "no inpainting model is configured on this server",
+                type_="not_found",
+                code="model_not_found",
+            )
+        fields, files = await read_form(request, self.cfg.limits.max_upload_bytes)
+        req = validated(ImageEditRequest, fields)
+        self._check_common(req, self.cfg.inpaint_served_model_name)
+        # Image decoding and resizing stay off the event loop.
+        image, mask = await asyncio.to_thread(edit_inputs, files)
+        extra = {schema.IMAGE: image, schema.MASK: mask}
+        jobs, beautified = await self._jobs(req, self.inpaint_rules, extra)
+        prepared = await asyncio.to_thread(prepare_images, jobs[0], image, mask)
+        for job in jobs:
+            job.update(prepared)
+        results = await self._dispatch(self.inpaint_generator, jobs)
+        return self._answer(req, jobs, results, beautified)
+
+    def _check_common(self, req, served_name: str) -> None:
+        if req.model not in (None, served_name):
+            raise ApiError(
+                404,
+                f"model {req.model!r} is not served here (try {served_name!r})",
+                type_="not_found",
+                param="model",
+                code="model_not_found",
+            )
+        if not 1 <= req.n <= self.cfg.limits.max_n:
+            raise ApiError(
+                400, f"n must be in [1, {self.cfg.limits.max_n}], got {req.n}", param="n"
+            )
+        if req.response_format == "url" and not self.cfg.output_uri:
+            raise ApiError(
+                400,
+                "response_format 'url' needs an output bucket; use b64_json",
+                param="response_format",
+            )
+        if req.beautify and self.beautifier is None:
+            raise ApiError(400, "beautify is not configured on this server", param="beautify")
+
+    async def _jobs(self, req, rules, extra=None) -> tuple[list[dict], Any]:
+        """The request's n rows (after beautifying its prompt if asked), and the beautify
+        result (None without beautify)."""
+        width, height = parse_size(req.size) if req.size else (None, None)
+        beautified = await self._beautify(req)
+        prompt = beautified.prompt_used if beautified else req.prompt
+        jobs = [self._row(req, prompt, width, height, i, rules, extra) for i in range(req.n)]
+        return jobs, beautified
+
+    async def _beautify(self, req):
+        if not req.beautify:
+            return None
+        try:
+            result = await asyncio.wait_for(
+                self.beautifier.beautify.remote(req.prompt, req.seed),
+                timeout=self.cfg.request_timeout_s,
+            )
+        except (serve.exceptions.BackPressureError, TimeoutError):
+            raise overloaded(
+                503, "the prompt beautifier is at capacity; retry later", self.cfg.retry_after_s
+            ) from None
+        if result.revised_prompt is None and self.cfg.beautify.on_error == "fail":
+            raise overloaded(
+                503,
+                f"prompt beautification failed: {result.error or result.fallback}",
+                self.cfg.retry_after_s,
+            )
+        return result
+
+    async def _dispatch(self, generator, jobs: list[dict]) -> list[dict]:
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(generator.generate.remote(job) for job in jobs)),
+                timeout=self.cfg.request_timeout_s,
+            )
+        except serve.exceptions.BackPressureError:
+            raise overloaded(
+                429, "the server is at capacity; retry later", self.cfg.retry_after_s
+            ) from None
+        except TimeoutError:
+            raise overloaded(
+                503,
+                f"request not served within {self.cfg.request_timeout_s:g} s",
+                self.cfg.retry_after_s,
+            ) from None
+        failed = [r["error"] for r in results if r.get("error")]
+        if failed:
+            raise ApiError(500, f"generation failed: {failed[0]}", type_="server_error")
+        return results
+
+    def _answer(self, req, jobs: list[dict], results: list[dict], beautified) -> dict:
+        data = []
+        revised = beautified.revised_prompt if beautified else None
+        for job, result in zip(jobs, results, strict=True):
+            item: dict[str, Any] = {"revised_prompt": revised, "seed": job[schema.SEED]}
+            if req.response_format == "url":
+                item["url"] = self._store(result["png"])
+            else:
+                item["b64_json"] = base64.b64encode(result["png"]).decode()
+            data.append(item)
+        return {"created": int(time.time()), "data": data}
+
+    def _row(self, req, prompt: str, width, height, i: int, rules, extra=None) -> dict:
+        raw = {
+            schema.ID: uuid.uuid4().hex,
+            schema.PROMPT: prompt,
+            schema.NEGATIVE_PROMPT: req.negative_prompt,
+            # n images of one request: seed, seed+1, ... so each is reproducible on its own.
+            schema.SEED: None if req.seed is None else req.seed + i,
+            schema.WIDTH: width,
+            schema.HEIGHT: height,
+            schema.NUM_INFERENCE_STEPS: req.num_inference_steps,
+            schema.GUIDANCE_SCALE: req.guidance_scale,
+            **(extra or {}),
+        }
+        row = rows.normalise_row(raw, schema.PROMPT, rules)
+        if row[schema.STATUS] != schema.STATUS_OK:
+            raise row_error(row[schema.ERROR])
+        return row
+
+    def _store(self, png: bytes) -> str:
+        name = f"{time.strftime('%Y%m%d')}/{uuid.uuid4().hex}.png"
+        uri = storage.join(self.cfg.output_uri, name)
+        fs, path = storage.filesystem(uri)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, png)
+        try:
+            return fs.url(path, expires=3600)  # presigned HTTPS URL on object stores
+        except (AttributeError, NotImplementedError, TypeError):
+            return uri
+
+
+@serve.deployment
+class Generator:
+    """Holds one model; concurrent requests are batched into `GenerateStage` calls, which
+    group rows by shape and kind and retry a failed group row by row (as the batch job)."""
+
+    def __init__(self, cfg: dict, role: Literal["generate", "edit"] = "generate"):
+        from k3batch.stages.generate import GenerateStage
+
+        self.cfg = ServeAppConfig.model_validate(cfg)
+        model = self.cfg.model if role == "generate" else self.cfg.inpaint_model
+        deployment = self.cfg.generator if role == "generate" else self.cfg.inpaint_generator
+        self.stage = GenerateStage(model, deployment.decode_batch_size)
+        self.generate.set_max_batch_size(self.cfg.batching.max_batch_size)
+        self.generate.set_batch_wait_timeout_s(self.cfg.batching.batch_wait_timeout_s)
+        self.batch_sizes: list[int] = []  # observed batch sizes, for tests and benchmarks
+
+    def health(self) -> bool:
+        return True
+
+    def observed_batch_sizes(self) -> list[int]:
+        return list(self.batch_sizes)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def generate(self, jobs: list[dict]) -> list[dict]:
+        self.batch_sizes.append(len(jobs))
+        return await asyncio.to_thread(self._generate, jobs)
+
+    def _generate(self, jobs: list[dict]) -> list[dict]:
+        from k3batch.images import encode_rgb
+        from k3batch.metrics import APP_SERVE, metrics
+
+        start = time.perf_counter()
+        # Optional columns only when the jobs carry them (edits: source_rgb, keep_mask).
+        columns = [*self.stage.needs, *(c for c in self.stage.optional if c in jobs[0])]
+        out = self.stage({c: [job.get(c) for job in jobs] for c in columns})
+        results = []
+        for i, job in enumerate(jobs):
+            if out[schema.STATUS][i] != schema.STATUS_OK:
+                results.append({"error": out[schema.ERROR][i]})
+            else:
+                rgb = out[schema.IMAGE_RGB][i]
+                png = encode_rgb(rgb, job[schema.WIDTH], job[schema.HEIGHT], "png")
+                results.append({"png": png})
+        recorder = metrics(APP_SERVE)
+        failed = sum(1 for r in results if r.get("error"))
+        recorder.rows("generate", len(jobs))
+        recorder.images("generate", len(jobs) - failed)
+        recorder.errors("generate", {"generate": failed})
+        recorder.latency("generate", time.perf_counter() - start)
+        return results
+
+
+@serve.deployment
+class Beautifier:
+    """The LLM client of `beautify: true` requests, scaled apart from the generators."""
+
+    def __init__(self, cfg: dict):
+        from k3batch.serve.beautify import OnlineBeautifier
+
+        app = ServeAppConfig.model_validate(cfg)
+        self.beautifier = OnlineBeautifier(app.beautify, app.model.path)
+
+    async def beautify(self, prompt: str, seed: int | None):
+        return await self.beautifier.beautify(prompt, seed)

@@ -1,0 +1,123 @@
+"""`/v1/images/edits` uploads: the multipart body, its image and mask files, the OpenAI mask
+rule, and the images prepared as the batch job prepares them."""
+
+import io
+from collections import defaultdict
+from typing import Any
+
+from fastapi import Request
+
+from k3batch import schema
+from k3batch.serve.protocol import ApiError, row_error
+
+
+async def read_form(request: Request, limit: int) -> tuple[dict, dict]:
+    """A multipart body as (text fields, uploaded files' bytes), size-bounded."""
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise ApiError(413, f"request body is larger than {limit} bytes")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(400, "/v1/images/edits takes multipart/form-data (image, mask, prompt, ...)")
+    try:
+        form = await request.form(max_files=4, max_fields=32, max_part_size=limit)
+    except Exception as e:  # noqa: BLE001 - any malformed multipart body is a client error
+        raise ApiError(400, f"malformed multipart body: {e}") from None
+    fields: dict[str, Any] = {}
+    files: dict[str, list[bytes]] = defaultdict(list)
+    size = 0
+    for key, value in form.multi_items():
+        if hasattr(value, "read"):  # an upload
+            data = await value.read()
+            size += len(data)
+            files[key.removesuffix("[]")].append(data)
+        else:
+            fields[key] = value
+    if size > limit:
+        raise ApiError(413, f"uploaded files are larger than {limit} bytes")
+    return fields, files
+
+
+def _one_file(files: dict, name: str, required: bool) -> bytes | None:
+    found = files.get(name, [])
+    if len(found) > 1:
+        raise ApiError(400, f"{name}: one file expected, got {len(found)}", param=name)
+    if not found:
+        if required:
+            raise ApiError(400, f"{name}: missing (upload it as a file)", param=name)
+        return None
+    if not found[0]:
+        raise ApiError(400, f"{name}: empty file", param=name)
+    return found[0]
+
+
+def _open_upload(name: str, data: bytes):
+    from k3batch.images import open_image
+
+    try:
+        return open_image(data)
+    except Exception as e:  # noqa: BLE001 - undecodable uploads are the client's error
+        raise ApiError(
+            400, f"{name}: not a readable image ({len(data)} bytes): {type(e).__name__}", param=name
+        ) from None
+
+
+def repaint_mask(mask) -> Any:
+    """The repaint area of an edits mask as a k3batch mask image (white = repaint).
+
+    OpenAI's rule: the fully transparent pixels (alpha 0) of the mask (or, without a mask,
+    of the image) are edited. A mask without an alpha channel is read as k3batch's batch
+    masks are: white (grey >= 128) = repaint.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from k3batch.images import MASK_THRESHOLD
+
+    if mask.mode in ("RGBA", "LA", "PA") or "transparency" in mask.info:
+        alpha = np.asarray(mask.convert("RGBA"))[..., 3]
+        repaint = alpha == 0
+    else:
+        repaint = np.asarray(mask.convert("L")) >= MASK_THRESHOLD
+    return Image.fromarray(np.where(repaint, 255, 0).astype(np.uint8), mode="L")
+
+
+def edit_inputs(files: dict) -> tuple[bytes, bytes]:
+    """(image PNG, mask PNG) as k3batch's rows take them, from the uploaded files."""
+    # The form's file fields (OpenAI's names), not row columns.
+    unknown = sorted(set(files) - {"image", "mask"})
+    if unknown:
+        raise ApiError(400, f"{unknown[0]}: unexpected file field", param=unknown[0])
+    image_bytes = _one_file(files, "image", required=True)
+    mask_bytes = _one_file(files, "mask", required=False)
+    image = _open_upload("image", image_bytes)
+    if mask_bytes is None:
+        if image.mode not in ("RGBA", "LA", "PA") and "transparency" not in image.info:
+            raise ApiError(
+                400,
+                "mask: missing, and the image has no transparent pixels to edit; upload a "
+                "mask (transparent or white = repaint) or an image with an alpha channel",
+                param="mask",
+            )
+        mask = image
+    else:
+        mask = _open_upload("mask", mask_bytes)
+    buf = io.BytesIO()
+    repaint_mask(mask).save(buf, format="PNG")
+    return image_bytes, buf.getvalue()
+
+
+# What a prepared edit adds to each of its rows.
+PREPARED_COLUMNS = (schema.WIDTH, schema.HEIGHT, schema.SOURCE_RGB, schema.KEEP_MASK)
+
+
+def prepare_images(job: dict, image: bytes, mask: bytes) -> dict:
+    """The image and mask read and sized exactly as the batch job's prepare stage does."""
+    from k3batch.stages.prepare import PrepareImagesStage
+
+    batch = {
+        c: [job[c]] for c in (schema.ID, schema.WIDTH, schema.HEIGHT, schema.STATUS, schema.ERROR)
+    }
+    batch.update({schema.IMAGE: [image], schema.MASK: [mask]})
+    out = PrepareImagesStage()(batch)
+    if out[schema.STATUS][0] != schema.STATUS_OK:
+        raise row_error(out[schema.ERROR][0])
+    return {c: out[c][0] for c in PREPARED_COLUMNS}
