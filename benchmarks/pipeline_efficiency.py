@@ -5,7 +5,7 @@ batch size and settings. Target >= 0.85 on a 2-core machine.
 Two CPU layouts, each measured against a bare twin of the same layout, in one run:
 
 A. one actor with a torch thread per core, against the bare loop with as many threads;
-B. one single-thread actor per core (the layout README's Scaling out recommends on CPU),
+B. one single-thread actor per core (the CPU layout docs/running-jobs.md's Scaling out recommends),
    against as many single-thread bare loops in processes of their own, running at once.
 
 The headline is the faster layout's k3batch rate over the bare in-process loop (A's twin):
