@@ -19,7 +19,8 @@ import re
 import sys
 
 from k3batch.config import ConfigError, JobConfig
-from k3batch.job.pools import Pool, job_pools
+from k3batch.job.kinds import job_pools
+from k3batch.job.pools import Pool
 
 log = logging.getLogger(__name__)
 

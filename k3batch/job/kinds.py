@@ -71,6 +71,11 @@ class JobKind:
         raise NotImplementedError
 
 
+def job_pools(cfg: JobConfig) -> list[Pool]:
+    """Every actor pool of the job, as its kind declares them."""
+    return get(cfg.job).pools(cfg)
+
+
 def get(name: str) -> JobKind:
     """The kind `pipelines/<name>.py` defines; a clear error for an unknown name."""
     try:

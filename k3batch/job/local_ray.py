@@ -16,7 +16,7 @@ import sys
 
 from k3batch import gpus
 from k3batch.config import ConfigError, JobConfig
-from k3batch.job.pools import job_pools
+from k3batch.job.kinds import job_pools
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
-"""The actor pools a job holds for its whole run, at their starting sizes: one enumeration
-that the CPU budget (`job.local_ray`) and the GPU checks (`k3batch.gpus`) both read."""
+"""The actor pools a job holds for its whole run, at their starting sizes. Each job kind
+declares its own (`kinds.job_pools`): the one enumeration that the CPU budget
+(`job.local_ray`) and the GPU checks (`k3batch.gpus`) both read."""
 
 from __future__ import annotations
 
@@ -46,10 +47,3 @@ def beautify_pools(cfg: JobConfig) -> list[Pool]:
         ]
     o = b.openai
     return [Pool("beautify.openai", o.num_actors, o.num_cpus_per_actor, 0, 0)]
-
-
-def job_pools(cfg: JobConfig) -> list[Pool]:
-    """Every actor pool of the job, as its kind declares them."""
-    from k3batch.job import kinds
-
-    return kinds.get(cfg.job).pools(cfg)
