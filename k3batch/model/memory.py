@@ -221,7 +221,9 @@ def job_estimates(cfg) -> list[ActorMemory]:
 
     Rows may ask for any size up to `limits.max_side`, so the estimate takes the largest.
     """
-    if cfg.job != "text_to_image":
+    from k3batch.job import kinds
+
+    if not kinds.get(cfg.job).uses_diffusion_model:
         return []
     r, g = cfg.resources, cfg.generation
     pool = r.text_encoder_pool
