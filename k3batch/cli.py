@@ -201,6 +201,8 @@ def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from k3batch.model import family
+
     parser = argparse.ArgumentParser(prog="k3batch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -302,8 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst", help="directory to write (diffusers family layout)")
     conv.add_argument(
         "--members",
-        help="comma-separated subset of kandinsky3,kandinsky3-flash,kandinsky3-inpaint "
-        "(default: every member found)",
+        help=f"comma-separated subset of {','.join(family.NAMES)} (default: every member found)",
     )
     conv.add_argument(
         "--dtype",

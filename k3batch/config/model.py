@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from k3batch.config.base import Dtype, Strict
+from k3batch.model import family
 
 
 class DtypeMap(Strict):
@@ -113,11 +114,11 @@ PRECISIONS = {
 
 
 class ModelConfig(Strict):
-    name: Literal["kandinsky3", "kandinsky3-flash", "kandinsky3-inpaint"] = Field(
-        "kandinsky3",
-        description="Family member. `kandinsky3`: base text-to-image (and image-to-image for "
-        "rows with an `image`); `kandinsky3-flash`: Kandinsky 3.1 Flash, 4 fixed steps, no "
-        "guidance; `kandinsky3-inpaint`: inpainting, rows carry `image` and `mask`.",
+    name: Literal[family.NAMES] = Field(
+        family.BASE,
+        description="Family member. "
+        + "; ".join(f"`{m.name}`: {m.summary}" for m in family.MEMBERS.values())
+        + ".",
     )
     path: str = Field(
         "kandinsky-community/kandinsky-3",

@@ -55,6 +55,7 @@ class Member:
     num_inference_steps: int | None  # default; None: fixed timesteps
     guidance_scale: float | None  # default; None: no classifier-free guidance
     threshold_percentile: float | None  # dynamic thresholding of x0; None: none
+    summary: str = ""  # one line for the config reference (`model.name`)
     # "none": text-to-image only; "optional": an `image` row is image-to-image (with
     # `strength`); "required": every row brings an image (and a mask, with `needs_mask`).
     image_input: str = "none"
@@ -88,6 +89,7 @@ MEMBERS = {
         num_inference_steps=50,
         guidance_scale=3.0,
         threshold_percentile=0.99,
+        summary="base text-to-image (and image-to-image for rows with an `image`)",
         image_input="optional",
         refinable=True,
     ),
@@ -100,6 +102,7 @@ MEMBERS = {
         num_inference_steps=None,
         guidance_scale=None,
         threshold_percentile=None,
+        summary="Kandinsky 3.1 Flash, 4 fixed steps, no guidance",
         fixed_timesteps=FLASH_TIMESTEPS,
     ),
     INPAINT: Member(
@@ -111,6 +114,7 @@ MEMBERS = {
         num_inference_steps=50,
         guidance_scale=4.0,
         threshold_percentile=0.95,
+        summary="inpainting, rows carry `image` and `mask`",
         image_input="required",
         needs_mask=True,
     ),
