@@ -19,11 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 
-from k3batch import storage
+from k3batch import schema, storage
 from k3batch.config import JobConfig
 
 STATE_DIR = "_k3batch"
-ID_COLUMN = "row_hash"
 # How the job runs, not what it produces: these may change between a run and its resume.
 _NOT_FINGERPRINTED = {
     "resources": None,
@@ -86,7 +85,7 @@ def checkpoint_config(cfg: JobConfig):
     uri = state_uri(cfg.output.uri, "checkpoint")
     fs, path = storage.arrow_filesystem(uri, cfg.storage.model_dump())
     return CheckpointConfig(
-        id_column=ID_COLUMN,
+        id_column=schema.ROW_HASH,
         checkpoint_path=uri if storage.is_remote(uri) else path,
         override_filesystem=fs,
         delete_checkpoint_on_success=False,
