@@ -118,7 +118,14 @@ def _with_image(table):
     )
 
 
-SCAN_COLUMNS = ("id", "prompt", "status", "error", "image_uri", "generate_seconds")
+SCAN_COLUMNS = (
+    schema.ID,
+    schema.PROMPT,
+    schema.STATUS,
+    schema.ERROR,
+    schema.IMAGE_URI,
+    schema.GENERATE_SECONDS,
+)
 
 
 @dataclass

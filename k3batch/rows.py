@@ -14,6 +14,7 @@ import secrets
 import unicodedata
 from dataclasses import dataclass
 
+from k3batch import schema
 from k3batch.model.family import BASE, MEMBERS, members_with
 from k3batch.schema import IMAGE_COLUMNS, STATUS_ERROR, STATUS_OK
 
@@ -105,11 +106,11 @@ def derived_id(row_hash: int) -> str:
 def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
     """The row's normalised generation fields plus `status` and `error`.
 
-    `raw` holds the input columns (override columns optional). `raw["id"]` must already be
+    `raw` holds the input columns (override columns optional). `raw[schema.ID]` must already be
     the row's id (a string).
     """
     errors: list[str] = []
-    out: dict = {"id": raw["id"]}
+    out: dict = {schema.ID: raw[schema.ID]}
 
     prompt = raw.get(prompt_column)
     if prompt is None:
@@ -128,7 +129,7 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
         errors.append(
             f"{prompt_column}: {len(prompt)} characters, above limits.max_prompt_chars={rules.max_prompt_chars}"
         )
-    out["prompt"] = prompt
+    out[schema.PROMPT] = prompt
 
     def field(name, parse, check):
         value = raw.get(name)
@@ -142,7 +143,7 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
                 return None
         return value
 
-    negative = raw.get("negative_prompt")
+    negative = raw.get(schema.NEGATIVE_PROMPT)
     if negative is None:
         negative = rules.negative_prompt
     elif not isinstance(negative, str):
@@ -153,7 +154,7 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
             f"negative_prompt: {len(negative)} characters, above limits.max_prompt_chars={rules.max_prompt_chars}"
         )
         negative = None
-    out["negative_prompt"] = negative if negative and negative.strip() else None
+    out[schema.NEGATIVE_PROMPT] = negative if negative and negative.strip() else None
 
     def side(name):
         def check(v):
@@ -207,7 +208,7 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
         for name in IMAGE_COLUMNS:
             if raw.get(name) is None:
                 errors.append(f"{name}: missing (null), {member.name} needs image and mask")
-    elif raw.get("mask") is not None:
+    elif raw.get(schema.MASK) is not None:
         masked = ", ".join(members_with(needs_mask=True))
         errors.append(f"mask: only {masked} takes a mask, got {show(raw.get('mask'))}")
     has_image = image is not None and member.takes_image
@@ -215,13 +216,15 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
     if has_image:
         # The size follows the input image (the reference's resize); an explicit size is
         # checked against it once the image is read (PrepareImagesStage).
-        out["width"] = None if raw.get("width") is None else field("width", _as_int, side("width"))
-        out["height"] = (
-            None if raw.get("height") is None else field("height", _as_int, side("height"))
+        out[schema.WIDTH] = (
+            None if raw.get(schema.WIDTH) is None else field("width", _as_int, side("width"))
+        )
+        out[schema.HEIGHT] = (
+            None if raw.get(schema.HEIGHT) is None else field("height", _as_int, side("height"))
         )
     else:
-        out["width"] = field("width", _as_int, side("width"))
-        out["height"] = field("height", _as_int, side("height"))
+        out[schema.WIDTH] = field("width", _as_int, side("width"))
+        out[schema.HEIGHT] = field("height", _as_int, side("height"))
 
     # A member without guidance or with fixed timesteps: per-row values are reported, not used.
     unused = []
@@ -238,36 +241,36 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
         if value is not None and value != used and not (name == "negative_prompt" and not value):
             warnings.append(f"{name}: ignored by {member.name} ({why}), got {show(value)}")
     if member.fixed_timesteps:
-        out["num_inference_steps"] = member.steps
+        out[schema.NUM_INFERENCE_STEPS] = member.steps
     else:
-        out["num_inference_steps"] = field("num_inference_steps", _as_int, steps)
+        out[schema.NUM_INFERENCE_STEPS] = field("num_inference_steps", _as_int, steps)
     if not member.guided:
-        out["negative_prompt"] = None
-        out["guidance_scale"] = None
+        out[schema.NEGATIVE_PROMPT] = None
+        out[schema.GUIDANCE_SCALE] = None
     else:
-        out["guidance_scale"] = field("guidance_scale", _as_float, guidance)
+        out[schema.GUIDANCE_SCALE] = field("guidance_scale", _as_float, guidance)
 
-    out["strength"] = None
+    out[schema.STRENGTH] = None
     image_to_image = has_image and member.image_input == "optional"
-    if raw.get("strength") is not None and not image_to_image:
+    if raw.get(schema.STRENGTH) is not None and not image_to_image:
         takers = ", ".join(members_with(image_input="optional"))
         warnings.append(
             f"strength: ignored, only image-to-image rows ({takers} with an image) use it, got {show(raw.get('strength'))}"
         )
     elif image_to_image:
-        out["strength"] = field("strength", _as_float, strength_check)
+        out[schema.STRENGTH] = field("strength", _as_float, strength_check)
 
-    if raw.get("seed") is None:
-        seed = pick_seed() if rules.seed == -1 else derive_seed(rules.seed, out["id"])
+    if raw.get(schema.SEED) is None:
+        seed = pick_seed() if rules.seed == -1 else derive_seed(rules.seed, out[schema.ID])
     else:
         seed = field("seed", _as_int, seed_check)
         if seed == -1:
             seed = pick_seed()
-    out["seed"] = seed
+    out[schema.SEED] = seed
 
-    out["status"] = STATUS_ERROR if errors else STATUS_OK
-    out["error"] = "; ".join(errors) if errors else None
-    out["warning"] = "; ".join(warnings) if warnings else None
+    out[schema.STATUS] = STATUS_ERROR if errors else STATUS_OK
+    out[schema.ERROR] = "; ".join(errors) if errors else None
+    out[schema.WARNING] = "; ".join(warnings) if warnings else None
     return out
 
 
