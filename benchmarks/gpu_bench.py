@@ -119,7 +119,8 @@ def flops_per_call(size: str, side: int) -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import T5EncoderModel
 
-    from k3batch.model import performance, tiny
+    from k3batch.model import performance
+    from k3batch.testing import tiny_parts as tiny
 
     unet_cfg, movq_cfg, t5_cfg = tiny.architecture(size, len(tiny.build_tokenizer()))
     latent = side // 8

@@ -344,3 +344,19 @@ FULL_T5 = dict(
     tie_word_embeddings=False,
 )
 FULL_T5_VOCAB = 32128
+
+
+def full_architecture() -> tuple[dict, dict, object]:
+    """(UNet kwargs, MoVQ kwargs, T5Config) of the real family: what the memory estimate counts
+    and the GPU benchmarks build with random weights."""
+    from transformers import T5Config
+
+    unet = {**REFERENCE_UNET_CONFIG, "encoder_hid_dim": FULL_T5["d_model"]}
+    t5 = T5Config(
+        **FULL_T5,
+        vocab_size=FULL_T5_VOCAB,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return unet, REFERENCE_MOVQ_CONFIG, t5

@@ -81,10 +81,10 @@ def parameter_counts() -> dict[str, int]:
     from diffusers import VQModel
     from transformers import T5EncoderModel
 
-    from k3batch.model import family, tiny
-    from k3batch.model.loading import unet_class
+    from k3batch.model import family
+    from k3batch.model.loading import full_architecture, unet_class
 
-    unet_config, movq_config, t5_config = tiny.architecture("full", tiny.FULL_T5_VOCAB)
+    unet_config, movq_config, t5_config = full_architecture()
     builders = {
         "text_encoder": lambda: T5EncoderModel(t5_config),
         "movq": lambda: VQModel(**movq_config),

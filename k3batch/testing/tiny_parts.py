@@ -249,16 +249,10 @@ def build_components(null_embedding: bool = True, size: str = "tiny"):
 
 def architecture(size: str, tiny_vocab: int) -> tuple[dict, dict, object]:
     """(UNet kwargs, MoVQ kwargs, T5Config) of the `tiny` or `full` (real) architecture."""
-    from k3batch.model.loading import (
-        FULL_T5,
-        FULL_T5_VOCAB,
-        REFERENCE_MOVQ_CONFIG,
-        REFERENCE_UNET_CONFIG,
-    )
+    from k3batch.model.loading import full_architecture
 
     if size == "full":
-        unet = {**REFERENCE_UNET_CONFIG, "encoder_hid_dim": FULL_T5["d_model"]}
-        return unet, REFERENCE_MOVQ_CONFIG, _t5_config(FULL_T5, FULL_T5_VOCAB)
+        return full_architecture()
     if size == "tiny":
         return TINY_UNET, TINY_MOVQ, _t5_config(TINY_T5, tiny_vocab)
     raise ValueError(f"size must be tiny or full, got {size!r}")
