@@ -1,5 +1,5 @@
 """Issue #6: poisoned rows, crashed and stuck workers, a failed accounting, all on local Ray
-with the tiny model. Faults come from the test hooks in k3batch.testhooks (K3BATCH_TEST_*),
+with the tiny model. Faults come from the test hooks in k3batch.testing.faults (K3BATCH_TEST_*),
 which the driver reads when it builds the job and hands to the generation actors."""
 
 import io
