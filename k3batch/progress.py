@@ -1,8 +1,8 @@
 """A job's live progress: a tally actor fed by every stage, read by a reporter on the driver.
 
 Each stage's workers send their batch counts to one small named-less Ray actor (the tally,
-0 CPUs), whose handle `dataflow.map_stage` puts into the stage's arguments while a `Tracker`
-is active. Ray's own writer stays as it is; rows are done when they leave the last stage
+0 CPUs), whose handle `dataflow.map_stage` puts into the stage's arguments when it is given
+the job's `Tracker` (`JobContext.tracker`). Ray's own writer stays as it is; rows are done when they leave the last stage
 (`map_stage` registers stages in pipeline order). The driver's `Reporter` thread polls the
 tally: on a terminal it redraws one line; in a job log it prints a line every N seconds.
 

@@ -44,7 +44,7 @@ def add_beautify(ds, cfg: JobConfig, tracker=None, prompt_column: str = schema.P
             "base_url": o.base_url,
             "model": o.model or b.model,
             "system_prompt": b.system_prompt,
-            "sampling": b.sampling.model_dump(),
+            "sampling": b.sampling,
             "api": o.api,
             "api_key_env": o.api_key_env,
             "qps": o.qps / o.num_actors if o.qps else None,

@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from k3batch import rows, schema
 from k3batch.beautify import choose
+from k3batch.beautify.config import SamplingConfig
 from k3batch.beautify.prompt import clean_output, request_seed
 from k3batch.stages.base import Stage
 from k3batch.stages.validate import ValidateStage
@@ -25,7 +26,10 @@ class PromptRowsStage(Stage):
     drops = (schema.ROW_HASH,)
 
     def __init__(
-        self, prompt_column: str = "prompt", id_column: str = "id", max_chars: int = 20000
+        self,
+        prompt_column: str = schema.PROMPT,
+        id_column: str = schema.ID,
+        max_chars: int = 20000,
     ):
         self.validate = ValidateStage(
             rows.RowRules(max_prompt_chars=max_chars), prompt_column, id_column
@@ -60,7 +64,7 @@ class OpenAIBeautifyStage(Stage):
         base_url: str,
         model: str,
         system_prompt: str,
-        sampling: dict,
+        sampling: SamplingConfig,
         api: str = "chat",
         api_key_env: str | None = None,
         qps: float | None = None,
@@ -68,23 +72,23 @@ class OpenAIBeautifyStage(Stage):
         max_retries: int = 3,
         retry_backoff_s: float = 1.0,
         timeout_s: float = 60.0,
-        prompt_column: str = "prompt",
+        prompt_column: str = schema.PROMPT,
     ):
         from k3batch.beautify.client import RateLimiter, Sampling
 
         self.prompt_column = prompt_column
         self.needs = (schema.ID, prompt_column, schema.STATUS)
-        self.base_seed = sampling.get("seed")
+        self.base_seed = sampling.seed
         self.kwargs = dict(
             model=model,
             system_prompt=system_prompt,
             api=api,
             sampling=Sampling(
-                temperature=sampling["temperature"],
-                top_p=sampling["top_p"],
-                max_tokens=sampling["max_tokens"],
-                stop=list(sampling.get("stop") or []),
-                extra=dict(sampling.get("extra") or {}),
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                stop=list(sampling.stop),
+                extra=dict(sampling.extra),
             ),
             api_key=os.environ.get(api_key_env) if api_key_env else None,
             timeout_s=timeout_s,
@@ -140,13 +144,13 @@ class ChoosePromptStage(Stage):
         self.optional = (schema.BEAUTIFY_ERROR,)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        n = len(batch["prompt"])
+        n = len(batch[schema.PROMPT])
         errors = batch.get(schema.BEAUTIFY_ERROR) or [None] * n
         out = {schema.PROMPT_USED: [], schema.BEAUTIFY_FALLBACK: []}
         for i in range(n):
             candidate = batch[self.candidate_column][i]
             used, fallback = choose.choose_prompt(
-                batch["prompt"][i],
+                batch[schema.PROMPT][i],
                 candidate if isinstance(candidate, str) else None,
                 errors[i],
                 batch[schema.STATUS][i],

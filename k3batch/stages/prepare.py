@@ -22,7 +22,12 @@ def describe(value) -> str:
 
 
 class RowFailure(Exception):
-    pass
+    """The row's own failure, naming the input field at fault."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
 
 
 class PrepareImagesStage(Stage):
@@ -61,7 +66,7 @@ class PrepareImagesStage(Stage):
             try:
                 self._prepare(i, sources[i], masks[i], batch, out)
             except RowFailure as e:
-                fail_row(out, i, None, str(e))  # the message names its field
+                fail_row(out, i, e.field, e.message)
         return out
 
     def _open(self, field: str, value):
@@ -69,13 +74,13 @@ class PrepareImagesStage(Stage):
             data = images.read_bytes(self._resolve(value), self.storage_settings)
         except Exception as e:  # noqa: BLE001 - any storage failure is the row's error
             raise RowFailure(
-                f"{field}: cannot read {describe(value)}: {type(e).__name__}: {e}"
+                field, f"cannot read {describe(value)}: {type(e).__name__}: {e}"
             ) from None
         try:
             return images.open_image(data)
         except Exception as e:  # noqa: BLE001 - undecodable data is the row's error
             raise RowFailure(
-                f"{field}: not a readable image: {describe(value)}: {type(e).__name__}: {e}"
+                field, f"not a readable image: {describe(value)}: {type(e).__name__}: {e}"
             ) from None
 
     def _resolve(self, value):
@@ -89,39 +94,44 @@ class PrepareImagesStage(Stage):
         return value
 
     def _prepare(self, i, source, mask_source, batch, out) -> None:
-        image = self._open("image", source)
+        image = self._open(schema.IMAGE, source)
         w0, h0 = image.size
         width, height = images.diffusion_size(w0, h0)
         if min(width, height) < 64:
             raise RowFailure(
-                f"image: {w0}x{h0} is too small: each side must be at least 64 pixels "
-                f"(got {width}x{height} after the reference's resize)"
+                schema.IMAGE,
+                f"{w0}x{h0} is too small: each side must be at least 64 pixels "
+                f"(got {width}x{height} after the reference's resize)",
             )
         if max(width, height) > self.max_side:
             raise RowFailure(
-                f"image: {w0}x{h0} gives {width}x{height}, above limits.max_side={self.max_side}"
+                schema.IMAGE,
+                f"{w0}x{h0} gives {width}x{height}, above limits.max_side={self.max_side}",
             )
-        for name, derived in (("width", width), ("height", height)):
+        for name, derived in ((schema.WIDTH, width), (schema.HEIGHT, height)):
             asked = batch[name][i]
             if asked is not None and asked != derived:
                 raise RowFailure(
-                    f"{name}: {asked} differs from the size derived from the image "
-                    f"({w0}x{h0} -> {width}x{height}), leave width/height empty for image rows"
+                    name,
+                    f"{asked} differs from the size derived from the image "
+                    f"({w0}x{h0} -> {width}x{height}), leave width/height empty for image rows",
                 )
         if mask_source is not None:
-            mask_image = self._open("mask", mask_source)
+            mask_image = self._open(schema.MASK, mask_source)
             if mask_image.size != image.size:
                 raise RowFailure(
-                    f"mask: size {mask_image.size[0]}x{mask_image.size[1]} differs from the "
-                    f"image's {w0}x{h0} ({describe(mask_source)})"
+                    schema.MASK,
+                    f"size {mask_image.size[0]}x{mask_image.size[1]} differs from the "
+                    f"image's {w0}x{h0} ({describe(mask_source)})",
                 )
             repaint = images.mask_array(mask_image)
             if not repaint.any():
                 raise RowFailure(
-                    f"mask: empty, no pixel to repaint (white, grey >= {images.MASK_THRESHOLD}, "
-                    f"= repaint): {describe(mask_source)}"
+                    schema.MASK,
+                    f"empty, no pixel to repaint (white, grey >= {images.MASK_THRESHOLD}, "
+                    f"= repaint): {describe(mask_source)}",
                 )
             keep = images.prepare_mask(repaint, (width, height))
             out[schema.KEEP_MASK][i] = np.ascontiguousarray(keep).tobytes()
         out[schema.SOURCE_RGB][i] = images.prepare_image(image, (width, height)).tobytes()
-        out["width"][i], out["height"][i] = width, height
+        out[schema.WIDTH][i], out[schema.HEIGHT][i] = width, height

@@ -14,8 +14,8 @@ class ValidateStage(Stage):
     def __init__(
         self,
         rules: rows.RowRules,
-        prompt_column: str = "prompt",
-        id_column: str = "id",
+        prompt_column: str = schema.PROMPT,
+        id_column: str = schema.ID,
         duplicate_ids: dict[str, int] | None = None,
     ):
         self.rules = rules
