@@ -82,8 +82,7 @@ class GenerateStage(Stage):
             from k3batch.model.loading import DTYPES
 
             self.embeds_dtype = DTYPES[model.dtype.text_encoder]
-        device = model.device
-        gpus.check_cuda("generation", device if isinstance(device, str) else device.model_dump())
+        gpus.check_cuda("generation", model.device_map())
         self.pipe = load_model(model, decode_batch_size, text_encoder=not text_encoder_pool)
         gpus.report_devices(journal, gpus.device_record("generation", model_components(self.pipe)))
         compile = model.performance.compile

@@ -18,11 +18,6 @@ def ensure_tiny(model: ModelConfig) -> None:
         make_tiny(model.path, layout=layout)
 
 
-def component_device(model: ModelConfig, component: str) -> str:
-    """The device setting of one component (`model.device` is one value or one per component)."""
-    return model.device if isinstance(model.device, str) else getattr(model.device, component)
-
-
 def load_model(model: ModelConfig, decode_batch_size: int = 1, text_encoder: bool = True):
     """The Kandinsky 3 pipeline `model` describes (builds the tiny one if asked).
 
@@ -37,7 +32,7 @@ def load_model(model: ModelConfig, decode_batch_size: int = 1, text_encoder: boo
         refine=model.refine,
         layout=model.layout,
         dtype=model.dtype.model_dump(),
-        device=model.device if isinstance(model.device, str) else model.device.model_dump(),
+        device=model.device_map(),
         variant=model.variant,
         decode_batch_size=decode_batch_size,
         performance=model.performance.model_dump(),

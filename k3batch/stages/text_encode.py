@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from k3batch import schema
 from k3batch.schema import NEGATIVE_PROMPT_EMBEDS, PROMPT_EMBEDS, PROMPT_EMBEDS_LENGTH
 from k3batch.stages.base import Stage, fail_row, ok_rows, start_output
-from k3batch.stages.loading import component_device, ensure_tiny
+from k3batch.stages.loading import ensure_tiny
 
 if TYPE_CHECKING:
     from k3batch.config import ModelConfig
@@ -43,14 +43,14 @@ class TextEncodeStage(Stage):
             torch.set_num_threads(torch_threads)
         self.prompt_column = prompt_column
         self.needs = tuple(prompt_column if c == schema.PROMPT else c for c in type(self).needs)
-        gpus.check_cuda("text encoder", component_device(model, "text_encoder"))
+        gpus.check_cuda("text encoder", model.device_map()["text_encoder"])
         ensure_tiny(model)
         self.encoder = PromptEncoder.from_pretrained(
             model.path,
             member=model.name,
             layout=model.layout,
             dtype=model.dtype.model_dump(),
-            device=model.device if isinstance(model.device, str) else model.device.model_dump(),
+            device=model.device_map(),
             variant=model.variant,
             attention=model.performance.attention,
             tf32=model.performance.tf32,
