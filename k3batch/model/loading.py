@@ -349,14 +349,14 @@ FULL_T5_VOCAB = 32128
 def full_architecture() -> tuple[dict, dict, object]:
     """(UNet kwargs, MoVQ kwargs, T5Config) of the real family: what the memory estimate counts
     and the GPU benchmarks build with random weights."""
+    unet = {**REFERENCE_UNET_CONFIG, "encoder_hid_dim": FULL_T5["d_model"]}
+    return unet, REFERENCE_MOVQ_CONFIG, t5_config(FULL_T5, FULL_T5_VOCAB)
+
+
+def t5_config(sizes: dict, vocab_size: int):
+    """A T5 encoder config of these sizes with the T5 tokenizer's special token ids."""
     from transformers import T5Config
 
-    unet = {**REFERENCE_UNET_CONFIG, "encoder_hid_dim": FULL_T5["d_model"]}
-    t5 = T5Config(
-        **FULL_T5,
-        vocab_size=FULL_T5_VOCAB,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
+    return T5Config(
+        **sizes, vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0
     )
-    return unet, REFERENCE_MOVQ_CONFIG, t5

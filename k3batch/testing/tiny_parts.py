@@ -166,18 +166,6 @@ TINY_T5 = dict(
 )
 
 
-def _t5_config(sizes: dict, vocab_size: int):
-    from transformers import T5Config
-
-    return T5Config(
-        **sizes,
-        vocab_size=vocab_size,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-
-
 def diffusers_scheduler():
     """The scheduler that makes a directory a diffusers Kandinsky3Pipeline (and the one that
     pipeline samples with); k3batch samples with the reference schedule, not with it."""
@@ -219,7 +207,7 @@ def build_components(null_embedding: bool = True, size: str = "tiny"):
     from transformers import T5EncoderModel
 
     from k3batch.model import family
-    from k3batch.model.loading import unet_class
+    from k3batch.model.loading import t5_config, unet_class
 
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
@@ -236,7 +224,7 @@ def build_components(null_embedding: bool = True, size: str = "tiny"):
     torch.manual_seed(TINY_SEED + 1)
     movq = VQModel(**movq_config)
     torch.manual_seed(TINY_SEED + 2)
-    text_encoder = T5EncoderModel(_t5_config(TINY_T5, len(tokenizer)))
+    text_encoder = T5EncoderModel(t5_config(TINY_T5, len(tokenizer)))
     scheduler = diffusers_scheduler()
     return dict(
         tokenizer=tokenizer,
@@ -249,12 +237,12 @@ def build_components(null_embedding: bool = True, size: str = "tiny"):
 
 def architecture(size: str, tiny_vocab: int) -> tuple[dict, dict, object]:
     """(UNet kwargs, MoVQ kwargs, T5Config) of the `tiny` or `full` (real) architecture."""
-    from k3batch.model.loading import full_architecture
+    from k3batch.model.loading import full_architecture, t5_config
 
     if size == "full":
         return full_architecture()
     if size == "tiny":
-        return TINY_UNET, TINY_MOVQ, _t5_config(TINY_T5, tiny_vocab)
+        return TINY_UNET, TINY_MOVQ, t5_config(TINY_T5, tiny_vocab)
     raise ValueError(f"size must be tiny or full, got {size!r}")
 
 
