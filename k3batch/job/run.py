@@ -103,8 +103,9 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
         output, [f for f in after if f not in before], columns=[schema.STATUS]
     )
     generated = new.num_rows
-    statuses = new.column(schema.STATUS).to_pylist()
-    images = statuses.count(schema.STATUS_OK) if kind.makes_images else 0
+    images = (
+        new.column(schema.STATUS).to_pylist().count(schema.STATUS_OK) if kind.makes_images else 0
+    )
     skipped = records.count_rows(output, [f for f in after if f in before])
     kind.finalise(cfg, ctx)
     counts = account(cfg, info, output)

@@ -54,11 +54,13 @@ def apply_stage(stage: Stage, table: pa.Table) -> pa.Table:
     return table.select(keep)
 
 
-def start_output(batch: dict[str, list], adds) -> dict[str, list]:
-    """A stage's output columns for `batch`: each row's status and error carried over (a row
-    in error stays so), every other added column empty."""
+def start_output(batch: dict[str, list], adds, carry: tuple[str, ...] = ()) -> dict[str, list]:
+    """A stage's output columns for `batch`: each row's status and error (and the `carry`
+    columns the stage may rewrite) carried over, so a row in error stays so; every other
+    added column empty."""
     n = len(batch[STATUS])
-    return {name: list(batch[name]) if name in STATUS_COLUMNS else [None] * n for name in adds}
+    kept = (*STATUS_COLUMNS, *carry)
+    return {name: list(batch[name]) if name in kept else [None] * n for name in adds}
 
 
 def ok_rows(batch: dict[str, list]) -> list[int]:

@@ -53,11 +53,8 @@ class PrepareImagesStage(Stage):
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         n = len(batch[schema.ID])
-        out = start_output(batch, self.adds)
-        out[schema.WIDTH], out[schema.HEIGHT] = (
-            list(batch[schema.WIDTH]),
-            list(batch[schema.HEIGHT]),
-        )
+        # The size of an image row follows its image; other rows keep theirs.
+        out = start_output(batch, self.adds, carry=(schema.WIDTH, schema.HEIGHT))
         sources = batch.get(schema.IMAGE) or [None] * n
         masks = batch.get(schema.MASK) or [None] * n
         for i in ok_rows(batch):
