@@ -26,7 +26,8 @@ the loss that is the model running slower inside the pipeline (CPU taken by Ray'
 and the other stages) rather than waiting between batches.
 
     .venv/bin/python benchmarks/pipeline_efficiency.py           # ~6 min on 2 cores
-    .venv/bin/python benchmarks/pipeline_efficiency.py --quick   # smoke run
+    .venv/bin/python benchmarks/pipeline_efficiency.py --quick   # a quick run
+    .venv/bin/python benchmarks/pipeline_efficiency.py --smoke --size 64 --steps 1  # CI
 """
 
 from __future__ import annotations
@@ -116,11 +117,15 @@ def pipeline_seconds(
     return seconds, sum(per_row) / len(per_row) * batch
 
 
-def marginal(model_dir: str, tmp: str, short: int, long: int, actors: int, run: tuple):
+def marginal(
+    model_dir: str, tmp: str, short: int, long: int, actors: int, run: tuple, warm: bool = True
+):
     """(images/s of a k3batch run in steady state, the actors' seconds per batch, the two
     runs' seconds): two runs of different lengths, (long - short) / (t_long - t_short),
-    which cancels Ray start-up, actor start and model load."""
-    pipeline_seconds(model_dir, tmp, short, actors, *run)  # warm caches
+    which cancels Ray start-up, actor start and model load. `warm`: a first run to warm
+    caches (a smoke run skips it: its figures mean nothing anyway)."""
+    if warm:
+        pipeline_seconds(model_dir, tmp, short, actors, *run)
     t_short, _ = pipeline_seconds(model_dir, tmp, short, actors, *run)
     t_long, in_actor = pipeline_seconds(model_dir, tmp, long, actors, *run)
     return (long - short) / (t_long - t_short), in_actor, t_short, t_long
@@ -129,6 +134,12 @@ def marginal(model_dir: str, tmp: str, short: int, long: int, actors: int, run: 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CI's check that it runs: --quick without the warm-up run and the bare loops "
+        "after the pipeline runs (figures not comparable)",
+    )
     parser.add_argument("--model", choices=["bench", "tiny"], default="bench")
     parser.add_argument("--size", type=int, default=None, help="default: bench 128, tiny 192")
     parser.add_argument("--steps", type=int, default=8)
@@ -136,7 +147,8 @@ def main() -> None:
     args = parser.parse_args()
     cpus = os.cpu_count() or 1
     size = args.size or (128 if args.model == "bench" else 192)
-    short, long = (cpus * 2, cpus * 6) if args.quick else (16, 64)
+    short, long = (cpus * 2, cpus * 6) if args.quick or args.smoke else (16, 64)
+    warm = not args.smoke
     n = long - short
     shared = (args.batch, size, args.steps)
     one = (*shared, cpus)  # one actor, every core's thread
@@ -159,15 +171,19 @@ def main() -> None:
         .options(runtime_env={"env_vars": {"PYTHONPATH": here}})
         .remote(model_dir, n, *one)
     )
-    pipe_a, actor_a, short_a, long_a = marginal(model_dir, tmp, short, long, 1, one)
+    pipe_a, actor_a, short_a, long_a = marginal(model_dir, tmp, short, long, 1, one, warm)
     ray.shutdown()
     # One actor per core leaves no CPU for Ray Data's tasks: start Ray as `k3batch run`
     # would (job.local_ray.local_num_cpus), the actors' CPUs plus one.
     ray.init(num_cpus=cpus + 1, include_dashboard=False, logging_level="ERROR")
-    pipe_b, actor_b, short_b, long_b = marginal(model_dir, tmp, short, long, cpus, per_core)
+    pipe_b, actor_b, short_b, long_b = marginal(model_dir, tmp, short, long, cpus, per_core, warm)
     ray.shutdown()
-    bare_a.append(bare_loop(model_dir, n, *one))
-    bare_b.append(bare_processes(model_dir, n, per_core, cpus))
+    if warm:
+        bare_a.append(bare_loop(model_dir, n, *one))
+        bare_b.append(bare_processes(model_dir, n, per_core, cpus))
+    else:
+        bare_a.append(bare_a[0])
+        bare_b.append(bare_b[0])
     bare, bare_many = sum(bare_a) / 2, sum(bare_b) / 2
 
     print(

@@ -17,7 +17,7 @@ from typing import Any
 from k3batch import schema
 from k3batch.metrics import APP_BATCH, error_kinds, metrics
 from k3batch.schema import STATUS_ERROR, STATUS_OK
-from k3batch.stages.base import Stage, apply_stage
+from k3batch.stages.base import Stage, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,15 @@ class BatchStats:
 
 
 def batch_stats(
-    stage: str, table_in, table_out, seconds: float, makes_images: bool = False
+    stage: str,
+    table_in,
+    table_out,
+    seconds: float,
+    makes_images: bool = False,
+    source: list[int] | None = None,
 ) -> BatchStats:
-    """Count a batch: rows out, ok rows, images made, and the rows this stage turned to errors."""
+    """Count a batch: rows out, ok rows, images made, and the rows this stage turned to errors.
+    `source`: the input row of each output row, when the stage expanded rows."""
     status_out = (
         table_out.column(schema.STATUS).to_pylist()
         if schema.STATUS in table_out.column_names
@@ -63,6 +69,8 @@ def batch_stats(
         if schema.STATUS in table_in.column_names
         else [None] * table_in.num_rows
     )
+    if source is not None:
+        status_in = [status_in[i] for i in source]
     errors_out = (
         table_out.column(schema.ERROR).to_pylist()
         if schema.ERROR in table_out.column_names
@@ -104,11 +112,11 @@ class StageObserver:
 
     def apply(self, stage: Stage, table):
         start = time.perf_counter()
-        out = apply_stage(stage, table)
+        out, source = run_stage(stage, table)
         seconds = time.perf_counter() - start
         # Observing must never fail a batch: errors are logged once per process and dropped.
         try:
-            stats = batch_stats(self.stage, table, out, seconds, self.makes_images)
+            stats = batch_stats(self.stage, table, out, seconds, self.makes_images, source)
             self._metrics(stats)
         except Exception as e:  # noqa: BLE001
             _warn_once("metrics", f"k3batch: could not record metrics of {self.stage}: {e}")

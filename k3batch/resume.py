@@ -76,17 +76,81 @@ def write_job(fs, root: str, identity: dict) -> None:
     fs.pipe_file(f"{root}/{STATE_DIR}/job.json", json.dumps(record, indent=2).encode())
 
 
-def checkpoint_config(cfg: JobConfig):
+def checkpoint_config(cfg: JobConfig, id_column: str = schema.RECORD_HASH):
     """Ray Data's CheckpointConfig for this job's output (kept after success: a rerun of a
     finished job then generates nothing, and rows appended to the input later are the only
-    ones generated)."""
+    ones generated).
+
+    Generation jobs commit records (images): `record_hash`, with the filter below turning
+    committed records back into input rows. Jobs whose records are their rows pass
+    `id_column=row_hash` and get Ray's own filter.
+    """
     from ray.data.checkpoint import CheckpointConfig
+
+    from k3batch.rows import RowRules
 
     uri = state_uri(cfg.output.uri, "checkpoint")
     fs, path = storage.arrow_filesystem(uri, cfg.storage.model_dump())
+    extra = {}
+    if id_column == schema.RECORD_HASH:
+        rules = RowRules.from_config(cfg.generation, cfg.limits, cfg.model.name)
+        extra["checkpoint_filter_cls"] = image_filter(rules)
     return CheckpointConfig(
-        id_column=schema.ROW_HASH,
+        id_column=id_column,
         checkpoint_path=uri if storage.is_remote(uri) else path,
         override_filesystem=fs,
         delete_checkpoint_on_success=False,
+        **extra,
     )
+
+
+def image_filter(rules):
+    """A Ray checkpoint filter for records that are images: an input row is dropped once all
+    its images are committed; a row with some committed goes on with their `k` in
+    `images_done`, and GenerateStage makes only the others. `rules`: the job's RowRules, for
+    each row's number of images (as validation reads it)."""
+    from ray.data.checkpoint.checkpoint_filter import NumpyArrayBasedCheckpointFilter
+
+    class ImageCheckpointFilter(NumpyArrayBasedCheckpointFilter):
+        def filter_rows_for_block(self, block):
+            return filter_images(block, self.checkpointed_ids, rules)
+
+    return ImageCheckpointFilter
+
+
+def filter_images(block, committed, rules):
+    """`ImageCheckpointFilter`'s work on one Arrow block: `committed` is the sorted array of
+    committed record hashes."""
+    import numpy as np
+    import pyarrow as pa
+
+    from k3batch import rows
+
+    n = block.num_rows
+    if n == 0:
+        return block
+    if schema.NUM_IMAGES_PER_PROMPT in block.column_names:
+        values = block.column(schema.NUM_IMAGES_PER_PROMPT).to_pylist()
+        counts = np.array([rows.records_of(v, rules) for v in values], dtype=np.int64)
+    else:
+        counts = np.full(n, rules.num_images_per_prompt, dtype=np.int64)
+    owner = np.repeat(np.arange(n), counts)
+    ks = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    hashes = block.column(schema.ROW_HASH).to_numpy(zero_copy_only=False).astype(np.uint64)
+    ids = rows.record_hashes(hashes[owner], ks)
+    at = np.searchsorted(committed, ids)
+    inside = at < committed.size
+    done = np.zeros(ids.size, dtype=bool)
+    done[inside] = committed[at[inside]] == ids[inside]
+    done_per_row = np.bincount(owner, weights=done, minlength=n).astype(np.int64)
+    keep = done_per_row < counts
+    done_ks = [[] for _ in range(n)]
+    for i, k in zip(owner[done], ks[done], strict=True):
+        done_ks[i].append(int(k))
+    column = pa.array(
+        [done_ks[i] for i in np.flatnonzero(keep)], type=schema.TYPES[schema.IMAGES_DONE]
+    )
+    kept = block.filter(pa.array(keep))
+    if schema.IMAGES_DONE in kept.column_names:
+        kept = kept.drop_columns([schema.IMAGES_DONE])
+    return kept.append_column(schema.IMAGES_DONE, column)

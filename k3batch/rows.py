@@ -33,10 +33,12 @@ class RowRules:
     num_inference_steps: int = 50
     guidance_scale: float | None = 3.0
     strength: float = 0.3
+    num_images_per_prompt: int = 1
     model: str = BASE
     max_side: int = 2048
     max_num_inference_steps: int = 1000
     max_prompt_chars: int = 20000
+    max_num_images_per_prompt: int = 64
 
     @classmethod
     def from_config(cls, generation, limits, model_name: str = BASE) -> RowRules:
@@ -49,7 +51,9 @@ class RowRules:
             height=generation.height,
             num_inference_steps=generation.num_inference_steps,
             guidance_scale=generation.guidance_scale,
+            num_images_per_prompt=generation.num_images_per_prompt,
             max_side=limits.max_side,
+            max_num_images_per_prompt=limits.max_num_images_per_prompt,
             max_num_inference_steps=limits.max_num_inference_steps,
             max_prompt_chars=limits.max_prompt_chars,
         )
@@ -101,6 +105,65 @@ def pick_seed() -> int:
 
 def derived_id(row_hash: int) -> str:
     return f"{int(row_hash):016x}"
+
+
+def images_of(value, rules: RowRules) -> int:
+    """A row's number of images: its `num_images_per_prompt` value, or the job's default.
+
+    Raises RowError for a bad value. The checkpoint filter and the accounting count a row
+    with a bad value as one record (its error record), as GenerateStage writes it.
+    """
+    if value is None:
+        return rules.num_images_per_prompt
+    n = _as_int(schema.NUM_IMAGES_PER_PROMPT, value)
+    if n < 1:
+        raise RowError(f"num_images_per_prompt: must be >= 1, got {n}")
+    if n > rules.max_num_images_per_prompt:
+        raise RowError(
+            f"num_images_per_prompt: {n} is above "
+            f"limits.max_num_images_per_prompt={rules.max_num_images_per_prompt}"
+        )
+    return n
+
+
+def records_of(value, rules: RowRules) -> int:
+    """How many records a row yields: its number of images, 1 when that value is bad."""
+    try:
+        return images_of(value, rules)
+    except RowError:
+        return 1
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def record_hashes(row_hashes, ks):
+    """Checkpoint ids of records (numpy uint64 arrays in and out): image 0 keeps its row's
+    `row_hash`, so a one-image job's ids are its rows' ids; image k > 0 gets a splitmix64
+    hash of (row_hash, k), as unlikely as any row hash to meet another id."""
+    import numpy as np
+
+    h = np.asarray(row_hashes, dtype=np.uint64)
+    k = np.asarray(ks, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = h + k * np.uint64(_GOLDEN)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return np.where(k == 0, h, z)
+
+
+def several_images(generation_default: int, input_columns) -> bool:
+    """Whether a job may give a row more than one image: then every record's key carries
+    its `k` (`<key>_<k>`), which keeps keys unique; otherwise keys are the rows' as before."""
+    return generation_default > 1 or schema.NUM_IMAGES_PER_PROMPT in input_columns
+
+
+def record_key(row_id: str, k: int | None, several: bool, dots: bool = True) -> str:
+    """The file-name key of a record: `object_key(id)`, plus `_<k>` in a several-image job
+    (injective: `k` is the last `_`-separated part and `object_key` is injective)."""
+    key = object_key(row_id, dots=dots)
+    return f"{key}_{k or 0}" if several else key
 
 
 def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
@@ -260,13 +323,34 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
     elif image_to_image:
         out[schema.STRENGTH] = field("strength", _as_float, strength_check)
 
+    try:
+        images = images_of(raw.get(schema.NUM_IMAGES_PER_PROMPT), rules)
+    except RowError as e:
+        errors.append(str(e))
+        images = None
+    out[schema.NUM_IMAGES_PER_PROMPT] = images
+
+    drawn = False
     if raw.get(schema.SEED) is None:
-        seed = pick_seed() if rules.seed == -1 else derive_seed(rules.seed, out[schema.ID])
+        drawn = rules.seed == -1
+        seed = pick_seed() if drawn else derive_seed(rules.seed, out[schema.ID])
     else:
         seed = field("seed", _as_int, seed_check)
         if seed == -1:
-            seed = pick_seed()
+            drawn, seed = True, pick_seed()
     out[schema.SEED] = seed
+    # Image k's seed: seed + k, or its own draw for a random seed; all recorded per record.
+    seeds = None
+    if seed is not None and images is not None:
+        if drawn:
+            seeds = [seed] + [pick_seed() for _ in range(images - 1)]
+        elif seed + images - 1 > MAX_SEED:
+            errors.append(
+                f"seed: {seed} + num_images_per_prompt - 1 is above 2**64 - 1, got {seed}"
+            )
+        else:
+            seeds = [seed + k for k in range(images)]
+    out[schema.IMAGE_SEEDS] = seeds
 
     out[schema.STATUS] = STATUS_ERROR if errors else STATUS_OK
     out[schema.ERROR] = "; ".join(errors) if errors else None

@@ -20,6 +20,7 @@ HEIGHT = "height"
 NUM_INFERENCE_STEPS = "num_inference_steps"
 GUIDANCE_SCALE = "guidance_scale"
 STRENGTH = "strength"
+NUM_IMAGES_PER_PROMPT = "num_images_per_prompt"
 IMAGE = "image"  # image-to-image and inpainting source: a URI or raw bytes
 MASK = "mask"  # inpainting mask: a URI or raw bytes
 
@@ -35,6 +36,9 @@ MODEL = "model"
 IMAGE_URI = "image_uri"
 GENERATE_SECONDS = "generate_seconds"
 UNCOND_EMBEDDING = "uncond_embedding"
+# A row with num_images_per_prompt = N yields N records, k = 0 .. N-1 (the image's index);
+# each record's `seed` is its image's own.
+K = "k"
 
 # Prompt beautification.
 BEAUTIFIED_PROMPT = "beautified_prompt"
@@ -51,6 +55,13 @@ PROMPT_EMBEDS_LENGTH = "prompt_embeds_length"
 # Added by ray.data.read_parquet(include_row_hash=True) and kept to the end: it is the id
 # Ray's checkpoint records for resume (see k3batch.resume).
 ROW_HASH = "row_hash"
+# The checkpoint id of one record (one image): the row's `row_hash` for k = 0, a hash of
+# (row_hash, k) for the others (`rows.record_hashes`).
+RECORD_HASH = "record_hash"
+IMAGE_SEEDS = "image_seeds"  # the seeds of a row's images, k = 0 .. N-1
+# On resume: the k of a row's images an earlier run committed (set by the checkpoint filter,
+# `resume.ImageCheckpointFilter`; a name no user table has).
+IMAGES_DONE = "_k3batch_images_done"
 IMAGE_RGB = "image_rgb"  # the decoded image, raw RGB bytes
 SOURCE_RGB = "source_rgb"  # the prepared image-to-image / inpainting source
 KEEP_MASK = "keep_mask"  # the prepared inpainting mask
@@ -68,6 +79,7 @@ TYPES: dict[str, pa.DataType] = {
     NUM_INFERENCE_STEPS: pa.int64(),
     GUIDANCE_SCALE: pa.float64(),
     STRENGTH: pa.float64(),
+    NUM_IMAGES_PER_PROMPT: pa.int64(),
     STATUS: pa.string(),
     ERROR: pa.string(),
     WARNING: pa.string(),
@@ -75,6 +87,7 @@ TYPES: dict[str, pa.DataType] = {
     IMAGE_URI: pa.string(),
     GENERATE_SECONDS: pa.float64(),
     UNCOND_EMBEDDING: pa.string(),
+    K: pa.int64(),
     BEAUTIFIED_PROMPT: pa.string(),
     BEAUTIFY_ERROR: pa.string(),
     PROMPT_USED: pa.string(),
@@ -83,6 +96,9 @@ TYPES: dict[str, pa.DataType] = {
     NEGATIVE_PROMPT_EMBEDS: pa.binary(),
     PROMPT_EMBEDS_LENGTH: pa.int32(),
     ROW_HASH: pa.uint64(),
+    RECORD_HASH: pa.uint64(),
+    IMAGE_SEEDS: pa.list_(pa.uint64()),
+    IMAGES_DONE: pa.list_(pa.int64()),
     IMAGE_RGB: pa.binary(),
     SOURCE_RGB: pa.binary(),
     KEEP_MASK: pa.binary(),
@@ -100,12 +116,17 @@ OVERRIDE_COLUMNS = (
     NUM_INFERENCE_STEPS,
     GUIDANCE_SCALE,
     STRENGTH,
+    NUM_IMAGES_PER_PROMPT,
 )
 # Optional input columns of image-to-image and inpainting rows.
 IMAGE_COLUMNS = (IMAGE, MASK)
 STATUS_COLUMNS = (STATUS, ERROR)
 # What a validated row carries (the generation settings resolved per row).
-VALIDATED_COLUMNS = (ID, PROMPT, *OVERRIDE_COLUMNS, STATUS, ERROR, WARNING)
+VALIDATED_COLUMNS = (ID, PROMPT, *OVERRIDE_COLUMNS, IMAGE_SEEDS, STATUS, ERROR, WARNING)
+# What GenerateStage sets per record (image) rather than copying from its row.
+RECORD_COLUMNS = (K, SEED, RECORD_HASH)
+# Resume keys: never in the Hugging Face image-folder metadata.
+RESUME_COLUMNS = (ROW_HASH, RECORD_HASH)
 BEAUTIFY_COLUMNS = (BEAUTIFIED_PROMPT, BEAUTIFY_ERROR, BEAUTIFY_FALLBACK)
 EMBEDDING_COLUMNS = (PROMPT_EMBEDS, NEGATIVE_PROMPT_EMBEDS, PROMPT_EMBEDS_LENGTH)
 
@@ -118,6 +139,9 @@ OUTPUT_ONLY_COLUMNS = (
     IMAGE_URI,
     GENERATE_SECONDS,
     UNCOND_EMBEDDING,
+    K,
+    RECORD_HASH,
+    IMAGE_SEEDS,
     IMAGE_RGB,
     PROMPT_USED,
     BEAUTIFY_FALLBACK,

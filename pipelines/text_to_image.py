@@ -10,7 +10,8 @@ read_parquet(input.uri, include_row_hash)
   [-> TextEncodeStage   (actor pool) resources.text_encoder_pool: T5 in its own pool, per-row
                                      prompt embeddings for the generation actors]
   -> repartition        (streaming)  blocks of one generation batch
-  -> GenerateStage      (actor pool) Kandinsky 3, model loaded once per actor
+  -> GenerateStage      (actor pool) Kandinsky 3, model loaded once per actor; a row with
+                                     num_images_per_prompt = N becomes N records (k, seed)
   -> files:      WriteImagesStage  (tasks) OUTPUT/images/<key>.<ext>
                  -> write_parquet(OUTPUT/metadata/), output.rows_per_file rows a file
   -> webdataset: EncodeImagesStage (tasks) image bytes + sample key
@@ -23,7 +24,7 @@ import dataclasses
 import os
 import warnings
 
-from k3batch import crashes, resume
+from k3batch import crashes, resume, rows
 from k3batch.config import JobConfig
 from k3batch.dataflow import map_stage, read_input
 from k3batch.job.kinds import JobContext, JobKind
@@ -113,6 +114,7 @@ def build(cfg: JobConfig, ctx: JobContext):
             "text_encoder_pool": pool.enabled,
             "journal": journal,
             "max_crashes_per_row": cfg.faults.max_crashes_per_row,
+            "max_images_per_call": res.batch_size,
             "warmup": {
                 "width": cfg.generation.width,
                 "height": cfg.generation.height,
@@ -131,6 +133,9 @@ def build(cfg: JobConfig, ctx: JobContext):
         tracker=ctx.tracker,
     )
     stage, kwargs = ctx.output.format.encode_stage(cfg, ctx.output)
+    kwargs["several_images"] = rows.several_images(
+        cfg.generation.num_images_per_prompt, ctx.schema.names if ctx.schema else ()
+    )
     return map_stage(
         ds,
         stage,
@@ -175,7 +180,7 @@ def run(cfg: JobConfig, ctx: JobContext) -> None:
             # (it must run from a Read to a Write); a job that silently cannot resume is worse
             # than one that fails at start.
             warnings.filterwarnings("error", message="You've enabled checkpointing")
-            ctx.output.format.write(ds, cfg, ctx.output, ctx.num_rows)
+            ctx.output.format.write(ds, cfg, ctx.output, ctx.num_records)
     except BaseException:
         crashes.stop_workers(journal)
         raise
@@ -229,7 +234,7 @@ class TextToImage(JobKind):
         run(cfg, ctx)
 
     def finalise(self, cfg: JobConfig, ctx: JobContext) -> None:
-        ctx.output.format.finalise(ctx.output, ctx.num_rows)
+        ctx.output.format.finalise(ctx.output, ctx.num_records)
 
     def output_lines(self, run: dict) -> list[str]:
         return output_format(run.get("format", "files")).output_lines(run["output"])

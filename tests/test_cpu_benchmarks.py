@@ -28,7 +28,7 @@ def run_benchmark(*args: str) -> str:
 
 def test_pipeline_efficiency_benchmark_prints_its_ratio():
     out = run_benchmark(
-        "benchmarks/pipeline_efficiency.py", "--quick", "--size", "64", "--steps", "1"
+        "benchmarks/pipeline_efficiency.py", "--smoke", "--size", "64", "--steps", "1"
     )
     # Both layouts, each against its bare twin, and the headline ratio.
     layouts = re.findall(r"^efficiency ([AB])\s+(-?[0-9.]+)", out, re.M)

@@ -49,6 +49,14 @@ class GenerationConfig(Strict):
     negative_prompt: str | None = Field(
         None, description="Negative prompt for rows without their own; null for none."
     )
+    num_images_per_prompt: int = Field(
+        1,
+        ge=1,
+        description="Images per row (diffusers' name): image k of a row uses seed + k (k = 0 .. "
+        "N-1; N seeds drawn when the seed is -1) and is its own record (`k`, key `<key>_<k>`); "
+        "the N images share the row's text encoding. A `num_images_per_prompt` column "
+        "overrides it per row.",
+    )
     seed: int = Field(
         0,
         ge=-1,
@@ -72,6 +80,9 @@ class GenerationConfig(Strict):
 
 class LimitsConfig(Strict):
     max_side: int = Field(2048, ge=64, description="Largest allowed width or height of a row.")
+    max_num_images_per_prompt: int = Field(
+        64, ge=1, description="Largest allowed num_images_per_prompt of a row."
+    )
     max_num_inference_steps: int = Field(
         1000, ge=1, le=1000, description="Largest allowed num_inference_steps of a row."
     )

@@ -129,4 +129,9 @@ class JobConfig(Strict):
                 f"generation.num_inference_steps={g.num_inference_steps} is above "
                 f"limits.max_num_inference_steps={lim.max_num_inference_steps}"
             )
+        if g.num_images_per_prompt > lim.max_num_images_per_prompt:
+            raise ValueError(
+                f"generation.num_images_per_prompt={g.num_images_per_prompt} is above "
+                f"limits.max_num_images_per_prompt={lim.max_num_images_per_prompt}"
+            )
         return self

@@ -14,26 +14,44 @@ SHOWN_IDS = 100  # ids listed per accounting problem in run.json (all are counte
 
 
 def account(cfg: JobConfig, info: InputInfo, output: Output) -> dict:
-    """Rows in = rows out = ok + error, no row and no id twice: read back from the written
-    records (across every run into this output, each row once). When rows are missing or
-    doubled, the input is read again (through Ray, for its row hashes) to name them."""
+    """Records expected = records out = ok + error, no record and no id twice: read back from
+    the written records (across every run into this output, each once). A record is an image:
+    a row asking for N images has N (`k` = 0 .. N-1), so records = rows x N. When records are
+    missing or doubled, the input is read again (through Ray, for its row hashes) to name them."""
+    import pyarrow.compute as pc
+
     table = records.read_records(
         output,
         output.record_files(),
         columns=[schema.ID, schema.STATUS, schema.ERROR],
-        optional=(*schema.BEAUTIFY_COLUMNS, schema.WARNING, schema.ROW_HASH),
+        optional=(
+            *schema.BEAUTIFY_COLUMNS,
+            schema.WARNING,
+            schema.ROW_HASH,
+            schema.RECORD_HASH,
+            schema.K,
+        ),
     )
     beautify_columns = [c for c in schema.BEAUTIFY_COLUMNS if c in table.column_names]
     # Counted in Arrow: only repeated ids and the rows in error become Python objects (a
     # table of millions of rows would otherwise be millions of them in the driver).
     statuses = value_counts(table.column(schema.STATUS).drop_null())
-    duplicates = sorted(value_counts(table.column(schema.ID).drop_null(), at_least=2))
-    repeated_rows = (
-        sum(
-            c - 1
-            for c in value_counts(table.column(schema.ROW_HASH).drop_null(), at_least=2).values()
+    ids = table.column(schema.ID)
+    if schema.K in table.column_names and pc.max(table.column(schema.K)).as_py():
+        # A record is (id, k): "id/k" for the images after a row's first.
+        k = table.column(schema.K)
+        ids = pc.if_else(
+            pc.fill_null(pc.greater(k, 0), False),
+            pc.binary_join_element_wise(ids, pc.cast(k, "string"), "/"),
+            ids,
         )
-        if schema.ROW_HASH in table.column_names
+    duplicates = sorted(value_counts(ids.drop_null(), at_least=2))
+    hash_column = next(
+        (c for c in (schema.RECORD_HASH, schema.ROW_HASH) if c in table.column_names), None
+    )
+    repeated_rows = (
+        sum(c - 1 for c in value_counts(table.column(hash_column).drop_null(), at_least=2).values())
+        if hash_column
         else 0
     )
     errors_by_field = _fields_named(table.column(schema.ERROR))
@@ -43,26 +61,29 @@ def account(cfg: JobConfig, info: InputInfo, output: Output) -> dict:
         else Counter()
     )
     rows_out = table.num_rows
+    expected = info.num_records
     ok = statuses.get(schema.STATUS_OK, 0)
     failed = statuses.get(schema.STATUS_ERROR, 0)
     missing, unexpected = [], []
-    if schema.ROW_HASH in table.column_names and (rows_out != info.num_rows or repeated_rows):
+    if schema.ROW_HASH in table.column_names and (rows_out != expected or repeated_rows):
         missing, unexpected = compare_with_input(cfg, info, table)
     out = {
         "rows_in": info.num_rows,
+        "records_expected": expected,
         "rows_out": rows_out,
         "ok": ok,
         "error": failed,
         "errors_by_field": dict(errors_by_field.most_common()),
         "warnings_by_field": dict(warnings_by_field.most_common()),
         "accounting": {
-            "ok": rows_out == info.num_rows
+            "ok": rows_out == expected
             and ok + failed == rows_out
             and not duplicates
             and not repeated_rows
             and not missing
             and not unexpected,
             "rows_in": info.num_rows,
+            "records_expected": expected,
             "rows_out": rows_out,
             "ok_plus_error": ok + failed,
             "other_status": rows_out - ok - failed,
@@ -93,31 +114,48 @@ def _fields_named(column) -> Counter:
 
 
 def compare_with_input(cfg: JobConfig, info: InputInfo, table) -> tuple[list, list]:
-    """Ids of input rows without a record, and of records of no input row, by row hash (the
-    identity Ray gives each input row; user ids may repeat)."""
+    """Ids of input records (images) without a record, and of records of no input row, by
+    record hash (from the row hash: the identity Ray gives each input row; user ids may
+    repeat). An image after a row's first is named `id/k`."""
     from k3batch import rows
     from k3batch.dataflow import read_input
 
+    rules = rows.RowRules.from_config(cfg.generation, cfg.limits, cfg.model.name)
+    per_image = schema.RECORD_HASH in table.column_names
     ds = read_input(cfg, info.schema)
     id_column = cfg.input.id_column if cfg.input.id_column in info.columns else None
+    images_column = (
+        schema.NUM_IMAGES_PER_PROMPT
+        if per_image and schema.NUM_IMAGES_PER_PROMPT in info.columns
+        else None
+    )
     input_hashes, input_ids = [], []
-    for batch in ds.select_columns([c for c in (id_column, schema.ROW_HASH) if c]).iter_batches(
-        batch_format="pyarrow", batch_size=None
-    ):
+    columns = [c for c in (id_column, schema.ROW_HASH, images_column) if c]
+    for batch in ds.select_columns(columns).iter_batches(batch_format="pyarrow", batch_size=None):
         hashes = batch.column(schema.ROW_HASH).to_pylist()
-        input_hashes += hashes
         # As ValidateStage names rows: the id column, or an id derived from the row hash.
         given = batch.column(id_column).to_pylist() if id_column else [None] * len(hashes)
-        input_ids += [
-            i if isinstance(i, (str, int)) and i != "" else rows.derived_id(h)
-            for i, h in zip(given, hashes, strict=True)
-        ]
-    out_hashes = table.column(schema.ROW_HASH).to_pylist()
+        counts = (
+            [rows.records_of(v, rules) for v in batch.column(images_column).to_pylist()]
+            if images_column
+            else [rules.num_images_per_prompt if per_image else 1] * len(hashes)
+        )
+        for i, h, n in zip(given, hashes, counts, strict=True):
+            row_id = str(i) if isinstance(i, (str, int)) and i != "" else rows.derived_id(h)
+            for k in range(n):
+                input_hashes.append(h if k == 0 else int(rows.record_hashes([h], [k])[0]))
+                input_ids.append(row_id if k == 0 else f"{row_id}/{k}")
+    out_hashes = table.column(schema.RECORD_HASH if per_image else schema.ROW_HASH).to_pylist()
     out_ids = table.column(schema.ID).to_pylist()
+    out_ks = table.column(schema.K).to_pylist() if schema.K in table.column_names else None
     written = set(out_hashes)
     known = set(input_hashes)
-    missing = [str(i) for h, i in zip(input_hashes, input_ids, strict=True) if h not in written]
-    unexpected = [str(i) for h, i in zip(out_hashes, out_ids, strict=True) if h not in known]
+    missing = [i for h, i in zip(input_hashes, input_ids, strict=True) if h not in written]
+    unexpected = [
+        str(i) if not out_ks or not out_ks[j] else f"{i}/{out_ks[j]}"
+        for j, (h, i) in enumerate(zip(out_hashes, out_ids, strict=True))
+        if h not in known
+    ]
     return missing, unexpected
 
 

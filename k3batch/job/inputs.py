@@ -16,10 +16,18 @@ class InputInfo:
     num_rows: int
     schema: object = None  # pyarrow.Schema: every input file's columns, unified
     duplicate_ids: dict = field(default_factory=dict)  # id -> rows that give it (2 or more)
+    # Records the job must write: one per image (num_images_per_prompt per row), or one per
+    # row for kinds that make no images. None: as many as rows.
+    num_records: int | None = None
+
+    def __post_init__(self):
+        if self.num_records is None:
+            self.num_records = self.num_rows
 
 
-def inspect_input(cfg: JobConfig) -> InputInfo:
-    """Parquet footers only: the input exists, has the prompt column, and how many rows."""
+def inspect_input(cfg: JobConfig, images: bool = True) -> InputInfo:
+    """Parquet footers only: the input exists, has the prompt column, and how many rows
+    (and, for a kind that makes `images`, how many images its rows ask for)."""
     import pyarrow.dataset as pads
 
     fs, path = storage.filesystem(cfg.input.uri, cfg.storage.model_dump())
@@ -69,9 +77,40 @@ def inspect_input(cfg: JobConfig) -> InputInfo:
         except Exception as e:
             raise ConfigError(f"input.uri: cannot read {cfg.input.uri}: {e}") from None
         duplicates = repeated_ids(ids.column(0), cfg.input.id_column)
+    num_records = num_rows
+    if images:
+        num_records = count_images(cfg, files, fs, schema, num_rows)
     return InputInfo(
-        files=files, columns=columns, num_rows=num_rows, schema=schema, duplicate_ids=duplicates
+        files=files,
+        columns=columns,
+        num_rows=num_rows,
+        schema=schema,
+        duplicate_ids=duplicates,
+        num_records=num_records,
     )
+
+
+def count_images(cfg: JobConfig, files, fs, schema, num_rows: int) -> int:
+    """Images the rows ask for, counted as validation reads each row's
+    `num_images_per_prompt` (a bad value is one error record)."""
+    import pyarrow.dataset as pads
+
+    from k3batch import rows
+    from k3batch.schema import NUM_IMAGES_PER_PROMPT
+
+    rules = rows.RowRules.from_config(cfg.generation, cfg.limits, cfg.model.name)
+    if NUM_IMAGES_PER_PROMPT not in schema.names:
+        return num_rows * rules.num_images_per_prompt
+    try:
+        column = (
+            pads.dataset(files, schema=schema, filesystem=fs, format="parquet")
+            .to_table(columns=[NUM_IMAGES_PER_PROMPT])
+            .column(0)
+        )
+    except Exception as e:
+        raise ConfigError(f"input.uri: cannot read {cfg.input.uri}: {e}") from None
+    # Distinct values only become Python objects (nulls are one of them: the default).
+    return sum(rows.records_of(v, rules) * n for v, n in value_counts(column).items())
 
 
 MAX_DUPLICATE_IDS = 10_000

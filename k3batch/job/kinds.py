@@ -26,6 +26,7 @@ class JobContext:
 
     output: Output
     num_rows: int
+    num_records: int | None = None  # records to write (images); None: num_rows
     schema: Any = None  # pyarrow.Schema: every input file's columns, unified
     duplicate_ids: dict = field(default_factory=dict)  # id -> rows that give it
     journal: Any = None  # the job's crash journal actor (progress.JobActor), or None
@@ -33,6 +34,10 @@ class JobContext:
     # The pipeline's one override point: {stage class: (replacement, extra kwargs)}. Only
     # `k3batch.testing.faults` fills it, to inject faults into the generation actors.
     stage_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.num_records is None:
+            self.num_records = self.num_rows
 
     def stage(self, cls: type, kwargs: dict) -> tuple[type, dict]:
         """The stage class and arguments to map: `cls`'s own unless overridden."""

@@ -139,7 +139,7 @@ def preflight(cfg: JobConfig) -> tuple[JobConfig, InputInfo, Output, bool]:
     gpus.check_local_gpus(cfg, local=local)
     if local:
         gpus.warn_local_gpu_memory(cfg)
-    info = inspect_input(cfg)
+    info = inspect_input(cfg, images=kinds.get(cfg.job).makes_images)
     check_model(cfg)
     output = Output.from_config(cfg, kinds.get(cfg.job).output_format(cfg))
     resumed = prepare_output(cfg, output)

@@ -75,11 +75,11 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
     if reporter is not None:
         _take_over_progress(reporter)
     before = set(output.record_files())
-    # Progress counts this run's rows: those an earlier run finished are skipped.
+    # Progress counts this run's records (images): those an earlier run finished are skipped.
     todo = (
-        max(info.num_rows - records.count_rows(output, sorted(before), skip_unreadable=True), 0)
+        max(info.num_records - records.count_rows(output, sorted(before), skip_unreadable=True), 0)
         if before
-        else info.num_rows
+        else info.num_records
     )
     with Tracker(todo, reporter) as tracker, faults.stage_overrides() as overrides:
         try:
@@ -87,6 +87,7 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
             ctx = JobContext(
                 output,
                 info.num_rows,
+                info.num_records,
                 info.schema,
                 info.duplicate_ids,
                 journal=tracker.tally,

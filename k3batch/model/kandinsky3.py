@@ -308,6 +308,20 @@ class Kandinsky3:
             x = self._refine(x, hidden, lengths, noise)
         return x
 
+    @torch.no_grad()
+    def embed(
+        self, prompts: list[str], negative_prompts: list[str | None]
+    ) -> list[textmod.PromptEmbedding]:
+        """Per-row T5 outputs, as the text encoder pool makes them: rows that share one (a
+        row's several images) pass it as `Request.text` and are encoded once."""
+        if self.text_encoder is None:
+            raise RuntimeError("the model was loaded without its text encoder")
+        guided = self.denoiser.guided
+        negatives = [n if guided else None for n in negative_prompts]
+        tokens = textmod.tokenize(self.tokenizer, prompts, negatives)
+        hidden = textmod.run_encoder(tokens, self.text_encoder, guided)
+        return textmod.row_embeddings(hidden, tokens.lengths)
+
     def _text(self, requests) -> tuple[torch.Tensor, textmod.Hidden]:
         """(token counts, T5 outputs) of the rows: from the text encoder pool or run here."""
         guided = self.denoiser.guided

@@ -1,6 +1,6 @@
 """`files` output: OUTPUT/images/<key>.<ext> and OUTPUT/metadata/*.parquet, plus
 OUTPUT/images/metadata.parquet at the end (the metadata file of a Hugging Face image
-folder: rows with an image, `file_name` relative to images/, without `row_hash`)."""
+folder: rows with an image, `file_name` relative to images/, without the resume keys)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,9 @@ class Files(OutputFormat):
         # Arrow table); such a column (a seed given in the input) is written as int64 when all
         # its values fit, as text otherwise: a first pass over those columns alone decides.
         wide = [
-            f.name for f in table_schema if f.name != schema.ROW_HASH and pa.types.is_uint64(f.type)
+            f.name
+            for f in table_schema
+            if f.name not in schema.RESUME_COLUMNS and pa.types.is_uint64(f.type)
         ]
         top = dict.fromkeys(wide, 0)
         for table in (
@@ -77,7 +79,7 @@ class Files(OutputFormat):
             for name in wide:
                 top[name] = max(top[name], pc.max(table.column(name)).as_py() or 0)
         casts = {name: pa.int64() if top[name] < 2**63 else pa.string() for name in wide}
-        columns = [f for f in table_schema if f.name != schema.ROW_HASH]
+        columns = [f for f in table_schema if f.name not in schema.RESUME_COLUMNS]
         out_schema = pa.schema(
             [pa.field(schema.FILE_NAME, pa.string())]
             + [pa.field(f.name, casts.get(f.name, f.type)) for f in columns]

@@ -179,6 +179,13 @@ class ServeAppConfig(Strict):
         from k3batch.model import family
 
         apply_member_defaults(self.generation, self.model)
+        for section in ("generation", "inpaint_generation"):
+            if getattr(self, section).num_images_per_prompt != 1:
+                # A request's `n` says how many images it wants (seed, seed + 1, ...).
+                raise ValueError(
+                    f"{section}.num_images_per_prompt: a request's `n` sets the images per "
+                    f"request; remove it (got {getattr(self, section).num_images_per_prompt})"
+                )
         # /v1/images/generations serves a member that needs no image; /v1/images/edits one
         # that repaints an image under a mask.
         if family.MEMBERS[self.model.name].needs_mask:

@@ -8,9 +8,15 @@ import pyarrow as pa
 
 from k3batch.schema import ERROR, STATUS, STATUS_COLUMNS, STATUS_ERROR, STATUS_OK
 
+# A stage that turns a row into several (or none) returns, under this key, the input row of
+# each output row: the columns it does not set are copied from there (GenerateStage's images).
+SOURCE_ROWS = "__source_rows__"
+
 
 class Stage:
-    """A batch transform. Subclasses set `needs`, `adds` (column -> Arrow type) and `drops`."""
+    """A batch transform. Subclasses set `needs`, `adds` (column -> Arrow type) and `drops`.
+
+    Output rows are the input rows, unless the output carries `SOURCE_ROWS`."""
 
     needs: ClassVar[tuple[str, ...]] = ()
     optional: ClassVar[tuple[str, ...]] = ()  # read when the batch has them
@@ -34,11 +40,20 @@ class Stage:
 
 def apply_stage(stage: Stage, table: pa.Table) -> pa.Table:
     """Run `stage` on an Arrow batch: other columns pass through, added ones are set or replaced."""
+    return run_stage(stage, table)[0]
+
+
+def run_stage(stage: Stage, table: pa.Table) -> tuple[pa.Table, list[int] | None]:
+    """`apply_stage`, also returning the input row of each output row when the stage
+    expanded rows (None when output rows are the input rows)."""
     table = stage.prepare(table)
     stage.check_columns(table.column_names)
     names = [*stage.needs, *(c for c in stage.optional if c in table.column_names)]
     batch = {name: table.column(name).to_pylist() for name in names}
     out = stage(batch)
+    source = out.pop(SOURCE_ROWS, None)
+    if source is not None:
+        table = table.take(pa.array(source, pa.int64()))
     for name, type_ in stage.adds.items():
         column = pa.array(out[name], type=type_)
         if len(column) != table.num_rows:
@@ -51,7 +66,7 @@ def apply_stage(stage: Stage, table: pa.Table) -> pa.Table:
         else:
             table = table.append_column(name, column)
     keep = [c for c in table.column_names if c not in stage.drops]
-    return table.select(keep)
+    return table.select(keep), source
 
 
 def start_output(batch: dict[str, list], adds, carry: tuple[str, ...] = ()) -> dict[str, list]:

@@ -8,9 +8,9 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
-from k3batch import schema
+from k3batch import rows, schema
 from k3batch.schema import EMBEDDING_COLUMNS, PROMPT_EMBEDS
-from k3batch.stages.base import Stage, fail_row, ok_rows, start_output
+from k3batch.stages.base import SOURCE_ROWS, Stage, fail_row, ok_rows, start_output
 from k3batch.stages.loading import load_model, model_components, model_label
 
 if TYPE_CHECKING:
@@ -38,17 +38,29 @@ class GenerateStage(Stage):
         schema.SOURCE_RGB,
         schema.KEEP_MASK,
         schema.ROW_HASH,
+        schema.NUM_IMAGES_PER_PROMPT,
+        schema.IMAGE_SEEDS,
+        schema.IMAGES_DONE,
         *EMBEDDING_COLUMNS,
     )
+    # One output row (record) per image: a row with num_images_per_prompt = N gives N,
+    # less those an earlier run committed (`images_done`, on resume).
     adds = schema.types(
         schema.IMAGE_RGB,
         *schema.STATUS_COLUMNS,
+        *schema.RECORD_COLUMNS,
         schema.GENERATE_SECONDS,
         schema.MODEL,
         schema.UNCOND_EMBEDDING,
     )
     # The embeddings are ~1 MB a row with the real T5: used here, never written out.
-    drops = (schema.SOURCE_RGB, schema.KEEP_MASK, *EMBEDDING_COLUMNS)
+    drops = (
+        schema.SOURCE_RGB,
+        schema.KEEP_MASK,
+        schema.IMAGE_SEEDS,
+        schema.IMAGES_DONE,
+        *EMBEDDING_COLUMNS,
+    )
 
     def __init__(
         self,
@@ -60,13 +72,17 @@ class GenerateStage(Stage):
         journal=None,
         max_crashes_per_row: int = 2,
         warmup: dict | None = None,
+        max_images_per_call: int | None = None,
     ):
         """`warmup`: {width, height, batch_size} of a throwaway first batch, run at start when
-        the model is compiled (`model.performance.compile.warmup`)."""
+        the model is compiled (`model.performance.compile.warmup`). `max_images_per_call`:
+        images per model call (`resources.batch_size`; rows with several images would
+        otherwise multiply it); None: a batch's rows of one kind at once."""
         from k3batch import crashes, gpus
 
         self.journal = crashes.JournalClient(journal)
         self.max_crashes_per_row = max_crashes_per_row
+        self.max_images_per_call = max_images_per_call
         if torch_threads:
             import torch
 
@@ -140,37 +156,78 @@ class GenerateStage(Stage):
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         from k3batch import crashes
 
-        n = len(batch[schema.ID])
+        records = self._records(batch)
+        source = [i for i, _ in records]
+        # One entry per record (image): the row's columns, the image's own seed and index.
+        batch = {name: [values[i] for i in source] for name, values in batch.items()}
+        batch[schema.K] = [k for _, k in records]
+        row_seeds = batch.get(schema.IMAGE_SEEDS)
+        batch[schema.SEED] = [
+            seeds[k] if seeds else (None if seed is None else seed + k)
+            for seed, seeds, k in zip(
+                batch[schema.SEED], row_seeds or [None] * len(records), batch[schema.K], strict=True
+            )
+        ]
+        n = len(records)
         # row_hash is unique per input row (ids may repeat in a bad table).
         row_keys = batch.get(schema.ROW_HASH) or batch[schema.ID]
-        batch_key = crashes.key(row_keys)
+        record_keys = [
+            key if k == 0 else f"{key}/{k}"
+            for key, k in zip(row_keys, batch[schema.K], strict=True)
+        ]
+        batch_key = crashes.key(record_keys)
         crashed = self.journal.start(batch_key)
         self.before_batch()
-        out = self._generate(batch, n, [crashes.key([k]) for k in row_keys] if crashed else None)
+        out = self._generate(batch, n, [crashes.key([k]) for k in record_keys] if crashed else None)
         self.journal.end(batch_key)
+        out[schema.K] = batch[schema.K]
+        out[schema.SEED] = batch[schema.SEED]
+        out[schema.RECORD_HASH] = (
+            None
+            if schema.ROW_HASH not in batch
+            else [int(h) for h in rows.record_hashes(batch[schema.ROW_HASH], batch[schema.K])]
+        ) or [None] * n
+        out[SOURCE_ROWS] = source
         return out
 
+    @staticmethod
+    def _records(batch) -> list[tuple[int, int]]:
+        """(row, k) of each image the batch's rows still need: N per row (1 for a row whose
+        N is bad: its error record), less those an earlier run committed."""
+        n = len(batch[schema.ID])
+        counts = batch.get(schema.NUM_IMAGES_PER_PROMPT) or [None] * n
+        done = batch.get(schema.IMAGES_DONE) or [None] * n
+        return [
+            (i, k)
+            for i in range(n)
+            for k in range(counts[i] or 1)
+            if not done[i] or k not in done[i]
+        ]
+
     def _generate(self, batch, n, isolate: list[str] | None) -> dict[str, list]:
-        """The batch's results; `isolate` (row keys) after a worker died running it: then each
-        row runs alone and is journaled, and a row that crashed workers too often fails."""
+        """The batch's results; `isolate` (record keys) after a worker died running it: then
+        each record runs alone and is journaled, and one that crashed workers too often fails."""
         out = start_output(batch, self.adds)
         out[schema.MODEL] = [self.model_name] * n
+        texts = self._shared_texts(batch, out)
         # Rows of different size, step count or kind never share a forward pass.
         groups: dict[tuple, list] = defaultdict(list)
-        for i in ok_rows(batch):
+        for i in ok_rows(out):
             try:
                 request = self._request(batch, i)
             except Exception as e:  # noqa: BLE001 - a malformed prepared row is its own error
                 fail_row(out, i, "generate", e)
                 continue
+            if texts is not None:
+                request.text = texts[i]
             groups[self.pipe.group_key(request)].append((i, request))
         if isolate is not None:
-            rows = [m for members in groups.values() for m in members]
+            alone = [m for members in groups.values() for m in members]
             log.warning(
-                "a worker died while generating this batch; retrying its %d rows one at a time",
-                len(rows),
+                "a worker died while generating this batch; retrying its %d images one at a time",
+                len(alone),
             )
-            for i, request in rows:
+            for i, request in alone:
                 deaths = self.journal.start(isolate[i])
                 if deaths >= self.max_crashes_per_row:
                     fail_row(
@@ -184,10 +241,41 @@ class GenerateStage(Stage):
                     self._run_group([i], [request], out, batch)
                 self.journal.end(isolate[i])
             return out
+        step = self.max_images_per_call or max((len(m) for m in groups.values()), default=1)
         for members in groups.values():
-            indices = [i for i, _ in members]
-            self._run_group(indices, [r for _, r in members], out, batch)
+            for start in range(0, len(members), step):
+                chunk = members[start : start + step]
+                self._run_group([i for i, _ in chunk], [r for _, r in chunk], out, batch)
         return out
+
+    def _shared_texts(self, batch, out) -> dict | None:
+        """Record -> prompt embedding when a row has several images here: each row's prompt
+        is encoded once and its images share it (None: the model encodes per call)."""
+        ok = ok_rows(out)
+        if self.text_encoder_pool or not ok:
+            return None
+        firsts: dict = {}
+        for i in ok:
+            firsts.setdefault(self._row_key(batch, i), i)
+        if len(firsts) == len(ok):
+            return None
+        rows_ = list(firsts.values())
+        try:
+            embeddings = self.pipe.embed(
+                [batch[self.prompt_column][i] for i in rows_],
+                [batch[schema.NEGATIVE_PROMPT][i] for i in rows_],
+            )
+        except Exception as e:  # noqa: BLE001 - the model call below retries per record
+            log.warning("encoding %d prompts failed (%s); encoding per call", len(rows_), e)
+            return None
+        by_row = dict(zip(firsts, embeddings, strict=True))
+        return {i: by_row[self._row_key(batch, i)] for i in ok}
+
+    @staticmethod
+    def _row_key(batch, i):
+        """Records of one row share this (row_hash; the id in batches without one)."""
+        hashes = batch.get(schema.ROW_HASH)
+        return hashes[i] if hashes else batch[schema.ID][i]
 
     def _run_group(self, indices, requests, out, batch) -> None:
         from k3batch.model import performance

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 from k3batch import schema, storage
 from k3batch.images import EXTENSIONS, encode_rgb
-from k3batch.rows import object_key
+from k3batch.rows import record_key
 from k3batch.stages.base import Stage, fail_row, ok_rows, start_output
 
 
 class _EncodeStage(Stage):
     needs = (schema.ID, schema.IMAGE_RGB, schema.WIDTH, schema.HEIGHT, *schema.STATUS_COLUMNS)
+    optional = (schema.K,)
     drops = (schema.IMAGE_RGB,)
 
-    def __init__(self, image_format: str = "png", quality: int = 95):
+    def __init__(self, image_format: str = "png", quality: int = 95, several_images: bool = False):
+        """`several_images`: the job may give a row several images (`rows.several_images`),
+        so keys carry each record's `k`."""
         self.image_format = image_format
         self.quality = quality
         self.ext = EXTENSIONS[image_format]
+        self.several_images = several_images
+
+    def _key(self, batch: dict[str, list], i: int, dots: bool = True) -> str:
+        k = batch[schema.K][i] if schema.K in batch else 0
+        return record_key(batch[schema.ID][i], k, self.several_images, dots=dots)
 
     def _encode(self, batch: dict[str, list], i: int) -> bytes:
         return encode_rgb(
@@ -46,8 +54,9 @@ class WriteImagesStage(_EncodeStage):
         image_format: str = "png",
         quality: int = 95,
         storage_settings: storage.Settings | None = None,
+        several_images: bool = False,
     ):
-        super().__init__(image_format, quality)
+        super().__init__(image_format, quality, several_images)
         self.images_uri = storage.join(output_uri, "images")
         self.fs, self.root = storage.filesystem(self.images_uri, storage_settings)
         self.fs.makedirs(self.root, exist_ok=True)
@@ -55,7 +64,7 @@ class WriteImagesStage(_EncodeStage):
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         out = start_output(batch, self.adds)
         for i in self._rows_to_encode(batch, out):
-            name = f"{object_key(batch[schema.ID][i])}.{self.ext}"
+            name = f"{self._key(batch, i)}.{self.ext}"
             try:
                 data = self._encode(batch, i)
             except Exception as e:  # noqa: BLE001 - a failed encode is that row's error
@@ -83,7 +92,7 @@ class EncodeImagesStage(_EncodeStage):
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         out = start_output(batch, self.adds)  # no image_uri: an image lives in a shard, see key
-        out[schema.KEY] = [object_key(row_id, dots=False) for row_id in batch[schema.ID]]
+        out[schema.KEY] = [self._key(batch, i, dots=False) for i in range(len(batch[schema.ID]))]
         for i in self._rows_to_encode(batch, out):
             try:
                 out[schema.IMAGE_BYTES][i] = self._encode(batch, i)
