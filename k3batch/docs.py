@@ -71,6 +71,16 @@ def _rows(schema: dict, model: dict, prefix: str) -> list[str]:
             )
             rows.extend(_rows(schema, target, f"{prefix}{name}."))
             continue
+        item = _resolve(schema, prop.get("items", {}))
+        if prop.get("type") == "array" and "properties" in item:
+            # A list of objects (model.lora): its item fields as `name[].field`.
+            rows.append(
+                f"| `{prefix}{name}` | list of objects | "
+                f"{'**required**' if name in required else '`[]`'} | "
+                f"{_cell(prop.get('description', ''))} |"
+            )
+            rows.extend(_rows(schema, item, f"{prefix}{name}[]."))
+            continue
         rows.append(
             f"| `{prefix}{name}` | {_cell(_type(prop))} | {_default(prop, name in required)} | "
             f"{_cell(prop.get('description', ''))} |"

@@ -10,14 +10,15 @@ accounted for, as errors).
 
 An output remembers its job in `_k3batch/job.json`: a fingerprint of the config without the
 fields that cannot change the output (resources, ray, storage, faults, overwrite,
-rows_per_file, device). The same job resumes; a different one is refused unless
-`output.overwrite`.
+rows_per_file, device), plus the content hash of each `model.lora` file. The same job
+resumes; a different one is refused unless `output.overwrite`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 from k3batch import schema, storage
 from k3batch.config import JobConfig
@@ -42,6 +43,14 @@ def job_identity(cfg: JobConfig) -> dict:
         else:
             for name in fields:
                 data[section].pop(name, None)
+    if cfg.model.lora:
+        from k3batch.model.lora import sha256
+
+        # Paths and scales are in the config; the content too: a file rewritten in place
+        # would otherwise resume into a mix of two LoRAs' images.
+        data["model"]["lora_sha256"] = [
+            sha256(lora.path) if os.path.isfile(lora.path) else None for lora in cfg.model.lora
+        ]
     return data
 
 

@@ -21,6 +21,7 @@ from k3batch.config.model import (
     CompileConfig,
     DeviceMap,
     DtypeMap,
+    LoraConfig,
     ModelConfig,
     PerformanceConfig,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "InputConfig",
     "JobConfig",
     "LimitsConfig",
+    "LoraConfig",
     "ModelConfig",
     "OutputConfig",
     "PerformanceConfig",

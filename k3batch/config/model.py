@@ -85,6 +85,24 @@ class PerformanceConfig(Strict):
     )
 
 
+class LoraConfig(Strict):
+    """One LoRA fused into the job's member UNet at load (see docs/models-and-numerics.md)."""
+
+    path: str = Field(
+        description="A LoRA safetensors file (a local path every worker can read): the "
+        "ai-forever/kandinsky3-diffusers fork's `LoraKandi3AttnProcessor` weights, or "
+        "diffusers' / PEFT's LoRA keys on `Kandinsky3UNet` (`lora_A`/`lora_B` or "
+        "`lora.down`/`lora.up`, optional `.alpha`). Every key must match a UNet weight of its "
+        "shape, or the job fails before it starts."
+    )
+    scale: float = Field(
+        1.0,
+        allow_inf_nan=False,
+        description="Weight of this LoRA: W += scale * alpha / rank * up @ down. 0 leaves "
+        "the UNet as it is; several LoRAs add up.",
+    )
+
+
 def _check_device(v: str) -> str:
     if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
         raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}")
@@ -166,6 +184,13 @@ class ModelConfig(Strict):
     performance: PerformanceConfig = Field(
         default_factory=PerformanceConfig,
         description="Attention kernel, memory format and torch.compile (the GPU path).",
+    )
+    lora: list[LoraConfig] = Field(
+        default_factory=list,
+        description="LoRAs fused into the weights of the UNet of `name` when the model "
+        "loads (no per-step cost), in order, each with its scale. Only that UNet: the Flash "
+        "refiner of `refine` keeps its weights, and a LoRA trained for the base UNet fits "
+        "Flash or inpainting only if every shape matches (checked at load).",
     )
 
     @field_validator("device")

@@ -27,6 +27,8 @@ def resolve_paths(cfg: JobConfig) -> JobConfig:
     cfg.output.uri = storage.absolute(cfg.output.uri)
     if os.path.exists(cfg.model.path) or cfg.model.make_tiny:
         cfg.model.path = os.path.abspath(cfg.model.path)
+    for lora in cfg.model.lora:
+        lora.path = os.path.abspath(lora.path)
     if cfg.beautify.backend == "vllm" and (
         os.path.exists(cfg.beautify.model) or cfg.beautify.make_tiny
     ):
@@ -50,6 +52,7 @@ def check_model(cfg: JobConfig) -> None:
     m = cfg.model
     path = m.path
     if m.make_tiny:
+        check_lora(cfg)
         return
     if os.path.isdir(path):
         missing = family.missing_files(path, m.name, m.refine, m.layout)
@@ -58,12 +61,38 @@ def check_model(cfg: JobConfig) -> None:
                 f"model.path: {path} has no {', '.join(missing)} for model.name={m.name}"
                 + (" with model.refine" if m.refine else "")
             )
+        check_lora(cfg)
         return
     if os.path.exists(path) or not _HF_REPO_ID.match(path):
         raise ConfigError(
             f"model.path: {path!r} is neither a checkpoint directory nor a Hugging Face repo id"
         )
     check_hub_model(path)
+    check_lora(cfg)
+
+
+def check_lora(cfg: JobConfig) -> None:
+    """Each `model.lora` file is read and its keys mapped; against a local checkpoint's UNet
+    (built on the meta device, no weights read) every key's module and shape are checked, so
+    a LoRA that does not fit fails here and not in every actor. A Hub id or a tiny model not
+    built yet: the same check runs when the model loads."""
+    m = cfg.model
+    if not m.lora:
+        return
+    from k3batch.model import family, loading
+    from k3batch.model import lora as lora_weights
+
+    unet = None
+    if os.path.isdir(m.path) and not family.missing_files(m.path, m.name, False, m.layout):
+        unet = loading.unet_skeleton(m.path, family.MEMBERS[m.name], m.layout)
+    for i, lora in enumerate(m.lora):
+        try:
+            if unet is None:
+                lora_weights.read(lora.path)
+            else:
+                lora_weights.check(unet, lora.path)
+        except lora_weights.LoraError as e:
+            raise ConfigError(f"model.lora[{i}].path: {e}") from None
 
 
 # A file each layout's repo has at its top: what the local cache must hold in offline mode.

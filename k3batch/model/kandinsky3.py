@@ -116,9 +116,12 @@ class Kandinsky3:
         decode_batch_size: int = 1,
         performance: dict | None = None,
         text_encoder: bool = True,
+        lora: list[tuple[str, float]] | None = None,
     ) -> Kandinsky3:
         """Load a member (and the Flash refiner); `performance`: `optimize`'s arguments
-        (`model.performance`); `text_encoder=False` leaves T5 to the text encoder pool."""
+        (`model.performance`); `text_encoder=False` leaves T5 to the text encoder pool;
+        `lora`: (safetensors path, scale) pairs fused into the member's UNet (not the
+        refiner's: a LoRA is trained for one UNet)."""
         from k3batch.model import loading
 
         if refine and not family.MEMBERS[member].refinable:
@@ -143,6 +146,13 @@ class Kandinsky3:
                     path,
                     m.name,
                 )
+            if lora and m.name == member:
+                from k3batch.model import lora as lora_weights
+
+                # On diffusers' module names (before Denoiser wraps the pooling) and before
+                # optimize (compile and channels_last then see the fused weights).
+                n = lora_weights.fuse(unet, lora)
+                log.info("fused %d LoRA(s) into %s's UNet: %d weights", len(lora), member, n)
             denoisers[m.name] = Denoiser(m, unet, null)
         model = cls(
             parts.tokenizer,

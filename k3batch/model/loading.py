@@ -271,12 +271,35 @@ def reference_unet(
     ckpt = load_pickle(os.path.join(root, member.reference_file))
     projection = load_pickle(os.path.join(root, family.REFERENCE_TEXT_DIR, member.projection_file))
     state = keymap.unet_state_to_diffusers(ckpt["unet"], projection)
-    config = {**REFERENCE_UNET_CONFIG, **family.read_reference_config(root).get("unet", {})}
-    config["in_channels"] = member.in_channels
-    config["encoder_hid_dim"] = projection["0.weight"].shape[1]
+    config = _reference_unet_config(root, member, projection)
     null = ckpt.get("null_embedding")
     unet = _build(unet_class(member), config, state, dtype, device)
     return unet, (null.float().clone() if null is not None else None)
+
+
+def _reference_unet_config(root: str, member: family.Member, projection: dict) -> dict:
+    config = {**REFERENCE_UNET_CONFIG, **family.read_reference_config(root).get("unet", {})}
+    config["in_channels"] = member.in_channels
+    config["encoder_hid_dim"] = projection["0.weight"].shape[1]
+    return config
+
+
+def unet_skeleton(path: str, member: family.Member, layout: str = "auto") -> nn.Module:
+    """A local checkpoint's member UNet on the meta device: its parameter names and shapes
+    without reading its weights (pre-flight checks of a LoRA against it)."""
+    cls = unet_class(member)
+    if family.detect_layout(path, layout) == family.LAYOUT_REFERENCE:
+        root = _reference_root(path)
+        # Memory-mapped: only the projection's header is read, for the text width.
+        projection = load_pickle(
+            os.path.join(root, family.REFERENCE_TEXT_DIR, member.projection_file)
+        )
+        config = _reference_unet_config(root, member, projection)
+        with torch.device("meta"):
+            return cls(**config)
+    config = cls.load_config(path, subfolder=member.unet_folder)
+    with torch.device("meta"):
+        return cls.from_config(config)
 
 
 def reference_movq(root: str, dtype=torch.float32, device="cpu"):

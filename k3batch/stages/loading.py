@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ def load_model(model: ModelConfig, decode_batch_size: int = 1, text_encoder: boo
         decode_batch_size=decode_batch_size,
         performance=model.performance.model_dump(),
         text_encoder=text_encoder,
+        lora=[(lora.path, lora.scale) for lora in model.lora],
     )
 
 
@@ -52,4 +54,7 @@ def model_components(pipe) -> dict:
 
 def model_label(model: ModelConfig) -> str:
     refine = "+flash-refiner" if model.refine else ""
-    return f"{model.name}{refine}:{model.path}"
+    # The file names and scales: the images of a LoRA job are not the checkpoint's alone.
+    lora = ",".join(f"{os.path.basename(x.path)}@{x.scale:g}" for x in model.lora)
+    lora = f"+lora({lora})" if lora else ""
+    return f"{model.name}{refine}{lora}:{model.path}"

@@ -1,0 +1,152 @@
+"""LoRA for the UNet: both key layouts, scales and sums, one-line refusals, the fingerprint,
+and a job's GenerateStage with `model.lora` (tiny random LoRAs on the tiny model)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from k3batch.config import ConfigError, ModelConfig, load_config
+from k3batch.model import lora
+from k3batch.testing.tiny_lora import lora_keys, lora_tensors, write_lora
+
+from .conftest import FP32, job_config
+
+
+@pytest.fixture(scope="module")
+def unet(tiny_dir):
+    from diffusers import Kandinsky3UNet
+
+    return Kandinsky3UNet.from_pretrained(tiny_dir, subfolder="unet").eval()
+
+
+def fused(unet, loras, dtype=torch.float32) -> dict:
+    u = copy.deepcopy(unet).to(dtype)
+    lora.fuse(u, loras)
+    return u.state_dict()
+
+
+def test_both_layouts_fuse_the_same_update_and_several_loras_add_up(unet, tmp_path):
+    t1, t2 = lora_tensors(unet, seed=1), lora_tensors(unet, seed=2)
+    diff = write_lora(str(tmp_path / "d.safetensors"), t1)
+    fork = write_lora(str(tmp_path / "f.safetensors"), t1, layout=lora.LAYOUT_FORK)
+    assert lora.read(diff)[0] == lora.LAYOUT_DIFFUSERS and lora.read(fork)[0] == lora.LAYOUT_FORK
+    base = unet.state_dict()
+    a, b = fused(unet, [(diff, 1.0)]), fused(unet, [(fork, 1.0)])
+    assert all(torch.equal(a[k], b[k]) for k in base)
+    # Exactly the attention projections change, each by up @ down.
+    changed = {k for k in base if not torch.equal(a[k], base[k])}
+    assert changed == {f"{m}.weight" for m in t1} and len(changed) == 52
+    name = "down_blocks.1.attentions.1.attention.to_k"  # a cross-attention key: 64 x 4
+    down, up = t1[name]
+    torch.testing.assert_close(a[f"{name}.weight"], base[f"{name}.weight"] + up @ down)
+
+    # alpha / rank = 2 at scale 0.5 is the plain update.
+    alpha = write_lora(str(tmp_path / "alpha.safetensors"), t1, alpha=4.0)
+    c = fused(unet, [(alpha, 0.5)])
+    assert all(torch.equal(a[k], c[k]) for k in base)
+
+    # Two LoRAs at 0.7 and -0.4 equal one LoRA of rank 4 holding both updates.
+    other = write_lora(str(tmp_path / "o.safetensors"), t2)
+    both = {
+        m: (torch.cat([t1[m][0], t2[m][0]]), torch.cat([0.7 * t1[m][1], -0.4 * t2[m][1]], 1))
+        for m in t1
+    }
+    one = write_lora(str(tmp_path / "one.safetensors"), both)
+    two, single = fused(unet, [(diff, 0.7), (other, -0.4)]), fused(unet, [(one, 1.0)])
+    for k in base:
+        torch.testing.assert_close(two[k], single[k], rtol=0, atol=1e-6)
+
+    # Half precision: summed in float32, rounded once.
+    half = fused(unet, [(diff, 1.0)], dtype=torch.bfloat16)
+    w = unet.state_dict()[f"{name}.weight"].to(torch.bfloat16).float()
+    assert torch.equal(half[f"{name}.weight"], (w + up @ down).to(torch.bfloat16))
+
+
+def test_a_lora_that_does_not_fit_the_unet_fails_with_one_line(unet, tiny_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    t = lora_tensors(unet)
+    name = "up_blocks.1.attentions.0.attention.to_v"  # 16 x 16
+    t[name] = (torch.zeros(2, 32), t[name][1])  # a LoRA for a 32-wide layer
+    bad = write_lora(str(tmp_path / "bad.safetensors"), t, layout=lora.LAYOUT_FORK)
+    with pytest.raises(lora.LoraError) as err:
+        lora.fuse(copy.deepcopy(unet), [(bad, 1.0)])
+    message = str(err.value)
+    assert "\n" not in message and bad in message
+    assert repr(lora_keys(name, lora.LAYOUT_FORK)[0]) in message and "(16, 16)" in message
+
+    foreign = str(tmp_path / "te.safetensors")
+    te = "text_encoder.encoder.block.0.q"
+    save_file(
+        {f"{te}.lora_A.weight": torch.zeros(2, 32), f"{te}.lora_B.weight": torch.zeros(32, 2)},
+        foreign,
+    )
+    with pytest.raises(lora.LoraError, match=r"'text_encoder\.encoder.*' targets .*not in the"):
+        lora.check(unet, foreign)
+    save_file({"something.else": torch.zeros(2)}, foreign)
+    with pytest.raises(lora.LoraError, match="'something.else' is not a UNet LoRA weight"):
+        lora.check(unet, foreign)
+    down_only = str(tmp_path / "down.safetensors")
+    save_file({f"unet.{name}.lora_A.weight": torch.zeros(2, 16)}, down_only)
+    with pytest.raises(lora.LoraError, match="has no up matrix"):
+        lora.check(unet, down_only)
+
+    # Pre-flight refuses it before Ray starts, against the checkpoint's meta-device UNet.
+    from k3batch.job.preflight import check_model
+
+    data = job_config(tmp_path, "in.parquet", tiny_dir)
+    data["model"]["lora"] = [{"path": bad}]
+    with pytest.raises(ConfigError, match=r"^model\.lora\[0\]\.path: LoRA .* does not fit "):
+        check_model(load_config(data=data))
+    data["model"]["lora"] = [{"path": str(tmp_path / "missing.safetensors")}]
+    with pytest.raises(ConfigError, match="no such file"):
+        check_model(load_config(data=data))
+    data["model"]["lora"] = [{"path": bad, "scale": float("nan")}]
+    with pytest.raises(ConfigError, match="model.lora.0.scale"):
+        load_config(data=data)
+
+
+def test_the_fingerprint_holds_each_lora_its_scale_and_its_content(tmp_path, unet):
+    from k3batch import resume
+
+    path = write_lora(str(tmp_path / "a.safetensors"), lora_tensors(unet, seed=1))
+    data = job_config(tmp_path, "in.parquet", "tiny")
+    base = resume.job_identity(load_config(data=data))
+    data["model"]["lora"] = [{"path": path, "scale": 1.0}]
+    one = resume.job_identity(load_config(data=data))
+    data["model"]["lora"][0]["scale"] = 0.5
+    half = resume.job_identity(load_config(data=data))
+    write_lora(path, lora_tensors(unet, seed=2))  # rewritten in place
+    rewritten = resume.job_identity(load_config(data=data))
+    assert resume.differences(base, one) == ["model.lora", "model.lora_sha256"]
+    assert resume.differences(one, half) == ["model.lora"]
+    assert resume.differences(half, rewritten) == ["model.lora_sha256"]
+
+
+def test_generate_stage_with_a_lora_at_scale_0_is_the_base_image_and_at_1_is_not(
+    tiny_dir, unet, tmp_path
+):
+    from k3batch.rows import RowRules
+    from k3batch.stages.generate import GenerateStage
+    from k3batch.stages.validate import ValidateStage
+
+    path = write_lora(str(tmp_path / "a.safetensors"), lora_tensors(unet, seed=3))
+    rules = RowRules(width=64, height=64, num_inference_steps=2, seed=0)
+    rows = {"prompt": ["a red fox in the snow"], "row_hash": [0]}
+    batch = {**rows, **ValidateStage(rules)(rows)}
+
+    def images(loras):
+        model = ModelConfig(path=tiny_dir, dtype=FP32, device="cpu", lora=loras)
+        out = GenerateStage(model)(batch)
+        assert out["status"] == ["ok"], out["error"]
+        return out
+
+    base = images([])
+    zero = images([{"path": path, "scale": 0.0}])
+    one = images([{"path": path, "scale": 1.0}])
+    assert zero["image_rgb"] == base["image_rgb"]
+    assert one["image_rgb"] != base["image_rgb"]
+    assert one["model"][0] == f"kandinsky3+lora(a.safetensors@1):{tiny_dir}"
