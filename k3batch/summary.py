@@ -9,7 +9,7 @@ from k3batch.job import kinds as job_kinds
 def accounting_problem(run: dict) -> str:
     """One line naming what broke the invariant, and which ids (the first ten of each)."""
     acc = run["accounting"]
-    parts = [f"rows in {run['rows_in']}, rows out {run['rows_out']}"]
+    parts = [f"rows in {run['rows_in']}{_images(run)}, rows out {run['rows_out']}"]
     if acc.get("other_status"):
         parts.append(f"{acc['other_status']} rows neither ok nor error")
     for label, count, ids in (
@@ -22,6 +22,12 @@ def accounting_problem(run: dict) -> str:
     if acc.get("rows_written_twice"):
         parts.append(f"{acc['rows_written_twice']} rows written twice")
     return "; ".join(parts)
+
+
+def _images(run: dict) -> str:
+    """` (N records)` when rows ask for several images each (records out count those)."""
+    expected = run.get("records_expected", run["rows_in"])
+    return f" ({expected} records: num_images_per_prompt)" if expected != run["rows_in"] else ""
 
 
 def _cost_line(run: dict) -> str | None:
@@ -45,7 +51,7 @@ def summary(run: dict, report: str | None = None) -> str:
     """The table the CLI prints at the end of a run."""
     lines = [
         f"output        {run['output']}",
-        f"rows in/out   {run['rows_in']} / {run['rows_out']}",
+        f"rows in/out   {run['rows_in']}{_images(run)} / {run['rows_out']}",
         f"ok / errors   {run['ok']} / {run['error']}",
         f"this run      {run.get('rows_this_run', run['rows_out'])} rows; "
         f"{run.get('skipped_by_resume', 0)} finished earlier, skipped",

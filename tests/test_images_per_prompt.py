@@ -12,6 +12,7 @@ from k3batch.config import ModelConfig, load_config
 from k3batch.job.run import run_job
 from k3batch.stages.generate import GenerateStage
 from k3batch.stages.validate import ValidateStage
+from k3batch.summary import summary
 
 from .conftest import FP32, job_config
 
@@ -197,6 +198,7 @@ def test_job_writes_rows_times_n_records_and_resumes_per_image(ray_local, tmp_pa
         9,
     )
     assert (first.run["ok"], first.run["error"]) == (6, 3)
+    assert "rows in/out   5 (9 records: num_images_per_prompt) / 9" in summary(first.run)
     meta = tmp_path / "out" / "metadata"
     table = _records(meta)
     got = sorted(zip(table.column("id").to_pylist(), table.column("k").to_pylist(), strict=True))
@@ -242,3 +244,24 @@ def test_job_writes_rows_times_n_records_and_resumes_per_image(ray_local, tmp_pa
     )
     assert got_again == got
     assert (tmp_path / "out" / "images" / "r1_2.png").exists()
+
+
+def test_webdataset_sample_keys_carry_k():
+    from k3batch.stages.write import EncodeImagesStage
+
+    rgb = bytes(64 * 64 * 3)
+    batch = {
+        "id": ["a.b", "a.b"],
+        "k": [0, 1],
+        "image_rgb": [rgb, rgb],
+        "width": [64, 64],
+        "height": [64, 64],
+        "status": ["ok", "ok"],
+        "error": [None, None],
+    }
+    out = EncodeImagesStage(several_images=True)(batch)
+    assert out["key"] == [
+        rows.object_key("a.b", False) + "_0",
+        rows.object_key("a.b", False) + "_1",
+    ]
+    assert EncodeImagesStage()(batch)["key"] == [rows.object_key("a.b", False)] * 2
