@@ -10,8 +10,8 @@ accounted for, as errors).
 
 An output remembers its job in `_k3batch/job.json`: a fingerprint of the config without the
 fields that cannot change the output (resources, ray, storage, faults, overwrite,
-rows_per_file, device). The same job resumes; a different one is refused unless
-`output.overwrite`.
+rows_per_file, device, how scoring runs; the scores section when off). The same job resumes;
+a different one is refused unless `output.overwrite`.
 """
 
 from __future__ import annotations
@@ -31,11 +31,15 @@ _NOT_FINGERPRINTED = {
     "faults": None,
     "output": {"overwrite", "rows_per_file"},
     "model": {"device"},
+    "scores": {"batch_size", "device", "num_actors", "num_cpus_per_actor", "num_gpus_per_actor"},
 }
 
 
 def job_identity(cfg: JobConfig) -> dict:
     data = cfg.model_dump(mode="json")
+    if not cfg.scores.enabled:
+        # Outputs written before the section existed keep their fingerprint.
+        data.pop("scores", None)
     for section, fields in _NOT_FINGERPRINTED.items():
         if fields is None:
             data.pop(section, None)
