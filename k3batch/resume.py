@@ -37,15 +37,15 @@ _NOT_FINGERPRINTED = {
 
 def job_identity(cfg: JobConfig) -> dict:
     data = cfg.model_dump(mode="json")
-    if not cfg.scores.enabled:
-        # Outputs written before the section existed keep their fingerprint.
-        data.pop("scores", None)
     for section, fields in _NOT_FINGERPRINTED.items():
         if fields is None:
             data.pop(section, None)
         else:
             for name in fields:
                 data[section].pop(name, None)
+    if not cfg.scores.enabled:
+        # Outputs written before the section existed keep their fingerprint.
+        data.pop("scores", None)
     return data
 
 

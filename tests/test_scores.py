@@ -4,7 +4,7 @@ offline, image statistics, failed rows, the config checks at start."""
 import numpy as np
 import pytest
 
-from k3batch import schema
+from k3batch import resume, schema
 from k3batch.config import ConfigError, JobConfig, ScoresConfig, load_config
 from k3batch.stages.scores import ScoresStage, check_scores, image_statistics
 
@@ -153,6 +153,11 @@ def test_scores_config_names_and_pools(scorers, tmp_path):
         )
     stats_only = JobConfig(**base, scores={"enabled": True})
     assert [p.name for p in KIND.pools(stats_only)] == ["resources (generation)"]
+    # Off, the section leaves the fingerprint as it was before it existed (older outputs
+    # resume); on, how it runs is not part of it.
+    assert "scores" not in resume.job_identity(JobConfig(**base))
+    assert resume.job_identity(stats_only)["scores"]["clip_model"] is None
+    assert "batch_size" not in resume.job_identity(stats_only)["scores"]
     with_models = JobConfig(
         **base, scores=scores_config(scorers, num_gpus_per_actor=0.25).model_dump()
     )
