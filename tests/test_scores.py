@@ -11,12 +11,9 @@ from k3batch.stages.scores import ScoresStage, check_scores, image_statistics
 LONG_PROMPT = " ".join(["a golden dragon over a misty lake, oil painting"] * 20)  # > 77 tokens
 
 
-@pytest.fixture(scope="module")
-def scorers(tmp_path_factory):
-    from k3batch.testing.tiny_scorers import make_tiny_classifier, make_tiny_clip
-
-    root = tmp_path_factory.mktemp("scorers")
-    return make_tiny_clip(str(root / "clip")), make_tiny_classifier(str(root / "nsfw"))
+@pytest.fixture
+def scorers(tiny_scorers):
+    return tiny_scorers
 
 
 def scores_config(scorers, **extra) -> ScoresConfig:

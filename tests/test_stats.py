@@ -64,11 +64,10 @@ def job_hash(out):
 
 
 @pytest.mark.slow
-def test_files_job_scores_and_stats_and_report_from_them(ray_local, tmp_path, tiny_dir):
-    from k3batch.testing.tiny_scorers import make_tiny_classifier, make_tiny_clip
-
-    clip = make_tiny_clip(str(tmp_path / "clip"))
-    nsfw = make_tiny_classifier(str(tmp_path / "nsfw"))
+def test_files_job_scores_and_stats_and_report_from_them(
+    ray_local, tmp_path, tiny_dir, tiny_scorers
+):
+    clip, nsfw = tiny_scorers
     cfg = job_config(
         tmp_path,
         prompts(tmp_path / "in.parquet"),
