@@ -1,10 +1,11 @@
 """`k3batch report OUTPUT`: a static HTML page and a contact sheet PNG for a finished run.
 
 Reads OUTPUT/run.json and OUTPUT/metadata/*.parquet through fsspec (local paths and s3://
-alike); the counts come from the metadata files' `_stats.json` when every file has one, else
-from the files' rows and writes OUTPUT/report/index.html and OUTPUT/report/contact_sheet.png. The page needs
-no server and no network: sample thumbnails are embedded as data URIs, the full images are
-relative links (../images/NAME), and there are no scripts or web fonts.
+alike) and writes OUTPUT/report/index.html and OUTPUT/report/contact_sheet.png. The counts
+come from the metadata files' stats files (`outputs.stats`) when every file has one, else
+from the files' rows. The page needs no server and no network: sample thumbnails are
+embedded as data URIs, the full images are relative links (../images/NAME), and there are no
+scripts or web fonts.
 """
 
 from __future__ import annotations

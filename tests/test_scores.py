@@ -6,6 +6,7 @@ import pytest
 
 from k3batch import resume, schema
 from k3batch.config import ConfigError, JobConfig, ScoresConfig, load_config
+from k3batch.job.preflight import check_model
 from k3batch.stages.scores import ScoresStage, check_scores, image_statistics
 
 LONG_PROMPT = " ".join(["a golden dragon over a misty lake, oil painting"] * 20)  # > 77 tokens
@@ -121,11 +122,16 @@ def test_clip_score_is_torchmetrics_clip_score_and_batch_independent(scorers):
 
 def test_unknown_classifier_label_or_model_fails_at_start_naming_the_field(scorers, tmp_path):
     clip, classifier = scorers
-    bad = ScoresConfig(
-        enabled=True, classifiers=[{"name": "wm", "path": classifier, "label": "watermark"}]
+    bad = JobConfig(
+        input={"uri": "in"},
+        output={"uri": str(tmp_path)},
+        scores={
+            "enabled": True,
+            "classifiers": [{"name": "wm", "path": classifier, "label": "watermark"}],
+        },
     )
     with pytest.raises(ConfigError) as e:
-        check_scores(bad)
+        check_model(bad)  # pre-flight, before Ray starts or a model loads
     message = str(e.value)
     assert "\n" not in message and message.startswith("scores.classifiers[0].label: 'watermark'")
     assert "'nsfw'" in message  # the labels it has
