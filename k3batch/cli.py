@@ -85,6 +85,13 @@ def _report(args) -> int:
         )
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
+    if report.counted_from == "stats":
+        print("counted from  the metadata files' stats files (*_stats.json)")
+    else:
+        print(
+            f"counted from  the metadata rows ({report.files_without_stats} file(s) without "
+            "a stats file)"
+        )
     print(f"contact sheet {report.contact_sheet_uri} ({len(report.samples)} images)")
     print(f"report        {report.index_uri}")
     return 0

@@ -216,6 +216,10 @@ def unusable_gpu(causes) -> str | None:
     return None
 
 
+# The config section of each stage's actor pool (the generation pool's is `resources`).
+_POOL_FIELDS = {"text encoder": "resources.text_encoder_pool", "scores": "scores"}
+
+
 def check_cuda(stage: str, device) -> None:
     """Fail when Ray gave this actor a GPU but torch sees no CUDA (a CPU build of torch, or
     no driver), instead of silently running on CPU while the GPU is held. `device`: the
@@ -237,8 +241,7 @@ def check_cuda(stage: str, device) -> None:
         raise GpuUnusable(
             f"{stage} actor was given GPU {list(gpu_ids)} by Ray but torch {torch.__version__} "
             "sees no CUDA device: install a CUDA build of torch or set "
-            f"{'resources.text_encoder_pool' if stage == 'text encoder' else 'resources'}"
-            ".num_gpus_per_actor: 0"
+            f"{_POOL_FIELDS.get(stage, 'resources')}.num_gpus_per_actor: 0"
         )
 
 

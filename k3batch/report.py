@@ -1,9 +1,11 @@
 """`k3batch report OUTPUT`: a static HTML page and a contact sheet PNG for a finished run.
 
 Reads OUTPUT/run.json and OUTPUT/metadata/*.parquet through fsspec (local paths and s3://
-alike) and writes OUTPUT/report/index.html and OUTPUT/report/contact_sheet.png. The page needs
-no server and no network: sample thumbnails are embedded as data URIs, the full images are
-relative links (../images/NAME), and there are no scripts or web fonts.
+alike) and writes OUTPUT/report/index.html and OUTPUT/report/contact_sheet.png. The counts
+come from the metadata files' stats files (`outputs.stats`) when every file has one, else
+from the files' rows. The page needs no server and no network: sample thumbnails are
+embedded as data URIs, the full images are relative links (../images/NAME), and there are no
+scripts or web fonts.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from urllib.parse import quote
 
 from k3batch import __version__, schema, storage
 from k3batch.metrics import error_kinds
-from k3batch.outputs import records
+from k3batch.outputs import records, stats
+from k3batch.outputs.files import STATS_DIR
 
 DEFAULT_SAMPLES = 16
 DEFAULT_COLUMNS = 4
@@ -93,6 +96,9 @@ class Report:
     samples: list[Sample] = field(default_factory=list)
     contact_sheet_size: tuple[int, int] = (0, 0)
     missing_images: list[str] = field(default_factory=list)
+    # Where the counts came from: "stats" (every metadata file's _stats.json) or "rows".
+    counted_from: str = "rows"
+    files_without_stats: int = 0
 
 
 def _metadata_files(fs, root: str) -> list[str]:
@@ -183,6 +189,71 @@ def _scan(fs, files: list[str]) -> Scan:
     for path in files:
         scan.add(records.read_file(fs, path, SCAN_COLUMNS))
     return scan
+
+
+@dataclass
+class StatsScan:
+    """What the page says of every row, from the metadata files' stats (`outputs.stats`):
+    one small file each instead of their rows. Only the few error examples are read from
+    rows, from files whose stats count errors."""
+
+    rows: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    error_kinds: Counter = field(default_factory=Counter)
+    error_examples: list[dict] = field(default_factory=list)
+    seconds_count: int = 0
+    seconds_sum: float = 0.0
+    successes: list[int] = field(default_factory=list)  # per file
+
+    @classmethod
+    def read(cls, fs, files: list[str], found: dict[str, dict]) -> StatsScan:
+        scan = cls()
+        for path in files:
+            st = found[path]
+            scan.rows += st["count"]
+            scan.statuses.update(st["status_dict"])
+            scan.error_kinds.update(st["errors_by_field"])
+            scan.successes.append(st["successes"])
+            if st.get("generate_seconds"):
+                scan.seconds_count += st["generate_seconds"]["count"]
+                scan.seconds_sum += st["generate_seconds"]["sum"]
+            if st["failed_to_generate"] and len(scan.error_examples) < MAX_ERROR_EXAMPLES:
+                errors = Scan()
+                errors.add(records.read_file(fs, path, SCAN_COLUMNS))
+                room = MAX_ERROR_EXAMPLES - len(scan.error_examples)
+                scan.error_examples += errors.error_examples[:room]
+        return scan
+
+    def generate_timing(self) -> dict | None:
+        """Count and mean only: the stats keep sums, not the values a median needs."""
+        if not self.seconds_count:
+            return None
+        return {
+            "images": self.seconds_count,
+            "mean": self.seconds_sum / self.seconds_count,
+            "p50": None,
+            "p95": None,
+        }
+
+
+def _pick_by_stats(fs, files: list[str], scan: StatsScan, n: int, seed: int) -> list[dict]:
+    """`n` ok rows with images, the same ones each time for the same metadata: positions drawn
+    with `seed` among the ok rows of the files in name order, then read from the files that
+    hold them (their stats say how many each has)."""
+    import pyarrow.compute as pc
+
+    total = sum(scan.successes)
+    chosen = sorted(random.Random(seed).sample(range(total), min(n, total)))
+    picked, start = [], 0
+    for path, count in zip(files, scan.successes, strict=True):
+        local = [c - start for c in chosen if start <= c < start + count]
+        start += count
+        if not local:
+            continue
+        table = records.read_file(fs, path, METADATA_COLUMNS)
+        ok = table.filter(pc.equal(table[schema.STATUS], schema.STATUS_OK)).to_pylist()
+        picked += [ok[j] for j in local if j < len(ok) and ok[j].get(schema.IMAGE_URI)]
+    return picked
 
 
 def _pick(fs, files: list[str], scan: Scan, n: int, seed: int) -> list[dict]:
@@ -317,15 +388,25 @@ def write_report(
     fs, root = storage.filesystem(output_uri, storage_settings)
     root = root.rstrip("/")
     run = json.loads(fs.cat_file(f"{root}/run.json")) if fs.exists(f"{root}/run.json") else {}
-    files = _metadata_files(fs, root)
-    scan = _scan(fs, files)
+    files = sorted(_metadata_files(fs, root))
+    found = stats.read_stats(fs, files, STATS_DIR)
     report_dir = storage.join(output_uri, "report")
     report = Report(
         index_uri=storage.join(report_dir, "index.html"),
         contact_sheet_uri=storage.join(report_dir, "contact_sheet.png"),
+        files_without_stats=len(files) - len(found),
     )
+    if len(found) == len(files):
+        report.counted_from = "stats"
+        scan = StatsScan.read(fs, files, found)
+        picked = _pick_by_stats(fs, files, scan, samples, seed)
+    else:
+        # A file without stats (an older run's, or a killed write not yet cleaned up by a
+        # resume): its rows are the only count, and then every file's rows are read.
+        scan = _scan(fs, files)
+        picked = _pick(fs, files, scan, samples, seed)
     thumbs = []
-    for row in _pick(fs, files, scan, samples, seed):
+    for row in picked:
         name = row[schema.IMAGE_URI].rsplit("/", 1)[-1]
         # By name under this output, not the recorded URI: the output may have been moved.
         try:
@@ -375,6 +456,9 @@ def write_report(
             "versions": run.get("versions", {}),
             "generated_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "version": __version__,
+            "counted_from": report.counted_from,
+            "metadata_files": len(files),
+            "files_without_stats": report.files_without_stats,
         }
     )
     fs.pipe_file(f"{root}/report/index.html", html.encode("utf-8"))

@@ -10,8 +10,9 @@ accounted for, as errors).
 
 An output remembers its job in `_k3batch/job.json`: a fingerprint of the config without the
 fields that cannot change the output (resources, ray, storage, faults, overwrite,
-rows_per_file, device), plus the content hash of each `model.lora` file. The same job
-resumes; a different one is refused unless `output.overwrite`.
+rows_per_file, device, how scoring runs; the scores section when off), plus the content hash
+of each `model.lora` file. The same job resumes; a different one is refused unless
+`output.overwrite`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ _NOT_FINGERPRINTED = {
     "faults": None,
     "output": {"overwrite", "rows_per_file"},
     "model": {"device"},
+    "scores": {"batch_size", "device", "num_actors", "num_cpus_per_actor", "num_gpus_per_actor"},
 }
 
 
@@ -51,6 +53,9 @@ def job_identity(cfg: JobConfig) -> dict:
         data["model"]["lora_sha256"] = [
             sha256(lora.path) if os.path.isfile(lora.path) else None for lora in cfg.model.lora
         ]
+    if not cfg.scores.enabled:
+        # Outputs written before the section existed keep their fingerprint.
+        data.pop("scores", None)
     return data
 
 

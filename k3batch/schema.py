@@ -46,6 +46,13 @@ BEAUTIFY_ERROR = "beautify_error"
 PROMPT_USED = "prompt_used"
 BEAUTIFY_FALLBACK = "beautify_fallback"
 
+# Scores (the optional `scores:` stage), written to the metadata. A classifier the config
+# names adds `<name>_score` (`classifier_column`), typed as the others.
+CLIP_SCORE = "clip_score"
+BRIGHTNESS = "brightness"
+SHARPNESS = "sharpness"
+SCORE_SUFFIX = "_score"
+
 # Text embeddings handed from the text-encoder pool to the generators (never written).
 PROMPT_EMBEDS = "prompt_embeds"
 NEGATIVE_PROMPT_EMBEDS = "negative_prompt_embeds"
@@ -105,7 +112,11 @@ TYPES: dict[str, pa.DataType] = {
     KEY: pa.string(),
     IMAGE_BYTES: pa.binary(),
     FILE_NAME: pa.string(),
+    CLIP_SCORE: pa.float64(),
+    BRIGHTNESS: pa.float64(),
+    SHARPNESS: pa.float64(),
 }
+SCORE_TYPE = pa.float64()
 
 # Optional input columns that override the job's generation defaults per row.
 OVERRIDE_COLUMNS = (
@@ -148,9 +159,17 @@ OUTPUT_ONLY_COLUMNS = (
     WARNING,
     SOURCE_RGB,
     KEEP_MASK,
+    CLIP_SCORE,
+    BRIGHTNESS,
+    SHARPNESS,
 )
 
 
 def types(*names: str) -> dict[str, pa.DataType]:
     """`{name: Arrow type}` for a stage's `adds`, in the order given."""
     return {name: TYPES[name] for name in names}
+
+
+def classifier_column(name: str) -> str:
+    """The column of the classifier the config names `name` (`scores.classifiers`)."""
+    return f"{name}{SCORE_SUFFIX}"

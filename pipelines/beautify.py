@@ -5,7 +5,7 @@ Beautify-only (`job: beautify`): prompt table in -> prompt table out, nothing ge
 read_parquet(input.uri)
   -> PromptRowsStage   (tasks)       ids as text-to-image derives them; empty prompts marked
   -> beautify          (vllm: Ray Data LLM engine pool | openai: client actor pool)
-  -> write_parquet(OUTPUT/metadata/) the input columns + id, status, error,
+  -> metadata writer (OUTPUT/metadata/) the input columns + id, status, error,
                                      beautified_prompt, beautify_error
 
 A text-to-image job then reads that table with `input.beautified_prompt_column:
@@ -14,7 +14,7 @@ beautified_prompt` and generates from it without running the LLM again.
 
 from __future__ import annotations
 
-from k3batch import schema, storage
+from k3batch import resume, schema, storage
 from k3batch.config import JobConfig
 from k3batch.dataflow import map_stage, read_input
 from k3batch.job.kinds import JobContext, JobKind
@@ -123,8 +123,14 @@ class Beautify(JobKind):
         return beautify_pools(cfg)
 
     def run(self, cfg: JobConfig, ctx: JobContext) -> None:
+        from k3batch.outputs.files import metadata_sink
+
         fs, path = ctx.output.arrow_filesystem("metadata")
-        build(cfg, ctx.tracker).write_parquet(path, filesystem=fs)
+        # The files format's metadata writer: each file with its stats (outputs.stats).
+        sink = metadata_sink(
+            path, filesystem=fs, config_hash=resume.fingerprint(resume.job_identity(cfg))
+        )
+        build(cfg, ctx.tracker).write_datasink(sink)
 
     def output_lines(self, run: dict) -> list[str]:
         return [f"prompts       {storage.join(run['output'], 'metadata')}/ (Parquet)"]

@@ -12,6 +12,8 @@ read_parquet(input.uri, include_row_hash)
   -> repartition        (streaming)  blocks of one generation batch
   -> GenerateStage      (actor pool) Kandinsky 3, model loaded once per actor; a row with
                                      num_images_per_prompt = N becomes N records (k, seed)
+  [-> ScoresStage       (actor pool with a CLIP model or classifiers, else tasks) scores.enabled:
+                                     brightness, sharpness, clip_score, <name>_score]
   -> files:      WriteImagesStage  (tasks) OUTPUT/images/<key>.<ext>
                  -> write_parquet(OUTPUT/metadata/), output.rows_per_file rows a file
   -> webdataset: EncodeImagesStage (tasks) image bytes + sample key
@@ -33,6 +35,7 @@ from k3batch.outputs import output_format
 from k3batch.rows import RowRules
 from k3batch.stages.generate import GenerateStage
 from k3batch.stages.prepare import PrepareImagesStage
+from k3batch.stages.scores import ScoresStage
 from k3batch.stages.text_encode import TextEncodeStage
 from k3batch.stages.validate import ValidateStage
 from pipelines import beautify
@@ -132,6 +135,21 @@ def build(cfg: JobConfig, ctx: JobContext):
         actors=(res.num_actors, res.max_actors or res.num_actors),
         tracker=ctx.tracker,
     )
+    sc = cfg.scores
+    if sc.enabled:
+        # Before the encode stage, which drops the decoded image the scores read. Models
+        # load once per actor; brightness and sharpness alone are plain CPU tasks.
+        models = sc.uses_models
+        ds = map_stage(
+            ds,
+            ScoresStage,
+            {"scores": sc, "prompt_column": generate_from},
+            batch_size=sc.batch_size,
+            num_cpus=sc.num_cpus_per_actor if models else res.write_num_cpus,
+            num_gpus=sc.num_gpus_per_actor if models else 0,
+            actors=(sc.num_actors, sc.num_actors) if models else None,
+            tracker=ctx.tracker,
+        )
     stage, kwargs = ctx.output.format.encode_stage(cfg, ctx.output)
     kwargs["several_images"] = rows.several_images(
         cfg.generation.num_images_per_prompt, ctx.schema.names if ctx.schema else ()
@@ -218,6 +236,17 @@ class TextToImage(JobKind):
                     t.num_cpus_per_actor,
                     t.num_gpus_per_actor,
                     t.num_gpus_per_actor,
+                )
+            )
+        sc = cfg.scores
+        if sc.uses_models:
+            pools.append(
+                Pool(
+                    "scores",
+                    sc.num_actors,
+                    sc.num_cpus_per_actor,
+                    sc.num_gpus_per_actor,
+                    sc.num_gpus_per_actor,
                 )
             )
         return pools + (beautify_pools(cfg) if cfg.beautify.enabled else [])

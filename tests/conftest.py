@@ -56,6 +56,15 @@ def tiny_ref_dir(tmp_path_factory) -> str:
     return make_tiny(str(tmp_path_factory.mktemp("models") / "tiny-k3-ref"), layout="reference")
 
 
+@pytest.fixture(scope="session")
+def tiny_scorers(tmp_path_factory) -> tuple[str, str]:
+    """(tiny CLIP dir, tiny ViT classifier dir with labels normal/nsfw) for `scores:`."""
+    from k3batch.testing.tiny_scorers import make_tiny_classifier, make_tiny_clip
+
+    root = tmp_path_factory.mktemp("scorers")
+    return make_tiny_clip(str(root / "clip")), make_tiny_classifier(str(root / "nsfw"))
+
+
 def load_tiny(path, member="kandinsky3", **kwargs):
     from k3batch.model.kandinsky3 import Kandinsky3
 

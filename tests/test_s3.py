@@ -129,9 +129,11 @@ def test_webdataset_shards_to_a_bucket_resume_and_renumber_there(
         return sorted(k for k in objects(client, bucket, "wds/shards/") if not k.endswith("/"))
 
     first = shard_keys()
-    numbers = sorted({k.rsplit("/", 1)[1].split(".")[0] for k in first})
+    numbers = sorted({k.rsplit("/", 1)[1][:5] for k in first})
     assert numbers == [f"{i:05d}" for i in range(len(numbers))] and len(numbers) >= 2
-    assert first == sorted(f"wds/shards/{n}.{e}" for n in numbers for e in ("tar", "parquet"))
+    assert first == sorted(
+        f"wds/shards/{n}{e}" for n in numbers for e in (".tar", ".parquet", "_stats.json")
+    )
 
     # Shard 00000 never committed, as after a preemption: the rerun regenerates its rows into
     # a new shard, then renames it into the gap (a copy and delete on S3).
@@ -145,6 +147,11 @@ def test_webdataset_shards_to_a_bucket_resume_and_renumber_there(
     again = run_job(load_config(data=cfg))
     assert again.ok and again.run["rows_this_run"] == lost.num_rows
     assert shard_keys() == first
+    # The regenerated shard's stats moved with it into the gap, over the lost shard's.
+    for n in numbers:
+        index = pq.read_table(io.BytesIO(get(client, bucket, f"wds/shards/{n}.parquet")))
+        stats = json.loads(get(client, bucket, f"wds/shards/{n}_stats.json"))
+        assert stats["count"] == index.num_rows and stats["successes"] == index.num_rows
     samples = []
     for n in numbers:
         path = tmp_path / f"{n}.tar"

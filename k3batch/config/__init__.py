@@ -2,7 +2,7 @@
 
 One module per section: `base` (the strict model, ConfigError), `model`, `generation`
 (with limits and the member defaults), `resources`, `io` (input, storage, output), `job`
-(faults, ray, JobConfig) and `loading` (YAML, overrides, error text). Their public names are
+(faults, ray, JobConfig), `scores` and `loading` (YAML, overrides, error text). Their public names are
 re-exported here: this package is the config's interface.
 """
 
@@ -26,9 +26,11 @@ from k3batch.config.model import (
     PerformanceConfig,
 )
 from k3batch.config.resources import ResourcesConfig, TextEncoderPoolConfig
+from k3batch.config.scores import ClassifierConfig, ScoresConfig
 
 __all__ = [
     "PRECISIONS",
+    "ClassifierConfig",
     "CompileConfig",
     "ConfigError",
     "DeviceMap",
@@ -45,6 +47,7 @@ __all__ = [
     "PerformanceConfig",
     "RayConfig",
     "ResourcesConfig",
+    "ScoresConfig",
     "SecretInValue",
     "StorageConfig",
     "Strict",

@@ -12,6 +12,7 @@ from k3batch.config.generation import GenerationConfig, LimitsConfig, apply_memb
 from k3batch.config.io import InputConfig, OutputConfig, StorageConfig
 from k3batch.config.model import ModelConfig
 from k3batch.config.resources import ResourcesConfig
+from k3batch.config.scores import ScoresConfig
 
 
 class FaultsConfig(Strict):
@@ -98,6 +99,10 @@ class JobConfig(Strict):
         default_factory=BeautifyConfig,
         description="Prompt beautification with an LLM between validation and generation.",
     )
+    scores: ScoresConfig = Field(
+        default_factory=ScoresConfig,
+        description="Per-image score columns (CLIP score, brightness, sharpness, classifiers).",
+    )
 
     @model_validator(mode="after")
     def _beautify_source(self) -> JobConfig:
@@ -108,6 +113,8 @@ class JobConfig(Strict):
                 "input.beautified_prompt_column reads prompts beautified earlier; it cannot be "
                 "combined with beautify.enabled (which runs the LLM again)"
             )
+        if self.job == "beautify" and self.scores.enabled:
+            raise ValueError("scores.enabled scores images: job=beautify makes none")
         return self
 
     @model_validator(mode="after")

@@ -33,6 +33,11 @@ def resolve_paths(cfg: JobConfig) -> JobConfig:
         os.path.exists(cfg.beautify.model) or cfg.beautify.make_tiny
     ):
         cfg.beautify.model = os.path.abspath(cfg.beautify.model)
+    if cfg.scores.clip_model and os.path.exists(cfg.scores.clip_model):
+        cfg.scores.clip_model = os.path.abspath(cfg.scores.clip_model)
+    for c in cfg.scores.classifiers:
+        if os.path.exists(c.path):
+            c.path = os.path.abspath(c.path)
     return cfg
 
 
@@ -48,6 +53,9 @@ def check_model(cfg: JobConfig) -> None:
     if not kinds.get(cfg.job).uses_diffusion_model:
         return
     from k3batch.model import family
+    from k3batch.stages.scores import check_scores
+
+    check_scores(cfg.scores)
 
     m = cfg.model
     path = m.path

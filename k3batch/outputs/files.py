@@ -1,16 +1,20 @@
-"""`files` output: OUTPUT/images/<key>.<ext> and OUTPUT/metadata/*.parquet, plus
+"""`files` output: OUTPUT/images/<key>.<ext> and OUTPUT/metadata/*.parquet (their counts in
+OUTPUT/metadata/_stats/*_stats.json, `outputs.stats`), plus
 OUTPUT/images/metadata.parquet at the end (the metadata file of a Hugging Face image
 folder: rows with an image, `file_name` relative to images/, without the resume keys)."""
 
 from __future__ import annotations
 
+import itertools
 import posixpath
+import time
 
-from k3batch import schema, storage
-from k3batch.outputs import records
+from k3batch import resume, schema, storage
+from k3batch.outputs import records, stats
 from k3batch.outputs.base import OutputFormat
 
 HF_METADATA = "metadata.parquet"
+STATS_DIR = "_stats"  # metadata/_stats/: metadata/ stays Parquet files only (outputs.stats)
 
 
 class Files(OutputFormat):
@@ -29,21 +33,21 @@ class Files(OutputFormat):
 
     def write(self, ds, cfg, output, num_rows):
         fs, path = output.arrow_filesystem(self.records_dir)
+        config_hash = resume.fingerprint(resume.job_identity(cfg))
         rows = cfg.output.rows_per_file
         if rows <= cfg.resources.batch_size:
             # The same CPU request as the encode/write stage lets Ray fuse the two into one
             # task per block (Ray fuses only operators whose remote args match).
-            ds.write_parquet(
-                path, filesystem=fs, ray_remote_args={"num_cpus": cfg.resources.write_num_cpus}
+            ds.write_datasink(
+                metadata_sink(path, filesystem=fs, config_hash=config_hash),
+                ray_remote_args={"num_cpus": cfg.resources.write_num_cpus},
             )
             return
         # Ray gathers a file's rows before the task that writes it: fused with the image
         # write, batches would wait there holding their decoded images. Half the request
         # (a metadata write is light) keeps the two apart, so only metadata rows wait.
-        ds.write_parquet(
-            path,
-            filesystem=fs,
-            min_rows_per_file=rows,
+        ds.write_datasink(
+            metadata_sink(path, filesystem=fs, config_hash=config_hash, min_rows_per_file=rows),
             ray_remote_args={"num_cpus": cfg.resources.write_num_cpus / 2},
         )
 
@@ -110,6 +114,41 @@ class Files(OutputFormat):
             f"images        {storage.join(uri, 'images')}/",
             f"metadata      {storage.join(uri, 'metadata')}/ (Parquet)",
         ]
+
+
+def metadata_sink(
+    path: str, *, filesystem, config_hash: str | None, min_rows_per_file: int | None = None
+):
+    """Ray's Parquet datasink, writing each metadata file's `_stats.json` after it (in the
+    same write task, so Ray's checkpoint commits both or neither; see `outputs.stats`)."""
+    from ray.data._internal.datasource.parquet_datasink import ParquetDatasink
+    from ray.data._internal.planner.plan_write_op import WRITE_UUID_KWARG_NAME
+
+    class MetadataDatasink(ParquetDatasink):
+        def write(self, blocks, ctx):
+            import pyarrow.parquet as pq
+            from pyarrow.fs import FileType
+
+            start = time.time()
+            super().write(blocks, ctx)
+            # A task's rows go to `<name>-0.parquet`, and `-1`, ... when a file would pass
+            # Arrow's row limit: stats for each, from its rows as written.
+            name = self.filename_provider.get_filename_for_task(
+                ctx.kwargs[WRITE_UUID_KWARG_NAME], ctx.task_idx
+            ).removesuffix(".parquet")
+            for i in itertools.count():
+                written = posixpath.join(self.path, f"{name}-{i}.parquet")
+                if self.filesystem.get_file_info(written).type != FileType.File:
+                    break
+                with self.filesystem.open_input_file(written) as f:
+                    parquet = pq.ParquetFile(f)
+                    have = parquet.schema_arrow.names
+                    table = parquet.read(columns=[c for c in stats.COLUMNS if c in have])
+                stats.write_stats(
+                    self.filesystem, written, stats.file_stats(table, config_hash, start), STATS_DIR
+                )
+
+    return MetadataDatasink(path, filesystem=filesystem, min_rows_per_file=min_rows_per_file)
 
 
 FORMAT = Files()

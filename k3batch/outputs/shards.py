@@ -2,7 +2,8 @@
 
 A shard is `shards/NNNNN.tar` (`<key>.<ext>`, `<key>.txt` with the prompt, `<key>.json` with
 the row's metadata, for the rows with an image) plus `shards/NNNNN.parquet` (every row of the
-shard, errors included): the layout img2dataset writes. Ray's own webdataset writer writes
+shard, errors included) plus `shards/NNNNN_stats.json` (its counts, see `outputs.stats`): the
+layout img2dataset writes. Ray's own webdataset writer writes
 the tar (its datasink, extended here with the index); webdataset's TarWriter would do too,
 but importing `webdataset` pulls torch into every write worker.
 
@@ -16,12 +17,15 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+import time
 
 from k3batch import schema, storage
+from k3batch.outputs import stats
 
 MIN_DIGITS = 5
 SHARD_NAME = re.compile(r"^(\d+)\.(tar|parquet)$")
 _MANIFEST = "_renumber.json"
+SHARD_FILES = (".tar", ".parquet", stats.SUFFIX)  # what one shard number names
 SAMPLE_EXCLUDE = (schema.IMAGE_BYTES,)
 
 
@@ -47,8 +51,17 @@ def next_number(fs, root: str) -> int:
     return max(numbers) + 1 if numbers else 0
 
 
-def shard_sink(path: str, *, filesystem, first: int, width: int, image_ext: str, shard_size: int):
-    """A Ray datasink writing one shard (tar + index) per write task."""
+def shard_sink(
+    path: str,
+    *,
+    filesystem,
+    first: int,
+    width: int,
+    image_ext: str,
+    shard_size: int,
+    config_hash: str | None = None,
+):
+    """A Ray datasink writing one shard (tar + index + stats) per write task."""
     from ray.data._internal.datasource.webdataset_datasink import WebDatasetDatasink
     from ray.data.datasource import FilenameProvider
 
@@ -63,6 +76,7 @@ def shard_sink(path: str, *, filesystem, first: int, width: int, image_ext: str,
             from ray.data._internal.planner.plan_write_op import WRITE_UUID_KWARG_NAME
             from ray.data.block import BlockAccessor
 
+            start = time.time()
             table = block.to_arrow()
             super().write_block(
                 BlockAccessor.for_block(samples(table, image_ext)), block_index, ctx
@@ -73,10 +87,13 @@ def shard_sink(path: str, *, filesystem, first: int, width: int, image_ext: str,
                 ctx.kwargs[WRITE_UUID_KWARG_NAME], ctx.task_idx
             )
             index = table.drop_columns([c for c in SAMPLE_EXCLUDE if c in table.column_names])
-            with self.open_output_stream(
-                posixpath.join(self.path, name.removesuffix(".tar") + ".parquet")
-            ) as f:
+            index_path = posixpath.join(self.path, name.removesuffix(".tar") + ".parquet")
+            with self.open_output_stream(index_path) as f:
                 pq.write_table(pa.Table.from_batches(index.to_batches(), index.schema), f)
+            # Its stats last, from the rows just written (see outputs.stats).
+            stats.write_stats(
+                self.filesystem, index_path, stats.file_stats(index, config_hash, start)
+            )
 
     return ShardDatasink(
         path,
@@ -108,7 +125,7 @@ def renumber(fs, root: str, width: int) -> int:
     """Rename the highest shards into the gaps so numbers run 0 .. N-1; returns N.
 
     The moves are written to a manifest first and replayed by the next call if this one is
-    killed half-way, so a tar and its index are never split up.
+    killed half-way, so a tar, its index and its stats are never split up.
     """
     manifest = f"{root}/{_MANIFEST}"
     if fs.exists(manifest):
@@ -123,9 +140,9 @@ def renumber(fs, root: str, width: int) -> int:
             return total
         fs.pipe_file(manifest, json.dumps(moves).encode())
     for src, dst in moves:
-        for ext in ("tar", "parquet"):
-            source = f"{root}/{src:0{width}d}.{ext}"
+        for ext in SHARD_FILES:
+            source = f"{root}/{src:0{width}d}{ext}"
             if fs.exists(source):  # gone already: moved before a kill
-                fs.mv(source, f"{root}/{dst:0{width}d}.{ext}")
+                fs.mv(source, f"{root}/{dst:0{width}d}{ext}")
     fs.rm(manifest)
     return len(existing(fs, root))

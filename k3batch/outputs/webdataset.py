@@ -1,11 +1,12 @@
-"""`webdataset` output: OUTPUT/shards/NNNNN.tar with a Parquet index NNNNN.parquet each
-(img2dataset's layout; the tar sink and numbering are in `outputs.shards`)."""
+"""`webdataset` output: OUTPUT/shards/NNNNN.tar with a Parquet index NNNNN.parquet and its
+counts NNNNN_stats.json each (img2dataset's layout; the tar sink and numbering are in
+`outputs.shards`, the stats in `outputs.stats`)."""
 
 from __future__ import annotations
 
 import posixpath
 
-from k3batch import storage
+from k3batch import resume, storage
 from k3batch.outputs import shards
 from k3batch.outputs.base import OutputFormat
 
@@ -39,6 +40,7 @@ class WebDataset(OutputFormat):
                 width=shards.digits(num_rows),
                 image_ext=EXTENSIONS[cfg.output.image_format],
                 shard_size=cfg.output.shard_size,
+                config_hash=resume.fingerprint(resume.job_identity(cfg)),
             ),
             # The same CPU request as the encode stage lets Ray fuse the two into one task
             # per block (Ray fuses only operators whose remote args match).
