@@ -53,6 +53,12 @@ class ScoresConfig(Strict):
         description="Image classifiers (NSFW, watermark, ... detectors the user names), each "
         "adding `<name>_score`.",
     )
+    make_tiny: bool = Field(
+        False,
+        description="Build tiny random-weight scoring models at `clip_model` and each "
+        "classifier's `path` (its `label` among the labels) when missing, before the job "
+        "starts: the demos and tests; scores from random weights mean nothing.",
+    )
     batch_size: int = Field(16, ge=1, description="Images per scoring call.")
     device: str = Field(
         "auto",

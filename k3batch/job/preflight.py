@@ -33,10 +33,11 @@ def resolve_paths(cfg: JobConfig) -> JobConfig:
         os.path.exists(cfg.beautify.model) or cfg.beautify.make_tiny
     ):
         cfg.beautify.model = os.path.abspath(cfg.beautify.model)
-    if cfg.scores.clip_model and os.path.exists(cfg.scores.clip_model):
+    tiny_scorers = cfg.scores.make_tiny
+    if cfg.scores.clip_model and (os.path.exists(cfg.scores.clip_model) or tiny_scorers):
         cfg.scores.clip_model = os.path.abspath(cfg.scores.clip_model)
     for c in cfg.scores.classifiers:
-        if os.path.exists(c.path):
+        if os.path.exists(c.path) or tiny_scorers:
             c.path = os.path.abspath(c.path)
     return cfg
 
@@ -55,6 +56,11 @@ def check_model(cfg: JobConfig) -> None:
     from k3batch.model import family
     from k3batch.stages.scores import check_scores
 
+    if cfg.scores.enabled and cfg.scores.make_tiny:
+        # Built here, before the check that reads them (as model.make_tiny's model is).
+        from k3batch.testing.tiny_scorers import make_tiny_scorers
+
+        make_tiny_scorers(cfg.scores)
     check_scores(cfg.scores)
 
     m = cfg.model

@@ -109,3 +109,13 @@ def make_tiny_classifier(path: str, labels: tuple[str, ...] = CLASSIFIER_LABELS)
     ViTForImageClassification(config).eval().save_pretrained(path)
     ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
     return path
+
+
+def make_tiny_scorers(scores) -> None:
+    """The tiny models a `scores:` config with `make_tiny` names: CLIP at `clip_model`, a
+    classifier at each classifier's path whose labels include its `label`."""
+    if scores.clip_model:
+        make_tiny_clip(scores.clip_model)
+    for c in scores.classifiers:
+        labels = CLASSIFIER_LABELS if c.label in CLASSIFIER_LABELS else ("other", c.label)
+        make_tiny_classifier(c.path, labels)
