@@ -22,6 +22,7 @@ GUIDANCE_SCALE = "guidance_scale"
 STRENGTH = "strength"
 IMAGE = "image"  # image-to-image and inpainting source: a URI or raw bytes
 MASK = "mask"  # inpainting mask: a URI or raw bytes
+SCHEDULER = "scheduler"  # the sampler of base and inpainting rows (k3batch.model.samplers)
 
 # Status: every row has these from validation on; a failing stage sets them, later ones skip.
 STATUS = "status"
@@ -68,6 +69,7 @@ TYPES: dict[str, pa.DataType] = {
     NUM_INFERENCE_STEPS: pa.int64(),
     GUIDANCE_SCALE: pa.float64(),
     STRENGTH: pa.float64(),
+    SCHEDULER: pa.string(),
     STATUS: pa.string(),
     ERROR: pa.string(),
     WARNING: pa.string(),
@@ -100,6 +102,7 @@ OVERRIDE_COLUMNS = (
     NUM_INFERENCE_STEPS,
     GUIDANCE_SCALE,
     STRENGTH,
+    SCHEDULER,
 )
 # Optional input columns of image-to-image and inpainting rows.
 IMAGE_COLUMNS = (IMAGE, MASK)
