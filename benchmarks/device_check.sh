@@ -8,7 +8,9 @@
 #   1. gpu_bench.py: base (50 steps, guidance 3) and Flash, k3batch vs diffusers'
 #      Kandinsky3Pipeline on the same GPU: img/s, per-stage seconds, MFU;
 #   2. precision_drift.py: bfloat16 / TF32 / reference dtype_map images against float32 (PSNR);
-#   3. gpu_bench.py --compile: the same base run with torch.compile (k3batch only).
+#   3. gpu_bench.py --compile: the same base run with torch.compile (k3batch only);
+#   4. gpu_bench.py --scheduler: the base run with a diffusers solver at the steps it needs
+#      (SOLVER, SOLVER_STEPS; see docs/models-and-numerics.md, Schedulers; k3batch only).
 # Results land in $OUT (default out/device_check) as JSON, with one log, check.log.
 # The GPU test machine has no diffusers: a wheel in .whl/ is installed to a private folder.
 set -uo pipefail
@@ -53,5 +55,7 @@ else
   export TORCHINDUCTOR_CACHE_DIR="${TMPDIR:-/tmp}/k3batch-inductor"
   step compile "${COMPILE_S:-150}" "$python" benchmarks/gpu_bench.py --compile --no-baseline \
     --members kandinsky3 --json "$out/bench_compile.json"
+  step solver "${SOLVER_S:-90}" "$python" benchmarks/gpu_bench.py --no-baseline --members kandinsky3 \
+    --scheduler "${SOLVER:-dpmsolver++}" --steps "${SOLVER_STEPS:-30}" --json "$out/bench_solver.json"
 fi
 grep -h "img/s\|x$\|PSNR\|rc=" "$log" | tail -40

@@ -19,6 +19,8 @@ Random weights make the images noise; the arithmetic and its cost are the real m
     python benchmarks/gpu_bench.py                       # CUDA, full size (~45 GB of GPU memory)
     python benchmarks/gpu_bench.py --compile             # + torch.compile of UNet and MoVQ decoder
     python benchmarks/gpu_bench.py --small               # CPU smoke run: tiny architecture, 64x64
+    python benchmarks/gpu_bench.py --scheduler dpmsolver++ --steps 20 --no-baseline \
+        --members kandinsky3                             # a diffusers solver (generation.scheduler)
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=None, help="image side; default 1024 (64 small)")
     p.add_argument("--steps", type=int, default=None, help="base steps; default 50 (10 small)")
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument(
+        "--scheduler",
+        default="reference",
+        help="base sampler, a generation.scheduler name; diffusers' baseline keeps its own",
+    )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument(
         "--decode-batch-size", type=int, default=None, help="default 4 (1 small), as configs"
@@ -108,6 +115,10 @@ def parse_args(argv=None):
     if args.peak_tflops is None and args.device.startswith("cuda"):
         args.peak_tflops = H100_BF16_TFLOPS
     args.members = args.members.split(",")
+    from k3batch.model import samplers
+
+    if args.scheduler not in samplers.NAMES:
+        p.error(f"--scheduler: one of {', '.join(samplers.NAMES)}, got {args.scheduler!r}")
     return args
 
 
@@ -148,7 +159,9 @@ def flops_per_call(size: str, side: int) -> dict[str, float]:
     return out
 
 
-def image_flops(per_call: dict, member: str, steps: int) -> dict[str, float]:
+def image_flops(
+    per_call: dict, member: str, steps: int, scheduler: str = "reference"
+) -> dict[str, float]:
     """Model FLOPs per image by stage (no negative prompts: T5 runs once per image)."""
     from k3batch.model import family
     from k3batch.model.schedule import base_timesteps
@@ -156,7 +169,9 @@ def image_flops(per_call: dict, member: str, steps: int) -> dict[str, float]:
     if member == family.FLASH:
         unet = len(family.FLASH_TIMESTEPS) * per_call["unet"]
     else:
-        unet = len(base_timesteps(steps)) * 2 * per_call["unet"]  # cond + uncond
+        # The diffusers solvers run exactly `steps` steps; the reference its own spacing.
+        evals = steps if scheduler != "reference" else len(base_timesteps(steps))
+        unet = evals * 2 * per_call["unet"]  # cond + uncond
     stages = {"text": per_call["text"], "unet": unet, "decode": per_call["decode"]}
     return {**stages, "image": sum(stages.values())}
 
@@ -228,7 +243,16 @@ def bench_k3batch(model, member: str, args) -> Result:
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch_size)]
     requests = [
-        Request(p, None, derive_seed(0, str(i)), args.size, args.size, args.steps, args.guidance)
+        Request(
+            p,
+            None,
+            derive_seed(0, str(i)),
+            args.size,
+            args.size,
+            args.steps,
+            args.guidance,
+            scheduler=args.scheduler,
+        )
         for i, p in enumerate(prompts)
     ]
     guided = model.denoiser.guided
@@ -358,7 +382,7 @@ def main(argv=None) -> dict:
     size = "tiny" if args.small else "full"
     dtype = DTYPES[args.dtype]
     per_call = flops_per_call(size, args.size)
-    flops = {m: image_flops(per_call, m, args.steps) for m in args.members}
+    flops = {m: image_flops(per_call, m, args.steps, args.scheduler) for m in args.members}
     start = time.perf_counter()
     parts = random_components(size, args.device, dtype)
     if args.movq_dtype != args.dtype:
@@ -372,7 +396,8 @@ def main(argv=None) -> dict:
     print(
         f"{device_name}; torch {torch.__version__}; {size} architecture, random weights built in "
         f"{build_s:.0f} s; {args.dtype} (MoVQ {args.movq_dtype}); {args.size}x{args.size}; "
-        f"batch {args.batch_size}; base {args.steps} steps, guidance {args.guidance:g}; "
+        f"batch {args.batch_size}; base {args.steps} steps ({args.scheduler}), guidance "
+        f"{args.guidance:g}; "
         f"attention {args.attention}, channels_last {args.channels_last}, compile {args.compile}",
         flush=True,
     )

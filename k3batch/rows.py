@@ -15,6 +15,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from k3batch import schema
+from k3batch.model import samplers
 from k3batch.model.family import BASE, MEMBERS, members_with
 from k3batch.schema import IMAGE_COLUMNS, STATUS_ERROR, STATUS_OK
 
@@ -34,6 +35,7 @@ class RowRules:
     guidance_scale: float | None = 3.0
     strength: float = 0.3
     num_images_per_prompt: int = 1
+    scheduler: str = samplers.REFERENCE
     model: str = BASE
     max_side: int = 2048
     max_num_inference_steps: int = 1000
@@ -45,6 +47,7 @@ class RowRules:
         return cls(
             model=model_name,
             strength=generation.strength,
+            scheduler=generation.scheduler,
             negative_prompt=generation.negative_prompt,
             seed=generation.seed,
             width=generation.width,
@@ -85,6 +88,12 @@ def _as_float(field: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise RowError(f"{field}: expected a number, got {show(value)}")
     return float(value)
+
+
+def _as_text(field: str, value) -> str:
+    if not isinstance(value, str):
+        raise RowError(f"{field}: expected text, got {show(value)}")
+    return value
 
 
 def _visible(text: str) -> bool:
@@ -250,6 +259,11 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
             raise RowError(f"strength: must be in (0, 1], got {v}")
         return v
 
+    def scheduler_check(v):
+        if v not in samplers.NAMES:
+            raise RowError(f"scheduler: unknown {show(v)}, one of {', '.join(samplers.NAMES)}")
+        return v
+
     def seed_check(v):
         if v == -1:
             return v
@@ -294,7 +308,7 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
     if not member.guided:
         unused += [("negative_prompt", None), ("guidance_scale", 0.0)]
     if member.fixed_timesteps:
-        unused.append(("num_inference_steps", member.steps))
+        unused += [("num_inference_steps", member.steps), ("scheduler", samplers.REFERENCE)]
     why = ", ".join(
         ([] if member.guided else ["no guidance"])
         + ([f"{member.steps} fixed steps"] if member.fixed_timesteps else [])
@@ -312,6 +326,11 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
         out[schema.GUIDANCE_SCALE] = None
     else:
         out[schema.GUIDANCE_SCALE] = field("guidance_scale", _as_float, guidance)
+
+    # Flash rows record "reference": they run the reference's Flash steps.
+    out[schema.SCHEDULER] = samplers.REFERENCE
+    if not member.fixed_timesteps:
+        out[schema.SCHEDULER] = field("scheduler", _as_text, scheduler_check)
 
     out[schema.STRENGTH] = None
     image_to_image = has_image and member.image_input == "optional"

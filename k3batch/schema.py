@@ -23,6 +23,7 @@ STRENGTH = "strength"
 NUM_IMAGES_PER_PROMPT = "num_images_per_prompt"
 IMAGE = "image"  # image-to-image and inpainting source: a URI or raw bytes
 MASK = "mask"  # inpainting mask: a URI or raw bytes
+SCHEDULER = "scheduler"  # the sampler of base and inpainting rows (k3batch.model.samplers)
 
 # Status: every row has these from validation on; a failing stage sets them, later ones skip.
 STATUS = "status"
@@ -87,6 +88,7 @@ TYPES: dict[str, pa.DataType] = {
     GUIDANCE_SCALE: pa.float64(),
     STRENGTH: pa.float64(),
     NUM_IMAGES_PER_PROMPT: pa.int64(),
+    SCHEDULER: pa.string(),
     STATUS: pa.string(),
     ERROR: pa.string(),
     WARNING: pa.string(),
@@ -128,6 +130,7 @@ OVERRIDE_COLUMNS = (
     GUIDANCE_SCALE,
     STRENGTH,
     NUM_IMAGES_PER_PROMPT,
+    SCHEDULER,
 )
 # Optional input columns of image-to-image and inpainting rows.
 IMAGE_COLUMNS = (IMAGE, MASK)

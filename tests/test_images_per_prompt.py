@@ -1,6 +1,8 @@
 """Several images per prompt: a row with num_images_per_prompt = N yields N records (`k`,
 seed + k), its prompt encoded once; accounting counts rows x N, and resume works per image."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -16,6 +18,7 @@ from k3batch.summary import summary
 
 from .conftest import FP32, job_config
 
+REPO = Path(__file__).resolve().parent.parent
 RULES = rows.RowRules(width=64, height=64, num_inference_steps=2, num_images_per_prompt=2)
 
 
@@ -265,3 +268,29 @@ def test_webdataset_sample_keys_carry_k():
         rows.object_key("a.b", False) + "_1",
     ]
     assert EncodeImagesStage()(batch)["key"] == [rows.object_key("a.b", False)] * 2
+
+
+def test_the_dataset_walkthrough_runs_and_filters_by_score(ray_local, tmp_path, tiny_dir):
+    """configs/dataset-demo.yaml as docs/dataset-synthesis.md runs it (on three prompts),
+    then the docs' way to load the result with `datasets` and filter it by score."""
+    import yaml
+    from datasets import load_dataset
+
+    pq.write_table(
+        pa.table({"id": ["a", "b", "c"], "prompt": ["a fox", "a tram", "a bowl of ramen"]}),
+        tmp_path / "in.parquet",
+    )
+    data = yaml.safe_load((REPO / "configs" / "dataset-demo.yaml").read_text())
+    data["input"]["uri"] = str(tmp_path / "in.parquet")
+    data["output"]["uri"] = str(tmp_path / "out")
+    data["model"].update(path=tiny_dir, make_tiny=False)
+    data["generation"]["num_inference_steps"] = 2
+    data["scores"]["clip_model"] = str(tmp_path / "scorers" / "clip")
+    data["scores"]["classifiers"][0]["path"] = str(tmp_path / "scorers" / "nsfw")
+    result = run_job(load_config(data=data))
+    assert result.ok and (result.run["records_expected"], result.run["ok"]) == (12, 12)
+    ds = load_dataset("imagefolder", data_dir=str(tmp_path / "out" / "images"), split="train")
+    assert len(ds) == 12 and sorted(set(ds["k"])) == [0, 1, 2, 3]
+    threshold = sorted(ds["clip_score"])[6]
+    good = ds.filter(lambda r: r["clip_score"] >= threshold and r["nsfw_score"] <= 1)
+    assert 0 < len(good) < 12 and good[0]["image"].size == (64, 64)

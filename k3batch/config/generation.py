@@ -4,11 +4,12 @@ against, and how a model member fills and refuses them."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 
 from k3batch.config.base import Strict
+from k3batch.model import samplers
 
 if TYPE_CHECKING:
     from k3batch.config.model import ModelConfig
@@ -43,6 +44,14 @@ class GenerationConfig(Strict):
         description="Image-to-image rows (base model, rows with an `image`): how far the input "
         "is noised; the last int(steps * strength) timesteps run (diffusers' rule and "
         "default). Near 0 returns the input, 1 ignores it.",
+    )
+    scheduler: Literal[samplers.NAMES] = Field(
+        samplers.REFERENCE,
+        description="Sampler of base and inpainting rows: "
+        + samplers.describe()
+        + ". The diffusers solvers run on the reference's cosine schedule (trailing timestep "
+        "spacing), guidance and x0 thresholding, and need fewer steps (see "
+        "models-and-numerics.md, Schedulers). Flash always runs its own 4 fixed steps.",
     )
     width: int = Field(1024, description="Image width in pixels, a multiple of 64.")
     height: int = Field(1024, description="Image height in pixels, a multiple of 64.")
@@ -127,5 +136,10 @@ def apply_member_defaults(generation: GenerationConfig, model: ModelConfig) -> N
                 f"{list(member.fixed_timesteps)} (got {g.num_inference_steps!r}); remove it"
             )
         g.num_inference_steps = member.steps
+        if g.scheduler != samplers.REFERENCE:
+            raise ValueError(
+                f"generation.scheduler: {m.name} always runs its own {member.steps} fixed "
+                f"steps (got {g.scheduler!r}); remove it"
+            )
     elif g.num_inference_steps is None:
         g.num_inference_steps = member.num_inference_steps

@@ -15,11 +15,17 @@ ai-forever/Kandinsky-3 (see `schedule.py` and `text.py`), not diffusers' pipelin
   epsilon, take x0; no guidance, no thresholding;
 - refine (base + Flash): one Flash step at t=229 on the base result's latent.
 
+`Request.scheduler` (`generation.scheduler`, `samplers.py`) swaps the DDIM loop of the base
+and inpainting members for a diffusers multistep solver on the same schedule, guidance and
+thresholding; image-to-image then starts at the last int(steps * strength) of the solver's
+timesteps. Flash and the refiner keep their own steps.
+
 Reproducibility: every row has its own CPU `torch.Generator` seeded from its `seed`. It
 draws, in this order: the initial latent (text-to-image, inpainting, Flash) or the noise that
 takes an input image's latent to the first timestep (image-to-image); one draw per step
 (DDIM: at every step, the last one's unused, as in the reference; Flash: the re-noising of
-every step); then one draw for the refiner's re-noising. An image depends only on its row, not on the batch it ran
+every step; the diffusers solvers draw nothing after the initial latent); then one draw
+for the refiner's re-noising. An image depends only on its row, not on the batch it ran
 in or the device's RNG.
 
 Precision: each component runs in its `model.dtype`, but the sampler's state stays float32
@@ -42,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from k3batch.model import family, performance
+from k3batch.model import family, performance, samplers
 from k3batch.model import movq as movq_codec
 from k3batch.model import text as textmod
 from k3batch.model.denoiser import Denoiser
@@ -73,6 +79,7 @@ class Request:
     strength: float | None = None  # img2img
     # T5 output of this row from the text encoder pool; None: the model encodes the prompt.
     text: textmod.PromptEmbedding | None = None
+    scheduler: str = samplers.REFERENCE  # base and inpainting: the sampler (`samplers`)
 
 
 class Kandinsky3:
@@ -268,7 +275,8 @@ class Kandinsky3:
         kind = self.kind(request)
         steps = 0 if kind == KIND_FLASH else request.num_inference_steps
         strength = request.strength if kind == KIND_IMAGE else None
-        return (request.width, request.height, steps, kind, strength)
+        scheduler = None if kind == KIND_FLASH else request.scheduler
+        return (request.width, request.height, steps, kind, strength, scheduler)
 
     @torch.no_grad()
     def generate(self, requests: list[Request]) -> list[np.ndarray]:
@@ -298,7 +306,8 @@ class Kandinsky3:
         key = self.group_key(requests[0])
         if any(self.group_key(r) != key for r in requests):
             raise ValueError(
-                "one generate() call takes rows of one size, step count and kind (and strength)"
+                "one generate() call takes rows of one size, step count and kind (and strength "
+                "and scheduler)"
             )
         kind = key[3]
         lengths, hidden = self._text(requests)
@@ -306,14 +315,18 @@ class Kandinsky3:
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
         shape = (4, requests[0].height // 8, requests[0].width // 8)
         noise = RowNoise(generators, shape, self.device)
+        first, solver = requests[0], None
+        if kind != KIND_FLASH and first.scheduler != samplers.REFERENCE:
+            strength = first.strength if kind == KIND_IMAGE else None
+            solver = samplers.Solver(first.scheduler, first.num_inference_steps, strength)
         if kind == KIND_FLASH:
             x = self._flash(cond, noise)
         elif kind == KIND_INPAINT:
-            x = self._inpaint(requests, cond, noise)
+            x = self._inpaint(requests, cond, noise, solver)
         elif kind == KIND_IMAGE:
-            x = self._image_to_image(requests, cond, noise)
+            x = self._image_to_image(requests, cond, noise, solver)
         else:
-            x = self._guided(requests, noise(), cond, noise)
+            x = self._guided(requests, self._start(noise(), solver), cond, noise, solver=solver)
         if self.refiner is not None:
             x = self._refine(x, hidden, lengths, noise)
         return x
@@ -350,10 +363,17 @@ class Kandinsky3:
         return tokens.lengths, textmod.run_encoder(tokens, self.text_encoder, guided)
 
     # ------------------------------------------------------------ samplers
-    def _guided(self, requests, x, cond, noise, times=None, extra=None):
-        """The reference's guided DDIM (eta=1) loop; `extra` = inpainting's input channels."""
+    @staticmethod
+    def _start(noise, solver):
+        return noise if solver is None else solver.start(noise)
+
+    def _guided(self, requests, x, cond, noise, times=None, extra=None, solver=None):
+        """The guided loop: the reference's DDIM (eta=1), or `solver`'s steps on the same
+        guidance and thresholding; `extra` = inpainting's input channels."""
         d = self.denoiser
-        if times is None:
+        if solver is not None:
+            times = solver.timesteps
+        elif times is None:
             times = base_timesteps(requests[0].num_inference_steps)
         w = torch.tensor([r.guidance_scale for r in requests], device=self.device).view(-1, 1, 1, 1)
         # Cond and uncond rows go through the UNet in one forward of twice the batch.
@@ -362,15 +382,21 @@ class Kandinsky3:
         lengths = torch.cat([cond.pool_lengths, cond.pool_lengths])
         if extra is not None:
             extra = torch.cat([extra, extra])
+        percentile = d.member.threshold_percentile
         for t, prev_t in zip(times, [*times[1:], 0], strict=True):
-            unet_in = torch.cat([x, x])
+            x_t = x if solver is None else solver.model_input(x, t)
+            unet_in = torch.cat([x_t, x_t])
             if extra is not None:
                 unet_in = torch.cat([unet_in, extra], dim=1)
             eps_cond, eps_uncond = d(unet_in, t, context, mask, lengths).chunk(2)
             eps = (w + 1.0) * eps_cond - w * eps_uncond
+            if solver is not None:
+                eps = self.schedule.thresholded_eps(x_t, t, eps, percentile)
+                x = solver.step(eps, t, x)
+                continue
             # Drawn at the last step too (unused there), as the reference's p_sample does, so
             # a row's generator is where the reference's would be after the loop.
-            x = self.schedule.ddim_step(x, t, prev_t, eps, noise(), d.member.threshold_percentile)
+            x = self.schedule.ddim_step(x, t, prev_t, eps, noise(), percentile)
         return x
 
     def _flash(self, cond, noise):
@@ -389,15 +415,20 @@ class Kandinsky3:
         eps = self.refiner(x_t, t, cond.context, cond.context_mask, cond.pool_lengths)
         return self.schedule.x0_from_eps(x_t, t, eps)
 
-    def _image_to_image(self, requests, cond, noise):
+    def _image_to_image(self, requests, cond, noise, solver=None):
         latents = self.encode(self._pixels(requests))
+        if solver is not None:
+            if not solver.timesteps:
+                return latents
+            x = solver.noised(latents, noise())
+            return self._guided(requests, x, cond, noise, solver=solver)
         times = image_to_image_timesteps(requests[0].num_inference_steps, requests[0].strength)
         if not times:
             return latents
         x = self.schedule.add_noise(latents, times[0], noise())
         return self._guided(requests, x, cond, noise, times=times)
 
-    def _inpaint(self, requests, cond, noise):
+    def _inpaint(self, requests, cond, noise, solver=None):
         image = self._pixels(requests)
         keep = torch.stack([torch.from_numpy(np.array(r.mask, dtype=np.float32)) for r in requests])
         keep = keep.unsqueeze(1).to(image.device)
@@ -407,7 +438,8 @@ class Kandinsky3:
         masked_latent = self.encode(masked)
         keep_latent = F.interpolate(keep, size=masked_latent.shape[-2:]).to(self.device)
         extra = torch.cat([keep_latent, masked_latent], dim=1)
-        return self._guided(requests, noise(), cond, noise, extra=extra)
+        x = self._start(noise(), solver)
+        return self._guided(requests, x, cond, noise, extra=extra, solver=solver)
 
     # ------------------------------------------------------------ helpers
     def _pixels(self, requests) -> torch.Tensor:

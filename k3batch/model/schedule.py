@@ -71,6 +71,13 @@ class DiffusionSchedule:
         s = s.reshape(-1, *([1] * (x0.dim() - 1)))
         return torch.maximum(torch.minimum(x0, s), -s) / s
 
+    def thresholded_eps(
+        self, x: torch.Tensor, t: int, eps: torch.Tensor, percentile: float | None
+    ) -> torch.Tensor:
+        """The epsilon whose x0 is the thresholded x0 at (x, t): the reference's thresholding
+        for solvers that take epsilon (`samplers`); `x` is the variance-preserving x_t."""
+        return self.eps_from_x0(x, t, self.threshold(self.x0_from_eps(x, t, eps), percentile))
+
     def ddim_step(
         self,
         x: torch.Tensor,

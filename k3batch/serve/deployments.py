@@ -233,6 +233,7 @@ class Ingress:
             schema.HEIGHT: height,
             schema.NUM_INFERENCE_STEPS: req.num_inference_steps,
             schema.GUIDANCE_SCALE: req.guidance_scale,
+            schema.SCHEDULER: req.scheduler,
             **(extra or {}),
         }
         row = rows.normalise_row(raw, schema.PROMPT, rules)

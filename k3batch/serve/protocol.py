@@ -106,6 +106,7 @@ class ImageEditRequest(BaseModel):
     seed: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    scheduler: str | None = None  # `generation.scheduler`'s names, checked as a row's
     beautify: bool = False
 
 

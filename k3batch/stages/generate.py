@@ -9,6 +9,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from k3batch import rows, schema
+from k3batch.model import samplers
 from k3batch.schema import EMBEDDING_COLUMNS, PROMPT_EMBEDS
 from k3batch.stages.base import SOURCE_ROWS, Stage, fail_row, ok_rows, start_output
 from k3batch.stages.loading import load_model, model_components, model_label
@@ -35,6 +36,7 @@ class GenerateStage(Stage):
     )
     optional = (
         schema.STRENGTH,
+        schema.SCHEDULER,
         schema.SOURCE_RGB,
         schema.KEEP_MASK,
         schema.ROW_HASH,
@@ -138,6 +140,7 @@ class GenerateStage(Stage):
             image=None if rgb is None else np.frombuffer(rgb, np.uint8).reshape(h, w, 3),
             mask=None if keep is None else np.frombuffer(keep, np.float32).reshape(h, w),
             strength=optional(schema.STRENGTH),
+            scheduler=optional(schema.SCHEDULER) or samplers.REFERENCE,
             text=self._embedding(batch, i) if self.text_encoder_pool else None,
         )
 
