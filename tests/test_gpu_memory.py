@@ -87,6 +87,7 @@ def test_the_estimated_gpu_configs_are_the_expected_ones():
     assert estimated == {
         "base.yaml",
         "base-24gb.yaml",
+        "dataset-synthesis.yaml",
         "flash.yaml",
         "inpaint.yaml",
         "s3.yaml",

@@ -291,6 +291,10 @@ def test_the_dataset_walkthrough_runs_and_filters_by_score(ray_local, tmp_path, 
     assert result.ok and (result.run["records_expected"], result.run["ok"]) == (12, 12)
     ds = load_dataset("imagefolder", data_dir=str(tmp_path / "out" / "images"), split="train")
     assert len(ds) == 12 and sorted(set(ds["k"])) == [0, 1, 2, 3]
-    threshold = sorted(ds["clip_score"])[6]
-    good = ds.filter(lambda r: r["clip_score"] >= threshold and r["nsfw_score"] <= 1)
-    assert 0 < len(good) < 12 and good[0]["image"].size == (64, 64)
+    # Random CLIP weights clamp many clip scores to 0: the classifier's probabilities are the
+    # spread-out column to cut at its median.
+    assert all(v >= 0 for v in ds["clip_score"])
+    median = sorted(ds["nsfw_score"])[6]
+    good = ds.filter(lambda r: r["clip_score"] >= 0 and r["nsfw_score"] < median)
+    assert len(good) == sum(v < median for v in ds["nsfw_score"]) and 0 < len(good) < 12
+    assert good[0]["image"].size == (64, 64)
