@@ -90,14 +90,13 @@ def write_job(fs, root: str, identity: dict) -> None:
     fs.pipe_file(f"{root}/{STATE_DIR}/job.json", json.dumps(record, indent=2).encode())
 
 
-def checkpoint_config(cfg: JobConfig, id_column: str = schema.RECORD_HASH):
+def checkpoint_config(cfg: JobConfig):
     """Ray Data's CheckpointConfig for this job's output (kept after success: a rerun of a
     finished job then generates nothing, and rows appended to the input later are the only
     ones generated).
 
-    Generation jobs commit records (images): `record_hash`, with the filter below turning
-    committed records back into input rows. Jobs whose records are their rows pass
-    `id_column=row_hash` and get Ray's own filter.
+    A generation job commits records (images) by `record_hash`; the filter below turns the
+    committed records back into the input rows (and images) still to make.
     """
     from ray.data.checkpoint import CheckpointConfig
 
@@ -105,16 +104,13 @@ def checkpoint_config(cfg: JobConfig, id_column: str = schema.RECORD_HASH):
 
     uri = state_uri(cfg.output.uri, "checkpoint")
     fs, path = storage.arrow_filesystem(uri, cfg.storage.model_dump())
-    extra = {}
-    if id_column == schema.RECORD_HASH:
-        rules = RowRules.from_config(cfg.generation, cfg.limits, cfg.model.name)
-        extra["checkpoint_filter_cls"] = image_filter(rules)
+    rules = RowRules.from_config(cfg.generation, cfg.limits, cfg.model.name)
     return CheckpointConfig(
-        id_column=id_column,
+        id_column=schema.RECORD_HASH,
         checkpoint_path=uri if storage.is_remote(uri) else path,
         override_filesystem=fs,
         delete_checkpoint_on_success=False,
-        **extra,
+        checkpoint_filter_cls=image_filter(rules),
     )
 
 
@@ -148,8 +144,7 @@ def filter_images(block, committed, rules):
         counts = np.array([rows.records_of(v, rules) for v in values], dtype=np.int64)
     else:
         counts = np.full(n, rules.num_images_per_prompt, dtype=np.int64)
-    owner = np.repeat(np.arange(n), counts)
-    ks = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    owner, ks = rows.image_index(counts)
     hashes = block.column(schema.ROW_HASH).to_numpy(zero_copy_only=False).astype(np.uint64)
     ids = rows.record_hashes(hashes[owner], ks)
     at = np.searchsorted(committed, ids)

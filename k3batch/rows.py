@@ -162,6 +162,21 @@ def record_hashes(row_hashes, ks):
     return np.where(k == 0, h, z)
 
 
+def image_index(counts):
+    """(row, k) of every image of rows asking for `counts` images each, as two numpy arrays
+    in row order: rows [2, 1] -> rows [0, 0, 1], ks [0, 1, 0]."""
+    import numpy as np
+
+    counts = np.asarray(counts, dtype=np.int64)
+    owner = np.repeat(np.arange(counts.size), counts)
+    return owner, np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def record_name(row_id, k) -> str:
+    """How messages name a record: its row's id, `id/k` for the images after a row's first."""
+    return f"{row_id}/{k}" if k else str(row_id)
+
+
 def several_images(generation_default: int, input_columns) -> bool:
     """Whether a job may give a row more than one image: then every record's key carries
     its `k` (`<key>_<k>`), which keeps keys unique; otherwise keys are the rows' as before."""

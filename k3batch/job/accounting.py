@@ -140,11 +140,13 @@ def compare_with_input(cfg: JobConfig, info: InputInfo, table) -> tuple[list, li
             if images_column
             else [rules.num_images_per_prompt if per_image else 1] * len(hashes)
         )
-        for i, h, n in zip(given, hashes, counts, strict=True):
-            row_id = str(i) if isinstance(i, (str, int)) and i != "" else rows.derived_id(h)
-            for k in range(n):
-                input_hashes.append(h if k == 0 else int(rows.record_hashes([h], [k])[0]))
-                input_ids.append(row_id if k == 0 else f"{row_id}/{k}")
+        row_ids = [
+            str(i) if isinstance(i, (str, int)) and i != "" else rows.derived_id(h)
+            for i, h in zip(given, hashes, strict=True)
+        ]
+        owner, ks = rows.image_index(counts)
+        input_hashes += rows.record_hashes([hashes[j] for j in owner], ks).tolist()
+        input_ids += [rows.record_name(row_ids[j], k) for j, k in zip(owner, ks, strict=True)]
     out_hashes = table.column(schema.RECORD_HASH if per_image else schema.ROW_HASH).to_pylist()
     out_ids = table.column(schema.ID).to_pylist()
     out_ks = table.column(schema.K).to_pylist() if schema.K in table.column_names else None
@@ -152,7 +154,7 @@ def compare_with_input(cfg: JobConfig, info: InputInfo, table) -> tuple[list, li
     known = set(input_hashes)
     missing = [i for h, i in zip(input_hashes, input_ids, strict=True) if h not in written]
     unexpected = [
-        str(i) if not out_ks or not out_ks[j] else f"{i}/{out_ks[j]}"
+        rows.record_name(i, out_ks[j] if out_ks else 0)
         for j, (h, i) in enumerate(zip(out_hashes, out_ids, strict=True))
         if h not in known
     ]

@@ -181,15 +181,16 @@ class GenerateStage(Stage):
         batch_key = crashes.key(record_keys)
         crashed = self.journal.start(batch_key)
         self.before_batch()
-        out = self._generate(batch, n, [crashes.key([k]) for k in record_keys] if crashed else None)
+        out = self._generate(
+            batch, source, [crashes.key([k]) for k in record_keys] if crashed else None
+        )
         self.journal.end(batch_key)
         out[schema.K] = batch[schema.K]
         out[schema.SEED] = batch[schema.SEED]
+        hashes = batch.get(schema.ROW_HASH)
         out[schema.RECORD_HASH] = (
-            None
-            if schema.ROW_HASH not in batch
-            else [int(h) for h in rows.record_hashes(batch[schema.ROW_HASH], batch[schema.K])]
-        ) or [None] * n
+            rows.record_hashes(hashes, batch[schema.K]).tolist() if hashes else [None] * n
+        )
         out[SOURCE_ROWS] = source
         return out
 
@@ -207,12 +208,13 @@ class GenerateStage(Stage):
             if not done[i] or k not in done[i]
         ]
 
-    def _generate(self, batch, n, isolate: list[str] | None) -> dict[str, list]:
-        """The batch's results; `isolate` (record keys) after a worker died running it: then
-        each record runs alone and is journaled, and one that crashed workers too often fails."""
+    def _generate(self, batch, source: list[int], isolate: list[str] | None) -> dict[str, list]:
+        """The batch's results, one per record; `source`: each record's input row.
+        `isolate` (record keys) after a worker died running it: then each record runs alone
+        and is journaled, and one that crashed workers too often fails."""
         out = start_output(batch, self.adds)
-        out[schema.MODEL] = [self.model_name] * n
-        texts = self._shared_texts(batch, out)
+        out[schema.MODEL] = [self.model_name] * len(source)
+        texts = self._shared_texts(batch, out, source)
         # Rows of different size, step count or kind never share a forward pass.
         groups: dict[tuple, list] = defaultdict(list)
         for i in ok_rows(out):
@@ -251,15 +253,15 @@ class GenerateStage(Stage):
                 self._run_group([i for i, _ in chunk], [r for _, r in chunk], out, batch)
         return out
 
-    def _shared_texts(self, batch, out) -> dict | None:
+    def _shared_texts(self, batch, out, source: list[int]) -> dict | None:
         """Record -> prompt embedding when a row has several images here: each row's prompt
         is encoded once and its images share it (None: the model encodes per call)."""
         ok = ok_rows(out)
         if self.text_encoder_pool or not ok:
             return None
-        firsts: dict = {}
+        firsts: dict = {}  # input row -> its first record here
         for i in ok:
-            firsts.setdefault(self._row_key(batch, i), i)
+            firsts.setdefault(source[i], i)
         if len(firsts) == len(ok):
             return None
         rows_ = list(firsts.values())
@@ -272,13 +274,7 @@ class GenerateStage(Stage):
             log.warning("encoding %d prompts failed (%s); encoding per call", len(rows_), e)
             return None
         by_row = dict(zip(firsts, embeddings, strict=True))
-        return {i: by_row[self._row_key(batch, i)] for i in ok}
-
-    @staticmethod
-    def _row_key(batch, i):
-        """Records of one row share this (row_hash; the id in batches without one)."""
-        hashes = batch.get(schema.ROW_HASH)
-        return hashes[i] if hashes else batch[schema.ID][i]
+        return {i: by_row[source[i]] for i in ok}
 
     def _run_group(self, indices, requests, out, batch) -> None:
         from k3batch.model import performance
