@@ -298,3 +298,22 @@ def test_the_dataset_walkthrough_runs_and_filters_by_score(ray_local, tmp_path, 
     good = ds.filter(lambda r: r["clip_score"] >= 0 and r["nsfw_score"] < median)
     assert len(good) == sum(v < median for v in ds["nsfw_score"]) and 0 < len(good) < 12
     assert good[0]["image"].size == (64, 64)
+
+
+def test_resources_batch_size_bounds_the_images_per_model_call(stage):
+    from k3batch.stages.base import apply_stage
+
+    calls = []
+    generate = stage.pipe.generate
+
+    def counting(requests):
+        calls.append(len(requests))
+        return generate(requests)
+
+    stage.pipe.generate, stage.max_images_per_call = counting, 2
+    try:
+        out = apply_stage(stage, validated([{"id": "a", "prompt": "a red cat", "seed": 7, "n": 3}]))
+    finally:
+        del stage.pipe.generate
+        stage.max_images_per_call = None
+    assert calls == [2, 1] and out.column("status").to_pylist() == ["ok"] * 3
