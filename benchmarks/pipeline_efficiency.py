@@ -128,7 +128,10 @@ def marginal(
         pipeline_seconds(model_dir, tmp, short, actors, *run)
     t_short, _ = pipeline_seconds(model_dir, tmp, short, actors, *run)
     t_long, in_actor = pipeline_seconds(model_dir, tmp, long, actors, *run)
-    return (long - short) / (t_long - t_short), in_actor, t_short, t_long
+    # A long run no slower than the short one means noise swamped the rows between them
+    # (a smoke run's few tiny rows): no rate, rather than a negative or huge one.
+    rate = (long - short) / (t_long - t_short) if t_long > t_short else None
+    return rate, in_actor, t_short, t_long
 
 
 def main() -> None:
@@ -200,27 +203,37 @@ def main() -> None:
         f"{in_ray / bare:.3f} of the bare loop)"
     )
     print(
-        f"k3batch run      {pipe_a:7.3f} images/s  ({short_a:.1f} s and {long_a:.1f} s; "
-        f"{args.batch / pipe_a:.2f} s per batch, {actor_a:.2f} s of it in the model: "
+        f"k3batch run      {rate(pipe_a)} images/s  ({short_a:.1f} s and {long_a:.1f} s; "
+        f"{actor_a:.2f} s per batch in the model: "
         f"{actor_a / (args.batch / bare):.2f}x the bare loop's)"
     )
-    print(f"efficiency A     {pipe_a / bare:7.3f}  (k3batch / bare loop, same layout)")
+    print(f"efficiency A     {ratio(pipe_a, bare)}  (k3batch / bare loop, same layout)")
     print(f"\nB. {cpus} single-thread actors (num_actors {cpus}, torch_threads 1)")
     print(
         f"bare processes   {bare_many:7.3f} images/s  ({cpus} single-thread bare loops at once; "
         f"before {bare_b[0]:.3f}, after {bare_b[1]:.3f})"
     )
     print(
-        f"k3batch run      {pipe_b:7.3f} images/s  ({short_b:.1f} s and {long_b:.1f} s; "
+        f"k3batch run      {rate(pipe_b)} images/s  ({short_b:.1f} s and {long_b:.1f} s; "
         f"{actor_b:.2f} s per batch in the model, {actor_b / (args.batch * cpus / bare_many):.2f}x "
         "the bare processes')"
     )
-    print(f"efficiency B     {pipe_b / bare_many:7.3f}  (k3batch / bare processes, same layout)")
-    best = max(pipe_a, pipe_b)
+    print(f"efficiency B     {ratio(pipe_b, bare_many)}  (k3batch / bare processes, same layout)")
+    measured = {name: r for name, r in (("A", pipe_a), ("B", pipe_b)) if r is not None}
+    best = max(measured, key=measured.get) if measured else None
     print(
-        f"\nefficiency       {best / bare:7.3f}  (target >= 0.85: k3batch's faster layout, "
-        f"{'B' if pipe_b > pipe_a else 'A'}, / the bare in-process loop)"
+        f"\nefficiency       {ratio(measured.get(best), bare)}  (target >= 0.85: k3batch's "
+        f"faster layout, {best or 'none measured'}, / the bare in-process loop)"
     )
+
+
+def rate(value: float | None) -> str:
+    return f"{value:7.3f}" if value is not None else "    n/a"
+
+
+def ratio(value: float | None, bare: float) -> str:
+    """n/a where the marginal rate was lost in noise (see `marginal`)."""
+    return f"{value / bare:7.3f}" if value is not None else "    n/a"
 
 
 if __name__ == "__main__":

@@ -30,11 +30,15 @@ def test_pipeline_efficiency_benchmark_prints_its_ratio():
     out = run_benchmark(
         "benchmarks/pipeline_efficiency.py", "--smoke", "--size", "64", "--steps", "1"
     )
-    # Both layouts, each against its bare twin, and the headline ratio.
-    layouts = re.findall(r"^efficiency ([AB])\s+(-?[0-9.]+)", out, re.M)
-    assert [name for name, _ in layouts] == ["A", "B"]
-    ratio = float(re.search(r"^efficiency\s+([0-9.]+)", out, re.M).group(1))
-    assert ratio > 0
+    # Both layouts, each against its bare twin, and the headline ratio. A smoke run's few
+    # tiny rows may drown in noise: then a layout says n/a (never a negative rate).
+    layouts = re.findall(r"^efficiency ([AB])\s+([0-9.]+|n/a) ", out, re.M)
+    assert [name for name, _ in layouts] == ["A", "B"], out
+    headline = re.search(r"^efficiency\s+([0-9.]+|n/a) ", out, re.M).group(1)
+    measured = [float(value) for _, value in layouts if value != "n/a"]
+    assert (float(headline) > 0) if measured else (headline == "n/a"), out
+    bare = re.findall(r"^bare (?:loop|processes)\s+([0-9.]+) images/s", out, re.M)
+    assert len(bare) == 2 and all(float(b) > 0 for b in bare), out
 
 
 def test_streaming_memory_benchmark_prints_its_ratios():
