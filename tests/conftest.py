@@ -373,7 +373,7 @@ def llm_server(tiny_llm_dir, vllm_env, tmp_path_factory):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(30)
+            proc.wait(5)  # a throwaway server: its graceful stop can take 30 s
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
