@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst", help="directory to write (diffusers family layout)")
     conv.add_argument(
         "--members",
-        help=f"comma-separated subset of {','.join(family.NAMES)} (default: every member found)",
+        help=f"comma-separated subset of {','.join(family.K3_NAMES)} (default: every member found)",
     )
     conv.add_argument(
         "--dtype",
