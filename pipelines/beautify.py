@@ -19,6 +19,7 @@ from k3batch.config import JobConfig
 from k3batch.dataflow import map_stage, read_input
 from k3batch.job.kinds import JobContext, JobKind
 from k3batch.job.pools import Pool, beautify_pools
+from k3batch.model import family
 from k3batch.stages.beautify import (
     ChoosePromptStage,
     OpenAIBeautifyStage,
@@ -61,6 +62,13 @@ def add_beautify(ds, cfg: JobConfig, tracker=None, prompt_column: str = schema.P
     )
 
 
+def tokenizer_path(model) -> str:
+    """The folder whose tokenizer/ the member reads prompts with: Kandinsky 2.2's prior."""
+    if family.MEMBERS[model.name].family == family.KANDINSKY22:
+        return model.kandinsky22_paths()["prior"]
+    return model.path
+
+
 def add_to_text_to_image(ds, cfg: JobConfig, tracker=None):
     """Beautify (or take beautified prompts from the input) and choose each row's prompt.
 
@@ -78,7 +86,8 @@ def add_to_text_to_image(ds, cfg: JobConfig, tracker=None):
         ds,
         ChoosePromptStage,
         {
-            "model_path": cfg.model.path,
+            "model_path": tokenizer_path(cfg.model),
+            "max_tokens": family.MEMBERS[cfg.model.name].max_prompt_tokens,
             "candidate_column": candidate,
             "on_too_long": cfg.beautify.on_too_long,
         },

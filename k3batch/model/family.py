@@ -238,10 +238,25 @@ def detect_layout(path: str, layout: str = "auto") -> str:
     return LAYOUT_REFERENCE if found else LAYOUT_DIFFUSERS
 
 
-def missing_files(path: str, name: str, refine: bool, layout: str = "auto") -> list[str]:
-    """What a local checkpoint lacks for a job (empty when complete). Hub ids: not checked."""
+# The diffusers folders of Kandinsky 2.2: a decoder (any of the three members) and the prior.
+K22_DECODER_PARTS = ("unet", "movq", "scheduler")
+K22_PRIOR_PARTS = ("prior", "text_encoder", "tokenizer", "image_encoder", "image_processor")
+
+
+def missing_prior_files(path: str) -> list[str]:
+    """What a local Kandinsky 2.2 prior folder lacks (empty when complete or a Hub id)."""
     if not os.path.isdir(path):
         return []
+    return [w for w in (*K22_PRIOR_PARTS, "scheduler") if not os.path.exists(os.path.join(path, w))]
+
+
+def missing_files(path: str, name: str, refine: bool, layout: str = "auto") -> list[str]:
+    """What a local checkpoint lacks for a job (empty when complete). Hub ids: not checked.
+    Kandinsky 2.2: `path` is the member's decoder folder (its prior: `missing_prior_files`)."""
+    if not os.path.isdir(path):
+        return []
+    if MEMBERS[name].family == KANDINSKY22:
+        return [w for w in K22_DECODER_PARTS if not os.path.exists(os.path.join(path, w))]
     layout = detect_layout(path, layout)
     needed = members_needed(name, refine)
     if layout == LAYOUT_REFERENCE:
