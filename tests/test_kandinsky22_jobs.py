@@ -269,3 +269,155 @@ def test_the_shipped_k22_demos_cover_all_five_modes():
     modes = ("text-to-image", "image-to-image", "inpaint", "controlnet-depth", "mix")
     assert {f"kandinsky22-{m}.yaml" for m in modes} <= names
     assert ModelConfig(name=family.K22_DEPTH).depth_estimator is None
+
+
+# ------------------------------------------------------------------ whole jobs (tiny 2.2 set)
+EXAMPLE = REPO / "data" / "inpaint"
+STEPS = {"num_inference_steps": 2, "prior_num_inference_steps": 2, "width": 64, "height": 64}
+
+
+@pytest.fixture(scope="module")
+def tiny_k22_dir(tmp_path_factory) -> str:
+    from k3batch.testing.tiny_k22 import make_tiny_k22
+
+    return make_tiny_k22(str(tmp_path_factory.mktemp("models") / "tiny-k22"))
+
+
+def run_k22(tmp_path, rows_, tiny_k22_dir, name, model=None, schema_=None, **sections):
+    from k3batch.job.run import run_job
+
+    from .conftest import job_config
+
+    pq.write_table(pa.Table.from_pylist(rows_, schema=schema_), tmp_path / "in.parquet")
+    cfg = job_config(
+        tmp_path,
+        str(tmp_path / "in.parquet"),
+        tiny_k22_dir,
+        model={"name": name, "make_tiny": True, "dtype": FP32, **(model or {})},
+        generation={**STEPS, "seed": 0},
+        **sections,
+    )
+    return run_job(load_config(data=cfg)), cfg
+
+
+def pixels(meta_row) -> np.ndarray:
+    with Image.open(meta_row["image_uri"]) as image:
+        return np.asarray(image.convert("RGB"), np.int16)
+
+
+@pytest.mark.slow
+def test_k22_job_text_image_and_mix_rows_with_bad_rows(ray_local, tmp_path, tiny_k22_dir):
+    from .test_job import read_metadata
+
+    house = (EXAMPLE / "house.png").read_bytes()
+    item = pa.struct([("prompt", pa.string()), ("image", pa.binary()), ("weight", pa.float64())])
+    columns = pa.schema(
+        [
+            ("id", pa.string()),
+            ("prompt", pa.string()),
+            ("seed", pa.int64()),
+            ("image", pa.binary()),
+            ("strength", pa.float64()),
+            ("mix", pa.list_(item)),
+            ("prior_num_inference_steps", pa.int64()),
+        ]
+    )
+    base = {"prompt": "a red fox", "seed": 7, "image": None, "strength": None, "mix": None}
+    mix = [{"prompt": "a blue lake", "image": None, "weight": 0.4}]
+    mix += [{"prompt": None, "image": (EXAMPLE / "lake.png").read_bytes(), "weight": 0.6}]
+    table = [
+        {**base, "id": "t2i"},
+        {**base, "id": "t2i-prior-3", "prior_num_inference_steps": 3},
+        {**base, "id": "i2i", "image": house, "strength": 0.7},
+        {**base, "id": "mix", "mix": mix},
+        {**base, "id": "bad-mix", "mix": [{**mix[0], "weight": math.nan}]},
+        {**base, "id": "bad-prior", "prior_num_inference_steps": 0},
+        {**base, "id": "bad-image", "image": b"not an image"},
+    ]
+    result, _ = run_k22(tmp_path, table, tiny_k22_dir, family.K22, schema_=columns)
+    meta = {m["id"]: m for m in read_metadata(tmp_path / "out")}
+    assert result.ok and sorted(meta) == sorted(r["id"] for r in table)  # rows in = rows out
+    for row_id in ("t2i", "t2i-prior-3", "i2i", "mix"):
+        assert meta[row_id]["status"] == "ok", meta[row_id]["error"]
+    assert meta["bad-mix"]["error"] == "mix[0].weight: must be finite, got nan"
+    assert meta["bad-prior"]["error"].startswith("prior_num_inference_steps: must be in [1, ")
+    assert meta["bad-image"]["error"].startswith("image: not a readable image")
+    assert result.run["errors_by_field"] == {
+        "mix[0].weight": 1,
+        "prior_num_inference_steps": 1,
+        "image": 1,
+    }
+    assert (
+        meta["t2i"]["prior_num_inference_steps"] == 2 and meta["t2i"]["prior_guidance_scale"] == 4.0
+    )
+    assert meta["t2i-prior-3"]["prior_num_inference_steps"] == 3
+    assert "prior(" in meta["t2i"]["model"]
+    assert (meta["i2i"]["width"], meta["i2i"]["height"]) == (128, 128)
+    t2i = pixels(meta["t2i"])
+    # Same prompt and seed: the prior's steps, the source image and the mix each change it.
+    for other in ("t2i-prior-3", "mix"):
+        assert np.abs(pixels(meta[other]) - t2i).mean() > 1, other
+    assert "hint_rgb" not in meta["t2i"] and "mix_prepared" not in meta["t2i"]
+
+
+@pytest.mark.slow
+def test_k22_inpaint_job_to_webdataset_resumes_a_lost_shard(ray_local, tmp_path, tiny_k22_dir):
+    from k3batch.job.run import run_job
+
+    from .test_resume import records
+
+    names = ("house", "lake")
+    table = [
+        {"id": n, "prompt": f"a {n}", "image": str(EXAMPLE / f"{n}.png"),
+         "mask": str(EXAMPLE / f"{n}_mask.png")}
+        for n in names
+    ] + [{"id": "no-mask", "prompt": "x", "image": str(EXAMPLE / "house.png"), "mask": None}]  # fmt: skip
+    first, cfg = run_k22(
+        tmp_path,
+        table,
+        tiny_k22_dir,
+        family.K22_INPAINT,
+        resources={"batch_size": 1},
+        output={"format": "webdataset", "shard_size": 2},
+    )
+    out = tmp_path / "out" / "shards"
+    index = {r["id"]: r for r in records(out)}
+    assert first.ok and sorted(index) == sorted(r["id"] for r in table)
+    assert index["no-mask"]["error"].startswith("mask: missing (null)")
+    assert all(index[n]["status"] == "ok" for n in names), index
+    lost = {r["id"] for r in pq.read_table(out / "00001.parquet").to_pylist()}
+    for path in (out / "00001.tar", out / "00001.parquet"):
+        path.unlink()
+    (tmp_path / "out" / "_k3batch" / "checkpoint" / "00001.parquet").unlink()
+    again = run_job(load_config(data=cfg))
+    assert again.ok and again.run["resumed"] and again.run["rows_this_run"] == len(lost)
+    assert sorted(r["id"] for r in records(out)) == sorted(index)
+
+
+@pytest.mark.slow
+def test_k22_controlnet_depth_job_with_given_and_estimated_hints(ray_local, tmp_path, tiny_k22_dir):
+    from .test_job import read_metadata
+
+    hint = str(REPO / "data" / "kandinsky22" / "house_depth.png")
+    table = [
+        {"id": "hint", "prompt": "a tower", "hint": hint, "image": None},
+        {"id": "estimated", "prompt": "a tower", "hint": None, "image": str(EXAMPLE / "house.png")},
+        {"id": "neither", "prompt": "a tower", "hint": None, "image": None},
+        {"id": "bad-hint", "prompt": "a tower", "hint": str(EXAMPLE / "nope.png"), "image": None},
+    ]
+    result, _ = run_k22(
+        tmp_path,
+        table,
+        tiny_k22_dir,
+        family.K22_DEPTH,
+        model={
+            "depth_estimator": f"{tiny_k22_dir}/depth",
+            "dtype": {**FP32, "depth_estimator": "float32"},
+        },
+    )
+    meta = {m["id"]: m for m in read_metadata(tmp_path / "out")}
+    assert result.ok and len(meta) == len(table)
+    assert meta["hint"]["status"] == meta["estimated"]["status"] == "ok", meta
+    assert meta["neither"]["error"].startswith("hint: missing (null)")
+    assert meta["bad-hint"]["error"].startswith("hint: cannot read")
+    assert (meta["estimated"]["width"], meta["estimated"]["height"]) == (128, 128)
