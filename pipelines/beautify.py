@@ -15,6 +15,7 @@ beautified_prompt` and generates from it without running the LLM again.
 from __future__ import annotations
 
 from k3batch import resume, schema, storage
+from k3batch.beautify.choose import tokenizer_path
 from k3batch.config import JobConfig
 from k3batch.dataflow import map_stage, read_input
 from k3batch.job.kinds import JobContext, JobKind
@@ -60,13 +61,6 @@ def add_beautify(ds, cfg: JobConfig, tracker=None, prompt_column: str = schema.P
         actors=(o.num_actors, o.num_actors),
         tracker=tracker,
     )
-
-
-def tokenizer_path(model) -> str:
-    """The folder whose tokenizer/ the member reads prompts with: Kandinsky 2.2's prior."""
-    if family.MEMBERS[model.name].family == family.KANDINSKY22:
-        return model.kandinsky22_paths()["prior"]
-    return model.path
 
 
 def add_to_text_to_image(ds, cfg: JobConfig, tracker=None):

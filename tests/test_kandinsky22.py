@@ -21,13 +21,6 @@ PROMPT = "a red fox in the rain, oil painting"
 NEGATIVE = "a blue castle"
 
 
-@pytest.fixture(scope="session")
-def tiny_k22(tmp_path_factory) -> str:
-    from k3batch.testing.tiny_k22 import make_tiny_k22
-
-    return make_tiny_k22(str(tmp_path_factory.mktemp("models") / "tiny-k22"))
-
-
 def _load(root, member, **kwargs):
     from k3batch.model.kandinsky22 import Kandinsky22
     from k3batch.testing.tiny_k22 import DECODER_FOLDERS

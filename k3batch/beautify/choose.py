@@ -10,6 +10,16 @@ from k3batch.schema import STATUS_OK
 TEXT_ENCODER_TOKENS = 128  # Kandinsky 3 tokenizes to 128 tokens, </s> included
 
 
+def tokenizer_path(model) -> str:
+    """The folder whose tokenizer/ the member (a `ModelConfig`) reads prompts with: the
+    checkpoint for Kandinsky 3, the prior for Kandinsky 2.2."""
+    from k3batch.model import family
+
+    if family.MEMBERS[model.name].family == family.KANDINSKY22:
+        return model.kandinsky22_paths()["prior"]
+    return model.path
+
+
 @functools.lru_cache(maxsize=4)
 def load_text_tokenizer(model_path: str):
     """The diffusion model's tokenizer (tokenizer/ of a diffusers-layout checkpoint: T5 for

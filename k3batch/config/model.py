@@ -38,6 +38,17 @@ class DtypeMap(Strict):
     )
 
 
+def _changed(section, names) -> list[str]:
+    """The fields among `names` set to other than their defaults: a dumped config (Serve
+    replicas validate the app's dump) spells out every default and must validate again."""
+    fields = type(section).model_fields
+    return [
+        n
+        for n in names
+        if n in section.model_fields_set and getattr(section, n) != fields[n].default
+    ]
+
+
 # Components only Kandinsky 2.2 members load (dtype and device keys).
 K22_COMPONENTS = ("prior", "image_encoder", "depth_estimator")
 # The tiny Kandinsky 2.2 set (`model.make_tiny`, k3batch.testing.tiny_k22): one directory
@@ -291,13 +302,9 @@ class ModelConfig(Strict):
         if member.family != family.KANDINSKY22:
             set_here = [f"model.{f}" for f in ("prior_path", "depth_estimator") if getattr(self, f)]
             if self.precision is None:  # a preset sets every key
-                set_here += [
-                    f"model.dtype.{c}" for c in K22_COMPONENTS if c in self.dtype.model_fields_set
-                ]
+                set_here += [f"model.dtype.{c}" for c in _changed(self.dtype, K22_COMPONENTS)]
             if isinstance(self.device, DeviceMap):
-                set_here += [
-                    f"model.device.{c}" for c in K22_COMPONENTS if c in self.device.model_fields_set
-                ]
+                set_here += [f"model.device.{c}" for c in _changed(self.device, K22_COMPONENTS)]
             if set_here:
                 raise ValueError(
                     f"{set_here[0]}: only Kandinsky 2.2 members use it, not {self.name}; remove it"
