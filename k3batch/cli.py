@@ -104,6 +104,15 @@ def _make_tiny(args) -> int:
         path = make_tiny_llm(args.dir, overwrite=True)
         print(f"tiny random Mistral LLM (Hugging Face layout, for vLLM) written to {path}")
         return 0
+    if args.family == "kandinsky2.2":
+        from k3batch.testing.tiny_k22 import make_tiny_k22
+
+        path = make_tiny_k22(args.dir)
+        print(
+            f"tiny Kandinsky 2.2 set (decoder/, decoder-inpaint/, controlnet-depth/, prior/, "
+            f"depth/; diffusers layout) written to {path}"
+        )
+        return 0
     from k3batch.testing.tiny import make_tiny
 
     path = make_tiny(
@@ -243,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_report)
 
     tiny = sub.add_parser(
-        "make-tiny", help="write a tiny random-weight Kandinsky 3 checkpoint (or LLM: --llm)"
+        "make-tiny",
+        help="write a tiny random-weight Kandinsky 3 checkpoint (2.2: --family kandinsky2.2; "
+        "LLM: --llm)",
     )
     tiny.add_argument("dir", help="directory to write")
     tiny.add_argument(
@@ -264,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="tiny",
         help="bench: wider UNet and MoVQ, a batch of about a second on a small CPU "
         "(the CPU benchmarks' model; diffusers layout)",
+    )
+    tiny.add_argument(
+        "--family",
+        choices=["kandinsky3", "kandinsky2.2"],
+        default="kandinsky3",
+        help="kandinsky2.2: the tiny Kandinsky 2.2 set instead (a folder per decoder, the prior "
+        "and a DPT depth estimator; the `model.path` of a `make_tiny` 2.2 job)",
     )
     tiny.add_argument(
         "--llm",
@@ -311,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst", help="directory to write (diffusers family layout)")
     conv.add_argument(
         "--members",
-        help=f"comma-separated subset of {','.join(family.NAMES)} (default: every member found)",
+        help=f"comma-separated subset of {','.join(family.K3_NAMES)} (default: every member found)",
     )
     conv.add_argument(
         "--dtype",

@@ -53,6 +53,17 @@ def job_identity(cfg: JobConfig) -> dict:
         data["model"]["lora_sha256"] = [
             sha256(lora.path) if os.path.isfile(lora.path) else None for lora in cfg.model.lora
         ]
+    from k3batch.config.model import K22_COMPONENTS
+    from k3batch.model import family
+
+    if family.MEMBERS[cfg.model.name].family != family.KANDINSKY22:
+        # Kandinsky 3 outputs written before the 2.2 fields existed keep their fingerprint.
+        for name in ("prior_path", "depth_estimator"):
+            data["model"].pop(name, None)
+        for c in K22_COMPONENTS:
+            data["model"]["dtype"].pop(c, None)
+        for name in ("prior_num_inference_steps", "prior_guidance_scale"):
+            data["generation"].pop(name, None)
     if not cfg.scores.enabled:
         # Outputs written before the section existed keep their fingerprint.
         data.pop("scores", None)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from k3batch import schema
 from k3batch.model import samplers
-from k3batch.model.family import BASE, MEMBERS, members_with
+from k3batch.model.family import BASE, K22, KANDINSKY22, MEMBERS, members_with
 from k3batch.schema import IMAGE_COLUMNS, STATUS_ERROR, STATUS_OK
 
 MAX_SEED = 2**64 - 1
@@ -37,15 +37,24 @@ class RowRules:
     num_images_per_prompt: int = 1
     scheduler: str = samplers.REFERENCE
     model: str = BASE
+    # Kandinsky 2.2: the prior's defaults, and whether a depth estimator can make the hint.
+    prior_num_inference_steps: int | None = None
+    prior_guidance_scale: float | None = None
+    depth_estimator: bool = False
     max_side: int = 2048
     max_num_inference_steps: int = 1000
     max_prompt_chars: int = 20000
     max_num_images_per_prompt: int = 64
 
     @classmethod
-    def from_config(cls, generation, limits, model_name: str = BASE) -> RowRules:
+    def from_config(
+        cls, generation, limits, model_name: str = BASE, depth_estimator: bool = False
+    ) -> RowRules:
         return cls(
             model=model_name,
+            prior_num_inference_steps=generation.prior_num_inference_steps,
+            prior_guidance_scale=generation.prior_guidance_scale,
+            depth_estimator=depth_estimator,
             strength=generation.strength,
             scheduler=generation.scheduler,
             negative_prompt=generation.negative_prompt,
@@ -344,7 +353,14 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
 
     # Flash rows record "reference": they run the reference's Flash steps.
     out[schema.SCHEDULER] = samplers.REFERENCE
-    if not member.fixed_timesteps:
+    if member.family == KANDINSKY22:
+        value = raw.get(schema.SCHEDULER)
+        if value is not None and value != samplers.REFERENCE:
+            warnings.append(
+                f"scheduler: ignored by {member.name} (its own diffusers schedulers), "
+                f"got {show(value)}"
+            )
+    elif not member.fixed_timesteps:
         out[schema.SCHEDULER] = field("scheduler", _as_text, scheduler_check)
 
     out[schema.STRENGTH] = None
@@ -356,6 +372,8 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
         )
     elif image_to_image:
         out[schema.STRENGTH] = field("strength", _as_float, strength_check)
+
+    _kandinsky22_fields(raw, member, rules, has_image, field, out, errors, warnings)
 
     try:
         images = images_of(raw.get(schema.NUM_IMAGES_PER_PROMPT), rules)
@@ -392,9 +410,87 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
     return out
 
 
-def _source(raw: dict, name: str, errors: list[str]):
-    """An image or mask column's value: a non-empty URI string or non-empty raw bytes."""
+def _kandinsky22_fields(raw, member, rules, has_image, field, out, errors, warnings) -> None:
+    """The prior's settings, the depth `hint` and the image `mix` of a row (Kandinsky 2.2);
+    on a member that has no use for them, a warning (settings) or an error (inputs)."""
+    k22 = member.family == KANDINSKY22
+    for name, parse in (
+        (schema.PRIOR_NUM_INFERENCE_STEPS, _as_int),
+        (schema.PRIOR_GUIDANCE_SCALE, _as_float),
+    ):
+        out[name] = None
+        if not k22:
+            if raw.get(name) is not None:
+                warnings.append(
+                    f"{name}: ignored by {member.name} (no prior), got {show(raw.get(name))}"
+                )
+            continue
+
+        def check(v, name=name):
+            if name == schema.PRIOR_NUM_INFERENCE_STEPS:
+                if not 1 <= v <= rules.max_num_inference_steps:
+                    raise RowError(
+                        f"{name}: must be in [1, limits.max_num_inference_steps="
+                        f"{rules.max_num_inference_steps}], got {v}"
+                    )
+            elif not (math.isfinite(v) and v >= 0):
+                raise RowError(f"{name}: must be finite and >= 0, got {v}")
+            return v
+
+        out[name] = field(name, parse, check)
+
+    hint = _source(raw, schema.HINT, errors)
+    hinted = ", ".join(members_with(needs_hint=True))
+    if raw.get(schema.HINT) is not None and not member.needs_hint:
+        errors.append(f"hint: only {hinted} takes a depth hint, got {show(raw.get(schema.HINT))}")
+    elif member.needs_hint and hint is None and raw.get(schema.HINT) is None:
+        if not has_image:
+            errors.append(
+                f"hint: missing (null), {member.name} needs a `hint` depth image, or an `image` "
+                "to estimate it from"
+            )
+        elif not rules.depth_estimator:
+            errors.append(
+                f"hint: missing (null), and no model.depth_estimator to estimate it from "
+                f"`image`; {member.name} needs one of them"
+            )
+
+    mix = raw.get(schema.MIX)
+    if mix is None:
+        return
+    if member.name != K22:
+        errors.append(f"mix: only {K22} mixes images and prompts, got {show(mix)}")
+        return
+    if not isinstance(mix, (list, tuple)) or not mix:
+        errors.append(
+            f"mix: expected a non-empty list of {{prompt | image, weight}}, got {show(mix)}"
+        )
+        return
+    for j, item in enumerate(mix):
+        where = f"mix[{j}]"
+        if not isinstance(item, dict):
+            errors.append(f"{where}: expected {{prompt | image, weight}}, got {show(item)}")
+            continue
+        prompt, image = item.get(schema.MIX_PROMPT), item.get(schema.MIX_IMAGE)
+        if (prompt is None) == (image is None):
+            which = "both prompt and image" if prompt is not None else "neither prompt nor image"
+            errors.append(f"{where}: {which}, give one, got {show(item)}")
+        elif prompt is not None and not (isinstance(prompt, str) and _visible(prompt)):
+            errors.append(f"{where}.prompt: expected visible text, got {show(prompt)}")
+        elif image is not None:
+            _source(item, schema.MIX_IMAGE, errors, where=f"{where}.image")
+        weight = item.get(schema.MIX_WEIGHT)
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+            errors.append(f"{where}.weight: expected a number, got {show(weight)}")
+        elif not math.isfinite(weight):
+            errors.append(f"{where}.weight: must be finite, got {show(weight)}")
+
+
+def _source(raw: dict, name: str, errors: list[str], where: str | None = None):
+    """An image or mask column's value: a non-empty URI string or non-empty raw bytes.
+    `where`: how errors name it (default `name`)."""
     value = raw.get(name)
+    name = where or name
     if value is None:
         return None
     if isinstance(value, (bytes, bytearray)):

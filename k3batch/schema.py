@@ -24,6 +24,15 @@ NUM_IMAGES_PER_PROMPT = "num_images_per_prompt"
 IMAGE = "image"  # image-to-image and inpainting source: a URI or raw bytes
 MASK = "mask"  # inpainting mask: a URI or raw bytes
 SCHEDULER = "scheduler"  # the sampler of base and inpainting rows (k3batch.model.samplers)
+# Kandinsky 2.2 only: the prior's settings, a ControlNet depth hint (a URI or raw bytes, like
+# `image`), and image mixing: a list of {prompt | image, weight} items.
+PRIOR_NUM_INFERENCE_STEPS = "prior_num_inference_steps"
+PRIOR_GUIDANCE_SCALE = "prior_guidance_scale"
+HINT = "hint"
+MIX = "mix"
+MIX_PROMPT = "prompt"  # the fields of a `mix` item
+MIX_IMAGE = "image"
+MIX_WEIGHT = "weight"
 
 # Status: every row has these from validation on; a failing stage sets them, later ones skip.
 STATUS = "status"
@@ -73,6 +82,9 @@ IMAGES_DONE = "_k3batch_images_done"
 IMAGE_RGB = "image_rgb"  # the decoded image, raw RGB bytes
 SOURCE_RGB = "source_rgb"  # the prepared image-to-image / inpainting source
 KEEP_MASK = "keep_mask"  # the prepared inpainting mask
+HINT_RGB = "hint_rgb"  # the prepared depth hint, raw RGB at the row's size
+# The prepared mix: per item its prompt, or its image as raw RGB with its own size.
+MIX_PREPARED = "mix_prepared"
 KEY = "key"  # a WebDataset sample's key
 IMAGE_BYTES = "image_bytes"  # the encoded image of a WebDataset sample
 FILE_NAME = "file_name"  # the Hugging Face image-folder metadata's link to the image
@@ -89,6 +101,8 @@ TYPES: dict[str, pa.DataType] = {
     STRENGTH: pa.float64(),
     NUM_IMAGES_PER_PROMPT: pa.int64(),
     SCHEDULER: pa.string(),
+    PRIOR_NUM_INFERENCE_STEPS: pa.int64(),
+    PRIOR_GUIDANCE_SCALE: pa.float64(),
     STATUS: pa.string(),
     ERROR: pa.string(),
     WARNING: pa.string(),
@@ -111,6 +125,18 @@ TYPES: dict[str, pa.DataType] = {
     IMAGE_RGB: pa.binary(),
     SOURCE_RGB: pa.binary(),
     KEEP_MASK: pa.binary(),
+    HINT_RGB: pa.binary(),
+    MIX_PREPARED: pa.list_(
+        pa.struct(
+            [
+                ("prompt", pa.string()),
+                ("rgb", pa.binary()),
+                ("width", pa.int64()),
+                ("height", pa.int64()),
+                ("weight", pa.float64()),
+            ]
+        )
+    ),
     KEY: pa.string(),
     IMAGE_BYTES: pa.binary(),
     FILE_NAME: pa.string(),
@@ -132,6 +158,10 @@ OVERRIDE_COLUMNS = (
     NUM_IMAGES_PER_PROMPT,
     SCHEDULER,
 )
+# Optional input columns of Kandinsky 2.2 rows: settings (validated like the ones above, kept
+# out of Kandinsky 3 outputs) and inputs read by the prepare stage.
+K22_OVERRIDE_COLUMNS = (PRIOR_NUM_INFERENCE_STEPS, PRIOR_GUIDANCE_SCALE)
+K22_INPUT_COLUMNS = (HINT, MIX)
 # Optional input columns of image-to-image and inpainting rows.
 IMAGE_COLUMNS = (IMAGE, MASK)
 STATUS_COLUMNS = (STATUS, ERROR)
@@ -162,6 +192,8 @@ OUTPUT_ONLY_COLUMNS = (
     WARNING,
     SOURCE_RGB,
     KEEP_MASK,
+    HINT_RGB,
+    MIX_PREPARED,
     CLIP_SCORE,
     BRIGHTNESS,
     SHARPNESS,

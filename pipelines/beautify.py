@@ -15,10 +15,12 @@ beautified_prompt` and generates from it without running the LLM again.
 from __future__ import annotations
 
 from k3batch import resume, schema, storage
+from k3batch.beautify.choose import tokenizer_path
 from k3batch.config import JobConfig
 from k3batch.dataflow import map_stage, read_input
 from k3batch.job.kinds import JobContext, JobKind
 from k3batch.job.pools import Pool, beautify_pools
+from k3batch.model import family
 from k3batch.stages.beautify import (
     ChoosePromptStage,
     OpenAIBeautifyStage,
@@ -78,7 +80,8 @@ def add_to_text_to_image(ds, cfg: JobConfig, tracker=None):
         ds,
         ChoosePromptStage,
         {
-            "model_path": cfg.model.path,
+            "model_path": tokenizer_path(cfg.model),
+            "max_tokens": family.MEMBERS[cfg.model.name].max_prompt_tokens,
             "candidate_column": candidate,
             "on_too_long": cfg.beautify.on_too_long,
         },

@@ -10,7 +10,7 @@ read_parquet(input.uri, include_row_hash)
   [-> TextEncodeStage   (actor pool) resources.text_encoder_pool: T5 in its own pool, per-row
                                      prompt embeddings for the generation actors]
   -> repartition        (streaming)  blocks of one generation batch
-  -> GenerateStage      (actor pool) Kandinsky 3, model loaded once per actor; a row with
+  -> GenerateStage      (actor pool) Kandinsky 3 or 2.2, model loaded once per actor; a row with
                                      num_images_per_prompt = N becomes N records (k, seed)
   [-> ScoresStage       (actor pool with a CLIP model or classifiers, else tasks) scores.enabled:
                                      brightness, sharpness, clip_score, <name>_score]
@@ -34,6 +34,7 @@ from k3batch.job.pools import Pool, beautify_pools
 from k3batch.outputs import output_format
 from k3batch.rows import RowRules
 from k3batch.stages.generate import GenerateStage
+from k3batch.stages.loading import ensure_tiny, is_kandinsky22
 from k3batch.stages.prepare import PrepareImagesStage
 from k3batch.stages.scores import ScoresStage
 from k3batch.stages.text_encode import TextEncodeStage
@@ -60,7 +61,12 @@ def build(cfg: JobConfig, ctx: JobContext):
         ds,
         ValidateStage,
         {
-            "rules": RowRules.from_config(cfg.generation, cfg.limits, cfg.model.name),
+            "rules": RowRules.from_config(
+                cfg.generation,
+                cfg.limits,
+                cfg.model.name,
+                depth_estimator=cfg.model.depth_estimator is not None,
+            ),
             "prompt_column": cfg.input.prompt_column,
             "id_column": cfg.input.id_column,
             "duplicate_ids": ctx.duplicate_ids,
@@ -80,6 +86,7 @@ def build(cfg: JobConfig, ctx: JobContext):
             "max_side": cfg.limits.max_side,
             "base_dir": os.getcwd(),
             "storage_settings": cfg.storage.model_dump(),
+            "kandinsky22": is_kandinsky22(cfg.model),
         },
         batch_size=PREPARE_BATCH_SIZE,
         num_cpus=res.write_num_cpus,
@@ -252,12 +259,8 @@ class TextToImage(JobKind):
         return pools + (beautify_pools(cfg) if cfg.beautify.enabled else [])
 
     def prepare(self, cfg: JobConfig) -> None:
-        if cfg.model.make_tiny:
-            # Build once on the driver so local actors find it ready (they would build the same).
-            from k3batch.testing.tiny import make_tiny
-
-            layout = "reference" if cfg.model.layout == "reference" else "diffusers"
-            make_tiny(cfg.model.path, layout=layout)
+        # Build once on the driver so local actors find it ready (they would build the same).
+        ensure_tiny(cfg.model)
 
     def run(self, cfg: JobConfig, ctx: JobContext) -> None:
         run(cfg, ctx)

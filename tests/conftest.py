@@ -65,6 +65,15 @@ def tiny_scorers(tmp_path_factory) -> tuple[str, str]:
     return make_tiny_clip(str(root / "clip")), make_tiny_classifier(str(root / "nsfw"))
 
 
+@pytest.fixture(scope="session")
+def tiny_k22(tmp_path_factory) -> str:
+    """The tiny Kandinsky 2.2 set (prior/, decoder/, decoder-inpaint/, controlnet-depth/,
+    depth/), built once per session: it takes tens of seconds on CI's cores."""
+    from k3batch.testing.tiny_k22 import make_tiny_k22
+
+    return make_tiny_k22(str(tmp_path_factory.mktemp("models") / "tiny-k22"))
+
+
 def load_tiny(path, member="kandinsky3", **kwargs):
     from k3batch.model.kandinsky3 import Kandinsky3
 

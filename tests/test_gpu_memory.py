@@ -90,6 +90,7 @@ def test_the_estimated_gpu_configs_are_the_expected_ones():
         "dataset-synthesis.yaml",
         "flash.yaml",
         "inpaint.yaml",
+        "kandinsky22-gpu.yaml",
         "s3.yaml",
         "serve.yaml",
         "serve-beautify.yaml",

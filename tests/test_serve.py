@@ -215,6 +215,26 @@ def test_serve_metrics_are_exported_with_app_serve(server):
     assert all(found.get(key, 0) > 0 for key in wanted), {k: found.get(k) for k in wanted}
 
 
+def test_kandinsky22_requests_on_a_kandinsky3_server_are_400s_naming_the_field(server):
+    """Variations (Kandinsky 2.2's prior) and the prior's settings: 400s naming the field."""
+    picture = png_bytes(Image.new("RGB", (64, 64), (200, 30, 30)))
+    r = httpx.post(
+        f"{server['url']}/v1/images/variations",
+        headers=auth(),
+        files={"image": ("picture.png", picture, "image/png")},
+        timeout=30,
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+    for name, value in (("prior_num_inference_steps", 2), ("prior_guidance_scale", 1.0)):
+        r = httpx.post(
+            f"{server['url']}/v1/images/generations",
+            headers=auth(),
+            json={"prompt": "a cat", name: value},
+            timeout=30,
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == name, r.text
+
+
 def test_unknown_route_and_edits_without_inpainting_model(server):
     r = httpx.get(f"{server['url']}/v1/nothing", headers=auth())
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"

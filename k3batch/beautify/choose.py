@@ -10,9 +10,20 @@ from k3batch.schema import STATUS_OK
 TEXT_ENCODER_TOKENS = 128  # Kandinsky 3 tokenizes to 128 tokens, </s> included
 
 
+def tokenizer_path(model) -> str:
+    """The folder whose tokenizer/ the member (a `ModelConfig`) reads prompts with: the
+    checkpoint for Kandinsky 3, the prior for Kandinsky 2.2."""
+    from k3batch.model import family
+
+    if family.MEMBERS[model.name].family == family.KANDINSKY22:
+        return model.kandinsky22_paths()["prior"]
+    return model.path
+
+
 @functools.lru_cache(maxsize=4)
 def load_text_tokenizer(model_path: str):
-    """The diffusion model's T5 tokenizer (tokenizer/ of a diffusers-layout checkpoint).
+    """The diffusion model's tokenizer (tokenizer/ of a diffusers-layout checkpoint: T5 for
+    Kandinsky 3, CLIP in Kandinsky 2.2's prior folder).
 
     Cached per process: stages that run as Ray tasks reuse the worker's copy.
     """
@@ -59,18 +70,20 @@ def choose_prompt(
     status: str,
     tokenizer,
     on_too_long: str = "truncate",
+    max_tokens: int = TEXT_ENCODER_TOKENS,
 ) -> tuple[str | None, str]:
-    """(prompt_used, beautify_fallback) for one row; see `config.FALLBACK_*`."""
+    """(prompt_used, beautify_fallback) for one row; see `config.FALLBACK_*`. `max_tokens`:
+    the member's text encoder context (`Member.max_prompt_tokens`: T5's 128, CLIP's 77)."""
     if status != STATUS_OK:
         return None, bc.FALLBACK_SKIPPED
     text = candidate.strip() if isinstance(candidate, str) else ""
     if not text:
         return original, bc.FALLBACK_ERROR if error else bc.FALLBACK_EMPTY
-    if token_count(tokenizer, text) <= TEXT_ENCODER_TOKENS:
+    if token_count(tokenizer, text) <= max_tokens:
         return text, bc.FALLBACK_NONE
     if on_too_long == "original":
         return original, bc.FALLBACK_TOO_LONG
-    cut = fit_to_encoder(tokenizer, text)
+    cut = fit_to_encoder(tokenizer, text, max_tokens)
     if not cut:
         return original, bc.FALLBACK_EMPTY
     return cut, bc.FALLBACK_TRUNCATED

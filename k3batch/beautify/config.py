@@ -13,8 +13,10 @@ from k3batch.beautify.prompt import DEFAULT_MODEL, DEFAULT_SYSTEM_PROMPT
 FALLBACK_NONE = "none"  # the beautified prompt, as the LLM wrote it
 FALLBACK_EMPTY = "original:empty"  # the LLM answered nothing (or whitespace)
 FALLBACK_ERROR = "original:error"  # the LLM request failed (see beautify_error)
-FALLBACK_TOO_LONG = "original:too_long"  # above 128 text-encoder tokens, on_too_long=original
-FALLBACK_TRUNCATED = "truncated"  # cut to the text encoder's 128 tokens
+FALLBACK_TOO_LONG = (
+    "original:too_long"  # above the text encoder's tokens (T5 128, CLIP 77), on_too_long=original
+)
+FALLBACK_TRUNCATED = "truncated"  # cut to the text encoder's tokens (T5 128, CLIP 77)
 FALLBACK_SKIPPED = "skipped"  # a row with status=error: nothing was beautified or generated
 
 
@@ -195,8 +197,9 @@ class BeautifyConfig(_Strict):
     )
     on_too_long: Literal["truncate", "original"] = Field(
         "truncate",
-        description="A beautified prompt above the text encoder's 128 tokens is cut to 128 "
-        "tokens (`truncate`) or replaced by the original prompt (`original`).",
+        description="A beautified prompt above the text encoder's tokens (Kandinsky 3's T5: "
+        "128; Kandinsky 2.2's CLIP: 77) is cut to fit (`truncate`) or replaced by the "
+        "original prompt (`original`).",
     )
     vllm: VLLMBackendConfig = Field(
         default_factory=VLLMBackendConfig, description="Settings of the `vllm` backend."

@@ -34,8 +34,9 @@ class GenerationConfig(Strict):
     guidance_scale: float | None = Field(
         None,
         ge=0,
-        description="Classifier-free guidance weight w in (w+1)*cond - w*uncond; null = the "
-        "model's default (3.0 base, 4.0 inpainting). Flash uses no guidance.",
+        description="Classifier-free guidance weight w in (w+1)*cond - w*uncond (Kandinsky 3; "
+        "Kandinsky 2.2's decoder: uncond + w*(cond - uncond), off at w <= 1); null = the "
+        "model's default (3.0 base, 4.0 inpainting and Kandinsky 2.2). Flash uses no guidance.",
     )
     strength: float = Field(
         0.3,
@@ -52,6 +53,20 @@ class GenerationConfig(Strict):
         + ". The diffusers solvers run on the reference's cosine schedule (trailing timestep "
         "spacing), guidance and x0 thresholding, and need fewer steps (see "
         "models-and-numerics.md, Schedulers). Flash always runs its own 4 fixed steps.",
+    )
+    prior_num_inference_steps: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="Kandinsky 2.2 only: the prior's denoising steps (UnCLIPScheduler); null = "
+        "the member's default (25, as diffusers' KandinskyV22PriorPipeline).",
+    )
+    prior_guidance_scale: float | None = Field(
+        None,
+        ge=0,
+        description="Kandinsky 2.2 only: the prior's classifier-free guidance w in "
+        "uncond + w*(cond - uncond), off at w <= 1; the negative prompt acts here. null = "
+        "the member's default (4.0).",
     )
     width: int = Field(1024, description="Image width in pixels, a multiple of 64.")
     height: int = Field(1024, description="Image height in pixels, a multiple of 64.")
@@ -79,7 +94,7 @@ class GenerationConfig(Strict):
     def _side(cls, v: int) -> int:
         return _multiple_of_64(v)
 
-    @field_validator("guidance_scale")
+    @field_validator("guidance_scale", "prior_guidance_scale")
     @classmethod
     def _finite(cls, v: float | None) -> float | None:
         if v is not None and not math.isfinite(v):
@@ -112,6 +127,23 @@ def apply_member_defaults(generation: GenerationConfig, model: ModelConfig) -> N
 
     g, m = generation, model
     member = family.MEMBERS[m.name]
+    prior_fields = ("prior_num_inference_steps", "prior_guidance_scale")
+    if member.family != family.KANDINSKY22:
+        for name in prior_fields:
+            if getattr(g, name) is not None:
+                raise ValueError(
+                    f"generation.{name}: only Kandinsky 2.2 members have a prior, not "
+                    f"{m.name} (got {getattr(g, name)!r}); remove it"
+                )
+    else:
+        if g.scheduler != samplers.REFERENCE:
+            raise ValueError(
+                f"generation.scheduler: {m.name} samples with its own diffusers schedulers "
+                f"(UnCLIP prior, DDPM decoder), not {g.scheduler!r}; remove it"
+            )
+        for name in prior_fields:
+            if getattr(g, name) is None:
+                setattr(g, name, getattr(member, name))
     if m.refine and not member.refinable:
         refinable = ", ".join(family.members_with(refinable=True))
         raise ValueError(f"model.refine: works on {refinable} (base) jobs, not {m.name}")

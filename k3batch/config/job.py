@@ -121,6 +121,14 @@ class JobConfig(Strict):
     def _model_settings(self) -> JobConfig:
         """Model-specific checks, then null generation defaults become the model's own."""
         apply_member_defaults(self.generation, self.model)
+        from k3batch.model import family
+
+        k22 = family.MEMBERS[self.model.name].family == family.KANDINSKY22
+        if k22 and self.resources.text_encoder_pool.enabled:
+            raise ValueError(
+                f"resources.text_encoder_pool: {self.model.name}'s CLIP text encoder is part of "
+                "its prior, which runs in the generation actor; disable the pool"
+            )
         return self
 
     @model_validator(mode="after")

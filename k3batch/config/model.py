@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -13,11 +14,52 @@ from k3batch.model import family
 class DtypeMap(Strict):
     """Per-component dtypes, as the `dtype_map` of the Kandinsky 3 README."""
 
-    unet: Dtype = Field("float32", description="UNet weights and activations.")
+    unet: Dtype = Field(
+        "float32", description="UNet weights and activations (Kandinsky 2.2: the decoder's UNet)."
+    )
     text_encoder: Dtype = Field(
-        "float16", description="T5 (Flan-UL2) encoder; the reference runs it in float16."
+        "float16",
+        description="Kandinsky 3: the T5 (Flan-UL2) encoder; the reference runs it in float16. "
+        "Kandinsky 2.2: the prior's CLIP text tower (float16 too, as diffusers' examples load "
+        "the prior; set float32 on a CPU).",
     )
     movq: Dtype = Field("float32", description="MoVQ decoder.")
+    prior: Dtype = Field(
+        "float32", description="Kandinsky 2.2 only: the prior transformer (PriorTransformer)."
+    )
+    image_encoder: Dtype = Field(
+        "float32",
+        description="Kandinsky 2.2 only: the prior's CLIP image encoder (image-to-image "
+        "embeddings, image mixing).",
+    )
+    depth_estimator: Dtype = Field(
+        "float32",
+        description="Kandinsky 2.2 ControlNet depth only: the `model.depth_estimator` (DPT).",
+    )
+
+
+def _changed(section, names) -> list[str]:
+    """The fields among `names` set to other than their defaults: a dumped config (Serve
+    replicas validate the app's dump) spells out every default and must validate again."""
+    fields = type(section).model_fields
+    return [
+        n
+        for n in names
+        if n in section.model_fields_set and getattr(section, n) != fields[n].default
+    ]
+
+
+# Components only Kandinsky 2.2 members load (dtype and device keys).
+K22_COMPONENTS = ("prior", "image_encoder", "depth_estimator")
+# The tiny Kandinsky 2.2 set (`model.make_tiny`, k3batch.testing.tiny_k22): one directory
+# at `model.path` with a folder per decoder, the prior and a depth estimator.
+TINY_K22_FOLDERS = {
+    family.K22: "decoder",
+    family.K22_INPAINT: "decoder-inpaint",
+    family.K22_DEPTH: "controlnet-depth",
+}
+TINY_K22_PRIOR = "prior"
+TINY_K22_DEPTH = "depth"
 
 
 class CompileConfig(Strict):
@@ -114,20 +156,34 @@ class DeviceMap(Strict):
 
     unet: str = Field("auto", description="Device of the UNet(s) and the sampler.")
     text_encoder: str = Field(
-        "auto", description="Device of the T5 encoder (its projection runs with the UNet)."
+        "auto",
+        description="Device of the T5 encoder (its projection runs with the UNet); Kandinsky "
+        "2.2: of the prior's CLIP text tower.",
     )
     movq: str = Field("auto", description="Device of the MoVQ encoder/decoder.")
+    prior: str = Field("auto", description="Kandinsky 2.2 only: device of the prior transformer.")
+    image_encoder: str = Field(
+        "auto", description="Kandinsky 2.2 only: device of the prior's CLIP image encoder."
+    )
+    depth_estimator: str = Field(
+        "auto", description="Kandinsky 2.2 ControlNet depth only: device of the DPT estimator."
+    )
 
-    @field_validator("unet", "text_encoder", "movq")
+    @field_validator("unet", "text_encoder", "movq", *K22_COMPONENTS)
     @classmethod
     def _device(cls, v: str) -> str:
         return _check_device(v)
 
 
 # model.precision presets: dtype per component, and TF32 for float32 components on CUDA.
+# Kandinsky 2.2's prior, image encoder and depth estimator follow the UNet's dtype.
 PRECISIONS = {
-    "bfloat16": ({"unet": "bfloat16", "text_encoder": "bfloat16", "movq": "bfloat16"}, True),
-    "reference": ({"unet": "float32", "text_encoder": "float16", "movq": "float32"}, False),
+    "bfloat16": ({c: "bfloat16" for c in ("unet", "text_encoder", "movq", *K22_COMPONENTS)}, True),
+    "reference": (
+        {"unet": "float32", "text_encoder": "float16", "movq": "float32"}
+        | dict.fromkeys(K22_COMPONENTS, "float32"),
+        False,
+    ),
 }
 
 
@@ -143,7 +199,25 @@ class ModelConfig(Strict):
         description="Checkpoint: a Hugging Face repo id or a local directory, in k3batch's "
         "diffusers family layout (tokenizer/, text_encoder/, movq/ and unet/, unet_flash/ or "
         "unet_inpaint/; `k3batch convert` writes it) or the reference layout of "
-        "ai-forever/Kandinsky3.1 (weights/*.pt).",
+        "ai-forever/Kandinsky3.1 (weights/*.pt). Kandinsky 2.2 members: the decoder's "
+        "diffusers folder (unet/, movq/, scheduler/), by default the member's own Hub repo ("
+        + ", ".join(f"`{m.default_path}`" for m in family.MEMBERS.values() if m.default_path)
+        + "); with `make_tiny`, a directory holding the tiny set (`decoder/`, "
+        "`decoder-inpaint/`, `controlnet-depth/`, `prior/`, `depth/`), whose member folder "
+        "and prior are used.",
+    )
+    prior_path: str | None = Field(
+        None,
+        description="Kandinsky 2.2 only: the prior's diffusers folder or Hub repo (prior, "
+        f"CLIP text and image encoders, tokenizer, scheduler); null: `{family.KANDINSKY22_PRIOR}` "
+        "(`prior/` under `path` with `make_tiny`).",
+    )
+    depth_estimator: str | None = Field(
+        None,
+        description="Kandinsky 2.2 ControlNet depth only: a transformers depth model "
+        "(`DPTForDepthEstimation` folder or Hub id, e.g. `Intel/dpt-large`) that estimates "
+        "the `hint` of rows that bring an `image` but no `hint`. null: every row needs a "
+        "`hint`. The tiny set of `make_tiny` has one at `<path>/depth`.",
     )
     layout: Literal["auto", "diffusers", "reference"] = Field(
         "auto",
@@ -165,14 +239,16 @@ class ModelConfig(Strict):
         False,
         description="Build a tiny random-weight checkpoint of the whole family at `path` (in "
         "`layout`, diffusers when auto) when none is there (demo and tests; never use for real "
-        "images).",
+        "images). Kandinsky 2.2 members: the tiny 2.2 set (`decoder/`, `decoder-inpaint/`, "
+        "`controlnet-depth/`, `prior/`, `depth/`) at `path`.",
     )
     precision: Literal["bfloat16", "reference"] | None = Field(
         None,
         description="A precision preset instead of `dtype`: `bfloat16` runs UNet, T5 and MoVQ "
         "in bfloat16 (the GPU configs; the sampler's state stays float32); `reference` is the "
         "reference's dtype_map (UNet and MoVQ float32, T5 float16) with TF32 off, for images "
-        "faithful to ai-forever/Kandinsky-3. null: `dtype` as given.",
+        "faithful to ai-forever/Kandinsky-3. Kandinsky 2.2's prior, image encoder and depth "
+        "estimator follow the UNet. null: `dtype` as given.",
     )
     dtype: DtypeMap = Field(default_factory=DtypeMap, description="Dtype per component.")
     device: str | DeviceMap = Field(
@@ -204,7 +280,10 @@ class ModelConfig(Strict):
             return self
         dtypes, tf32 = PRECISIONS[self.precision]
         # A dump of this config carries both; only a different explicit dtype map conflicts.
-        if "dtype" in self.model_fields_set and self.dtype.model_dump() != dtypes:
+        given = self.dtype.model_fields_set
+        if "dtype" in self.model_fields_set and any(
+            getattr(self.dtype, k) != dtypes[k] for k in given
+        ):
             raise ValueError(
                 f"model.precision: {self.precision!r} sets every component's dtype; drop "
                 "model.dtype, or drop model.precision to set dtypes one by one"
@@ -215,7 +294,52 @@ class ModelConfig(Strict):
             object.__setattr__(self.performance, "tf32", tf32)
         return self
 
+    @model_validator(mode="after")
+    def _kandinsky22(self):
+        """Kandinsky 2.2 members: their decoder repo by default, what they cannot do refused;
+        the 2.2-only fields refused on Kandinsky 3 members."""
+        member = family.MEMBERS[self.name]
+        if member.family != family.KANDINSKY22:
+            set_here = [f"model.{f}" for f in ("prior_path", "depth_estimator") if getattr(self, f)]
+            if self.precision is None:  # a preset sets every key
+                set_here += [f"model.dtype.{c}" for c in _changed(self.dtype, K22_COMPONENTS)]
+            if isinstance(self.device, DeviceMap):
+                set_here += [f"model.device.{c}" for c in _changed(self.device, K22_COMPONENTS)]
+            if set_here:
+                raise ValueError(
+                    f"{set_here[0]}: only Kandinsky 2.2 members use it, not {self.name}; remove it"
+                )
+            return self
+        if "path" not in self.model_fields_set:
+            self.path = member.default_path
+        refused = [
+            ("layout", self.layout == "reference", "loads the diffusers layout only"),
+            ("variant", self.variant is not None, "has no weight variants in k3batch"),
+            ("lora", bool(self.lora), "takes no LoRA (Kandinsky 3 UNets only)"),
+        ]
+        for name, bad, why in refused:
+            if bad:
+                raise ValueError(f"model.{name}: {self.name} {why}; remove it")
+        if self.depth_estimator and not member.needs_hint:
+            hinted = ", ".join(family.members_with(needs_hint=True))
+            raise ValueError(
+                f"model.depth_estimator: only {hinted} estimates depth, not {self.name}; remove it"
+            )
+        return self
+
+    def kandinsky22_paths(self) -> dict[str, str | None]:
+        """Where a Kandinsky 2.2 member's parts load from: `decoder`, `prior` and
+        `depth_estimator` (None: rows bring their hints)."""
+        decoder, prior = self.path, self.prior_path or family.KANDINSKY22_PRIOR
+        if self.make_tiny:
+            decoder = os.path.join(self.path, TINY_K22_FOLDERS[self.name])
+            prior = self.prior_path or os.path.join(self.path, TINY_K22_PRIOR)
+        return {"decoder": decoder, "prior": prior, "depth_estimator": self.depth_estimator}
+
     def device_map(self) -> dict[str, str]:
+        components = ("unet", "text_encoder", "movq")
+        if family.MEMBERS[self.name].family == family.KANDINSKY22:
+            components += K22_COMPONENTS
         if isinstance(self.device, str):
-            return {c: self.device for c in ("unet", "text_encoder", "movq")}
-        return self.device.model_dump()
+            return {c: self.device for c in components}
+        return {c: getattr(self.device, c) for c in components}

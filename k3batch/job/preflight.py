@@ -27,6 +27,10 @@ def resolve_paths(cfg: JobConfig) -> JobConfig:
     cfg.output.uri = storage.absolute(cfg.output.uri)
     if os.path.exists(cfg.model.path) or cfg.model.make_tiny:
         cfg.model.path = os.path.abspath(cfg.model.path)
+    for name in ("prior_path", "depth_estimator"):
+        value = getattr(cfg.model, name)
+        if value and (os.path.exists(value) or cfg.model.make_tiny):
+            setattr(cfg.model, name, os.path.abspath(value))
     for lora in cfg.model.lora:
         lora.path = os.path.abspath(lora.path)
     if cfg.beautify.backend == "vllm" and (
@@ -68,6 +72,9 @@ def check_model(cfg: JobConfig) -> None:
     if m.make_tiny:
         check_lora(cfg)
         return
+    if family.MEMBERS[m.name].family == family.KANDINSKY22:
+        check_kandinsky22(cfg)
+        return
     if os.path.isdir(path):
         missing = family.missing_files(path, m.name, m.refine, m.layout)
         if missing:
@@ -83,6 +90,40 @@ def check_model(cfg: JobConfig) -> None:
         )
     check_hub_model(path)
     check_lora(cfg)
+
+
+def check_kandinsky22(cfg: JobConfig) -> None:
+    """The decoder, the prior and the depth estimator of a Kandinsky 2.2 job: a local folder
+    with its parts (the missing ones named), or a Hub repo."""
+    from k3batch.model import family
+
+    m = cfg.model
+    paths = m.kandinsky22_paths()
+    checks = [
+        ("model.path", paths["decoder"], family.missing_files(paths["decoder"], m.name, False)),
+        ("model.prior_path", paths["prior"], family.missing_prior_files(paths["prior"])),
+    ]
+    depth = paths["depth_estimator"]
+    if depth:
+        checks.append(
+            (
+                "model.depth_estimator",
+                depth,
+                [] if os.path.isfile(f"{depth}/config.json") else ["config.json"],
+            )
+        )
+    for field, path, missing in checks:
+        if os.path.isdir(path):
+            if missing:
+                raise ConfigError(
+                    f"{field}: {path} has no {', '.join(missing)} for model.name={m.name}"
+                )
+            continue
+        if os.path.exists(path) or not _HF_REPO_ID.match(path):
+            raise ConfigError(
+                f"{field}: {path!r} is neither a local folder nor a Hugging Face repo id"
+            )
+        check_hub_model(path, field)
 
 
 def check_lora(cfg: JobConfig) -> None:
@@ -110,10 +151,10 @@ def check_lora(cfg: JobConfig) -> None:
 
 
 # A file each layout's repo has at its top: what the local cache must hold in offline mode.
-_HUB_MARKERS = ("model_index.json", "unet/config.json", "weights/movq.pt")
+_HUB_MARKERS = ("model_index.json", "unet/config.json", "weights/movq.pt", "config.json")
 
 
-def check_hub_model(repo_id: str) -> None:
+def check_hub_model(repo_id: str, field: str = "model.path") -> None:
     """A Hub repo id must name a repo (online) or one in the local cache (HF_HUB_OFFLINE),
     rather than fail in every actor after Ray has started."""
     from huggingface_hub import constants, repo_exists, try_to_load_from_cache
@@ -121,7 +162,7 @@ def check_hub_model(repo_id: str) -> None:
     if constants.is_offline_mode():
         if not any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in _HUB_MARKERS):
             raise ConfigError(
-                f"model.path: {repo_id!r} is not in the local Hugging Face cache and "
+                f"{field}: {repo_id!r} is not in the local Hugging Face cache and "
                 "HF_HUB_OFFLINE is set; download it first or give a local directory"
             )
         return
@@ -132,7 +173,7 @@ def check_hub_model(repo_id: str) -> None:
         return
     if not exists:
         raise ConfigError(
-            f"model.path: no Hugging Face repo {repo_id!r} (a private or gated repo needs HF_TOKEN)"
+            f"{field}: no Hugging Face repo {repo_id!r} (a private or gated repo needs HF_TOKEN)"
         )
 
 

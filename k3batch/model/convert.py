@@ -70,7 +70,11 @@ def convert(
         if not overwrite:
             raise FileExistsError(f"{dst} exists and is not empty (use --overwrite)")
         shutil.rmtree(dst)
-    wanted = [family.MEMBERS[n] for n in (members or family.NAMES)]
+    unknown = [n for n in members or () if n not in family.K3_NAMES]
+    if unknown:
+        # Kandinsky 2.2 ships in diffusers' layout already: nothing to convert.
+        raise KeyError(f"--members: {', '.join(unknown)} not one of {', '.join(family.K3_NAMES)}")
+    wanted = [family.MEMBERS[n] for n in (members or family.K3_NAMES)]
     if family.is_hub_id(src):
         src = loading.reference_download(src, wanted)
     root = family.reference_root(src)

@@ -27,6 +27,17 @@ from dataclasses import dataclass
 BASE = "kandinsky3"
 FLASH = "kandinsky3-flash"
 INPAINT = "kandinsky3-inpaint"
+K22 = "kandinsky2.2"
+K22_INPAINT = "kandinsky2.2-inpaint"
+K22_DEPTH = "kandinsky2.2-controlnet-depth"
+
+# Member.family: the Kandinsky 3.1 members share T5, MoVQ and the reference's samplers; the
+# Kandinsky 2.2 members are a CLIP prior + an image-conditioned decoder (kandinsky22.py).
+KANDINSKY3 = "kandinsky3"
+KANDINSKY22 = "kandinsky2.2"
+KANDINSKY22_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
+K3_GUIDANCE = "(w+1)*cond - w*uncond"
+K22_GUIDANCE = "uncond + w*(cond - uncond), off at w <= 1"
 
 FLASH_TIMESTEPS = (979, 729, 479, 229)  # range(979, 0, -250) of the reference
 REFINE_TIMESTEP = 229  # one Flash step, as the 3.1 release and KandiSuperRes refine
@@ -64,6 +75,13 @@ class Member:
     refinable: bool = False  # `model.refine`: a final Flash step at REFINE_TIMESTEP
     text_encoder: str = "flan-ul2 encoder"  # T5, shared by the family
     max_prompt_tokens: int = 128  # the text encoder's context; longer prompts are cut
+    family: str = KANDINSKY3
+    guidance_formula: str = K3_GUIDANCE  # how guidance_scale w combines the two branches
+    # Kandinsky 2.2: the prior's defaults, a depth hint, the decoder's Hub repo.
+    prior_num_inference_steps: int | None = None
+    prior_guidance_scale: float | None = None
+    needs_hint: bool = False
+    default_path: str | None = None
 
     @property
     def guided(self) -> bool:
@@ -119,7 +137,62 @@ MEMBERS = {
         needs_mask=True,
     ),
 }
+
+
+def _k22(name: str, repo: str, summary: str, in_channels: int = 4, **fields) -> Member:
+    # Defaults as diffusers' KandinskyV22 pipelines: decoder 100 steps at guidance 4,
+    # prior 25 steps at guidance 4; prompts go through CLIP's 77 tokens.
+    return Member(
+        name,
+        "unet",
+        "",
+        "",
+        in_channels=in_channels,
+        num_inference_steps=100,
+        guidance_scale=4.0,
+        threshold_percentile=None,
+        summary=summary,
+        text_encoder="CLIP ViT-bigG-14 (prior)",
+        max_prompt_tokens=77,
+        family=KANDINSKY22,
+        guidance_formula=K22_GUIDANCE,
+        prior_num_inference_steps=25,
+        prior_guidance_scale=4.0,
+        default_path=f"kandinsky-community/{repo}",
+        **fields,
+    )
+
+
+MEMBERS.update(
+    {
+        K22: _k22(
+            K22,
+            "kandinsky-2-2-decoder",
+            "Kandinsky 2.2 (prior + decoder): text-to-image, image-to-image for rows with an "
+            "`image`, image mixing for rows with `mix`",
+            image_input="optional",
+        ),
+        K22_INPAINT: _k22(
+            K22_INPAINT,
+            "kandinsky-2-2-decoder-inpaint",
+            "Kandinsky 2.2 inpainting, rows carry `image` and `mask`",
+            in_channels=9,
+            image_input="required",
+            needs_mask=True,
+        ),
+        K22_DEPTH: _k22(
+            K22_DEPTH,
+            "kandinsky-2-2-controlnet-depth",
+            "Kandinsky 2.2 ControlNet depth: a `hint` depth image per row, or one estimated "
+            "from `image` (`model.depth_estimator`)",
+            in_channels=4,
+            image_input="optional",
+            needs_hint=True,
+        ),
+    }
+)
 NAMES = tuple(MEMBERS)
+K3_NAMES = tuple(n for n, m in MEMBERS.items() if m.family == KANDINSKY3)
 
 _HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -165,10 +238,25 @@ def detect_layout(path: str, layout: str = "auto") -> str:
     return LAYOUT_REFERENCE if found else LAYOUT_DIFFUSERS
 
 
-def missing_files(path: str, name: str, refine: bool, layout: str = "auto") -> list[str]:
-    """What a local checkpoint lacks for a job (empty when complete). Hub ids: not checked."""
+# The diffusers folders of Kandinsky 2.2: a decoder (any of the three members) and the prior.
+K22_DECODER_PARTS = ("unet", "movq", "scheduler")
+K22_PRIOR_PARTS = ("prior", "text_encoder", "tokenizer", "image_encoder", "image_processor")
+
+
+def missing_prior_files(path: str) -> list[str]:
+    """What a local Kandinsky 2.2 prior folder lacks (empty when complete or a Hub id)."""
     if not os.path.isdir(path):
         return []
+    return [w for w in (*K22_PRIOR_PARTS, "scheduler") if not os.path.exists(os.path.join(path, w))]
+
+
+def missing_files(path: str, name: str, refine: bool, layout: str = "auto") -> list[str]:
+    """What a local checkpoint lacks for a job (empty when complete). Hub ids: not checked.
+    Kandinsky 2.2: `path` is the member's decoder folder (its prior: `missing_prior_files`)."""
+    if not os.path.isdir(path):
+        return []
+    if MEMBERS[name].family == KANDINSKY22:
+        return [w for w in K22_DECODER_PARTS if not os.path.exists(os.path.join(path, w))]
     layout = detect_layout(path, layout)
     needed = members_needed(name, refine)
     if layout == LAYOUT_REFERENCE:

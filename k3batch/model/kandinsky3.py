@@ -42,7 +42,6 @@ forward of twice the batch; MoVQ decode chunks halve on out-of-memory.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,6 +52,7 @@ from k3batch.model import movq as movq_codec
 from k3batch.model import text as textmod
 from k3batch.model.denoiser import Denoiser
 from k3batch.model.noise import RowNoise
+from k3batch.model.request import Request
 from k3batch.model.schedule import DiffusionSchedule, base_timesteps, image_to_image_timesteps
 
 log = logging.getLogger(__name__)
@@ -61,25 +61,6 @@ KIND_TEXT = "text-to-image"
 KIND_IMAGE = "image-to-image"
 KIND_INPAINT = "inpainting"
 KIND_FLASH = "flash"
-
-
-@dataclass
-class Request:
-    """One row to generate; rows of one `generate` call share size, steps and kind."""
-
-    prompt: str
-    negative_prompt: str | None
-    seed: int
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
-    image: np.ndarray | None = None  # HxWx3 uint8 at (height, width): img2img, inpainting
-    mask: np.ndarray | None = None  # HxW float32 keep-mask (1 = keep, 0 = repaint)
-    strength: float | None = None  # img2img
-    # T5 output of this row from the text encoder pool; None: the model encodes the prompt.
-    text: textmod.PromptEmbedding | None = None
-    scheduler: str = samplers.REFERENCE  # base and inpainting: the sampler (`samplers`)
 
 
 class Kandinsky3:

@@ -17,6 +17,11 @@ and with the activations' bytes (float32 doubles them). The phases run one after
 phase, not the sum. The T5 activations are a formula (tokens x widths), not measured: they
 are small beside the rest.
 
+Kandinsky 2.2 members: parameter counts from the Hub repos' float16 weight files (bytes / 2,
+rounded; not built, to keep the estimate free of downloads), `K22_PARAMS`. Their activations
+use the Kandinsky 3 formulas above, an upper bound: the 1.2B decoder UNet is smaller than the
+3B one at the same latent size, and the prior works on 77 tokens and one embedding.
+
 Margin: the CUDA context and cuBLAS/cuDNN workspaces (~1.5 GiB) plus 10% of the rest for the
 caching allocator's fragmentation.
 """
@@ -36,6 +41,18 @@ DECODE_GIB_PER_IMAGE = 20.5 / 4
 CONTEXT_GIB = 1.5
 MARGIN = 0.10
 TEXT_TOKENS = 128  # the encoder runs on 128 positions whatever the prompt
+
+# Kandinsky 2.2 parameter counts (see the module docstring): prior transformer, its CLIP
+# ViT-bigG text and image towers, the decoder UNet (inpainting and ControlNet alike), MoVQ,
+# and Intel/dpt-large for depth.
+K22_PARAMS = {
+    "prior": 1_020_000_000,
+    "text_encoder": 695_000_000,
+    "image_encoder": 1_845_000_000,
+    "unet": 1_225_000_000,
+    "movq": 67_000_000,
+    "depth_estimator": 343_000_000,
+}
 
 # GPU memory as torch sees it (`total_memory`), a little under the marketing size.
 GPU_GIB = {
@@ -155,6 +172,10 @@ def generation_estimate(
     peaks: list[tuple[str, float]] = []
     member = family.MEMBERS[model.name]
     guided = member.guided
+    if member.family == family.KANDINSKY22:
+        return _kandinsky22_estimate(
+            model, member, batch_size, width, height, decode_batch_size, actor
+        )
     if not text_encoder_pool and _on_gpu(devices["text_encoder"]):
         dt = dtypes["text_encoder"]
         parts.append((f"T5 encoder weights ({dt})", _weights_gib("text_encoder", dt)))
@@ -182,6 +203,35 @@ def generation_estimate(
                 _decode_activations_gib(images, pixels, dt),
             )
         )
+    if peaks:
+        name, gib = max(peaks, key=lambda p: p[1])
+        parts.append((f"activations ({name})", gib))
+    return _with_margin(actor, parts)
+
+
+def _kandinsky22_estimate(
+    model, member, batch_size, width, height, decode_batch_size, actor
+) -> MemoryEstimate:
+    """A Kandinsky 2.2 actor: prior (with its CLIP towers), decoder UNet, MoVQ, and the
+    depth estimator when the config names one; activations as Kandinsky 3's (an upper bound)."""
+    dtypes, devices = model.dtype.model_dump(), model.device_map()
+    components = ["prior", "text_encoder", "image_encoder", "unet", "movq"]
+    if model.depth_estimator:
+        components.append("depth_estimator")
+    parts = [
+        (f"{c} weights ({dtypes[c]})", K22_PARAMS[c] * BYTES[dtypes[c]] / GIB)
+        for c in components
+        if _on_gpu(devices[c])
+    ]
+    pixels, peaks = width * height, []
+    if _on_gpu(devices["unet"]):
+        samples = batch_size * 2  # guidance on at the default scale
+        unet = _unet_activations_gib(samples, pixels, dtypes["unet"])
+        peaks.append((f"UNet at batch {samples}, {width}x{height}", unet))
+    if _on_gpu(devices["movq"]):
+        images = min(decode_batch_size, batch_size)
+        decode = _decode_activations_gib(images, pixels, dtypes["movq"])
+        peaks.append((f"MoVQ decode of {images} at {width}x{height}", decode))
     if peaks:
         name, gib = max(peaks, key=lambda p: p[1])
         parts.append((f"activations ({name})", gib))

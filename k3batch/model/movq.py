@@ -25,15 +25,23 @@ def encode(movq, pixels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def decode(
-    movq, latents: torch.Tensor, batch_size: int, memory_format=torch.preserve_format
+    movq,
+    latents: torch.Tensor,
+    batch_size: int,
+    memory_format=torch.preserve_format,
+    rounding: str = "truncate",
 ) -> tuple[list[np.ndarray], int]:
-    """(uint8 HWC images, the batch size in effect after any out-of-memory halving)."""
+    """(uint8 HWC images, the batch size in effect after any out-of-memory halving).
+
+    `rounding`: how [0, 1] becomes 0..255: `truncate` (x255 then truncate, as the
+    Kandinsky 3 reference's torchvision ToPILImage) or `round` (x255 then round half to
+    even, as diffusers' `numpy_to_pil`, which Kandinsky 2.2's pipelines use)."""
     param = next(movq.parameters())
     return performance.in_chunks_halving_on_oom(
         len(latents),
         batch_size,
         lambda start, size, pad_to: _decode_chunk(
-            movq, latents[start : start + size], param, pad_to, memory_format
+            movq, latents[start : start + size], param, pad_to, memory_format, rounding
         ),
         padded=True,
         what="MoVQ decode of latents",
@@ -41,7 +49,9 @@ def decode(
     )
 
 
-def _decode_chunk(movq, latents, param, pad_to: int, memory_format) -> list[np.ndarray]:
+def _decode_chunk(
+    movq, latents, param, pad_to: int, memory_format, rounding="truncate"
+) -> list[np.ndarray]:
     n = len(latents)
     if n < pad_to:
         # Always decode `pad_to` latents at once (zeros fill the rest): a fixed shape keeps an
@@ -50,7 +60,12 @@ def _decode_chunk(movq, latents, param, pad_to: int, memory_format) -> list[np.n
         latents = torch.cat([latents, fill])
     z = latents.to(param.device, param.dtype, memory_format=memory_format)
     out = movq.decode(z, force_not_quantize=True).sample[:n]
-    out = ((out.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-    # x255 then truncate, as the reference's torchvision ToPILImage does.
-    out = out.mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return list(out)
+    return list(to_uint8(out, rounding))
+
+
+def to_uint8(decoded: torch.Tensor, rounding: str = "truncate") -> np.ndarray:
+    """MoVQ output in [-1, 1], NCHW -> uint8 NHWC (`rounding`: see `decode`)."""
+    out = ((decoded.float() + 1.0) / 2.0).clamp(0.0, 1.0).mul(255)
+    if rounding == "round":
+        out = out.round()
+    return out.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -16,9 +16,16 @@ from k3batch.serve.deployments import Beautifier, Generator, Ingress
 def build_app(args: dict) -> serve.Application:
     """Application builder for Serve configs: `import_path: k3batch.serve.app:build_app`."""
     cfg = ServeAppConfig.model_validate(args)
-    if cfg.model.make_tiny or os.path.exists(cfg.model.path):
+    for model in (cfg.model, cfg.inpaint_model):
+        if model is None:
+            continue
         # Replicas need not share the driver's working directory.
-        cfg.model.path = os.path.abspath(cfg.model.path)
+        if model.make_tiny or os.path.exists(model.path):
+            model.path = os.path.abspath(model.path)
+        for name in ("prior_path", "depth_estimator"):  # Kandinsky 2.2's other folders
+            value = getattr(model, name)
+            if value and os.path.exists(value):
+                setattr(model, name, os.path.abspath(value))
     dump = cfg.model_dump(mode="json")
 
     def generator(g: GeneratorDeploymentConfig, name: str, role: str):

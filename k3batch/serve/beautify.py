@@ -29,10 +29,18 @@ class Beautified:
 
 
 class OnlineBeautifier:
-    def __init__(self, cfg: ServeBeautifyConfig, tokenizer_path: str):
+    def __init__(
+        self,
+        cfg: ServeBeautifyConfig,
+        tokenizer_path: str,
+        max_tokens: int = choose.TEXT_ENCODER_TOKENS,
+    ):
+        """`tokenizer_path`: the folder whose tokenizer/ the member reads prompts with;
+        `max_tokens`: its text encoder's context (T5's 128, Kandinsky 2.2's CLIP 77)."""
         self.cfg = cfg
-        # The diffusion model's own tokenizer decides what fits its 128-token context.
+        # The diffusion model's own tokenizer decides what fits its context.
         self.tokenizer = choose.load_text_tokenizer(tokenizer_path)
+        self.max_tokens = max_tokens
         s = cfg.sampling
         self.sampling = Sampling(
             temperature=s.temperature,
@@ -79,7 +87,13 @@ class OnlineBeautifier:
         except ChatError as e:
             text, error = None, str(e)
         used, fallback = choose.choose_prompt(
-            prompt, clean_output(text), error, STATUS_OK, self.tokenizer, cfg.on_too_long
+            prompt,
+            clean_output(text),
+            error,
+            STATUS_OK,
+            self.tokenizer,
+            cfg.on_too_long,
+            self.max_tokens,
         )
         revised = used if fallback in (bc.FALLBACK_NONE, bc.FALLBACK_TRUNCATED) else None
         return Beautified(prompt_used=used, revised_prompt=revised, fallback=fallback, error=error)

@@ -103,8 +103,9 @@ class ServeBeautifyConfig(Strict):
     )
     on_too_long: Literal["truncate", "original"] = Field(
         "truncate",
-        description="A beautified prompt above the text encoder's 128 tokens is cut "
-        "(`truncate`) or the original prompt is used (`original`).",
+        description="A beautified prompt above the text encoder's tokens (T5: 128; "
+        "Kandinsky 2.2's CLIP: 77) is cut (`truncate`) or the original prompt is used "
+        "(`original`).",
     )
     on_error: Literal["original", "fail"] = Field(
         "original",
@@ -126,7 +127,9 @@ class ServeBeautifyConfig(Strict):
 class ServeAppConfig(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The model to serve.")
     served_model_name: str = Field(
-        "kandinsky3", description="The name clients pass as `model` and /v1/models lists."
+        "kandinsky3",
+        description="The name clients pass as `model` and /v1/models lists; a Kandinsky 2.2 "
+        "model's own member name (e.g. `kandinsky2.2`) unless set.",
     )
     generation: GenerationConfig = Field(
         default_factory=lambda: GenerationConfig(seed=-1),
@@ -142,17 +145,18 @@ class ServeAppConfig(Strict):
     )
     inpaint_model: ModelConfig | None = Field(
         None,
-        description="Inpainting model (`name: kandinsky3-inpaint`) behind /v1/images/edits; "
-        "null: the endpoint answers 404.",
+        description="Inpainting model (`name: kandinsky3-inpaint` or `kandinsky2.2-inpaint`) "
+        "behind /v1/images/edits; null: the endpoint answers 404.",
     )
     inpaint_served_model_name: str = Field(
         "kandinsky3-inpaint",
-        description="The name clients pass as `model` to /v1/images/edits.",
+        description="The name clients pass as `model` to /v1/images/edits; a Kandinsky 2.2 "
+        "model's own member name (`kandinsky2.2-inpaint`) unless set.",
     )
     inpaint_generation: GenerationConfig = Field(
         default_factory=lambda: GenerationConfig(seed=-1),
         description="Defaults for edits requests (null steps/guidance: the inpainting "
-        "model's own, 50 and 4.0); the size follows the uploaded image.",
+        "model's own, 50 and 4.0 for Kandinsky 3); the size follows the uploaded image.",
     )
     inpaint_generator: GeneratorDeploymentConfig = Field(
         default_factory=GeneratorDeploymentConfig,
@@ -188,11 +192,21 @@ class ServeAppConfig(Strict):
                 )
         # /v1/images/generations serves a member that needs no image; /v1/images/edits one
         # that repaints an image under a mask.
-        if family.MEMBERS[self.model.name].needs_mask:
+        member = family.MEMBERS[self.model.name]
+        if member.needs_mask:
             raise ValueError(
                 f"model.name: {self.model.name} needs an image and a mask; configure it as "
                 "inpaint_model (served at /v1/images/edits)"
             )
+        if member.needs_hint:
+            # No endpoint of the OpenAI Images API carries a depth hint.
+            raise ValueError(
+                f"model.name: {self.model.name} needs a depth `hint` per image, which no "
+                "Serve endpoint takes; run it as a batch job"
+            )
+        # A 2.2 member is asked for by its own name unless the config names it otherwise.
+        if member.family == family.KANDINSKY22 and "served_model_name" not in self.model_fields_set:
+            self.served_model_name = member.name
         deployments = [("generator", self.generator)]
         if self.inpaint_model is not None:
             if not family.MEMBERS[self.inpaint_model.name].needs_mask:
@@ -201,6 +215,12 @@ class ServeAppConfig(Strict):
                     f"inpaint_model.name: must be {masked}, got {self.inpaint_model.name!r}"
                 )
             apply_member_defaults(self.inpaint_generation, self.inpaint_model)
+            inpaint = family.MEMBERS[self.inpaint_model.name]
+            if (
+                inpaint.family == family.KANDINSKY22
+                and "inpaint_served_model_name" not in self.model_fields_set
+            ):
+                self.inpaint_served_model_name = inpaint.name
             deployments.append(("inpaint_generator", self.inpaint_generator))
         for name, g in deployments:
             if g.autoscaling_config is not None:

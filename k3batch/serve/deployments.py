@@ -5,6 +5,9 @@ that batch concurrent requests onto their model with `@serve.batch`, and the opt
     POST /v1/images/generations   text-to-image (OpenAI Images API + k3batch extensions)
     POST /v1/images/edits         inpainting (multipart image + mask); 404 unless an
                                   inpainting model is configured
+    POST /v1/images/variations    new images of an uploaded image through Kandinsky 2.2's
+                                  prior (image mixing with one image); 400 naming `model`
+                                  on other members
     GET  /v1/models               the served models
     GET  /healthz                 200 once every generator has loaded its model, else 503
 """
@@ -20,12 +23,14 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from k3batch import rows, schema, storage
+from k3batch.model import family
 from k3batch.serve.auth import authorize, load_api_keys
 from k3batch.serve.config import ServeAppConfig
 from k3batch.serve.protocol import (
     ApiError,
     ImageEditRequest,
     ImageGenerationRequest,
+    ImageVariationRequest,
     install_error_handlers,
     overloaded,
     parse_size,
@@ -33,11 +38,19 @@ from k3batch.serve.protocol import (
     row_error,
     validated,
 )
-from k3batch.serve.uploads import edit_inputs, prepare_images, read_form
+from k3batch.serve.uploads import (
+    edit_inputs,
+    prepare_images,
+    prepare_mix,
+    read_form,
+    variation_input,
+)
 
 # Everything the ingress's routes call is imported above the class: `serve.ingress` rebuilds
 # the routes with the module's globals as they are when the class is defined.
-fastapi_app = FastAPI(title="k3batch", description="Kandinsky 3 behind the OpenAI Images API")
+fastapi_app = FastAPI(
+    title="k3batch", description="Kandinsky 3 and 2.2 behind the OpenAI Images API"
+)
 install_error_handlers(fastapi_app)
 
 
@@ -54,10 +67,12 @@ class Ingress:
         self.rules = rows.RowRules.from_config(
             self.cfg.generation, self.cfg.limits, self.cfg.model.name
         )
+        self.member = family.MEMBERS[self.cfg.model.name]
         if self.cfg.inpaint_model is not None:
             self.inpaint_rules = rows.RowRules.from_config(
                 self.cfg.inpaint_generation, self.cfg.limits, self.cfg.inpaint_model.name
             )
+            self.inpaint_member = family.MEMBERS[self.cfg.inpaint_model.name]
 
     # -- routes -------------------------------------------------------------------------
     @fastapi_app.get("/healthz")
@@ -91,6 +106,10 @@ class Ingress:
     async def generations(self, request: Request):
         return await self._measured(self._generations(request))
 
+    @fastapi_app.post("/v1/images/variations")
+    async def variations(self, request: Request):
+        return await self._measured(self._variations(request))
+
     # -- request handling ---------------------------------------------------------------
     async def _measured(self, answer):
         from k3batch.metrics import APP_SERVE, metrics
@@ -111,7 +130,7 @@ class Ingress:
         authorize(request, self.keys)
         data = await read_json(request, self.cfg.limits.max_request_bytes)
         req = validated(ImageGenerationRequest, data)
-        self._check_common(req, self.cfg.served_model_name)
+        self._check_common(req, self.cfg.served_model_name, self.member)
         jobs, beautified = await self._jobs(req, self.rules)
         results = await self._dispatch(self.generator, jobs)
         return self._answer(req, jobs, results, beautified)
@@ -127,7 +146,7 @@ class Ingress:
             )
         fields, files = await read_form(request, self.cfg.limits.max_upload_bytes)
         req = validated(ImageEditRequest, fields)
-        self._check_common(req, self.cfg.inpaint_served_model_name)
+        self._check_common(req, self.cfg.inpaint_served_model_name, self.inpaint_member)
         # Image decoding and resizing stay off the event loop.
         image, mask = await asyncio.to_thread(edit_inputs, files)
         extra = {schema.IMAGE: image, schema.MASK: mask}
@@ -138,7 +157,32 @@ class Ingress:
         results = await self._dispatch(self.inpaint_generator, jobs)
         return self._answer(req, jobs, results, beautified)
 
-    def _check_common(self, req, served_name: str) -> None:
+    async def _variations(self, request: Request) -> dict:
+        authorize(request, self.keys)
+        fields, files = await read_form(request, self.cfg.limits.max_upload_bytes)
+        req = validated(ImageVariationRequest, fields)
+        if self.member.name != family.K22:
+            # The served model may be named as the request names it: this is its refusal.
+            raise ApiError(
+                400,
+                f"model: variations come from {family.K22}'s prior image embedding; "
+                f"{self.cfg.served_model_name!r} ({self.member.name}) cannot make them",
+                param="model",
+            )
+        self._check_common(req, self.cfg.served_model_name, self.member)
+        image = await asyncio.to_thread(variation_input, files)
+        # A variation is a mix of one image at weight 1: the row's prompt is not used
+        # (Kandinsky22 encodes the mix only), so a placeholder passes the row rules.
+        extra = {schema.MIX: [{schema.MIX_IMAGE: image, schema.MIX_WEIGHT: 1.0}]}
+        jobs, _ = await self._jobs(req, self.rules, extra, prompt="(image variation)")
+        prepared = await asyncio.to_thread(prepare_mix, {**jobs[0], **extra})
+        for job in jobs:
+            job[schema.PROMPT] = ""
+            job[schema.MIX_PREPARED] = prepared
+        results = await self._dispatch(self.generator, jobs)
+        return self._answer(req, jobs, results, None)
+
+    def _check_common(self, req, served_name: str, member) -> None:
         if req.model not in (None, served_name):
             raise ApiError(
                 404,
@@ -147,6 +191,15 @@ class Ingress:
                 param="model",
                 code="model_not_found",
             )
+        if member.family != family.KANDINSKY22:
+            for name in (schema.PRIOR_NUM_INFERENCE_STEPS, schema.PRIOR_GUIDANCE_SCALE):
+                if getattr(req, name) is not None:
+                    raise ApiError(
+                        400,
+                        f"{name}: only Kandinsky 2.2 members have a prior, not "
+                        f"{served_name!r} ({member.name})",
+                        param=name,
+                    )
         if not 1 <= req.n <= self.cfg.limits.max_n:
             raise ApiError(
                 400, f"n must be in [1, {self.cfg.limits.max_n}], got {req.n}", param="n"
@@ -157,20 +210,22 @@ class Ingress:
                 "response_format 'url' needs an output bucket; use b64_json",
                 param="response_format",
             )
-        if req.beautify and self.beautifier is None:
+        if getattr(req, "beautify", False) and self.beautifier is None:
             raise ApiError(400, "beautify is not configured on this server", param="beautify")
 
-    async def _jobs(self, req, rules, extra=None) -> tuple[list[dict], Any]:
+    async def _jobs(self, req, rules, extra=None, prompt=None) -> tuple[list[dict], Any]:
         """The request's n rows (after beautifying its prompt if asked), and the beautify
-        result (None without beautify)."""
+        result (None without beautify). `prompt`: the rows' prompt when the request has none
+        (variations)."""
         width, height = parse_size(req.size) if req.size else (None, None)
         beautified = await self._beautify(req)
-        prompt = beautified.prompt_used if beautified else req.prompt
+        if prompt is None:
+            prompt = beautified.prompt_used if beautified else req.prompt
         jobs = [self._row(req, prompt, width, height, i, rules, extra) for i in range(req.n)]
         return jobs, beautified
 
     async def _beautify(self, req):
-        if not req.beautify:
+        if not getattr(req, "beautify", False):
             return None
         try:
             result = await asyncio.wait_for(
@@ -233,7 +288,9 @@ class Ingress:
             schema.HEIGHT: height,
             schema.NUM_INFERENCE_STEPS: req.num_inference_steps,
             schema.GUIDANCE_SCALE: req.guidance_scale,
-            schema.SCHEDULER: req.scheduler,
+            schema.SCHEDULER: getattr(req, "scheduler", None),
+            schema.PRIOR_NUM_INFERENCE_STEPS: req.prior_num_inference_steps,
+            schema.PRIOR_GUIDANCE_SCALE: req.prior_guidance_scale,
             **(extra or {}),
         }
         row = rows.normalise_row(raw, schema.PROMPT, rules)
@@ -310,10 +367,15 @@ class Beautifier:
     """The LLM client of `beautify: true` requests, scaled apart from the generators."""
 
     def __init__(self, cfg: dict):
+        from k3batch.beautify.choose import tokenizer_path
         from k3batch.serve.beautify import OnlineBeautifier
 
         app = ServeAppConfig.model_validate(cfg)
-        self.beautifier = OnlineBeautifier(app.beautify, app.model.path)
+        self.beautifier = OnlineBeautifier(
+            app.beautify,
+            tokenizer_path(app.model),
+            family.MEMBERS[app.model.name].max_prompt_tokens,
+        )
 
     async def beautify(self, prompt: str, seed: int | None):
         return await self.beautifier.beautify(prompt, seed)

@@ -108,12 +108,35 @@ class ImageEditRequest(BaseModel):
     guidance_scale: float | None = None
     scheduler: str | None = None  # `generation.scheduler`'s names, checked as a row's
     beautify: bool = False
+    # Kandinsky 2.2 only (a 400 naming the field on other members): the prior's settings.
+    prior_num_inference_steps: int | None = None
+    prior_guidance_scale: float | None = None
 
 
 class ImageGenerationRequest(ImageEditRequest):
     """OpenAI `POST /v1/images/generations` body: the edits fields, as JSON, plus `style`."""
 
     style: str | None = None  # accepted for client compatibility; not used
+
+
+class ImageVariationRequest(BaseModel):
+    """OpenAI `POST /v1/images/variations` form fields (the image is a file) plus k3batch's
+    extensions. No prompt: the variation is decoded from the image's CLIP embedding alone
+    (Kandinsky 2.2's prior), so the prompt settings and beautify do not apply."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = 1
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    model: str | None = None
+    user: str | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    prior_num_inference_steps: int | None = None
+    prior_guidance_scale: float | None = None
 
 
 def validated(model: type[BaseModel], data: dict):

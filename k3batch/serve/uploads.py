@@ -1,5 +1,5 @@
-"""`/v1/images/edits` uploads: the multipart body, its image and mask files, the OpenAI mask
-rule, and the images prepared as the batch job prepares them."""
+"""`/v1/images/edits` and `/v1/images/variations` uploads: the multipart body, its image (and
+mask) files, the OpenAI mask rule, and the images prepared as the batch job prepares them."""
 
 import io
 from collections import defaultdict
@@ -16,7 +16,10 @@ async def read_form(request: Request, limit: int) -> tuple[dict, dict]:
     if int(request.headers.get("content-length") or 0) > limit:
         raise ApiError(413, f"request body is larger than {limit} bytes")
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise ApiError(400, "/v1/images/edits takes multipart/form-data (image, mask, prompt, ...)")
+        raise ApiError(
+            400,
+            f"{request.url.path} takes multipart/form-data (an image file and form fields)",
+        )
     try:
         form = await request.form(max_files=4, max_fields=32, max_part_size=limit)
     except Exception as e:  # noqa: BLE001 - any malformed multipart body is a client error
@@ -105,6 +108,16 @@ def edit_inputs(files: dict) -> tuple[bytes, bytes]:
     return image_bytes, buf.getvalue()
 
 
+def variation_input(files: dict) -> bytes:
+    """The uploaded image of /v1/images/variations, checked readable."""
+    unknown = sorted(set(files) - {"image"})
+    if unknown:
+        raise ApiError(400, f"{unknown[0]}: unexpected file field", param=unknown[0])
+    data = _one_file(files, "image", required=True)
+    _open_upload("image", data)
+    return data
+
+
 # What a prepared edit adds to each of its rows.
 PREPARED_COLUMNS = (schema.WIDTH, schema.HEIGHT, schema.SOURCE_RGB, schema.KEEP_MASK)
 
@@ -121,3 +134,18 @@ def prepare_images(job: dict, image: bytes, mask: bytes) -> dict:
     if out[schema.STATUS][0] != schema.STATUS_OK:
         raise row_error(out[schema.ERROR][0])
     return {c: out[c][0] for c in PREPARED_COLUMNS}
+
+
+def prepare_mix(job: dict) -> list:
+    """A variation row's `mix` (the uploaded image, weight 1) prepared as the batch job's
+    prepare stage prepares a mix; its failure is a 400 naming `image` (the upload)."""
+    from k3batch.stages.prepare import PrepareImagesStage
+
+    batch = {
+        c: [job[c]] for c in (schema.ID, schema.WIDTH, schema.HEIGHT, schema.STATUS, schema.ERROR)
+    }
+    batch[schema.MIX] = [job[schema.MIX]]
+    out = PrepareImagesStage(kandinsky22=True)(batch)
+    if out[schema.STATUS][0] != schema.STATUS_OK:
+        raise ApiError(400, out[schema.ERROR][0], param="image")
+    return out[schema.MIX_PREPARED][0]

@@ -136,8 +136,12 @@ class ChoosePromptStage(Stage):
         model_path: str,
         candidate_column: str = schema.BEAUTIFIED_PROMPT,
         on_too_long: str = "truncate",
+        max_tokens: int = choose.TEXT_ENCODER_TOKENS,
     ):
+        """`model_path`: the folder whose tokenizer/ the diffusion model reads prompts with;
+        `max_tokens`: that text encoder's context (the member's `max_prompt_tokens`)."""
         self.tokenizer = choose.load_text_tokenizer(model_path)
+        self.max_tokens = max_tokens
         self.candidate_column = candidate_column
         self.on_too_long = on_too_long
         self.needs = (schema.PROMPT, schema.STATUS, candidate_column)
@@ -156,6 +160,7 @@ class ChoosePromptStage(Stage):
                 batch[schema.STATUS][i],
                 self.tokenizer,
                 self.on_too_long,
+                self.max_tokens,
             )
             out[schema.PROMPT_USED].append(used)
             out[schema.BEAUTIFY_FALLBACK].append(fallback)

@@ -1,4 +1,5 @@
-"""Generate images with the Kandinsky 3 family: the model loads once per stage instance."""
+"""Generate images with a family member (Kandinsky 3 or 2.2): the model loads once per stage
+instance."""
 
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ class GenerateStage(Stage):
         schema.IMAGE_SEEDS,
         schema.IMAGES_DONE,
         *EMBEDDING_COLUMNS,
+        *schema.K22_OVERRIDE_COLUMNS,
+        schema.HINT_RGB,
+        schema.MIX_PREPARED,
     )
     # One output row (record) per image: a row with num_images_per_prompt = N gives N,
     # less those an earlier run committed (`images_done`, on resume).
@@ -62,6 +66,8 @@ class GenerateStage(Stage):
         schema.IMAGE_SEEDS,
         schema.IMAGES_DONE,
         *EMBEDDING_COLUMNS,
+        schema.HINT_RGB,
+        schema.MIX_PREPARED,
     )
 
     def __init__(
@@ -121,14 +127,28 @@ class GenerateStage(Stage):
     def _request(self, batch, i):
         import numpy as np
 
-        from k3batch.model.kandinsky3 import Request
+        from k3batch.model.request import Request
 
         def optional(name):
             values = batch.get(name)
             return None if values is None else values[i]
 
+        def rgb_array(raw, height, width):
+            return None if raw is None else np.frombuffer(raw, np.uint8).reshape(height, width, 3)
+
         w, h = batch[schema.WIDTH][i], batch[schema.HEIGHT][i]
         rgb, keep = optional(schema.SOURCE_RGB), optional(schema.KEEP_MASK)
+        mix = optional(schema.MIX_PREPARED)
+        if mix is not None:
+            mix = [
+                (
+                    item["prompt"]
+                    if item["rgb"] is None
+                    else rgb_array(item["rgb"], item["height"], item["width"]),
+                    item["weight"],
+                )
+                for item in mix
+            ]
         return Request(
             prompt=batch[self.prompt_column][i],
             negative_prompt=batch[schema.NEGATIVE_PROMPT][i],
@@ -137,11 +157,15 @@ class GenerateStage(Stage):
             height=h,
             num_inference_steps=batch[schema.NUM_INFERENCE_STEPS][i],
             guidance_scale=batch[schema.GUIDANCE_SCALE][i],
-            image=None if rgb is None else np.frombuffer(rgb, np.uint8).reshape(h, w, 3),
+            image=rgb_array(rgb, h, w),
             mask=None if keep is None else np.frombuffer(keep, np.float32).reshape(h, w),
             strength=optional(schema.STRENGTH),
             scheduler=optional(schema.SCHEDULER) or samplers.REFERENCE,
             text=self._embedding(batch, i) if self.text_encoder_pool else None,
+            prior_num_inference_steps=optional(schema.PRIOR_NUM_INFERENCE_STEPS),
+            prior_guidance_scale=optional(schema.PRIOR_GUIDANCE_SCALE),
+            hint=rgb_array(optional(schema.HINT_RGB), h, w),
+            mix=mix,
         )
 
     def _embedding(self, batch, i):
@@ -257,7 +281,8 @@ class GenerateStage(Stage):
         """Record -> prompt embedding when a row has several images here: each row's prompt
         is encoded once and its images share it (None: the model encodes per call)."""
         ok = ok_rows(out)
-        if self.text_encoder_pool or not ok:
+        # Kandinsky 2.2 encodes in its prior, per call: there is no shared encoding to reuse.
+        if self.text_encoder_pool or not ok or not getattr(self.pipe, "shares_text_encoding", True):
             return None
         firsts: dict = {}  # input row -> its first record here
         for i in ok:

@@ -3,6 +3,9 @@
 Each `image`/`mask` is a URI (any fsspec protocol or a local path) or raw bytes. The image is
 sized as the reference does (about one megapixel at most, sides floored to multiples of 64)
 and handed on as raw RGB; the mask becomes the reference's keep-mask at the same size.
+Kandinsky 2.2: a `hint` (depth image) is read the same way and resized to the row's size; the
+images of a `mix` are read at their own size (the prior's CLIP image processor resizes them,
+as in diffusers' `interpolate`).
 Anything that goes wrong is that row's error, naming the field and the value.
 """
 
@@ -32,7 +35,7 @@ class RowFailure(Exception):
 
 class PrepareImagesStage(Stage):
     needs = (schema.ID, schema.WIDTH, schema.HEIGHT, *schema.STATUS_COLUMNS)
-    optional = schema.IMAGE_COLUMNS
+    optional = (*schema.IMAGE_COLUMNS, *schema.K22_INPUT_COLUMNS)
     adds = schema.types(
         schema.SOURCE_RGB, schema.KEEP_MASK, schema.WIDTH, schema.HEIGHT, *schema.STATUS_COLUMNS
     )
@@ -42,8 +45,12 @@ class PrepareImagesStage(Stage):
         max_side: int = 2048,
         base_dir: str | None = None,
         storage_settings: dict | None = None,
+        kandinsky22: bool = False,
     ):
+        """`kandinsky22`: a Kandinsky 2.2 job, whose rows may bring `hint` and `mix`."""
         self.max_side = max_side
+        if kandinsky22:
+            self.adds = self.adds | schema.types(schema.HINT_RGB, schema.MIX_PREPARED)
         # The job's `storage` section: input images on an S3-compatible store are read
         # through the same endpoint and credentials as the prompts.
         self.storage_settings = storage_settings
@@ -57,14 +64,37 @@ class PrepareImagesStage(Stage):
         out = start_output(batch, self.adds, carry=(schema.WIDTH, schema.HEIGHT))
         sources = batch.get(schema.IMAGE) or [None] * n
         masks = batch.get(schema.MASK) or [None] * n
+        k22 = schema.HINT_RGB in self.adds
+        hints = (k22 and batch.get(schema.HINT)) or [None] * n
+        mixes = (k22 and batch.get(schema.MIX)) or [None] * n
         for i in ok_rows(batch):
-            if sources[i] is None:
-                continue
             try:
-                self._prepare(i, sources[i], masks[i], batch, out)
+                if sources[i] is not None:
+                    self._prepare(i, sources[i], masks[i], batch, out)
+                if hints[i] is not None:
+                    out[schema.HINT_RGB][i] = self._hint(hints[i], out, i)
+                if mixes[i] is not None:
+                    out[schema.MIX_PREPARED][i] = self._mix(mixes[i])
             except RowFailure as e:
                 fail_row(out, i, e.field, e.message)
         return out
+
+    def _hint(self, value, out, i) -> bytes:
+        hint = self._open(schema.HINT, value)
+        size = (out[schema.WIDTH][i], out[schema.HEIGHT][i])
+        return images.prepare_image(hint, size).tobytes()
+
+    def _mix(self, items) -> list[dict]:
+        prepared = []
+        for j, item in enumerate(items):
+            entry = {"prompt": item.get(schema.MIX_PROMPT), "rgb": None, "width": None}
+            entry |= {"height": None, "weight": float(item[schema.MIX_WEIGHT])}
+            if item.get(schema.MIX_IMAGE) is not None:
+                image = self._open(f"mix[{j}].image", item[schema.MIX_IMAGE]).convert("RGB")
+                entry["rgb"] = np.asarray(image, dtype=np.uint8).tobytes()
+                entry["width"], entry["height"] = image.size
+            prepared.append(entry)
+        return prepared
 
     def _open(self, field: str, value):
         try:

@@ -29,7 +29,14 @@ class ValidateStage(Stage):
             schema.ROW_HASH,
             *schema.OVERRIDE_COLUMNS,
             *schema.IMAGE_COLUMNS,
+            *schema.K22_OVERRIDE_COLUMNS,
+            *schema.K22_INPUT_COLUMNS,
         )
+        from k3batch.model import family
+
+        if family.MEMBERS[rules.model].family == family.KANDINSKY22:
+            # The prior's settings resolved per row; Kandinsky 3 outputs keep their columns.
+            self.adds = self.adds | schema.types(*schema.K22_OVERRIDE_COLUMNS)
 
     def prepare(self, table: pa.Table) -> pa.Table:
         names = [f"input_{c}" if c in schema.OUTPUT_ONLY_COLUMNS else c for c in table.column_names]

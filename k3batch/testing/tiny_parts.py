@@ -214,7 +214,8 @@ def build_components(null_embedding: bool = True, size: str = "tiny"):
     unet_config, movq_config = SIZES[size]
     tokenizer = build_tokenizer()
     unets = {}
-    for i, (name, member) in enumerate(family.MEMBERS.items()):
+    for i, name in enumerate(family.K3_NAMES):
+        member = family.MEMBERS[name]
         torch.manual_seed(TINY_SEED + 10 * i)
         unet = unet_class(member)(in_channels=member.in_channels, **unet_config)
         _wake_zero_weights(unet, TINY_SEED + 10 * i + 1)

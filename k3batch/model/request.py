@@ -1,0 +1,34 @@
+"""One row to generate, as every family member's `generate` takes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from k3batch.model import samplers
+
+
+@dataclass
+class Request:
+    """One row to generate; rows of one `generate` call share the model's `group_key`."""
+
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    image: np.ndarray | None = None  # HxWx3 uint8 at (height, width): img2img, inpainting
+    mask: np.ndarray | None = None  # HxW float32 keep-mask (1 = keep, 0 = repaint)
+    strength: float | None = None  # img2img
+    # Kandinsky 3: T5 output of this row from the text encoder pool; None: the model encodes.
+    text: object | None = None
+    scheduler: str = samplers.REFERENCE  # Kandinsky 3 base and inpainting: the sampler
+    # Kandinsky 2.2: the prior's settings, a ControlNet depth hint (HxWx3 uint8 at (height,
+    # width)), and image mixing: (prompt text or HxWx3 uint8 image, weight) items.
+    prior_num_inference_steps: int | None = None
+    prior_guidance_scale: float | None = None
+    hint: np.ndarray | None = None
+    mix: list[tuple[str | np.ndarray, float]] | None = None

@@ -1,0 +1,305 @@
+"""Kandinsky 2.2 members (k3batch.model.kandinsky22) on tiny random components.
+
+The oracle is diffusers' own pipelines (KandinskyV22CombinedPipeline and friends) loaded
+independently from the same tiny folders: for one row, same seed, k3batch's image must equal
+theirs. Sizes are kept minimal (64x64, 2 prior and 2 decoder steps).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from k3batch.model import family
+from k3batch.model.request import Request
+from tests.conftest import assert_same_images
+
+SIZE = 64
+STEPS = dict(num_inference_steps=2, prior_num_inference_steps=2)
+PROMPT = "a red fox in the rain, oil painting"
+NEGATIVE = "a blue castle"
+
+
+def _load(root, member, **kwargs):
+    from k3batch.model.kandinsky22 import Kandinsky22
+    from k3batch.testing.tiny_k22 import DECODER_FOLDERS
+
+    kwargs.setdefault("device", "cpu")
+    return Kandinsky22.from_pretrained(
+        f"{root}/{DECODER_FOLDERS[member]}", member=member, prior_path=f"{root}/prior", **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def models(tiny_k22):
+    return {
+        family.K22: _load(tiny_k22, family.K22),
+        family.K22_INPAINT: _load(tiny_k22, family.K22_INPAINT),
+        family.K22_DEPTH: _load(tiny_k22, family.K22_DEPTH, depth_estimator=f"{tiny_k22}/depth"),
+    }
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_k22):
+    """diffusers' prior and decoder pipelines, loaded on their own from the tiny folders."""
+    from diffusers import (
+        KandinskyV22ControlnetPipeline,
+        KandinskyV22InpaintPipeline,
+        KandinskyV22Pipeline,
+        KandinskyV22PriorPipeline,
+    )
+
+    pipes = {
+        "prior": KandinskyV22PriorPipeline.from_pretrained(f"{tiny_k22}/prior"),
+        "decoder": KandinskyV22Pipeline.from_pretrained(f"{tiny_k22}/decoder"),
+        "inpaint": KandinskyV22InpaintPipeline.from_pretrained(f"{tiny_k22}/decoder-inpaint"),
+        "controlnet": KandinskyV22ControlnetPipeline.from_pretrained(
+            f"{tiny_k22}/controlnet-depth"
+        ),
+    }
+    for p in pipes.values():
+        p.set_progress_bar_config(disable=True)
+    return pipes
+
+
+def _combined(cls, oracle, decoder):
+    prior, dec = oracle["prior"], oracle[decoder]
+    return cls(
+        unet=dec.unet,
+        scheduler=dec.scheduler,
+        movq=dec.movq,
+        prior_prior=prior.prior,
+        prior_image_encoder=prior.image_encoder,
+        prior_text_encoder=prior.text_encoder,
+        prior_tokenizer=prior.tokenizer,
+        prior_scheduler=prior.scheduler,
+        prior_image_processor=prior.image_processor,
+    )
+
+
+def _uint8(images) -> np.ndarray:
+    # output_type="np" then numpy_to_pil's rounding: what a diffusers user saves.
+    return (images[0] * 255).round().astype(np.uint8)
+
+
+def _row(seed=3, negative=NEGATIVE, **fields) -> Request:
+    fields = {**STEPS, "guidance_scale": 4.0, "prior_guidance_scale": 4.0, **fields}
+    return Request(PROMPT, negative, seed, SIZE, SIZE, **fields)
+
+
+def _image(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    smooth = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return np.kron(smooth, np.ones((SIZE // 8, SIZE // 8, 1), np.uint8))
+
+
+def _pil(a):
+    from PIL import Image
+
+    return Image.fromarray(a)
+
+
+def _g(seed=3):
+    return torch.Generator().manual_seed(seed)
+
+
+DIFFUSERS_ARGS = dict(
+    num_inference_steps=2,
+    prior_num_inference_steps=2,
+    guidance_scale=4.0,
+    prior_guidance_scale=4.0,
+    height=SIZE,
+    width=SIZE,
+    output_type="np",
+)
+
+
+# ---------------------------------------------------------------- parity with diffusers
+@pytest.mark.parametrize("negative", [NEGATIVE, None])
+def test_text_to_image_equals_diffusers_combined(models, oracle, negative):
+    from diffusers import KandinskyV22CombinedPipeline
+
+    pipe = _combined(KandinskyV22CombinedPipeline, oracle, "decoder")
+    want = _uint8(pipe(PROMPT, negative_prompt=negative, generator=_g(), **DIFFUSERS_ARGS).images)
+    got = models[family.K22].generate([_row(negative=negative)])
+    assert_same_images(got, [want], max_flips=0)
+    assert want.std() > 5  # a picture, not a flat field
+
+
+def test_image_to_image_equals_diffusers_combined(models, oracle):
+    from diffusers import KandinskyV22Img2ImgCombinedPipeline
+
+    pipe = _combined(KandinskyV22Img2ImgCombinedPipeline, oracle, "decoder")
+    image = _image(1)
+    want = _uint8(
+        pipe(
+            PROMPT,
+            image=_pil(image),
+            negative_prompt=NEGATIVE,
+            strength=0.6,
+            generator=_g(),
+            **DIFFUSERS_ARGS,
+        ).images
+    )
+    got = models[family.K22].generate([_row(image=image, strength=0.6)])
+    assert_same_images(got, [want], max_flips=0)
+
+
+def test_inpainting_equals_diffusers_combined(models, oracle):
+    from diffusers import KandinskyV22InpaintCombinedPipeline
+
+    pipe = _combined(KandinskyV22InpaintCombinedPipeline, oracle, "inpaint")
+    image = _image(2)
+    keep = np.ones((SIZE, SIZE), np.float32)
+    keep[16:48, 8:40] = 0
+    want = _uint8(
+        pipe(
+            PROMPT,
+            image=_pil(image),
+            mask_image=1 - keep,  # diffusers: 1 = repaint
+            negative_prompt=NEGATIVE,
+            generator=_g(),
+            **DIFFUSERS_ARGS,
+        ).images
+    )
+    got = models[family.K22_INPAINT].generate([_row(image=image, mask=keep)])
+    assert_same_images(got, [want], max_flips=0)
+
+
+def test_controlnet_with_hint_equals_diffusers(models, oracle):
+    from k3batch.model.kandinsky22 import hint_tensor
+
+    hint = _image(4)
+    g = _g()  # one generator through the prior and the decoder, as the combined pipelines
+    embeds, negatives = oracle["prior"](
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        generator=g,
+        return_dict=False,
+    )
+    want = _uint8(
+        oracle["controlnet"](
+            image_embeds=embeds,
+            negative_image_embeds=negatives,
+            hint=hint_tensor([hint]),
+            num_inference_steps=2,
+            guidance_scale=4.0,
+            height=SIZE,
+            width=SIZE,
+            generator=g,
+            output_type="np",
+        ).images
+    )
+    got = models[family.K22_DEPTH].generate([_row(hint=hint)])
+    assert_same_images(got, [want], max_flips=0)
+
+
+def test_mix_equals_diffusers_interpolate(models, oracle):
+    image = _image(5)
+    g = _g()
+    out = oracle["prior"].interpolate(
+        ["a green owl", _pil(image)],
+        [0.3, 0.7],
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        generator=g,
+    )
+    want = _uint8(
+        oracle["decoder"](
+            image_embeds=out.image_embeds,
+            negative_image_embeds=out.negative_image_embeds,
+            num_inference_steps=2,
+            guidance_scale=4.0,
+            height=SIZE,
+            width=SIZE,
+            generator=g,
+            output_type="np",
+        ).images
+    )
+    row = _row(negative=None, mix=[("a green owl", 0.3), (image, 0.7)])
+    got = models[family.K22].generate([row])
+    assert_same_images(got, [want], max_flips=0)
+
+
+# ---------------------------------------------------------------- batches and seeds
+@pytest.mark.parametrize(
+    "member, extra",
+    [
+        (family.K22, {}),  # text-to-image, prompts and negatives in one prior batch
+        (family.K22, {"image": _image(6), "strength": 0.7}),
+        (family.K22_INPAINT, {"image": _image(7), "mask": np.tril(np.ones((SIZE, SIZE), "f4"))}),
+    ],
+    ids=["text", "image", "inpaint"],
+)
+def test_rows_do_not_depend_on_their_batch(models, member, extra):
+    model = models[member]
+    rows = [_row(seed=s, **extra) for s in (11, 12, 11)]
+    rows[1].prompt = "a golden teapot"
+    together = model.generate(rows)
+    alone = [model.generate([r])[0] for r in rows[:2]]
+    assert_same_images(together[:2], alone)
+    assert_same_images([together[2]], [together[0]], max_flips=0)
+    other_seed = model.generate([_row(seed=13, **extra)])[0]
+    assert np.abs(other_seed.astype(int) - together[0].astype(int)).mean() > 1
+
+
+def test_group_key_separates_negative_none_from_empty(models):
+    model = models[family.K22]
+    assert model.group_key(_row(negative=None)) != model.group_key(_row(negative=""))
+    assert model.group_key(_row()) == model.group_key(_row(seed=9, negative="other"))
+
+
+# ---------------------------------------------------------------- depth and bad inputs
+def test_estimated_hint_is_transformers_depth_image(models, tiny_k22):
+    from transformers import pipeline
+
+    model = models[family.K22_DEPTH]
+    image = _image(8)
+    hint = model.estimate_hint(image)
+    depth = pipeline(
+        "depth-estimation", model=model.depth_estimator[0], image_processor=model.depth_estimator[1]
+    )(_pil(image))["depth"]
+    assert hint.shape == (SIZE, SIZE, 3) and hint.dtype == np.uint8
+    np.testing.assert_array_equal(hint[:, :, 0], np.array(depth))
+    assert hint.std() > 1
+    # A row with an image and no hint runs on the estimated hint.
+    got = model.generate([_row(image=image)])
+    want = model.generate([_row(hint=hint)])
+    assert_same_images(got, want, max_flips=0)
+
+
+def test_missing_hint_without_estimator_names_hint(tiny_k22):
+    model = _load(tiny_k22, family.K22_DEPTH)
+    with pytest.raises(ValueError, match="^hint"):
+        model.generate([_row(image=_image(9))])
+    with pytest.raises(ValueError, match="^hint"):
+        model.generate([_row()])
+
+
+@pytest.mark.parametrize(
+    "mix, where",
+    [
+        ([], "mix"),
+        ([("a cat", 1.0), ("a dog", float("nan"))], r"mix\[1\]"),
+        ([("a cat", 1.0), (np.zeros((8, 8), np.uint8), 1.0)], r"mix\[1\]"),
+        ([(np.zeros((8, 8, 3), np.float32), 1.0)], r"mix\[0\]"),
+        ([(b"bytes", 1.0)], r"mix\[0\]"),
+    ],
+)
+def test_bad_mix_item_names_mix(models, mix, where):
+    with pytest.raises(ValueError, match=f"^{where}"):
+        models[family.K22].generate([_row(mix=mix)])
+
+
+def test_components_on_other_dtypes_still_generate(tiny_k22, models):
+    """Per-component dtypes (contract keys): bfloat16 MoVQ and prior around a float32 UNet."""
+    model = _load(tiny_k22, family.K22, dtype={"movq": "bfloat16", "prior": "bfloat16"})
+    assert model.components()["movq"].dtype == torch.bfloat16
+    row = _row(image=_image(10), strength=0.7)
+    got = model.generate([row])[0]
+    ref = models[family.K22].generate([row])[0]
+    assert got.shape == ref.shape and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - ref.astype(int)).mean() < 20
