@@ -241,7 +241,8 @@ def test_rows_do_not_depend_on_their_batch(models, member, extra):
     together = model.generate(rows)
     alone = [model.generate([r])[0] for r in rows[:2]]
     assert_same_images(together[:2], alone)
-    assert_same_images([together[2]], [together[0]], max_flips=0)
+    # Equal rows at two batch positions: equal up to CPU kernels' rounding (conftest).
+    assert_same_images([together[2]], [together[0]])
     other_seed = model.generate([_row(seed=13, **extra)])[0]
     assert np.abs(other_seed.astype(int) - together[0].astype(int)).mean() > 1
 

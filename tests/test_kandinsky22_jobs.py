@@ -276,11 +276,10 @@ EXAMPLE = REPO / "data" / "inpaint"
 STEPS = {"num_inference_steps": 2, "prior_num_inference_steps": 2, "width": 64, "height": 64}
 
 
-@pytest.fixture(scope="module")
-def tiny_k22_dir(tmp_path_factory) -> str:
-    from k3batch.testing.tiny_k22 import make_tiny_k22
-
-    return make_tiny_k22(str(tmp_path_factory.mktemp("models") / "tiny-k22"))
+@pytest.fixture
+def tiny_k22_dir(tiny_k22) -> str:
+    """The session's tiny 2.2 set (conftest), shared with the model and Serve tests."""
+    return tiny_k22
 
 
 def run_k22(tmp_path, rows_, tiny_k22_dir, name, model=None, schema_=None, **sections):

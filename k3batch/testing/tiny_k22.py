@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 
+from k3batch.config.model import TINY_K22_DEPTH, TINY_K22_FOLDERS, TINY_K22_PRIOR
 from k3batch.testing.tiny_parts import TINY_MOVQ, TINY_SEED
 
 MARKER = "k3batch_tiny_k22.json"
@@ -27,12 +28,8 @@ EMBED_DIM = 32  # CLIP projection = prior embedding = the decoder's image-embedd
 CLIP_IMAGE_SIZE = 224
 DEPTH_IMAGE_SIZE = 32
 
-# Folder of each decoder member under the tiny root.
-DECODER_FOLDERS = {
-    "kandinsky2.2": "decoder",
-    "kandinsky2.2-inpaint": "decoder-inpaint",
-    "kandinsky2.2-controlnet-depth": "controlnet-depth",
-}
+# Folder of each decoder member under the tiny root: where `model.make_tiny` looks.
+DECODER_FOLDERS = TINY_K22_FOLDERS
 
 TINY_DECODER_UNET = dict(
     out_channels=8,  # epsilon + learned variance, as the real decoder
@@ -222,7 +219,7 @@ def make_tiny_k22(path: str, overwrite: bool = False) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tiny-k22-", dir=parent)
     try:
-        build_prior_pipeline().save_pretrained(os.path.join(tmp, "prior"))
+        build_prior_pipeline().save_pretrained(os.path.join(tmp, TINY_K22_PRIOR))
         import torch
 
         torch.manual_seed(TINY_SEED + 1)
@@ -230,8 +227,8 @@ def make_tiny_k22(path: str, overwrite: bool = False) -> str:
         for member, folder in DECODER_FOLDERS.items():
             build_decoder_pipeline(member, movq).save_pretrained(os.path.join(tmp, folder))
         model, processor = build_depth_estimator()
-        model.save_pretrained(os.path.join(tmp, "depth"))
-        processor.save_pretrained(os.path.join(tmp, "depth"))
+        model.save_pretrained(os.path.join(tmp, TINY_K22_DEPTH))
+        processor.save_pretrained(os.path.join(tmp, TINY_K22_DEPTH))
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump({"format": TINY_K22_FORMAT, "seed": TINY_SEED}, f)
         if os.path.exists(path):
