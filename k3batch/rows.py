@@ -310,7 +310,8 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
             if raw.get(name) is None:
                 errors.append(f"{name}: missing (null), {member.name} needs image and mask")
     elif raw.get(schema.MASK) is not None:
-        masked = ", ".join(members_with(needs_mask=True))
+        # The mask-taking member of this row's own family (Kandinsky 3 or 2.2).
+        masked = ", ".join(members_with(needs_mask=True, family=member.family))
         errors.append(f"mask: only {masked} takes a mask, got {show(raw.get('mask'))}")
     has_image = image is not None and member.takes_image
 
@@ -366,7 +367,9 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
     out[schema.STRENGTH] = None
     image_to_image = has_image and member.image_input == "optional"
     if raw.get(schema.STRENGTH) is not None and not image_to_image:
-        takers = ", ".join(members_with(image_input="optional"))
+        takers = ", ".join(
+            members_with(image_input="optional", needs_hint=False, family=member.family)
+        )
         warnings.append(
             f"strength: ignored, only image-to-image rows ({takers} with an image) use it, got {show(raw.get('strength'))}"
         )

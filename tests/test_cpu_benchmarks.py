@@ -50,3 +50,10 @@ def test_streaming_memory_benchmark_prints_its_ratios():
 def test_time_to_first_image_benchmark_reports_it():
     out = run_benchmark("benchmarks/time_to_first_image.py")
     assert float(re.search(r"Time to first image .*?: ([0-9.]+) s", out).group(1)) > 0
+
+
+def test_kandinsky22_flops_gives_the_priors_share():
+    # Why the prior shares the decoder's actor (docs/kandinsky22.md): a small share.
+    out = run_benchmark("benchmarks/kandinsky22_flops.py", "--size", "256", "--steps", "10")
+    share = float(re.search(r"^prior share ([0-9.]+) of", out, re.M).group(1))
+    assert 0 < share < 1

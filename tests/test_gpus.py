@@ -181,31 +181,3 @@ def test_an_actor_given_a_gpu_without_cuda_fails_the_job_with_one_line(tmp_path)
     assert last.endswith(
         "sees no CUDA device: install a CUDA build of torch or set resources.num_gpus_per_actor: 0"
     ), last
-
-
-@pytest.mark.slow
-def test_run_json_records_each_model_actors_devices(ray_local, tmp_path, tiny_dir):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from k3batch.job.run import run_job
-
-    pq.write_table(pa.table({"prompt": ["a cat", "a dog"]}), tmp_path / "in.parquet")
-    data = job_config(
-        tmp_path,
-        str(tmp_path / "in.parquet"),
-        tiny_dir,
-        resources={"text_encoder_pool": {"enabled": True, "num_cpus_per_actor": 0.25}},
-    )
-    data["model"]["device"] = "auto"  # no GPU given: auto is the CPU
-    data["generation"]["num_inference_steps"] = 2
-    result = run_job(load_config(data=data))
-    assert result.ok
-    written = json.loads((tmp_path / "out" / "run.json").read_text())
-    devices = sorted(written["devices"], key=lambda d: d["stage"])
-    assert [d["stage"] for d in devices] == ["generation", "text encoder"]
-    assert devices[0]["components"] == {"unet": "cpu/float32", "movq": "cpu/float32"}
-    assert devices[1]["components"] == {"text_encoder": "cpu/float32"}
-    for d in devices:
-        assert d["actor_id"] and d["node_id"] and d["torch"] and d["cuda_device"] is None
-        assert d["gpu_ids"] == []

@@ -147,8 +147,23 @@ def test_text_encoder_pool_gives_the_images_of_the_in_actor_encoder(
 ):
     plain = run(tmp_path / "plain", prompts_dir, tiny_dir)
     pool = {"enabled": True, "batch_size": 3, "num_cpus_per_actor": 0.5}
-    pooled = run(tmp_path / "pool", prompts_dir, tiny_dir, resources={"text_encoder_pool": pool})
+    # device auto: with no GPU given, every component resolves to the CPU.
+    pooled = run(
+        tmp_path / "pool",
+        prompts_dir,
+        tiny_dir,
+        resources={"text_encoder_pool": pool},
+        model={"device": "auto"},
+    )
     assert plain.ok and pooled.ok
+    # run.json records each model actor's devices, the text encoder pool's apart.
+    devices = sorted(pooled.run["devices"], key=lambda d: d["stage"])
+    assert [d["stage"] for d in devices] == ["generation", "text encoder"]
+    assert devices[0]["components"] == {"unet": "cpu/float32", "movq": "cpu/float32"}
+    assert devices[1]["components"] == {"text_encoder": "cpu/float32"}
+    for d in devices:
+        assert d["actor_id"] and d["node_id"] and d["torch"] and d["cuda_device"] is None
+        assert d["gpu_ids"] == []
     stages = pooled.run["stages"]
     assert stages["text_encode"]["actor_pool"] and stages["text_encode"]["rows"] == 9
     assert "text_encode" not in plain.run["stages"]
