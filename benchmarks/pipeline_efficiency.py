@@ -241,3 +241,7 @@ def ratio(value: float | None, bare: float) -> str:
 
 if __name__ == "__main__":
     main()
+    # Every figure is printed; skip the interpreter's teardown, where the Ray and torch
+    # threads this process started once segfaulted (CI: exit -11 after the last line).
+    sys.stdout.flush()
+    os._exit(0)
