@@ -52,7 +52,7 @@ import torch
 
 from k3batch.model import family, performance
 from k3batch.model import movq as movq_codec
-from k3batch.model.request import Request
+from k3batch.model.request import Request, warm_up_requests
 
 log = logging.getLogger(__name__)
 
@@ -311,23 +311,7 @@ class Kandinsky22:
         import time
 
         start = time.perf_counter()
-        blank = np.zeros((height, width, 3), np.uint8)
-        rows = [
-            Request(
-                "warm-up",
-                None,
-                i,
-                width,
-                height,
-                1,
-                self.member.guidance_scale or 0.0,
-                image=blank if self.member.needs_mask else None,
-                mask=np.ones((height, width), np.float32) if self.member.needs_mask else None,
-                hint=blank if self.member.needs_hint else None,
-                prior_num_inference_steps=1,
-            )
-            for i in range(batch_size)
-        ]
+        rows = warm_up_requests(self.member, width, height, batch_size, prior_num_inference_steps=1)
         self.generate(rows)
         return time.perf_counter() - start
 

@@ -52,7 +52,7 @@ from k3batch.model import movq as movq_codec
 from k3batch.model import text as textmod
 from k3batch.model.denoiser import Denoiser
 from k3batch.model.noise import RowNoise
-from k3batch.model.request import Request
+from k3batch.model.request import Request, warm_up_requests
 from k3batch.model.schedule import DiffusionSchedule, base_timesteps, image_to_image_timesteps
 
 log = logging.getLogger(__name__)
@@ -198,24 +198,7 @@ class Kandinsky3:
         if self.text_encoder is None:
             width_in = self.denoiser.projection.projection_linear.in_features
             text = textmod.PromptEmbedding(torch.zeros(2, width_in))
-        blank = np.zeros((height, width, 3), np.uint8)
-        keep = np.ones((height, width), np.float32)
-        inpaint = self.member.needs_mask
-        rows = [
-            Request(
-                "warm-up",
-                None,
-                i,
-                width,
-                height,
-                1,
-                self.member.guidance_scale or 0.0,
-                image=blank if inpaint else None,
-                mask=keep if inpaint else None,
-                text=text,
-            )
-            for i in range(batch_size)
-        ]
+        rows = warm_up_requests(self.member, width, height, batch_size, text=text)
         self.generate(rows)
         return time.perf_counter() - start
 

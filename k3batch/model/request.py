@@ -32,3 +32,25 @@ class Request:
     prior_guidance_scale: float | None = None
     hint: np.ndarray | None = None
     mix: list[tuple[str | np.ndarray, float]] | None = None
+
+
+def warm_up_requests(member, width: int, height: int, batch_size: int, **fields) -> list[Request]:
+    """A throwaway batch at this size for a member's `warm_up`: one step, blank inputs where
+    the member needs them (compilation depends on shapes, not on values or steps)."""
+    blank = np.zeros((height, width, 3), np.uint8)
+    return [
+        Request(
+            "warm-up",
+            None,
+            i,
+            width,
+            height,
+            1,
+            member.guidance_scale or 0.0,
+            image=blank if member.needs_mask else None,
+            mask=np.ones((height, width), np.float32) if member.needs_mask else None,
+            hint=blank if member.needs_hint else None,
+            **fields,
+        )
+        for i in range(batch_size)
+    ]
