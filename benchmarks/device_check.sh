@@ -10,7 +10,9 @@
 #   2. precision_drift.py: bfloat16 / TF32 / reference dtype_map images against float32 (PSNR);
 #   3. gpu_bench.py --compile: the same base run with torch.compile (k3batch only);
 #   4. gpu_bench.py --scheduler: the base run with a diffusers solver at the steps it needs
-#      (SOLVER, SOLVER_STEPS; see docs/models-and-numerics.md, Schedulers; k3batch only).
+#      (SOLVER, SOLVER_STEPS; see docs/models-and-numerics.md, Schedulers; k3batch only);
+#   5. gpu_bench.py --members kandinsky2.2: Kandinsky 2.2 at 768x768 (prior 25 steps, decoder
+#      100, guidance 4), k3batch vs diffusers' KandinskyV22CombinedPipeline.
 # Results land in $OUT (default out/device_check) as JSON, with one log, check.log.
 # The GPU test machine has no diffusers: a wheel in .whl/ is installed to a private folder.
 set -uo pipefail
@@ -43,7 +45,9 @@ step() { # name seconds command...
 }
 
 if [ "$small" = 1 ]; then
-  step bench 300 "$python" benchmarks/gpu_bench.py --small --json "$out/bench.json"
+  # One process for both families (the imports are most of a small run).
+  step bench 300 "$python" benchmarks/gpu_bench.py --small \
+    --members kandinsky3,kandinsky3-flash,kandinsky2.2 --json "$out/bench.json"
   step drift 300 "$python" benchmarks/precision_drift.py --small --json "$out/drift.json"
 else
   { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -57,5 +61,7 @@ else
     --members kandinsky3 --json "$out/bench_compile.json"
   step solver "${SOLVER_S:-90}" "$python" benchmarks/gpu_bench.py --no-baseline --members kandinsky3 \
     --scheduler "${SOLVER:-dpmsolver++}" --steps "${SOLVER_STEPS:-30}" --json "$out/bench_solver.json"
+  step k22 "${K22_S:-150}" "$python" benchmarks/gpu_bench.py --members kandinsky2.2 \
+    --json "$out/bench_k22.json"
 fi
 grep -h "img/s\|x$\|PSNR\|rc=" "$log" | tail -40

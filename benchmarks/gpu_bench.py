@@ -1,4 +1,5 @@
-"""GPU benchmark: k3batch's Kandinsky 3 path against diffusers' Kandinsky3Pipeline, same GPU.
+"""GPU benchmark: k3batch's Kandinsky 3 path against diffusers' Kandinsky3Pipeline, same GPU
+(and Kandinsky 2.2 against KandinskyV22CombinedPipeline with `--members kandinsky2.2`).
 
 The full-size architecture (Flan-UL2 encoder 8.7B, UNet 3.1B, MoVQ 271M) is built from the
 real configs with random weights (`k3batch.testing.tiny_parts.random_components`; no download), in
@@ -16,9 +17,19 @@ counted with torch's FlopCounterMode on meta-device copies (eager attention, so 
 is counted as its matmuls); MFU is FLOPs / time / peak (989 TFLOP/s: H100 SXM dense bf16).
 Random weights make the images noise; the arithmetic and its cost are the real model's.
 
+Kandinsky 2.2 (`--members kandinsky2.2`, 768x768: Ikomia's default size): the prior (1.03B)
+with its CLIP ViT-bigG-14 towers, the decoder UNet (1.25B) and the MoVQ (67M), built on the
+GPU from the repos' architectures (`benchmarks/kandinsky22_flops.py`), against diffusers'
+`KandinskyV22CombinedPipeline` on the same modules: prior 25 guided steps, decoder 100 steps
+at guidance 4 (both branches), batch and seeds alike. Its `text s` column is the prior stage
+(CLIP text encode + prior steps); the FLOPs leave out the zero-image CLIP embedding that
+both compute once per call (under 0.1% of a batch's).
+
     python benchmarks/gpu_bench.py                       # CUDA, full size (~45 GB of GPU memory)
     python benchmarks/gpu_bench.py --compile             # + torch.compile of UNet and MoVQ decoder
     python benchmarks/gpu_bench.py --small               # CPU smoke run: tiny architecture, 64x64
+    python benchmarks/gpu_bench.py --members kandinsky2.2  # Kandinsky 2.2 at 768x768: prior 25
+                                                         # steps, decoder 100, guidance 4 (both)
     python benchmarks/gpu_bench.py --scheduler dpmsolver++ --steps 20 --no-baseline \
         --members kandinsky3                             # a diffusers solver (generation.scheduler)
 """
@@ -84,7 +95,11 @@ def parse_args(argv=None):
         "--decode-batch-size", type=int, default=None, help="default 4 (1 small), as configs"
     )
     p.add_argument("--repeats", type=int, default=None, help="timed runs; default 3 (1 small)")
-    p.add_argument("--members", default="kandinsky3,kandinsky3-flash")
+    p.add_argument("--members", default="kandinsky3,kandinsky3-flash", help="and/or kandinsky2.2")
+    p.add_argument("--k22-size", type=int, default=None, help="2.2 image side; 768 (64 small)")
+    p.add_argument("--k22-steps", type=int, default=None, help="2.2 decoder steps; 100 (4 small)")
+    p.add_argument("--prior-steps", type=int, default=None, help="2.2 prior steps; 25 (2 small)")
+    p.add_argument("--k22-guidance", type=float, default=4.0, help="2.2 decoder guidance")
     p.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa")
     p.add_argument(
         "--channels-last",
@@ -115,6 +130,9 @@ def parse_args(argv=None):
     if args.peak_tflops is None and args.device.startswith("cuda"):
         args.peak_tflops = H100_BF16_TFLOPS
     args.members = args.members.split(",")
+    args.k22_size = args.k22_size or (64 if small else 768)  # Ikomia's default size
+    args.k22_steps = args.k22_steps or (4 if small else 100)
+    args.prior_steps = args.prior_steps or (2 if small else 25)
     from k3batch.model import samplers
 
     if args.scheduler not in samplers.NAMES:
@@ -333,6 +351,230 @@ def bench_diffusers(pipe, member: str, args) -> Result:
     return Result(member, "diffusers", args.batch_size, w, t, w - t - d, d, peak_gib(args.device))
 
 
+# ------------------------------------------------------------------ Kandinsky 2.2
+K22 = "kandinsky2.2"
+
+
+def k22_modules(small: bool, device: str, dtype) -> dict:
+    """The 2.2 components with random weights: the tiny set's (`small`) or the real
+    architectures (`benchmarks/kandinsky22_flops.py`'s constants: the prior and decoder repos'
+    configs), plus the tiny set's tokenizer, prior scheduler and image processor (their sizes
+    do not change the cost). `device` "meta" builds shapes only (FLOP counting)."""
+    import torch
+    from diffusers import PriorTransformer, UNet2DConditionModel, VQModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    from benchmarks import kandinsky22_flops as arch
+    from k3batch.testing import tiny_k22
+
+    template = tiny_k22.build_prior_pipeline()
+    parts = {k: template.components[k] for k in ("tokenizer", "scheduler", "image_processor")}
+    if small:
+        decoder = tiny_k22.build_decoder_pipeline(K22)
+        parts.update(template.components, unet=decoder.unet, movq=decoder.movq)
+    else:
+        # Built in place on the GPU (a 5B-parameter float32 copy in host RAM is not needed).
+        with torch.device(device):
+            parts.update(
+                prior=PriorTransformer(**arch.PRIOR),
+                text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**arch.TEXT)),
+                image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig(**arch.VISION)),
+                unet=UNet2DConditionModel(**arch.DECODER_UNET),
+                movq=VQModel(**arch.MOVQ),
+            )
+        if device != "meta":
+            with torch.no_grad():  # clip_std at its zero init would make every embedding 0
+                parts["prior"].clip_std.fill_(1.0)
+    for name in ("prior", "text_encoder", "image_encoder", "unet", "movq"):
+        parts[name] = torch.nn.Module.to(parts[name], device, dtype).eval()
+    return parts
+
+
+def flops_k22(small: bool, side: int) -> dict[str, float]:
+    """FLOPs of one CLIP text encode (77 tokens), one prior forward, one decoder UNet forward
+    and one MoVQ decode, counted on meta copies (eager attention)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from k3batch.model import performance
+
+    parts = k22_modules(small, "meta", torch.float32)
+    prior, text, unet, movq = (parts[k] for k in ("prior", "text_encoder", "unet", "movq"))
+    for module in (unet, movq):
+        performance.set_attention(module, "eager")
+    text.set_attn_implementation("eager")
+    dim = prior.config.embedding_dim
+    latent = side // 8
+    out = {}
+    with torch.device("meta"), torch.no_grad():
+        hidden = torch.zeros(1, 77, text.config.hidden_size)
+        calls = {
+            "text": lambda: text(input_ids=torch.zeros(1, 77, dtype=torch.long)),
+            "prior": lambda: prior(
+                torch.zeros(1, dim),
+                timestep=torch.tensor([999]),
+                proj_embedding=torch.zeros(1, dim),
+                encoder_hidden_states=hidden,
+                attention_mask=torch.ones(1, 77, dtype=torch.bool),
+            ),
+            "unet": lambda: unet(
+                torch.zeros(1, 4, latent, latent),
+                torch.tensor([999]),
+                encoder_hidden_states=None,
+                added_cond_kwargs={"image_embeds": torch.zeros(1, dim)},
+            ),
+            "decode": lambda: movq.decode(
+                torch.zeros(1, 4, latent, latent), force_not_quantize=True
+            ),
+        }
+        for name, call in calls.items():
+            with FlopCounterMode(display=False) as counter:
+                call()
+            out[name] = float(counter.get_total_flops())
+    return out
+
+
+def image_flops_k22(per_call: dict, args) -> dict[str, float]:
+    """Model FLOPs per image: the prompt and the empty negative encoded, the prior's steps and
+    the decoder's steps each with both guidance branches (prior guidance 4, decoder w > 1),
+    one decode. The `text` column holds the prior stage (encode + prior steps)."""
+    prior = 2 * per_call["text"] + args.prior_steps * 2 * per_call["prior"]
+    unet = args.k22_steps * 2 * per_call["unet"]
+    stages = {"text": prior, "unet": unet, "decode": per_call["decode"]}
+    return {**stages, "image": sum(stages.values())}
+
+
+def bench_k22(parts: dict, args) -> list[Result]:
+    """k3batch's Kandinsky22 and diffusers' KandinskyV22CombinedPipeline on the same modules,
+    same batch, size, steps and guidance. Stages: prior (text column: CLIP text encode + prior
+    steps), decoder UNet steps, MoVQ decode."""
+    import diffusers
+    import torch
+
+    from k3batch.model.kandinsky22 import KIND_TEXT, Kandinsky22
+    from k3batch.model.request import Request
+    from k3batch.rows import derive_seed
+    from k3batch.testing.tiny_k22 import decoder_scheduler
+
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch_size)]
+    prior_parts = {
+        k: parts[k]
+        for k in (
+            "prior",
+            "text_encoder",
+            "image_encoder",
+            "tokenizer",
+            "scheduler",
+            "image_processor",
+        )
+    }
+    settings = dict(
+        num_inference_steps=args.k22_steps,
+        guidance_scale=args.k22_guidance,
+        prior_num_inference_steps=args.prior_steps,
+        prior_guidance_scale=4.0,
+        height=args.size,
+        width=args.size,
+    )
+    spent = {"text": 0.0, "decode": 0.0}
+
+    def timing(name, fn):
+        def wrapper(*a, **kw):
+            out, seconds = timed(lambda: fn(*a, **kw), args.device)
+            spent[name] += seconds
+            return out
+
+        return wrapper
+
+    def measure(call, prior_call_owner, movq):
+        """(median whole seconds, prior, unet, decode) over the repeats, after a warm-up."""
+        prior_call_owner.forward = timing("text", prior_call_owner.forward)
+        movq.decode = timing("decode", movq.decode)
+        try:
+            call()
+            rows = []
+            reset_peak(args.device)
+            for _ in range(args.repeats):
+                spent.update(text=0.0, decode=0.0)
+                whole = timed(call, args.device)[1]
+                rows.append(
+                    (whole, spent["text"], whole - spent["text"] - spent["decode"], spent["decode"])
+                )
+        finally:
+            del prior_call_owner.forward
+            del movq.decode
+        return [statistics.median(r[i] for r in rows) for i in range(4)]
+
+    results = []
+    if not args.no_baseline:
+        pipe = diffusers.KandinskyV22CombinedPipeline(
+            unet=parts["unet"],
+            scheduler=decoder_scheduler(),
+            movq=parts["movq"],
+            **{f"prior_{k}": v for k, v in prior_parts.items()},
+        )
+        pipe.set_progress_bar_config(disable=True)
+
+        def call_diffusers():
+            return pipe(
+                prompts,
+                generator=torch.Generator("cpu").manual_seed(0),
+                output_type="np",
+                **settings,
+            )
+
+        # The prior stage's time: its transformer's forwards (text encode is timed with it
+        # through the text encoder's forward below).
+        parts["text_encoder"].forward = timing("text", parts["text_encoder"].forward)
+        try:
+            w, t, u, d = measure(call_diffusers, parts["prior"], parts["movq"])
+        finally:
+            del parts["text_encoder"].forward
+        results.append(Result(K22, "diffusers", args.batch_size, w, t, u, d, peak_gib(args.device)))
+        print(f"  diffusers {K22}: {results[-1].images_per_second:.3f} img/s", flush=True)
+        del pipe
+
+    prior_pipe = diffusers.KandinskyV22PriorPipeline(**prior_parts)
+    decoder_parts = dict(unet=parts["unet"], scheduler=decoder_scheduler(), movq=parts["movq"])
+    model = Kandinsky22(
+        prior_pipe,
+        {KIND_TEXT: diffusers.KandinskyV22Pipeline(**decoder_parts)},
+        K22,
+        decode_batch_size=args.decode_batch_size,
+    ).optimize(
+        args.attention,
+        args.channels_last,
+        {"unet": args.compile, "movq": args.compile, "mode": args.compile_mode},
+    )
+    requests = [
+        Request(
+            p,
+            None,
+            derive_seed(0, str(i)),
+            args.size,
+            args.size,
+            args.k22_steps,
+            args.k22_guidance,
+            prior_num_inference_steps=args.prior_steps,
+            prior_guidance_scale=4.0,
+        )
+        for i, p in enumerate(prompts)
+    ]
+    parts["text_encoder"].forward = timing("text", parts["text_encoder"].forward)
+    try:
+        w, t, u, d = measure(lambda: model.generate(requests), parts["prior"], parts["movq"])
+    finally:
+        del parts["text_encoder"].forward
+    results.append(Result(K22, "k3batch", args.batch_size, w, t, u, d, peak_gib(args.device)))
+    print(f"  k3batch {K22}: {results[-1].images_per_second:.3f} img/s", flush=True)
+    return results
+
+
 # ------------------------------------------------------------------ report
 def mfu(flops: float, seconds: float | None, peak_tflops: float | None) -> str:
     if not peak_tflops or not seconds:
@@ -381,12 +623,21 @@ def main(argv=None) -> dict:
 
     size = "tiny" if args.small else "full"
     dtype = DTYPES[args.dtype]
-    per_call = flops_per_call(size, args.size)
-    flops = {m: image_flops(per_call, m, args.steps, args.scheduler) for m in args.members}
+    k3_members = [m for m in args.members if m != K22]
+    per_call_k22 = None
+    k22_args = argparse.Namespace(**{**vars(args), "size": args.k22_size})
+    flops = {}
+    if k3_members:
+        per_call = flops_per_call(size, args.size)
+        flops = {m: image_flops(per_call, m, args.steps, args.scheduler) for m in k3_members}
+    if K22 in args.members:
+        per_call_k22 = flops_k22(args.small, args.k22_size)
+        flops[K22] = image_flops_k22(per_call_k22, k22_args)
     start = time.perf_counter()
-    parts = random_components(size, args.device, dtype)
-    if args.movq_dtype != args.dtype:
+    parts = random_components(size, args.device, dtype) if k3_members else None
+    if parts and args.movq_dtype != args.dtype:
         torch.nn.Module.to(parts["movq"], DTYPES[args.movq_dtype])
+    k22_parts = k22_modules(args.small, args.device, dtype) if K22 in args.members else None
     build_s = time.perf_counter() - start
     device_name = (
         torch.cuda.get_device_name()
@@ -398,7 +649,14 @@ def main(argv=None) -> dict:
         f"{build_s:.0f} s; {args.dtype} (MoVQ {args.movq_dtype}); {args.size}x{args.size}; "
         f"batch {args.batch_size}; base {args.steps} steps ({args.scheduler}), guidance "
         f"{args.guidance:g}; "
-        f"attention {args.attention}, channels_last {args.channels_last}, compile {args.compile}",
+        f"attention {args.attention}, channels_last {args.channels_last}, compile {args.compile}"
+        + (
+            f"; {K22} at {args.k22_size}x{args.k22_size}, prior {args.prior_steps} steps, "
+            f"decoder {args.k22_steps} steps, guidance {args.k22_guidance:g} (its `text s` "
+            "column is the prior stage: CLIP text encode + prior steps)"
+            if k22_parts
+            else ""
+        ),
         flush=True,
     )
     for m in args.members:
@@ -417,7 +675,7 @@ def main(argv=None) -> dict:
     results: list[Result] = []
 
     # diffusers first: k3batch's Denoiser rewires the UNet it wraps (projection, pooling).
-    if not args.no_baseline:
+    if not args.no_baseline and k3_members:
         pipe = Kandinsky3Pipeline(
             tokenizer=parts["tokenizer"],
             text_encoder=parts["text_encoder"],
@@ -426,13 +684,13 @@ def main(argv=None) -> dict:
             movq=parts["movq"],
         )
         pipe.set_progress_bar_config(disable=True)
-        for m in args.members:
+        for m in k3_members:
             results.append(bench_diffusers(pipe, m, args))
             print(f"  diffusers {m}: {results[-1].images_per_second:.3f} img/s", flush=True)
         del pipe
 
     compile_settings = {"unet": args.compile, "movq": args.compile, "mode": args.compile_mode}
-    for m in args.members:
+    for m in k3_members:
         unet, null = parts["unets"][m]
         member = family.MEMBERS[m]
         model = Kandinsky3(
@@ -446,6 +704,9 @@ def main(argv=None) -> dict:
         results.append(bench_k3batch(model, m, args))
         print(f"  k3batch {m}: {results[-1].images_per_second:.3f} img/s", flush=True)
 
+    if k22_parts:
+        results.extend(bench_k22(k22_parts, k22_args))
+
     print()
     print(report(results, flops, args))
     out = {
@@ -453,6 +714,7 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
         "args": vars(args),
         "flops_per_image": flops,
+        "flops_per_call_kandinsky2.2": per_call_k22,
         "sdpa_backends": backends,
         "results": [{**asdict(r), "images_per_second": r.images_per_second} for r in results],
     }

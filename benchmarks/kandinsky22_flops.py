@@ -4,7 +4,8 @@ and the decoder in one generation actor rather than in two pools (docs/kandinsky
 
 The architectures are those of kandinsky-community/kandinsky-2-2-prior and -decoder as
 k3batch knows them (parameter counts printed: the Hub's float16 files give ~1.02B and
-~1.23B, `model/memory.py`). FLOPs: torch's FlopCounterMode, eager attention, guided steps
+~1.23B, `model/memory.py`); `gpu_bench.py --members kandinsky2.2` builds the whole member
+(CLIP towers and MoVQ too) from the same constants. FLOPs: torch's FlopCounterMode, eager attention, guided steps
 (two branches each), a 768x768 image (Ikomia's default).
 
     .venv/bin/python benchmarks/kandinsky22_flops.py [--size 768] [--prior-steps 25] [--steps 100]
@@ -42,6 +43,41 @@ DECODER_UNET = dict(
     class_embed_type=None,
 )
 TEXT_TOKENS = 77
+# The prior's CLIP ViT-bigG-14 towers and the decoder's 67M MoVQ (gpu_bench.py builds the
+# whole member from these; the FLOP count here needs only the prior and the UNet).
+TEXT = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_attention_heads=20,
+    num_hidden_layers=32,
+    projection_dim=1280,
+    max_position_embeddings=TEXT_TOKENS,
+    vocab_size=49408,
+    hidden_act="gelu",
+)
+VISION = dict(
+    hidden_size=1664,
+    intermediate_size=8192,
+    num_attention_heads=16,
+    num_hidden_layers=48,
+    patch_size=14,
+    image_size=224,
+    projection_dim=1280,
+    hidden_act="gelu",
+)
+MOVQ = dict(
+    block_out_channels=[128, 256, 256, 512],
+    down_block_types=["DownEncoderBlock2D"] * 3 + ["AttnDownEncoderBlock2D"],
+    up_block_types=["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 3,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    norm_type="spatial",
+    num_vq_embeddings=16384,
+    vq_embed_dim=4,
+)
 
 
 def step_flops(side: int) -> tuple[dict[str, float], dict[str, float]]:

@@ -431,9 +431,10 @@ def _kandinsky22_fields(raw, member, rules, has_image, field, out, errors, warni
 
         def check(v, name=name):
             if name == schema.PRIOR_NUM_INFERENCE_STEPS:
-                if not 1 <= v <= rules.max_num_inference_steps:
+                # diffusers' UnCLIPScheduler divides by (steps - 1).
+                if not 2 <= v <= rules.max_num_inference_steps:
                     raise RowError(
-                        f"{name}: must be in [1, limits.max_num_inference_steps="
+                        f"{name}: must be in [2, limits.max_num_inference_steps="
                         f"{rules.max_num_inference_steps}], got {v}"
                     )
             elif not (math.isfinite(v) and v >= 0):

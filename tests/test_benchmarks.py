@@ -29,8 +29,11 @@ def test_device_check_small_mode_runs_the_gpu_bench_and_the_drift_check(tmp_path
     assert "kandinsky3-flash: k3batch / diffusers images/s =" in log
     data = json.loads((tmp_path / "bench.json").read_text())
     runs = {(r["member"], r["impl"]) for r in data["results"]}
+    assert "kandinsky2.2: k3batch / diffusers images/s =" in log
     assert runs == {
-        (m, i) for m in ("kandinsky3", "kandinsky3-flash") for i in ("k3batch", "diffusers")
+        (m, i)
+        for m in ("kandinsky3", "kandinsky3-flash", "kandinsky2.2")
+        for i in ("k3batch", "diffusers")
     }
     for r in data["results"]:
         assert r["images_per_second"] > 0 and r["unet"] > 0 and r["decode"] > 0
@@ -38,6 +41,15 @@ def test_device_check_small_mode_runs_the_gpu_bench_and_the_drift_check(tmp_path
     # 10 steps x cond + uncond vs Flash's 4 steps without guidance.
     assert base["unet"] == 10 * 2 / 4 * flash["unet"] > 0
     assert base["image"] == base["text"] + base["unet"] + base["decode"]
+    # Kandinsky 2.2 (its small defaults: 2 prior and 4 decoder steps, both guided): the
+    # decoder's FLOPs are its 8 UNet evaluations, the `text` stage holds the prior's 4.
+    k22, args = data["flops_per_image"]["kandinsky2.2"], data["args"]
+    assert (args["prior_steps"], args["k22_steps"]) == (2, 4)
+    call = data["flops_per_call_kandinsky2.2"]
+    assert k22["unet"] == 4 * 2 * call["unet"] > 0
+    assert k22["text"] == 2 * call["text"] + 2 * 2 * call["prior"] > 0
+    assert k22["image"] == k22["text"] + k22["unet"] + k22["decode"]
+    assert k22["decode"] == call["decode"] > 0
 
     drift = json.loads((tmp_path / "drift.json").read_text())["results"]
     assert list(drift) == ["fp32", "fp32+tf32", "reference", "bfloat16"]

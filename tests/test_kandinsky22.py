@@ -304,3 +304,34 @@ def test_components_on_other_dtypes_still_generate(tiny_k22, models):
     ref = models[family.K22].generate([row])[0]
     assert got.shape == ref.shape and got.dtype == np.uint8
     assert np.abs(got.astype(int) - ref.astype(int)).mean() < 20
+
+
+# ---------------------------------------------------------------- performance settings
+def test_eager_attention_switches_the_added_kv_unet_and_keeps_the_images(tiny_k22, models):
+    from diffusers.models.attention_processor import Attention
+
+    def processors(module):
+        return {type(m.processor).__name__ for m in module.modules() if isinstance(m, Attention)}
+
+    eager = _load(tiny_k22, family.K22, performance={"attention": "eager"})
+    # The decoder UNet's attention carries the image-embedding tokens as added keys/values:
+    # a plain processor would drop them.
+    assert processors(eager.unet) == {"AttnAddedKVProcessor"}
+    assert processors(eager.movq) == {"AttnProcessor"}
+    assert processors(models[family.K22].unet) == {"AttnAddedKVProcessor2_0"}
+    row = _row(seed=21)
+    assert_same_images(eager.generate([row]), models[family.K22].generate([row]))
+
+
+@pytest.mark.parametrize("member", [family.K22, family.K22_INPAINT, family.K22_DEPTH])
+def test_warm_up_runs_a_batch_and_leaves_the_next_images_alone(models, member):
+    model = models[member]
+    extra = {
+        family.K22: {},
+        family.K22_INPAINT: {"image": _image(7), "mask": np.tril(np.ones((SIZE, SIZE), "f4"))},
+        family.K22_DEPTH: {"hint": _image(8)},
+    }[member]
+    row = _row(seed=22, **extra)
+    before = model.generate([row])
+    assert model.warm_up(SIZE, SIZE, 2) > 0
+    assert_same_images(model.generate([row]), before, max_flips=0)

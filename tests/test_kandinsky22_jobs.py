@@ -110,14 +110,14 @@ def test_prior_settings_per_row_are_validated_and_ignored_with_a_warning_on_kand
         {
             "id": ["a", "b", "c", "d"],
             "prompt": ["x"] * 4,
-            "prior_num_inference_steps": [3, None, 0, 5],
+            "prior_num_inference_steps": [3, None, 1, 5],
             "prior_guidance_scale": [1.0, None, 2.0, math.inf],
         },
     )
     assert out["status"] == ["ok", "ok", "error", "error"]
     assert out["prior_num_inference_steps"][:2] == [3, 25]
     assert out["prior_guidance_scale"][:2] == [1.0, 4.0]
-    assert out["error"][2].startswith("prior_num_inference_steps: must be in [1, ")
+    assert out["error"][2].startswith("prior_num_inference_steps: must be in [2, ")
     assert out["error"][3] == "prior_guidance_scale: must be finite and >= 0, got inf"
     k3 = validate(rows.RowRules(), {"id": ["a"], "prompt": ["x"], "prior_guidance_scale": [2.0]})
     assert k3["status"] == ["ok"]
@@ -330,7 +330,7 @@ def test_k22_job_text_image_and_mix_rows_with_bad_rows(ray_local, tmp_path, tiny
         {**base, "id": "i2i", "image": house, "strength": 0.7},
         {**base, "id": "mix", "mix": mix},
         {**base, "id": "bad-mix", "mix": [{**mix[0], "weight": math.nan}]},
-        {**base, "id": "bad-prior", "prior_num_inference_steps": 0},
+        {**base, "id": "bad-prior", "prior_num_inference_steps": 1},
         {**base, "id": "bad-image", "image": b"not an image"},
     ]
     result, _ = run_k22(tmp_path, table, tiny_k22_dir, family.K22, schema_=columns)
@@ -339,7 +339,7 @@ def test_k22_job_text_image_and_mix_rows_with_bad_rows(ray_local, tmp_path, tiny
     for row_id in ("t2i", "t2i-prior-3", "i2i", "mix"):
         assert meta[row_id]["status"] == "ok", meta[row_id]["error"]
     assert meta["bad-mix"]["error"] == "mix[0].weight: must be finite, got nan"
-    assert meta["bad-prior"]["error"].startswith("prior_num_inference_steps: must be in [1, ")
+    assert meta["bad-prior"]["error"].startswith("prior_num_inference_steps: must be in [2, ")
     assert meta["bad-image"]["error"].startswith("image: not a readable image")
     assert result.run["errors_by_field"] == {
         "mix[0].weight": 1,

@@ -56,10 +56,11 @@ class GenerationConfig(Strict):
     )
     prior_num_inference_steps: int | None = Field(
         None,
-        ge=1,
+        ge=2,
         le=1000,
-        description="Kandinsky 2.2 only: the prior's denoising steps (UnCLIPScheduler); null = "
-        "the member's default (25, as diffusers' KandinskyV22PriorPipeline).",
+        description="Kandinsky 2.2 only: the prior's denoising steps (UnCLIPScheduler, which "
+        "needs at least 2); null = the member's default (25, as diffusers' "
+        "KandinskyV22PriorPipeline).",
     )
     prior_guidance_scale: float | None = Field(
         None,

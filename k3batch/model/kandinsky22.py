@@ -210,12 +210,10 @@ class Kandinsky22:
         compile: dict | None = None,
         tf32: bool = True,
     ) -> Kandinsky22:
-        """`model.performance` on the decoder (see `performance`); returns self.
-
-        `attention` sets the MoVQ's processors only: the decoder UNet's attention blocks take
-        diffusers' added-KV processors, whose default is already torch's SDPA."""
+        """`model.performance` on the decoder (see `performance`); returns self."""
         if any(performance.runs_float32_on_cuda(m) for m in self.components().values() if m):
             performance.set_tf32(tf32)
+        performance.set_attention(self.unet, attention)
         performance.set_attention(self.movq, attention)
         if channels_last:
             performance.to_channels_last(self.unet)
@@ -307,11 +305,12 @@ class Kandinsky22:
     @torch.no_grad()
     def warm_up(self, width: int, height: int, batch_size: int) -> float:
         """One throwaway batch at this size (compiles a compiled model); returns seconds.
-        One prior and one decoder step: compilation depends on shapes, not on steps."""
+        Two prior steps (UnCLIPScheduler's least) and one decoder step: compilation depends
+        on shapes, not on steps."""
         import time
 
         start = time.perf_counter()
-        rows = warm_up_requests(self.member, width, height, batch_size, prior_num_inference_steps=1)
+        rows = warm_up_requests(self.member, width, height, batch_size, prior_num_inference_steps=2)
         self.generate(rows)
         return time.perf_counter() - start
 

@@ -29,17 +29,29 @@ def set_attention(module: nn.Module, kind: str) -> int:
     leaving the score-materialising AttnProcessor in place. This covers the UNet's self- and
     cross-attention, its attention pooling and the MoVQ encoder/decoder attention (mid block
     and the first up block, 128x128 = 16384 tokens of one 1024-wide head at 1024x1024: the
-    eager score matrix alone is 1 GiB per image in float32).
+    eager score matrix alone is 1 GiB per image in float32). Attention with added key/value
+    projections (Kandinsky 2.2's decoder UNet) takes the added-KV processor of that kind:
+    the plain one would drop the image-embedding tokens.
     """
-    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+    from diffusers.models.attention_processor import (
+        Attention,
+        AttnAddedKVProcessor,
+        AttnAddedKVProcessor2_0,
+        AttnProcessor,
+        AttnProcessor2_0,
+    )
 
     if kind not in (SDPA, EAGER):
         raise ValueError(f"attention must be {SDPA} or {EAGER}, got {kind!r}")
-    processor = AttnProcessor2_0() if kind == SDPA else AttnProcessor()
+    plain, added_kv = (
+        (AttnProcessor2_0(), AttnAddedKVProcessor2_0())
+        if kind == SDPA
+        else (AttnProcessor(), AttnAddedKVProcessor())
+    )
     n = 0
     for m in module.modules():
         if isinstance(m, Attention):
-            m.set_processor(processor)
+            m.set_processor(added_kv if m.added_kv_proj_dim is not None else plain)
             n += 1
     return n
 
