@@ -27,7 +27,7 @@ and the other stages) rather than waiting between batches.
 
     .venv/bin/python benchmarks/pipeline_efficiency.py           # ~6 min on 2 cores
     .venv/bin/python benchmarks/pipeline_efficiency.py --quick   # a quick run
-    .venv/bin/python benchmarks/pipeline_efficiency.py --smoke --size 64 --steps 1  # CI
+    .venv/bin/python benchmarks/pipeline_efficiency.py --smoke --model tiny --size 64 --steps 1  # CI
 """
 
 from __future__ import annotations
@@ -168,7 +168,8 @@ def main() -> None:
     # machine's speed drifts).
     bare_a = [bare_loop(model_dir, n, *one)]
     bare_b = [bare_processes(model_dir, n, per_core, cpus)]
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR")
+    # A smoke run (no figures) starts Ray once, with layout B's CPUs (below) for both.
+    ray.init(num_cpus=cpus + (not warm), include_dashboard=False, logging_level="ERROR")
     # The same bare loop inside a Ray actor, with Ray started and idle: what Ray's own
     # processes cost the model before any pipeline runs.
     here = os.path.dirname(os.path.abspath(__file__))
@@ -178,10 +179,11 @@ def main() -> None:
         .remote(model_dir, n, *one)
     )
     pipe_a, actor_a, short_a, long_a = marginal(model_dir, tmp, short, long, 1, one, warm)
-    ray.shutdown()
-    # One actor per core leaves no CPU for Ray Data's tasks: start Ray as `k3batch run`
-    # would (job.local_ray.local_num_cpus), the actors' CPUs plus one.
-    ray.init(num_cpus=cpus + 1, include_dashboard=False, logging_level="ERROR")
+    if warm:
+        ray.shutdown()
+        # One actor per core leaves no CPU for Ray Data's tasks: start Ray as `k3batch run`
+        # would (job.local_ray.local_num_cpus), the actors' CPUs plus one.
+        ray.init(num_cpus=cpus + 1, include_dashboard=False, logging_level="ERROR")
     pipe_b, actor_b, short_b, long_b = marginal(model_dir, tmp, short, long, cpus, per_core, warm)
     ray.shutdown()
     if warm:

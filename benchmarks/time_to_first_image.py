@@ -1,11 +1,12 @@
 """Time to first image: from `k3batch run` starting to the first image file written, for
 the demo config (tiny model already built, so this measures the path, not the build).
 
-    .venv/bin/python benchmarks/time_to_first_image.py
+    .venv/bin/python benchmarks/time_to_first_image.py [--steps N]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -17,6 +18,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--steps", type=int, default=None, help="generation steps; default the demo's (CI: 2)"
+    )
+    args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="k3batch-ttfi-")) / "out"
     images = out / "images"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
@@ -29,6 +35,8 @@ def main() -> None:
         "--set",
         f"output.uri={out}",
     ]
+    if args.steps:
+        cmd += ["--set", f"generation.num_inference_steps={args.steps}"]
     subprocess.run(
         [sys.executable, "-m", "k3batch.cli", "make-tiny", ".cache/k3batch/tiny-kandinsky3"],
         cwd=REPO,

@@ -112,6 +112,10 @@ def ray_local(tmp_path_factory):
 
     # A short private temp dir: Ray's socket paths must stay under 107 characters.
     temp_dir = tmp_path_factory.mktemp("ray")
+    if ray.is_initialized():
+        # An earlier test's job started its own local Ray (`k3batch run` does): this
+        # session's settings replace it, whichever tests a run selects.
+        ray.shutdown()
     ray.init(
         # 3 logical CPUs on this 2-core machine: a resumed job adds Ray's CheckpointFilter
         # actor, which reserves a whole CPU (see k3batch.job.local_ray.local_num_cpus).

@@ -1,6 +1,7 @@
 """cluster/: manifests validate against KubeRay's CRDs, and what they name exists and loads."""
 
 import copy
+import functools
 import json
 import re
 import shlex
@@ -42,15 +43,22 @@ def strict(schema):
     return schema
 
 
+@functools.cache
+def _crds() -> dict:
+    """{kind: CRD}, each 1 MB file parsed once (libyaml's loader: PyYAML's own takes ~5 s
+    a file)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crds = (yaml.load(path.read_text(), Loader=loader) for path in CRDS.glob("*.yaml"))
+    return {crd["spec"]["names"]["kind"]: crd for crd in crds}
+
+
 def crd_schema(kind: str):
     if not CRDS.is_dir():
         pytest.skip(f"KubeRay CRDs not found at {CRDS}")
-    for path in CRDS.glob("*.yaml"):
-        crd = yaml.safe_load(path.read_text())
-        if crd["spec"]["names"]["kind"] == kind:
-            version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-            return strict(version["schema"]["openAPIV3Schema"])
-    raise AssertionError(f"no CRD for {kind}")
+    crd = _crds().get(kind)
+    assert crd is not None, f"no CRD for {kind}"
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return strict(version["schema"]["openAPIV3Schema"])
 
 
 @pytest.mark.parametrize("name", MANIFESTS)

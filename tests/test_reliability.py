@@ -234,47 +234,32 @@ def test_killed_actor_and_a_batch_failing_on_one_row_cost_a_retry_and_that_row(
     assert result.run["stages"]["generate"]["rows"] == 10  # the lost batch is not counted twice
 
 
-def run_with_a_worker_killing_row(tmp_path, tiny_dir, monkeypatch, hook, prompt):
-    """Six rows, batches of 2, the row r03 (`prompt`) ending its worker through test hook
-    `hook` every time; one death isolates a row. Only r03 fails, no row is lost."""
-    monkeypatch.setenv(hook, prompt)
-    uri = prompts(tmp_path, 6, {3: prompt})
+@pytest.mark.slow
+def test_rows_that_kill_their_worker_every_time_fail_alone(
+    ray_local, tmp_path, tiny_dir, monkeypatch
+):
+    """Eight rows, batches of 2: r03 ends its worker's process every time (a segfault), r06
+    raises the error CUDA gives for an illegal address, after which every later call in that
+    process would fail, so the worker ends itself and Ray replaces it. One death isolates a
+    row (faults.max_crashes_per_row=1): only those two fail, no row is lost."""
+    monkeypatch.setenv("K3BATCH_TEST_CRASH_PROMPT", "SEGFAULT")
+    monkeypatch.setenv("K3BATCH_TEST_CUDA_ERROR_PROMPT", "ILLEGAL")
+    uri = prompts(tmp_path, 8, {3: "SEGFAULT", 6: "ILLEGAL"})
     cfg = small(
         tmp_path, uri, tiny_dir, resources={"batch_size": 2}, faults={"max_crashes_per_row": 1}
     )
     result = run_job(load_config(data=cfg))
     meta = metadata(tmp_path / "out")
-    assert result.ok and len(meta) == 6
-    assert {k for k, m in meta.items() if m["status"] == "error"} == {"r03"}
-    return result, meta
-
-
-@pytest.mark.slow
-def test_a_row_that_kills_its_worker_every_time_fails_alone(
-    ray_local, tmp_path, tiny_dir, monkeypatch
-):
-    _, meta = run_with_a_worker_killing_row(
-        tmp_path, tiny_dir, monkeypatch, "K3BATCH_TEST_CRASH_PROMPT", "SEGFAULT"
-    )
+    assert result.ok and len(meta) == 8
+    assert {k for k, m in meta.items() if m["status"] == "error"} == {"r03", "r06"}
     assert meta["r03"]["error"] == (
         "generate: the worker process died while generating this row alone, 1 time(s) "
         "(faults.max_crashes_per_row=1)"
     )
-
-
-@pytest.mark.slow
-def test_a_row_whose_cuda_error_poisons_its_worker_restarts_it_and_fails_alone(
-    ray_local, tmp_path, tiny_dir, monkeypatch
-):
-    # The error CUDA raises for an illegal address: every later call in that process would
-    # fail, so the worker ends itself and Ray replaces it; the journal then isolates the row.
-    result, meta = run_with_a_worker_killing_row(
-        tmp_path, tiny_dir, monkeypatch, "K3BATCH_TEST_CUDA_ERROR_PROMPT", "ILLEGAL"
-    )
-    assert meta["r03"]["error"].startswith("generate: the worker process died")
-    # Its batch-mate r02 ran again in a fresh worker and got its image.
-    assert meta["r02"]["status"] == "ok"
-    assert result.run["stages"]["generate"]["actors"] >= 2
+    assert meta["r06"]["error"].startswith("generate: the worker process died")
+    # Their batch-mates ran again in a fresh worker and got their images.
+    assert meta["r02"]["status"] == meta["r07"]["status"] == "ok"
+    assert result.run["stages"]["generate"]["actors"] >= 3
 
 
 def test_only_cuda_errors_that_poison_the_context_end_the_worker():

@@ -111,7 +111,7 @@ def test_killed_job_resumes_and_generates_only_missing_rows(tmp_path, tiny_dir):
     """A job killed part-way (SIGKILL to the driver and its local Ray) and rerun with the same
     config ends with one output per input row, and the rerun generated only the missing ones.
     The table has no id column: ids and the resume key both come from Ray's row hash."""
-    n = 16
+    n = 10
     pq.write_table(table(n, ids=False), tmp_path / "in.parquet")
     data = job_config(
         tmp_path,
