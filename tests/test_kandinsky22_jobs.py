@@ -179,24 +179,28 @@ def test_prepare_reads_hints_at_the_row_size_and_mix_images_as_arrays():
     rng = np.random.default_rng(0)
     hint = rng.integers(0, 255, (96, 80, 3), dtype=np.uint8)
     mixed = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    large = np.zeros((40, 200, 3), np.uint8)
     batch = {
-        "id": ["a", "b", "c"],
-        "width": [64, 64, 64],
-        "height": [128, 128, 128],
-        "status": ["ok"] * 3,
-        "error": [None] * 3,
-        "hint": pa.array([png(hint), None, None], pa.binary()),
+        "id": ["a", "b", "c", "d"],
+        "width": [64] * 4,
+        "height": [128] * 4,
+        "status": ["ok"] * 4,
+        "error": [None] * 4,
+        "hint": pa.array([png(hint), None, None, None], pa.binary()),
         "mix": pa.array(
             [
                 None,
                 [{"prompt": "a dog", "image": None, "weight": 0.25}, {"prompt": None, "image": png(mixed), "weight": 0.75}],
                 [{"prompt": "a dog", "image": None, "weight": 1.0}, {"prompt": None, "image": b"not an image", "weight": 1.0}],
+                [{"prompt": None, "image": png(large), "weight": 1.0}],
             ],
             pa.list_(ITEM),
         ),
     }  # fmt: skip
-    out = apply_stage(PrepareImagesStage(kandinsky22=True), pa.table(batch)).to_pydict()
-    assert out["status"] == ["ok", "ok", "error"]
+    stage = PrepareImagesStage(kandinsky22=True, max_side=128)
+    out = apply_stage(stage, pa.table(batch)).to_pydict()
+    assert out["status"] == ["ok", "ok", "error", "error"]
+    assert out["error"][3] == "mix[0].image: 200x40 is above limits.max_side=128"
     got = np.frombuffer(out["hint_rgb"][0], np.uint8).reshape(128, 64, 3)
     assert np.array_equal(got, np.asarray(Image.fromarray(hint).resize((64, 128))))
     first, second = out["mix_prepared"][1]

@@ -4,8 +4,8 @@ Each `image`/`mask` is a URI (any fsspec protocol or a local path) or raw bytes.
 sized as the reference does (about one megapixel at most, sides floored to multiples of 64)
 and handed on as raw RGB; the mask becomes the reference's keep-mask at the same size.
 Kandinsky 2.2: a `hint` (depth image) is read the same way and resized to the row's size; the
-images of a `mix` are read at their own size (the prior's CLIP image processor resizes them,
-as in diffusers' `interpolate`).
+images of a `mix` are read at their own size, up to `limits.max_side` (the prior's CLIP image
+processor resizes them, as in diffusers' `interpolate`).
 Anything that goes wrong is that row's error, naming the field and the value.
 """
 
@@ -90,7 +90,13 @@ class PrepareImagesStage(Stage):
             entry = {"prompt": item.get(schema.MIX_PROMPT), "rgb": None, "width": None}
             entry |= {"height": None, "weight": float(item[schema.MIX_WEIGHT])}
             if item.get(schema.MIX_IMAGE) is not None:
-                image = self._open(f"mix[{j}].image", item[schema.MIX_IMAGE]).convert("RGB")
+                field = f"mix[{j}].image"
+                image = self._open(field, item[schema.MIX_IMAGE])
+                # Carried raw to the generation actor: bounded like `image` (CLIP sees 224 px).
+                if max(image.size) > self.max_side:
+                    w, h = image.size
+                    raise RowFailure(field, f"{w}x{h} is above limits.max_side={self.max_side}")
+                image = image.convert("RGB")
                 entry["rgb"] = np.asarray(image, dtype=np.uint8).tobytes()
                 entry["width"], entry["height"] = image.size
             prepared.append(entry)
