@@ -1,0 +1,251 @@
+"""KandiSuperRes core: the published checkpoint's names and container, safe loading, and the
+reference's x4 / x2 sampling (DPM-Solver++ with MultiDiffusion windows) on a tiny model.
+
+Windows are scaled down (32 px every 24 px) so a 14x18 input (56x72 canvas at x4) spans
+2x3 windows. Agreement with the reference's own code is checked by
+scripts/check_reference_sr.py, which needs a checkout of ai-forever/KandiSuperRes.
+"""
+
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from k3batch.model.sr_unet import SR_UNET, TINY_SR_UNET, SRUNet
+from k3batch.model.superres import CHECKPOINTS, KandiSuperRes, solver, window_starts
+from k3batch.testing.tiny_sr import make_tiny_sr
+
+SAMPLING = dict(window=32, stride=24)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny UNet's convolutions are microseconds of work: with several threads on a busy
+    # machine the hand-offs cost 20-50x the work itself.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sr")
+    return {s: make_tiny_sr(str(root / name), s) for s, name in CHECKPOINTS.items()}
+
+
+@pytest.fixture(scope="module")
+def x4(files):
+    return KandiSuperRes.from_pretrained(
+        files[4], 4, "cpu", config=TINY_SR_UNET, max_tiles_per_call=4, **SAMPLING
+    )
+
+
+def image(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8)
+
+
+def test_the_tiny_file_is_a_flat_state_dict_with_the_unets_names(files):
+    state = torch.load(files[4], weights_only=True)
+    assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    expected = {k: v.shape for k, v in SRUNet(**TINY_SR_UNET).state_dict().items()}
+    assert {k: v.shape for k, v in state.items()} == expected
+    # noisy image + low-resolution image in, 3 channels out; no prefix on the names
+    assert state["init_conv.weight"].shape == (8, 6, 3, 3)
+    assert state["out_conv.weight"].shape == (3, 8, 3, 3)
+    other = torch.load(files[2], weights_only=True)
+    assert not torch.equal(state["init_conv.weight"], other["init_conv.weight"])
+
+
+def test_the_published_architecture_has_the_reference_checkpoints_names():
+    with torch.device("meta"):
+        state = SRUNet(**SR_UNET).state_dict()
+    # The reference's UNet_sr with get_sr_model's arguments, counted on the meta device
+    # (scripts/check_reference_sr.py compares every name and shape).
+    assert len(state) == 496
+    assert sum(math.prod(v.shape) for v in state.values()) == 413_205_251
+    shapes = {
+        "to_time_embed.1.weight": (512, 128),
+        "init_conv.weight": (128, 6, 3, 3),
+        # level 0 halves at its first block: 4x4 stride-2 conv, on the skip path too
+        "down_samples.0.resnet_attn_blocks.0.0.in_block.change_resolution.change_resolution.weight": (
+            128,
+            128,
+            4,
+            4,
+        ),
+        "down_samples.0.resnet_attn_blocks.0.0.change_resolution.change_resolution.weight": (
+            128,
+            128,
+            4,
+            4,
+        ),
+        "down_samples.3.resnet_attn_blocks.7.0.time_mlp.1.weight": (2048, 512),
+        # the first up level reads the deepest features without a skip and does not double
+        "up_samples.0.resnet_attn_blocks.0.0.in_block.projection.weight": (1024, 1024, 3, 3),
+        "up_samples.1.resnet_attn_blocks.0.0.in_block.projection.weight": (512, 1024, 3, 3),
+        "up_samples.1.resnet_attn_blocks.7.0.res_block.weight": (256, 512, 1, 1),
+        "up_samples.3.resnet_attn_blocks.1.0.out_block.projection.weight": (128, 128, 3, 3),
+        "out_conv.weight": (3, 128, 3, 3),
+    }
+    assert {k: tuple(state[k].shape) for k in shapes} == shapes
+    assert "up_samples.0.resnet_attn_blocks.0.0.res_block.weight" not in state
+
+
+def test_loading_is_strict_and_takes_the_unet_container(files, tmp_path):
+    state = torch.load(files[4], weights_only=True)
+    missing, extra = dict(state), {**state, "unet.extra": torch.zeros(1)}
+    del missing["out_conv.bias"]
+    for name, bad in (("missing", missing), ("extra", extra)):
+        torch.save(bad, tmp_path / name)
+        with pytest.raises(RuntimeError, match="Missing key|Unexpected key"):
+            KandiSuperRes.from_pretrained(str(tmp_path / name), 4, "cpu", config=TINY_SR_UNET)
+    # {"unet": state} (the Flash x2 file's container) loads the same weights
+    torch.save({"unet": state}, tmp_path / "wrapped.pt")
+    wrapped = KandiSuperRes.from_pretrained(
+        str(tmp_path / "wrapped.pt"), 4, "cpu", config=TINY_SR_UNET
+    )
+    assert all(torch.equal(v, state[k]) for k, v in wrapped.unet.state_dict().items())
+    # a folder: the published file name for the scale
+    folder = KandiSuperRes.from_pretrained(os.path.dirname(files[2]), 2, config=TINY_SR_UNET)
+    assert folder.scale == 2
+    assert torch.equal(
+        folder.unet.init_conv.weight, torch.load(files[2], weights_only=True)["init_conv.weight"]
+    )
+
+
+class Payload:
+    """Unpickling this runs os.mkdir(path): what an untrusted pickle could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_a_checkpoint_with_a_pickled_object_is_refused_without_running_it(files, tmp_path):
+    marker = tmp_path / "ran"
+    state = dict(torch.load(files[4], weights_only=True))
+    state["extra"] = Payload(str(marker))
+    torch.save(state, tmp_path / "evil.ckpt")
+    with pytest.raises(pickle.UnpicklingError):
+        KandiSuperRes.from_pretrained(str(tmp_path / "evil.ckpt"), 4, "cpu", config=TINY_SR_UNET)
+    assert not marker.exists()
+    # The payload is live: an unrestricted load runs it.
+    torch.load(tmp_path / "evil.ckpt", weights_only=False)
+    assert marker.is_dir()
+
+
+def test_windows_follow_the_references_rule():
+    # ceil((side - window) / stride) + 1 windows every stride, the last flush with the end
+    assert window_starts(4096, 1024, 800) == [0, 800, 1600, 2400, 3072]
+    assert window_starts(1024, 1024, 800) == [0]
+    assert window_starts(1800, 1024, 800) == [0, 776]
+    assert window_starts(72, 32, 24) == [0, 24, 40]
+
+
+def test_outputs_are_the_input_times_the_scale(files, x4):
+    x2 = KandiSuperRes.from_pretrained(files[2], 2, "cpu", config=TINY_SR_UNET, **SAMPLING)
+    # x2 of 10x14: a 20x28 canvas fits one window but is not a multiple of 8 (the reference
+    # breaks there); it runs on 24x32 and is resized. 7x9 is odd: the reference's even canvas.
+    for model, im in ((x4, image(14, 18)), (x2, image(10, 14)), (x2, image(7, 9))):
+        (out,) = model.upscale([im], [3], num_inference_steps=2)
+        assert out.dtype == np.uint8
+        assert out.shape == (im.shape[0] * model.scale, im.shape[1] * model.scale, 3)
+    assert (
+        x2.canvas_side(10) == 24
+        and x2.canvas_side(12) == 24
+        and x2.canvas_side(7) == 16
+        and x4.canvas_side(7) == 32
+    )
+
+
+def test_an_image_depends_on_its_seed_not_its_batch_or_the_tile_calls(files, x4):
+    big, small, other = image(14, 18, 1), image(8, 8, 2), image(14, 18, 3)
+    one_per_call = KandiSuperRes.from_pretrained(
+        files[4], 4, "cpu", config=TINY_SR_UNET, max_tiles_per_call=1, **SAMPLING
+    )
+    (alone,) = one_per_call.upscale([big], [5], num_inference_steps=3)
+    together = x4.upscale([small, big, other], [4, 5, 5], num_inference_steps=3)
+    # Batch shapes may change a CPU kernel's rounding: one grey level at most.
+    assert np.abs(alone.astype(int) - together[1]).max() <= 1
+    (again,) = one_per_call.upscale([big], [5], num_inference_steps=3)
+    assert np.array_equal(alone, again)
+    (reseeded,) = one_per_call.upscale([big], [6], num_inference_steps=3)
+    assert np.abs(alone.astype(int) - reseeded).mean() > 5
+
+
+def _dpm_solver_pp_2m(unet, lowres, noise, times):
+    """DPM-Solver++(2M) written from the paper (Lu et al. 2022, Algorithm 2) in float64 on
+    the reference's schedule (linear betas 1e-4..0.02, 1000 steps), data prediction, first
+    order on the first and the last step, the last step ending at sigma = 0."""
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    lam = alpha.log() - sigma.log()
+    x, previous, h_previous = noise.double(), None, None
+    for i, t in enumerate(times):
+        d = unet(x.float(), torch.full((1,), float(t)), lowres).double()
+        if i == len(times) - 1:
+            return d  # alpha = 1, sigma = 0: the update is the data prediction itself
+        s = times[i + 1]
+        h = lam[s] - lam[t]
+        if previous is None:
+            corrected = d
+        else:
+            r = h_previous / h
+            corrected = d + (d - previous) / (2 * r)
+        x = sigma[s] / sigma[t] * x - alpha[s] * torch.expm1(-h) * corrected
+        previous, h_previous = d, h
+
+
+def test_sampling_matches_dpm_solver_from_the_paper(x4):
+    # 8x8 at x4 is one 32x32 window: the MultiDiffusion mean is the window itself.
+    im = image(8, 8, 7)
+    times = [999, 799, 599, 400, 200]  # linspace(0, 999, 6), rounded, reversed, without 0
+    assert solver(5).timesteps.tolist() == times
+    (out,) = x4.upscale([im], [11], num_inference_steps=5)
+    lowres = torch.from_numpy(im).permute(2, 0, 1)[None].float().div(255) * 2 - 1
+    lowres = torch.nn.functional.interpolate(lowres, (32, 32), mode="bilinear")
+    noise = torch.randn((1, 3, 32, 32), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        x0 = _dpm_solver_pp_2m(x4.unet, lowres, noise, times)
+    expected = ((x0 + 1) / 2).clamp(0, 1)[0].mul(255).byte().permute(1, 2, 0).numpy()
+    assert np.abs(expected.astype(int) - out).max() <= 1
+    # and the sampler is not blind to the solver: one step less is another image
+    (fewer,) = x4.upscale([im], [11], num_inference_steps=4)
+    assert np.abs(fewer.astype(int) - out).mean() > 1
+
+
+@pytest.mark.parametrize(
+    "images, seeds, match",
+    [
+        ([image(8, 8).astype(np.float32)], [1], r"images\[0\]: expected a uint8"),
+        ([image(8, 8)[:, :, 0]], [1], r"images\[0\]: expected shape HxWx3"),
+        ([np.zeros((8, 8, 4), np.uint8)], [1], r"images\[0\]: expected shape HxWx3"),
+        ([image(8, 8), np.zeros((0, 5, 3), np.uint8)], [1, 2], r"images\[1\]: .*H, W > 0"),
+        ([[[1, 2, 3]]], [1], r"images\[0\]"),
+        ([], [], "images: expected a non-empty list"),
+        ([image(8, 8)], [1, 2], "seeds: expected a list of 1"),
+        ([image(8, 8)], [1.5], r"seeds\[0\]"),
+    ],
+)
+def test_bad_input_is_refused_naming_the_argument(x4, images, seeds, match):
+    with pytest.raises(ValueError, match=match):
+        x4.upscale(images, seeds)
+
+
+def test_bad_settings_are_refused_naming_the_argument(files, x4):
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        x4.upscale([image(8, 8)], [1], num_inference_steps=0)
+    with pytest.raises(ValueError, match="scale"):
+        KandiSuperRes.from_pretrained(files[4], 3, config=TINY_SR_UNET)
+    with pytest.raises(ValueError, match="window"):
+        KandiSuperRes(x4.unet, 4, window=30)
+    with pytest.raises(ValueError, match="stride"):
+        KandiSuperRes(x4.unet, 4, window=32, stride=40)
+    with pytest.raises(ValueError, match="max_tiles_per_call"):
+        KandiSuperRes(x4.unet, 4, max_tiles_per_call=0)
