@@ -241,6 +241,18 @@ def timed(fn, device: str):
     return out, time.perf_counter() - start
 
 
+def timed_into(spent: dict, name: str, fn, device: str):
+    """`fn` wrapped to add the seconds of each call to `spent[name]` (a stage's time inside a
+    pipeline call)."""
+
+    def wrapper(*a, **kw):
+        out, seconds = timed(lambda: fn(*a, **kw), device)
+        spent[name] += seconds
+        return out
+
+    return wrapper
+
+
 def reset_peak(device: str) -> None:
     import torch
 
@@ -315,12 +327,7 @@ def bench_diffusers(pipe, member: str, args) -> Result:
     spent = {"text": 0.0, "decode": 0.0}
 
     def timing(name, fn):
-        def wrapper(*a, **kw):
-            out, seconds = timed(lambda: fn(*a, **kw), args.device)
-            spent[name] += seconds
-            return out
-
-        return wrapper
+        return timed_into(spent, name, fn, args.device)
 
     def call():
         return pipe(
@@ -484,12 +491,7 @@ def bench_k22(parts: dict, args) -> list[Result]:
     spent = {"text": 0.0, "decode": 0.0}
 
     def timing(name, fn):
-        def wrapper(*a, **kw):
-            out, seconds = timed(lambda: fn(*a, **kw), args.device)
-            spent[name] += seconds
-            return out
-
-        return wrapper
+        return timed_into(spent, name, fn, args.device)
 
     def measure(call, prior_call_owner, movq):
         """(median whole seconds, prior, unet, decode) over the repeats, after a warm-up."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 
+from k3batch.model.loading import REFERENCE_MOVQ_CONFIG
+
 PRIOR = dict(num_attention_heads=32, attention_head_dim=64, num_layers=20, embedding_dim=1280)
 DECODER_UNET = dict(
     in_channels=4,
@@ -65,19 +67,8 @@ VISION = dict(
     projection_dim=1280,
     hidden_act="gelu",
 )
-MOVQ = dict(
-    block_out_channels=[128, 256, 256, 512],
-    down_block_types=["DownEncoderBlock2D"] * 3 + ["AttnDownEncoderBlock2D"],
-    up_block_types=["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * 3,
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    norm_type="spatial",
-    num_vq_embeddings=16384,
-    vq_embed_dim=4,
-)
+# Kandinsky 3's MoVQ architecture at half its width (the 2.2 decoder repo's movq config).
+MOVQ = {**REFERENCE_MOVQ_CONFIG, "block_out_channels": [128, 256, 256, 512]}
 
 
 def step_flops(side: int) -> tuple[dict[str, float], dict[str, float]]:
