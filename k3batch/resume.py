@@ -34,6 +34,15 @@ _NOT_FINGERPRINTED = {
     "output": {"overwrite", "rows_per_file"},
     "model": {"device"},
     "scores": {"batch_size", "device", "num_actors", "num_cpus_per_actor", "num_gpus_per_actor"},
+    # An image does not depend on its batch or on how windows share UNet calls.
+    "upscale": {
+        "batch_size",
+        "device",
+        "max_tiles_per_call",
+        "num_actors",
+        "num_cpus_per_actor",
+        "num_gpus_per_actor",
+    },
 }
 
 
@@ -67,6 +76,10 @@ def job_identity(cfg: JobConfig) -> dict:
     if not cfg.scores.enabled:
         # Outputs written before the section existed keep their fingerprint.
         data.pop("scores", None)
+    if not cfg.upscale.enabled:
+        data.pop("upscale", None)  # as scores
+    if cfg.job != "upscale":
+        data["input"].pop("image_column", None)
     return data
 
 
@@ -111,11 +124,11 @@ def checkpoint_config(cfg: JobConfig):
     """
     from ray.data.checkpoint import CheckpointConfig
 
-    from k3batch.rows import RowRules
+    from k3batch.job import kinds
 
     uri = state_uri(cfg.output.uri, "checkpoint")
     fs, path = storage.arrow_filesystem(uri, cfg.storage.model_dump())
-    rules = RowRules.from_config(cfg.generation, cfg.limits, cfg.model.name)
+    rules = kinds.get(cfg.job).record_rules(cfg)
     return CheckpointConfig(
         id_column=schema.RECORD_HASH,
         checkpoint_path=uri if storage.is_remote(uri) else path,
@@ -150,8 +163,8 @@ def filter_images(block, committed, rules):
     n = block.num_rows
     if n == 0:
         return block
-    if schema.NUM_IMAGES_PER_PROMPT in block.column_names:
-        values = block.column(schema.NUM_IMAGES_PER_PROMPT).to_pylist()
+    if rules.images_column and rules.images_column in block.column_names:
+        values = block.column(rules.images_column).to_pylist()
         counts = np.array([rows.records_of(v, rules) for v in values], dtype=np.int64)
     else:
         counts = np.full(n, rules.num_images_per_prompt, dtype=np.int64)

@@ -45,6 +45,9 @@ class RowRules:
     max_num_inference_steps: int = 1000
     max_prompt_chars: int = 20000
     max_num_images_per_prompt: int = 64
+    # The column giving a row's number of images; None: one image per row whatever the
+    # input holds (`job: upscale`, whose input may be an earlier job's metadata).
+    images_column: str | None = schema.NUM_IMAGES_PER_PROMPT
 
     @classmethod
     def from_config(
@@ -119,6 +122,19 @@ def derive_seed(base_seed: int, row_id: str) -> int:
 
 def pick_seed() -> int:
     return secrets.randbits(63)
+
+
+def row_seed(value, base_seed: int, row_id: str) -> int:
+    """A row's `seed` column value resolved as generation resolves it: null derives one from
+    `base_seed` and the id, -1 (or a base seed of -1) draws one. Raises RowError."""
+    if value is None:
+        return pick_seed() if base_seed == -1 else derive_seed(base_seed, row_id)
+    seed = _as_int(schema.SEED, value)
+    if seed == -1:
+        return pick_seed()
+    if not 0 <= seed <= MAX_SEED:
+        raise RowError(f"seed: must be -1 or in [0, 2**64), got {seed}")
+    return seed
 
 
 def derived_id(row_hash: int) -> str:

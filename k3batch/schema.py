@@ -63,6 +63,14 @@ BRIGHTNESS = "brightness"
 SHARPNESS = "sharpness"
 SCORE_SUFFIX = "_score"
 
+# Upscaling (the `upscale:` stage, or `job: upscale`), written to the metadata: `width` and
+# `height` become the upscaled image's, `source_*` the image's before.
+UPSCALE_MODEL = "upscale_model"
+UPSCALE_SECONDS = "upscale_seconds"
+SOURCE_WIDTH = "source_width"
+SOURCE_HEIGHT = "source_height"
+SOURCE_IMAGE_URI = "source_image_uri"  # with upscale.keep_source, `files` output
+
 # Text embeddings handed from the text-encoder pool to the generators (never written).
 PROMPT_EMBEDS = "prompt_embeds"
 NEGATIVE_PROMPT_EMBEDS = "negative_prompt_embeds"
@@ -85,6 +93,9 @@ KEEP_MASK = "keep_mask"  # the prepared inpainting mask
 HINT_RGB = "hint_rgb"  # the prepared depth hint, raw RGB at the row's size
 # The prepared mix: per item its prompt, or its image as raw RGB with its own size.
 MIX_PREPARED = "mix_prepared"
+# upscale.keep_source: the image before upscaling, raw RGB; then its encoded bytes (shards).
+SOURCE_IMAGE_RGB = "source_image_rgb"
+SOURCE_IMAGE_BYTES = "source_image_bytes"
 KEY = "key"  # a WebDataset sample's key
 IMAGE_BYTES = "image_bytes"  # the encoded image of a WebDataset sample
 FILE_NAME = "file_name"  # the Hugging Face image-folder metadata's link to the image
@@ -143,6 +154,13 @@ TYPES: dict[str, pa.DataType] = {
     CLIP_SCORE: pa.float64(),
     BRIGHTNESS: pa.float64(),
     SHARPNESS: pa.float64(),
+    UPSCALE_MODEL: pa.string(),
+    UPSCALE_SECONDS: pa.float64(),
+    SOURCE_WIDTH: pa.int64(),
+    SOURCE_HEIGHT: pa.int64(),
+    SOURCE_IMAGE_URI: pa.string(),
+    SOURCE_IMAGE_RGB: pa.binary(),
+    SOURCE_IMAGE_BYTES: pa.binary(),
 }
 SCORE_TYPE = pa.float64()
 
@@ -197,6 +215,12 @@ OUTPUT_ONLY_COLUMNS = (
     CLIP_SCORE,
     BRIGHTNESS,
     SHARPNESS,
+    UPSCALE_MODEL,
+    UPSCALE_SECONDS,
+    SOURCE_WIDTH,
+    SOURCE_HEIGHT,
+    SOURCE_IMAGE_URI,
+    SOURCE_IMAGE_RGB,
 )
 
 

@@ -12,6 +12,8 @@ read_parquet(input.uri, include_row_hash)
   -> repartition        (streaming)  blocks of one generation batch
   -> GenerateStage      (actor pool) Kandinsky 3 or 2.2, model loaded once per actor; a row with
                                      num_images_per_prompt = N becomes N records (k, seed)
+  [-> UpscaleStage      (actor pool) upscale.model: KandiSuperRes; width/height become the
+                                     upscaled size (pipelines/upscale.py: add_upscale)]
   [-> ScoresStage       (actor pool with a CLIP model or classifiers, else tasks) scores.enabled:
                                      brightness, sharpness, clip_score, <name>_score]
   -> files:      WriteImagesStage  (tasks) OUTPUT/images/<key>.<ext>
@@ -34,12 +36,12 @@ from k3batch.job.pools import Pool, beautify_pools
 from k3batch.outputs import output_format
 from k3batch.rows import RowRules
 from k3batch.stages.generate import GenerateStage
-from k3batch.stages.loading import ensure_tiny, is_kandinsky22
+from k3batch.stages.loading import ensure_tiny, ensure_tiny_upscaler, is_kandinsky22
 from k3batch.stages.prepare import PrepareImagesStage
 from k3batch.stages.scores import ScoresStage
 from k3batch.stages.text_encode import TextEncodeStage
 from k3batch.stages.validate import ValidateStage
-from pipelines import beautify
+from pipelines import beautify, upscale
 
 VALIDATE_BATCH_SIZE = 256
 PREPARE_BATCH_SIZE = 16  # decoded images are large; keep task batches small
@@ -142,6 +144,8 @@ def build(cfg: JobConfig, ctx: JobContext):
         actors=(res.num_actors, res.max_actors or res.num_actors),
         tracker=ctx.tracker,
     )
+    # Before scores: they describe the image written, the upscaled one.
+    ds = upscale.add_upscale(ds, cfg, ctx.tracker, field="upscale")
     sc = cfg.scores
     if sc.enabled:
         # Before the encode stage, which drops the decoded image the scores read. Models
@@ -171,11 +175,12 @@ def build(cfg: JobConfig, ctx: JobContext):
     )
 
 
-def run(cfg: JobConfig, ctx: JobContext) -> None:
+def run(cfg: JobConfig, ctx: JobContext, build=build) -> None:
     """Execute the job with Ray Data's checkpointing on, so a rerun resumes.
 
     `ctx.journal`: the job's crash journal actor (the runner passes its `progress.JobActor`);
-    None starts one for this run.
+    None starts one for this run. `build`: the kind's dataset (another image-making kind's,
+    which shares this way of running).
     """
     import ray
     from ray.data import DataContext
@@ -256,11 +261,13 @@ class TextToImage(JobKind):
                     sc.num_gpus_per_actor,
                 )
             )
+        pools += upscale.upscale_pools(cfg)
         return pools + (beautify_pools(cfg) if cfg.beautify.enabled else [])
 
     def prepare(self, cfg: JobConfig) -> None:
         # Build once on the driver so local actors find it ready (they would build the same).
         ensure_tiny(cfg.model)
+        ensure_tiny_upscaler(cfg.upscale)
 
     def run(self, cfg: JobConfig, ctx: JobContext) -> None:
         run(cfg, ctx)

@@ -15,8 +15,8 @@ from .conftest import job_config
 
 
 def test_an_unknown_kind_is_refused_naming_the_module_it_looked_for():
-    with pytest.raises(ValueError, match=r"job: no job kind 'upscale' \(no module pipelines/up"):
-        kinds.get("upscale")
+    with pytest.raises(ValueError, match=r"job: no job kind 'restyle' \(no module pipelines/re"):
+        kinds.get("restyle")
 
 
 def test_a_beautify_job_keeps_its_records_in_metadata_whatever_the_output_format(

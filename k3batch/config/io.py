@@ -22,6 +22,12 @@ class InputConfig(Strict):
         description="Column holding a stable row id. When the table has no such column, ids are "
         "derived from the source file and row position, so a rerun gives the same ids.",
     )
+    image_column: str = Field(
+        "image",
+        description="`job: upscale`: the column of the images to upscale (a URI or the image's "
+        "bytes), e.g. `image_uri` to upscale what a generation job wrote (its metadata as the "
+        "input). Generation jobs read `image` for image-to-image and inpainting rows.",
+    )
     beautified_prompt_column: str | None = Field(
         None,
         description="Column of already beautified prompts (e.g. `beautified_prompt` written by "

@@ -13,6 +13,7 @@ from k3batch.config.io import InputConfig, OutputConfig, StorageConfig
 from k3batch.config.model import ModelConfig
 from k3batch.config.resources import ResourcesConfig
 from k3batch.config.scores import ScoresConfig
+from k3batch.config.upscale import UpscaleConfig
 
 
 class FaultsConfig(Strict):
@@ -67,10 +68,12 @@ class RayConfig(Strict):
 
 
 class JobConfig(Strict):
-    job: Literal["text_to_image", "beautify"] = Field(
+    job: Literal["text_to_image", "beautify", "upscale"] = Field(
         "text_to_image",
         description="`text_to_image`: prompts to images and metadata. `beautify`: prompts to a "
-        "prompt table with `beautified_prompt` (no diffusion model; needs beautify.enabled).",
+        "prompt table with `beautified_prompt` (no diffusion model; needs beautify.enabled). "
+        "`upscale`: a table of images (`input.image_column`) to upscaled images and metadata "
+        "(needs upscale.model; no diffusion model of `model:` loads).",
     )
     input: InputConfig = Field(description="Where the prompt table is read from.")
     model: ModelConfig = Field(
@@ -103,6 +106,11 @@ class JobConfig(Strict):
         default_factory=ScoresConfig,
         description="Per-image score columns (CLIP score, brightness, sharpness, classifiers).",
     )
+    upscale: UpscaleConfig = Field(
+        default_factory=UpscaleConfig,
+        description="KandiSuperRes upscaling: after generation (`upscale.model` set on a "
+        "`text_to_image` job), or the whole of a `job: upscale`.",
+    )
 
     @model_validator(mode="after")
     def _beautify_source(self) -> JobConfig:
@@ -115,6 +123,18 @@ class JobConfig(Strict):
             )
         if self.job == "beautify" and self.scores.enabled:
             raise ValueError("scores.enabled scores images: job=beautify makes none")
+        return self
+
+    @model_validator(mode="after")
+    def _upscale(self) -> JobConfig:
+        if self.job == "upscale":
+            if not self.upscale.enabled:
+                raise ValueError("job=upscale needs upscale.model (x4, x2 or flash-x2)")
+            if self.beautify.enabled or self.scores.enabled:
+                on = "beautify.enabled" if self.beautify.enabled else "scores.enabled"
+                raise ValueError(f"{on}: job=upscale upscales images only; remove it")
+        elif self.job == "beautify" and self.upscale.enabled:
+            raise ValueError("upscale.model: job=beautify makes no images to upscale")
         return self
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ from collections import Counter
 
 from k3batch import schema
 from k3batch.config import JobConfig
+from k3batch.job import kinds
 from k3batch.job.inputs import InputInfo, value_counts
 from k3batch.outputs import Output, records
 
@@ -120,13 +121,13 @@ def compare_with_input(cfg: JobConfig, info: InputInfo, table) -> tuple[list, li
     from k3batch import rows
     from k3batch.dataflow import read_input
 
-    rules = rows.RowRules.from_config(cfg.generation, cfg.limits, cfg.model.name)
+    rules = kinds.get(cfg.job).record_rules(cfg)
     per_image = schema.RECORD_HASH in table.column_names
     ds = read_input(cfg, info.schema)
     id_column = cfg.input.id_column if cfg.input.id_column in info.columns else None
     images_column = (
-        schema.NUM_IMAGES_PER_PROMPT
-        if per_image and schema.NUM_IMAGES_PER_PROMPT in info.columns
+        rules.images_column
+        if per_image and rules.images_column and rules.images_column in info.columns
         else None
     )
     input_hashes, input_ids = [], []

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from k3batch import storage
 from k3batch.config import ConfigError, JobConfig
+from k3batch.job import kinds
 
 
 @dataclass
@@ -57,11 +58,12 @@ def inspect_input(cfg: JobConfig, images: bool = True) -> InputInfo:
         ) from None
     schema = unified_schema(files, schemas)
     columns = schema.names
-    if cfg.input.prompt_column not in columns:
-        raise ConfigError(
-            f"input.prompt_column: column {cfg.input.prompt_column!r} is not in the input table "
-            f"(columns: {', '.join(columns)})"
-        )
+    for name, column in kinds.get(cfg.job).input_columns(cfg).items():
+        if column not in columns:
+            raise ConfigError(
+                f"{name}: column {column!r} is not in the input table "
+                f"(columns: {', '.join(columns)})"
+            )
     beautified = cfg.input.beautified_prompt_column
     if beautified and beautified not in columns:
         raise ConfigError(
@@ -96,15 +98,14 @@ def count_images(cfg: JobConfig, files, fs, schema, num_rows: int) -> int:
     import pyarrow.dataset as pads
 
     from k3batch import rows
-    from k3batch.schema import NUM_IMAGES_PER_PROMPT
 
-    rules = rows.RowRules.from_config(cfg.generation, cfg.limits, cfg.model.name)
-    if NUM_IMAGES_PER_PROMPT not in schema.names:
+    rules = kinds.get(cfg.job).record_rules(cfg)
+    if rules.images_column is None or rules.images_column not in schema.names:
         return num_rows * rules.num_images_per_prompt
     try:
         column = (
             pads.dataset(files, schema=schema, filesystem=fs, format="parquet")
-            .to_table(columns=[NUM_IMAGES_PER_PROMPT])
+            .to_table(columns=[rules.images_column])
             .column(0)
         )
     except Exception as e:

@@ -55,6 +55,17 @@ class JobKind:
     makes_images: bool = True  # counts toward images/s; False: a table in, a table out
     uses_diffusion_model: bool = True  # `model.*` is checked at pre-flight
 
+    def input_columns(self, cfg: JobConfig) -> dict[str, str]:
+        """The columns every input table must have, by the config field naming each."""
+        return {"input.prompt_column": cfg.input.prompt_column}
+
+    def record_rules(self, cfg: JobConfig):
+        """The `rows.RowRules` that say how many records (images) each input row yields, as
+        the resume filter, the input count and the accounting read them."""
+        from k3batch.rows import RowRules
+
+        return RowRules.from_config(cfg.generation, cfg.limits, cfg.model.name)
+
     def output_format(self, cfg: JobConfig) -> str:
         """The output format (`k3batch.outputs`) this kind writes."""
         return cfg.output.format

@@ -33,6 +33,8 @@ def resolve_paths(cfg: JobConfig) -> JobConfig:
             setattr(cfg.model, name, os.path.abspath(value))
     for lora in cfg.model.lora:
         lora.path = os.path.abspath(lora.path)
+    if os.path.exists(cfg.upscale.path) or cfg.upscale.make_tiny:
+        cfg.upscale.path = os.path.abspath(cfg.upscale.path)
     if cfg.beautify.backend == "vllm" and (
         os.path.exists(cfg.beautify.model) or cfg.beautify.make_tiny
     ):
@@ -46,6 +48,24 @@ def resolve_paths(cfg: JobConfig) -> JobConfig:
     return cfg
 
 
+def check_upscaler(cfg: JobConfig) -> None:
+    """`upscale.path` holds the checkpoint `upscale.model` needs (Hub ids: fetched later)."""
+    u = cfg.upscale
+    if not u.enabled or u.make_tiny:
+        return
+    if os.path.isdir(u.path):
+        name = u.file_name
+        if not os.path.isfile(os.path.join(u.path, name)):
+            raise ConfigError(
+                f"upscale.path: {u.path} has no {name} (the upscale.model={u.model} checkpoint)"
+            )
+    elif not os.path.isfile(u.path) and not _HF_REPO_ID.match(u.path):
+        raise ConfigError(
+            f"upscale.path: {u.path!r} is neither a checkpoint file, a directory nor a Hugging "
+            "Face repo id"
+        )
+
+
 def check_model(cfg: JobConfig) -> None:
     b = cfg.beautify
     local_llm = b.make_tiny or os.path.isdir(b.model)
@@ -55,6 +75,7 @@ def check_model(cfg: JobConfig) -> None:
                 f"beautify.model: {b.model!r} is neither a model directory nor a Hugging Face "
                 "repo id"
             )
+    check_upscaler(cfg)
     if not kinds.get(cfg.job).uses_diffusion_model:
         return
     from k3batch.model import family

@@ -42,6 +42,13 @@ K22_GUIDANCE = "uncond + w*(cond - uncond), off at w <= 1"
 FLASH_TIMESTEPS = (979, 729, 479, 229)  # range(979, 0, -250) of the reference
 REFINE_TIMESTEP = 229  # one Flash step, as the 3.1 release and KandiSuperRes refine
 
+# KandiSuperRes (ai-forever/KandiSuperRes): `upscale.model` -> (scale, the published file).
+SUPERRES = {
+    "x4": (4, "KandiSuperRes.ckpt"),
+    "x2": (2, "KandiSuperRes_x2.ckpt"),
+    "flash-x2": (2, "KandiSuperRes_flash_x2.pt"),
+}
+
 LAYOUT_DIFFUSERS = "diffusers"
 LAYOUT_REFERENCE = "reference"
 

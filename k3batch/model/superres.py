@@ -44,10 +44,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from k3batch.model.family import SUPERRES
 from k3batch.model.sr_unet import SIZE_MULTIPLE, SR_UNET, SRUNet
 
 # scale -> the file name on the Hugging Face repo ai-forever/KandiSuperRes.
-CHECKPOINTS = {4: "KandiSuperRes.ckpt", 2: "KandiSuperRes_x2.ckpt"}
+CHECKPOINTS = {SUPERRES[m][0]: SUPERRES[m][1] for m in ("x4", "x2")}
 WINDOW = 1024
 STRIDE = 800
 STEPS = 5

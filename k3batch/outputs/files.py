@@ -29,6 +29,7 @@ class Files(OutputFormat):
             "quality": cfg.output.quality,
             "output_uri": output.uri,
             "storage_settings": output.settings,
+            "keep_source": cfg.upscale.enabled and cfg.upscale.keep_source,
         }
 
     def write(self, ds, cfg, output, num_rows):

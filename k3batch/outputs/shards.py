@@ -26,7 +26,7 @@ MIN_DIGITS = 5
 SHARD_NAME = re.compile(r"^(\d+)\.(tar|parquet)$")
 _MANIFEST = "_renumber.json"
 SHARD_FILES = (".tar", ".parquet", stats.SUFFIX)  # what one shard number names
-SAMPLE_EXCLUDE = (schema.IMAGE_BYTES,)
+SAMPLE_EXCLUDE = (schema.IMAGE_BYTES, schema.SOURCE_IMAGE_BYTES)
 
 
 def digits(num_rows: int) -> int:
@@ -111,14 +111,14 @@ def samples(table, image_ext: str):
 
     ok = table.filter(pc.equal(table.column(schema.STATUS), schema.STATUS_OK))
     rows = ok.drop_columns([c for c in SAMPLE_EXCLUDE if c in ok.column_names]).to_pylist()
-    return pa.table(
-        {
-            "__key__": ok.column(schema.KEY),
-            image_ext: ok.column(schema.IMAGE_BYTES),
-            "txt": ok.column(schema.PROMPT),
-            "json": pa.array([json.dumps(r, default=str) for r in rows], pa.string()),
-        }
-    )
+    columns = {"__key__": ok.column(schema.KEY), image_ext: ok.column(schema.IMAGE_BYTES)}
+    if schema.SOURCE_IMAGE_BYTES in ok.column_names:
+        # upscale.keep_source: the image before upscaling, `<key>.source.<ext>`.
+        columns[f"source.{image_ext}"] = ok.column(schema.SOURCE_IMAGE_BYTES)
+    if schema.PROMPT in ok.column_names:  # an upscale job's table may have no prompt
+        columns["txt"] = ok.column(schema.PROMPT)
+    columns["json"] = pa.array([json.dumps(r, default=str) for r in rows], pa.string())
+    return pa.table(columns)
 
 
 def renumber(fs, root: str, width: int) -> int:

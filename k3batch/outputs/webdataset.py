@@ -25,6 +25,7 @@ class WebDataset(OutputFormat):
         return EncodeImagesStage, {
             "image_format": cfg.output.image_format,
             "quality": cfg.output.quality,
+            "keep_source": cfg.upscale.enabled and cfg.upscale.keep_source,
         }
 
     def write(self, ds, cfg, output, num_rows):

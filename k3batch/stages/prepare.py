@@ -80,7 +80,7 @@ class PrepareImagesStage(Stage):
         return out
 
     def _hint(self, value, out, i) -> bytes:
-        hint = self._open(schema.HINT, value)
+        hint = self.open_image(schema.HINT, value)
         size = (out[schema.WIDTH][i], out[schema.HEIGHT][i])
         return images.prepare_image(hint, size).tobytes()
 
@@ -91,7 +91,7 @@ class PrepareImagesStage(Stage):
             entry |= {"height": None, "weight": float(item[schema.MIX_WEIGHT])}
             if item.get(schema.MIX_IMAGE) is not None:
                 field = f"mix[{j}].image"
-                image = self._open(field, item[schema.MIX_IMAGE])
+                image = self.open_image(field, item[schema.MIX_IMAGE])
                 # Carried raw to the generation actor: bounded like `image` (CLIP sees 224 px).
                 if max(image.size) > self.max_side:
                     w, h = image.size
@@ -102,7 +102,9 @@ class PrepareImagesStage(Stage):
             prepared.append(entry)
         return prepared
 
-    def _open(self, field: str, value):
+    def open_image(self, field: str, value):
+        """The PIL image `value` (a URI, a path under `base_dir`, or bytes) holds; a
+        `RowFailure` naming `field` when it cannot be read or decoded."""
         try:
             data = images.read_bytes(self._resolve(value), self.storage_settings)
         except Exception as e:  # noqa: BLE001 - any storage failure is the row's error
@@ -127,7 +129,7 @@ class PrepareImagesStage(Stage):
         return value
 
     def _prepare(self, i, source, mask_source, batch, out) -> None:
-        image = self._open(schema.IMAGE, source)
+        image = self.open_image(schema.IMAGE, source)
         w0, h0 = image.size
         width, height = images.diffusion_size(w0, h0)
         if min(width, height) < 64:
@@ -150,7 +152,7 @@ class PrepareImagesStage(Stage):
                     f"({w0}x{h0} -> {width}x{height}), leave width/height empty for image rows",
                 )
         if mask_source is not None:
-            mask_image = self._open(schema.MASK, mask_source)
+            mask_image = self.open_image(schema.MASK, mask_source)
             if mask_image.size != image.size:
                 raise RowFailure(
                     schema.MASK,

@@ -48,30 +48,10 @@ class ValidateStage(Stage):
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         n = len(batch[self.prompt_column])
-        ids = batch.get(self.id_column)
-        hashes = batch.get(schema.ROW_HASH)
         out: dict[str, list] = {name: [] for name in self.adds}
         for i in range(n):
             raw = {c: batch[c][i] for c in batch}
-            id_error = None
-            value = ids[i] if ids is not None else None
-            if ids is None:
-                row_id = rows.derived_id(hashes[i])
-            elif (isinstance(value, str) and value) or (
-                isinstance(value, int) and not isinstance(value, bool)
-            ):
-                row_id = str(value)
-                if row_id in self.duplicate_ids:
-                    # Rows sharing an id would share an image key: none of them may use it.
-                    id_error = (
-                        f"{self.id_column}: {rows.show(value)} is not unique "
-                        f"({self.duplicate_ids[row_id]} input rows give it)"
-                    )
-            else:
-                id_error = f"{self.id_column}: expected a non-empty string or integer, got {rows.show(value)}"
-            if id_error:
-                # Keep the row (accounted for, with an error) under a derived id when we can.
-                row_id = rows.derived_id(hashes[i]) if hashes is not None else f"row-{i}"
+            row_id, id_error = self.row_id(batch, i)
             raw[schema.ID] = row_id
             row = rows.normalise_row(raw, self.prompt_column, self.rules)
             if id_error:
@@ -80,3 +60,29 @@ class ValidateStage(Stage):
             for name in self.adds:
                 out[name].append(row[name])
         return out
+
+    def row_id(self, batch: dict[str, list], i: int) -> tuple[str, str | None]:
+        """Row `i`'s id and the error of a bad or repeated id (None when fine)."""
+        ids = batch.get(self.id_column)
+        hashes = batch.get(schema.ROW_HASH)
+        id_error = None
+        value = ids[i] if ids is not None else None
+        if ids is None:
+            return rows.derived_id(hashes[i]), None
+        if (isinstance(value, str) and value) or (
+            isinstance(value, int) and not isinstance(value, bool)
+        ):
+            row_id = str(value)
+            if row_id not in self.duplicate_ids:
+                return row_id, None
+            # Rows sharing an id would share an image key: none of them may use it.
+            id_error = (
+                f"{self.id_column}: {rows.show(value)} is not unique "
+                f"({self.duplicate_ids[row_id]} input rows give it)"
+            )
+        else:
+            id_error = (
+                f"{self.id_column}: expected a non-empty string or integer, got {rows.show(value)}"
+            )
+        # Keep the row (accounted for, with an error) under a derived id when we can.
+        return (rows.derived_id(hashes[i]) if hashes is not None else f"row-{i}"), id_error

@@ -36,3 +36,26 @@ def make_tiny_sr(path: str, scale: int = 4) -> str:
     torch.save(state, tmp)
     os.replace(tmp, path)
     return path
+
+
+def make_tiny_sr_folder(path: str) -> str:
+    """The tiny set of `upscale.make_tiny` in the directory `path`: the x4 and x2 files under
+    their published names, and `k3batch_config.json` with their architecture (which
+    `stages.loading.load_upscaler` reads). Files already there are kept."""
+    import json
+
+    from k3batch.model.sr_unet import TINY_SR_UNET
+    from k3batch.model.superres import CHECKPOINTS
+    from k3batch.stages.loading import TINY_SR_CONFIG_FILE
+
+    os.makedirs(path, exist_ok=True)
+    for scale, name in CHECKPOINTS.items():
+        if not os.path.exists(os.path.join(path, name)):
+            make_tiny_sr(os.path.join(path, name), scale)
+    config = os.path.join(path, TINY_SR_CONFIG_FILE)
+    if not os.path.exists(config):
+        tmp = f"{config}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"sr_unet": TINY_SR_UNET}, f, indent=2)
+        os.replace(tmp, config)
+    return path
