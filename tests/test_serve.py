@@ -240,6 +240,8 @@ def test_unknown_route_and_edits_without_inpainting_model(server):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
     r = httpx.post(f"{server['url']}/v1/images/edits", headers=auth())
     assert r.status_code == 404 and "inpainting" in r.json()["error"]["message"]
+    r = httpx.post(f"{server['url']}/v1/images/upscale", headers=auth())
+    assert r.status_code == 404 and "upscaling" in r.json()["error"]["message"]
 
 
 @pytest.fixture(scope="module")
@@ -361,10 +363,28 @@ def test_k3batch_serve_command_serves_the_demo_config(tmp_path):
 
 
 # ------------------------------------------------------------ inpainting and beautify
+UPSCALE = {
+    "model": "x2",
+    "make_tiny": True,
+    "device": "cpu",
+    "dtype": "float32",
+    "window": 32,
+    "stride": 24,
+    "num_inference_steps": 2,
+    "max_output_side": 128,
+}
+
+
 @pytest.fixture(scope="module")
-def full(server, tiny_dir, llm_server):
-    """An app with the inpainting model at /v1/images/edits and a beautifier deployment
-    calling a real `vllm serve` of the tiny LLM."""
+def upscale_args(tmp_path_factory):
+    return {**UPSCALE, "path": str(tmp_path_factory.mktemp("sr") / "tiny-sr")}
+
+
+@pytest.fixture(scope="module")
+def full(server, tiny_dir, llm_server, upscale_args):
+    """An app with the inpainting model at /v1/images/edits, KandiSuperRes at
+    /v1/images/upscale and a beautifier deployment calling a real `vllm serve` of the tiny
+    LLM."""
     from ray import serve
 
     from k3batch.serve.app import build_app
@@ -390,6 +410,8 @@ def full(server, tiny_dir, llm_server):
         },
         "limits": {**server["args"]["limits"], "max_upload_bytes": 200_000},
         "request_timeout_s": 120,
+        "upscale": upscale_args,
+        "upscaler": {"num_cpus": 0.25},
     }
     serve.run(build_app(args), name="full", route_prefix="/full")
     yield f"{server['url']}/full"
@@ -517,6 +539,50 @@ def test_edits_errors_name_the_field(full, files, data, status, param):
     r = httpx.post(f"{full}/v1/images/edits", headers=auth(), files=upload, data=data, timeout=60)
     assert r.status_code == status, r.text
     if param:
+        assert r.json()["error"]["param"] == param, r.text
+
+
+def test_upscale_route_answers_the_batch_stages_image(full, upscale_args):
+    """/v1/images/upscale (a k3batch extension): the same pixels as the batch job's
+    upscaling of that image with that seed; errors name the field."""
+
+    from k3batch.config.upscale import UpscaleConfig
+    from k3batch.stages.loading import load_upscaler
+
+    picture = np.random.default_rng(3).integers(0, 256, (24, 16, 3), np.uint8)
+    upload = {"image": ("p.png", png_bytes(Image.fromarray(picture)), "image/png")}
+    r = httpx.post(
+        f"{full}/v1/images/upscale", headers=auth(), files=upload, data={"seed": "5"}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    item = r.json()["data"][0]
+    assert (item["width"], item["height"], item["seed"]) == (32, 48, 5)
+    with torch.random.fork_rng():
+        model = load_upscaler(UpscaleConfig(**upscale_args))
+        expected = model.upscale([picture], [5], num_inference_steps=2)[0]
+    assert np.array_equal(png_pixels(item["b64_json"]), expected)
+    models = httpx.get(f"{full}/v1/models", headers=auth()).json()["data"]
+    assert "kandisuperres-x2" in [m["id"] for m in models]
+    for files, data, status, param in (
+        (upload, {"model": "kandinsky3"}, 404, "model"),
+        (
+            {"image": ("big.png", png_bytes(Image.new("RGB", (65, 8))), "image/png")},
+            {},
+            400,
+            "image",
+        ),
+        ({"image": ("junk.png", b"junk", "image/png")}, {}, 400, "image"),
+        ({"image": ("empty.png", b"", "image/png")}, {}, 400, "image"),
+        (upload, {"seed": "x"}, 400, "seed"),
+    ):
+        r = httpx.post(
+            f"{full}/v1/images/upscale",
+            headers=auth(),
+            files=files,
+            data=data,
+            timeout=60,
+        )
+        assert r.status_code == status, r.text
         assert r.json()["error"]["param"] == param, r.text
 
 

@@ -10,7 +10,7 @@ import os
 from ray import serve
 
 from k3batch.serve.config import GeneratorDeploymentConfig, ServeAppConfig
-from k3batch.serve.deployments import Beautifier, Generator, Ingress
+from k3batch.serve.deployments import Beautifier, Generator, Ingress, Upscaler
 
 
 def build_app(args: dict) -> serve.Application:
@@ -26,6 +26,8 @@ def build_app(args: dict) -> serve.Application:
             value = getattr(model, name)
             if value and os.path.exists(value):
                 setattr(model, name, os.path.abspath(value))
+    if cfg.upscale is not None and (cfg.upscale.make_tiny or os.path.exists(cfg.upscale.path)):
+        cfg.upscale.path = os.path.abspath(cfg.upscale.path)
     dump = cfg.model_dump(mode="json")
 
     def generator(g: GeneratorDeploymentConfig, name: str, role: str):
@@ -51,6 +53,16 @@ def build_app(args: dict) -> serve.Application:
             max_ongoing_requests=b.max_ongoing_requests,
             ray_actor_options={"num_cpus": b.num_cpus},
         ).bind(dump)
+    upscaler = None
+    if cfg.upscale is not None:
+        u = cfg.upscaler
+        upscaler = Upscaler.options(
+            num_replicas=u.num_replicas,
+            autoscaling_config=u.autoscaling_config,
+            max_ongoing_requests=u.max_ongoing_requests,
+            max_queued_requests=u.max_queued_requests,
+            ray_actor_options={"num_gpus": u.num_gpus, "num_cpus": u.num_cpus},
+        ).bind(dump)
     return Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(
-        generator(cfg.generator, "Generator", "generate"), dump, inpaint, beautifier
+        generator(cfg.generator, "Generator", "generate"), dump, inpaint, beautifier, upscaler
     )

@@ -15,6 +15,7 @@ from k3batch.config import (
     Strict,
     apply_member_defaults,
 )
+from k3batch.config.upscale import UpscaleConfig
 
 
 class BatchingConfig(Strict):
@@ -28,7 +29,7 @@ class BatchingConfig(Strict):
     )
 
 
-class GeneratorDeploymentConfig(Strict):
+class DeploymentConfig(Strict):
     num_replicas: int | None = Field(
         1, ge=1, description="Fixed replica count; null when `autoscaling_config` is set."
     )
@@ -37,8 +38,8 @@ class GeneratorDeploymentConfig(Strict):
         description="Ray Serve autoscaling settings (min_replicas, max_replicas, "
         "target_ongoing_requests, ...); replaces num_replicas.",
     )
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per generator replica.")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs per generator replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per replica.")
     max_ongoing_requests: int = Field(
         16, ge=1, description="Requests a replica holds at once (must be >= max_batch_size)."
     )
@@ -48,6 +49,9 @@ class GeneratorDeploymentConfig(Strict):
         description="Requests waiting for a replica before new ones are refused with 429 and "
         "Retry-After: the bound that keeps overload from queueing forever.",
     )
+
+
+class GeneratorDeploymentConfig(DeploymentConfig):
     decode_batch_size: int = Field(1, ge=1, description="Latents per MoVQ decode call.")
 
 
@@ -165,6 +169,20 @@ class ServeAppConfig(Strict):
     beautify: ServeBeautifyConfig | None = Field(
         None, description="Prompt beautification; null: `beautify: true` answers 400."
     )
+    upscale: UpscaleConfig | None = Field(
+        None,
+        description="KandiSuperRes behind /v1/images/upscale (a k3batch extension of the "
+        "Images API); its `batch_size` is the most images per upscaling call, and its pool "
+        "fields are unused (see `upscaler`). null: the endpoint answers 404.",
+    )
+    upscale_served_model_name: str | None = Field(
+        None,
+        description="The name clients pass as `model` to /v1/images/upscale; null: "
+        "`kandisuperres-<upscale.model>`.",
+    )
+    upscaler: DeploymentConfig = Field(
+        default_factory=DeploymentConfig, description="The upscaler deployment."
+    )
     request_timeout_s: float = Field(
         300.0, gt=0, description="A request not answered in this time gets 503 with Retry-After."
     )
@@ -222,6 +240,13 @@ class ServeAppConfig(Strict):
             ):
                 self.inpaint_served_model_name = inpaint.name
             deployments.append(("inpaint_generator", self.inpaint_generator))
+        if self.upscale is not None:
+            if self.upscale.model is None:
+                raise ValueError("upscale.model: set x4, x2 or flash-x2 (or upscale: null)")
+            if self.upscale_served_model_name is None:
+                self.upscale_served_model_name = f"kandisuperres-{self.upscale.model}"
+            if self.upscaler.autoscaling_config is not None:
+                self.upscaler.num_replicas = None
         for name, g in deployments:
             if g.autoscaling_config is not None:
                 g.num_replicas = None

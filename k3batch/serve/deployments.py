@@ -8,6 +8,8 @@ that batch concurrent requests onto their model with `@serve.batch`, and the opt
     POST /v1/images/variations    new images of an uploaded image through Kandinsky 2.2's
                                   prior (image mixing with one image); 400 naming `model`
                                   on other members
+    POST /v1/images/upscale       KandiSuperRes of an uploaded image (a k3batch extension;
+                                  multipart image); 404 unless `upscale` is configured
     GET  /v1/models               the served models
     GET  /healthz                 200 once every generator has loaded its model, else 503
 """
@@ -30,6 +32,7 @@ from k3batch.serve.protocol import (
     ApiError,
     ImageEditRequest,
     ImageGenerationRequest,
+    ImageUpscaleRequest,
     ImageVariationRequest,
     install_error_handlers,
     overloaded,
@@ -43,6 +46,7 @@ from k3batch.serve.uploads import (
     prepare_images,
     prepare_mix,
     read_form,
+    upscale_input,
     variation_input,
 )
 
@@ -57,11 +61,14 @@ install_error_handlers(fastapi_app)
 @serve.deployment(max_ongoing_requests=256)
 @serve.ingress(fastapi_app)
 class Ingress:
-    def __init__(self, generator, cfg: dict, inpaint_generator=None, beautifier=None):  # noqa: D107
+    def __init__(  # noqa: D107
+        self, generator, cfg: dict, inpaint_generator=None, beautifier=None, upscaler=None
+    ):
         self.cfg = ServeAppConfig.model_validate(cfg)
         self.generator = generator
         self.inpaint_generator = inpaint_generator
         self.beautifier = beautifier
+        self.upscaler = upscaler
         self.keys = load_api_keys(self.cfg)
         # The model name resolves null steps/guidance to the member's own defaults.
         self.rules = rows.RowRules.from_config(
@@ -77,7 +84,8 @@ class Ingress:
     # -- routes -------------------------------------------------------------------------
     @fastapi_app.get("/healthz")
     async def healthz(self):
-        replicas = [g for g in (self.generator, self.inpaint_generator) if g is not None]
+        deployments = (self.generator, self.inpaint_generator, self.upscaler)
+        replicas = [g for g in deployments if g is not None]
         try:
             await asyncio.wait_for(asyncio.gather(*(g.health.remote() for g in replicas)), 5)
         except Exception:  # noqa: BLE001 - any failure means not ready
@@ -90,6 +98,8 @@ class Ingress:
         names = [self.cfg.served_model_name]
         if self.cfg.inpaint_model is not None:
             names.append(self.cfg.inpaint_served_model_name)
+        if self.cfg.upscale is not None:
+            names.append(self.cfg.upscale_served_model_name)
         return {
             "object": "list",
             "data": [
@@ -109,6 +119,10 @@ class Ingress:
     @fastapi_app.post("/v1/images/variations")
     async def variations(self, request: Request):
         return await self._measured(self._variations(request))
+
+    @fastapi_app.post("/v1/images/upscale")
+    async def upscale(self, request: Request):
+        return await self._measured(self._upscale(request))
 
     # -- request handling ---------------------------------------------------------------
     async def _measured(self, answer):
@@ -182,7 +196,47 @@ class Ingress:
         results = await self._dispatch(self.generator, jobs)
         return self._answer(req, jobs, results, None)
 
-    def _check_common(self, req, served_name: str, member) -> None:
+    async def _upscale(self, request: Request) -> dict:
+        from k3batch.stages.upscale import too_large
+
+        authorize(request, self.keys)
+        if self.upscaler is None:
+            raise ApiError(
+                404,
+                "no upscaling model is configured on this server",
+                type_="not_found",
+                code="model_not_found",
+            )
+        fields, files = await read_form(request, self.cfg.limits.max_upload_bytes)
+        req = validated(ImageUpscaleRequest, fields)
+        self._check_model(req, self.cfg.upscale_served_model_name)
+        self._check_response_format(req)
+        image = await asyncio.to_thread(upscale_input, files)
+        u = self.cfg.upscale
+        h, w = image.shape[:2]
+        reason = too_large(w, h, u.scale, u.max_output_side)
+        if reason:
+            raise ApiError(400, f"image: {reason}", param="image")
+        seed = rows.pick_seed() if req.seed is None or req.seed == -1 else req.seed
+        if not 0 <= seed <= rows.MAX_SEED:
+            raise ApiError(400, f"seed: must be -1 or in [0, 2**64), got {seed}", param="seed")
+        job = {
+            schema.ID: uuid.uuid4().hex,
+            schema.IMAGE_RGB: image.tobytes(),
+            schema.WIDTH: w,
+            schema.HEIGHT: h,
+            schema.SEED: seed,
+            schema.STATUS: schema.STATUS_OK,
+            schema.ERROR: None,
+        }
+        results = await self._dispatch(self.upscaler, [job], method="upscale")
+        answer = self._answer(req, [job], results, None)
+        item = answer["data"][0]
+        item.pop("revised_prompt")
+        item["width"], item["height"] = results[0]["width"], results[0]["height"]
+        return answer
+
+    def _check_model(self, req, served_name: str) -> None:
         if req.model not in (None, served_name):
             raise ApiError(
                 404,
@@ -191,6 +245,17 @@ class Ingress:
                 param="model",
                 code="model_not_found",
             )
+
+    def _check_response_format(self, req) -> None:
+        if req.response_format == "url" and not self.cfg.output_uri:
+            raise ApiError(
+                400,
+                "response_format 'url' needs an output bucket; use b64_json",
+                param="response_format",
+            )
+
+    def _check_common(self, req, served_name: str, member) -> None:
+        self._check_model(req, served_name)
         if member.family != family.KANDINSKY22:
             for name in (schema.PRIOR_NUM_INFERENCE_STEPS, schema.PRIOR_GUIDANCE_SCALE):
                 if getattr(req, name) is not None:
@@ -204,12 +269,7 @@ class Ingress:
             raise ApiError(
                 400, f"n must be in [1, {self.cfg.limits.max_n}], got {req.n}", param="n"
             )
-        if req.response_format == "url" and not self.cfg.output_uri:
-            raise ApiError(
-                400,
-                "response_format 'url' needs an output bucket; use b64_json",
-                param="response_format",
-            )
+        self._check_response_format(req)
         if getattr(req, "beautify", False) and self.beautifier is None:
             raise ApiError(400, "beautify is not configured on this server", param="beautify")
 
@@ -244,10 +304,11 @@ class Ingress:
             )
         return result
 
-    async def _dispatch(self, generator, jobs: list[dict]) -> list[dict]:
+    async def _dispatch(self, generator, jobs: list[dict], method: str = "generate") -> list[dict]:
+        call = getattr(generator, method)
         try:
             results = await asyncio.wait_for(
-                asyncio.gather(*(generator.generate.remote(job) for job in jobs)),
+                asyncio.gather(*(call.remote(job) for job in jobs)),
                 timeout=self.cfg.request_timeout_s,
             )
         except serve.exceptions.BackPressureError:
@@ -359,6 +420,49 @@ class Generator:
         recorder.images("generate", len(jobs) - failed)
         recorder.errors("generate", {"generate": failed})
         recorder.latency("generate", time.perf_counter() - start)
+        return results
+
+
+@serve.deployment
+class Upscaler:
+    """Holds one KandiSuperRes model; concurrent requests are batched into `UpscaleStage`
+    calls (their windows share UNet calls), which retry a failed batch image by image."""
+
+    def __init__(self, cfg: dict):
+        from k3batch.stages.upscale import UpscaleStage
+
+        app = ServeAppConfig.model_validate(cfg)
+        self.stage = UpscaleStage(app.upscale, field="image")
+        self.upscale.set_max_batch_size(app.upscale.batch_size)
+        self.upscale.set_batch_wait_timeout_s(app.batching.batch_wait_timeout_s)
+
+    def health(self) -> bool:
+        return True
+
+    @serve.batch(max_batch_size=2, batch_wait_timeout_s=0.05)
+    async def upscale(self, jobs: list[dict]) -> list[dict]:
+        return await asyncio.to_thread(self._upscale, jobs)
+
+    def _upscale(self, jobs: list[dict]) -> list[dict]:
+        from k3batch.images import encode_rgb
+        from k3batch.metrics import APP_SERVE, metrics
+
+        start = time.perf_counter()
+        out = self.stage({c: [job[c] for job in jobs] for c in self.stage.needs})
+        results = []
+        for i in range(len(jobs)):
+            if out[schema.STATUS][i] != schema.STATUS_OK:
+                results.append({"error": out[schema.ERROR][i]})
+                continue
+            w, h = out[schema.WIDTH][i], out[schema.HEIGHT][i]
+            png = encode_rgb(out[schema.IMAGE_RGB][i], w, h, "png")
+            results.append({"png": png, "width": w, "height": h})
+        recorder = metrics(APP_SERVE)
+        failed = sum(1 for r in results if r.get("error"))
+        recorder.rows("upscale", len(jobs))
+        recorder.images("upscale", len(jobs) - failed)
+        recorder.errors("upscale", {"upscale": failed})
+        recorder.latency("upscale", time.perf_counter() - start)
         return results
 
 

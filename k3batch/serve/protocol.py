@@ -139,6 +139,18 @@ class ImageVariationRequest(BaseModel):
     prior_guidance_scale: float | None = None
 
 
+class ImageUpscaleRequest(BaseModel):
+    """`POST /v1/images/upscale` form fields (the image is a file): a k3batch extension in
+    the Images API's style. The answer is one image, `upscale.model`'s scale larger."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    model: str | None = None
+    user: str | None = None
+    seed: int | None = None
+
+
 def validated(model: type[BaseModel], data: dict):
     """`data` as a `model` request, or a 400 naming the first bad field."""
     try:

@@ -108,6 +108,17 @@ def edit_inputs(files: dict) -> tuple[bytes, bytes]:
     return image_bytes, buf.getvalue()
 
 
+def upscale_input(files: dict):
+    """The uploaded image of /v1/images/upscale as an HxWx3 uint8 array."""
+    import numpy as np
+
+    unknown = sorted(set(files) - {"image"})
+    if unknown:
+        raise ApiError(400, f"{unknown[0]}: unexpected file field", param=unknown[0])
+    image = _open_upload("image", _one_file(files, "image", required=True))
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
 def variation_input(files: dict) -> bytes:
     """The uploaded image of /v1/images/variations, checked readable."""
     unknown = sorted(set(files) - {"image"})
