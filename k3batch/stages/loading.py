@@ -125,6 +125,11 @@ def load_upscaler(upscale: UpscaleConfig):
     from k3batch.model.loading import resolve_device
     from k3batch.model.superres import KandiSuperRes
 
+    if upscale.model == "flash-x2":
+        raise NotImplementedError(
+            "upscale.model: flash-x2 (KandiSuperRes Flash x2) is not wired into k3batch yet; "
+            "use x2 or x4"
+        )
     ensure_tiny_upscaler(upscale)
     file = upscaler_file(upscale)
     sidecar = os.path.join(os.path.dirname(file), TINY_SR_CONFIG_FILE)
