@@ -12,7 +12,9 @@
 #   4. gpu_bench.py --scheduler: the base run with a diffusers solver at the steps it needs
 #      (SOLVER, SOLVER_STEPS; see docs/models-and-numerics.md, Schedulers; k3batch only);
 #   5. gpu_bench.py --members kandinsky2.2: Kandinsky 2.2 at 768x768 (prior 25 steps, decoder
-#      100, guidance 4), k3batch vs diffusers' KandinskyV22CombinedPipeline.
+#      100, guidance 4), k3batch vs diffusers' KandinskyV22CombinedPipeline;
+#   6. gpu_bench.py --members kandisuperres-x4: KandiSuperRes x4 of a 1024x1024 image (4096x4096
+#      out, 25 windows x 5 steps, float16), windows batched 4 per UNet call vs 1.
 # Results land in $OUT (default out/device_check) as JSON, with one log, check.log.
 # The GPU test machine has no diffusers: a wheel in .whl/ is installed to a private folder.
 set -uo pipefail
@@ -47,7 +49,7 @@ step() { # name seconds command...
 if [ "$small" = 1 ]; then
   # One process for both families (the imports are most of a small run).
   step bench 300 "$python" benchmarks/gpu_bench.py --small \
-    --members kandinsky3,kandinsky3-flash,kandinsky2.2 --json "$out/bench.json"
+    --members kandinsky3,kandinsky3-flash,kandinsky2.2,kandisuperres-x4 --json "$out/bench.json"
   step drift 300 "$python" benchmarks/precision_drift.py --small --json "$out/drift.json"
 else
   { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -63,5 +65,7 @@ else
     --scheduler "${SOLVER:-dpmsolver++}" --steps "${SOLVER_STEPS:-30}" --json "$out/bench_solver.json"
   step k22 "${K22_S:-150}" "$python" benchmarks/gpu_bench.py --members kandinsky2.2 \
     --json "$out/bench_k22.json"
+  step superres "${SR_S:-120}" "$python" benchmarks/gpu_bench.py --members kandisuperres-x4 \
+    --json "$out/bench_superres.json"
 fi
 grep -h "img/s\|x$\|PSNR\|rc=" "$log" | tail -40

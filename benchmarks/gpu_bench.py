@@ -32,6 +32,8 @@ both compute once per call (under 0.1% of a batch's).
                                                          # steps, decoder 100, guidance 4 (both)
     python benchmarks/gpu_bench.py --scheduler dpmsolver++ --steps 20 --no-baseline \
         --members kandinsky3                             # a diffusers solver (generation.scheduler)
+    python benchmarks/gpu_bench.py --members kandisuperres-x4  # KandiSuperRes x4 of a 1024x1024
+                                                         # image (benchmarks/superres_bench.py)
 """
 
 from __future__ import annotations
@@ -95,7 +97,11 @@ def parse_args(argv=None):
         "--decode-batch-size", type=int, default=None, help="default 4 (1 small), as configs"
     )
     p.add_argument("--repeats", type=int, default=None, help="timed runs; default 3 (1 small)")
-    p.add_argument("--members", default="kandinsky3,kandinsky3-flash", help="and/or kandinsky2.2")
+    p.add_argument(
+        "--members",
+        default="kandinsky3,kandinsky3-flash",
+        help="and/or kandinsky2.2, kandisuperres-x4",
+    )
     p.add_argument("--k22-size", type=int, default=None, help="2.2 image side; 768 (64 small)")
     p.add_argument("--k22-steps", type=int, default=None, help="2.2 decoder steps; 100 (4 small)")
     p.add_argument("--prior-steps", type=int, default=None, help="2.2 prior steps; 25 (2 small)")
@@ -613,6 +619,26 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
+    from benchmarks import superres_bench
+
+    superres = None
+    if superres_bench.MEMBER in args.members:
+        # Its own run and table (another model kind: no text encoder, pixel-space windows).
+        args.members = [m for m in args.members if m != superres_bench.MEMBER]
+        superres = superres_bench.bench(
+            args.small,
+            args.device,
+            "float32" if args.small else "float16",
+            args.repeats if args.small else 2,
+            (4, 1),
+        )
+        print(superres_bench.report(superres, args.peak_tflops), flush=True)
+        if not args.members:
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"superres": superres}, f, indent=2)
+            return {"superres": superres}
+
     if args.threads:
         torch.set_num_threads(args.threads)
     from diffusers import Kandinsky3Pipeline
@@ -719,6 +745,7 @@ def main(argv=None) -> dict:
         "flops_per_call_kandinsky2.2": per_call_k22,
         "sdpa_backends": backends,
         "results": [{**asdict(r), "images_per_second": r.images_per_second} for r in results],
+        "superres": superres,
     }
     if args.json:
         with open(args.json, "w") as f:

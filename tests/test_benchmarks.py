@@ -51,6 +51,14 @@ def test_device_check_small_mode_runs_the_gpu_bench_and_the_drift_check(tmp_path
     assert k22["image"] == k22["text"] + k22["unet"] + k22["decode"]
     assert k22["decode"] == call["decode"] > 0
 
+    # KandiSuperRes x4 (small: 16 px -> 64 px, 32 px windows every 24: 3 x 3 windows, 5 steps):
+    # 4 windows per UNet call take ceil(9 / 4) calls a step, 1 per call takes 9.
+    sr = data["superres"]
+    assert sr["windows"] == 9 and sr["steps"] == 5 and sr["flops_per_image"] > 0
+    calls = {r["max_tiles_per_call"]: r["unet_calls"] for r in sr["runs"]}
+    assert calls == {4: 15, 1: 45} and all(r["seconds"] > 0 for r in sr["runs"])
+    assert "kandisuperres-x4: 4 tiles/call vs 1 (the reference's loop) images/s =" in log
+
     drift = json.loads((tmp_path / "drift.json").read_text())["results"]
     assert list(drift) == ["fp32", "fp32+tf32", "reference", "bfloat16"]
     assert drift["fp32"]["psnr_db"] == [math.inf, math.inf]
