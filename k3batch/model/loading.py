@@ -237,7 +237,7 @@ def load_pickle(file: str) -> dict:
         return torch.load(file, map_location="cpu", weights_only=True)
 
 
-def _build(cls, config: dict, state: dict, dtype, device) -> nn.Module:
+def build(cls, config: dict, state: dict, dtype, device) -> nn.Module:
     """`cls(**config)` on the meta device, holding `state` cast onto `device` and `dtype`.
 
     Tensor by tensor from the memory-mapped file to the device: no full host copy (in float32
@@ -273,7 +273,7 @@ def reference_unet(
     state = keymap.unet_state_to_diffusers(ckpt["unet"], projection)
     config = _reference_unet_config(root, member, projection)
     null = ckpt.get("null_embedding")
-    unet = _build(unet_class(member), config, state, dtype, device)
+    unet = build(unet_class(member), config, state, dtype, device)
     return unet, (null.float().clone() if null is not None else None)
 
 
@@ -316,7 +316,7 @@ def reference_movq(root: str, dtype=torch.float32, device="cpu"):
         "quantize.embedding.weight",
         torch.zeros(config["num_vq_embeddings"], config["vq_embed_dim"]),
     )
-    return _build(VQModel, config, state, dtype, device)
+    return build(VQModel, config, state, dtype, device)
 
 
 def _reference_root(path: str) -> str:

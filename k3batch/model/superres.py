@@ -151,7 +151,7 @@ class KandiSuperRes:
             raise ValueError(f"dtype: {dtype!r}, expected one of {sorted(loading.DTYPES)}")
         file = os.path.join(path, CHECKPOINTS[scale]) if os.path.isdir(path) else path
         state = checkpoint_state(loading.load_pickle(file))
-        unet = loading._build(
+        unet = loading.build(
             SRUNet,
             config or SR_UNET,
             state,

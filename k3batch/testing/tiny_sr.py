@@ -59,3 +59,34 @@ def make_tiny_sr_folder(path: str) -> str:
             json.dump({"sr_unet": TINY_SR_UNET}, f, indent=2)
         os.replace(tmp, config)
     return path
+
+
+def make_tiny_sr_flash(folder: str) -> str:
+    """A tiny Flash x2 set in `folder`: `KandiSuperRes_flash_x2.pt` as the reference's loader
+    reads it (`{"unet": state}`) and the fixed refine context `context.pt` / `context_mask.pt`
+    (the KandiSuperRes repo's `weights/` files: [1, 128, C] in the Flash UNet's context space,
+    one unmasked position) at the tiny Kandinsky 3 UNet's context width. Pair it with the
+    tiny Kandinsky 3 checkpoint of `k3batch.testing.tiny.make_tiny` for the Flash UNet and
+    the MoVQ. Returns `folder`."""
+    import torch
+
+    from k3batch.model.sr_unet import TINY_SR_UNET, SRUNet
+    from k3batch.model.superres_flash import CONTEXT_FILE, CONTEXT_MASK_FILE, SR_FILE
+    from k3batch.testing.tiny_parts import TINY_UNET
+
+    os.makedirs(folder, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SR_SEED + 22)
+        state = SRUNet(**TINY_SR_UNET).state_dict()
+        context = torch.randn(1, 128, TINY_UNET["cross_attention_dim"]).half()
+    mask = torch.zeros(1, 128, dtype=torch.long)
+    mask[0, 0] = 1
+    for name, obj in (
+        (SR_FILE, {"unet": state}),
+        (CONTEXT_FILE, context),
+        (CONTEXT_MASK_FILE, mask),
+    ):
+        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+        torch.save(obj, tmp)
+        os.replace(tmp, os.path.join(folder, name))
+    return folder

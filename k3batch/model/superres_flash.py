@@ -1,0 +1,286 @@
+"""KandiSuperRes Flash x2: four x0 steps of the SR UNet, then a tiled Kandinsky 3 Flash refine.
+
+Follows ai-forever/KandiSuperRes (`sr_pipeline.py` with flash=True, scale=2,
+`model/diffusion_sr_turbo.py`, `model/diffusion_refine.py`):
+
+- pixels: each side rounded down to a multiple of 32 (PIL's bicubic resize when it changes),
+  [-1, 1] floats; the canvas is twice that;
+- SR: x = noise; for t in 979, 729, 479, 229 (linear betas 1e-4..0.02 over 1000 steps):
+  x = UNet(q_sample(x, t, fresh noise), t, low-res image): the SR UNet predicts x0, the whole
+  canvas in one call per image (the reference does not tile this part);
+- refine: MoVQ-encode the SR image; in latent tiles of 352 every 264 (overlap 0.25, the last
+  tiles shorter), q_sample at t = 229 on the cosine schedule and take x0 from the Kandinsky 3
+  Flash UNet's epsilon with the fixed context of the KandiSuperRes repo (`weights/context.pt`,
+  `context_mask.pt`: 128 positions already in the UNet's context space, one unmasked; the
+  reference's pooling is the mean over all 128 positions, so the Denoiser pools by 128);
+  tiles are blended linearly over 88 latents with the tile above and to the left (in place,
+  so a tile blends with its already-blended neighbours), then cropped to 264;
+- MoVQ decode, clip((x + 1) / 2), bilinear align_corners=True to 2x the input size when the
+  rounding changed it, x255 truncated.
+
+Noise: one CPU generator per image seeded from its seed, drawn in the reference's order
+(initial noise, one per SR step, one per refine tile in row-major order), so an image
+depends only on its seed. Refine tiles of equal shape from any images share UNet calls of at
+most `max_tiles_per_call`.
+
+Deviation/limits: the reference's MoVQ tiles encode and decode above 1024 px (tile 1024,
+decode overlap 0.25); k3batch's MoVQ runs untiled, so outputs above 1024 px are not yet the
+reference's pixels and the SR step's memory grows with the canvas.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from k3batch.model.family import FLASH_TIMESTEPS, REFINE_TIMESTEP, SUPERRES
+from k3batch.model.sr_unet import SR_UNET, SRUNet
+
+SR_FILE = SUPERRES["flash-x2"][1]
+CONTEXT_FILE = "context.pt"
+CONTEXT_MASK_FILE = "context_mask.pt"
+SIDE_MULTIPLE = 32
+TILE = 352  # latent tile of the refine
+OVERLAP = 0.25
+MAX_TILES_PER_CALL = 4
+
+
+def linear_alphas_cumprod() -> torch.Tensor:
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float32)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def tile_starts(side: int, tile: int = TILE, overlap: float = OVERLAP) -> list[int]:
+    """The reference's tile offsets: every tile * (1 - overlap), tiles past the edge cut."""
+    return list(range(0, side, int(tile * (1 - overlap))))
+
+
+def blend_tiles(tiles: list[list[torch.Tensor]], tile: int = TILE, overlap: float = OVERLAP):
+    """The reference's blend: linear ramps over tile * overlap with the (already blended) tile
+    above and to the left, each tile then cropped to tile - blend; returns the whole latent."""
+    extent = int(tile * overlap)
+    keep = tile - extent
+    rows = []
+    for i, row in enumerate(tiles):
+        out = []
+        for j, t in enumerate(row):
+            if i > 0:
+                above = tiles[i - 1][j]
+                n = min(above.shape[2], t.shape[2], extent)
+                for y in range(n):
+                    t[:, :, y] = above[:, :, y - n] * (1 - y / n) + t[:, :, y] * (y / n)
+            if j > 0:
+                left = row[j - 1]
+                n = min(left.shape[3], t.shape[3], extent)
+                for x in range(n):
+                    t[:, :, :, x] = left[:, :, :, x - n] * (1 - x / n) + t[:, :, :, x] * (x / n)
+            out.append(t[:, :, :keep, :keep])
+        rows.append(torch.cat(out, dim=3))
+    return torch.cat(rows, dim=2)
+
+
+def load_context(folder: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed refine context (`context.pt`, `context_mask.pt`: tensors only)."""
+    from k3batch.model import loading
+
+    out = []
+    for name in (CONTEXT_FILE, CONTEXT_MASK_FILE):
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(
+                f"context_path: {folder!r} has no {name} (the KandiSuperRes repo's weights/)"
+            )
+        t = loading.load_pickle(file)
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"context_path: {file} does not hold one tensor")
+        out.append(t)
+    context, mask = out
+    if context.dim() != 3 or mask.shape != context.shape[:2]:
+        raise ValueError(
+            f"context_path: context {tuple(context.shape)} / mask {tuple(mask.shape)}"
+            " are not [1, L, C] / [1, L]"
+        )
+    return context.float(), mask.long()
+
+
+@dataclass
+class _Row:
+    out_size: tuple[int, int]
+    lowres: torch.Tensor  # (1, 3, H, W) float32 at the canvas size
+    generator: torch.Generator
+
+
+class KandiSuperResFlash:
+    """The Flash x2 SR UNet, Kandinsky 3 Flash (as a Denoiser) and the MoVQ."""
+
+    scale = 2
+
+    def __init__(
+        self,
+        unet: SRUNet,
+        refiner,
+        movq,
+        context: torch.Tensor,
+        context_mask: torch.Tensor,
+        *,
+        refine: bool = True,
+        max_tiles_per_call: int = MAX_TILES_PER_CALL,
+    ):
+        if max_tiles_per_call < 1:
+            raise ValueError(f"max_tiles_per_call: {max_tiles_per_call!r}, expected >= 1")
+        self.unet = unet.eval()
+        self.refiner = refiner  # k3batch.model.denoiser.Denoiser of the Flash member
+        self.movq = movq
+        self.context, self.context_mask = context, context_mask
+        self.refine = refine
+        self.max_tiles_per_call = max_tiles_per_call
+        first = next(unet.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        self.abar_sr = linear_alphas_cumprod()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        kandinsky3_path: str,
+        context_path: str | None = None,
+        device: str = "auto",
+        dtype: str = "float32",
+        *,
+        config: dict | None = None,
+        **sampling,
+    ) -> KandiSuperResFlash:
+        """`path`: `KandiSuperRes_flash_x2.pt` or a folder holding it; `kandinsky3_path`: a
+        Kandinsky 3 checkpoint k3batch loads (reference `weights/` or diffusers layout) for
+        the Flash UNet and the MoVQ (MoVQ in float32, as the reference); `context_path`: the
+        folder with `context.pt` and `context_mask.pt` (default: `path`'s folder, then its
+        `weights/`). Every file is read with `weights_only=True`: no pickled code runs."""
+        from k3batch.model import family, loading
+        from k3batch.model.denoiser import Denoiser
+
+        if dtype not in loading.DTYPES:
+            raise ValueError(f"dtype: {dtype!r}, expected one of {sorted(loading.DTYPES)}")
+        file = os.path.join(path, SR_FILE) if os.path.isdir(path) else path
+        folder = os.path.dirname(os.path.abspath(file))
+        if context_path is None:
+            context_path = folder
+            if not os.path.isfile(os.path.join(folder, CONTEXT_FILE)):
+                context_path = os.path.join(folder, "weights")
+        context, mask = load_context(context_path)
+        from k3batch.model.superres import checkpoint_state
+
+        dev = loading.resolve_device(device)
+        unet = loading.build(
+            SRUNet,
+            config or SR_UNET,
+            checkpoint_state(loading.load_pickle(file)),
+            loading.DTYPES[dtype],
+            dev,
+        )
+        member = family.MEMBERS[family.FLASH]
+        parts = loading.load(
+            kandinsky3_path,
+            [member],
+            dtype={"unet": dtype, "movq": "float32", "text_encoder": "float32"},
+            device=device,
+            text_encoder=False,
+        )
+        flash_unet, null = parts.unets[member.name]
+        return cls(unet, Denoiser(member, flash_unet, null), parts.movq, context, mask, **sampling)
+
+    def canvas_side(self, side: int) -> int:
+        return (side - side % SIDE_MULTIPLE) * self.scale
+
+    def _row(self, image: np.ndarray, seed: int) -> _Row:
+        h, w = image.shape[:2]
+        rh, rw = h - h % SIDE_MULTIPLE, w - w % SIDE_MULTIPLE
+        if (rh, rw) != (h, w):
+            from PIL import Image
+
+            image = np.asarray(Image.fromarray(image).resize((rw, rh), Image.BICUBIC))
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]
+        lowres = pixels.float().div(255) * 2 - 1
+        # The UNet resizes the low-res image bilinearly to its input; doing it once here is
+        # the same interpolation.
+        lowres = F.interpolate(lowres, (rh * 2, rw * 2), mode="bilinear").to(self.device)
+        return _Row((h * 2, w * 2), lowres, torch.Generator("cpu").manual_seed(seed))
+
+    def _noise(self, row: _Row, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=row.generator).to(self.device)
+
+    @torch.no_grad()
+    def sr(self, row: _Row) -> torch.Tensor:
+        """The four x0 steps on one canvas: (1, 3, 2H', 2W') float32 in [-1, 1]-ish."""
+        shape = tuple(row.lowres.shape)
+        x = self._noise(row, shape)
+        for t in FLASH_TIMESTEPS:
+            abar = self.abar_sr[t]
+            x_t = abar.sqrt() * x + (1 - abar).sqrt() * self._noise(row, shape)
+            time = torch.full((1,), float(t), device=self.device, dtype=self.dtype)
+            x = self.unet(x_t.to(self.dtype), time, row.lowres.to(self.dtype)).float()
+        return x
+
+    @torch.no_grad()
+    def upscale(self, images: list[np.ndarray], seeds: list[int]) -> list[np.ndarray]:
+        """Each HxWx3 uint8 image upscaled to (2H)x(2W)x3 uint8 with its seed."""
+        from k3batch.model import movq as movqmod
+        from k3batch.model.superres import _check_inputs, _to_uint8
+
+        _check_inputs(images, seeds, 1)
+        for i, im in enumerate(images):
+            if min(im.shape[:2]) < SIDE_MULTIPLE:
+                raise ValueError(
+                    f"images[{i}]: sides must be >= {SIDE_MULTIPLE} px, got {im.shape[:2]}"
+                )
+        rows = [self._row(im, int(s)) for im, s in zip(images, seeds, strict=True)]
+        srs = [self.sr(row) for row in rows]
+        if not self.refine:
+            return [_to_uint8(x, row.out_size) for x, row in zip(srs, rows, strict=True)]
+        latents = [movqmod.encode(self.movq, x.to(self.device)) for x in srs]
+        refined = self.refine_tiles(rows, latents)
+        param = next(self.movq.parameters())
+        out = []
+        for z, row in zip(refined, rows, strict=True):
+            x = self.movq.decode(z.to(param.device, param.dtype), force_not_quantize=True).sample
+            out.append(_to_uint8(x.float(), row.out_size))
+        return out
+
+    def refine_tiles(self, rows: list[_Row], latents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The tiled one-step refine of each row's latent, tiles batched across rows."""
+        from k3batch.model.schedule import DiffusionSchedule
+
+        sched = DiffusionSchedule(self.device)
+        t = REFINE_TIMESTEP
+        tiles, groups = [], {}
+        for r, (row, z) in enumerate(zip(rows, latents, strict=True)):
+            grid = []
+            for a in tile_starts(z.shape[2]):
+                line = []
+                for c in tile_starts(z.shape[3]):
+                    tile = z[:, :, a : a + TILE, c : c + TILE]
+                    x_t = sched.add_noise(tile, t, self._noise(row, tuple(tile.shape)))
+                    groups.setdefault(tuple(tile.shape[2:]), []).append((r, len(grid), len(line)))
+                    line.append(x_t)
+                grid.append(line)
+            tiles.append(grid)
+        for members in groups.values():
+            for i in range(0, len(members), self.max_tiles_per_call):
+                chunk = members[i : i + self.max_tiles_per_call]
+                x = torch.cat([tiles[r][a][c] for r, a, c in chunk])
+                eps = self._eps(x, t)
+                for (r, a, c), e in zip(chunk, eps, strict=True):
+                    tiles[r][a][c] = sched.x0_from_eps(tiles[r][a][c], t, e[None])
+        return [blend_tiles(grid) for grid in tiles]
+
+    def _eps(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        n = x.shape[0]
+        dev, dt = self.refiner.device, self.refiner.dtype
+        context = self.context.to(dev, dt).expand(n, -1, -1)
+        mask = self.context_mask.to(dev).expand(n, -1)
+        # The reference pools by the mean over every context position.
+        lengths = torch.full((n,), float(context.shape[1]), device=dev)
+        return self.refiner(x, t, context, mask, lengths).to(x.device)
