@@ -31,8 +31,7 @@ that is not a multiple of 8 (x2 of a side that is 2 mod 4) breaks the UNet's ski
 connections there; such a side is rounded up to a multiple of 8 and the result resized to
 the output size like an odd side.
 
-Not here yet: Flash x2 (`diffusion_sr_turbo.py`: 4 x0 steps then a Kandinsky 3 Flash
-refine), the job stage and the Serve route.
+Flash x2 (`diffusion_sr_turbo.py`) is `superres_flash.KandiSuperResFlash`.
 """
 
 from __future__ import annotations
