@@ -99,6 +99,27 @@ def test_the_stage_upscales_each_record_with_its_seed_whatever_the_batch(sr_dir)
     assert again[schema.IMAGE_RGB][0] != out[schema.IMAGE_RGB][0]
 
 
+def test_the_stage_runs_flash_x2_with_its_refine_per_record(sr_dir):
+    cfg = UpscaleConfig(model="flash-x2", path=sr_dir, make_tiny=True, device="cpu")
+    stage = UpscaleStage(cfg, field="upscale")
+    images = [picture(32, 32, 4), picture(16, 40, 5)]  # the second is below Flash's 32 px
+    out = stage(records(images, [3, 4]))
+    assert out[schema.STATUS] == ["ok", "error"]
+    assert "sides must be >= 32" in out[schema.ERROR][1]
+    assert out[schema.ERROR][1].startswith("upscale")
+    assert (out[schema.WIDTH][0], out[schema.HEIGHT][0]) == (64, 64)
+    assert out[schema.UPSCALE_MODEL][0].startswith("kandisuperres-flash-x2:")
+    # the stage's pixels are the model's, refine included, for the record's seed
+    alone = load_upscaler(cfg).upscale([images[0]], [3])[0]
+    got = np.frombuffer(out[schema.IMAGE_RGB][0], np.uint8).reshape(64, 64, 3)
+    assert np.array_equal(got, alone)
+
+
+def test_flash_x2_needs_a_kandinsky3_checkpoint():
+    with pytest.raises(ValueError, match="upscale.kandinsky3_path"):
+        UpscaleConfig(model="flash-x2", path="somewhere")
+
+
 def test_an_image_too_large_to_upscale_is_its_rows_error(sr_dir):
     stage = UpscaleStage(upscale_config(sr_dir, max_output_side=40), field="upscale")
     out = stage(records([picture(16, 16), picture(24, 16)], [0, 0]))

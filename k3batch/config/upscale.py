@@ -31,6 +31,14 @@ class UpscaleConfig(Strict):
         "(`torch.load(weights_only=True)`): a pickled object in the file is refused, no code "
         "in it runs.",
     )
+    kandinsky3_path: str | None = Field(
+        None,
+        description="`flash-x2` only: the Kandinsky 3 checkpoint whose Flash UNet and MoVQ run "
+        "the refine (reference `weights/` layout or diffusers, a directory or Hugging Face "
+        "repo id, e.g. `ai-forever/Kandinsky3.1`). null with `make_tiny`: the tiny one built "
+        "in `path`/kandinsky3. The fixed refine context (`context.pt`, `context_mask.pt`) is "
+        "read beside the Flash x2 file.",
+    )
     make_tiny: bool = Field(
         False,
         description="Build tiny random-weight checkpoints in the directory `path` (demos and "
@@ -99,6 +107,11 @@ class UpscaleConfig(Strict):
 
     @model_validator(mode="after")
     def _window(self) -> UpscaleConfig:
+        if self.model == "flash-x2" and self.kandinsky3_path is None and not self.make_tiny:
+            raise ValueError(
+                "upscale.kandinsky3_path is null: upscale.model: flash-x2 needs a Kandinsky 3 "
+                "checkpoint for its Flash refine (or upscale.make_tiny: true)"
+            )
         if self.stride > self.window:
             raise ValueError(
                 f"upscale.stride={self.stride} is above upscale.window={self.window}: windows "

@@ -102,6 +102,14 @@ def ensure_tiny_upscaler(upscale: UpscaleConfig) -> None:
         make_tiny_sr_folder(upscale.path)
 
 
+def flash_kandinsky3_path(upscale: UpscaleConfig) -> str:
+    """The Kandinsky 3 checkpoint of the Flash x2 refine: `upscale.kandinsky3_path`, else the
+    tiny one `make_tiny` builds in `path`/kandinsky3."""
+    if upscale.kandinsky3_path is not None:
+        return upscale.kandinsky3_path
+    return os.path.join(upscale.path, "kandinsky3")
+
+
 def upscaler_file(upscale: UpscaleConfig) -> str:
     """The checkpoint file of `upscale.model`: in the directory `path`, the file `path`,
     or fetched from the Hugging Face repo `path`."""
@@ -125,11 +133,6 @@ def load_upscaler(upscale: UpscaleConfig):
     from k3batch.model.loading import resolve_device
     from k3batch.model.superres import KandiSuperRes
 
-    if upscale.model == "flash-x2":
-        raise NotImplementedError(
-            "upscale.model: flash-x2 (KandiSuperRes Flash x2) is not wired into k3batch yet; "
-            "use x2 or x4"
-        )
     ensure_tiny_upscaler(upscale)
     file = upscaler_file(upscale)
     sidecar = os.path.join(os.path.dirname(file), TINY_SR_CONFIG_FILE)
@@ -139,6 +142,17 @@ def load_upscaler(upscale: UpscaleConfig):
             config = json.load(f)["sr_unet"]
     device = resolve_device(upscale.device)
     dtype = upscale.dtype or ("float16" if device.type == "cuda" else "float32")
+    if upscale.model == "flash-x2":
+        from k3batch.model.superres_flash import KandiSuperResFlash
+
+        return KandiSuperResFlash.from_pretrained(
+            file,
+            flash_kandinsky3_path(upscale),
+            device=str(device),
+            dtype=dtype,
+            config=config,
+            max_tiles_per_call=upscale.max_tiles_per_call,
+        )
     return KandiSuperRes.from_pretrained(
         file,
         upscale.scale,

@@ -39,8 +39,10 @@ def make_tiny_sr(path: str, scale: int = 4) -> str:
 
 
 def make_tiny_sr_folder(path: str) -> str:
-    """The tiny set of `upscale.make_tiny` in the directory `path`: the x4 and x2 files under
-    their published names, and `k3batch_config.json` with their architecture (which
+    """The tiny set of `upscale.make_tiny` in the directory `path`: the x4, x2 and Flash x2
+    files under their published names (with the Flash refine's context beside them and a
+    tiny Kandinsky 3 checkpoint, reference layout, in `path`/kandinsky3), and
+    `k3batch_config.json` with the SR UNets' architecture (which
     `stages.loading.load_upscaler` reads). Files already there are kept."""
     import json
 
@@ -52,6 +54,14 @@ def make_tiny_sr_folder(path: str) -> str:
     for scale, name in CHECKPOINTS.items():
         if not os.path.exists(os.path.join(path, name)):
             make_tiny_sr(os.path.join(path, name), scale)
+    from k3batch.model.superres_flash import CONTEXT_MASK_FILE
+
+    if not os.path.exists(os.path.join(path, CONTEXT_MASK_FILE)):  # written last
+        make_tiny_sr_flash(path)
+    if not os.path.isdir(os.path.join(path, "kandinsky3")):
+        from k3batch.testing.tiny import make_tiny
+
+        make_tiny(os.path.join(path, "kandinsky3"), layout="reference")
     config = os.path.join(path, TINY_SR_CONFIG_FILE)
     if not os.path.exists(config):
         tmp = f"{config}.tmp-{os.getpid()}"
