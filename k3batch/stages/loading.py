@@ -99,7 +99,7 @@ def ensure_tiny_upscaler(upscale: UpscaleConfig) -> None:
     if upscale.enabled and upscale.make_tiny:
         from k3batch.testing.tiny_sr import make_tiny_sr_folder
 
-        make_tiny_sr_folder(upscale.path)
+        make_tiny_sr_folder(upscale.path, flash=upscale.model == "flash-x2")
 
 
 def flash_kandinsky3_path(upscale: UpscaleConfig) -> str:

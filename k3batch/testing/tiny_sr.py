@@ -38,10 +38,11 @@ def make_tiny_sr(path: str, scale: int = 4) -> str:
     return path
 
 
-def make_tiny_sr_folder(path: str) -> str:
-    """The tiny set of `upscale.make_tiny` in the directory `path`: the x4, x2 and Flash x2
-    files under their published names (with the Flash refine's context beside them and a
-    tiny Kandinsky 3 checkpoint, reference layout, in `path`/kandinsky3), and
+def make_tiny_sr_folder(path: str, flash: bool = False) -> str:
+    """The tiny set of `upscale.make_tiny` in the directory `path`: the x4 and x2 files under
+    their published names, with `flash` also the Flash x2 file (its refine's context beside
+    it and a tiny Kandinsky 3 checkpoint, reference layout, in `path`/kandinsky3: ~30 s, so
+    only when asked), and
     `k3batch_config.json` with the SR UNets' architecture (which
     `stages.loading.load_upscaler` reads). Files already there are kept."""
     import json
@@ -56,9 +57,9 @@ def make_tiny_sr_folder(path: str) -> str:
             make_tiny_sr(os.path.join(path, name), scale)
     from k3batch.model.superres_flash import CONTEXT_MASK_FILE
 
-    if not os.path.exists(os.path.join(path, CONTEXT_MASK_FILE)):  # written last
+    if flash and not os.path.exists(os.path.join(path, CONTEXT_MASK_FILE)):  # written last
         make_tiny_sr_flash(path)
-    if not os.path.isdir(os.path.join(path, "kandinsky3")):
+    if flash and not os.path.isdir(os.path.join(path, "kandinsky3")):
         from k3batch.testing.tiny import make_tiny
 
         make_tiny(os.path.join(path, "kandinsky3"), layout="reference")
