@@ -173,7 +173,7 @@ def controlled_unet(unet, sample, timestep, context, mask, residuals=None) -> to
     if residuals is not None:
         if len(residuals) != len(skips):
             raise ValueError(f"{len(residuals)} ControlNet residuals for {len(skips)} UNet skips")
-        skips = [s + r for s, r in zip(skips, residuals)]
+        skips = [s + r for s, r in zip(skips, residuals, strict=True)]
     for level, block in enumerate(unet.up_blocks):
         if level != 0:
             x = torch.cat([x, skips.pop()], dim=1)
