@@ -44,7 +44,7 @@ def test_folder_loads_strictly_in_the_forks_names(parts, tmp_path):
     assert "input_hint_block.conv7.weight" in keys and "convs.2.weight" in keys
     assert any(".resnet_attn_blocks.0.1.attention." in k for k in keys)
     loaded = cn.load(str(tmp_path))
-    for (k, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
+    for (k, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
     # one missing tensor: strict loading refuses
     from safetensors.torch import save_file
@@ -84,7 +84,7 @@ def test_real_architecture_on_meta():
     convs = sum(p.numel() for k, p in names.items() if k.startswith("convs."))
     # hint stack: convs 3->16->16->32->32->96->96->256 (3x3) + out 256->192
     widths = [3, 16, 16, 32, 32, 96, 96, 256, 192]
-    assert hint == sum(a * b * 9 + b for a, b in zip(widths, widths[1:]))
+    assert hint == sum(a * b * 9 + b for a, b in zip(widths[:-1], widths[1:], strict=True))
     assert convs == sum(c * c + c for c in (384, 768, 1536))
     assert all(k.startswith(("down_blocks.0.", "down_blocks.1.", "down_blocks.2.", "time_", "add_time", "conv_in")) for k in copied)  # fmt: skip
 
@@ -115,9 +115,9 @@ def _oracle(unet, net, x, t, ctx, mask, hint, scale):
     emb = net.add_time_condition(emb, proj, additive)
     h = net.conv_in(x) + net.input_hint_block(hint)
     res = []
-    for block, conv in zip(net.down_blocks, net.convs):
-        h = block(h, emb, proj, additive)
-        res.append(conv(h) * scale)
+    for block, conv in zip(net.down_blocks, net.convs, strict=True):
+        h = conv(block(h, emb, proj, additive))  # the fork: the conv's output goes on
+        res.append(h * scale)
     hooks = []
     for level, up in enumerate(unet.up_blocks):
         if level == 0:
