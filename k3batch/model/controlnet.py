@@ -375,7 +375,9 @@ class Control:
         try:
             tt = torch.full((x.shape[0],), float(t), device=self.device)
             additive = ((1 - mask.to(self.dtype)) * -10000.0).unsqueeze(1)
-            out = self.net(x.to(self.device, self.dtype), tt, context, additive, torch.cat([hint, hint]))
+            out = self.net(
+                x.to(self.device, self.dtype), tt, context, additive, torch.cat([hint, hint])
+            )
         finally:
             self.pooling.lengths = None
         scale = torch.cat([scale, scale])

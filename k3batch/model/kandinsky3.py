@@ -163,7 +163,9 @@ class Kandinsky3:
         from k3batch.model import controlnet
 
         if self.member.name != family.BASE:
-            raise ValueError(f"model.controlnet works with the {family.BASE} member, not {self.member.name}")
+            raise ValueError(
+                f"model.controlnet works with the {family.BASE} member, not {self.member.name}"
+            )
         d = self.denoiser
         self.control = controlnet.Control(controlnet.load(path, d.dtype, d.device), d)
 
@@ -361,7 +363,9 @@ class Kandinsky3:
         if extra is not None:
             extra = torch.cat([extra, extra])
         percentile = d.member.threshold_percentile
-        control = self.control if self.control is not None and self.control.wanted(requests) else None
+        control = (
+            self.control if self.control is not None and self.control.wanted(requests) else None
+        )
         hint = control.hints(requests) if control is not None else None
         for step, (t, prev_t) in enumerate(zip(times, [*times[1:], 0], strict=True)):
             x_t = x if solver is None else solver.model_input(x, t)
