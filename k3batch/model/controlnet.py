@@ -354,7 +354,7 @@ class Control:
         out = torch.zeros(len(requests), 3, h, w)
         for i, r in enumerate(requests):
             if r.hint is not None:
-                out[i] = torch.from_numpy(r.hint).permute(2, 0, 1).float() / 255.0
+                out[i] = torch.from_numpy(r.hint.copy()).permute(2, 0, 1).float() / 255.0
         return out.to(self.device, self.dtype)
 
     def scales(self, requests, step: int, steps: int) -> torch.Tensor:
