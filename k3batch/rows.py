@@ -41,6 +41,11 @@ class RowRules:
     prior_num_inference_steps: int | None = None
     prior_guidance_scale: float | None = None
     depth_estimator: bool = False
+    # Kandinsky 3 base with model.controlnet: rows may bring a `hint`; the fork's defaults.
+    controlnet: bool = False
+    controlnet_conditioning_scale: float = 1.0
+    control_guidance_start: float = 0.0
+    control_guidance_end: float = 1.0
     max_side: int = 2048
     max_num_inference_steps: int = 1000
     max_prompt_chars: int = 20000
@@ -51,10 +56,16 @@ class RowRules:
 
     @classmethod
     def from_config(
-        cls, generation, limits, model_name: str = BASE, depth_estimator: bool = False
+        cls,
+        generation,
+        limits,
+        model_name: str = BASE,
+        depth_estimator: bool = False,
+        controlnet: bool = False,
     ) -> RowRules:
         return cls(
             model=model_name,
+            controlnet=controlnet,
             prior_num_inference_steps=generation.prior_num_inference_steps,
             prior_guidance_scale=generation.prior_guidance_scale,
             depth_estimator=depth_estimator,
@@ -393,6 +404,7 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
         out[schema.STRENGTH] = field("strength", _as_float, strength_check)
 
     _kandinsky22_fields(raw, member, rules, has_image, field, out, errors, warnings)
+    _controlnet_fields(raw, rules, field, out, errors, warnings)
 
     try:
         images = images_of(raw.get(schema.NUM_IMAGES_PER_PROMPT), rules)
@@ -429,6 +441,43 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
     return out
 
 
+def _controlnet_fields(raw, rules, field, out, errors, warnings) -> None:
+    """The Kandinsky 3 ControlNet settings of a row: scale >= 0, 0 <= start < end <= 1; a
+    warning (ignored) on a job without model.controlnet."""
+    names = schema.CONTROLNET_COLUMNS
+    if not rules.controlnet:
+        for name in names:
+            out[name] = None
+            if raw.get(name) is not None:
+                warnings.append(
+                    f"{name}: ignored without model.controlnet, got {show(raw.get(name))}"
+                )
+        return
+
+    def unit(name):
+        def check(v):
+            if not (math.isfinite(v) and 0 <= v <= 1):
+                raise RowError(f"{name}: must be in [0, 1], got {v}")
+            return v
+
+        return check
+
+    def scale_check(v):
+        if not (math.isfinite(v) and v >= 0):
+            raise RowError(
+                f"{schema.CONTROLNET_CONDITIONING_SCALE}: must be finite and >= 0, got {v}"
+            )
+        return v
+
+    scale, start, end = names
+    out[scale] = field(scale, _as_float, scale_check)
+    out[start] = field(start, _as_float, unit(start))
+    out[end] = field(end, _as_float, unit(end))
+    if out[start] is not None and out[end] is not None and not out[start] < out[end]:
+        errors.append(f"{start}: must be < {end} ({out[end]}), got {out[start]}")
+        out[start] = None
+
+
 def _kandinsky22_fields(raw, member, rules, has_image, field, out, errors, warnings) -> None:
     """The prior's settings, the depth `hint` and the image `mix` of a row (Kandinsky 2.2);
     on a member that has no use for them, a warning (settings) or an error (inputs)."""
@@ -461,8 +510,11 @@ def _kandinsky22_fields(raw, member, rules, has_image, field, out, errors, warni
 
     hint = _source(raw, schema.HINT, errors)
     hinted = ", ".join(members_with(needs_hint=True))
-    if raw.get(schema.HINT) is not None and not member.needs_hint:
-        errors.append(f"hint: only {hinted} takes a depth hint, got {show(raw.get(schema.HINT))}")
+    if raw.get(schema.HINT) is not None and not (member.needs_hint or rules.controlnet):
+        errors.append(
+            f"hint: only {hinted} takes a depth hint, or {BASE} with model.controlnet an "
+            f"edge hint; got {show(raw.get(schema.HINT))}"
+        )
     elif member.needs_hint and hint is None and raw.get(schema.HINT) is None:
         if not has_image:
             errors.append(

@@ -30,6 +30,12 @@ PRIOR_NUM_INFERENCE_STEPS = "prior_num_inference_steps"
 PRIOR_GUIDANCE_SCALE = "prior_guidance_scale"
 HINT = "hint"
 MIX = "mix"
+# Kandinsky 3 ControlNet (`model.controlnet`): `hint` is an edge image, and per row the fork's
+# settings: the residuals' scale and the step window (fractions of the steps) they apply in.
+CONTROLNET_CONDITIONING_SCALE = "controlnet_conditioning_scale"
+CONTROL_GUIDANCE_START = "control_guidance_start"
+CONTROL_GUIDANCE_END = "control_guidance_end"
+CONTROLNET_COLUMNS = (CONTROLNET_CONDITIONING_SCALE, CONTROL_GUIDANCE_START, CONTROL_GUIDANCE_END)
 MIX_PROMPT = "prompt"  # the fields of a `mix` item
 MIX_IMAGE = "image"
 MIX_WEIGHT = "weight"
@@ -114,6 +120,9 @@ TYPES: dict[str, pa.DataType] = {
     SCHEDULER: pa.string(),
     PRIOR_NUM_INFERENCE_STEPS: pa.int64(),
     PRIOR_GUIDANCE_SCALE: pa.float64(),
+    CONTROLNET_CONDITIONING_SCALE: pa.float64(),
+    CONTROL_GUIDANCE_START: pa.float64(),
+    CONTROL_GUIDANCE_END: pa.float64(),
     STATUS: pa.string(),
     ERROR: pa.string(),
     WARNING: pa.string(),

@@ -219,6 +219,15 @@ class ModelConfig(Strict):
         "the `hint` of rows that bring an `image` but no `hint`. null: every row needs a "
         "`hint`. The tiny set of `make_tiny` has one at `<path>/depth`.",
     )
+    controlnet: str | None = Field(
+        None,
+        description="Kandinsky 3 base only: a Kandinsky 3 ControlNet folder in the layout of "
+        "`ai-forever/kandinsky3_controlnet_hed` (config.json + diffusion_pytorch_model.safetensors "
+        "in the fork's names). Rows may then bring a `hint` edge image (HED), with "
+        "`controlnet_conditioning_scale` (default 1.0) and `control_guidance_start`/`_end` "
+        "(default 0/1); rows without one are plain images. The tiny set of `make_tiny` has "
+        "one at `<path>/controlnet_hed`.",
+    )
     layout: Literal["auto", "diffusers", "reference"] = Field(
         "auto",
         description="Weight layout of `path`; `auto` detects it (a local directory by its files, "
@@ -299,6 +308,11 @@ class ModelConfig(Strict):
         """Kandinsky 2.2 members: their decoder repo by default, what they cannot do refused;
         the 2.2-only fields refused on Kandinsky 3 members."""
         member = family.MEMBERS[self.name]
+        if self.controlnet is not None and self.name != family.BASE:
+            raise ValueError(
+                f"model.controlnet: the Kandinsky 3 ControlNet works with {family.BASE}, "
+                f"not {self.name}; remove it"
+            )
         if member.family != family.KANDINSKY22:
             set_here = [f"model.{f}" for f in ("prior_path", "depth_estimator") if getattr(self, f)]
             if self.precision is None:  # a preset sets every key

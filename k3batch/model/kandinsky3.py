@@ -89,6 +89,7 @@ class Kandinsky3:
         self.max_batch: int | None = None  # rows per sample() call; set on out-of-memory
         self.device = self.denoiser.device
         self.schedule = DiffusionSchedule(self.device)
+        self.control = None  # controlnet.Control with `model.controlnet` (base member)
 
     @classmethod
     def from_pretrained(
@@ -105,11 +106,13 @@ class Kandinsky3:
         performance: dict | None = None,
         text_encoder: bool = True,
         lora: list[tuple[str, float]] | None = None,
+        controlnet: str | None = None,
     ) -> Kandinsky3:
         """Load a member (and the Flash refiner); `performance`: `optimize`'s arguments
         (`model.performance`); `text_encoder=False` leaves T5 to the text encoder pool;
         `lora`: (safetensors path, scale) pairs fused into the member's UNet (not the
-        refiner's: a LoRA is trained for one UNet)."""
+        refiner's: a LoRA is trained for one UNet); `controlnet`: a Kandinsky 3 ControlNet
+        folder for the base member (rows with a `hint`)."""
         from k3batch.model import loading
 
         if refine and not family.MEMBERS[member].refinable:
@@ -151,7 +154,20 @@ class Kandinsky3:
             refine=refine,
             decode_batch_size=decode_batch_size,
         )
+        if controlnet is not None:
+            model.attach_controlnet(controlnet, dtype, device)
         return model.optimize(**(performance or {}))
+
+    def attach_controlnet(self, path: str, dtype="float32", device="auto") -> None:
+        """Load the ControlNet at `path` next to the base UNet (its dtype and device)."""
+        from k3batch.model import controlnet
+
+        if self.member.name != family.BASE:
+            raise ValueError(
+                f"model.controlnet works with the {family.BASE} member, not {self.member.name}"
+            )
+        d = self.denoiser
+        self.control = controlnet.Control(controlnet.load(path, d.dtype, d.device), d)
 
     def optimize(
         self,
@@ -347,12 +363,25 @@ class Kandinsky3:
         if extra is not None:
             extra = torch.cat([extra, extra])
         percentile = d.member.threshold_percentile
-        for t, prev_t in zip(times, [*times[1:], 0], strict=True):
+        control = (
+            self.control if self.control is not None and self.control.wanted(requests) else None
+        )
+        hint = control.hints(requests) if control is not None else None
+        for step, (t, prev_t) in enumerate(zip(times, [*times[1:], 0], strict=True)):
             x_t = x if solver is None else solver.model_input(x, t)
             unet_in = torch.cat([x_t, x_t])
             if extra is not None:
                 unet_in = torch.cat([unet_in, extra], dim=1)
-            eps_cond, eps_uncond = d(unet_in, t, context, mask, lengths).chunk(2)
+            if control is not None:
+                scale = control.scales(requests, step, len(times))
+                control.skips.residuals = control.residuals(
+                    unet_in, t, context, mask, lengths, hint, scale
+                )
+            try:
+                eps_cond, eps_uncond = d(unet_in, t, context, mask, lengths).chunk(2)
+            finally:
+                if control is not None:
+                    control.skips.residuals = None
             eps = (w + 1.0) * eps_cond - w * eps_uncond
             if solver is not None:
                 eps = self.schedule.thresholded_eps(x_t, t, eps, percentile)

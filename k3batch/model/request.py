@@ -32,6 +32,10 @@ class Request:
     prior_guidance_scale: float | None = None
     hint: np.ndarray | None = None
     mix: list[tuple[str | np.ndarray, float]] | None = None
+    # Kandinsky 3 ControlNet (`model.controlnet`, `hint` above): the fork's names and window.
+    controlnet_conditioning_scale: float = 1.0
+    control_guidance_start: float = 0.0
+    control_guidance_end: float = 1.0
 
 
 def warm_up_requests(member, width: int, height: int, batch_size: int, **fields) -> list[Request]:

@@ -46,6 +46,7 @@ class GenerateStage(Stage):
         schema.IMAGES_DONE,
         *EMBEDDING_COLUMNS,
         *schema.K22_OVERRIDE_COLUMNS,
+        *schema.CONTROLNET_COLUMNS,
         schema.HINT_RGB,
         schema.MIX_PREPARED,
     )
@@ -165,6 +166,11 @@ class GenerateStage(Stage):
             prior_num_inference_steps=optional(schema.PRIOR_NUM_INFERENCE_STEPS),
             prior_guidance_scale=optional(schema.PRIOR_GUIDANCE_SCALE),
             hint=rgb_array(optional(schema.HINT_RGB), h, w),
+            **{
+                c: optional(c)
+                for c in schema.CONTROLNET_COLUMNS
+                if optional(c) is not None  # Request's defaults are the fork's
+            },
             mix=mix,
         )
 

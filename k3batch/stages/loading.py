@@ -67,6 +67,7 @@ def load_model(model: ModelConfig, decode_batch_size: int = 1, text_encoder: boo
         performance=model.performance.model_dump(),
         text_encoder=text_encoder,
         lora=[(lora.path, lora.scale) for lora in model.lora],
+        controlnet=model.controlnet,
     )
 
 

@@ -46,11 +46,16 @@ class PrepareImagesStage(Stage):
         base_dir: str | None = None,
         storage_settings: dict | None = None,
         kandinsky22: bool = False,
+        controlnet: bool = False,
     ):
-        """`kandinsky22`: a Kandinsky 2.2 job, whose rows may bring `hint` and `mix`."""
+        """`kandinsky22`: a Kandinsky 2.2 job, whose rows may bring `hint` and `mix`;
+        `controlnet`: a Kandinsky 3 job with model.controlnet, whose rows may bring `hint`."""
         self.max_side = max_side
+        self.hints = kandinsky22 or controlnet
         if kandinsky22:
             self.adds = self.adds | schema.types(schema.HINT_RGB, schema.MIX_PREPARED)
+        elif controlnet:
+            self.adds = self.adds | schema.types(schema.HINT_RGB)
         # The job's `storage` section: input images on an S3-compatible store are read
         # through the same endpoint and credentials as the prompts.
         self.storage_settings = storage_settings
@@ -65,7 +70,7 @@ class PrepareImagesStage(Stage):
         sources = batch.get(schema.IMAGE) or [None] * n
         masks = batch.get(schema.MASK) or [None] * n
         k22 = schema.HINT_RGB in self.adds
-        hints = (k22 and batch.get(schema.HINT)) or [None] * n
+        hints = (self.hints and batch.get(schema.HINT)) or [None] * n
         mixes = (k22 and batch.get(schema.MIX)) or [None] * n
         for i in ok_rows(batch):
             try:

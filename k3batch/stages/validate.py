@@ -31,12 +31,15 @@ class ValidateStage(Stage):
             *schema.IMAGE_COLUMNS,
             *schema.K22_OVERRIDE_COLUMNS,
             *schema.K22_INPUT_COLUMNS,
+            *schema.CONTROLNET_COLUMNS,
         )
         from k3batch.model import family
 
         if family.MEMBERS[rules.model].family == family.KANDINSKY22:
             # The prior's settings resolved per row; Kandinsky 3 outputs keep their columns.
             self.adds = self.adds | schema.types(*schema.K22_OVERRIDE_COLUMNS)
+        if rules.controlnet:
+            self.adds = self.adds | schema.types(*schema.CONTROLNET_COLUMNS)
 
     def prepare(self, table: pa.Table) -> pa.Table:
         names = [f"input_{c}" if c in schema.OUTPUT_ONLY_COLUMNS else c for c in table.column_names]

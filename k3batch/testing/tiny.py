@@ -63,6 +63,8 @@ def make_tiny(
             _write_reference(tmp, parts)
         elif layout == "diffusers":
             _write_diffusers(tmp, parts)
+            if size == "tiny":
+                make_tiny_controlnet(os.path.join(tmp, CONTROLNET_FOLDER))
         else:
             raise ValueError(f"layout must be diffusers or reference, got {layout!r}")
         with open(os.path.join(tmp, MARKER), "w") as f:
@@ -102,6 +104,29 @@ def _write_diffusers(root: str, parts: dict) -> None:
     Kandinsky3Pipeline(unet=base_unet, **pipe_parts).save_pretrained(root)
     for name, (unet, null) in unets.items():
         save_member(root, family.MEMBERS[name], unet, null)
+
+
+CONTROLNET_FOLDER = "controlnet_hed"  # the tiny Kandinsky 3 ControlNet inside a tiny set
+
+
+def make_tiny_controlnet(path: str) -> str:
+    """A random ControlNet matching the tiny base UNet, in the published folder layout.
+
+    Every parameter random, the zero-initialised convs included: a trained ControlNet's are
+    not zero, and zeros would make the ControlNet a no-op the tests could not see.
+    """
+    import torch
+
+    from k3batch.model import controlnet
+
+    config = controlnet.tiny_config(TINY_UNET)
+    gen = torch.Generator().manual_seed(TINY_SEED + 7)
+    model = controlnet.Kandinsky3ControlNet(**config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    controlnet.save(model, path)
+    return path
 
 
 def _write_reference(root: str, parts: dict) -> None:

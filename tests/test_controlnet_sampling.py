@@ -1,0 +1,121 @@
+"""Kandinsky 3 ControlNet inside k3batch's sampler: `Kandinsky3.generate` with hint rows."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from k3batch.model import controlnet
+from k3batch.model.kandinsky3 import Request
+
+from .conftest import load_tiny
+
+SIZE, STEPS = 64, 2
+
+
+def req(seed=1, hint=None, **control):
+    r = Request("a house by a lake", None, seed, SIZE, SIZE, STEPS, 3.0, hint=hint)
+    for k, v in control.items():
+        setattr(r, k, v)
+    return r
+
+
+def edges(seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.random((SIZE, SIZE, 3)) > 0.8).astype(np.uint8) * 255
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_dir):
+    return load_tiny(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    return load_tiny(tiny_dir, controlnet=os.path.join(tiny_dir, "controlnet_hed"))
+
+
+def _unet_with_skip_residuals(unet, x, t, context, mask, residuals):
+    """Oracle: Kandinsky3UNet's forward written out, residual i added to encoder skip i."""
+    mask = ((1 - mask.to(x.dtype)) * -10000.0).unsqueeze(1)
+    temb = unet.time_embedding(unet.time_proj(t.expand(x.shape[0])).to(x.dtype))
+    context = unet.encoder_hid_proj(context)
+    temb = unet.add_time_condition(temb, context, mask)
+    h, skips = unet.conv_in(x), []
+    for level, block in enumerate(unet.down_blocks):
+        h = block(h, temb, context, mask)
+        if level < len(unet.down_blocks) - 1:
+            skips.append(h + residuals[level])
+    for level, block in enumerate(unet.up_blocks):
+        if level:
+            h = torch.cat([h, skips.pop()], dim=1)
+        h = block(h, temb, context, mask)
+    return unet.conv_out(unet.conv_act_out(unet.conv_norm_out(h)))
+
+
+def test_skip_hooks_equal_a_hand_written_forward_with_residuals(tiny_dir):
+    from diffusers.models.unets.unet_kandinsky3 import Kandinsky3UNet
+
+    unet = Kandinsky3UNet.from_pretrained(os.path.join(tiny_dir, "unet")).eval()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    context = torch.randn(2, 5, unet.config.encoder_hid_dim, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    t = torch.tensor([500.0])
+    # One skip in the two-level tiny UNet: level 0's output, 32 channels at 4x4.
+    residuals = [torch.randn(2, 32, 4, 4, generator=gen)]
+    skips = controlnet.SkipResiduals(unet)
+    with torch.no_grad():
+        before = unet(x, t, context, mask, return_dict=False)[0]
+        skips.residuals = residuals
+        hooked = unet(x, t, context, mask, return_dict=False)[0]
+        skips.residuals = None
+        oracle = _unet_with_skip_residuals(unet, x, t, context, mask, residuals)
+        after = unet(x, t, context, mask, return_dict=False)[0]
+    torch.testing.assert_close(hooked, oracle, rtol=0, atol=1e-5)
+    assert (hooked - before).abs().max() > 1e-3
+    assert torch.equal(after, before)
+
+
+def test_zero_scale_no_hint_hint_scale_and_window(model, plain):
+    """One batch: zero scale and a hintless row are the base latents bit for bit (batched with
+    hinted rows); a hint, another hint, another scale and a late window each change them."""
+    base = plain.sample([req(1), req(2)])
+    hint = edges(0)
+    out = model.sample(
+        [
+            req(1, hint, controlnet_conditioning_scale=0.0),
+            req(2),
+            req(1, hint),
+            req(1, edges(1)),
+            req(1, hint, controlnet_conditioning_scale=2.0),
+            # Two steps: int(2*0.6)=1 -> only step 1 is controlled.
+            req(1, hint, control_guidance_start=0.6, control_guidance_end=0.9),
+        ]
+    )
+    assert torch.equal(out[0], base[0])
+    assert torch.equal(out[1], base[1])
+
+    def differ(a, b):
+        return (a - b).abs().max() > 1e-3
+
+    full = out[2]
+    assert differ(full, base[0]) and differ(full, out[3]) and differ(full, out[4])
+    assert differ(out[5], base[0]) and differ(out[5], full)
+    assert [controlnet.active(0.6, 0.9, i, 2) for i in range(2)] == [False, True]
+    assert [controlnet.active(0.0, 0.4, i, 2) for i in range(2)] == [True, False]
+    # And through the decoder: a zero-scale row's image is the base image.
+    assert np.array_equal(
+        model.generate([req(1, hint, controlnet_conditioning_scale=0.0)])[0],
+        plain.generate([req(1)])[0],
+    )
+
+
+def test_controlnet_needs_the_base_member(tiny_dir):
+    with pytest.raises(ValueError, match="kandinsky3"):
+        load_tiny(
+            tiny_dir,
+            member="kandinsky3-inpaint",
+            controlnet=os.path.join(tiny_dir, "controlnet_hed"),
+        )
