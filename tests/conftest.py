@@ -32,6 +32,19 @@ for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
 FP32 = {"unet": "float32", "text_encoder": "float32", "movq": "float32"}
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module of tiny-model tests: the tiny UNets' convolutions are
+    microseconds of work, and with several threads on a busy machine the hand-offs cost
+    20-50x the work itself."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> str:
     from k3batch.testing.tiny import make_tiny

@@ -21,14 +21,7 @@ from k3batch.testing.tiny_sr import make_tiny_sr
 SAMPLING = dict(window=32, stride=24)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny UNet's convolutions are microseconds of work: with several threads on a busy
-    # machine the hand-offs cost 20-50x the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

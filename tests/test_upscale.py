@@ -17,7 +17,6 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from k3batch import schema
@@ -33,13 +32,7 @@ from .test_job import read_metadata
 SAMPLING = {"window": 32, "stride": 24, "num_inference_steps": 2, "dtype": "float32"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny UNet's convolutions are microseconds of work: thread hand-offs dominate.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -119,6 +119,16 @@ class UpscaleConfig(Strict):
             )
         return self
 
+    def absolute_paths(self) -> None:
+        """Local checkpoint paths made absolute: Ray workers and Serve replicas need not
+        share the driver's working directory (Hub ids are left alone)."""
+        import os
+
+        if self.make_tiny or os.path.exists(self.path):
+            self.path = os.path.abspath(self.path)
+        if self.kandinsky3_path and os.path.exists(self.kandinsky3_path):
+            self.kandinsky3_path = os.path.abspath(self.kandinsky3_path)
+
     @property
     def enabled(self) -> bool:
         return self.model is not None

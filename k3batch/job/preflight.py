@@ -33,8 +33,7 @@ def resolve_paths(cfg: JobConfig) -> JobConfig:
             setattr(cfg.model, name, os.path.abspath(value))
     for lora in cfg.model.lora:
         lora.path = os.path.abspath(lora.path)
-    if os.path.exists(cfg.upscale.path) or cfg.upscale.make_tiny:
-        cfg.upscale.path = os.path.abspath(cfg.upscale.path)
+    cfg.upscale.absolute_paths()
     if cfg.beautify.backend == "vllm" and (
         os.path.exists(cfg.beautify.model) or cfg.beautify.make_tiny
     ):

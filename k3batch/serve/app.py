@@ -9,8 +9,19 @@ import os
 
 from ray import serve
 
-from k3batch.serve.config import GeneratorDeploymentConfig, ServeAppConfig
+from k3batch.serve.config import DeploymentConfig, GeneratorDeploymentConfig, ServeAppConfig
 from k3batch.serve.deployments import Beautifier, Generator, Ingress, Upscaler
+
+
+def replicas(d: DeploymentConfig) -> dict:
+    """A model deployment's `.options()`: replicas or autoscaling, queue bounds, resources."""
+    return {
+        "num_replicas": d.num_replicas,
+        "autoscaling_config": d.autoscaling_config,
+        "max_ongoing_requests": d.max_ongoing_requests,
+        "max_queued_requests": d.max_queued_requests,
+        "ray_actor_options": {"num_gpus": d.num_gpus, "num_cpus": d.num_cpus},
+    }
 
 
 def build_app(args: dict) -> serve.Application:
@@ -26,19 +37,12 @@ def build_app(args: dict) -> serve.Application:
             value = getattr(model, name)
             if value and os.path.exists(value):
                 setattr(model, name, os.path.abspath(value))
-    if cfg.upscale is not None and (cfg.upscale.make_tiny or os.path.exists(cfg.upscale.path)):
-        cfg.upscale.path = os.path.abspath(cfg.upscale.path)
+    if cfg.upscale is not None:
+        cfg.upscale.absolute_paths()
     dump = cfg.model_dump(mode="json")
 
     def generator(g: GeneratorDeploymentConfig, name: str, role: str):
-        return Generator.options(
-            name=name,
-            num_replicas=g.num_replicas,
-            autoscaling_config=g.autoscaling_config,
-            max_ongoing_requests=g.max_ongoing_requests,
-            max_queued_requests=g.max_queued_requests,
-            ray_actor_options={"num_gpus": g.num_gpus, "num_cpus": g.num_cpus},
-        ).bind(dump, role)
+        return Generator.options(name=name, **replicas(g)).bind(dump, role)
 
     inpaint = (
         generator(cfg.inpaint_generator, "InpaintGenerator", "edit")
@@ -55,14 +59,7 @@ def build_app(args: dict) -> serve.Application:
         ).bind(dump)
     upscaler = None
     if cfg.upscale is not None:
-        u = cfg.upscaler
-        upscaler = Upscaler.options(
-            num_replicas=u.num_replicas,
-            autoscaling_config=u.autoscaling_config,
-            max_ongoing_requests=u.max_ongoing_requests,
-            max_queued_requests=u.max_queued_requests,
-            ray_actor_options={"num_gpus": u.num_gpus, "num_cpus": u.num_cpus},
-        ).bind(dump)
+        upscaler = Upscaler.options(**replicas(cfg.upscaler)).bind(dump)
     return Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(
         generator(cfg.generator, "Generator", "generate"), dump, inpaint, beautifier, upscaler
     )

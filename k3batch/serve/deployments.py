@@ -50,6 +50,17 @@ from k3batch.serve.uploads import (
     variation_input,
 )
 
+
+def not_configured(what: str) -> ApiError:
+    """The 404 of an endpoint whose model the app config leaves out."""
+    return ApiError(
+        404,
+        f"no {what} model is configured on this server",
+        type_="not_found",
+        code="model_not_found",
+    )
+
+
 # Everything the ingress's routes call is imported above the class: `serve.ingress` rebuilds
 # the routes with the module's globals as they are when the class is defined.
 fastapi_app = FastAPI(
@@ -152,12 +163,7 @@ class Ingress:
     async def _edits(self, request: Request) -> dict:
         authorize(request, self.keys)
         if self.inpaint_generator is None:
-            raise ApiError(
-                404,
-                "no inpainting model is configured on this server",
-                type_="not_found",
-                code="model_not_found",
-            )
+            raise not_configured("inpainting")
         fields, files = await read_form(request, self.cfg.limits.max_upload_bytes)
         req = validated(ImageEditRequest, fields)
         self._check_common(req, self.cfg.inpaint_served_model_name, self.inpaint_member)
@@ -201,12 +207,7 @@ class Ingress:
 
         authorize(request, self.keys)
         if self.upscaler is None:
-            raise ApiError(
-                404,
-                "no upscaling model is configured on this server",
-                type_="not_found",
-                code="model_not_found",
-            )
+            raise not_configured("upscaling")
         fields, files = await read_form(request, self.cfg.limits.max_upload_bytes)
         req = validated(ImageUpscaleRequest, fields)
         self._check_model(req, self.cfg.upscale_served_model_name)

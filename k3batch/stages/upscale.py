@@ -81,14 +81,14 @@ class UpscaleRowsStage(Stage):
         n = len(batch[self.image_column])
         out: dict[str, list] = {name: [None] * n for name in self.adds}
         hashes = batch.get(schema.ROW_HASH)
+        if hashes is not None:  # each row is its image k = 0
+            records = rows.record_hashes(np.array(hashes, np.uint64), np.zeros(n, np.int64))
+            out[schema.RECORD_HASH] = records.tolist()
         seeds = batch.get(schema.SEED) or [None] * n
         for i in range(n):
             row_id, error = self.ids.row_id(batch, i)
             out[schema.ID][i], out[schema.K][i] = row_id, 0
             out[schema.STATUS][i], out[schema.ERROR][i] = schema.STATUS_OK, None
-            if hashes is not None:
-                ks = np.zeros(1, np.int64)
-                out[schema.RECORD_HASH][i] = int(rows.record_hashes([hashes[i]], ks)[0])
             errors = [error] if error else []
             try:
                 out[schema.SEED][i] = rows.row_seed(seeds[i], self.seed, row_id)
