@@ -490,7 +490,12 @@ def test_openai_client_edits_inpaint_like_the_batch_pipeline(full, tiny_dir):
     kept_error = np.abs(served[0][:, 40:].astype(int) - source[:, 40:]).mean()
     painted_error = np.abs(served[0][:, :24].astype(int) - source[:, :24]).mean()
     assert kept_error < painted_error
-    assert [m.id for m in client.models.list().data] == ["kandinsky3", "kandinsky3-inpaint"]
+    # The app serves generation, inpainting and upscaling, each under its own name.
+    assert [m.id for m in client.models.list().data] == [
+        "kandinsky3",
+        "kandinsky3-inpaint",
+        "kandisuperres-x2",
+    ]
 
 
 @pytest.mark.parametrize(
