@@ -404,8 +404,10 @@ class Generator:
         from k3batch.metrics import APP_SERVE, metrics
 
         start = time.perf_counter()
-        # Optional columns only when the jobs carry them (edits: source_rgb, keep_mask).
-        columns = [*self.stage.needs, *(c for c in self.stage.optional if c in jobs[0])]
+        # Optional columns when some job carries them (edits: source_rgb, keep_mask; a hint's
+        # hint_rgb, a variation's mix_prepared): batched requests may differ in which.
+        optional = (c for c in self.stage.optional if any(c in job for job in jobs))
+        columns = [*self.stage.needs, *optional]
         out = self.stage({c: [job.get(c) for job in jobs] for c in columns})
         results = []
         for i, job in enumerate(jobs):
