@@ -33,7 +33,8 @@ def build_app(args: dict) -> serve.Application:
         # Replicas need not share the driver's working directory.
         if model.make_tiny or os.path.exists(model.path):
             model.path = os.path.abspath(model.path)
-        for name in ("prior_path", "depth_estimator"):  # Kandinsky 2.2's other folders
+        # Kandinsky 2.2's other folders, the Kandinsky 3 ControlNet's.
+        for name in ("prior_path", "depth_estimator", "controlnet"):
             value = getattr(model, name)
             if value and os.path.exists(value):
                 setattr(model, name, os.path.abspath(value))

@@ -2,7 +2,9 @@
 that batch concurrent requests onto their model with `@serve.batch`, and the optional
 `Beautifier` (the client of an OpenAI-compatible LLM server).
 
-    POST /v1/images/generations   text-to-image (OpenAI Images API + k3batch extensions)
+    POST /v1/images/generations   text-to-image (OpenAI Images API + k3batch extensions,
+                                  among them a Kandinsky 3 ControlNet `hint` when the
+                                  model has `model.controlnet`)
     POST /v1/images/edits         inpainting (multipart image + mask); 404 unless an
                                   inpainting model is configured
     POST /v1/images/variations    new images of an uploaded image through Kandinsky 2.2's
@@ -42,7 +44,9 @@ from k3batch.serve.protocol import (
     validated,
 )
 from k3batch.serve.uploads import (
+    b64_image,
     edit_inputs,
+    prepare_hint,
     prepare_images,
     prepare_mix,
     read_form,
@@ -81,9 +85,11 @@ class Ingress:
         self.beautifier = beautifier
         self.upscaler = upscaler
         self.keys = load_api_keys(self.cfg)
-        # The model name resolves null steps/guidance to the member's own defaults.
+        # The model name resolves null steps/guidance to the member's own defaults; with
+        # model.controlnet, rows take a `hint` and the control settings.
+        self.controlnet = self.cfg.model.controlnet is not None
         self.rules = rows.RowRules.from_config(
-            self.cfg.generation, self.cfg.limits, self.cfg.model.name
+            self.cfg.generation, self.cfg.limits, self.cfg.model.name, controlnet=self.controlnet
         )
         self.member = family.MEMBERS[self.cfg.model.name]
         if self.cfg.inpaint_model is not None:
@@ -156,7 +162,19 @@ class Ingress:
         data = await read_json(request, self.cfg.limits.max_request_bytes)
         req = validated(ImageGenerationRequest, data)
         self._check_common(req, self.cfg.served_model_name, self.member)
-        jobs, beautified = await self._jobs(req, self.rules)
+        self._check_controlnet(req)
+        extra = None
+        if req.hint is not None:
+            # Decoding stays off the event loop; the row rules then check it as a row's hint.
+            hint = await asyncio.to_thread(
+                b64_image, schema.HINT, req.hint, self.cfg.limits.max_side
+            )
+            extra = {schema.HINT: hint}
+        jobs, beautified = await self._jobs(req, self.rules, extra)
+        if extra is not None:
+            hint_rgb = await asyncio.to_thread(prepare_hint, jobs[0], extra[schema.HINT])
+            for job in jobs:
+                job[schema.HINT_RGB] = hint_rgb
         results = await self._dispatch(self.generator, jobs)
         return self._answer(req, jobs, results, beautified)
 
@@ -274,6 +292,23 @@ class Ingress:
         if getattr(req, "beautify", False) and self.beautifier is None:
             raise ApiError(400, "beautify is not configured on this server", param="beautify")
 
+    def _check_controlnet(self, req) -> None:
+        """The ControlNet fields need a model served with model.controlnet: a 400 naming
+        the first one given otherwise, saying why."""
+        if self.controlnet:
+            return
+        given = [
+            n for n in (schema.HINT, *schema.CONTROLNET_COLUMNS) if getattr(req, n) is not None
+        ]
+        if not given:
+            return
+        name, served = given[0], self.cfg.served_model_name
+        if self.member.name == family.BASE:
+            why = f"{served!r} is served without model.controlnet"
+        else:
+            why = f"it works with {family.BASE} only, not {served!r} ({self.member.name})"
+        raise ApiError(400, f"{name}: needs the Kandinsky 3 ControlNet, but {why}", param=name)
+
     async def _jobs(self, req, rules, extra=None, prompt=None) -> tuple[list[dict], Any]:
         """The request's n rows (after beautifying its prompt if asked), and the beautify
         result (None without beautify). `prompt`: the rows' prompt when the request has none
@@ -353,6 +388,8 @@ class Ingress:
             schema.SCHEDULER: getattr(req, "scheduler", None),
             schema.PRIOR_NUM_INFERENCE_STEPS: req.prior_num_inference_steps,
             schema.PRIOR_GUIDANCE_SCALE: req.prior_guidance_scale,
+            # Generations only (the ControlNet's settings; null elsewhere).
+            **{c: getattr(req, c, None) for c in schema.CONTROLNET_COLUMNS},
             **(extra or {}),
         }
         row = rows.normalise_row(raw, schema.PROMPT, rules)

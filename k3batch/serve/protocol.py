@@ -114,9 +114,16 @@ class ImageEditRequest(BaseModel):
 
 
 class ImageGenerationRequest(ImageEditRequest):
-    """OpenAI `POST /v1/images/generations` body: the edits fields, as JSON, plus `style`."""
+    """OpenAI `POST /v1/images/generations` body: the edits fields, as JSON, plus `style` and
+    k3batch's ControlNet extension."""
 
     style: str | None = None  # accepted for client compatibility; not used
+    # Kandinsky 3 ControlNet, with `model.controlnet` only (else a 400 naming the field): an
+    # edge image as base64 or a `data:` URL (`uploads.b64_image`), and the rows' settings.
+    hint: str | None = None
+    controlnet_conditioning_scale: float | None = None
+    control_guidance_start: float | None = None
+    control_guidance_end: float | None = None
 
 
 class ImageVariationRequest(BaseModel):

@@ -1,6 +1,8 @@
-"""`/v1/images/edits` and `/v1/images/variations` uploads: the multipart body, its image (and
-mask) files, the OpenAI mask rule, and the images prepared as the batch job prepares them."""
+"""Request images: the multipart body of `/v1/images/edits`, `/variations` and `/upscale`,
+its image (and mask) files and the OpenAI mask rule; base64 image fields of JSON bodies
+(`hint`); and the images prepared as the batch job prepares them."""
 
+import base64
 import io
 from collections import defaultdict
 from typing import Any
@@ -8,6 +10,7 @@ from typing import Any
 from fastapi import Request
 
 from k3batch import schema
+from k3batch.rows import show
 from k3batch.serve.protocol import ApiError, row_error
 
 
@@ -61,6 +64,44 @@ def _open_upload(name: str, data: bytes):
         raise ApiError(
             400, f"{name}: not a readable image ({len(data)} bytes): {type(e).__name__}", param=name
         ) from None
+
+
+def b64_image(name: str, value: str, max_side: int) -> bytes:
+    """The image bytes of a JSON body's base64 image field: plain base64 (whitespace and line
+    breaks allowed) or a `data:<type>;base64,` URL, holding an image Pillow reads (PNG, JPEG,
+    WebP, ...) of at most `max_side` pixels a side. Anything else is a 400 naming `name`
+    (`hint`, `ip_images[0].image`). Only the header is read here; the batch job's prepare
+    stage decodes the image."""
+    from PIL import Image
+
+    text = value.strip()
+    if text.startswith("data:"):
+        header, comma, text = text.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise ApiError(
+                400,
+                f"{name}: a data: URL must be base64 (data:image/png;base64,...), got "
+                f"{show(header)}",
+                param=name,
+            )
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except ValueError as e:  # binascii.Error, or non-ASCII text
+        raise ApiError(400, f"{name}: not valid base64: {e}", param=name) from None
+    if not data:
+        raise ApiError(400, f"{name}: empty (a base64-encoded image expected)", param=name)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception as e:  # noqa: BLE001 - undecodable data is the client's error
+        raise ApiError(
+            400, f"{name}: not a readable image ({len(data)} bytes): {type(e).__name__}", param=name
+        ) from None
+    if max(width, height) > max_side:
+        raise ApiError(
+            400, f"{name}: {width}x{height} is above limits.max_side={max_side}", param=name
+        )
+    return data
 
 
 def repaint_mask(mask) -> Any:
@@ -133,30 +174,37 @@ def variation_input(files: dict) -> bytes:
 PREPARED_COLUMNS = (schema.WIDTH, schema.HEIGHT, schema.SOURCE_RGB, schema.KEEP_MASK)
 
 
-def prepare_images(job: dict, image: bytes, mask: bytes) -> dict:
-    """The image and mask read and sized exactly as the batch job's prepare stage does."""
+def _prepared(job: dict, inputs: dict, param: str | None = None, **stage) -> dict:
+    """One row's `inputs` (image, mask, hint, mix) through the batch job's prepare stage
+    (`stage`: its arguments) at the row's size: its output row. A failure is a 400 naming
+    `param`, or the field the stage names."""
     from k3batch.stages.prepare import PrepareImagesStage
 
     batch = {
         c: [job[c]] for c in (schema.ID, schema.WIDTH, schema.HEIGHT, schema.STATUS, schema.ERROR)
     }
-    batch.update({schema.IMAGE: [image], schema.MASK: [mask]})
-    out = PrepareImagesStage()(batch)
+    batch.update({name: [value] for name, value in inputs.items()})
+    out = PrepareImagesStage(**stage)(batch)
     if out[schema.STATUS][0] != schema.STATUS_OK:
-        raise row_error(out[schema.ERROR][0])
-    return {c: out[c][0] for c in PREPARED_COLUMNS}
+        error = out[schema.ERROR][0]
+        raise row_error(error) if param is None else ApiError(400, error, param=param)
+    return {c: values[0] for c, values in out.items()}
+
+
+def prepare_images(job: dict, image: bytes, mask: bytes) -> dict:
+    """The image and mask read and sized exactly as the batch job's prepare stage does."""
+    out = _prepared(job, {schema.IMAGE: image, schema.MASK: mask})
+    return {c: out[c] for c in PREPARED_COLUMNS}
 
 
 def prepare_mix(job: dict) -> list:
     """A variation row's `mix` (the uploaded image, weight 1) prepared as the batch job's
     prepare stage prepares a mix; its failure is a 400 naming `image` (the upload)."""
-    from k3batch.stages.prepare import PrepareImagesStage
+    out = _prepared(job, {schema.MIX: job[schema.MIX]}, param="image", kandinsky22=True)
+    return out[schema.MIX_PREPARED]
 
-    batch = {
-        c: [job[c]] for c in (schema.ID, schema.WIDTH, schema.HEIGHT, schema.STATUS, schema.ERROR)
-    }
-    batch[schema.MIX] = [job[schema.MIX]]
-    out = PrepareImagesStage(kandinsky22=True)(batch)
-    if out[schema.STATUS][0] != schema.STATUS_OK:
-        raise ApiError(400, out[schema.ERROR][0], param="image")
-    return out[schema.MIX_PREPARED][0]
+
+def prepare_hint(job: dict, hint: bytes) -> bytes:
+    """A Kandinsky 3 ControlNet row's `hint` read and resized to the row's size as the batch
+    job's prepare stage does (its `hint_rgb`); its failure is a 400 naming `hint`."""
+    return _prepared(job, {schema.HINT: hint}, controlnet=True)[schema.HINT_RGB]
