@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import io
+import os
 import socket
 
 import httpx
@@ -382,17 +383,22 @@ def upscale_args(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full(server, tiny_dir, llm_server, upscale_args):
-    """An app with the inpainting model at /v1/images/edits, KandiSuperRes at
-    /v1/images/upscale and a beautifier deployment calling a real `vllm serve` of the tiny
-    LLM."""
+    """An app with the base model's ControlNet (rows without a hint do not run it), the
+    inpainting model at /v1/images/edits, KandiSuperRes at /v1/images/upscale and a
+    beautifier deployment calling a real `vllm serve` of the tiny LLM."""
     from ray import serve
 
     from k3batch.serve.app import build_app
+    from k3batch.testing.tiny import CONTROLNET_FOLDER
 
     from .conftest import LLM_SERVED_NAME
 
     args = {
         **server["args"],
+        "model": {
+            **server["args"]["model"],
+            "controlnet": os.path.join(tiny_dir, CONTROLNET_FOLDER),
+        },
         "generator": {"num_cpus": 0.25, "max_ongoing_requests": 4, "max_queued_requests": 8},
         "inpaint_model": {
             "name": "kandinsky3-inpaint",
@@ -545,6 +551,105 @@ def test_edits_errors_name_the_field(full, files, data, status, param):
     assert r.status_code == status, r.text
     if param:
         assert r.json()["error"]["param"] == param, r.text
+
+
+def edge_hint(size: int = 96) -> bytes:
+    """A PNG like an HED edge map (white lines on black): a few hundred bytes, so its base64
+    fits the test app's 4096-byte bodies; larger than the 64x64 output, so it is resized."""
+    edges = np.zeros((size, size, 3), np.uint8)
+    edges[::8] = 255
+    edges[:, 5::12] = 255
+    return png_bytes(Image.fromarray(edges))
+
+
+def test_controlnet_hint_generates_like_the_batch_pipeline(full, server, tiny_dir):
+    """`hint` on /v1/images/generations (a k3batch extension): the batch pipeline's image
+    for the same row; at scale 0, the un-hinted image; bad fields are 400s naming them."""
+    from openai import OpenAI
+
+    from k3batch.serve.protocol import ApiError
+    from k3batch.serve.uploads import b64_image
+    from k3batch.stages.prepare import PrepareImagesStage
+    from k3batch.testing.tiny import CONTROLNET_FOLDER
+
+    from .conftest import load_tiny
+
+    hint = edge_hint()
+    b64 = base64.b64encode(hint).decode()
+    settings = {"controlnet_conditioning_scale": 0.8, "control_guidance_end": 0.5}
+    client = OpenAI(base_url=f"{full}/v1", api_key=KEY, max_retries=0)
+    result = client.images.generate(
+        model="kandinsky3",
+        prompt="a house",
+        n=2,
+        size="64x64",
+        response_format="b64_json",
+        extra_body={
+            "seed": 5,
+            "num_inference_steps": 3,
+            "hint": f"data:image/png;base64,{b64}",
+            **settings,
+        },
+    )
+    served = [png_pixels(d.b64_json) for d in result.data]
+    # The batch job's path: the row's hint through PrepareImagesStage, then the model.
+    prepared = PrepareImagesStage(controlnet=True)(
+        {"id": ["r"], "width": [64], "height": [64], "status": ["ok"], "error": [None]}
+        | {"hint": [hint]}
+    )
+    hint_rgb = np.frombuffer(prepared["hint_rgb"][0], np.uint8).reshape(64, 64, 3)
+    model = load_tiny(tiny_dir, controlnet=os.path.join(tiny_dir, CONTROLNET_FOLDER))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the replica's thread count (0.25 CPU -> 1 thread)
+    try:
+        expected = [
+            model.generate(
+                [Request("a house", None, 5 + i, 64, 64, 3, 3.0, hint=hint_rgb, **settings)]
+            )[0]
+            for i in range(2)
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_images(served, expected)
+
+    def generate(url=full, **body):
+        body = {"prompt": "a house", "seed": 5, "num_inference_steps": 3, **body}
+        return httpx.post(f"{url}/v1/images/generations", json=body, headers=auth(), timeout=120)
+
+    # Scale 0 (plain base64 this time): the ControlNet is not run, the image is the plain one.
+    zero = generate(hint=b64, controlnet_conditioning_scale=0)
+    plain = generate()
+    assert zero.status_code == plain.status_code == 200, (zero.text, plain.text)
+    plain_pixels = png_pixels(plain.json()["data"][0]["b64_json"])
+    assert np.array_equal(png_pixels(zero.json()["data"][0]["b64_json"]), plain_pixels)
+    assert not np.array_equal(served[0], plain_pixels)
+
+    big = base64.b64encode(png_bytes(Image.new("RGB", (512, 512)))).decode()
+    for body, param in (
+        ({"hint": "@@@ not base64"}, "hint"),
+        ({"hint": base64.b64encode(b"not an image").decode()}, "hint"),
+        ({"hint": ""}, "hint"),
+        ({"hint": big}, "hint"),  # 512 px: above limits.max_side=256
+        ({"hint": f"data:image/png,{b64}"}, "hint"),  # not base64
+        ({"hint": base64.b64encode(hint[:100]).decode()}, "hint"),  # truncated: prepare stage
+        ({"hint": 5}, "hint"),
+        ({"hint": b64, "controlnet_conditioning_scale": -1}, "controlnet_conditioning_scale"),
+        ({"control_guidance_start": 0.6, "control_guidance_end": 0.4}, "control_guidance_start"),
+        ({"hint": b64, "control_guidance_end": 1.5}, "control_guidance_end"),
+        ({"control_guidance_start": "soon"}, "control_guidance_start"),
+    ):
+        r = generate(**body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    # The server app has no model.controlnet: the fields are 400s saying so.
+    for name, value in (("hint", b64), ("control_guidance_end", 0.5)):
+        r = generate(url=server["url"], **{name: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == name, r.text
+        assert "without model.controlnet" in r.json()["error"]["message"]
+    # The helper names the field it is given (a later `ip_images` list reuses it).
+    with pytest.raises(ApiError) as refused:
+        b64_image("ip_images[0].image", "@@", 64)
+    assert refused.value.param == "ip_images[0].image"
+    assert refused.value.message.startswith("ip_images[0].image: ")
 
 
 def test_upscale_route_answers_the_batch_stages_image(full, upscale_args):

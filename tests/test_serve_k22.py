@@ -180,6 +180,15 @@ def test_variation_errors_name_the_field(k22_server, files, data, status, param)
     assert r.json()["error"]["param"] == param, r.text
 
 
+@pytest.mark.slow
+def test_a_controlnet_hint_on_kandinsky22_is_a_400_saying_why(k22_server):
+    hint = base64.b64encode(png(picture(0))).decode()
+    body = {"prompt": "a cat", "hint": hint}
+    r = httpx.post(f"{k22_server}/v1/images/generations", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "hint", r.text
+    assert "works with kandinsky3 only" in r.json()["error"]["message"], r.text
+
+
 def test_serve_config_names_and_refusals():
     from k3batch.serve.config import ServeAppConfig
     from k3batch.serve.launch import load_serve_config
