@@ -223,7 +223,8 @@ class ModelConfig(Strict):
         None,
         description="Kandinsky 3 base only: a Kandinsky 3 ControlNet folder in the layout of "
         "`ai-forever/kandinsky3_controlnet_hed` (config.json + diffusion_pytorch_model.safetensors "
-        "in the fork's names). Rows may then bring a `hint` edge image (HED), with "
+        "in the fork's names). Rows (and, on Serve, /v1/images/generations requests) may then "
+        "bring a `hint` edge image (HED), with "
         "`controlnet_conditioning_scale` (default 1.0) and `control_guidance_start`/`_end` "
         "(default 0/1); rows without one are plain images. The tiny set of `make_tiny` has "
         "one at `<path>/controlnet_hed`.",
