@@ -448,16 +448,17 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
 
 
 def _controlnet_fields(raw, rules, field, out, errors, warnings) -> None:
-    """The Kandinsky 3 ControlNet settings of a row: scale >= 0, 0 <= start < end <= 1; a
-    warning (ignored) on a job without model.controlnet."""
+    """The Kandinsky 3 ControlNet settings of a hinted row: scale >= 0, 0 <= start < end <= 1;
+    a warning (ignored) on a row without a hint or a job without model.controlnet."""
     names = schema.CONTROLNET_COLUMNS
-    if not rules.controlnet:
+    # Recorded only on rows the ControlNet conditions: a plain row's record shows no scale.
+    hinted = raw.get(schema.HINT) is not None
+    if not (rules.controlnet and hinted):
+        why = "without model.controlnet" if not rules.controlnet else "the row has no hint"
         for name in names:
             out[name] = None
             if raw.get(name) is not None:
-                warnings.append(
-                    f"{name}: ignored without model.controlnet, got {show(raw.get(name))}"
-                )
+                warnings.append(f"{name}: ignored, {why}, got {show(raw.get(name))}")
         return
 
     def unit(name):

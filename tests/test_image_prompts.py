@@ -183,3 +183,82 @@ def test_embeddings_are_clip_image_embeds_mixed_by_weight(stage):
     size = clip.config.image_size
     torch.testing.assert_close(embeds[1], embed(torch.zeros(1, 3, size, size)))
     assert scales.tolist() == [0.5, 0.0]
+
+
+@pytest.mark.slow
+def test_conditioned_job_on_the_shipped_demo_table_with_bad_rows(ray_local, tmp_path, tiny_dir):
+    """ControlNet hints and image prompts in one job on local Ray (the conditioning demo's
+    table), with bad rows that become errors naming their field, and rows in = rows out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from k3batch.config import load_config
+    from k3batch.job.run import run_job
+
+    from .conftest import job_config
+    from .test_job import read_metadata
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    table = pq.read_table(os.path.join(repo, "data", "conditioning_demo.parquet"))
+    rows = table.to_pylist()
+    for r in rows:
+        r["seed"] = 11  # one seed for all: the rows differ only by their conditioning
+        if r["hint"]:
+            r["hint"] = os.path.join(repo, r["hint"])
+        for item in r["ip_images"] or []:
+            item["image"] = os.path.join(repo, item["image"])
+    bad = [
+        {"id": "bad-hint", "prompt": "x", "hint": os.path.join(repo, "nope.png")},
+        {"id": "bad-ip", "prompt": "x", "ip_images": [{"image": "nope.png", "weight": 1.0}]},
+        {
+            "id": "bad-scale",
+            "prompt": "x",
+            "ip_images": [{"image": rows[3]["ip_images"][0]["image"], "weight": None}],
+            "ip_adapter_scale": -2.0,
+        },
+    ]
+    schema = table.schema.append(pa.field("seed", pa.int64()))
+    pq.write_table(pa.Table.from_pylist(rows + bad, schema=schema), tmp_path / "in.parquet")
+    cfg = job_config(
+        tmp_path,
+        str(tmp_path / "in.parquet"),
+        tiny_dir,
+        model={
+            "make_tiny": True,  # the set exists: its controlnet_hed/ and ip_adapter/ are used
+            "controlnet": os.path.join(tiny_dir, "controlnet_hed"),
+            "ip_adapter": {},
+        },
+        generation={"num_inference_steps": 2, "seed": 3},
+    )
+    result = run_job(load_config(data=cfg))
+    meta = {m["id"]: m for m in read_metadata(tmp_path / "out")}
+    assert result.ok and len(meta) == len(rows) + len(bad)
+    assert meta["bad-hint"]["error"].startswith("hint: cannot read")
+    assert meta["bad-ip"]["error"].startswith("ip_images[0].image: cannot read")
+    assert meta["bad-scale"]["error"] == "ip_adapter_scale: must be finite and >= 0, got -2.0"
+    assert result.run["errors_by_field"] == {
+        "hint": 1,
+        "ip_images[0].image": 1,
+        "ip_adapter_scale": 1,
+    }
+    ok = {k: m for k, m in meta.items() if not k.startswith("bad-")}
+    assert all(m["status"] == "ok" for m in ok.values()), ok
+    assert "+controlnet(" in ok["plain"]["model"] and "+ip-adapter(" in ok["plain"]["model"]
+    # Records name the conditioning each row had, and nothing on a plain row.
+    assert (ok["plain"]["controlnet_conditioning_scale"], ok["plain"]["ip_adapter_scale"]) == (
+        None,
+        None,
+    )
+    assert ok["hint-tower-half"]["control_guidance_end"] == 0.6
+    assert ok["image-fusion"]["ip_adapter_scale"] == 0.8
+    assert "ip_images_prepared" not in ok["plain"] and "hint_rgb" not in ok["plain"]
+
+    def pixels(row_id):
+        with Image.open(ok[row_id]["image_uri"]) as image:
+            return np.asarray(image.convert("RGB"), dtype=int)
+
+    # Same prompt and seed: the hint and the image prompt each change the plain image.
+    assert ok["plain"]["seed"] == ok["hint-house"]["seed"] == ok["image-prompt-lake"]["seed"]
+    plain = pixels("plain")
+    assert np.abs(pixels("hint-house") - plain).mean() > 1
+    assert np.abs(pixels("image-prompt-lake") - plain).mean() > 1
