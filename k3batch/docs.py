@@ -71,6 +71,16 @@ def _rows(schema: dict, model: dict, prefix: str) -> list[str]:
             )
             rows.extend(_rows(schema, target, f"{prefix}{name}."))
             continue
+        options = [_resolve(schema, o) for o in prop.get("anyOf", [])]
+        nested = [o for o in options if "properties" in o]
+        if len(nested) == 1 and len(options) == 2 and {"type": "null"} in options:
+            # An optional section (model.ip_adapter): off when null, its fields below.
+            rows.append(
+                f"| `{prefix}{name}` | object or null | {_default(prop, name in required)} | "
+                f"{_cell(prop.get('description', ''))} |"
+            )
+            rows.extend(_rows(schema, nested[0], f"{prefix}{name}."))
+            continue
         item = _resolve(schema, prop.get("items", {}))
         if prop.get("type") == "array" and "properties" in item:
             # A list of objects (model.lora): its item fields as `name[].field`.

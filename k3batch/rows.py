@@ -46,6 +46,9 @@ class RowRules:
     controlnet_conditioning_scale: float = 1.0
     control_guidance_start: float = 0.0
     control_guidance_end: float = 1.0
+    # Kandinsky 3 base with model.ip_adapter: rows may bring `ip_images`; the fork's scale.
+    ip_adapter: bool = False
+    ip_adapter_scale: float = 1.0
     max_side: int = 2048
     max_num_inference_steps: int = 1000
     max_prompt_chars: int = 20000
@@ -62,10 +65,12 @@ class RowRules:
         model_name: str = BASE,
         depth_estimator: bool = False,
         controlnet: bool = False,
+        ip_adapter: bool = False,
     ) -> RowRules:
         return cls(
             model=model_name,
             controlnet=controlnet,
+            ip_adapter=ip_adapter,
             prior_num_inference_steps=generation.prior_num_inference_steps,
             prior_guidance_scale=generation.prior_guidance_scale,
             depth_estimator=depth_estimator,
@@ -405,6 +410,7 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
 
     _kandinsky22_fields(raw, member, rules, has_image, field, out, errors, warnings)
     _controlnet_fields(raw, rules, field, out, errors, warnings)
+    _ip_adapter_fields(raw, rules, field, out, errors, warnings)
 
     try:
         images = images_of(raw.get(schema.NUM_IMAGES_PER_PROMPT), rules)
@@ -442,16 +448,17 @@ def normalise_row(raw: dict, prompt_column: str, rules: RowRules) -> dict:
 
 
 def _controlnet_fields(raw, rules, field, out, errors, warnings) -> None:
-    """The Kandinsky 3 ControlNet settings of a row: scale >= 0, 0 <= start < end <= 1; a
-    warning (ignored) on a job without model.controlnet."""
+    """The Kandinsky 3 ControlNet settings of a hinted row: scale >= 0, 0 <= start < end <= 1;
+    a warning (ignored) on a row without a hint or a job without model.controlnet."""
     names = schema.CONTROLNET_COLUMNS
-    if not rules.controlnet:
+    # Recorded only on rows the ControlNet conditions: a plain row's record shows no scale.
+    hinted = raw.get(schema.HINT) is not None
+    if not (rules.controlnet and hinted):
+        why = "without model.controlnet" if not rules.controlnet else "the row has no hint"
         for name in names:
             out[name] = None
             if raw.get(name) is not None:
-                warnings.append(
-                    f"{name}: ignored without model.controlnet, got {show(raw.get(name))}"
-                )
+                warnings.append(f"{name}: ignored, {why}, got {show(raw.get(name))}")
         return
 
     def unit(name):
@@ -476,6 +483,61 @@ def _controlnet_fields(raw, rules, field, out, errors, warnings) -> None:
     if out[start] is not None and out[end] is not None and not out[start] < out[end]:
         errors.append(f"{start}: must be < {end} ({out[end]}), got {out[start]}")
         out[start] = None
+
+
+def _ip_adapter_fields(raw, rules, field, out, errors, warnings) -> None:
+    """A row's image prompts (`ip_images`: a non-empty list of {image, weight}) and the
+    adapter's scale (finite, >= 0; recorded only on rows with images); without
+    model.ip_adapter, images are an error and a scale is ignored with a warning."""
+    items = raw.get(schema.IP_IMAGES)
+    scale_given = raw.get(schema.IP_ADAPTER_SCALE)
+    out[schema.IP_ADAPTER_SCALE] = None
+    if not rules.ip_adapter:
+        if items is not None:
+            errors.append(
+                f"{schema.IP_IMAGES}: image prompts need model.ip_adapter ({BASE} with the "
+                f"IP-Adapter), got {show(items)}"
+            )
+        if scale_given is not None:
+            warnings.append(
+                f"{schema.IP_ADAPTER_SCALE}: ignored without model.ip_adapter, got "
+                f"{show(scale_given)}"
+            )
+        return
+    if items is None:
+        if scale_given is not None:
+            warnings.append(
+                f"{schema.IP_ADAPTER_SCALE}: ignored, the row has no {schema.IP_IMAGES}, got "
+                f"{show(scale_given)}"
+            )
+        return
+    name = schema.IP_IMAGES
+    if not isinstance(items, (list, tuple)) or not items:
+        errors.append(f"{name}: expected a non-empty list of {{image, weight}}, got {show(items)}")
+        return
+    for j, item in enumerate(items):
+        where = f"{name}[{j}]"
+        if not isinstance(item, dict):
+            errors.append(f"{where}: expected {{image, weight}}, got {show(item)}")
+            continue
+        if item.get(schema.IP_IMAGE) is None:
+            errors.append(f"{where}.image: missing (null), got {show(item)}")
+        else:
+            _source(item, schema.IP_IMAGE, errors, where=f"{where}.image")
+        weight = item.get(schema.IP_WEIGHT)
+        if weight is None:
+            continue  # 1.0, as the fork weighs a single image
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+            errors.append(f"{where}.weight: expected a number, got {show(weight)}")
+        elif not math.isfinite(weight):
+            errors.append(f"{where}.weight: must be finite, got {show(weight)}")
+
+    def scale_check(v):
+        if not (math.isfinite(v) and v >= 0):
+            raise RowError(f"{schema.IP_ADAPTER_SCALE}: must be finite and >= 0, got {v}")
+        return v
+
+    out[schema.IP_ADAPTER_SCALE] = field(schema.IP_ADAPTER_SCALE, _as_float, scale_check)
 
 
 def _kandinsky22_fields(raw, member, rules, has_image, field, out, errors, warnings) -> None:

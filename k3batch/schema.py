@@ -36,6 +36,12 @@ CONTROLNET_CONDITIONING_SCALE = "controlnet_conditioning_scale"
 CONTROL_GUIDANCE_START = "control_guidance_start"
 CONTROL_GUIDANCE_END = "control_guidance_end"
 CONTROLNET_COLUMNS = (CONTROLNET_CONDITIONING_SCALE, CONTROL_GUIDANCE_START, CONTROL_GUIDANCE_END)
+# Kandinsky 3 IP-Adapter (`model.ip_adapter`): image prompts, a list of {image, weight} items
+# (image: a URI or raw bytes; weight: default 1.0), mixed by weight; the adapter's scale.
+IP_IMAGES = "ip_images"
+IP_ADAPTER_SCALE = "ip_adapter_scale"
+IP_IMAGE = "image"  # the fields of an `ip_images` item
+IP_WEIGHT = "weight"
 MIX_PROMPT = "prompt"  # the fields of a `mix` item
 MIX_IMAGE = "image"
 MIX_WEIGHT = "weight"
@@ -99,6 +105,8 @@ KEEP_MASK = "keep_mask"  # the prepared inpainting mask
 HINT_RGB = "hint_rgb"  # the prepared depth hint, raw RGB at the row's size
 # The prepared mix: per item its prompt, or its image as raw RGB with its own size.
 MIX_PREPARED = "mix_prepared"
+# The prepared image prompts: per item its image as raw RGB with its own size, and its weight.
+IP_IMAGES_PREPARED = "ip_images_prepared"
 # upscale.keep_source: the image before upscaling, raw RGB; then its encoded bytes (shards).
 SOURCE_IMAGE_RGB = "source_image_rgb"
 SOURCE_IMAGE_BYTES = "source_image_bytes"
@@ -123,6 +131,7 @@ TYPES: dict[str, pa.DataType] = {
     CONTROLNET_CONDITIONING_SCALE: pa.float64(),
     CONTROL_GUIDANCE_START: pa.float64(),
     CONTROL_GUIDANCE_END: pa.float64(),
+    IP_ADAPTER_SCALE: pa.float64(),
     STATUS: pa.string(),
     ERROR: pa.string(),
     WARNING: pa.string(),
@@ -150,6 +159,16 @@ TYPES: dict[str, pa.DataType] = {
         pa.struct(
             [
                 ("prompt", pa.string()),
+                ("rgb", pa.binary()),
+                ("width", pa.int64()),
+                ("height", pa.int64()),
+                ("weight", pa.float64()),
+            ]
+        )
+    ),
+    IP_IMAGES_PREPARED: pa.list_(
+        pa.struct(
+            [
                 ("rgb", pa.binary()),
                 ("width", pa.int64()),
                 ("height", pa.int64()),
@@ -189,6 +208,9 @@ OVERRIDE_COLUMNS = (
 # out of Kandinsky 3 outputs) and inputs read by the prepare stage.
 K22_OVERRIDE_COLUMNS = (PRIOR_NUM_INFERENCE_STEPS, PRIOR_GUIDANCE_SCALE)
 K22_INPUT_COLUMNS = (HINT, MIX)
+# Optional columns of Kandinsky 3 base rows with `model.ip_adapter`: the image prompts (read by
+# the prepare stage) and the adapter's scale (validated, then written per record).
+IP_ADAPTER_COLUMNS = (IP_IMAGES, IP_ADAPTER_SCALE)
 # Optional input columns of image-to-image and inpainting rows.
 IMAGE_COLUMNS = (IMAGE, MASK)
 STATUS_COLUMNS = (STATUS, ERROR)
@@ -221,6 +243,7 @@ OUTPUT_ONLY_COLUMNS = (
     KEEP_MASK,
     HINT_RGB,
     MIX_PREPARED,
+    IP_IMAGES_PREPARED,
     CLIP_SCORE,
     BRIGHTNESS,
     SHARPNESS,

@@ -68,7 +68,15 @@ def test_control_columns_are_validated_naming_the_field():
     assert plain["status"] == ["error", "ok"]
     assert plain["error"][0].startswith("hint: only kandinsky2.2-controlnet-depth takes")
     assert "model.controlnet" in plain["error"][0]
-    assert plain["warning"][1].startswith("controlnet_conditioning_scale: ignored without")
+    assert plain["warning"][1].startswith("controlnet_conditioning_scale: ignored, without")
+    # With it, a row without a hint records no control settings.
+    unhinted = ValidateStage(rules)(
+        {"prompt": ["p"], "row_hash": [1], "controlnet_conditioning_scale": [0.5]}
+    )
+    assert unhinted["status"] == ["ok"] and unhinted["controlnet_conditioning_scale"] == [None]
+    assert unhinted["warning"][0].startswith(
+        "controlnet_conditioning_scale: ignored, the row has no hint"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -87,11 +87,11 @@ def test_the_estimated_gpu_configs_are_the_expected_ones():
     assert estimated == {
         "base.yaml",
         "base-24gb.yaml",
-        # The estimate does not count the ControlNet's weights (~0.9 GiB in bfloat16) yet.
         "controlnet-hed.yaml",
         "dataset-synthesis.yaml",
         "flash.yaml",
         "inpaint.yaml",
+        "ip-adapter.yaml",
         "kandinsky22-gpu.yaml",
         "s3.yaml",
         "serve.yaml",

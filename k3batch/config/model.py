@@ -49,6 +49,8 @@ def _changed(section, names) -> list[str]:
     ]
 
 
+# The tiny Kandinsky 3 set's IP-Adapter folder (weights + image_encoder/; k3batch.testing.tiny).
+TINY_IP_ADAPTER_FOLDER = "ip_adapter"
 # Components only Kandinsky 2.2 members load (dtype and device keys).
 K22_COMPONENTS = ("prior", "image_encoder", "depth_estimator")
 # The tiny Kandinsky 2.2 set (`model.make_tiny`, k3batch.testing.tiny_k22): one directory
@@ -145,6 +147,28 @@ class LoraConfig(Strict):
     )
 
 
+class IPAdapterConfig(Strict):
+    """The Kandinsky 3 IP-Adapter of the base member: image prompts (see docs/ip-adapter.md)."""
+
+    path: str | None = Field(
+        None,
+        description="The adapter's weights in the layout of the ai-forever/kandinsky3-diffusers "
+        "fork (`image_proj`, `image_norm` and `to_key_ip`/`to_v_ip`/`to_out_ip` of each "
+        "cross-attention processor): a safetensors file, a tensors-only pickle of the fork's "
+        "UNet, or a folder holding `ip_adapter.safetensors`. The public weights were "
+        "withdrawn: give a copy. null: the tiny set's `<model.path>/ip_adapter` (with "
+        "`model.make_tiny` only).",
+    )
+    image_encoder: str | None = Field(
+        None,
+        description="The CLIP image encoder (a transformers `CLIPVisionModelWithProjection` "
+        "with its `CLIPImageProcessor`: a folder or Hub id) whose image embeddings the adapter "
+        "takes; it runs in the UNet's dtype on the UNet's device. null: "
+        "`openai/clip-vit-large-patch14` (768-d, what the fork's adapter takes), or the tiny "
+        "set's `<model.path>/ip_adapter/image_encoder` with `model.make_tiny`.",
+    )
+
+
 def _check_device(v: str) -> str:
     if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
         raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}")
@@ -229,6 +253,13 @@ class ModelConfig(Strict):
         "(default 0/1); rows without one are plain images. The tiny set of `make_tiny` has "
         "one at `<path>/controlnet_hed`.",
     )
+    ip_adapter: IPAdapterConfig | None = Field(
+        None,
+        description="Kandinsky 3 base only: the IP-Adapter. Rows may then bring `ip_images`, "
+        "a list of {image, weight} image prompts mixed by weight (image fusion), and "
+        "`ip_adapter_scale` (default 1.0, the fork's `img_weight`); rows without them are "
+        "plain images. `{}` with `make_tiny` uses the tiny set's adapter and image encoder.",
+    )
     layout: Literal["auto", "diffusers", "reference"] = Field(
         "auto",
         description="Weight layout of `path`; `auto` detects it (a local directory by its files, "
@@ -309,10 +340,16 @@ class ModelConfig(Strict):
         """Kandinsky 2.2 members: their decoder repo by default, what they cannot do refused;
         the 2.2-only fields refused on Kandinsky 3 members."""
         member = family.MEMBERS[self.name]
-        if self.controlnet is not None and self.name != family.BASE:
+        for name, what in (("controlnet", "ControlNet"), ("ip_adapter", "IP-Adapter")):
+            if getattr(self, name) is not None and self.name != family.BASE:
+                raise ValueError(
+                    f"model.{name}: the Kandinsky 3 {what} works with {family.BASE}, "
+                    f"not {self.name}; remove it"
+                )
+        if self.ip_adapter is not None and self.ip_adapter.path is None and not self.make_tiny:
             raise ValueError(
-                f"model.controlnet: the Kandinsky 3 ControlNet works with {family.BASE}, "
-                f"not {self.name}; remove it"
+                "model.ip_adapter.path: required (the adapter's weights in the fork's layout); "
+                "null means the tiny set's, with model.make_tiny only"
             )
         if member.family != family.KANDINSKY22:
             set_here = [f"model.{f}" for f in ("prior_path", "depth_estimator") if getattr(self, f)]
@@ -350,6 +387,21 @@ class ModelConfig(Strict):
             decoder = os.path.join(self.path, TINY_K22_FOLDERS[self.name])
             prior = self.prior_path or os.path.join(self.path, TINY_K22_PRIOR)
         return {"decoder": decoder, "prior": prior, "depth_estimator": self.depth_estimator}
+
+    def ip_adapter_paths(self) -> tuple[str, str] | None:
+        """(adapter weights, image encoder) of `ip_adapter`, nulls resolved; None without it."""
+        if self.ip_adapter is None:
+            return None
+        tiny = os.path.join(self.path, TINY_IP_ADAPTER_FOLDER)
+        path = self.ip_adapter.path or tiny
+        encoder = self.ip_adapter.image_encoder
+        if encoder is None:
+            encoder = (
+                os.path.join(tiny, family.IP_ADAPTER_ENCODER_FOLDER)
+                if self.make_tiny
+                else family.IP_ADAPTER_IMAGE_ENCODER
+            )
+        return path, encoder
 
     def device_map(self) -> dict[str, str]:
         components = ("unet", "text_encoder", "movq")

@@ -27,10 +27,15 @@ def resolve_paths(cfg: JobConfig) -> JobConfig:
     cfg.output.uri = storage.absolute(cfg.output.uri)
     if os.path.exists(cfg.model.path) or cfg.model.make_tiny:
         cfg.model.path = os.path.abspath(cfg.model.path)
-    for name in ("prior_path", "depth_estimator"):
+    for name in ("prior_path", "depth_estimator", "controlnet"):
         value = getattr(cfg.model, name)
         if value and (os.path.exists(value) or cfg.model.make_tiny):
             setattr(cfg.model, name, os.path.abspath(value))
+    ip = cfg.model.ip_adapter
+    for name in ("path", "image_encoder"):
+        value = ip and getattr(ip, name)
+        if value and os.path.exists(value):
+            setattr(ip, name, os.path.abspath(value))
     for lora in cfg.model.lora:
         lora.path = os.path.abspath(lora.path)
     cfg.upscale.absolute_paths()
@@ -89,6 +94,7 @@ def check_model(cfg: JobConfig) -> None:
 
     m = cfg.model
     path = m.path
+    check_conditioning(cfg)
     if m.make_tiny:
         check_lora(cfg)
         return
@@ -110,6 +116,41 @@ def check_model(cfg: JobConfig) -> None:
         )
     check_hub_model(path)
     check_lora(cfg)
+
+
+def check_conditioning(cfg: JobConfig) -> None:
+    """`model.controlnet` and `model.ip_adapter` name what is there (the tiny set's own are
+    built with the model)."""
+    from k3batch.model import family
+
+    m = cfg.model
+    built_later = m.make_tiny and m.controlnet and not os.path.exists(m.controlnet)
+    if (
+        m.controlnet
+        and not built_later
+        and not os.path.isfile(os.path.join(m.controlnet, "config.json"))
+    ):
+        raise ConfigError(
+            f"model.controlnet: {m.controlnet!r} is not a ControlNet folder (no config.json)"
+        )
+    if m.ip_adapter is None:
+        return
+    weights, encoder = m.ip_adapter_paths()
+    if m.ip_adapter.path is not None and not os.path.isfile(family.ip_adapter_file(weights)):
+        where = f"has no {family.IP_ADAPTER_FILE}" if os.path.isdir(weights) else "is no file"
+        raise ConfigError(f"model.ip_adapter.path: {weights!r} {where}")
+    if m.ip_adapter.image_encoder is None and m.make_tiny:
+        return
+    field = "model.ip_adapter.image_encoder"
+    if os.path.isdir(encoder):
+        if not os.path.isfile(os.path.join(encoder, "config.json")):
+            raise ConfigError(f"{field}: {encoder} has no config.json (a CLIP vision model)")
+    elif os.path.exists(encoder) or not _HF_REPO_ID.match(encoder):
+        raise ConfigError(
+            f"{field}: {encoder!r} is neither a local folder nor a Hugging Face repo id"
+        )
+    else:
+        check_hub_model(encoder, field)
 
 
 def check_kandinsky22(cfg: JobConfig) -> None:

@@ -57,6 +57,12 @@ REFERENCE_TEXT_DIR = "flan_ul2_encoder"
 REFERENCE_MOVQ_FILE = "movq.pt"
 REFERENCE_CONFIG_FILE = "k3batch_config.json"
 NULL_EMBEDDING_FILE = "null_embedding.safetensors"
+# The Kandinsky 3 IP-Adapter (`model.ip_adapter`): a weights file, or a folder holding this
+# one; its CLIP image encoder. The fork's pipeline names no encoder checkpoint; its adapter
+# takes 768-d embeddings, the width of OpenAI's ViT-L/14 (which ships its processor).
+IP_ADAPTER_FILE = "ip_adapter.safetensors"
+IP_ADAPTER_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
+IP_ADAPTER_ENCODER_FOLDER = "image_encoder"  # beside the file in the tiny set
 
 
 @dataclass(frozen=True)
@@ -287,3 +293,10 @@ def read_reference_config(root: str) -> dict:
         return {}
     with open(file) as f:
         return json.load(f)
+
+
+def ip_adapter_file(path: str) -> str:
+    """The IP-Adapter's weights: `path` itself, or `ip_adapter.safetensors` in the folder."""
+    import os
+
+    return os.path.join(path, IP_ADAPTER_FILE) if os.path.isdir(path) else path

@@ -25,10 +25,11 @@ from __future__ import annotations
 import contextlib
 import re
 
+import numpy as np
 import torch
 from torch import nn
 
-from k3batch.model import keymap
+from k3batch.model import family, keymap
 
 ADAPTER_PARTS = ("to_key_ip", "to_v_ip", "to_out_ip")
 NUM_IMAGE_TOKENS = 4  # the fork's num_image_tokens
@@ -203,8 +204,9 @@ def mix_embeddings(embeds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def load(unet: nn.Module, path: str, image_embed_dim: int = IMAGE_EMBED_DIM) -> IPAdapter:
-    """Build the adapter for `unet`, load the fork's weights strictly and attach it."""
-    state = read_weights(path)
+    """Build the adapter for `unet`, load the fork's weights strictly and attach it (after
+    the UNet's attention processors are chosen: the adapter wraps them)."""
+    state = read_weights(family.ip_adapter_file(path))
     dim = state["image_proj.weight"].shape[1] if "image_proj.weight" in state else image_embed_dim
     adapter = IPAdapter(unet, image_embed_dim=dim)
     adapter.load_reference_state_dict(state)
@@ -212,3 +214,87 @@ def load(unet: nn.Module, path: str, image_embed_dim: int = IMAGE_EMBED_DIM) -> 
     adapter.to(first.device, first.dtype)
     adapter.attach()
     return adapter
+
+
+class ImageEncoder:
+    """CLIP image embeddings as the fork's pipeline makes them: `CLIPImageProcessor`, then
+    `CLIPVisionModelWithProjection(...).image_embeds`, one image per call (an image's
+    embedding does not depend on what else is in the batch); and the unconditional branch's
+    embedding of an all-zero pixel tensor (zeros after normalisation, at the encoder's size)."""
+
+    def __init__(self, path: str, dtype: torch.dtype, device: torch.device | str):
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        self.model = CLIPVisionModelWithProjection.from_pretrained(path, torch_dtype=dtype)
+        self.model = self.model.to(device).eval()
+        self.processor = CLIPImageProcessor.from_pretrained(path)
+        self.device, self.dtype = torch.device(device), dtype
+        size = self.model.config.image_size
+        self.zero = self._embed(torch.zeros(1, 3, size, size))
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.projection_dim
+
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(self.device, self.dtype)
+        return self.model(pixel_values=pixels).image_embeds
+
+    @torch.no_grad()
+    def embed(self, image: np.ndarray) -> torch.Tensor:
+        """(1, dim) embedding of one HxWx3 uint8 image."""
+        pixels = self.processor(images=[image], return_tensors="pt").pixel_values
+        return self._embed(pixels)
+
+
+class ImagePrompts:
+    """A loaded adapter and its image encoder on one base UNet: per-row image tokens and scales
+    for a guided batch (`Request.ip_images`, `Request.ip_adapter_scale`)."""
+
+    def __init__(self, adapter: IPAdapter, encoder: ImageEncoder):
+        if encoder.dim != adapter.image_proj.in_features:
+            raise ValueError(
+                f"model.ip_adapter.image_encoder: its image embeddings are {encoder.dim}-d, the "
+                f"adapter's image_proj takes {adapter.image_proj.in_features}"
+            )
+        self.adapter = adapter
+        self.encoder = encoder
+
+    @staticmethod
+    def wanted(requests) -> bool:
+        return any(r.ip_images and r.ip_adapter_scale != 0 for r in requests)
+
+    def row_embeddings(self, requests) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, dim) mixed embeddings and (B,) scales; a row without images gets the zero
+        image's embedding at scale 0 (its output is the plain UNet's, bit for bit)."""
+        embeds, scales = [], []
+        for r in requests:
+            if r.ip_images:
+                each = torch.cat([self.encoder.embed(image) for image, _ in r.ip_images])
+                weights = torch.tensor([float(w) for _, w in r.ip_images], device=each.device)
+                embeds.append(mix_embeddings(each, weights))
+                scales.append(float(r.ip_adapter_scale))
+            else:
+                embeds.append(self.encoder.zero[0])
+                scales.append(0.0)
+        return torch.stack(embeds), torch.tensor(scales)
+
+    def guided(self, requests):
+        """The context for a guided batch [cond rows; uncond rows]: the cond rows see their
+        images, the uncond rows the zero image, both at the row's scale (the fork's
+        `img_weight` applies to the whole UNet call)."""
+        embeds, scales = self.row_embeddings(requests)
+        zero = self.encoder.zero.expand(len(requests), -1)
+        device = self.adapter.image_proj.weight.device
+        both = torch.cat([embeds, zero]).to(device)
+        return self.adapter.conditioned(both, torch.cat([scales, scales]).to(device))
+
+
+def load_image_prompts(
+    unet: nn.Module, path: str, image_encoder: str, dtype: torch.dtype
+) -> ImagePrompts:
+    """The adapter at `path` attached to `unet`, and the CLIP image encoder (on the UNet's
+    device, in `dtype`)."""
+    adapter = load(unet, path)
+    encoder = ImageEncoder(image_encoder, dtype, next(unet.parameters()).device)
+    return ImagePrompts(adapter, encoder)

@@ -41,6 +41,7 @@ forward of twice the batch; MoVQ decode chunks halve on out-of-memory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -90,6 +91,7 @@ class Kandinsky3:
         self.device = self.denoiser.device
         self.schedule = DiffusionSchedule(self.device)
         self.control = None  # controlnet.Control with `model.controlnet` (base member)
+        self.image_prompts = None  # ip_adapter.ImagePrompts with `model.ip_adapter` (base)
 
     @classmethod
     def from_pretrained(
@@ -107,12 +109,14 @@ class Kandinsky3:
         text_encoder: bool = True,
         lora: list[tuple[str, float]] | None = None,
         controlnet: str | None = None,
+        ip_adapter: tuple[str, str] | None = None,
     ) -> Kandinsky3:
         """Load a member (and the Flash refiner); `performance`: `optimize`'s arguments
         (`model.performance`); `text_encoder=False` leaves T5 to the text encoder pool;
         `lora`: (safetensors path, scale) pairs fused into the member's UNet (not the
         refiner's: a LoRA is trained for one UNet); `controlnet`: a Kandinsky 3 ControlNet
-        folder for the base member (rows with a `hint`)."""
+        folder for the base member (rows with a `hint`); `ip_adapter`: (adapter weights, CLIP
+        image encoder) for the base member (rows with `ip_images`)."""
         from k3batch.model import loading
 
         if refine and not family.MEMBERS[member].refinable:
@@ -156,7 +160,11 @@ class Kandinsky3:
         )
         if controlnet is not None:
             model.attach_controlnet(controlnet, dtype, device)
-        return model.optimize(**(performance or {}))
+        model.optimize(**(performance or {}))
+        if ip_adapter is not None:
+            # After optimize: the adapter's processors wrap the attention processors it chose.
+            model.attach_ip_adapter(*ip_adapter)
+        return model
 
     def attach_controlnet(self, path: str, dtype="float32", device="auto") -> None:
         """Load the ControlNet at `path` next to the base UNet (its dtype and device)."""
@@ -168,6 +176,18 @@ class Kandinsky3:
             )
         d = self.denoiser
         self.control = controlnet.Control(controlnet.load(path, d.dtype, d.device), d)
+
+    def attach_ip_adapter(self, path: str, image_encoder: str) -> None:
+        """Load the IP-Adapter at `path` onto the base UNet and the CLIP image encoder (the
+        UNet's dtype and device)."""
+        from k3batch.model import ip_adapter
+
+        if self.member.name != family.BASE:
+            raise ValueError(
+                f"model.ip_adapter works with the {family.BASE} member, not {self.member.name}"
+            )
+        d = self.denoiser
+        self.image_prompts = ip_adapter.load_image_prompts(d.unet, path, image_encoder, d.dtype)
 
     def optimize(
         self,
@@ -367,29 +387,33 @@ class Kandinsky3:
             self.control if self.control is not None and self.control.wanted(requests) else None
         )
         hint = control.hints(requests) if control is not None else None
-        for step, (t, prev_t) in enumerate(zip(times, [*times[1:], 0], strict=True)):
-            x_t = x if solver is None else solver.model_input(x, t)
-            unet_in = torch.cat([x_t, x_t])
-            if extra is not None:
-                unet_in = torch.cat([unet_in, extra], dim=1)
-            if control is not None:
-                scale = control.scales(requests, step, len(times))
-                control.skips.residuals = control.residuals(
-                    unet_in, t, context, mask, lengths, hint, scale
-                )
-            try:
-                eps_cond, eps_uncond = d(unet_in, t, context, mask, lengths).chunk(2)
-            finally:
+        prompts = self.image_prompts
+        if prompts is not None and not prompts.wanted(requests):
+            prompts = None
+        with prompts.guided(requests) if prompts is not None else contextlib.nullcontext():
+            for step, (t, prev_t) in enumerate(zip(times, [*times[1:], 0], strict=True)):
+                x_t = x if solver is None else solver.model_input(x, t)
+                unet_in = torch.cat([x_t, x_t])
+                if extra is not None:
+                    unet_in = torch.cat([unet_in, extra], dim=1)
                 if control is not None:
-                    control.skips.residuals = None
-            eps = (w + 1.0) * eps_cond - w * eps_uncond
-            if solver is not None:
-                eps = self.schedule.thresholded_eps(x_t, t, eps, percentile)
-                x = solver.step(eps, t, x)
-                continue
-            # Drawn at the last step too (unused there), as the reference's p_sample does, so
-            # a row's generator is where the reference's would be after the loop.
-            x = self.schedule.ddim_step(x, t, prev_t, eps, noise(), percentile)
+                    scale = control.scales(requests, step, len(times))
+                    control.skips.residuals = control.residuals(
+                        unet_in, t, context, mask, lengths, hint, scale
+                    )
+                try:
+                    eps_cond, eps_uncond = d(unet_in, t, context, mask, lengths).chunk(2)
+                finally:
+                    if control is not None:
+                        control.skips.residuals = None
+                eps = (w + 1.0) * eps_cond - w * eps_uncond
+                if solver is not None:
+                    eps = self.schedule.thresholded_eps(x_t, t, eps, percentile)
+                    x = solver.step(eps, t, x)
+                    continue
+                # Drawn at the last step too (unused there), as the reference's p_sample does, so
+                # a row's generator is where the reference's would be after the loop.
+                x = self.schedule.ddim_step(x, t, prev_t, eps, noise(), percentile)
         return x
 
     def _flash(self, cond, noise):

@@ -17,6 +17,14 @@ and with the activations' bytes (float32 doubles them). The phases run one after
 phase, not the sum. The T5 activations are a formula (tokens x widths), not measured: they
 are small beside the rest.
 
+Conditioning (Kandinsky 3 base): the ControlNet (`model.controlnet`: a copy of the UNet's
+first three encoder levels, ~1.2B parameters) and the IP-Adapter (`model.ip_adapter`: its
+projections, ~0.5B, plus the CLIP ViT-L/14 image encoder, ~0.3B) are counted on meta like
+the UNet. Not measured: with the ControlNet the UNet phase is taken as twice the UNet's own
+activations, an upper bound (the ControlNet runs a part of the UNet's encoder before it and
+hands on residuals the size of the skips the UNet holds anyway); the image tokens (4 per
+row) add nothing worth counting.
+
 Kandinsky 2.2 members: parameter counts from the Hub repos' float16 weight files (bytes / 2,
 rounded; not built, to keep the estimate free of downloads), `K22_PARAMS`. Their activations
 use the Kandinsky 3 formulas above, an upper bound: the 1.2B decoder UNet is smaller than the
@@ -93,20 +101,38 @@ class MemoryEstimate:
 
 @functools.cache
 def parameter_counts() -> dict[str, int]:
-    """Parameters of the real components: text_encoder, movq, unet (4-in), unet9 (inpaint)."""
+    """Parameters of the real components: text_encoder, movq, unet (4-in), unet9 (inpaint),
+    controlnet, ip_adapter (its own weights) and image_encoder (CLIP ViT-L/14 vision)."""
     import torch
     from diffusers import VQModel
-    from transformers import T5EncoderModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, T5EncoderModel
 
-    from k3batch.model import family
+    from k3batch.model import controlnet, family, ip_adapter
     from k3batch.model.loading import full_architecture, unet_class
 
     unet_config, movq_config, t5_config = full_architecture()
+
+    def base_unet():
+        return unet_class(family.MEMBERS[family.BASE])(in_channels=4, **unet_config)
+
+    # openai/clip-vit-large-patch14's vision tower and projection.
+    clip = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        patch_size=14,
+        image_size=224,
+        projection_dim=ip_adapter.IMAGE_EMBED_DIM,
+    )
     builders = {
         "text_encoder": lambda: T5EncoderModel(t5_config),
         "movq": lambda: VQModel(**movq_config),
-        "unet": lambda: unet_class(family.MEMBERS[family.BASE])(in_channels=4, **unet_config),
+        "unet": base_unet,
         "unet9": lambda: unet_class(family.MEMBERS[family.INPAINT])(**unet_config),
+        "controlnet": lambda: controlnet.Kandinsky3ControlNet(**controlnet.REAL_CONFIG),
+        "ip_adapter": lambda: ip_adapter.IPAdapter(base_unet()),
+        "image_encoder": lambda: CLIPVisionModelWithProjection(clip),
     }
     counts = {}
     for name, build in builders.items():
@@ -186,13 +212,17 @@ def generation_estimate(
         for m in family.members_needed(model.name, model.refine):
             count = "unet9" if m.in_channels != 4 else "unet"
             parts.append((f"UNet {m.name} weights ({dt})", _weights_gib(count, dt)))
+        if model.controlnet:
+            parts.append((f"ControlNet weights ({dt})", _weights_gib("controlnet", dt)))
+        if model.ip_adapter is not None:
+            parts.append((f"IP-Adapter weights ({dt})", _weights_gib("ip_adapter", dt)))
+            parts.append((f"CLIP image encoder weights ({dt})", _weights_gib("image_encoder", dt)))
         samples = batch_size * (2 if guided else 1)
-        peaks.append(
-            (
-                f"UNet at batch {samples}, {width}x{height}",
-                _unet_activations_gib(samples, pixels, dt),
-            )
-        )
+        unet = _unet_activations_gib(samples, pixels, dt)
+        what = f"UNet at batch {samples}, {width}x{height}"
+        if model.controlnet:
+            unet, what = 2 * unet, f"UNet + ControlNet at batch {samples}, {width}x{height}"
+        peaks.append((what, unet))
     if _on_gpu(devices["movq"]):
         dt = dtypes["movq"]
         parts.append((f"MoVQ weights ({dt})", _weights_gib("movq", dt)))

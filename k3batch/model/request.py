@@ -36,6 +36,10 @@ class Request:
     controlnet_conditioning_scale: float = 1.0
     control_guidance_start: float = 0.0
     control_guidance_end: float = 1.0
+    # Kandinsky 3 IP-Adapter (`model.ip_adapter`): image prompts as (HxWx3 uint8 image, weight)
+    # items, mixed by weight; the adapter's scale (the fork's `img_weight`).
+    ip_images: list[tuple[np.ndarray, float]] | None = None
+    ip_adapter_scale: float = 1.0
 
 
 def warm_up_requests(member, width: int, height: int, batch_size: int, **fields) -> list[Request]:

@@ -49,6 +49,8 @@ class GenerateStage(Stage):
         *schema.CONTROLNET_COLUMNS,
         schema.HINT_RGB,
         schema.MIX_PREPARED,
+        schema.IP_IMAGES_PREPARED,
+        schema.IP_ADAPTER_SCALE,
     )
     # One output row (record) per image: a row with num_images_per_prompt = N gives N,
     # less those an earlier run committed (`images_done`, on resume).
@@ -69,6 +71,7 @@ class GenerateStage(Stage):
         *EMBEDDING_COLUMNS,
         schema.HINT_RGB,
         schema.MIX_PREPARED,
+        schema.IP_IMAGES_PREPARED,
     )
 
     def __init__(
@@ -150,6 +153,13 @@ class GenerateStage(Stage):
                 )
                 for item in mix
             ]
+        ip_images = optional(schema.IP_IMAGES_PREPARED)
+        if ip_images is not None:
+            ip_images = [
+                (rgb_array(item["rgb"], item["height"], item["width"]), item["weight"])
+                for item in ip_images
+            ]
+        ip_scale = optional(schema.IP_ADAPTER_SCALE)
         return Request(
             prompt=batch[self.prompt_column][i],
             negative_prompt=batch[schema.NEGATIVE_PROMPT][i],
@@ -172,6 +182,8 @@ class GenerateStage(Stage):
                 if optional(c) is not None  # Request's defaults are the fork's
             },
             mix=mix,
+            ip_images=ip_images,
+            ip_adapter_scale=1.0 if ip_scale is None else ip_scale,
         )
 
     def _embedding(self, batch, i):

@@ -68,6 +68,7 @@ def load_model(model: ModelConfig, decode_batch_size: int = 1, text_encoder: boo
         text_encoder=text_encoder,
         lora=[(lora.path, lora.scale) for lora in model.lora],
         controlnet=model.controlnet,
+        ip_adapter=model.ip_adapter_paths(),
     )
 
 
@@ -92,7 +93,13 @@ def model_label(model: ModelConfig) -> str:
         paths = model.kandinsky22_paths()
         depth = f"+depth({paths['depth_estimator']})" if paths["depth_estimator"] else ""
         return f"{model.name}:{paths['decoder']}+prior({paths['prior']}){depth}"
-    return f"{model.name}{refine}{lora}:{model.path}"
+    # Conditioning models change only the rows that use them, but they are part of the model.
+    extra = ""
+    if model.controlnet:
+        extra += f"+controlnet({model.controlnet})"
+    if model.ip_adapter is not None:
+        extra += "+ip-adapter({}, {})".format(*model.ip_adapter_paths())
+    return f"{model.name}{refine}{lora}{extra}:{model.path}"
 
 
 def ensure_tiny_upscaler(upscale: UpscaleConfig) -> None:

@@ -5,7 +5,8 @@ sized as the reference does (about one megapixel at most, sides floored to multi
 and handed on as raw RGB; the mask becomes the reference's keep-mask at the same size.
 Kandinsky 2.2: a `hint` (depth image) is read the same way and resized to the row's size; the
 images of a `mix` are read at their own size, up to `limits.max_side` (the prior's CLIP image
-processor resizes them, as in diffusers' `interpolate`).
+processor resizes them, as in diffusers' `interpolate`). Kandinsky 3: the ControlNet's `hint`
+as 2.2's; the IP-Adapter's `ip_images` as a mix's images (its CLIP processor resizes them).
 Anything that goes wrong is that row's error, naming the field and the value.
 """
 
@@ -35,7 +36,7 @@ class RowFailure(Exception):
 
 class PrepareImagesStage(Stage):
     needs = (schema.ID, schema.WIDTH, schema.HEIGHT, *schema.STATUS_COLUMNS)
-    optional = (*schema.IMAGE_COLUMNS, *schema.K22_INPUT_COLUMNS)
+    optional = (*schema.IMAGE_COLUMNS, *schema.K22_INPUT_COLUMNS, schema.IP_IMAGES)
     adds = schema.types(
         schema.SOURCE_RGB, schema.KEEP_MASK, schema.WIDTH, schema.HEIGHT, *schema.STATUS_COLUMNS
     )
@@ -47,15 +48,20 @@ class PrepareImagesStage(Stage):
         storage_settings: dict | None = None,
         kandinsky22: bool = False,
         controlnet: bool = False,
+        ip_adapter: bool = False,
     ):
         """`kandinsky22`: a Kandinsky 2.2 job, whose rows may bring `hint` and `mix`;
-        `controlnet`: a Kandinsky 3 job with model.controlnet, whose rows may bring `hint`."""
+        `controlnet`: a Kandinsky 3 job with model.controlnet, whose rows may bring `hint`;
+        `ip_adapter`: one with model.ip_adapter, whose rows may bring `ip_images`."""
         self.max_side = max_side
         self.hints = kandinsky22 or controlnet
+        self.ip_adapter = ip_adapter
         if kandinsky22:
             self.adds = self.adds | schema.types(schema.HINT_RGB, schema.MIX_PREPARED)
         elif controlnet:
             self.adds = self.adds | schema.types(schema.HINT_RGB)
+        if ip_adapter:
+            self.adds = self.adds | schema.types(schema.IP_IMAGES_PREPARED)
         # The job's `storage` section: input images on an S3-compatible store are read
         # through the same endpoint and credentials as the prompts.
         self.storage_settings = storage_settings
@@ -72,6 +78,7 @@ class PrepareImagesStage(Stage):
         k22 = schema.HINT_RGB in self.adds
         hints = (self.hints and batch.get(schema.HINT)) or [None] * n
         mixes = (k22 and batch.get(schema.MIX)) or [None] * n
+        prompts = (self.ip_adapter and batch.get(schema.IP_IMAGES)) or [None] * n
         for i in ok_rows(batch):
             try:
                 if sources[i] is not None:
@@ -80,6 +87,8 @@ class PrepareImagesStage(Stage):
                     out[schema.HINT_RGB][i] = self._hint(hints[i], out, i)
                 if mixes[i] is not None:
                     out[schema.MIX_PREPARED][i] = self._mix(mixes[i])
+                if prompts[i] is not None:
+                    out[schema.IP_IMAGES_PREPARED][i] = self._ip_images(prompts[i])
             except RowFailure as e:
                 fail_row(out, i, e.field, e.message)
         return out
@@ -95,17 +104,28 @@ class PrepareImagesStage(Stage):
             entry = {"prompt": item.get(schema.MIX_PROMPT), "rgb": None, "width": None}
             entry |= {"height": None, "weight": float(item[schema.MIX_WEIGHT])}
             if item.get(schema.MIX_IMAGE) is not None:
-                field = f"mix[{j}].image"
-                image = self.open_image(field, item[schema.MIX_IMAGE])
-                # Carried raw to the generation actor: bounded like `image` (CLIP sees 224 px).
-                if max(image.size) > self.max_side:
-                    w, h = image.size
-                    raise RowFailure(field, f"{w}x{h} is above limits.max_side={self.max_side}")
-                image = image.convert("RGB")
-                entry["rgb"] = np.asarray(image, dtype=np.uint8).tobytes()
-                entry["width"], entry["height"] = image.size
+                entry |= self._clip_input(f"mix[{j}].image", item[schema.MIX_IMAGE])
             prepared.append(entry)
         return prepared
+
+    def _ip_images(self, items) -> list[dict]:
+        prepared = []
+        for j, item in enumerate(items):
+            weight = item.get(schema.IP_WEIGHT)
+            entry = self._clip_input(f"{schema.IP_IMAGES}[{j}].image", item[schema.IP_IMAGE])
+            prepared.append(entry | {"weight": 1.0 if weight is None else float(weight)})
+        return prepared
+
+    def _clip_input(self, field: str, value) -> dict:
+        """An image a CLIP image encoder will see: raw RGB at its own size (the encoder's
+        processor resizes it), carried to the generation actor, so bounded like `image`."""
+        image = self.open_image(field, value)
+        if max(image.size) > self.max_side:
+            w, h = image.size
+            raise RowFailure(field, f"{w}x{h} is above limits.max_side={self.max_side}")
+        image = image.convert("RGB")
+        rgb = np.asarray(image, dtype=np.uint8).tobytes()
+        return {"rgb": rgb, "width": image.size[0], "height": image.size[1]}
 
     def open_image(self, field: str, value):
         """The PIL image `value` (a URI, a path under `base_dir`, or bytes) holds; a

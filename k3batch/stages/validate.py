@@ -32,6 +32,7 @@ class ValidateStage(Stage):
             *schema.K22_OVERRIDE_COLUMNS,
             *schema.K22_INPUT_COLUMNS,
             *schema.CONTROLNET_COLUMNS,
+            *schema.IP_ADAPTER_COLUMNS,
         )
         from k3batch.model import family
 
@@ -40,6 +41,8 @@ class ValidateStage(Stage):
             self.adds = self.adds | schema.types(*schema.K22_OVERRIDE_COLUMNS)
         if rules.controlnet:
             self.adds = self.adds | schema.types(*schema.CONTROLNET_COLUMNS)
+        if rules.ip_adapter:
+            self.adds = self.adds | schema.types(schema.IP_ADAPTER_SCALE)
 
     def prepare(self, table: pa.Table) -> pa.Table:
         names = [f"input_{c}" if c in schema.OUTPUT_ONLY_COLUMNS else c for c in table.column_names]

@@ -64,7 +64,13 @@ def make_tiny(
         elif layout == "diffusers":
             _write_diffusers(tmp, parts)
             if size == "tiny":
+                from k3batch.config.model import TINY_IP_ADAPTER_FOLDER
+                from k3batch.model import family
+                from k3batch.testing.tiny_ip_adapter import make_tiny_ip_set
+
                 make_tiny_controlnet(os.path.join(tmp, CONTROLNET_FOLDER))
+                base_unet = parts["unets"][family.BASE][0]
+                make_tiny_ip_set(os.path.join(tmp, TINY_IP_ADAPTER_FOLDER), base_unet)
         else:
             raise ValueError(f"layout must be diffusers or reference, got {layout!r}")
         with open(os.path.join(tmp, MARKER), "w") as f:

@@ -1,4 +1,5 @@
-"""A tiny random Kandinsky 3 IP-Adapter in the fork's weight layout (safetensors), for tests.
+"""A tiny random Kandinsky 3 IP-Adapter in the fork's weight layout (safetensors), and a tiny
+CLIP image encoder whose embeddings it takes, for tests and the demo.
 
 Sized for a given UNet (the tiny base UNet: context dim 4); `to_out_ip` is random rather than
 zero as an untrained adapter's is, so the image branch visibly changes the output.
@@ -10,6 +11,7 @@ import os
 
 TINY_IMAGE_EMBED_DIM = 16
 TINY_SEED = 4242
+TINY_CLIP_IMAGE_SIZE = 32
 
 
 def build_tiny_ip_adapter(unet, seed: int = TINY_SEED):
@@ -31,7 +33,47 @@ def make_tiny_ip_adapter(path: str, unet) -> str:
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    out = os.path.join(path, "ip_adapter.safetensors")
+    from k3batch.model import family
+
+    out = os.path.join(path, family.IP_ADAPTER_FILE)
     state = build_tiny_ip_adapter(unet).reference_state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, out)
     return out
+
+
+def make_tiny_image_encoder(path: str) -> str:
+    """A random `CLIPVisionModelWithProjection` (TINY_IMAGE_EMBED_DIM-d image embeddings) and
+    its `CLIPImageProcessor` (OpenAI CLIP's normalisation, 32 px) saved to `path`."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(TINY_SEED + 11)
+    model = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            image_size=TINY_CLIP_IMAGE_SIZE,
+            patch_size=8,
+            projection_dim=TINY_IMAGE_EMBED_DIM,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+        )
+    )
+    model.save_pretrained(path)
+    CLIPImageProcessor(
+        size={"shortest_edge": TINY_CLIP_IMAGE_SIZE},
+        crop_size={"height": TINY_CLIP_IMAGE_SIZE, "width": TINY_CLIP_IMAGE_SIZE},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    ).save_pretrained(path)
+    return path
+
+
+def make_tiny_ip_set(path: str, unet) -> str:
+    """The tiny set's IP-Adapter folder: `ip_adapter.safetensors` for `unet` and the tiny
+    image encoder in `image_encoder/` (what `model.ip_adapter: {}` loads with make_tiny)."""
+    from k3batch.model import family
+
+    make_tiny_ip_adapter(path, unet)
+    make_tiny_image_encoder(os.path.join(path, family.IP_ADAPTER_ENCODER_FOLDER))
+    return path

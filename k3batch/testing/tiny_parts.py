@@ -14,7 +14,8 @@ import json
 
 TINY_SEED = 20231122
 MARKER = "k3batch_tiny.json"
-TINY_FORMAT = 2
+# 3: the tiny set holds the IP-Adapter folder (an older set is rebuilt, not used without it).
+TINY_FORMAT = 3
 
 _COLOURS = [
     "red",
