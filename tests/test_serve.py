@@ -383,8 +383,8 @@ def upscale_args(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full(server, tiny_dir, llm_server, upscale_args):
-    """An app with the base model's ControlNet (rows without a hint do not run it), the
-    inpainting model at /v1/images/edits, KandiSuperRes at /v1/images/upscale and a
+    """An app with the base model's ControlNet and IP-Adapter (rows without a hint or image
+    prompts do not run them), the inpainting model at /v1/images/edits, KandiSuperRes at /v1/images/upscale and a
     beautifier deployment calling a real `vllm serve` of the tiny LLM."""
     from ray import serve
 
@@ -398,6 +398,7 @@ def full(server, tiny_dir, llm_server, upscale_args):
         "model": {
             **server["args"]["model"],
             "controlnet": os.path.join(tiny_dir, CONTROLNET_FOLDER),
+            "ip_adapter": ip_adapter_paths(tiny_dir),
         },
         "generator": {"num_cpus": 0.25, "max_ongoing_requests": 4, "max_queued_requests": 8},
         "inpaint_model": {
@@ -422,6 +423,11 @@ def full(server, tiny_dir, llm_server, upscale_args):
     serve.run(build_app(args), name="full", route_prefix="/full")
     yield f"{server['url']}/full"
     serve.delete("full")
+
+
+def ip_adapter_paths(tiny_dir) -> dict:
+    folder = os.path.join(tiny_dir, "ip_adapter")
+    return {"path": folder, "image_encoder": os.path.join(folder, "image_encoder")}
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -634,7 +640,10 @@ def test_controlnet_hint_generates_like_the_batch_pipeline(full, server, tiny_di
         ({"hint": base64.b64encode(hint[:100]).decode()}, "hint"),  # truncated: prepare stage
         ({"hint": 5}, "hint"),
         ({"hint": b64, "controlnet_conditioning_scale": -1}, "controlnet_conditioning_scale"),
-        ({"control_guidance_start": 0.6, "control_guidance_end": 0.4}, "control_guidance_start"),
+        (
+            {"hint": b64, "control_guidance_start": 0.6, "control_guidance_end": 0.4},
+            "control_guidance_start",
+        ),
         ({"hint": b64, "control_guidance_end": 1.5}, "control_guidance_end"),
         ({"control_guidance_start": "soon"}, "control_guidance_start"),
     ):
@@ -650,6 +659,67 @@ def test_controlnet_hint_generates_like_the_batch_pipeline(full, server, tiny_di
         b64_image("ip_images[0].image", "@@", 64)
     assert refused.value.param == "ip_images[0].image"
     assert refused.value.message.startswith("ip_images[0].image: ")
+
+
+def test_image_prompts_generate_like_the_batch_pipeline(full, server, tiny_dir):
+    """`ip_images` on /v1/images/generations (a k3batch extension): the batch model's image for
+    the same row and images; at scale 0 the plain image; bad fields are 400s naming them."""
+    from k3batch.model.kandinsky3 import Kandinsky3
+
+    rng = np.random.default_rng(8)
+
+    def blocks(h, w):  # coarse colour blocks: small PNGs (the app's request limit is 4 KB)
+        cells = Image.fromarray(rng.integers(0, 256, (h // 8, w // 8, 3), np.uint8))
+        return np.asarray(cells.resize((w, h), Image.NEAREST))
+
+    first, second = blocks(40, 56), blocks(64, 32)
+    a = base64.b64encode(png_bytes(Image.fromarray(first))).decode()
+    b = base64.b64encode(png_bytes(Image.fromarray(second))).decode()
+
+    def generate(url=full, **body):
+        body = {"prompt": "a fox", "seed": 9, "num_inference_steps": 3, "size": "64x64", **body}
+        return httpx.post(f"{url}/v1/images/generations", json=body, headers=auth(), timeout=120)
+
+    fusion = [{"image": f"data:image/png;base64,{a}", "weight": 0.7}, {"image": b, "weight": 0.3}]
+    r = generate(ip_images=fusion, ip_adapter_scale=0.9)
+    assert r.status_code == 200, r.text
+    served = png_pixels(r.json()["data"][0]["b64_json"])
+    paths = ip_adapter_paths(tiny_dir)
+    model = Kandinsky3.from_pretrained(
+        tiny_dir, dtype=FP32, device="cpu", ip_adapter=(paths["path"], paths["image_encoder"])
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the replica's thread count (0.25 CPU -> 1 thread)
+    try:
+        images = [(first, 0.7), (second, 0.3)]
+        row = Request("a fox", None, 9, 64, 64, 3, 3.0, ip_images=images, ip_adapter_scale=0.9)
+        expected = model.generate([row])
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_images([served], expected)
+    # Scale 0: the adapter changes nothing; the image prompt does change the plain image.
+    zero, plain = generate(ip_images=[{"image": a}], ip_adapter_scale=0), generate()
+    assert zero.status_code == plain.status_code == 200, (zero.text, plain.text)
+    plain_pixels = png_pixels(plain.json()["data"][0]["b64_json"])
+    assert np.array_equal(png_pixels(zero.json()["data"][0]["b64_json"]), plain_pixels)
+    assert not np.array_equal(served, plain_pixels)
+
+    truncated = base64.b64encode(png_bytes(Image.fromarray(first))[:80]).decode()
+    for body, param in (
+        ({"ip_images": []}, "ip_images"),
+        ({"ip_images": [{"image": a}, {"image": "@@ not base64"}]}, "ip_images[1].image"),
+        ({"ip_images": [{"image": truncated}]}, "ip_images[0].image"),  # the prepare stage
+        ({"ip_images": [{"image": a, "weight": "heavy"}]}, "ip_images.0.weight"),
+        ({"ip_images": [{"image": a, "size": 3}]}, "ip_images.0.size"),
+        ({"ip_images": [{"image": a}], "ip_adapter_scale": -1}, "ip_adapter_scale"),
+    ):
+        r = generate(**body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    # The server app has no model.ip_adapter: the fields are 400s saying so.
+    for name, value in (("ip_images", [{"image": a}]), ("ip_adapter_scale", 0.5)):
+        r = generate(url=server["url"], **{name: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == name, r.text
+        assert "without model.ip_adapter" in r.json()["error"]["message"]
 
 
 def test_upscale_route_answers_the_batch_stages_image(full, upscale_args):

@@ -388,6 +388,23 @@ class ModelConfig(Strict):
             prior = self.prior_path or os.path.join(self.path, TINY_K22_PRIOR)
         return {"decoder": decoder, "prior": prior, "depth_estimator": self.depth_estimator}
 
+    def absolute_paths(self) -> None:
+        """Make local paths absolute, in place: Ray workers and Serve replicas need not share
+        the driver's working directory. With `make_tiny`, the folders it builds count as local."""
+
+        def local(value):
+            return value and (os.path.exists(value) or self.make_tiny)
+
+        for name in ("path", "prior_path", "depth_estimator", "controlnet"):
+            if local(getattr(self, name)):
+                setattr(self, name, os.path.abspath(getattr(self, name)))
+        for lora in self.lora:
+            lora.path = os.path.abspath(lora.path)
+        for name in ("path", "image_encoder"):
+            value = self.ip_adapter and getattr(self.ip_adapter, name)
+            if value and os.path.exists(value):  # else a Hub id (the encoder)
+                setattr(self.ip_adapter, name, os.path.abspath(value))
+
     def ip_adapter_paths(self) -> tuple[str, str] | None:
         """(adapter weights, image encoder) of `ip_adapter`, nulls resolved; None without it."""
         if self.ip_adapter is None:

@@ -25,19 +25,7 @@ def resolve_paths(cfg: JobConfig) -> JobConfig:
     cfg = cfg.model_copy(deep=True)
     cfg.input.uri = storage.absolute(cfg.input.uri)
     cfg.output.uri = storage.absolute(cfg.output.uri)
-    if os.path.exists(cfg.model.path) or cfg.model.make_tiny:
-        cfg.model.path = os.path.abspath(cfg.model.path)
-    for name in ("prior_path", "depth_estimator", "controlnet"):
-        value = getattr(cfg.model, name)
-        if value and (os.path.exists(value) or cfg.model.make_tiny):
-            setattr(cfg.model, name, os.path.abspath(value))
-    ip = cfg.model.ip_adapter
-    for name in ("path", "image_encoder"):
-        value = ip and getattr(ip, name)
-        if value and os.path.exists(value):
-            setattr(ip, name, os.path.abspath(value))
-    for lora in cfg.model.lora:
-        lora.path = os.path.abspath(lora.path)
+    cfg.model.absolute_paths()
     cfg.upscale.absolute_paths()
     if cfg.beautify.backend == "vllm" and (
         os.path.exists(cfg.beautify.model) or cfg.beautify.make_tiny

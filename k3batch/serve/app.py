@@ -5,8 +5,6 @@ their replicas and resources from the app's config.
 cluster/rayservice.yaml) and of `k3batch serve`.
 """
 
-import os
-
 from ray import serve
 
 from k3batch.serve.config import DeploymentConfig, GeneratorDeploymentConfig, ServeAppConfig
@@ -30,14 +28,7 @@ def build_app(args: dict) -> serve.Application:
     for model in (cfg.model, cfg.inpaint_model):
         if model is None:
             continue
-        # Replicas need not share the driver's working directory.
-        if model.make_tiny or os.path.exists(model.path):
-            model.path = os.path.abspath(model.path)
-        # Kandinsky 2.2's other folders, the Kandinsky 3 ControlNet's.
-        for name in ("prior_path", "depth_estimator", "controlnet"):
-            value = getattr(model, name)
-            if value and os.path.exists(value):
-                setattr(model, name, os.path.abspath(value))
+        model.absolute_paths()  # replicas need not share the driver's working directory
     if cfg.upscale is not None:
         cfg.upscale.absolute_paths()
     dump = cfg.model_dump(mode="json")

@@ -4,7 +4,8 @@ that batch concurrent requests onto their model with `@serve.batch`, and the opt
 
     POST /v1/images/generations   text-to-image (OpenAI Images API + k3batch extensions,
                                   among them a Kandinsky 3 ControlNet `hint` when the
-                                  model has `model.controlnet`)
+                                  model has `model.controlnet`, and `ip_images` image
+                                  prompts when it has `model.ip_adapter`)
     POST /v1/images/edits         inpainting (multipart image + mask); 404 unless an
                                   inpainting model is configured
     POST /v1/images/variations    new images of an uploaded image through Kandinsky 2.2's
@@ -48,6 +49,7 @@ from k3batch.serve.uploads import (
     edit_inputs,
     prepare_hint,
     prepare_images,
+    prepare_ip_images,
     prepare_mix,
     read_form,
     upscale_input,
@@ -86,10 +88,16 @@ class Ingress:
         self.upscaler = upscaler
         self.keys = load_api_keys(self.cfg)
         # The model name resolves null steps/guidance to the member's own defaults; with
-        # model.controlnet, rows take a `hint` and the control settings.
+        # model.controlnet, rows take a `hint` and the control settings, with
+        # model.ip_adapter `ip_images` and `ip_adapter_scale`.
         self.controlnet = self.cfg.model.controlnet is not None
+        self.ip_adapter = self.cfg.model.ip_adapter is not None
         self.rules = rows.RowRules.from_config(
-            self.cfg.generation, self.cfg.limits, self.cfg.model.name, controlnet=self.controlnet
+            self.cfg.generation,
+            self.cfg.limits,
+            self.cfg.model.name,
+            controlnet=self.controlnet,
+            ip_adapter=self.ip_adapter,
         )
         self.member = family.MEMBERS[self.cfg.model.name]
         if self.cfg.inpaint_model is not None:
@@ -162,19 +170,18 @@ class Ingress:
         data = await read_json(request, self.cfg.limits.max_request_bytes)
         req = validated(ImageGenerationRequest, data)
         self._check_common(req, self.cfg.served_model_name, self.member)
-        self._check_controlnet(req)
-        extra = None
-        if req.hint is not None:
-            # Decoding stays off the event loop; the row rules then check it as a row's hint.
-            hint = await asyncio.to_thread(
-                b64_image, schema.HINT, req.hint, self.cfg.limits.max_side
-            )
-            extra = {schema.HINT: hint}
+        self._check_conditioning(req)
+        extra = await asyncio.to_thread(self._generation_images, req)
         jobs, beautified = await self._jobs(req, self.rules, extra)
-        if extra is not None:
+        # Decoded once per request and shared by its n rows (they differ by seed only).
+        if schema.HINT in extra:
             hint_rgb = await asyncio.to_thread(prepare_hint, jobs[0], extra[schema.HINT])
             for job in jobs:
                 job[schema.HINT_RGB] = hint_rgb
+        if schema.IP_IMAGES in extra:
+            prepared = await asyncio.to_thread(prepare_ip_images, jobs[0], extra[schema.IP_IMAGES])
+            for job in jobs:
+                job[schema.IP_IMAGES_PREPARED] = prepared
         results = await self._dispatch(self.generator, jobs)
         return self._answer(req, jobs, results, beautified)
 
@@ -292,22 +299,45 @@ class Ingress:
         if getattr(req, "beautify", False) and self.beautifier is None:
             raise ApiError(400, "beautify is not configured on this server", param="beautify")
 
-    def _check_controlnet(self, req) -> None:
-        """The ControlNet fields need a model served with model.controlnet: a 400 naming
-        the first one given otherwise, saying why."""
-        if self.controlnet:
-            return
-        given = [
-            n for n in (schema.HINT, *schema.CONTROLNET_COLUMNS) if getattr(req, n) is not None
-        ]
-        if not given:
-            return
-        name, served = given[0], self.cfg.served_model_name
-        if self.member.name == family.BASE:
-            why = f"{served!r} is served without model.controlnet"
-        else:
-            why = f"it works with {family.BASE} only, not {served!r} ({self.member.name})"
-        raise ApiError(400, f"{name}: needs the Kandinsky 3 ControlNet, but {why}", param=name)
+    def _generation_images(self, req) -> dict:
+        """The request's base64 images (`hint`, `ip_images[j].image`) as bytes, in the row's
+        columns; the row rules and the prepare stage then check them as a batch row's (off
+        the event loop: decoding)."""
+        max_side = self.cfg.limits.max_side
+        extra = {}
+        if req.hint is not None:
+            extra[schema.HINT] = b64_image(schema.HINT, req.hint, max_side)
+        if req.ip_images is not None:
+            extra[schema.IP_IMAGES] = [
+                {
+                    schema.IP_IMAGE: b64_image(f"{schema.IP_IMAGES}[{j}].image", p.image, max_side),
+                    schema.IP_WEIGHT: p.weight,
+                }
+                for j, p in enumerate(req.ip_images)
+            ]
+        return extra
+
+    def _check_conditioning(self, req) -> None:
+        """The ControlNet and IP-Adapter fields need a model served with model.controlnet /
+        model.ip_adapter: a 400 naming the first one given otherwise, saying why."""
+        for on, config, what, names in (
+            (
+                self.controlnet,
+                "controlnet",
+                "ControlNet",
+                (schema.HINT, *schema.CONTROLNET_COLUMNS),
+            ),
+            (self.ip_adapter, "ip_adapter", "IP-Adapter", schema.IP_ADAPTER_COLUMNS),
+        ):
+            given = [n for n in names if getattr(req, n) is not None]
+            if on or not given:
+                continue
+            name, served = given[0], self.cfg.served_model_name
+            if self.member.name == family.BASE:
+                why = f"{served!r} is served without model.{config}"
+            else:
+                why = f"it works with {family.BASE} only, not {served!r} ({self.member.name})"
+            raise ApiError(400, f"{name}: needs the Kandinsky 3 {what}, but {why}", param=name)
 
     async def _jobs(self, req, rules, extra=None, prompt=None) -> tuple[list[dict], Any]:
         """The request's n rows (after beautifying its prompt if asked), and the beautify
@@ -388,8 +418,11 @@ class Ingress:
             schema.SCHEDULER: getattr(req, "scheduler", None),
             schema.PRIOR_NUM_INFERENCE_STEPS: req.prior_num_inference_steps,
             schema.PRIOR_GUIDANCE_SCALE: req.prior_guidance_scale,
-            # Generations only (the ControlNet's settings; null elsewhere).
-            **{c: getattr(req, c, None) for c in schema.CONTROLNET_COLUMNS},
+            # Generations only (the ControlNet's and IP-Adapter's settings; null elsewhere).
+            **{
+                c: getattr(req, c, None)
+                for c in (*schema.CONTROLNET_COLUMNS, schema.IP_ADAPTER_SCALE)
+            },
             **(extra or {}),
         }
         row = rows.normalise_row(raw, schema.PROMPT, rules)

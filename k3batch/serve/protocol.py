@@ -113,9 +113,18 @@ class ImageEditRequest(BaseModel):
     prior_guidance_scale: float | None = None
 
 
+class ImagePrompt(BaseModel):
+    """One image prompt of a generations request (k3batch's IP-Adapter extension)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str  # base64 or a `data:` URL (`uploads.b64_image`)
+    weight: float | None = None  # null: 1.0, as a batch row's
+
+
 class ImageGenerationRequest(ImageEditRequest):
     """OpenAI `POST /v1/images/generations` body: the edits fields, as JSON, plus `style` and
-    k3batch's ControlNet extension."""
+    k3batch's ControlNet and IP-Adapter extensions."""
 
     style: str | None = None  # accepted for client compatibility; not used
     # Kandinsky 3 ControlNet, with `model.controlnet` only (else a 400 naming the field): an
@@ -124,6 +133,10 @@ class ImageGenerationRequest(ImageEditRequest):
     controlnet_conditioning_scale: float | None = None
     control_guidance_start: float | None = None
     control_guidance_end: float | None = None
+    # Kandinsky 3 IP-Adapter, with `model.ip_adapter` only: image prompts mixed by weight, and
+    # the adapter's scale.
+    ip_images: list[ImagePrompt] | None = None
+    ip_adapter_scale: float | None = None
 
 
 class ImageVariationRequest(BaseModel):

@@ -204,6 +204,12 @@ def prepare_mix(job: dict) -> list:
     return out[schema.MIX_PREPARED]
 
 
+def prepare_ip_images(job: dict, items: list[dict]) -> list[dict]:
+    """A Kandinsky 3 IP-Adapter row's `ip_images` read as the batch job's prepare stage reads
+    them (its `ip_images_prepared`); a failure is a 400 naming `ip_images[j].image`."""
+    return _prepared(job, {schema.IP_IMAGES: items}, ip_adapter=True)[schema.IP_IMAGES_PREPARED]
+
+
 def prepare_hint(job: dict, hint: bytes) -> bytes:
     """A Kandinsky 3 ControlNet row's `hint` read and resized to the row's size as the batch
     job's prepare stage does (its `hint_rgb`); its failure is a 400 naming `hint`."""
