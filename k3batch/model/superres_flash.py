@@ -33,9 +33,9 @@ activations grow with the canvas, ~1.19 GiB per megapixel in float16 (~19 GiB fo
 4096x4096 output; twice that in float32); MoVQ is bounded by its tiles; the refine by its
 tiles and `max_tiles_per_call`.
 
-Deviation: a canvas of more than `whole_canvas_side` squared pixels (`upscale.
-flash_whole_canvas_side`, default 4096: never with the default `upscale.max_output_side`
-unless lowered, e.g. for a GPU under ~32 GiB) runs the SR steps
+Deviation: a canvas of more than `whole_canvas_side` squared pixels (config:
+`upscale.flash_whole_canvas_side`, default 4096, which no output within the default
+`upscale.max_output_side` exceeds; lower it e.g. for a GPU under ~32 GiB) runs the SR steps
 in MultiDiffusion windows, as superres.py does for x4 / x2: `window` px every `stride`
 (1024 / 800), windows of equal shape from any such images batched, at most
 `max_tiles_per_call` per call; each step still noises the whole canvas with the same draws,
