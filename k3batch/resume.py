@@ -78,6 +78,9 @@ def job_identity(cfg: JobConfig) -> dict:
         data.pop("scores", None)
     if not cfg.upscale.enabled:
         data.pop("upscale", None)  # as scores
+    elif cfg.upscale.model != "flash-x2":
+        # Only Flash x2 reads it: x4 / x2 outputs keep the fingerprint they had before it.
+        data["upscale"].pop("flash_whole_canvas_side", None)
     if cfg.job != "upscale":
         data["input"].pop("image_column", None)
     return data

@@ -9,8 +9,12 @@ as `get_sr_model` reads it) and runs `KandiSuperResPipeline(flash=True, scale=2)
 `KandiSuperResFlash` with `refine=False` on the same file, picture and seed.
 
 Covered: the four x0 steps (979/729/479/229, linear betas, fresh q_sample noise, the noise
-order), the rounding of sides down to 32 and the resize back. Not covered yet: the Kandinsky
-3 Flash refine (the reference's `model/unet.py` T2I UNet would have to be built at the tiny
+order), the rounding of sides down to 32 and the resize back; the MoVQ tiling: the
+reference's own `movq.MoVQ` (KandiSuperRes's, with `use_tiling`) built at the tiny widths
+with the tiny Kandinsky 3's `weights/movq.pt`, its `encode` / `decode` against
+`KandiSuperResFlash.encode` / `decode`, at the reference's 1024 px tile (a 1088x1152 image)
+and at a 64 px tile (every tile path on a small image). Not covered yet: the Kandinsky 3
+Flash refine (the reference's `model/unet.py` T2I UNet would have to be built at the tiny
 Kandinsky 3 widths and fed k3batch's tiny Flash weights in the reference's names).
 
     python scripts/check_reference_sr_flash.py /path/to/KandiSuperRes
@@ -61,6 +65,53 @@ def main(checkout: str) -> None:
         print(
             f"flash x2 SR steps {h}x{w} -> {ours.shape[0]}x{ours.shape[1]}: {_diff(theirs, ours)}"
         )
+    for tile, (h, w) in ((1024, (1088, 1152)), (64, (136, 200))):
+        movq = _reference_movq(k3, tile)
+        ours = KandiSuperResFlash(
+            model.unet, model.refiner, model.movq, model.context, model.context_mask, movq_tile=tile
+        )
+        x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(h)) * 2 - 1
+        with torch.no_grad():
+            z_ref, z_ours = movq.encode(x), ours.encode(x)
+            x_ref, x_ours = movq.decode(z_ref), ours.decode(z_ref)
+        print(
+            f"MoVQ tile {tile}, {h}x{w}: encode max |diff| {(z_ref - z_ours).abs().max():.2e}, "
+            f"decode max |diff| {(x_ref - x_ours).abs().max():.2e} (of values up to "
+            f"{x_ref.abs().max():.1f}: the two MoVQ implementations' float32 rounding, which "
+            "one untiled tile shows too)"
+        )
+
+
+def _reference_movq(k3: str, tile: int):
+    """KandiSuperRes's own MoVQ (tiling as `get_movq`, tile `tile` px) at the tiny widths."""
+    import importlib
+
+    from k3batch.model import family
+    from k3batch.testing.tiny_parts import TINY_MOVQ
+
+    levels = len(TINY_MOVQ["block_out_channels"])
+    ch = TINY_MOVQ["block_out_channels"][0]
+    movq = importlib.import_module("KandiSuperRes.movq").MoVQ(
+        dict(
+            double_z=False,
+            z_channels=4,
+            resolution=256,
+            in_channels=3,
+            out_ch=3,
+            ch=ch,
+            ch_mult=[c // ch for c in TINY_MOVQ["block_out_channels"]],
+            num_res_blocks=TINY_MOVQ["layers_per_block"],
+            attn_resolutions=[256 // 2 ** (levels - 1)],
+            dropout=0.0,
+            tile_sample_min_size=tile,
+            tile_overlap_factor_enc=0.0,
+            tile_overlap_factor_dec=0.25,
+            use_tiling=True,
+        )
+    )
+    file = os.path.join(k3, family.REFERENCE_WEIGHTS_DIR, family.REFERENCE_MOVQ_FILE)
+    movq.load_state_dict(torch.load(file, weights_only=True))
+    return movq.eval()
 
 
 if __name__ == "__main__":

@@ -114,6 +114,21 @@ def test_fingerprint_ignores_how_a_job_runs_but_not_what_it_makes():
     assert resume.differences(base, changed) == ["generation.seed", "output.format"]
 
 
+def test_only_flash_x2_fingerprints_its_whole_canvas_threshold():
+    """x4 / x2 outputs keep the fingerprint they had before the Flash-only field existed."""
+    up = {"path": "somewhere", "make_tiny": True}
+    x4 = resume.job_identity(config(upscale={**up, "model": "x4"}))
+    assert "flash_whole_canvas_side" not in x4["upscale"]
+    lowered = resume.job_identity(
+        config(upscale={**up, "model": "x4", "flash_whole_canvas_side": 2048})
+    )
+    assert resume.fingerprint(lowered) == resume.fingerprint(x4)
+    flash = {**up, "model": "flash-x2"}
+    a = resume.job_identity(config(upscale=flash))
+    b = resume.job_identity(config(upscale={**flash, "flash_whole_canvas_side": 2048}))
+    assert resume.differences(a, b) == ["upscale.flash_whole_canvas_side"]
+
+
 def test_storage_failures_that_a_rerun_can_outlast_are_told_apart():
     import errno
 

@@ -1,9 +1,13 @@
 """KandiSuperRes Flash x2 on tiny random checkpoints in the published formats."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from k3batch.model import movq as movqmod
 from k3batch.model.sr_unet import TINY_SR_UNET
 from k3batch.model.superres_flash import (
     CONTEXT_FILE,
@@ -14,6 +18,8 @@ from k3batch.model.superres_flash import (
 )
 from k3batch.testing.tiny import make_tiny
 from k3batch.testing.tiny_sr import make_tiny_sr_flash
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +121,160 @@ def test_bad_input(model):
         model.upscale([_image(32, 32, 0)], [1, 2])
     with pytest.raises(ValueError, match=r"images\[0\]"):
         model.upscale([np.zeros((32, 32), np.uint8)], [1])
+
+
+def _variant(model, movq=None, **settings) -> KandiSuperResFlash:
+    """The fixture's parts with other sampling settings (tiny tiles, windows, threshold)."""
+    return KandiSuperResFlash(
+        model.unet,
+        model.refiner,
+        movq or model.movq,
+        model.context,
+        model.context_mask,
+        **settings,
+    )
+
+
+class _PatchMoVQ(torch.nn.Module):
+    """A MoVQ stand-in where each latent depends on its own 8x8 pixels only and each pixel
+    on its own latent: tiles see no neighbours, so tiled and whole must agree (the decode's
+    blend mixes equal values). Records the shape of every call."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.to_latent = torch.nn.Conv2d(3, 4, 1)
+        self.to_pixels = torch.nn.Conv2d(4, 3, 1)
+        self.calls = []
+
+    def encode(self, x):
+        self.calls.append(("encode", tuple(x.shape[-2:])))
+        return SimpleNamespace(latents=self.to_latent(F.avg_pool2d(x, 8)))
+
+    def decode(self, z, force_not_quantize=False):
+        self.calls.append(("decode", tuple(z.shape[-2:])))
+        return SimpleNamespace(sample=F.interpolate(self.to_pixels(z), scale_factor=8.0))
+
+
+def test_movq_tiles_above_the_tile_side_and_stitch_back_to_the_whole(model):
+    """Tile 32 px (4 latents): encode tiles of 32 every 32, decode tiles of 4 latents every
+    3; with a MoVQ that sees no neighbours the tiled results equal the whole ones."""
+    fake = _PatchMoVQ()
+    flash = _variant(model, fake, movq_tile=32)
+    x = torch.randn(1, 3, 72, 104)
+    with torch.no_grad():
+        whole_z = fake.encode(x).latents
+        whole_x = fake.decode(whole_z).sample
+        fake.calls.clear()
+        z = flash.encode(x)
+        encodes = list(fake.calls)
+        fake.calls.clear()
+        y = flash.decode(whole_z)
+    torch.testing.assert_close(z, whole_z)
+    torch.testing.assert_close(y, whole_x)
+    # 3 x 4 encode tiles (the last ones 8 px), 3 x 5 decode tiles (starts every 3 latents).
+    assert len(encodes) == 12 and max(max(s) for _, s in encodes) == 32
+    assert encodes[:4] == [("encode", (32, 32))] * 3 + [("encode", (32, 8))]
+    assert len(fake.calls) == 15 and max(max(s) for _, s in fake.calls) == 4
+    # Up to the tile side: one call on the whole, as before.
+    fake.calls.clear()
+    with torch.no_grad():
+        flash.encode(x[:, :, :32, :32])
+        flash.decode(whole_z[:, :, :4, :4])
+    assert fake.calls == [("encode", (32, 32)), ("decode", (4, 4))]
+
+
+def test_tiled_movq_against_hand_blended_tiles(model):
+    """The tiny MoVQ itself, tile 32 px: encode is the three tiles side by side; decode of a
+    3x7 latent (tiles at 0, 3, 6 latents: 32, 32 and 8 px wide) is each tile's decode, the
+    next one faded in linearly over 8 px over the previous one's last 8 px."""
+    flash = _variant(model, movq_tile=32)
+    movq = model.movq
+    x = torch.rand(1, 3, 32, 72) * 2 - 1
+    z = torch.randn(1, 4, 3, 7)
+    with torch.no_grad():
+        enc = [movqmod.encode(movq, x[:, :, :, c : c + 32]) for c in (0, 32, 64)]
+        dec = [
+            movq.decode(z[:, :, :, c : c + 4], force_not_quantize=True).sample for c in (0, 3, 6)
+        ]
+        got_z, got_x = flash.encode(x), flash.decode(z)
+    torch.testing.assert_close(got_z, torch.cat(enc, dim=3))
+    ramp = torch.arange(8) / 8
+    d0, d1, d2 = dec
+    want = torch.cat(
+        [
+            d0[..., :24],
+            d0[..., 24:32] * (1 - ramp) + d1[..., :8] * ramp,
+            d1[..., 8:24],
+            d1[..., 24:32] * (1 - ramp) + d2 * ramp,
+        ],
+        dim=3,
+    )
+    assert got_x.shape == (1, 3, 24, 56)
+    torch.testing.assert_close(got_x, want)
+
+
+def _unet_inputs(unet):
+    shapes = []
+    handle = unet.register_forward_pre_hook(lambda _, args: shapes.append(tuple(args[0].shape)))
+    return shapes, handle
+
+
+def test_large_canvases_run_the_sr_steps_in_bounded_windows(model):
+    """Above the threshold (lowered to 64 px: 4096 px^2) a 128x192 canvas runs in windows of
+    64 every 48 (3 x 4), two per UNet call; the result is the per-pixel mean of the windows'
+    x0 at each step (a hand-written MultiDiffusion loop, one window per call)."""
+    image, seed = _image(64, 96, 3), 5
+    flash = _variant(model, whole_canvas_side=64, window=64, stride=48, max_tiles_per_call=2)
+    shapes, handle = _unet_inputs(model.unet)
+    try:
+        (got,) = flash.sr_steps([flash._row(image, seed)])
+        windowed = list(shapes)
+        shapes.clear()
+        (whole,) = model.sr_steps([model._row(image, seed)])
+    finally:
+        handle.remove()
+    assert windowed == [(2, 3, 64, 64)] * 6 * 4
+    assert shapes == [(1, 3, 128, 192)] * 4  # the default threshold: the whole canvas
+    assert not torch.allclose(got, whole)
+
+    row = model._row(image, seed)
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+    abar = np.cumprod(1 - betas)
+    x = torch.randn((1, 3, 128, 192), generator=row.generator)
+    for t in (979, 729, 479, 229):
+        noise = torch.randn(x.shape, generator=row.generator)
+        x_t = float(np.sqrt(abar[t])) * x + float(np.sqrt(1 - abar[t])) * noise
+        total, count = torch.zeros_like(x), torch.zeros_like(x)
+        for a in (0, 48, 64):
+            for c in (0, 48, 96, 128):
+                crop = (slice(None), slice(None), slice(a, a + 64), slice(c, c + 64))
+                with torch.no_grad():
+                    total[crop] += model.unet(x_t[crop], torch.tensor([float(t)]), row.lowres[crop])
+                count[crop] += 1
+        x = total / count
+    torch.testing.assert_close(got, x, atol=1e-5, rtol=1e-4)
+
+
+def test_one_window_over_the_canvas_is_the_whole_canvas_bit_for_bit(model):
+    """The windowed path draws the same noise in the same order as the whole one."""
+    image = _image(32, 64, 4)
+    flash = _variant(model, whole_canvas_side=64, window=128, stride=128)
+    row = flash._row(image, 8)
+    assert not flash.runs_whole(row) and model.runs_whole(model._row(image, 8))
+    (got,) = flash.sr_windows([row])
+    assert torch.equal(got, model.sr(model._row(image, 8)))
+
+
+def test_windowed_and_tiled_images_do_not_depend_on_the_batch(model):
+    """Windows of two images share UNet calls, MoVQ runs in 64 px tiles: each image is the
+    one it is alone (up to float rounding of other batch shapes)."""
+    a, b = _image(64, 96, 6), _image(32, 64, 7)
+    flash = _variant(
+        model, whole_canvas_side=64, window=64, stride=48, max_tiles_per_call=3, movq_tile=64
+    )
+    both = flash.upscale([a, b], [1, 2])
+    assert [o.shape for o in both] == [(128, 192, 3), (64, 128, 3)]
+    for image, seed, out in ((a, 1, both[0]), (b, 2, both[1])):
+        (alone,) = flash.upscale([image], [seed])
+        np.testing.assert_allclose(alone.astype(int), out.astype(int), atol=1)

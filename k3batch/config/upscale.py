@@ -55,7 +55,8 @@ class UpscaleConfig(Strict):
         1024,
         ge=8,
         multiple_of=8,
-        description="MultiDiffusion window side in output pixels (the reference: 1024).",
+        description="MultiDiffusion window side in output pixels (the reference: 1024); "
+        "`flash-x2` uses it only above `flash_whole_canvas_side`.",
     )
     stride: int = Field(
         800, ge=1, description="Step between windows in output pixels (the reference: 800)."
@@ -65,6 +66,17 @@ class UpscaleConfig(Strict):
         ge=1,
         description="Windows per UNet call, from any rows of a batch: bounds the UNet's "
         "activation memory whatever the image size.",
+    )
+    flash_whole_canvas_side: int = Field(
+        4096,
+        ge=64,
+        description="`flash-x2`: its four SR steps run the whole canvas (2x the input, sides "
+        "rounded down to 32) in one UNet call, as the reference, while the canvas has at most "
+        "this side squared pixels; a larger canvas runs them in MultiDiffusion windows "
+        "(`window` every `stride`, `max_tiles_per_call` per call), a deviation from the "
+        "reference that bounds their memory. The whole canvas needs ~1.2 GiB of UNet "
+        "activations per megapixel in float16 (~19 GiB at 4096x4096, twice in float32): lower "
+        "it on GPUs with less memory.",
     )
     max_output_side: int = Field(
         4096,

@@ -192,30 +192,46 @@ class KandiSuperRes:
             predictions = self._predict(rows, t)
             for row, x0 in zip(rows, predictions, strict=True):
                 stepped = row.solver.step(x0, t, row.crops(row.x), return_dict=False)[0]
-                value, count = torch.zeros_like(row.x), torch.zeros_like(row.x)
-                for (a, b, c, d), tile in zip(row.views, stepped, strict=True):
-                    value[:, :, a:b, c:d] += tile
-                    count[:, :, a:b, c:d] += 1
-                row.x = value / count
+                row.x = merge_windows(row.x, row.views, stepped)
         return [_to_uint8(row.x, row.out_size) for row in rows]
 
     def _predict(self, rows: list[_Row], t: int) -> list[torch.Tensor]:
         """Every row's x0 per window at time t, windows of equal shape batched across rows."""
-        tiles: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for r, row in enumerate(rows):
-            a, b, c, d = row.views[0]
-            tiles.setdefault((b - a, d - c), []).extend((r, v) for v in range(len(row.views)))
-        out = [[None] * len(row.views) for row in rows]
-        for group in tiles.values():
-            for i in range(0, len(group), self.max_tiles_per_call):
-                chunk = group[i : i + self.max_tiles_per_call]
-                x = torch.cat([_view(rows[r].x, rows[r].views[v]) for r, v in chunk])
-                lo = torch.cat([_view(rows[r].lowres, rows[r].views[v]) for r, v in chunk])
-                time = torch.full((len(chunk),), float(t), device=self.device, dtype=self.dtype)
-                x0 = self.unet(x.to(self.dtype), time, lo.to(self.dtype)).float()
-                for (r, v), pred in zip(chunk, x0, strict=True):
-                    out[r][v] = pred
-        return [torch.stack(preds) for preds in out]
+        return predict_windows(
+            self.unet, [(row.x, row.lowres, row.views) for row in rows], t, self.max_tiles_per_call
+        )
+
+
+def predict_windows(unet, canvases, t: int, max_tiles_per_call: int) -> list[torch.Tensor]:
+    """The UNet's x0 for every window of each (x, lowres, views) canvas at time t, stacked per
+    canvas: windows of equal shape from any canvases go through the UNet together, at most
+    `max_tiles_per_call` per call, in the UNet's dtype (the result float32)."""
+    first = next(unet.parameters())
+    device, dtype = first.device, first.dtype
+    tiles: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for r, (_, _, views) in enumerate(canvases):
+        a, b, c, d = views[0]
+        tiles.setdefault((b - a, d - c), []).extend((r, v) for v in range(len(views)))
+    out = [[None] * len(views) for _, _, views in canvases]
+    for group in tiles.values():
+        for i in range(0, len(group), max_tiles_per_call):
+            chunk = group[i : i + max_tiles_per_call]
+            x = torch.cat([_view(canvases[r][0], canvases[r][2][v]) for r, v in chunk])
+            lo = torch.cat([_view(canvases[r][1], canvases[r][2][v]) for r, v in chunk])
+            time = torch.full((len(chunk),), float(t), device=device, dtype=dtype)
+            x0 = unet(x.to(dtype), time, lo.to(dtype)).float()
+            for (r, v), pred in zip(chunk, x0, strict=True):
+                out[r][v] = pred
+    return [torch.stack(preds) for preds in out]
+
+
+def merge_windows(like: torch.Tensor, views, tiles: torch.Tensor) -> torch.Tensor:
+    """The canvas shaped like `like` that is the per-pixel mean of `tiles` at `views`."""
+    value, count = torch.zeros_like(like), torch.zeros_like(like)
+    for (a, b, c, d), tile in zip(views, tiles, strict=True):
+        value[:, :, a:b, c:d] += tile
+        count[:, :, a:b, c:d] += 1
+    return value / count
 
 
 def _view(t: torch.Tensor, view: tuple[int, int, int, int]) -> torch.Tensor:

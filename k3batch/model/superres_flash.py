@@ -7,7 +7,7 @@ Follows ai-forever/KandiSuperRes (`sr_pipeline.py` with flash=True, scale=2,
   [-1, 1] floats; the canvas is twice that;
 - SR: x = noise; for t in 979, 729, 479, 229 (linear betas 1e-4..0.02 over 1000 steps):
   x = UNet(q_sample(x, t, fresh noise), t, low-res image): the SR UNet predicts x0, the whole
-  canvas in one call per image (the reference does not tile this part);
+  canvas in one call per image (the reference does not tile this part; see Deviation);
 - refine: MoVQ-encode the SR image; in latent tiles of 352 every 264 (overlap 0.25, the last
   tiles shorter), q_sample at t = 229 on the cosine schedule and take x0 from the Kandinsky 3
   Flash UNet's epsilon with the fixed context of the KandiSuperRes repo (`weights/context.pt`,
@@ -15,17 +15,35 @@ Follows ai-forever/KandiSuperRes (`sr_pipeline.py` with flash=True, scale=2,
   reference's pooling is the mean over all 128 positions, so the Denoiser pools by 128);
   tiles are blended linearly over 88 latents with the tile above and to the left (in place,
   so a tile blends with its already-blended neighbours), then cropped to 264;
+- MoVQ (the reference's `get_movq`: `use_tiling`, tile 1024 px): an image above 1024 px a
+  side is encoded in tiles of 1024 px every 1024 (no overlap: its blend over 0 latents leaves
+  the tiles side by side), a latent above 128 a side decoded in tiles of 128 latents every 96
+  (the last ones shorter), blended as the refine's tiles over 256 px and cropped to 768;
 - MoVQ decode, clip((x + 1) / 2), bilinear align_corners=True to 2x the input size when the
   rounding changed it, x255 truncated.
 
 Noise: one CPU generator per image seeded from its seed, drawn in the reference's order
 (initial noise, one per SR step, one per refine tile in row-major order), so an image
 depends only on its seed. Refine tiles of equal shape from any images share UNet calls of at
-most `max_tiles_per_call`.
+most `max_tiles_per_call`; MoVQ tiles run one per call (a 1024 px tile already peaks at ~5
+GiB to encode and ~10 GiB to decode in float32, and fills a GPU's compute).
 
-Deviation/limits: the reference's MoVQ tiles encode and decode above 1024 px (tile 1024,
-decode overlap 0.25); k3batch's MoVQ runs untiled, so outputs above 1024 px are not yet the
-reference's pixels and the SR step's memory grows with the canvas.
+Memory (docs/superres.md has the figures and how they were measured): the SR UNet's
+activations grow with the canvas, ~1.19 GiB per megapixel in float16 (~19 GiB for a
+4096x4096 output; twice that in float32); MoVQ is bounded by its tiles; the refine by its
+tiles and `max_tiles_per_call`.
+
+Deviation: a canvas of more than `whole_canvas_side` squared pixels (config:
+`upscale.flash_whole_canvas_side`, default 4096, which no output within the default
+`upscale.max_output_side` exceeds; lower it e.g. for a GPU under ~32 GiB) runs the SR steps
+in MultiDiffusion windows, as superres.py does for x4 / x2: `window` px every `stride`
+(1024 / 800), windows of equal shape from any such images batched, at most
+`max_tiles_per_call` per call; each step still noises the whole canvas with the same draws,
+and the canvas becomes the per-pixel mean of the windows' x0. That bounds the SR steps'
+activations to `max_tiles_per_call` windows whatever the input size (~4.75 GiB in float16
+at 4 windows of 1024); the reference has no such mode (a whole 8192x8192 canvas would need
+~76 GiB). At or below the threshold the steps are the reference's, one UNet call on the
+whole canvas, bit for bit as before.
 """
 
 from __future__ import annotations
@@ -38,7 +56,8 @@ import torch
 import torch.nn.functional as F
 
 from k3batch.model.family import FLASH_TIMESTEPS, REFINE_TIMESTEP, SUPERRES
-from k3batch.model.sr_unet import SR_UNET, SRUNet
+from k3batch.model.sr_unet import SIZE_MULTIPLE, SR_UNET, SRUNet
+from k3batch.model.superres import STRIDE, WINDOW
 
 SR_FILE = SUPERRES["flash-x2"][1]
 CONTEXT_FILE = "context.pt"
@@ -47,6 +66,16 @@ SIDE_MULTIPLE = 32
 TILE = 352  # latent tile of the refine
 OVERLAP = 0.25
 MAX_TILES_PER_CALL = 4
+# The reference's MoVQ (`get_movq`): tiles of 1024 px above 1024 px a side, encode without
+# overlap, decode with 0.25; 8 px per latent.
+MOVQ_TILE = 1024
+MOVQ_ENCODE_OVERLAP = 0.0
+MOVQ_DECODE_OVERLAP = 0.25
+MOVQ_FACTOR = 8
+# Canvases of more pixels than this side squared run the SR steps in windows (a deviation
+# from the reference, which runs the whole canvas): the whole canvas needs ~1.19 GiB of UNet
+# activations per megapixel in float16, ~19 GiB at 4096x4096 (docs/superres.md).
+WHOLE_CANVAS_SIDE = 4096
 
 
 def linear_alphas_cumprod() -> torch.Tensor:
@@ -129,15 +158,31 @@ class KandiSuperResFlash:
         *,
         refine: bool = True,
         max_tiles_per_call: int = MAX_TILES_PER_CALL,
+        window: int = WINDOW,
+        stride: int = STRIDE,
+        whole_canvas_side: int = WHOLE_CANVAS_SIDE,
+        movq_tile: int = MOVQ_TILE,
     ):
         if max_tiles_per_call < 1:
             raise ValueError(f"max_tiles_per_call: {max_tiles_per_call!r}, expected >= 1")
+        if window <= 0 or window % SIZE_MULTIPLE:
+            raise ValueError(f"window: {window!r}, expected a positive multiple of 8")
+        if not 0 < stride <= window:
+            raise ValueError(f"stride: {stride!r}, expected 1..window ({window})")
+        if whole_canvas_side < 1:
+            raise ValueError(f"whole_canvas_side: {whole_canvas_side!r}, expected >= 1")
+        if movq_tile <= 0 or movq_tile % (4 * MOVQ_FACTOR):
+            # A multiple of 32: the decode's latent step (3/4 of a tile) is whole latents.
+            raise ValueError(f"movq_tile: {movq_tile!r}, expected a positive multiple of 32")
         self.unet = unet.eval()
         self.refiner = refiner  # k3batch.model.denoiser.Denoiser of the Flash member
         self.movq = movq
         self.context, self.context_mask = context, context_mask
         self.refine = refine
         self.max_tiles_per_call = max_tiles_per_call
+        self.window, self.stride = window, stride
+        self.whole_canvas_side = whole_canvas_side
+        self.movq_tile = movq_tile
         first = next(unet.parameters())
         self.device, self.dtype = first.device, first.dtype
         self.abar_sr = linear_alphas_cumprod()
@@ -227,7 +272,6 @@ class KandiSuperResFlash:
     @torch.no_grad()
     def upscale(self, images: list[np.ndarray], seeds: list[int]) -> list[np.ndarray]:
         """Each HxWx3 uint8 image upscaled to (2H)x(2W)x3 uint8 with its seed."""
-        from k3batch.model import movq as movqmod
         from k3batch.model.superres import _check_inputs, _to_uint8
 
         _check_inputs(images, seeds, 1)
@@ -237,17 +281,100 @@ class KandiSuperResFlash:
                     f"images[{i}]: sides must be >= {SIDE_MULTIPLE} px, got {im.shape[:2]}"
                 )
         rows = [self._row(im, int(s)) for im, s in zip(images, seeds, strict=True)]
-        srs = [self.sr(row) for row in rows]
+        srs = self.sr_steps(rows)
         if not self.refine:
             return [_to_uint8(x, row.out_size) for x, row in zip(srs, rows, strict=True)]
-        latents = [movqmod.encode(self.movq, x.to(self.device)) for x in srs]
+        latents = [self.encode(x) for x in srs]
+        del srs
         refined = self.refine_tiles(rows, latents)
-        param = next(self.movq.parameters())
-        out = []
-        for z, row in zip(refined, rows, strict=True):
-            x = self.movq.decode(z.to(param.device, param.dtype), force_not_quantize=True).sample
-            out.append(_to_uint8(x.float(), row.out_size))
+        return [
+            _to_uint8(self.decode(z), row.out_size) for z, row in zip(refined, rows, strict=True)
+        ]
+
+    def runs_whole(self, row: _Row) -> bool:
+        """Whether the row's SR steps run the whole canvas in one UNet call (as the
+        reference): at most `whole_canvas_side` squared pixels."""
+        h, w = row.lowres.shape[-2:]
+        return h * w <= self.whole_canvas_side**2
+
+    def sr_steps(self, rows: list[_Row]) -> list[torch.Tensor]:
+        """The four x0 steps of every row: whole canvases one by one (`sr`), the larger ones
+        together in windows (`sr_windows`)."""
+        out = [self.sr(row) if self.runs_whole(row) else None for row in rows]
+        large = [i for i, x in enumerate(out) if x is None]
+        if large:
+            for i, x in zip(large, self.sr_windows([rows[i] for i in large]), strict=True):
+                out[i] = x
         return out
+
+    @torch.no_grad()
+    def sr_windows(self, rows: list[_Row]) -> list[torch.Tensor]:
+        """The four x0 steps in MultiDiffusion windows (superres.py's geometry: `window` px
+        every `stride`, the last flush with the edge): each step noises the whole canvas with
+        the same draws as `sr`, predicts x0 per window (windows of equal shape from any rows
+        batched, at most `max_tiles_per_call` per call) and takes the per-pixel mean."""
+        from k3batch.model.superres import merge_windows, predict_windows, window_starts
+
+        xs, views = [], []
+        for row in rows:
+            ch, cw = row.lowres.shape[-2:]
+            wh, ww = min(ch, self.window), min(cw, self.window)
+            tops = window_starts(ch, self.window, self.stride)
+            lefts = window_starts(cw, self.window, self.stride)
+            views.append([(a, a + wh, c, c + ww) for a in tops for c in lefts])
+            xs.append(self._noise(row, tuple(row.lowres.shape)))
+        for t in FLASH_TIMESTEPS:
+            abar = self.abar_sr[t]
+            canvases = []
+            for x, row, v in zip(xs, rows, views, strict=True):
+                x_t = abar.sqrt() * x + (1 - abar).sqrt() * self._noise(row, tuple(x.shape))
+                canvases.append((x_t, row.lowres, v))
+            preds = predict_windows(self.unet, canvases, t, self.max_tiles_per_call)
+            xs = [merge_windows(x, v, p) for x, v, p in zip(xs, views, preds, strict=True)]
+        return xs
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The float32 MoVQ latent of one SR image (1, 3, H, W), as the reference's MoVQ:
+        whole up to `movq_tile` px a side, else tiles of `movq_tile` px every `movq_tile`,
+        one per call, side by side (its blend over 0 latents keeps each tile as it is)."""
+        from k3batch.model import movq as movqmod
+
+        x = x.to(self.device)
+        tile = self.movq_tile
+        if max(x.shape[-2:]) <= tile:
+            return movqmod.encode(self.movq, x)
+        grid = [
+            [
+                movqmod.encode(self.movq, x[:, :, a : a + tile, c : c + tile])
+                for c in tile_starts(x.shape[3], tile, MOVQ_ENCODE_OVERLAP)
+            ]
+            for a in tile_starts(x.shape[2], tile, MOVQ_ENCODE_OVERLAP)
+        ]
+        return blend_tiles(grid, tile // MOVQ_FACTOR, MOVQ_ENCODE_OVERLAP)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """A latent's image (1, 3, 8h, 8w) float32 in [-1, 1]-ish, as the reference's MoVQ:
+        whole up to `movq_tile` / 8 latents a side, else latent tiles of `movq_tile` / 8
+        every 3/4 of that, one per call, blended over `movq_tile` / 4 px (`blend_tiles`)."""
+        param = next(self.movq.parameters())
+        z = z.to(param.device, param.dtype)
+        tile = self.movq_tile // MOVQ_FACTOR
+
+        def run(latent):
+            return self.movq.decode(latent, force_not_quantize=True).sample
+
+        if max(z.shape[-2:]) <= tile:
+            return run(z).float()
+        grid = [
+            [
+                run(z[:, :, a : a + tile, c : c + tile])
+                for c in tile_starts(z.shape[3], tile, MOVQ_DECODE_OVERLAP)
+            ]
+            for a in tile_starts(z.shape[2], tile, MOVQ_DECODE_OVERLAP)
+        ]
+        return blend_tiles(grid, self.movq_tile, MOVQ_DECODE_OVERLAP).float()
 
     def refine_tiles(self, rows: list[_Row], latents: list[torch.Tensor]) -> list[torch.Tensor]:
         """The tiled one-step refine of each row's latent, tiles batched across rows."""

@@ -160,6 +160,9 @@ def load_upscaler(upscale: UpscaleConfig):
             dtype=dtype,
             config=config,
             max_tiles_per_call=upscale.max_tiles_per_call,
+            window=upscale.window,
+            stride=upscale.stride,
+            whole_canvas_side=upscale.flash_whole_canvas_side,
         )
     return KandiSuperRes.from_pretrained(
         file,
