@@ -40,6 +40,12 @@ def test_parameter_counts_are_the_real_architectures():
     assert round(counts["text_encoder"] / 1e9, 2) == 8.72
     assert round(counts["unet"] / 1e9, 2) == round(counts["unet9"] / 1e9, 2) == 3.06
     assert round(counts["movq"] / 1e6) == 271
+    # Conditioning and upscaling: the fork's ControlNet (469.6M, scripts/
+    # check_reference_controlnet.py), CLIP ViT-L/14's vision tower (303.2M) and projection (0.8M),
+    # KandiSuperRes's SR UNet (413M, docs/superres.md).
+    assert round(counts["controlnet"] / 1e6, 1) == 469.6
+    assert counts["image_encoder"] == 303_179_776 + 1024 * 768
+    assert round(counts["sr_unet"] / 1e6) == 413
 
 
 def test_estimate_matches_its_calibration_run():
@@ -67,7 +73,8 @@ def asks_gpus_for_the_model(path: Path) -> bool:
             for g in ("generator", "inpaint_generator")
         )
     cfg = load_config(path)
-    return cfg.job == "text_to_image" and cfg.resources.num_gpus_per_actor > 0
+    upscale = cfg.upscale.enabled and cfg.upscale.num_gpus_per_actor > 0
+    return upscale or (cfg.job == "text_to_image" and cfg.resources.num_gpus_per_actor > 0)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -96,7 +103,31 @@ def test_the_estimated_gpu_configs_are_the_expected_ones():
         "s3.yaml",
         "serve.yaml",
         "serve-beautify.yaml",
+        "upscale.yaml",
     }
+
+
+def test_upscaling_memory_is_bounded_by_windows_and_tiles():
+    """x4 / x2 and windowed Flash x2: the SR UNet's activations do not grow with the image
+    (only its canvases do); Flash x2's whole-canvas steps grow with it up to the threshold."""
+    from k3batch.config.upscale import UpscaleConfig
+
+    def est(**fields):
+        base = {"model": "x4", "path": "/sr", "kandinsky3_path": "/k3", "dtype": "float16"}
+        return memory.upscale_estimate(UpscaleConfig(**{**base, **fields}))
+
+    small, large = est(max_output_side=2048), est(max_output_side=8192)
+    assert small.part("activations") == large.part("activations")
+    assert large.part("float32 canvases") == pytest.approx(16 * small.part("float32 canvases"))
+    assert est(max_tiles_per_call=1).part("activations") < small.part("activations")
+    flash = {"model": "flash-x2", "max_output_side": 4096}
+    whole = est(**flash)
+    assert "whole canvas" in whole.summary()
+    assert whole.part("activations") == pytest.approx(memory.SR_GIB_PER_MEGAPIXEL * 16)
+    windowed = est(**flash, flash_whole_canvas_side=2048)
+    assert windowed.part("activations") < whole.part("activations")
+    # Flash x2 adds the refine's Flash UNet and MoVQ; x4 holds only the SR UNet.
+    assert whole.part("Flash UNet weights") > 5 and not small.part("Flash UNet weights")
 
 
 def test_every_gpu_node_type_of_the_aws_cluster_has_a_config_that_fits():

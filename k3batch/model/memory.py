@@ -25,6 +25,16 @@ activations, an upper bound (the ControlNet runs a part of the UNet's encoder be
 hands on residuals the size of the skips the UNet holds anyway); the image tokens (4 per
 row) add nothing worth counting.
 
+Upscaling actors (`upscale:`, KandiSuperRes): counted, not measured on a GPU
+(`scripts/sr_flash_memory.py`: the full-size architectures on meta under a live-tensor
+counter, checked against real CPU forwards): the SR UNet's activations are 1.19 GiB per
+megapixel of UNet input in float16 (it has no attention and no guidance batch), for
+`max_tiles_per_call` windows per call (x4, x2; Flash x2 above `flash_whole_canvas_side`) or
+the whole canvas (Flash x2 below it); its float32 canvases (x, noise, the upsampled input)
+for every image of a batch; Flash x2 adds the Flash UNet and MoVQ weights, a 1024 px MoVQ
+tile (encode 5, decode 10 GiB in float32) and the refine's tiles (1.0 GiB per 352-latent
+tile in float16).
+
 Kandinsky 2.2 members: parameter counts from the Hub repos' float16 weight files (bytes / 2,
 rounded; not built, to keep the estimate free of downloads), `K22_PARAMS`. Their activations
 use the Kandinsky 3 formulas above, an upper bound: the 1.2B decoder UNet is smaller than the
@@ -61,6 +71,12 @@ K22_PARAMS = {
     "movq": 67_000_000,
     "depth_estimator": 343_000_000,
 }
+
+# KandiSuperRes (counted; see the module docstring).
+SR_GIB_PER_MEGAPIXEL = 1.19  # SR UNet activations per megapixel of input, float16
+SR_CANVASES = 3  # float32 canvases per image: x, its noise, the upsampled input
+MOVQ_TILE_GIB = {"encode": 5.0, "decode": 10.0}  # one 1024 px tile, float32
+REFINE_GIB_PER_TILE = 1.0  # the Flash refine's UNet per 352-latent tile, float16
 
 # GPU memory as torch sees it (`total_memory`), a little under the marketing size.
 GPU_GIB = {
@@ -109,6 +125,7 @@ def parameter_counts() -> dict[str, int]:
 
     from k3batch.model import controlnet, family, ip_adapter
     from k3batch.model.loading import full_architecture, unet_class
+    from k3batch.model.sr_unet import SR_UNET, SRUNet
 
     unet_config, movq_config, t5_config = full_architecture()
 
@@ -133,6 +150,7 @@ def parameter_counts() -> dict[str, int]:
         "controlnet": lambda: controlnet.Kandinsky3ControlNet(**controlnet.REAL_CONFIG),
         "ip_adapter": lambda: ip_adapter.IPAdapter(base_unet()),
         "image_encoder": lambda: CLIPVisionModelWithProjection(clip),
+        "sr_unet": lambda: SRUNet(**SR_UNET),
     }
     counts = {}
     for name, build in builders.items():
@@ -268,6 +286,39 @@ def _kandinsky22_estimate(
     return _with_margin(actor, parts)
 
 
+def upscale_estimate(upscale, actor: str = "upscaling actor") -> MemoryEstimate:
+    """GPU memory of an upscaling actor (or Serve replica) running `upscale` (an
+    UpscaleConfig) on images up to `upscale.max_output_side`."""
+    dt = upscale.dtype or "float16"  # null: float16 on a GPU
+    side = upscale.max_output_side
+    canvas = side * side
+    windows = min(upscale.max_tiles_per_call * upscale.window**2, canvas)
+    flash = upscale.model == "flash-x2"
+    whole = flash and side <= upscale.flash_whole_canvas_side
+    parts = [(f"SR UNet weights ({dt})", _weights_gib("sr_unet", dt))]
+    images = upscale.batch_size
+    parts.append(
+        (
+            f"float32 canvases of {images} images at {side}x{side}",
+            images * SR_CANVASES * 3 * 4 * canvas / GIB,
+        )
+    )
+    pixels = canvas if whole else windows
+    what = "the whole canvas" if whole else f"{upscale.max_tiles_per_call} windows"
+    sr = SR_GIB_PER_MEGAPIXEL * pixels / MEGAPIXEL * BYTES[dt] / 2
+    peaks = [(f"SR UNet on {what}, {side}x{side}", sr)]
+    if flash:
+        parts.append((f"Flash UNet weights ({dt})", _weights_gib("unet", dt)))
+        parts.append(("MoVQ weights (float32)", _weights_gib("movq", "float32")))
+        peaks.append(("MoVQ decode of a 1024 px tile", MOVQ_TILE_GIB["decode"]))
+        tiles = upscale.max_tiles_per_call
+        refine = REFINE_GIB_PER_TILE * tiles * BYTES[dt] / 2
+        peaks.append((f"Flash refine of {tiles} tiles", refine))
+    name, gib = max(peaks, key=lambda p: p[1])
+    parts.append((f"activations ({name})", gib))
+    return _with_margin(actor, parts)
+
+
 def text_encoder_estimate(
     model, *, batch_size: int, actor: str = "text encoder actor"
 ) -> MemoryEstimate:
@@ -304,7 +355,7 @@ def job_estimates(cfg) -> list[ActorMemory]:
     from k3batch.job import kinds
 
     if not kinds.get(cfg.job).uses_diffusion_model:
-        return []
+        return upscale_estimates(cfg)
     r, g = cfg.resources, cfg.generation
     pool = r.text_encoder_pool
     side = max(g.width, g.height, cfg.limits.max_side)
@@ -322,7 +373,15 @@ def job_estimates(cfg) -> list[ActorMemory]:
     if pool.enabled and pool.num_gpus_per_actor > 0:
         est = text_encoder_estimate(cfg.model, batch_size=pool.batch_size)
         out.append(ActorMemory(est, pool.num_gpus_per_actor))
-    return out
+    return out + upscale_estimates(cfg)
+
+
+def upscale_estimates(cfg) -> list[ActorMemory]:
+    """The upscaling pool of a job (an `upscale:` step or `job: upscale`) when it has GPUs."""
+    u = cfg.upscale
+    if not u.enabled or u.num_gpus_per_actor <= 0:
+        return []
+    return [ActorMemory(upscale_estimate(u), u.num_gpus_per_actor)]
 
 
 def serve_estimates(app) -> list[ActorMemory]:
@@ -347,4 +406,7 @@ def serve_estimates(app) -> list[ActorMemory]:
             actor=f"{actor} replica",
         )
         out.append(ActorMemory(est, deployment.num_gpus))
+    if app.upscale is not None and app.upscaler.num_gpus > 0:
+        est = upscale_estimate(app.upscale, actor="upscaler replica")
+        out.append(ActorMemory(est, app.upscaler.num_gpus))
     return out
