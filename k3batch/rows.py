@@ -511,26 +511,13 @@ def _ip_adapter_fields(raw, rules, field, out, errors, warnings) -> None:
                 f"{show(scale_given)}"
             )
         return
-    name = schema.IP_IMAGES
-    if not isinstance(items, (list, tuple)) or not items:
-        errors.append(f"{name}: expected a non-empty list of {{image, weight}}, got {show(items)}")
-        return
-    for j, item in enumerate(items):
-        where = f"{name}[{j}]"
-        if not isinstance(item, dict):
-            errors.append(f"{where}: expected {{image, weight}}, got {show(item)}")
-            continue
+    for where, item in _items(items, schema.IP_IMAGES, "{image, weight}", errors):
         if item.get(schema.IP_IMAGE) is None:
             errors.append(f"{where}.image: missing (null), got {show(item)}")
         else:
             _source(item, schema.IP_IMAGE, errors, where=f"{where}.image")
-        weight = item.get(schema.IP_WEIGHT)
-        if weight is None:
-            continue  # 1.0, as the fork weighs a single image
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
-            errors.append(f"{where}.weight: expected a number, got {show(weight)}")
-        elif not math.isfinite(weight):
-            errors.append(f"{where}.weight: must be finite, got {show(weight)}")
+        # A missing weight is 1.0, as the fork weighs a single image.
+        _weight(item.get(schema.IP_WEIGHT), where, errors, optional=True)
 
     def scale_check(v):
         if not (math.isfinite(v) and v >= 0):
@@ -595,16 +582,7 @@ def _kandinsky22_fields(raw, member, rules, has_image, field, out, errors, warni
     if member.name != K22:
         errors.append(f"mix: only {K22} mixes images and prompts, got {show(mix)}")
         return
-    if not isinstance(mix, (list, tuple)) or not mix:
-        errors.append(
-            f"mix: expected a non-empty list of {{prompt | image, weight}}, got {show(mix)}"
-        )
-        return
-    for j, item in enumerate(mix):
-        where = f"mix[{j}]"
-        if not isinstance(item, dict):
-            errors.append(f"{where}: expected {{prompt | image, weight}}, got {show(item)}")
-            continue
+    for where, item in _items(mix, schema.MIX, "{prompt | image, weight}", errors):
         prompt, image = item.get(schema.MIX_PROMPT), item.get(schema.MIX_IMAGE)
         if (prompt is None) == (image is None):
             which = "both prompt and image" if prompt is not None else "neither prompt nor image"
@@ -613,11 +591,30 @@ def _kandinsky22_fields(raw, member, rules, has_image, field, out, errors, warni
             errors.append(f"{where}.prompt: expected visible text, got {show(prompt)}")
         elif image is not None:
             _source(item, schema.MIX_IMAGE, errors, where=f"{where}.image")
-        weight = item.get(schema.MIX_WEIGHT)
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
-            errors.append(f"{where}.weight: expected a number, got {show(weight)}")
-        elif not math.isfinite(weight):
-            errors.append(f"{where}.weight: must be finite, got {show(weight)}")
+        _weight(item.get(schema.MIX_WEIGHT), where, errors)
+
+
+def _items(value, name: str, shape: str, errors: list[str]):
+    """(`name[j]`, item) of a non-empty list of dicts (`mix`, `ip_images`); the list's or an
+    item's error, naming it, otherwise."""
+    if not isinstance(value, (list, tuple)) or not value:
+        errors.append(f"{name}: expected a non-empty list of {shape}, got {show(value)}")
+        return
+    for j, item in enumerate(value):
+        if isinstance(item, dict):
+            yield f"{name}[{j}]", item
+        else:
+            errors.append(f"{name}[{j}]: expected {shape}, got {show(item)}")
+
+
+def _weight(weight, where: str, errors: list[str], optional: bool = False) -> None:
+    """An item's `weight`: a finite number (or null when `optional`)."""
+    if weight is None and optional:
+        return
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+        errors.append(f"{where}.weight: expected a number, got {show(weight)}")
+    elif not math.isfinite(weight):
+        errors.append(f"{where}.weight: must be finite, got {show(weight)}")
 
 
 def _source(raw: dict, name: str, errors: list[str], where: str | None = None):
