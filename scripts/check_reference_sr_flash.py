@@ -13,11 +13,32 @@ order), the rounding of sides down to 32 and the resize back; the MoVQ tiling: t
 reference's own `movq.MoVQ` (KandiSuperRes's, with `use_tiling`) built at the tiny widths
 with the tiny Kandinsky 3's `weights/movq.pt`, its `encode` / `decode` against
 `KandiSuperResFlash.encode` / `decode`, at the reference's 1024 px tile (a 1088x1152 image)
-and at a 64 px tile (every tile path on a small image). Not covered yet: the Kandinsky 3
-Flash refine (the reference's `model/unet.py` T2I UNet would have to be built at the tiny
-Kandinsky 3 widths and fed k3batch's tiny Flash weights in the reference's names).
+and at a 64 px tile (every tile path on a small image).
 
-    python scripts/check_reference_sr_flash.py /path/to/KandiSuperRes
+The Kandinsky 3 Flash refine: the reference's pipeline with `refine=True`, given that MoVQ
+(tile 1024, as `get_movq`) and its own T2I UNet (`model/unet.py` with `get_T2I_unet`'s
+arguments at the tiny Kandinsky 3 widths of the tiny set's `k3batch_config.json`, loaded
+strictly with the `unet` state of the tiny reference-layout `weights/kandinsky3_flash.pt`),
+run in a working directory whose `weights/` holds the tiny `context.pt` / `context_mask.pt`
+k3batch reads; k3batch runs `KandiSuperResFlash(refine=True)` on the same files, picture
+and seed. Recorded on the way past (values passed through unchanged) on both sides: every
+noise draw (the reference's first `torch.randn` reproduced from the global generator's
+state, its q_sample noise; k3batch's generator draws), the MoVQ latent, each refine tile's
+UNet input x_t and epsilon, and the refined latent. Cases: one latent tile (32x32, 40x70)
+and two of the real 352-every-264 tiles down (1088x64) and across (64x1088), with the
+tiled MoVQ. Each case is run three ways on k3batch's side: as is; from the reference's MoVQ
+latent (the refine's inputs then equal bit for bit); and from that latent with the
+reference UNet's epsilon per tile (so the schedule, the x0 and the tile blend are what is
+compared). Figures (CPU, float32, one thread): the noise draws are the same tensors in the
+same order (6 / 7 per image); the refined latents differ by at most 3.8e-6 (relative 1.9e-6,
+from the two MoVQ encoders' and the two UNets' float32 rounding: epsilon differs by at most
+6.0e-6, relative 3.7e-6, on equal inputs); with the reference's epsilon the refined latents
+are equal bit for bit; the images differ by at most 1 grey level in at most 145 of 835584
+bytes (the MoVQ decoders' rounding: the count stays with equal refined latents).
+
+    python scripts/check_reference_sr_flash.py /path/to/KandiSuperRes [sr] [movq] [refine]
+
+(no part named: all three; the refine takes ~1 minute on one CPU thread, the MoVQ part ~2)
 """
 
 from __future__ import annotations
@@ -30,6 +51,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from k3batch.model.family import FLASH_TIMESTEPS
 from k3batch.model.sr_unet import TINY_SR_UNET
 from k3batch.model.superres_flash import SR_FILE, KandiSuperResFlash
 from k3batch.testing.tiny import make_tiny
@@ -40,10 +62,15 @@ from check_reference import _diff  # noqa: E402
 from check_reference_sr import _reference, _reference_unet  # noqa: E402
 
 CASES = [(32, 32), (40, 70), (64, 96)]  # 40x70: sides rounded down to 32x64, resized back
+# Refine: one latent tile (32x32, 40x70); two tiles of the real 352 every 264 down (1088x64:
+# a 272x16 latent, tiles 272 and 8 latents tall, blended over 8) and across (64x1088), where
+# the tiled MoVQ runs too (3 encode tiles, 3 decode tiles).
+REFINE_CASES = [(32, 32), (40, 70), (1088, 64), (64, 1088)]
 SEED = 21
+PARTS = ("sr", "movq", "refine")
 
 
-def main(checkout: str) -> None:
+def main(checkout: str, parts: tuple[str, ...] = PARTS) -> None:
     ref = _reference(checkout)
     pipeline_cls = ref["sr_pipeline"].KandiSuperResPipeline
     root = tempfile.mkdtemp(prefix="k3-srflash-ref-check-")
@@ -57,29 +84,39 @@ def main(checkout: str) -> None:
     model = KandiSuperResFlash.from_pretrained(
         folder, k3, device="cpu", config=TINY_SR_UNET, refine=False
     )
-    for h, w in CASES:
-        picture = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), np.uint8)
-        torch.manual_seed(SEED)
-        theirs = np.asarray(pipe(Image.fromarray(picture), seed=SEED, refine=False))
-        (ours,) = model.upscale([picture], [SEED])
-        print(
-            f"flash x2 SR steps {h}x{w} -> {ours.shape[0]}x{ours.shape[1]}: {_diff(theirs, ours)}"
-        )
-    for tile, (h, w) in ((1024, (1088, 1152)), (64, (136, 200))):
-        movq = _reference_movq(k3, tile)
-        ours = KandiSuperResFlash(
-            model.unet, model.refiner, model.movq, model.context, model.context_mask, movq_tile=tile
-        )
-        x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(h)) * 2 - 1
-        with torch.no_grad():
-            z_ref, z_ours = movq.encode(x), ours.encode(x)
-            x_ref, x_ours = movq.decode(z_ref), ours.decode(z_ref)
-        print(
-            f"MoVQ tile {tile}, {h}x{w}: encode max |diff| {(z_ref - z_ours).abs().max():.2e}, "
-            f"decode max |diff| {(x_ref - x_ours).abs().max():.2e} (of values up to "
-            f"{x_ref.abs().max():.1f}: the two MoVQ implementations' float32 rounding, which "
-            "one untiled tile shows too)"
-        )
+    if "sr" in parts:
+        for h, w in CASES:
+            picture = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), np.uint8)
+            torch.manual_seed(SEED)
+            theirs = np.asarray(pipe(Image.fromarray(picture), seed=SEED, refine=False))
+            (ours,) = model.upscale([picture], [SEED])
+            print(
+                f"flash x2 SR steps {h}x{w} -> {ours.shape[0]}x{ours.shape[1]}: "
+                f"{_diff(theirs, ours)}"
+            )
+    if "movq" in parts:
+        for tile, (h, w) in ((1024, (1088, 1152)), (64, (136, 200))):
+            movq = _reference_movq(k3, tile)
+            ours = KandiSuperResFlash(
+                model.unet,
+                model.refiner,
+                model.movq,
+                model.context,
+                model.context_mask,
+                movq_tile=tile,
+            )
+            x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(h)) * 2 - 1
+            with torch.no_grad():
+                z_ref, z_ours = movq.encode(x), ours.encode(x)
+                x_ref, x_ours = movq.decode(z_ref), ours.decode(z_ref)
+            print(
+                f"MoVQ tile {tile}, {h}x{w}: encode max |diff| {(z_ref - z_ours).abs().max():.2e}, "
+                f"decode max |diff| {(x_ref - x_ours).abs().max():.2e} (of values up to "
+                f"{x_ref.abs().max():.1f}: the two MoVQ implementations' float32 rounding, which "
+                "one untiled tile shows too)"
+            )
+    if "refine" in parts:
+        check_refine(ref, root, folder, k3, unet, model)
 
 
 def _reference_movq(k3: str, tile: int):
@@ -114,7 +151,199 @@ def _reference_movq(k3: str, tile: int):
     return movq.eval()
 
 
+def _reference_refiner(k3: str):
+    """KandiSuperRes's own T2I UNet (`model/unet.py`) with `get_T2I_unet`'s arguments at the
+    tiny Kandinsky 3 widths (the tiny set's `k3batch_config.json`), loaded strictly with the
+    tiny Flash file's `unet` state (the reference's parameter names)."""
+    import importlib
+    import json
+
+    from k3batch.model import family
+
+    weights = os.path.join(k3, family.REFERENCE_WEIGHTS_DIR)
+    with open(os.path.join(weights, family.REFERENCE_CONFIG_FILE)) as f:
+        config = json.load(f)["unet"]
+    mc = config["block_out_channels"][0]
+    levels = len(config["block_out_channels"])
+    unet = importlib.import_module("KandiSuperRes.model.unet").UNet(
+        model_channels=mc,  # 384
+        num_channels=4,
+        init_channels=mc // 2,  # 192
+        time_embed_dim=config["time_embedding_dim"],  # 1536
+        context_dim=config["cross_attention_dim"],  # 4096
+        groups=config["groups"],  # 32
+        head_dim=config["attention_head_dim"],  # 64
+        expansion_ratio=4,
+        compression_ratio=2,
+        dim_mult=tuple(c // mc for c in config["block_out_channels"]),  # (1, 2, 4, 8)
+        num_blocks=(config["layers_per_block"],) * levels,  # (3, 3, 3, 3)
+        add_cross_attention=(False, True, True, True),
+        add_self_attention=(False, True, True, True),
+    )
+    file = os.path.join(weights, family.MEMBERS[family.FLASH].reference_file)
+    unet.load_state_dict(torch.load(file, weights_only=True)["unet"])
+    return unet.eval()
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> str:
+    d = (a - b).abs().max().item()
+    return f"max |diff| {d:.2e} (relative {d / a.abs().max().item():.1e})"
+
+
+def check_refine(ref: dict, root: str, folder: str, k3: str, sr_unet, model) -> None:
+    """The reference's `refine=True` (SR steps, its tiled MoVQ, `refine_tiled` with its own
+    T2I UNet, the context read from `weights/` of the working directory) against
+    `KandiSuperResFlash(refine=True)`; the noise draws, the MoVQ latents and the refined
+    latents are recorded on the way past on both sides (values passed through unchanged)."""
+    import importlib
+    import warnings
+
+    from k3batch.model.superres_flash import MOVQ_TILE
+
+    # The reference wraps MoVQ and the refiner in torch.cuda.amp.autocast (off on CPU).
+    warnings.filterwarnings("ignore", message=".*autocast.*")
+    warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
+    base_sr = importlib.import_module("KandiSuperRes.model.diffusion_sr_turbo").BaseDiffusion
+    base_refine = importlib.import_module("KandiSuperRes.model.diffusion_refine").BaseDiffusion
+    devices = {"movq": "cpu", "refiner": "cpu", "sr_model": "cpu"}
+    dtypes = {"movq": torch.float32, "refiner": torch.float32, "sr_model": torch.float32}
+    pipe = ref["sr_pipeline"].KandiSuperResPipeline(
+        2, devices, dtypes, True, sr_unet, _reference_movq(k3, MOVQ_TILE), _reference_refiner(k3)
+    )
+    # The reference reads `weights/context.pt` and `weights/context_mask.pt` from the working
+    # directory: the same tiny files k3batch reads from `folder`.
+    os.symlink(folder, os.path.join(root, "weights"))
+
+    rec: dict = {}
+
+    # Reference: its first draw (p_sample_loop's torch.randn, reproduced from the global
+    # generator's state at entry), every q_sample's noise (the four SR steps', then one per
+    # refine tile), the latent into and out of refine_tiled.
+    loop, sr_q, refine_q, tiled = (
+        base_sr.p_sample_loop,
+        base_sr.q_sample,
+        base_refine.q_sample,
+        base_refine.refine_tiled,
+    )
+
+    def rec_loop(self, model_, shape, *args, **kwargs):
+        g = torch.Generator().set_state(torch.get_rng_state())
+        rec["ref_noise"].append(torch.randn(*shape, generator=g))
+        return loop(self, model_, shape, *args, **kwargs)
+
+    def recorder(q_sample):
+        def rec_q_sample(self, x_start, t, noise=None):
+            noise = self.gen_noise(x_start) if noise is None else noise
+            rec["ref_noise"].append(noise.clone())
+            return q_sample(self, x_start, t, noise)
+
+        return rec_q_sample
+
+    def rec_tiled(self, model_, img, context, context_mask):
+        rec["ref_latent"] = img.clone()
+        rec["ref_refined"] = out = tiled(self, model_, img, context, context_mask)
+        return out.clone()
+
+    base_sr.p_sample_loop, base_sr.q_sample = rec_loop, recorder(sr_q)
+    base_refine.q_sample, base_refine.refine_tiled = recorder(refine_q), rec_tiled
+    # The reference UNet's input x_t and epsilon, one call per refine tile.
+    pipe.refiner.register_forward_hook(
+        lambda module, args, out: rec["ref_eps"].append((args[0].clone(), out.clone()))
+    )
+
+    def ours(latent=None, reference_eps=False):
+        """k3batch's refine=True, recording its noise, MoVQ latent, the UNet's x_t and epsilon
+        and the refined latent; with `latent`, the refine starts from that latent instead of
+        k3batch's own encode; with `reference_eps`, each tile's epsilon is the reference UNet's
+        for the same x_t (which must be equal bit for bit) instead of the Flash UNet's."""
+        m = KandiSuperResFlash(
+            model.unet, model.refiner, model.movq, model.context, model.context_mask, refine=True
+        )
+        noise, encode, refine_tiles, eps = m._noise, m.encode, m.refine_tiles, m._eps
+
+        def rec_noise(row, shape):
+            x = noise(row, shape)
+            rec["our_noise"].append(x.clone())
+            return x
+
+        def rec_encode(x):
+            rec["our_latent"] = z = encode(x) if latent is None else latent.clone()
+            return z.clone()
+
+        def rec_refine_tiles(rows, latents):
+            rec["our_refined"] = out = refine_tiles(rows, latents)
+            return [z.clone() for z in out]
+
+        def rec_eps(x, t):
+            if not reference_eps:
+                e = eps(x, t)
+            else:
+                e = torch.cat(
+                    [
+                        next(o for i, o in rec["ref_eps"] if torch.equal(i, x[k : k + 1]))
+                        for k in range(len(x))
+                    ]
+                )
+            rec["our_eps"] += [(x[k : k + 1].clone(), e[k : k + 1].clone()) for k in range(len(x))]
+            return e
+
+        m._noise, m.encode, m.refine_tiles = rec_noise, rec_encode, rec_refine_tiles
+        m._eps = rec_eps
+        rec["our_noise"], rec["our_eps"] = [], []
+        (image,) = m.upscale([picture], [SEED])
+        return image
+
+    cwd = os.getcwd()
+    try:
+        for h, w in REFINE_CASES:
+            picture = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), np.uint8)
+            rec["ref_noise"], rec["ref_eps"] = [], []
+            os.chdir(root)
+            try:
+                torch.manual_seed(SEED)
+                theirs = np.asarray(pipe(Image.fromarray(picture), seed=SEED, refine=True))
+            finally:
+                os.chdir(cwd)
+            mine = ours()
+            ref_noise, our_noise = rec["ref_noise"], rec["our_noise"]
+            same = len(ref_noise) == len(our_noise) and all(
+                a.shape == b.shape and torch.equal(a, b)
+                for a, b in zip(ref_noise, our_noise, strict=False)
+            )
+            z_ref, z_ours = rec["ref_latent"], rec["our_latent"]
+            refined_ref, refined_ours = rec["ref_refined"], rec["our_refined"][0]
+            tiles = len(ref_noise) - 1 - len(FLASH_TIMESTEPS)
+            print(
+                f"refine {h}x{w} -> {mine.shape[0]}x{mine.shape[1]} (latent "
+                f"{z_ref.shape[2]}x{z_ref.shape[3]}, {tiles} refine tile(s)): noise draws "
+                f"{'the same' if same else 'DIFFER'} ({len(ref_noise)} / {len(our_noise)}); "
+                f"MoVQ latent {_max_diff(z_ref, z_ours)}; refined latent "
+                f"{_max_diff(refined_ref, refined_ours)}; image {_diff(theirs, mine)}"
+            )
+            # The refine's own arithmetic: k3batch's refine on the reference's MoVQ latent
+            # (the same x_t then), with its own Flash UNet and with the reference UNet's eps.
+            mine = ours(z_ref)
+            pairs = list(zip(rec["ref_eps"], rec["our_eps"], strict=True))
+            x_same = all(torch.equal(a[0], b[0]) for a, b in pairs)
+            eps_d = max((a[1] - b[1]).abs().max().item() for a, b in pairs)
+            eps_m = max(a[1].abs().max().item() for a, _ in pairs)
+            print(
+                f"  from the reference's MoVQ latent: UNet inputs x_t "
+                f"{'equal bit for bit' if x_same else 'DIFFER'}, epsilon max |diff| {eps_d:.2e} "
+                f"(relative {eps_d / eps_m:.1e}); refined latent "
+                f"{_max_diff(refined_ref, rec['our_refined'][0])}; image {_diff(theirs, mine)}"
+            )
+            mine = ours(z_ref, reference_eps=True)
+            print(
+                f"  and the reference UNet's epsilon: refined latent "
+                f"{_max_diff(refined_ref, rec['our_refined'][0])}; image {_diff(theirs, mine)}"
+            )
+    finally:
+        base_sr.p_sample_loop, base_sr.q_sample = loop, sr_q
+        base_refine.q_sample, base_refine.refine_tiled = refine_q, tiled
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) < 2 or not set(sys.argv[2:]) <= set(PARTS):
         sys.exit(__doc__)
-    main(sys.argv[1])
+    main(sys.argv[1], tuple(sys.argv[2:]) or PARTS)
