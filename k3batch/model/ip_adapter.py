@@ -223,11 +223,13 @@ class ImageEncoder:
     embedding of an all-zero pixel tensor (zeros after normalisation, at the encoder's size)."""
 
     def __init__(self, path: str, dtype: torch.dtype, device: torch.device | str):
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
         self.model = CLIPVisionModelWithProjection.from_pretrained(path, torch_dtype=dtype)
         self.model = self.model.to(device).eval()
-        self.processor = CLIPImageProcessor.from_pretrained(path)
+        # The PIL processor by name: the fork's (older transformers) processing, and no warning
+        # about a missing torchvision backend in every actor's log.
+        self.processor = CLIPImageProcessorPil.from_pretrained(path)
         self.device, self.dtype = torch.device(device), dtype
         size = self.model.config.image_size
         self.zero = self._embed(torch.zeros(1, 3, size, size))

@@ -45,7 +45,7 @@ def make_tiny_image_encoder(path: str) -> str:
     """A random `CLIPVisionModelWithProjection` (TINY_IMAGE_EMBED_DIM-d image embeddings) and
     its `CLIPImageProcessor` (OpenAI CLIP's normalisation, 32 px) saved to `path`."""
     import torch
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(TINY_SEED + 11)
     model = CLIPVisionModelWithProjection(
@@ -60,7 +60,7 @@ def make_tiny_image_encoder(path: str) -> str:
         )
     )
     model.save_pretrained(path)
-    CLIPImageProcessor(
+    CLIPImageProcessorPil(
         size={"shortest_edge": TINY_CLIP_IMAGE_SIZE},
         crop_size={"height": TINY_CLIP_IMAGE_SIZE, "width": TINY_CLIP_IMAGE_SIZE},
         image_mean=[0.48145466, 0.4578275, 0.40821073],
