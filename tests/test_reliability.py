@@ -286,7 +286,8 @@ def test_a_stalled_stage_fails_the_job_naming_it_and_a_rerun_resumes(
         uri,
         tiny_dir,
         resources={"batch_size": 2},
-        faults={"stall_timeout_s": 20},
+        # Above the model load and first batch even on a busy 2-core machine (see the field).
+        faults={"stall_timeout_s": 30},
         output={"rows_per_file": 2},  # each batch committed as it is written
     )
     config = tmp_path / "job.yaml"
