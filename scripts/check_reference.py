@@ -75,6 +75,26 @@ def _reference(checkout: str):
     return {n: importlib.import_module(f"kandinsky3.{n}") for n in names}
 
 
+def tiny_movq_config() -> dict:
+    """The reference MoVQ's constructor arguments at k3batch's tiny MoVQ widths (the
+    Kandinsky 3 reference's and KandiSuperRes's MoVQ take the same ones)."""
+
+    levels = len(TINY_MOVQ["block_out_channels"])
+    ch = TINY_MOVQ["block_out_channels"][0]
+    return dict(
+        double_z=False,
+        z_channels=4,
+        resolution=256,
+        in_channels=3,
+        out_ch=3,
+        ch=ch,
+        ch_mult=[c // ch for c in TINY_MOVQ["block_out_channels"]],
+        num_res_blocks=TINY_MOVQ["layers_per_block"],
+        attn_resolutions=[256 // 2 ** (levels - 1)],
+        dropout=0.0,
+    )
+
+
 def _diff(ref, ours) -> str:
     d = np.abs(np.asarray(ref).astype(int) - np.asarray(ours).astype(int))
     return f"max |diff| {d.max()} grey levels, {(d > 0).sum()} of {d.size} bytes differ"
@@ -118,26 +138,7 @@ def main(checkout: str) -> None:
         enc.projection.load_state_dict(state)
         return enc.eval()
 
-    levels = len(TINY_MOVQ["block_out_channels"])
-    ch = TINY_MOVQ["block_out_channels"][0]
-    movq = (
-        ref["movq"]
-        .MoVQ(
-            dict(
-                double_z=False,
-                z_channels=4,
-                resolution=256,
-                in_channels=3,
-                out_ch=3,
-                ch=ch,
-                ch_mult=[c // ch for c in TINY_MOVQ["block_out_channels"]],
-                num_res_blocks=TINY_MOVQ["layers_per_block"],
-                attn_resolutions=[256 // 2 ** (levels - 1)],
-                dropout=0.0,
-            )
-        )
-        .eval()
-    )
+    movq = ref["movq"].MoVQ(tiny_movq_config()).eval()
     movq.load_state_dict(torch.load(f"{w}/movq.pt", weights_only=True))
     processor = ref["condition_processors"].T5TextConditionProcessor(128, f"{w}/flan_ul2_encoder")
     devices = dict.fromkeys(("unet", "text_encoder", "movq"), "cpu")

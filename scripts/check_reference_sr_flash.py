@@ -58,7 +58,7 @@ from k3batch.testing.tiny import make_tiny
 from k3batch.testing.tiny_sr import make_tiny_sr_flash
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from check_reference import _diff  # noqa: E402
+from check_reference import _diff, tiny_movq_config  # noqa: E402
 from check_reference_sr import _reference, _reference_unet  # noqa: E402
 
 CASES = [(32, 32), (40, 70), (64, 96)]  # 40x70: sides rounded down to 32x64, resized back
@@ -124,22 +124,10 @@ def _reference_movq(k3: str, tile: int):
     import importlib
 
     from k3batch.model import family
-    from k3batch.testing.tiny_parts import TINY_MOVQ
 
-    levels = len(TINY_MOVQ["block_out_channels"])
-    ch = TINY_MOVQ["block_out_channels"][0]
     movq = importlib.import_module("KandiSuperRes.movq").MoVQ(
         dict(
-            double_z=False,
-            z_channels=4,
-            resolution=256,
-            in_channels=3,
-            out_ch=3,
-            ch=ch,
-            ch_mult=[c // ch for c in TINY_MOVQ["block_out_channels"]],
-            num_res_blocks=TINY_MOVQ["layers_per_block"],
-            attn_resolutions=[256 // 2 ** (levels - 1)],
-            dropout=0.0,
+            **tiny_movq_config(),
             tile_sample_min_size=tile,
             tile_overlap_factor_enc=0.0,
             tile_overlap_factor_dec=0.25,

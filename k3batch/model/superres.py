@@ -113,12 +113,7 @@ class KandiSuperRes:
     ):
         if scale not in CHECKPOINTS:
             raise ValueError(f"scale: {scale!r}, expected one of {sorted(CHECKPOINTS)}")
-        if window <= 0 or window % SIZE_MULTIPLE:
-            raise ValueError(f"window: {window!r}, expected a positive multiple of 8")
-        if not 0 < stride <= window:
-            raise ValueError(f"stride: {stride!r}, expected 1..window ({window})")
-        if max_tiles_per_call < 1:
-            raise ValueError(f"max_tiles_per_call: {max_tiles_per_call!r}, expected >= 1")
+        check_windows(window, stride, max_tiles_per_call)
         self.unet = unet.eval()
         self.scale = scale
         self.window = window
@@ -200,6 +195,16 @@ class KandiSuperRes:
         return predict_windows(
             self.unet, [(row.x, row.lowres, row.views) for row in rows], t, self.max_tiles_per_call
         )
+
+
+def check_windows(window: int, stride: int, max_tiles_per_call: int) -> None:
+    """The MultiDiffusion window settings both SR models take; ValueError naming the bad one."""
+    if max_tiles_per_call < 1:
+        raise ValueError(f"max_tiles_per_call: {max_tiles_per_call!r}, expected >= 1")
+    if window <= 0 or window % SIZE_MULTIPLE:
+        raise ValueError(f"window: {window!r}, expected a positive multiple of 8")
+    if not 0 < stride <= window:
+        raise ValueError(f"stride: {stride!r}, expected 1..window ({window})")
 
 
 def predict_windows(unet, canvases, t: int, max_tiles_per_call: int) -> list[torch.Tensor]:

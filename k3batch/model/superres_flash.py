@@ -56,8 +56,8 @@ import torch
 import torch.nn.functional as F
 
 from k3batch.model.family import FLASH_TIMESTEPS, REFINE_TIMESTEP, SUPERRES
-from k3batch.model.sr_unet import SIZE_MULTIPLE, SR_UNET, SRUNet
-from k3batch.model.superres import STRIDE, WINDOW
+from k3batch.model.sr_unet import SR_UNET, SRUNet
+from k3batch.model.superres import STRIDE, WINDOW, check_windows
 
 SR_FILE = SUPERRES["flash-x2"][1]
 CONTEXT_FILE = "context.pt"
@@ -163,12 +163,7 @@ class KandiSuperResFlash:
         whole_canvas_side: int = WHOLE_CANVAS_SIDE,
         movq_tile: int = MOVQ_TILE,
     ):
-        if max_tiles_per_call < 1:
-            raise ValueError(f"max_tiles_per_call: {max_tiles_per_call!r}, expected >= 1")
-        if window <= 0 or window % SIZE_MULTIPLE:
-            raise ValueError(f"window: {window!r}, expected a positive multiple of 8")
-        if not 0 < stride <= window:
-            raise ValueError(f"stride: {stride!r}, expected 1..window ({window})")
+        check_windows(window, stride, max_tiles_per_call)
         if whole_canvas_side < 1:
             raise ValueError(f"whole_canvas_side: {whole_canvas_side!r}, expected >= 1")
         if movq_tile <= 0 or movq_tile % (4 * MOVQ_FACTOR):
