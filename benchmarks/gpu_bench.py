@@ -273,8 +273,8 @@ def peak_gib(device: str) -> float | None:
 
 
 def bench_k3batch(model, member: str, args) -> Result:
-    from k3batch.model import text as textmod
-    from k3batch.model.kandinsky3 import Request
+    from k3batch.model.kandinsky3 import text as textmod
+    from k3batch.model.kandinsky3.pipeline import Request
     from k3batch.rows import derive_seed
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch_size)]
@@ -469,7 +469,7 @@ def bench_k22(parts: dict, args) -> list[Result]:
     import diffusers
     import torch
 
-    from k3batch.model.kandinsky22 import KIND_TEXT, Kandinsky22
+    from k3batch.model.kandinsky22.pipeline import KIND_TEXT, Kandinsky22
     from k3batch.model.request import Request
     from k3batch.rows import derive_seed
     from k3batch.testing.tiny_k22 import decoder_scheduler
@@ -644,8 +644,8 @@ def main(argv=None) -> dict:
     from diffusers import Kandinsky3Pipeline
 
     from k3batch.model import family
-    from k3batch.model.denoiser import Denoiser
-    from k3batch.model.kandinsky3 import Kandinsky3
+    from k3batch.model.kandinsky3.denoiser import Denoiser
+    from k3batch.model.kandinsky3.pipeline import Kandinsky3
     from k3batch.model.loading import DTYPES
     from k3batch.testing.tiny_parts import random_components
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from k3batch.model.loading import REFERENCE_MOVQ_CONFIG
+from k3batch.model.kandinsky3.loading import REFERENCE_MOVQ_CONFIG
 
 PRIOR = dict(num_attention_heads=32, attention_head_dim=64, num_layers=20, embedding_dim=1280)
 DECODER_UNET = dict(

@@ -51,7 +51,7 @@ def bare_loop(
     (several loops at once start timing together)."""
     import torch
 
-    from k3batch.model.kandinsky3 import Kandinsky3, Request
+    from k3batch.model.kandinsky3.pipeline import Kandinsky3, Request
     from k3batch.rows import derive_seed
 
     torch.set_num_threads(threads)

@@ -72,9 +72,9 @@ def main(argv=None) -> dict:
     import torch
 
     from k3batch.model import family, performance
-    from k3batch.model import text as textmod
-    from k3batch.model.denoiser import Denoiser
-    from k3batch.model.kandinsky3 import Kandinsky3, Request
+    from k3batch.model.kandinsky3 import text as textmod
+    from k3batch.model.kandinsky3.denoiser import Denoiser
+    from k3batch.model.kandinsky3.pipeline import Kandinsky3, Request
     from k3batch.model.loading import DTYPES
     from k3batch.rows import derive_seed
     from k3batch.testing.tiny_parts import random_components

@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from k3batch.model.kandinsky3 import Kandinsky3, Request
+    from k3batch.model.kandinsky3.pipeline import Kandinsky3, Request
     from k3batch.rows import derive_seed
 
     model = Kandinsky3.from_pretrained(tiny_model_dir(args.model), dtype=FP32, device="cpu")

@@ -1,7 +1,7 @@
 """KandiSuperRes x4 of a 1024x1024 image: k3batch's windows batched into UNet calls against
 one window per call (how the reference's MultiDiffusion loop runs them), same GPU, same seed.
 
-The full-size SR UNet (413M parameters, `k3batch.model.sr_unet.SR_UNET`) is built on the
+The full-size SR UNet (413M parameters, `k3batch.model.superres.sr_unet.SR_UNET`) is built on the
 device with random weights (no download) in float16, the dtype KandiSuperRes runs in. A
 1024x1024 image upscaled x4 is a 4096x4096 canvas: 5 x 5 windows of 1024 px every 800 px,
 5 DPM-Solver steps, 125 window forwards. Two runs, each a whole `KandiSuperRes.upscale`
@@ -34,7 +34,7 @@ H100_TFLOPS = 989.0
 
 def sizes(small: bool) -> dict:
     """Image side, window, stride and UNet architecture of a full or small run."""
-    from k3batch.model.sr_unet import SR_UNET, TINY_SR_UNET
+    from k3batch.model.superres.sr_unet import SR_UNET, TINY_SR_UNET
 
     if small:
         return {"side": 16, "window": 32, "stride": 24, "unet": TINY_SR_UNET}
@@ -46,7 +46,7 @@ def window_flops(unet_config: dict, window: int) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from k3batch.model.sr_unet import SRUNet
+    from k3batch.model.superres.sr_unet import SRUNet
 
     with torch.device("meta"):
         unet = SRUNet(**unet_config)
@@ -64,8 +64,8 @@ def bench(small: bool, device: str, dtype: str, repeats: int, tiles: tuple[int, 
 
     from benchmarks.gpu_bench import peak_gib, reset_peak, timed
     from k3batch.model.loading import DTYPES
-    from k3batch.model.sr_unet import SRUNet
-    from k3batch.model.superres import STEPS, KandiSuperRes, window_starts
+    from k3batch.model.superres.pipeline import STEPS, KandiSuperRes, window_starts
+    from k3batch.model.superres.sr_unet import SRUNet
 
     s = sizes(small)
     torch.manual_seed(0)

@@ -127,7 +127,7 @@ def _make_tiny(args) -> int:
 
 
 def _convert(args) -> int:
-    from k3batch.model.convert import convert
+    from k3batch.model.kandinsky3.convert import convert
 
     members = args.members.split(",") if args.members else None
     try:

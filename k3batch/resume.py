@@ -55,7 +55,7 @@ def job_identity(cfg: JobConfig) -> dict:
             for name in fields:
                 data[section].pop(name, None)
     if cfg.model.lora:
-        from k3batch.model.lora import sha256
+        from k3batch.model.adapters.lora import sha256
 
         # Paths and scales are in the config; the content too: a file rewritten in place
         # would otherwise resume into a mix of two LoRAs' images.

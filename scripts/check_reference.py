@@ -28,8 +28,8 @@ from PIL import Image
 from transformers import T5EncoderModel
 
 from k3batch import images as kimg
-from k3batch.model import loading  # noqa: F401
-from k3batch.model.kandinsky3 import Kandinsky3, Request
+from k3batch.model.kandinsky3 import loading  # noqa: F401
+from k3batch.model.kandinsky3.pipeline import Kandinsky3, Request
 from k3batch.testing.tiny import make_tiny
 from k3batch.testing.tiny_parts import TINY_MOVQ, TINY_UNET
 

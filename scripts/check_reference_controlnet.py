@@ -31,7 +31,7 @@ import diffusers.models.unets.unet_kandinsky3  # noqa: F401 - before the matplot
 import torch
 from torch import nn
 
-from k3batch.model import controlnet as cn
+from k3batch.model.adapters import controlnet as cn
 from k3batch.testing.tiny_parts import TINY_UNET
 
 PKG = "k3fork"

@@ -40,8 +40,9 @@ import diffusers.utils.import_utils
 import torch
 from diffusers import Kandinsky3UNet
 
-from k3batch.model import ip_adapter, keymap
-from k3batch.model.loading import REFERENCE_UNET_CONFIG
+from k3batch.model.adapters import ip_adapter
+from k3batch.model.kandinsky3 import keymap
+from k3batch.model.kandinsky3.loading import REFERENCE_UNET_CONFIG
 from k3batch.testing.tiny_ip_adapter import TINY_IMAGE_EMBED_DIM, make_tiny_ip_adapter
 from k3batch.testing.tiny_parts import TINY_UNET, _wake_zero_weights
 

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from k3batch.model import superres
-from k3batch.model.sr_unet import SR_UNET, TINY_SR_UNET, SRUNet
-from k3batch.model.superres import KandiSuperRes
+from k3batch.model.superres import pipeline as superres
+from k3batch.model.superres.pipeline import KandiSuperRes
+from k3batch.model.superres.sr_unet import SR_UNET, TINY_SR_UNET, SRUNet
 from k3batch.testing.tiny_sr import make_tiny_sr
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

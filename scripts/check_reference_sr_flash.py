@@ -52,8 +52,8 @@ import torch
 from PIL import Image
 
 from k3batch.model.family import FLASH_TIMESTEPS
-from k3batch.model.sr_unet import TINY_SR_UNET
-from k3batch.model.superres_flash import SR_FILE, KandiSuperResFlash
+from k3batch.model.superres.flash import SR_FILE, KandiSuperResFlash
+from k3batch.model.superres.sr_unet import TINY_SR_UNET
 from k3batch.testing.tiny import make_tiny
 from k3batch.testing.tiny_sr import make_tiny_sr_flash
 
@@ -186,7 +186,7 @@ def check_refine(ref: dict, root: str, folder: str, k3: str, sr_unet, model) -> 
     import importlib
     import warnings
 
-    from k3batch.model.superres_flash import MOVQ_TILE
+    from k3batch.model.superres.flash import MOVQ_TILE
 
     # The reference wraps MoVQ and the refiner in torch.cuda.amp.autocast (off on CPU).
     warnings.filterwarnings("ignore", message=".*autocast.*")

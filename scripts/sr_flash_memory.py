@@ -74,7 +74,7 @@ def linear_attention(q, k, v, **_):
 
 
 def sr_unet(dtype=torch.float16, device="meta"):
-    from k3batch.model.sr_unet import SR_UNET, SRUNet
+    from k3batch.model.superres.sr_unet import SR_UNET, SRUNet
 
     with torch.device("meta"):
         unet = SRUNet(**SR_UNET).to(dtype).eval()
@@ -103,7 +103,7 @@ def refine_call(flash, n: int):
 def figures() -> None:
     from diffusers import Kandinsky3UNet, VQModel
 
-    from k3batch.model.loading import REFERENCE_MOVQ_CONFIG, REFERENCE_UNET_CONFIG
+    from k3batch.model.kandinsky3.loading import REFERENCE_MOVQ_CONFIG, REFERENCE_UNET_CONFIG
 
     unet = sr_unet()
     print("SR UNet, float16, one canvas per call (x2 of the input rounded to 32):")

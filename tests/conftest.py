@@ -88,7 +88,7 @@ def tiny_k22(tmp_path_factory) -> str:
 
 
 def load_tiny(path, member="kandinsky3", **kwargs):
-    from k3batch.model.kandinsky3 import Kandinsky3
+    from k3batch.model.kandinsky3.pipeline import Kandinsky3
 
     kwargs.setdefault("dtype", FP32)
     return Kandinsky3.from_pretrained(path, member=member, device="cpu", **kwargs)

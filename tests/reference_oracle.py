@@ -17,7 +17,7 @@ from diffusers import Kandinsky3UNet, VQModel
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, T5EncoderModel
 
-from k3batch.model.loading import Kandinsky3InpaintUNet
+from k3batch.model.kandinsky3.loading import Kandinsky3InpaintUNet
 
 
 def betas_cosine(timesteps=1000):

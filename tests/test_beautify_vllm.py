@@ -16,7 +16,7 @@ from PIL import Image
 from k3batch.beautify import choose
 from k3batch.config import load_config
 from k3batch.job.run import run_job
-from k3batch.model.kandinsky3 import Request
+from k3batch.model.kandinsky3.pipeline import Request
 
 from .conftest import job_config, vllm_beautify
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from k3batch.model import controlnet as cn
+from k3batch.model.adapters import controlnet as cn
 from k3batch.testing.tiny_parts import TINY_UNET
 
 # Three skips like the real UNet (the tiny base UNet has two levels, one skip).

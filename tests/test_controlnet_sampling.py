@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from k3batch.model import controlnet
-from k3batch.model.kandinsky3 import Request
+from k3batch.model.adapters import controlnet
+from k3batch.model.kandinsky3.pipeline import Request
 
 from .conftest import load_tiny
 

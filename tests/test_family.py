@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from k3batch import images
-from k3batch.model import family, loading
-from k3batch.model.convert import convert
-from k3batch.model.kandinsky3 import Request
+from k3batch.model import family
+from k3batch.model.kandinsky3 import loading
+from k3batch.model.kandinsky3.convert import convert
+from k3batch.model.kandinsky3.pipeline import Request
 
 from .conftest import LATENT_ATOL, assert_same_images, load_tiny
 from .reference_oracle import Oracle

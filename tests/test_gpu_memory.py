@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from k3batch.config import load_config
-from k3batch.model import loading, memory
+from k3batch.model import memory
+from k3batch.model.kandinsky3 import loading
 from k3batch.serve.config import ServeAppConfig
 from tests.conftest import FP32
 
@@ -208,7 +209,7 @@ def test_the_device_map_is_honoured_and_gives_the_same_image(tiny_dir):
     """T5 on its own device, projection and UNet on the UNet's: on this CPU-only machine both
     are `cpu`, so check that each component lands where the map says and that the mapped
     model generates what the one-device model does."""
-    from k3batch.model.kandinsky3 import Kandinsky3, Request
+    from k3batch.model.kandinsky3.pipeline import Kandinsky3, Request
 
     mapped = Kandinsky3.from_pretrained(
         tiny_dir, dtype=FP32, device={"unet": "cpu", "text_encoder": "cpu", "movq": "cpu"}

@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from k3batch.model import ip_adapter  # noqa: E402
+from k3batch.model.adapters import ip_adapter  # noqa: E402
 from k3batch.testing import tiny_ip_adapter  # noqa: E402
 
 

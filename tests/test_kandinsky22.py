@@ -1,4 +1,4 @@
-"""Kandinsky 2.2 members (k3batch.model.kandinsky22) on tiny random components.
+"""Kandinsky 2.2 members (k3batch.model.kandinsky22.pipeline) on tiny random components.
 
 The oracle is diffusers' own pipelines (KandinskyV22CombinedPipeline and friends) loaded
 independently from the same tiny folders: for one row, same seed, k3batch's image must equal
@@ -22,7 +22,7 @@ NEGATIVE = "a blue castle"
 
 
 def _load(root, member, **kwargs):
-    from k3batch.model.kandinsky22 import Kandinsky22
+    from k3batch.model.kandinsky22.pipeline import Kandinsky22
     from k3batch.testing.tiny_k22 import DECODER_FOLDERS
 
     kwargs.setdefault("device", "cpu")
@@ -168,7 +168,7 @@ def test_inpainting_equals_diffusers_combined(models, oracle):
 
 
 def test_controlnet_with_hint_equals_diffusers(models, oracle):
-    from k3batch.model.kandinsky22 import hint_tensor
+    from k3batch.model.kandinsky22.pipeline import hint_tensor
 
     hint = _image(4)
     g = _g()  # one generator through the prior and the decoder, as the combined pipelines

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from k3batch.config import ConfigError, ModelConfig, load_config
-from k3batch.model import lora
+from k3batch.model.adapters import lora
 from k3batch.testing.tiny_lora import lora_keys, lora_tensors, write_lora
 
 from .conftest import FP32, job_config

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from k3batch.model.kandinsky3 import Kandinsky3, Request
+from k3batch.model.kandinsky3.pipeline import Kandinsky3, Request
 from k3batch.model.schedule import DiffusionSchedule, base_timesteps, cosine_betas
 
 from .conftest import FP32, LATENT_ATOL, assert_same_images
@@ -61,7 +61,7 @@ def test_matches_reference_sampler_for_one_prompt(tiny_model, oracle, negative):
 
 
 def tiny_model_cond(model, requests):
-    from k3batch.model import text
+    from k3batch.model.kandinsky3 import text
 
     tokens = text.tokenize(
         model.tokenizer, [r.prompt for r in requests], [r.negative_prompt for r in requests]
@@ -129,7 +129,7 @@ def test_checkpoint_without_null_embedding_uses_zeros_and_says_so(tiny_dir_no_nu
 
 def test_zeros_branch_equals_diffusers_zero_embeddings(tiny_dir_no_null):
     """The 'zeros' uncond branch gives what diffusers' all-zero embeddings + mask give."""
-    from k3batch.model import text
+    from k3batch.model.kandinsky3 import text
 
     model = Kandinsky3.from_pretrained(tiny_dir_no_null, dtype=FP32, device="cpu")
     r = req("a lighthouse at sunset", 3)

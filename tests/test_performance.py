@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from k3batch.config import ModelConfig
-from k3batch.model import text
-from k3batch.model.kandinsky3 import Kandinsky3, Request
-from k3batch.model.prompt_encoder import PromptEncoder
+from k3batch.model.kandinsky3 import text
+from k3batch.model.kandinsky3.pipeline import Kandinsky3, Request
+from k3batch.model.kandinsky3.prompt_encoder import PromptEncoder
 
 from .conftest import FP32, LATENT_ATOL, assert_same_images, load_tiny
 

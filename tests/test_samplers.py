@@ -7,7 +7,7 @@ import torch
 
 from k3batch import schema
 from k3batch.model import samplers
-from k3batch.model.kandinsky3 import Request
+from k3batch.model.kandinsky3.pipeline import Request
 from k3batch.model.schedule import DiffusionSchedule, base_timesteps
 from k3batch.rows import RowRules, normalise_row
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from k3batch.config import ConfigError
-from k3batch.model.kandinsky3 import Request
+from k3batch.model.kandinsky3.pipeline import Request
 
 from .conftest import FP32, assert_same_images
 
@@ -664,7 +664,7 @@ def test_controlnet_hint_generates_like_the_batch_pipeline(full, server, tiny_di
 def test_image_prompts_generate_like_the_batch_pipeline(full, server, tiny_dir):
     """`ip_images` on /v1/images/generations (a k3batch extension): the batch model's image for
     the same row and images; at scale 0 the plain image; bad fields are 400s naming them."""
-    from k3batch.model.kandinsky3 import Kandinsky3
+    from k3batch.model.kandinsky3.pipeline import Kandinsky3
 
     rng = np.random.default_rng(8)
 

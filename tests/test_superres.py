@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from k3batch.model.sr_unet import SR_UNET, TINY_SR_UNET, SRUNet
-from k3batch.model.superres import CHECKPOINTS, KandiSuperRes, solver, window_starts
+from k3batch.model.superres.pipeline import CHECKPOINTS, KandiSuperRes, solver, window_starts
+from k3batch.model.superres.sr_unet import SR_UNET, TINY_SR_UNET, SRUNet
 from k3batch.testing.tiny_sr import make_tiny_sr
 
 SAMPLING = dict(window=32, stride=24)

@@ -183,8 +183,9 @@ def check_lora(cfg: JobConfig) -> None:
     m = cfg.model
     if not m.lora:
         return
-    from k3batch.model import family, loading
-    from k3batch.model import lora as lora_weights
+    from k3batch.model import family
+    from k3batch.model.adapters import lora as lora_weights
+    from k3batch.model.kandinsky3 import loading
 
     unet = None
     if os.path.isdir(m.path) and not family.missing_files(m.path, m.name, False, m.layout):

@@ -123,9 +123,10 @@ def parameter_counts() -> dict[str, int]:
     from diffusers import VQModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, T5EncoderModel
 
-    from k3batch.model import controlnet, family, ip_adapter
-    from k3batch.model.loading import full_architecture, unet_class
-    from k3batch.model.sr_unet import SR_UNET, SRUNet
+    from k3batch.model import family
+    from k3batch.model.adapters import controlnet, ip_adapter
+    from k3batch.model.kandinsky3.loading import full_architecture, unet_class
+    from k3batch.model.superres.sr_unet import SR_UNET, SRUNet
 
     unet_config, movq_config, t5_config = full_architecture()
 
@@ -178,7 +179,7 @@ def _decode_activations_gib(images: int, pixels: int, dtype: str) -> float:
 
 
 def _text_activations_gib(prompts: int, dtype: str) -> float:
-    from k3batch.model.loading import FULL_T5
+    from k3batch.model.kandinsky3.loading import FULL_T5
 
     t5 = FULL_T5
     # Per token and layer: residual, q/k/v/o and norm outputs (~6 x d_model), the gated

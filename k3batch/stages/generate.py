@@ -187,7 +187,7 @@ class GenerateStage(Stage):
         )
 
     def _embedding(self, batch, i):
-        from k3batch.model import text
+        from k3batch.model.kandinsky3 import text
 
         embeds, negative, length = (batch.get(c) for c in EMBEDDING_COLUMNS)
         if embeds is None or embeds[i] is None or length[i] is None:

@@ -40,7 +40,7 @@ def load_model(model: ModelConfig, decode_batch_size: int = 1, text_encoder: boo
     """
     ensure_tiny(model)
     if is_kandinsky22(model):
-        from k3batch.model.kandinsky22 import Kandinsky22
+        from k3batch.model.kandinsky22.pipeline import Kandinsky22
 
         paths = model.kandinsky22_paths()
         return Kandinsky22.from_pretrained(
@@ -53,7 +53,7 @@ def load_model(model: ModelConfig, decode_batch_size: int = 1, text_encoder: boo
             decode_batch_size=decode_batch_size,
             performance=model.performance.model_dump(),
         )
-    from k3batch.model.kandinsky3 import Kandinsky3
+    from k3batch.model.kandinsky3.pipeline import Kandinsky3
 
     return Kandinsky3.from_pretrained(
         model.path,
@@ -139,7 +139,7 @@ def load_upscaler(upscale: UpscaleConfig):
     import json
 
     from k3batch.model.loading import resolve_device
-    from k3batch.model.superres import KandiSuperRes
+    from k3batch.model.superres.pipeline import KandiSuperRes
 
     ensure_tiny_upscaler(upscale)
     file = upscaler_file(upscale)
@@ -151,7 +151,7 @@ def load_upscaler(upscale: UpscaleConfig):
     device = resolve_device(upscale.device)
     dtype = upscale.dtype or ("float16" if device.type == "cuda" else "float32")
     if upscale.model == "flash-x2":
-        from k3batch.model.superres_flash import KandiSuperResFlash
+        from k3batch.model.superres.flash import KandiSuperResFlash
 
         return KandiSuperResFlash.from_pretrained(
             file,

@@ -35,7 +35,7 @@ class TextEncodeStage(Stage):
     ):
         """`journal`: the job's actor (progress.JobActor), told which device T5 runs on."""
         from k3batch import gpus
-        from k3batch.model.prompt_encoder import PromptEncoder
+        from k3batch.model.kandinsky3.prompt_encoder import PromptEncoder
 
         if torch_threads:
             import torch
@@ -68,7 +68,7 @@ class TextEncodeStage(Stage):
         return out
 
     def _encode(self, rows: list[int], batch, out) -> None:
-        from k3batch.model import text
+        from k3batch.model.kandinsky3 import text
 
         try:
             embeddings = self.encoder.embed(

@@ -102,7 +102,7 @@ def _write_diffusers(root: str, parts: dict) -> None:
     from diffusers import Kandinsky3Pipeline
 
     from k3batch.model import family
-    from k3batch.model.convert import save_member
+    from k3batch.model.kandinsky3.convert import save_member
 
     unets = parts["unets"]
     base_unet = unets[family.BASE][0]
@@ -123,7 +123,7 @@ def make_tiny_controlnet(path: str) -> str:
     """
     import torch
 
-    from k3batch.model import controlnet
+    from k3batch.model.adapters import controlnet
 
     config = controlnet.tiny_config(TINY_UNET)
     gen = torch.Generator().manual_seed(TINY_SEED + 7)
@@ -138,7 +138,8 @@ def make_tiny_controlnet(path: str) -> str:
 def _write_reference(root: str, parts: dict) -> None:
     import torch
 
-    from k3batch.model import family, keymap
+    from k3batch.model import family
+    from k3batch.model.kandinsky3 import keymap
 
     weights = os.path.join(root, family.REFERENCE_WEIGHTS_DIR)
     text_dir = os.path.join(weights, family.REFERENCE_TEXT_DIR)

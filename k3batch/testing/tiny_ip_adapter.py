@@ -17,7 +17,7 @@ TINY_CLIP_IMAGE_SIZE = 32
 def build_tiny_ip_adapter(unet, seed: int = TINY_SEED):
     import torch
 
-    from k3batch.model import ip_adapter
+    from k3batch.model.adapters import ip_adapter
 
     torch.manual_seed(seed)
     adapter = ip_adapter.IPAdapter(unet, image_embed_dim=TINY_IMAGE_EMBED_DIM)

@@ -1,13 +1,13 @@
 """Tiny random LoRAs for a UNet's attention projections, written in either key layout that
-`k3batch.model.lora` reads (tests and the demo). Seeded: the same arguments give the same
+`k3batch.model.adapters.lora` reads (tests and the demo). Seeded: the same arguments give the same
 tensors, so one LoRA can be written in both layouts and compared."""
 
 from __future__ import annotations
 
 import re
 
-from k3batch.model import keymap
-from k3batch.model.lora import FORK_LINEARS, LAYOUT_DIFFUSERS, LAYOUT_FORK
+from k3batch.model.adapters.lora import FORK_LINEARS, LAYOUT_DIFFUSERS, LAYOUT_FORK
+from k3batch.model.kandinsky3 import keymap
 
 # Kandinsky3UNet's attention linears (to_out.0 is the output projection).
 ATTENTION = re.compile(r".+\.attention\.(to_q|to_k|to_v|to_out\.0)")

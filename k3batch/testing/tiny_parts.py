@@ -208,7 +208,7 @@ def build_components(null_embedding: bool = True, size: str = "tiny"):
     from transformers import T5EncoderModel
 
     from k3batch.model import family
-    from k3batch.model.loading import t5_config, unet_class
+    from k3batch.model.kandinsky3.loading import t5_config, unet_class
 
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
@@ -239,7 +239,7 @@ def build_components(null_embedding: bool = True, size: str = "tiny"):
 
 def architecture(size: str, tiny_vocab: int) -> tuple[dict, dict, object]:
     """(UNet kwargs, MoVQ kwargs, T5Config) of the `tiny` or `full` (real) architecture."""
-    from k3batch.model.loading import full_architecture, t5_config
+    from k3batch.model.kandinsky3.loading import full_architecture, t5_config
 
     if size == "full":
         return full_architecture()

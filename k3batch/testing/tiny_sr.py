@@ -22,8 +22,8 @@ def make_tiny_sr(path: str, scale: int = 4) -> str:
     """
     import torch
 
-    from k3batch.model.sr_unet import TINY_SR_UNET, SRUNet
-    from k3batch.model.superres import CHECKPOINTS
+    from k3batch.model.superres.pipeline import CHECKPOINTS
+    from k3batch.model.superres.sr_unet import TINY_SR_UNET, SRUNet
 
     if scale not in CHECKPOINTS:
         raise ValueError(f"scale: {scale!r}, expected one of {sorted(CHECKPOINTS)}")
@@ -47,15 +47,15 @@ def make_tiny_sr_folder(path: str, flash: bool = False) -> str:
     `stages.loading.load_upscaler` reads). Files already there are kept."""
     import json
 
-    from k3batch.model.sr_unet import TINY_SR_UNET
-    from k3batch.model.superres import CHECKPOINTS
+    from k3batch.model.superres.pipeline import CHECKPOINTS
+    from k3batch.model.superres.sr_unet import TINY_SR_UNET
     from k3batch.stages.loading import TINY_SR_CONFIG_FILE
 
     os.makedirs(path, exist_ok=True)
     for scale, name in CHECKPOINTS.items():
         if not os.path.exists(os.path.join(path, name)):
             make_tiny_sr(os.path.join(path, name), scale)
-    from k3batch.model.superres_flash import CONTEXT_MASK_FILE
+    from k3batch.model.superres.flash import CONTEXT_MASK_FILE
 
     if flash and not os.path.exists(os.path.join(path, CONTEXT_MASK_FILE)):  # written last
         make_tiny_sr_flash(path)
@@ -81,8 +81,8 @@ def make_tiny_sr_flash(folder: str) -> str:
     the MoVQ. Returns `folder`."""
     import torch
 
-    from k3batch.model.sr_unet import TINY_SR_UNET, SRUNet
-    from k3batch.model.superres_flash import CONTEXT_FILE, CONTEXT_MASK_FILE, SR_FILE
+    from k3batch.model.superres.flash import CONTEXT_FILE, CONTEXT_MASK_FILE, SR_FILE
+    from k3batch.model.superres.sr_unet import TINY_SR_UNET, SRUNet
     from k3batch.testing.tiny_parts import TINY_UNET
 
     os.makedirs(folder, exist_ok=True)

@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from k3batch.model import keymap
+from k3batch.model.kandinsky3 import keymap
 
 if TYPE_CHECKING:
     import torch

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from k3batch.model.family import SUPERRES
-from k3batch.model.sr_unet import SIZE_MULTIPLE, SR_UNET, SRUNet
+from k3batch.model.superres.sr_unet import SIZE_MULTIPLE, SR_UNET, SRUNet
 
 # scale -> the file name on the Hugging Face repo ai-forever/KandiSuperRes.
 CHECKPOINTS = {SUPERRES[m][0]: SUPERRES[m][1] for m in ("x4", "x2")}

@@ -14,7 +14,9 @@ import shutil
 
 import torch
 
-from k3batch.model import family, loading
+from k3batch.model import family
+from k3batch.model import loading as shared_loading
+from k3batch.model.kandinsky3 import loading
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ def convert(
         raise FileNotFoundError(f"{root} lacks {', '.join(missing)}")
     if not found:
         raise FileNotFoundError(f"{root} holds none of the family's UNet files")
-    target = loading.DTYPES[dtype] if dtype else None
+    target = shared_loading.DTYPES[dtype] if dtype else None
     os.makedirs(dst, exist_ok=True)
 
     text_dir = os.path.join(root, family.REFERENCE_TEXT_DIR)
@@ -96,12 +98,14 @@ def convert(
     text_encoder.save_pretrained(os.path.join(dst, "text_encoder"))
     del text_encoder
     movq = loading.reference_movq(root)
-    loading.cast(movq, "cpu", target or torch.float32).save_pretrained(os.path.join(dst, "movq"))
+    shared_loading.cast(movq, "cpu", target or torch.float32).save_pretrained(
+        os.path.join(dst, "movq")
+    )
     del movq
     for m in found:
         log.info("converting %s", m.reference_file)
         unet, null = loading.reference_unet(root, m)
-        save_member(dst, m, loading.cast(unet, "cpu", target or torch.float32), null)
+        save_member(dst, m, shared_loading.cast(unet, "cpu", target or torch.float32), null)
         del unet
     _scheduler_and_index(dst, tokenizer, with_base=family.MEMBERS[family.BASE] in found)
     with open(os.path.join(dst, "k3batch_family.json"), "w") as f:

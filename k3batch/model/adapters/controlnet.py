@@ -29,7 +29,7 @@ import os
 import torch
 from torch import nn
 
-from k3batch.model import keymap
+from k3batch.model.kandinsky3 import keymap
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -333,7 +333,7 @@ class Control:
     """A loaded ControlNet attached to one base `Denoiser`: residuals for a guided batch."""
 
     def __init__(self, net: Kandinsky3ControlNet, denoiser):
-        from k3batch.model.denoiser import RowLengthPooling
+        from k3batch.model.kandinsky3.denoiser import RowLengthPooling
 
         self.net = net.eval()
         # The ControlNet pools the text as the base UNet does under k3batch: per row, over

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from k3batch.model import family
-from k3batch.model import text as textmod
+from k3batch.model.kandinsky3 import text as textmod
 
 
 class RowLengthPooling(nn.Module):

@@ -56,8 +56,8 @@ import torch
 import torch.nn.functional as F
 
 from k3batch.model.family import FLASH_TIMESTEPS, REFINE_TIMESTEP, SUPERRES
-from k3batch.model.sr_unet import SR_UNET, SRUNet
-from k3batch.model.superres import STRIDE, WINDOW, check_windows
+from k3batch.model.superres.pipeline import STRIDE, WINDOW, check_windows
+from k3batch.model.superres.sr_unet import SR_UNET, SRUNet
 
 SR_FILE = SUPERRES["flash-x2"][1]
 CONTEXT_FILE = "context.pt"
@@ -170,7 +170,7 @@ class KandiSuperResFlash:
             # A multiple of 32: the decode's latent step (3/4 of a tile) is whole latents.
             raise ValueError(f"movq_tile: {movq_tile!r}, expected a positive multiple of 32")
         self.unet = unet.eval()
-        self.refiner = refiner  # k3batch.model.denoiser.Denoiser of the Flash member
+        self.refiner = refiner  # k3batch.model.kandinsky3.denoiser.Denoiser of the Flash member
         self.movq = movq
         self.context, self.context_mask = context, context_mask
         self.refine = refine
@@ -200,7 +200,8 @@ class KandiSuperResFlash:
         folder with `context.pt` and `context_mask.pt` (default: `path`'s folder, then its
         `weights/`). Every file is read with `weights_only=True`: no pickled code runs."""
         from k3batch.model import family, loading
-        from k3batch.model.denoiser import Denoiser
+        from k3batch.model.kandinsky3 import loading as k3_loading
+        from k3batch.model.kandinsky3.denoiser import Denoiser
 
         if dtype not in loading.DTYPES:
             raise ValueError(f"dtype: {dtype!r}, expected one of {sorted(loading.DTYPES)}")
@@ -211,7 +212,7 @@ class KandiSuperResFlash:
             if not os.path.isfile(os.path.join(folder, CONTEXT_FILE)):
                 context_path = os.path.join(folder, "weights")
         context, mask = load_context(context_path)
-        from k3batch.model.superres import checkpoint_state
+        from k3batch.model.superres.pipeline import checkpoint_state
 
         dev = loading.resolve_device(device)
         unet = loading.build(
@@ -222,7 +223,7 @@ class KandiSuperResFlash:
             dev,
         )
         member = family.MEMBERS[family.FLASH]
-        parts = loading.load(
+        parts = k3_loading.load(
             kandinsky3_path,
             [member],
             dtype={"unet": dtype, "movq": "float32", "text_encoder": "float32"},
@@ -267,7 +268,7 @@ class KandiSuperResFlash:
     @torch.no_grad()
     def upscale(self, images: list[np.ndarray], seeds: list[int]) -> list[np.ndarray]:
         """Each HxWx3 uint8 image upscaled to (2H)x(2W)x3 uint8 with its seed."""
-        from k3batch.model.superres import _check_inputs, _to_uint8
+        from k3batch.model.superres.pipeline import _check_inputs, _to_uint8
 
         _check_inputs(images, seeds, 1)
         for i, im in enumerate(images):
@@ -308,7 +309,7 @@ class KandiSuperResFlash:
         every `stride`, the last flush with the edge): each step noises the whole canvas with
         the same draws as `sr`, predicts x0 per window (windows of equal shape from any rows
         batched, at most `max_tiles_per_call` per call) and takes the per-pixel mean."""
-        from k3batch.model.superres import merge_windows, predict_windows, window_starts
+        from k3batch.model.superres.pipeline import merge_windows, predict_windows, window_starts
 
         xs, views = [], []
         for row in rows:

@@ -50,8 +50,8 @@ import torch.nn.functional as F
 
 from k3batch.model import family, performance, samplers
 from k3batch.model import movq as movq_codec
-from k3batch.model import text as textmod
-from k3batch.model.denoiser import Denoiser
+from k3batch.model.kandinsky3 import text as textmod
+from k3batch.model.kandinsky3.denoiser import Denoiser
 from k3batch.model.noise import RowNoise
 from k3batch.model.request import Request, warm_up_requests
 from k3batch.model.schedule import DiffusionSchedule, base_timesteps, image_to_image_timesteps
@@ -117,7 +117,7 @@ class Kandinsky3:
         refiner's: a LoRA is trained for one UNet); `controlnet`: a Kandinsky 3 ControlNet
         folder for the base member (rows with a `hint`); `ip_adapter`: (adapter weights, CLIP
         image encoder) for the base member (rows with `ip_images`)."""
-        from k3batch.model import loading
+        from k3batch.model.kandinsky3 import loading
 
         if refine and not family.MEMBERS[member].refinable:
             raise ValueError(f"refine works on {family.BASE} jobs, not {member}")
@@ -142,7 +142,7 @@ class Kandinsky3:
                     m.name,
                 )
             if lora and m.name == member:
-                from k3batch.model import lora as lora_weights
+                from k3batch.model.adapters import lora as lora_weights
 
                 # On diffusers' module names (before Denoiser wraps the pooling) and before
                 # optimize (compile and channels_last then see the fused weights).
@@ -168,7 +168,7 @@ class Kandinsky3:
 
     def attach_controlnet(self, path: str, dtype="float32", device="auto") -> None:
         """Load the ControlNet at `path` next to the base UNet (its dtype and device)."""
-        from k3batch.model import controlnet
+        from k3batch.model.adapters import controlnet
 
         if self.member.name != family.BASE:
             raise ValueError(
@@ -180,7 +180,7 @@ class Kandinsky3:
     def attach_ip_adapter(self, path: str, image_encoder: str) -> None:
         """Load the IP-Adapter at `path` onto the base UNet and the CLIP image encoder (the
         UNet's dtype and device)."""
-        from k3batch.model import ip_adapter
+        from k3batch.model.adapters import ip_adapter
 
         if self.member.name != family.BASE:
             raise ValueError(

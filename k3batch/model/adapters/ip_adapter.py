@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from k3batch.model import family, keymap
+from k3batch.model import family
+from k3batch.model.kandinsky3 import keymap
 
 ADAPTER_PARTS = ("to_key_ip", "to_v_ip", "to_out_ip")
 NUM_IMAGE_TOKENS = 4  # the fork's num_image_tokens

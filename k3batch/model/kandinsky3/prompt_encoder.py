@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from k3batch.model import family, performance
-from k3batch.model import text as textmod
+from k3batch.model.kandinsky3 import text as textmod
 
 
 class PromptEncoder:
@@ -35,7 +35,7 @@ class PromptEncoder:
         attention: str = "sdpa",
         tf32: bool = True,
     ) -> PromptEncoder:
-        from k3batch.model import loading
+        from k3batch.model.kandinsky3 import loading
 
         tokenizer, text_encoder = loading.load_text(
             path, layout=layout, dtype=dtype, device=device, variant=variant
