@@ -46,6 +46,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
+from k3batch.model.kandinsky3 import members as k3_members
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -191,7 +193,7 @@ def image_flops(
     from k3batch.model.schedule import base_timesteps
 
     if member == family.FLASH:
-        unet = len(family.FLASH_TIMESTEPS) * per_call["unet"]
+        unet = len(k3_members.FLASH_TIMESTEPS) * per_call["unet"]
     else:
         # The diffusers solvers run exactly `steps` steps; the reference its own spacing.
         evals = steps if scheduler != "reference" else len(base_timesteps(steps))
@@ -275,7 +277,7 @@ def peak_gib(device: str) -> float | None:
 def bench_k3batch(model, member: str, args) -> Result:
     from k3batch.model.kandinsky3 import text as textmod
     from k3batch.model.kandinsky3.pipeline import Request
-    from k3batch.rows import derive_seed
+    from k3batch.rows.seeds import derive_seed
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch_size)]
     requests = [
@@ -328,7 +330,7 @@ def bench_diffusers(pipe, member: str, args) -> Result:
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch_size)]
     flash = member == family.FLASH
-    steps = len(family.FLASH_TIMESTEPS) if flash else args.steps
+    steps = len(k3_members.FLASH_TIMESTEPS) if flash else args.steps
     guidance = 1.0 if flash else args.guidance  # diffusers: guidance <= 1 runs no uncond branch
     spent = {"text": 0.0, "decode": 0.0}
 
@@ -471,7 +473,7 @@ def bench_k22(parts: dict, args) -> list[Result]:
 
     from k3batch.model.kandinsky22.pipeline import KIND_TEXT, Kandinsky22
     from k3batch.model.request import Request
-    from k3batch.rows import derive_seed
+    from k3batch.rows.seeds import derive_seed
     from k3batch.testing.tiny_k22 import decoder_scheduler
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch_size)]

@@ -52,7 +52,7 @@ def bare_loop(
     import torch
 
     from k3batch.model.kandinsky3.pipeline import Kandinsky3, Request
-    from k3batch.rows import derive_seed
+    from k3batch.rows.seeds import derive_seed
 
     torch.set_num_threads(threads)
     model = Kandinsky3.from_pretrained(

@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
     from k3batch.model.kandinsky3.denoiser import Denoiser
     from k3batch.model.kandinsky3.pipeline import Kandinsky3, Request
     from k3batch.model.loading import DTYPES
-    from k3batch.rows import derive_seed
+    from k3batch.rows.seeds import derive_seed
     from k3batch.testing.tiny_parts import random_components
 
     size = "tiny" if args.small else "full"

@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
     import torch
 
     from k3batch.model.kandinsky3.pipeline import Kandinsky3, Request
-    from k3batch.rows import derive_seed
+    from k3batch.rows.seeds import derive_seed
 
     model = Kandinsky3.from_pretrained(tiny_model_dir(args.model), dtype=FP32, device="cpu")
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]

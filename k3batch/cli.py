@@ -104,25 +104,10 @@ def _make_tiny(args) -> int:
         path = make_tiny_llm(args.dir, overwrite=True)
         print(f"tiny random Mistral LLM (Hugging Face layout, for vLLM) written to {path}")
         return 0
-    if args.family == "kandinsky2.2":
-        from k3batch.testing.tiny_k22 import make_tiny_k22
+    from k3batch.model import family
 
-        path = make_tiny_k22(args.dir)
-        print(
-            f"tiny Kandinsky 2.2 set (decoder/, decoder-inpaint/, controlnet-depth/, prior/, "
-            f"depth/; diffusers layout) written to {path}"
-        )
-        return 0
-    from k3batch.testing.tiny import make_tiny
-
-    path = make_tiny(
-        args.dir,
-        null_embedding=not args.no_null_embedding,
-        overwrite=True,
-        layout=args.layout,
-        size=args.size,
-    )
-    print(f"{args.size} Kandinsky 3 family checkpoint ({args.layout} layout) written to {path}")
+    options = {"null_embedding": not args.no_null_embedding, "layout": args.layout}
+    print(family.FAMILIES[args.family].make_tiny(args.dir, size=args.size, **options))
     return 0
 
 
@@ -218,6 +203,7 @@ def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from k3batch.model import family
+    from k3batch.model.kandinsky3 import members as k3_members
 
     parser = argparse.ArgumentParser(prog="k3batch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -278,10 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument(
         "--family",
-        choices=["kandinsky3", "kandinsky2.2"],
-        default="kandinsky3",
-        help="kandinsky2.2: the tiny Kandinsky 2.2 set instead (a folder per decoder, the prior "
-        "and a DPT depth estimator; the `model.path` of a `make_tiny` 2.2 job)",
+        choices=list(family.FAMILIES),
+        default=family.MEMBERS[family.DEFAULT].family,
+        help="which family's tiny set (the `model.path` of a `make_tiny` job): "
+        + "; ".join(f"{name}: {f.tiny_set}" for name, f in family.FAMILIES.items()),
     )
     tiny.add_argument(
         "--llm",
@@ -329,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst", help="directory to write (diffusers family layout)")
     conv.add_argument(
         "--members",
-        help=f"comma-separated subset of {','.join(family.K3_NAMES)} (default: every member found)",
+        help=f"comma-separated subset of {','.join(k3_members.NAMES)} (default: every member found)",
     )
     conv.add_argument(
         "--dtype",

@@ -118,4 +118,44 @@ def config_reference() -> str:
             ]
         )
         parts.append(f"## `{section}`{need}\n\n{about}\n\n{table}")
+    parts.append(row_columns())
     return "\n\n".join(parts) + "\n"
+
+
+# A config per row of the table below: each member plain, and with each conditioning model
+# its family takes (what `k3batch.model.family.row_capabilities` reads from `model:`).
+_CONDITIONED = (
+    ("model.controlnet", {"controlnet": "controlnet_hed"}, "conditioning"),
+    ("model.ip_adapter", {"ip_adapter": {"path": "ip_adapter.safetensors"}}, "conditioning"),
+    ("model.depth_estimator", {"depth_estimator": "Intel/dpt-large"}, "needs_hint"),
+)
+
+
+def row_columns() -> str:
+    """Markdown: the optional input columns a row may bring, per member and conditioning model,
+    from the same declaration validation reads (`RowCapabilities`)."""
+    from k3batch.config import ModelConfig
+    from k3batch.model import family
+
+    lines = [
+        "## Input columns a row may bring",
+        "",
+        "Besides `input.prompt_column` and `input.id_column`, by `model.name` and the "
+        "conditioning models configured (the same declaration validates rows and Serve "
+        "requests; a column the job cannot use is a row error or, for a setting, a warning):",
+        "",
+        "| model | columns |",
+        "|---|---|",
+    ]
+    for member in family.MEMBERS.values():
+        variants = [(f"`{member.name}`", {})]
+        variants += [
+            (f"`{member.name}` with `{field}`", extra)
+            for field, extra, needs in _CONDITIONED
+            if getattr(member, needs)
+        ]
+        for label, extra in variants:
+            caps = family.row_capabilities(ModelConfig(name=member.name, **extra))
+            columns = ", ".join(f"`{c}`" for c in caps.input_columns())
+            lines.append(f"| {label} | {columns} |")
+    return "\n".join(lines)

@@ -97,12 +97,12 @@ def check_local_gpus(cfg: JobConfig, local: bool) -> None:
 
 
 def memory_warnings(cfg: JobConfig, gpu_gib: float, gpu_name: str) -> list[str]:
-    """One line per GPU actor of the job whose estimated memory (`model.memory`) is above
+    """One line per GPU actor of the job whose estimated memory (`model.estimates`) is above
     `gpu_gib`: the estimate is calibrated, not exact, so it warns rather than refuses."""
-    from k3batch.model import memory
+    from k3batch.model import estimates
 
     lines = []
-    for actor in memory.job_estimates(cfg):
+    for actor in estimates.job_estimates(cfg):
         problem = actor.problem(gpu_gib, gpu_name)
         if problem:
             lines.append(

@@ -62,16 +62,20 @@ def job_identity(cfg: JobConfig) -> dict:
         data["model"]["lora_sha256"] = [
             sha256(lora.path) if os.path.isfile(lora.path) else None for lora in cfg.model.lora
         ]
-    from k3batch.config.model import K22_COMPONENTS
     from k3batch.model import family
 
-    if family.MEMBERS[cfg.model.name].family != family.KANDINSKY22:
-        # Kandinsky 3 outputs written before the 2.2 fields existed keep their fingerprint.
-        for name in ("prior_path", "depth_estimator"):
+    # Fields only other families read stay out: outputs written before a family's fields
+    # existed (Kandinsky 3 outputs before 2.2's) keep their fingerprint.
+    own = family.of(cfg.model.name)
+    for other in family.FAMILIES.values():
+        if other is own:
+            continue
+        for name in other.model_fields:
             data["model"].pop(name, None)
-        for c in K22_COMPONENTS:
-            data["model"]["dtype"].pop(c, None)
-        for name in ("prior_num_inference_steps", "prior_guidance_scale"):
+        for c in other.components:
+            if c not in own.components:
+                data["model"]["dtype"].pop(c, None)
+        for name in other.generation_fields:
             data["generation"].pop(name, None)
     if not cfg.scores.enabled:
         # Outputs written before the section existed keep their fingerprint.
@@ -161,19 +165,20 @@ def filter_images(block, committed, rules):
     import numpy as np
     import pyarrow as pa
 
-    from k3batch import rows
+    from k3batch.rows.records import image_index, record_hashes
+    from k3batch.rows.seeds import records_of
 
     n = block.num_rows
     if n == 0:
         return block
     if rules.images_column and rules.images_column in block.column_names:
         values = block.column(rules.images_column).to_pylist()
-        counts = np.array([rows.records_of(v, rules) for v in values], dtype=np.int64)
+        counts = np.array([records_of(v, rules) for v in values], dtype=np.int64)
     else:
         counts = np.full(n, rules.num_images_per_prompt, dtype=np.int64)
-    owner, ks = rows.image_index(counts)
+    owner, ks = image_index(counts)
     hashes = block.column(schema.ROW_HASH).to_numpy(zero_copy_only=False).astype(np.uint64)
-    ids = rows.record_hashes(hashes[owner], ks)
+    ids = record_hashes(hashes[owner], ks)
     at = np.searchsorted(committed, ids)
     inside = at < committed.size
     done = np.zeros(ids.size, dtype=bool)

@@ -28,15 +28,17 @@ import dataclasses
 import os
 import warnings
 
-from k3batch import crashes, resume, rows
+from k3batch import crashes, resume
 from k3batch.config import JobConfig
 from k3batch.dataflow import map_stage, read_input
 from k3batch.job.kinds import JobContext, JobKind
 from k3batch.job.pools import Pool, beautify_pools
+from k3batch.model import family
 from k3batch.outputs import output_format
-from k3batch.rows import RowRules
+from k3batch.rows import records
+from k3batch.rows.rules import RowRules
 from k3batch.stages.generate import GenerateStage
-from k3batch.stages.loading import ensure_tiny, ensure_tiny_upscaler, is_kandinsky22
+from k3batch.stages.loading import ensure_tiny_upscaler
 from k3batch.stages.prepare import PrepareImagesStage
 from k3batch.stages.scores import ScoresStage
 from k3batch.stages.text_encode import TextEncodeStage
@@ -58,19 +60,14 @@ def build(cfg: JobConfig, ctx: JobContext):
     """
     res = cfg.resources
     journal = ctx.journal
+    # What the rows may bring (hints, mix items, image prompts), declared once for the job.
+    capabilities = family.row_capabilities(cfg.model)
     ds = read_input(cfg, ctx.schema)
     ds = map_stage(
         ds,
         ValidateStage,
         {
-            "rules": RowRules.from_config(
-                cfg.generation,
-                cfg.limits,
-                cfg.model.name,
-                depth_estimator=cfg.model.depth_estimator is not None,
-                controlnet=cfg.model.controlnet is not None,
-                ip_adapter=cfg.model.ip_adapter is not None,
-            ),
+            "rules": RowRules.from_config(cfg.generation, cfg.limits, capabilities),
             "prompt_column": cfg.input.prompt_column,
             "id_column": cfg.input.id_column,
             "duplicate_ids": ctx.duplicate_ids,
@@ -90,9 +87,7 @@ def build(cfg: JobConfig, ctx: JobContext):
             "max_side": cfg.limits.max_side,
             "base_dir": os.getcwd(),
             "storage_settings": cfg.storage.model_dump(),
-            "kandinsky22": is_kandinsky22(cfg.model),
-            "controlnet": cfg.model.controlnet is not None,
-            "ip_adapter": cfg.model.ip_adapter is not None,
+            "capabilities": capabilities,
         },
         batch_size=PREPARE_BATCH_SIZE,
         num_cpus=res.write_num_cpus,
@@ -166,7 +161,7 @@ def build(cfg: JobConfig, ctx: JobContext):
             tracker=ctx.tracker,
         )
     stage, kwargs = ctx.output.format.encode_stage(cfg, ctx.output)
-    kwargs["several_images"] = rows.several_images(
+    kwargs["several_images"] = records.several_images(
         cfg.generation.num_images_per_prompt, ctx.schema.names if ctx.schema else ()
     )
     return map_stage(
@@ -270,7 +265,7 @@ class TextToImage(JobKind):
 
     def prepare(self, cfg: JobConfig) -> None:
         # Build once on the driver so local actors find it ready (they would build the same).
-        ensure_tiny(cfg.model)
+        family.of(cfg.model.name).ensure_tiny(cfg.model)
         ensure_tiny_upscaler(cfg.upscale)
 
     def run(self, cfg: JobConfig, ctx: JobContext) -> None:

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import os
 
-from k3batch import rows
 from k3batch.config import JobConfig
 from k3batch.dataflow import map_stage, read_input
 from k3batch.job.kinds import JobContext, JobKind
 from k3batch.job.pools import Pool
 from k3batch.outputs import output_format
+from k3batch.rows.rules import RowRules
 from k3batch.stages.loading import ensure_tiny_upscaler
 from k3batch.stages.upscale import UpscaleRowsStage, UpscaleStage
 
@@ -106,7 +106,7 @@ class Upscale(JobKind):
         return {"input.image_column": cfg.input.image_column}
 
     def record_rules(self, cfg: JobConfig):
-        return rows.RowRules(images_column=None)
+        return RowRules(images_column=None)
 
     def pools(self, cfg: JobConfig) -> list[Pool]:
         return upscale_pools(cfg)

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from k3batch.model.family import FLASH_TIMESTEPS
+from k3batch.model.kandinsky3.members import FLASH_TIMESTEPS
 from k3batch.model.superres.flash import SR_FILE, KandiSuperResFlash
 from k3batch.model.superres.sr_unet import TINY_SR_UNET
 from k3batch.testing.tiny import make_tiny
@@ -60,6 +60,8 @@ from k3batch.testing.tiny_sr import make_tiny_sr_flash
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from check_reference import _diff, tiny_movq_config  # noqa: E402
 from check_reference_sr import _reference, _reference_unet  # noqa: E402
+
+from k3batch.model.kandinsky3 import layout
 
 CASES = [(32, 32), (40, 70), (64, 96)]  # 40x70: sides rounded down to 32x64, resized back
 # Refine: one latent tile (32x32, 40x70); two tiles of the real 352 every 264 down (1088x64:
@@ -123,8 +125,6 @@ def _reference_movq(k3: str, tile: int):
     """KandiSuperRes's own MoVQ (tiling as `get_movq`, tile `tile` px) at the tiny widths."""
     import importlib
 
-    from k3batch.model import family
-
     movq = importlib.import_module("KandiSuperRes.movq").MoVQ(
         dict(
             **tiny_movq_config(),
@@ -134,7 +134,7 @@ def _reference_movq(k3: str, tile: int):
             use_tiling=True,
         )
     )
-    file = os.path.join(k3, family.REFERENCE_WEIGHTS_DIR, family.REFERENCE_MOVQ_FILE)
+    file = os.path.join(k3, layout.REFERENCE_WEIGHTS_DIR, layout.REFERENCE_MOVQ_FILE)
     movq.load_state_dict(torch.load(file, weights_only=True))
     return movq.eval()
 
@@ -148,8 +148,8 @@ def _reference_refiner(k3: str):
 
     from k3batch.model import family
 
-    weights = os.path.join(k3, family.REFERENCE_WEIGHTS_DIR)
-    with open(os.path.join(weights, family.REFERENCE_CONFIG_FILE)) as f:
+    weights = os.path.join(k3, layout.REFERENCE_WEIGHTS_DIR)
+    with open(os.path.join(weights, layout.REFERENCE_CONFIG_FILE)) as f:
         config = json.load(f)["unet"]
     mc = config["block_out_channels"][0]
     levels = len(config["block_out_channels"])

@@ -87,6 +87,14 @@ def tiny_k22(tmp_path_factory) -> str:
     return make_tiny_k22(str(tmp_path_factory.mktemp("models") / "tiny-k22"))
 
 
+def row_capabilities(**model):
+    """What the rows of a job on a `model:` section of these fields may bring."""
+    from k3batch.config import ModelConfig
+    from k3batch.model import family
+
+    return family.row_capabilities(ModelConfig(**model))
+
+
 def load_tiny(path, member="kandinsky3", **kwargs):
     from k3batch.model.kandinsky3.pipeline import Kandinsky3
 

@@ -11,7 +11,6 @@ import time
 import pyarrow as pa
 import pytest
 
-from k3batch import rows
 from k3batch.beautify import choose
 from k3batch.beautify import config as bc
 from k3batch.beautify.client import ChatError, RateLimiter, Sampling, chat_complete
@@ -22,6 +21,7 @@ from k3batch.beautify.prompt import (
     request_seed,
 )
 from k3batch.config import ConfigError, load_config
+from k3batch.rows.rules import RowRules
 from k3batch.stages.base import apply_stage
 from k3batch.stages.beautify import PromptRowsStage
 from k3batch.stages.validate import ValidateStage
@@ -116,7 +116,7 @@ def test_prompt_rows_stage_derives_the_same_ids_as_validation_and_checks_only_th
         }
     )
     out = apply_stage(PromptRowsStage(), table)
-    validated = apply_stage(ValidateStage(rows.RowRules()), table)
+    validated = apply_stage(ValidateStage(RowRules()), table)
     assert out.column("id").to_pylist() == validated.column("id").to_pylist()
     assert out.column("status").to_pylist() == ["ok", "error", "error", "ok"]
     assert out.column("error").to_pylist()[0] is None

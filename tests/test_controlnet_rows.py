@@ -10,10 +10,12 @@ from PIL import Image
 
 from k3batch.config import ModelConfig
 from k3batch.model import family
-from k3batch.rows import RowRules
+from k3batch.rows.rules import RowRules
 from k3batch.stages.generate import GenerateStage
 from k3batch.stages.prepare import PrepareImagesStage
 from k3batch.stages.validate import ValidateStage
+
+from .conftest import row_capabilities
 
 FP32 = {"unet": "float32", "text_encoder": "float32", "movq": "float32"}
 RULES = dict(width=64, height=64, num_inference_steps=2)
@@ -38,7 +40,7 @@ def test_model_controlnet_only_on_the_base_member(tiny_dir):
 
 
 def test_control_columns_are_validated_naming_the_field():
-    rules = RowRules(controlnet=True, **RULES)
+    rules = RowRules(capabilities=row_capabilities(controlnet="controlnet_hed"), **RULES)
     n = 7
     batch = {
         "prompt": ["p"] * n,
@@ -93,7 +95,7 @@ def stage(tiny_dir):
 
 
 def test_hint_rows_through_validate_prepare_generate(stage, tmp_path):
-    rules = RowRules(controlnet=True, **RULES)
+    rules = RowRules(capabilities=row_capabilities(controlnet="controlnet_hed"), **RULES)
     batch = {
         "prompt": ["a house"] * 5,
         "row_hash": [1, 1, 1, 2, 3],
@@ -102,7 +104,12 @@ def test_hint_rows_through_validate_prepare_generate(stage, tmp_path):
         "controlnet_conditioning_scale": [None, 0.0, 1.0, None, None],
     }
     batch = {**batch, **ValidateStage(rules)(batch)}
-    batch = {**batch, **PrepareImagesStage(base_dir=str(tmp_path), controlnet=True)(batch)}
+    batch = {
+        **batch,
+        **PrepareImagesStage(
+            base_dir=str(tmp_path), capabilities=row_capabilities(controlnet="controlnet_hed")
+        )(batch),
+    }
     out = stage(batch)
     assert out["status"] == ["ok", "ok", "ok", "error", "error"]
     assert out["error"][3].startswith("hint: not a readable image")

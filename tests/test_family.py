@@ -12,7 +12,8 @@ from PIL import Image
 
 from k3batch import images
 from k3batch.model import family
-from k3batch.model.kandinsky3 import loading
+from k3batch.model.kandinsky3 import layout, loading
+from k3batch.model.kandinsky3 import members as k3_members
 from k3batch.model.kandinsky3.convert import convert
 from k3batch.model.kandinsky3.pipeline import Request
 
@@ -35,10 +36,10 @@ def test_converting_a_reference_checkpoint_gives_the_same_model_as_loading_it(
     tiny_ref_dir, tmp_path
 ):
     dst = str(tmp_path / "converted")
-    assert convert(tiny_ref_dir, dst) == list(family.K3_NAMES)
-    assert family.detect_layout(tiny_ref_dir) == "reference"
-    assert family.detect_layout(dst) == "diffusers"
-    members = [family.MEMBERS[n] for n in family.K3_NAMES]
+    assert convert(tiny_ref_dir, dst) == list(k3_members.NAMES)
+    assert layout.detect_layout(tiny_ref_dir) == "reference"
+    assert layout.detect_layout(dst) == "diffusers"
+    members = [family.MEMBERS[n] for n in k3_members.NAMES]
     direct = loading.load(tiny_ref_dir, members, device="cpu")
     converted = loading.load(dst, members, device="cpu")
     g = torch.Generator().manual_seed(0)

@@ -10,8 +10,10 @@ import torch
 import yaml
 
 from k3batch.config import load_config
-from k3batch.model import memory
-from k3batch.model.kandinsky3 import loading
+from k3batch.model import estimates, memory
+from k3batch.model.kandinsky3 import layout, loading
+from k3batch.model.kandinsky3 import memory as k3_memory
+from k3batch.model.superres import memory as sr_memory
 from k3batch.serve.config import ServeAppConfig
 from tests.conftest import FP32
 
@@ -27,16 +29,16 @@ def actors(path: Path) -> list[memory.ActorMemory]:
     """The GPU actors (generation, T5 pool, Serve replicas) of a shipped config."""
     data = yaml.safe_load(path.read_text())
     if "applications" not in data:
-        return memory.job_estimates(load_config(path))
+        return estimates.job_estimates(load_config(path))
     out = []
     for app in data["applications"]:
         if app["import_path"].startswith("k3batch."):
-            out += memory.serve_estimates(ServeAppConfig.model_validate(app["args"]))
+            out += estimates.serve_estimates(ServeAppConfig.model_validate(app["args"]))
     return out
 
 
 def test_parameter_counts_are_the_real_architectures():
-    counts = memory.parameter_counts()
+    counts = {**k3_memory.parameter_counts(), "sr_unet": sr_memory.sr_unet_parameters()}
     # docs: T5 encoder 8.72B, UNet 3.06B, MoVQ 271M (shared/notes/kandinsky3.md).
     assert round(counts["text_encoder"] / 1e9, 2) == 8.72
     assert round(counts["unet"] / 1e9, 2) == round(counts["unet9"] / 1e9, 2) == 3.06
@@ -55,12 +57,12 @@ def test_estimate_matches_its_calibration_run():
         REPO / "configs" / "base.yaml",
         ["model.refine=true", "limits.max_side=1024", "beautify.enabled=false"],
     )
-    est = memory.job_estimates(cfg)[0].estimate
+    est = estimates.job_estimates(cfg)[0].estimate
     weights = est.total_gib - est.part("activations") - est.part("CUDA")
     assert weights == pytest.approx(28.1, abs=0.1)
     assert weights + est.part("activations") == pytest.approx(33.5, abs=0.2)
     cfg.resources.decode_batch_size = 4
-    est4 = memory.job_estimates(cfg)[0].estimate
+    est4 = estimates.job_estimates(cfg)[0].estimate
     assert est4.total_gib - est4.part("CUDA") == pytest.approx(48.5, abs=0.2)
 
 
@@ -115,7 +117,7 @@ def test_upscaling_memory_is_bounded_by_windows_and_tiles():
 
     def est(**fields):
         base = {"model": "x4", "path": "/sr", "kandinsky3_path": "/k3", "dtype": "float16"}
-        return memory.upscale_estimate(UpscaleConfig(**{**base, **fields}))
+        return sr_memory.upscale_estimate(UpscaleConfig(**{**base, **fields}))
 
     small, large = est(max_output_side=2048), est(max_output_side=8192)
     assert small.part("activations") == large.part("activations")
@@ -124,7 +126,7 @@ def test_upscaling_memory_is_bounded_by_windows_and_tiles():
     flash = {"model": "flash-x2", "max_output_side": 4096}
     whole = est(**flash)
     assert "whole canvas" in whole.summary()
-    assert whole.part("activations") == pytest.approx(memory.SR_GIB_PER_MEGAPIXEL * 16)
+    assert whole.part("activations") == pytest.approx(sr_memory.SR_GIB_PER_MEGAPIXEL * 16)
     windowed = est(**flash, flash_whole_canvas_side=2048)
     assert windowed.part("activations") < whole.part("activations")
     # Flash x2 adds the refine's Flash UNet and MoVQ; x4 holds only the SR UNet.
@@ -162,7 +164,7 @@ def test_a_config_that_cannot_fit_is_reported_with_its_parts():
             "resources.decode_batch_size=16",
         ],
     )
-    (gen,) = memory.job_estimates(cfg)
+    (gen,) = estimates.job_estimates(cfg)
     message = gen.problem(memory.GPU_GIB["A10G 24GB"], "A10G 24GB")
     assert message is not None and "does not fit A10G 24GB (22.0 GiB)" in message
     for part in (
@@ -179,10 +181,10 @@ def test_a_config_that_cannot_fit_is_reported_with_its_parts():
 def test_offload_fits_24gb_and_the_same_config_without_it_does_not():
     offload = load_config(REPO / "configs" / "base-24gb.yaml")
     assert offload.model.device_map()["text_encoder"] == "cpu"
-    (gen,) = memory.job_estimates(offload)
+    (gen,) = estimates.job_estimates(offload)
     assert gen.estimate.part("T5") == 0 and gen.problem(memory.GPU_GIB["A10G 24GB"]) is None
     on_gpu = load_config(REPO / "configs" / "base-24gb.yaml", ["model.device=auto"])
-    (gen,) = memory.job_estimates(on_gpu)
+    (gen,) = estimates.job_estimates(on_gpu)
     assert gen.estimate.part("T5 encoder weights") > 16
     assert "does not fit" in gen.problem(memory.GPU_GIB["A10G 24GB"])
 
@@ -196,7 +198,7 @@ def test_text_encoder_pool_moves_t5_to_its_own_estimate():
             "resources.text_encoder_pool.batch_size=32",
         ],
     )
-    gen, pool = memory.job_estimates(cfg)
+    gen, pool = estimates.job_estimates(cfg)
     assert gen.estimate.part("T5") == 0
     assert pool.gpus == 0.5 and pool.estimate.part("T5 encoder weights") > 16
     assert pool.estimate.part("activations") < 2  # 64 prompts of 128 tokens: small
@@ -273,7 +275,7 @@ def test_reference_layout_assigns_the_memory_mapped_weights_without_a_host_copy(
     """Built on meta and assigned: in float32 on the CPU the UNet's parameters are the file's
     own pages; other dtypes/devices are cast tensor by tensor, to the same values."""
     member = loading.family.MEMBERS["kandinsky3"]
-    root = loading.family.reference_root(tiny_ref_dir)
+    root = layout.reference_root(tiny_ref_dir)
     unet, _ = loading.reference_unet(root, member)
     # The text projection comes from its own file (flan_ul2_encoder/projection.pt).
     body = torch.nn.ModuleList(c for n, c in unet.named_children() if n != "encoder_hid_proj")

@@ -11,12 +11,13 @@ from PIL import Image
 
 from k3batch.config import ModelConfig
 from k3batch.model import family
-from k3batch.rows import RowRules
+from k3batch.model.kandinsky3 import layout
+from k3batch.rows.rules import RowRules
 from k3batch.stages.generate import GenerateStage
 from k3batch.stages.prepare import PrepareImagesStage
 from k3batch.stages.validate import ValidateStage
 
-from .conftest import assert_same_images
+from .conftest import assert_same_images, row_capabilities
 
 torch = pytest.importorskip("torch")
 
@@ -38,10 +39,13 @@ def picture(seed, size=(48, 40)):
 def test_model_ip_adapter_is_base_only_and_resolves_its_paths(tiny_dir):
     tiny = ModelConfig(path=tiny_dir, make_tiny=True, ip_adapter={})
     folder = os.path.join(tiny_dir, "ip_adapter")
-    assert tiny.ip_adapter_paths() == (folder, os.path.join(folder, "image_encoder"))
+    assert layout.ip_adapter_paths(tiny) == (folder, os.path.join(folder, "image_encoder"))
     given = ModelConfig(path=tiny_dir, ip_adapter={"path": "/w/adapter.safetensors"})
-    assert given.ip_adapter_paths() == ("/w/adapter.safetensors", family.IP_ADAPTER_IMAGE_ENCODER)
-    assert ModelConfig(path=tiny_dir).ip_adapter_paths() is None
+    assert layout.ip_adapter_paths(given) == (
+        "/w/adapter.safetensors",
+        layout.IP_ADAPTER_IMAGE_ENCODER,
+    )
+    assert layout.ip_adapter_paths(ModelConfig(path=tiny_dir)) is None
     with pytest.raises(ValueError, match="model.ip_adapter.path: required"):
         ModelConfig(path=tiny_dir, ip_adapter={})
     with pytest.raises(ValueError, match="model.ip_adapter: .*kandinsky3-flash"):
@@ -51,7 +55,9 @@ def test_model_ip_adapter_is_base_only_and_resolves_its_paths(tiny_dir):
 
 
 def test_ip_columns_are_validated_naming_the_field():
-    rules = RowRules(ip_adapter=True, **RULES)
+    rules = RowRules(
+        capabilities=row_capabilities(ip_adapter={"path": "ip_adapter.safetensors"}), **RULES
+    )
     items = [
         [{"image": b"x", "weight": 0.5}],
         [{"image": "a.png"}],
@@ -113,7 +119,11 @@ def test_image_prompt_rows_differ_from_plain_rows_only_through_their_images(
 
     first, second = picture(1), picture(2, (30, 52))
     Image.fromarray(first).save(tmp_path / "first.png")
-    rules = RowRules(ip_adapter=True, max_side=128, **RULES)
+    rules = RowRules(
+        capabilities=row_capabilities(ip_adapter={"path": "ip_adapter.safetensors"}),
+        max_side=128,
+        **RULES,
+    )
     prompts = [
         None,
         [{"image": "first.png", "weight": 1.0}],
@@ -131,7 +141,11 @@ def test_image_prompt_rows_differ_from_plain_rows_only_through_their_images(
         "ip_adapter_scale": [None, None, 0.0, 0.8, None, None],
     }
     batch = {**batch, **ValidateStage(rules)(batch)}
-    prepare = PrepareImagesStage(max_side=128, base_dir=str(tmp_path), ip_adapter=True)
+    prepare = PrepareImagesStage(
+        max_side=128,
+        base_dir=str(tmp_path),
+        capabilities=row_capabilities(ip_adapter={"path": "ip_adapter.safetensors"}),
+    )
     batch = {**batch, **prepare(batch)}
     out = stage(batch)
     assert out["status"] == ["ok"] * 4 + ["error"] * 2

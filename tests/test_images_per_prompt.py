@@ -9,9 +9,13 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from k3batch import resume, rows, schema
+from k3batch import resume, schema
 from k3batch.config import ModelConfig, load_config
 from k3batch.job.run import run_job
+from k3batch.rows.check import normalise_row
+from k3batch.rows.records import object_key, record_hashes, record_key, several_images
+from k3batch.rows.rules import RowRules
+from k3batch.rows.seeds import records_of
 from k3batch.stages.generate import GenerateStage
 from k3batch.stages.validate import ValidateStage
 from k3batch.summary import summary
@@ -19,11 +23,11 @@ from k3batch.summary import summary
 from .conftest import FP32, job_config
 
 REPO = Path(__file__).resolve().parent.parent
-RULES = rows.RowRules(width=64, height=64, num_inference_steps=2, num_images_per_prompt=2)
+RULES = RowRules(width=64, height=64, num_inference_steps=2, num_images_per_prompt=2)
 
 
 def normalise(**raw):
-    return rows.normalise_row({"id": "a", "prompt": "a cat", **raw}, "prompt", RULES)
+    return normalise_row({"id": "a", "prompt": "a cat", **raw}, "prompt", RULES)
 
 
 def test_rows_resolve_images_and_their_seeds():
@@ -43,28 +47,26 @@ def test_rows_resolve_images_and_their_seeds():
     ):
         row = normalise(num_images_per_prompt=value)
         assert row["status"] == "error" and row["error"] == text, row
-        assert rows.records_of(value, RULES) == 1  # its one error record
+        assert records_of(value, RULES) == 1  # its one error record
     top = normalise(seed=2**64 - 2, num_images_per_prompt=3)
     assert top["status"] == "error" and top["error"].startswith("seed: 18446744073709551614 +")
 
 
 def test_record_hashes_keep_a_rows_first_image_and_spread_the_others():
     h = np.array([5, 5, 5, 2**64 - 1], dtype=np.uint64)
-    out = rows.record_hashes(h, [0, 1, 2, 1])
+    out = record_hashes(h, [0, 1, 2, 1])
     assert out[0] == 5 and len(set(out.tolist())) == 4 and out.dtype == np.uint64
-    assert rows.record_hashes([5], [1])[0] == out[1]  # a function of (row_hash, k) alone
+    assert record_hashes([5], [1])[0] == out[1]  # a function of (row_hash, k) alone
 
 
 def test_record_keys_carry_k_only_in_several_image_jobs():
-    assert rows.record_key("a.b", 0, several=False) == "a.b"
-    assert rows.record_key("a.b", 2, several=True) == "a.b_2"
-    assert (
-        rows.record_key("a.b", 2, several=True, dots=False) == rows.object_key("a.b", False) + "_2"
-    )
+    assert record_key("a.b", 0, several=False) == "a.b"
+    assert record_key("a.b", 2, several=True) == "a.b_2"
+    assert record_key("a.b", 2, several=True, dots=False) == object_key("a.b", False) + "_2"
     # Injective: a row "x_1" of one image never meets row "x"'s second image.
-    assert rows.record_key("x_1", 0, True) != rows.record_key("x", 1, True)
-    assert rows.several_images(1, ["prompt", "num_images_per_prompt"])
-    assert not rows.several_images(1, ["prompt"]) and rows.several_images(3, [])
+    assert record_key("x_1", 0, True) != record_key("x", 1, True)
+    assert several_images(1, ["prompt", "num_images_per_prompt"])
+    assert not several_images(1, ["prompt"]) and several_images(3, [])
 
 
 def test_checkpoint_filter_keeps_rows_with_images_left():
@@ -77,9 +79,9 @@ def test_checkpoint_filter_keeps_rows_with_images_left():
     committed = np.sort(
         np.concatenate(
             [
-                rows.record_hashes([11, 11], [0, 2]),  # row 11: k=1 left
-                rows.record_hashes([22, 22], [0, 1]),  # row 22 (default 2): done
-                rows.record_hashes([33], [0]),  # row 33: its one error record, done
+                record_hashes([11, 11], [0, 2]),  # row 11: k=1 left
+                record_hashes([22, 22], [0, 1]),  # row 22 (default 2): done
+                record_hashes([33], [0]),  # row 33: its one error record, done
             ]
         )
     )
@@ -217,7 +219,7 @@ def test_job_writes_rows_times_n_records_and_resumes_per_image(ray_local, tmp_pa
 
     # Lose r1's images k=1 and k=2 as a run preempted between commits would: their records,
     # their checkpoint ids and their files. The rerun makes exactly those two.
-    lost = rows.record_hashes(
+    lost = record_hashes(
         [table.filter(pa.compute.equal(table.column("id"), "r1")).column("row_hash")[0].as_py()]
         * 2,
         [1, 2],
@@ -264,10 +266,10 @@ def test_webdataset_sample_keys_carry_k():
     }
     out = EncodeImagesStage(several_images=True)(batch)
     assert out["key"] == [
-        rows.object_key("a.b", False) + "_0",
-        rows.object_key("a.b", False) + "_1",
+        object_key("a.b", False) + "_0",
+        object_key("a.b", False) + "_1",
     ]
-    assert EncodeImagesStage()(batch)["key"] == [rows.object_key("a.b", False)] * 2
+    assert EncodeImagesStage()(batch)["key"] == [object_key("a.b", False)] * 2
 
 
 def test_the_dataset_walkthrough_runs_and_filters_by_score(ray_local, tmp_path, tiny_dir):

@@ -8,12 +8,13 @@ from PIL import Image
 
 from k3batch import images
 from k3batch.config import ConfigError, ModelConfig, load_config
-from k3batch.rows import RowRules, normalise_row
+from k3batch.rows.check import normalise_row
+from k3batch.rows.rules import RowRules
 from k3batch.stages.generate import GenerateStage
 from k3batch.stages.prepare import PrepareImagesStage
 from k3batch.stages.validate import ValidateStage
 
-from .conftest import FP32
+from .conftest import FP32, row_capabilities
 
 
 def png(array) -> bytes:
@@ -51,7 +52,13 @@ def files(tmp_path_factory):
 def norm(model, **raw):
     raw.setdefault("id", "r1")
     raw.setdefault("prompt", "a cat")
-    rules = RowRules(width=64, height=64, num_inference_steps=4, model=model, guidance_scale=3.0)
+    rules = RowRules(
+        width=64,
+        height=64,
+        num_inference_steps=4,
+        capabilities=row_capabilities(name=model),
+        guidance_scale=3.0,
+    )
     return normalise_row(raw, "prompt", rules)
 
 
@@ -229,7 +236,12 @@ def inpaint_stage(tiny_dir):
 
 def test_inpaint_rows_through_validate_prepare_generate(inpaint_stage, files):
     d, data = files
-    rules = RowRules(width=64, height=64, num_inference_steps=2, model="kandinsky3-inpaint")
+    rules = RowRules(
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        capabilities=row_capabilities(name="kandinsky3-inpaint"),
+    )
     batch = {
         "prompt": ["a cat", "a dog", "a fox", "an owl", "a boat"],
         "row_hash": list(range(5)),
@@ -290,7 +302,12 @@ def test_flash_rows_through_validate_and_generate_report_what_flash_ignores(tiny
     from k3batch.job.inputs import InputInfo
     from k3batch.outputs import Output
 
-    rules = RowRules(width=64, height=64, num_inference_steps=4, model="kandinsky3-flash")
+    rules = RowRules(
+        width=64,
+        height=64,
+        num_inference_steps=4,
+        capabilities=row_capabilities(name="kandinsky3-flash"),
+    )
     batch = {
         "prompt": ["a red cat", "a blue dog", "an owl"],
         "row_hash": [1, 2, 3],

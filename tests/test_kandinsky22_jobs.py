@@ -12,12 +12,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from k3batch import resume, rows
+from k3batch import resume
 from k3batch.config import ConfigError, JobConfig, ModelConfig, load_config
-from k3batch.model import family, memory
+from k3batch.model import estimates, family, memory
+from k3batch.model.kandinsky22 import members as k22_members
+from k3batch.rows.rules import RowRules
 from k3batch.stages.base import apply_stage
 from k3batch.stages.prepare import PrepareImagesStage
 from k3batch.stages.validate import ValidateStage
+
+from .conftest import row_capabilities
 
 REPO = Path(__file__).resolve().parent.parent
 K22_CONFIGS = sorted((REPO / "configs").glob("kandinsky22-*.yaml"))
@@ -47,16 +51,16 @@ def test_a_k22_member_fills_its_defaults_and_its_decoder_repo():
     g = cfg.generation
     assert (g.num_inference_steps, g.guidance_scale) == (100, 4.0)
     assert (g.prior_num_inference_steps, g.prior_guidance_scale) == (25, 4.0)
-    assert cfg.model.kandinsky22_paths() == {
+    assert k22_members.paths(cfg.model) == {
         "decoder": "kandinsky-community/kandinsky-2-2-decoder",
-        "prior": family.KANDINSKY22_PRIOR,
+        "prior": k22_members.PRIOR_REPO,
         "depth_estimator": None,
     }
     assert set(cfg.model.device_map()) == {
         "unet", "text_encoder", "movq", "prior", "image_encoder", "depth_estimator"
     }  # fmt: skip
     assert job(family.K22_INPAINT).model.path.endswith("kandinsky-2-2-decoder-inpaint")
-    tiny = job(family.K22_DEPTH, {"path": "/m", "make_tiny": True}).model.kandinsky22_paths()
+    tiny = k22_members.paths(job(family.K22_DEPTH, {"path": "/m", "make_tiny": True}).model)
     assert (tiny["decoder"], tiny["prior"]) == ("/m/controlnet-depth", "/m/prior")
     # Kandinsky 3 keeps its own defaults, and its fingerprint has no 2.2 fields.
     k3 = job(family.BASE)
@@ -89,8 +93,8 @@ def test_what_a_member_cannot_use_is_refused_with_one_line_naming_it(kwargs, exp
 
 
 # ------------------------------------------------------------------ rows
-K22_RULES = rows.RowRules(
-    model=family.K22,
+K22_RULES = RowRules(
+    capabilities=row_capabilities(name=family.K22),
     num_inference_steps=2,
     guidance_scale=4.0,
     prior_num_inference_steps=25,
@@ -119,7 +123,7 @@ def test_prior_settings_per_row_are_validated_and_ignored_with_a_warning_on_kand
     assert out["prior_guidance_scale"][:2] == [1.0, 4.0]
     assert out["error"][2].startswith("prior_num_inference_steps: must be in [2, ")
     assert out["error"][3] == "prior_guidance_scale: must be finite and >= 0, got inf"
-    k3 = validate(rows.RowRules(), {"id": ["a"], "prompt": ["x"], "prior_guidance_scale": [2.0]})
+    k3 = validate(RowRules(), {"id": ["a"], "prompt": ["x"], "prior_guidance_scale": [2.0]})
     assert k3["status"] == ["ok"]
     assert k3["warning"] == ["prior_guidance_scale: ignored by kandinsky3 (no prior), got 2.0"]
 
@@ -151,7 +155,7 @@ def test_hint_and_mix_rows_are_checked_one_error_per_bad_field_rows_in_equal_row
     assert out["error"][4] == "mix[0].weight: must be finite, got nan"
     assert out["error"][5].startswith("hint: only kandinsky2.2-controlnet-depth takes a depth hint")
 
-    depth = rows.RowRules(model=family.K22_DEPTH)
+    depth = RowRules(capabilities=row_capabilities(name=family.K22_DEPTH))
     columns = {
         "id": ["hint", "image", "none", "mix"],
         "prompt": ["p"] * 4,
@@ -164,7 +168,10 @@ def test_hint_and_mix_rows_are_checked_one_error_per_bad_field_rows_in_equal_row
     assert "no model.depth_estimator" in out["error"][1] and out["error"][1].startswith("hint:")
     assert out["error"][2].startswith("hint: missing (null)")
     assert out["error"][3].startswith("mix: only kandinsky2.2 mixes")
-    estimated = validate(rows.RowRules(model=family.K22_DEPTH, depth_estimator=True), columns)
+    estimated = validate(
+        RowRules(capabilities=row_capabilities(name=family.K22_DEPTH, depth_estimator="depth")),
+        columns,
+    )
     assert estimated["status"][:2] == ["ok", "ok"]
 
 
@@ -197,7 +204,7 @@ def test_prepare_reads_hints_at_the_row_size_and_mix_images_as_arrays():
             pa.list_(ITEM),
         ),
     }  # fmt: skip
-    stage = PrepareImagesStage(kandinsky22=True, max_side=128)
+    stage = PrepareImagesStage(capabilities=row_capabilities(name=family.K22), max_side=128)
     out = apply_stage(stage, pa.table(batch)).to_pydict()
     assert out["status"] == ["ok", "ok", "error", "error"]
     assert out["error"][3] == "mix[0].image: 200x40 is above limits.max_side=128"
@@ -258,12 +265,12 @@ def test_preflight_names_the_missing_parts_of_local_k22_folders(tmp_path):
 @pytest.mark.parametrize("path", K22_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_k22_config_validates(path):
     cfg = load_config(path)
-    assert family.MEMBERS[cfg.model.name].family == family.KANDINSKY22
+    assert cfg.model.name in k22_members.MEMBERS
     if cfg.model.make_tiny:
         table = pq.read_table(REPO / cfg.input.uri)
         assert table.num_rows >= 2
         return
-    (gen,) = memory.job_estimates(cfg)
+    (gen,) = estimates.job_estimates(cfg)
     assert gen.problem(memory.GPU_GIB[memory.DEFAULT_GPU]) is None
     assert any(part.startswith("prior weights (float16)") for part, _ in gen.estimate.parts)
 

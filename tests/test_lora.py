@@ -129,7 +129,7 @@ def test_the_fingerprint_holds_each_lora_its_scale_and_its_content(tmp_path, une
 def test_generate_stage_with_a_lora_at_scale_0_is_the_base_image_and_at_1_is_not(
     tiny_dir, unet, tmp_path
 ):
-    from k3batch.rows import RowRules
+    from k3batch.rows.rules import RowRules
     from k3batch.stages.generate import GenerateStage
     from k3batch.stages.validate import ValidateStage
 

@@ -184,7 +184,7 @@ def test_tracker_counts_batches_of_real_ray_stages(ray_local):
 
     from k3batch.dataflow import map_stage
     from k3batch.progress import Tracker
-    from k3batch.rows import RowRules
+    from k3batch.rows.rules import RowRules
     from k3batch.stages.validate import ValidateStage
 
     rows = [{"id": f"r{i}", "prompt": "" if i % 5 == 0 else f"p{i}"} for i in range(20)]
@@ -209,7 +209,7 @@ def test_an_unreachable_tally_never_fails_a_batch(ray_local, caplog):
 
     from k3batch.observe import StageObserver
     from k3batch.progress import Tally
-    from k3batch.rows import RowRules
+    from k3batch.rows.rules import RowRules
     from k3batch.stages.validate import ValidateStage
 
     tally = ray.remote(num_cpus=0)(Tally).remote()

@@ -17,7 +17,7 @@ import yaml
 
 from k3batch.config import load_config
 from k3batch.job.run import run_job
-from k3batch.rows import object_key
+from k3batch.rows.records import object_key
 
 from .conftest import job_config
 

@@ -2,8 +2,10 @@ import math
 
 import pytest
 
-from k3batch import rows
-from k3batch.rows import RowRules, normalise_row, object_key
+from k3batch.rows.check import normalise_row
+from k3batch.rows.records import MAX_KEY_CHARS, object_key
+from k3batch.rows.rules import RowRules
+from k3batch.rows.seeds import derive_seed
 
 RULES = RowRules(width=64, height=64, num_inference_steps=4, seed=7)
 
@@ -19,7 +21,7 @@ def test_good_row_takes_defaults_and_derives_a_stable_seed():
     assert row["status"] == "ok" and row["error"] is None
     assert (row["width"], row["height"], row["num_inference_steps"]) == (64, 64, 4)
     assert row["guidance_scale"] == 3.0 and row["negative_prompt"] is None
-    assert row["seed"] == rows.derive_seed(7, "r1") == norm()["seed"]
+    assert row["seed"] == derive_seed(7, "r1") == norm()["seed"]
     assert norm(id="r2")["seed"] != row["seed"]
 
 
@@ -108,7 +110,7 @@ def test_error_messages_stay_short_for_huge_values():
 def test_object_key_is_a_safe_file_name(row_id):
     key = object_key(row_id)
     assert "/" not in key and "\\" not in key and not key.startswith(".")
-    assert key and len(key) <= rows.MAX_KEY_CHARS
+    assert key and len(key) <= MAX_KEY_CHARS
     assert all(c.isascii() and (c.isalnum() or c in "._-") for c in key)
 
 
@@ -153,7 +155,7 @@ def test_keys_stay_inside_the_prefix_and_never_collide(dots):
     keys = [object_key(i, dots=dots) for i in HOSTILE_IDS]
     assert len(set(keys)) == len(HOSTILE_IDS)
     for key in keys:
-        assert key and len(key) <= rows.MAX_KEY_CHARS and key not in (".", "..")
+        assert key and len(key) <= MAX_KEY_CHARS and key not in (".", "..")
         assert all(c.isascii() and (c.isalnum() or c in "._-") for c in key)
         assert not key.startswith(".")
         if not dots:  # webdataset splits a member name at its first dot
@@ -165,3 +167,66 @@ def test_webdataset_keys_keep_plain_ids_and_hash_dotted_ones():
     assert object_key("a.b", dots=True) == "a.b"
     dotted = object_key("a.b", dots=False)
     assert dotted.startswith("a_b-h") and dotted != object_key("a_b", dots=False) == "a_b"
+
+
+# A valid value for each optional column, and the columns a row needs for it to be read.
+COLUMN_VALUES = {
+    "seed": (5, {}),
+    "width": (128, {}),
+    "height": (128, {}),
+    "num_images_per_prompt": (2, {}),
+    "negative_prompt": ("blurry", {}),
+    "guidance_scale": (5.0, {}),
+    "num_inference_steps": (3, {}),
+    "scheduler": ("unipc", {}),
+    "image": ("in.png", {}),
+    "strength": (0.5, {"image": "in.png"}),
+    "mask": ("m.png", {"image": "in.png"}),
+    "hint": ("h.png", {}),
+    "controlnet_conditioning_scale": (0.5, {"hint": "h.png"}),
+    "control_guidance_start": (0.1, {"hint": "h.png"}),
+    "control_guidance_end": (0.9, {"hint": "h.png"}),
+    "prior_num_inference_steps": (3, {}),
+    "prior_guidance_scale": (2.0, {}),
+    "mix": ([{"prompt": "a dog", "weight": 0.7}], {}),
+    "ip_images": ([{"image": "ref.png", "weight": 0.6}], {}),
+    "ip_adapter_scale": (0.5, {"ip_images": [{"image": "ref.png"}]}),
+}
+
+
+def _variants():
+    from k3batch.docs import _CONDITIONED
+    from k3batch.model import family
+
+    for member in family.MEMBERS.values():
+        yield member, {}
+        for _, extra, needs in _CONDITIONED:
+            if getattr(member, needs):
+                yield member, extra
+
+
+@pytest.mark.parametrize(
+    ("member", "extra"), list(_variants()), ids=lambda v: getattr(v, "name", None) or str(v)
+)
+def test_declared_input_columns_are_what_validation_takes(member, extra):
+    """`RowCapabilities.input_columns` (the config reference's table) is true: each listed
+    column is taken without a word, each other one is a warning or an error naming it."""
+    from .conftest import row_capabilities
+
+    caps = row_capabilities(name=member.name, **extra)
+    rules = RowRules(width=64, height=64, num_inference_steps=4, capabilities=caps)
+    base = {"id": "r", "prompt": "a cat"}
+    if member.needs_mask:
+        base |= {"image": "in.png", "mask": "m.png"}
+    if member.needs_hint:
+        base |= {"hint": "h.png"}
+    assert normalise_row(dict(base), "prompt", rules)["status"] == "ok"
+    listed = set(caps.input_columns())
+    assert listed <= set(COLUMN_VALUES), listed - set(COLUMN_VALUES)
+    for column, (value, needs) in COLUMN_VALUES.items():
+        out = normalise_row({**base, **needs, column: value}, "prompt", rules)
+        said = f"{out['error'] or ''}; {out['warning'] or ''}"
+        if column in listed:
+            assert out["status"] == "ok" and column not in said, (column, said)
+        else:
+            assert f"{column}: " in said, (column, said)

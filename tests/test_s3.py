@@ -11,7 +11,7 @@ from PIL import Image
 
 from k3batch.config import load_config
 from k3batch.job.run import run_job
-from k3batch.rows import object_key
+from k3batch.rows.records import object_key
 
 from .conftest import S3_KEY, S3_SECRET, job_config
 

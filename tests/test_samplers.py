@@ -9,9 +9,10 @@ from k3batch import schema
 from k3batch.model import samplers
 from k3batch.model.kandinsky3.pipeline import Request
 from k3batch.model.schedule import DiffusionSchedule, base_timesteps
-from k3batch.rows import RowRules, normalise_row
+from k3batch.rows.check import normalise_row
+from k3batch.rows.rules import RowRules
 
-from .conftest import FP32, load_tiny
+from .conftest import FP32, load_tiny, row_capabilities
 
 SOLVERS = [n for n in samplers.NAMES if n != samplers.REFERENCE]
 # Batch shapes change CPU kernels' rounding (~1e-7 of epsilon, see conftest.LATENT_ATOL);
@@ -130,7 +131,7 @@ def test_row_scheduler_is_validated_and_flash_ignores_it_with_a_warning():
         out = row(scheduler=bad)
         assert out[schema.STATUS] == schema.STATUS_ERROR
         assert out[schema.ERROR].startswith("scheduler:") and repr(bad) in out[schema.ERROR]
-    flash = RowRules(width=64, height=64, model="kandinsky3-flash")
+    flash = RowRules(width=64, height=64, capabilities=row_capabilities(name="kandinsky3-flash"))
     out = normalise_row(
         {schema.ID: "r", schema.PROMPT: "a cat", schema.SCHEDULER: "euler"}, "prompt", flash
     )

@@ -15,7 +15,7 @@ from PIL import Image
 from k3batch.config import ConfigError
 from k3batch.model.kandinsky3.pipeline import Request
 
-from .conftest import FP32, assert_same_images
+from .conftest import FP32, assert_same_images, row_capabilities
 
 pytestmark = pytest.mark.slow
 KEY = "sk-test-123"
@@ -599,7 +599,7 @@ def test_controlnet_hint_generates_like_the_batch_pipeline(full, server, tiny_di
     )
     served = [png_pixels(d.b64_json) for d in result.data]
     # The batch job's path: the row's hint through PrepareImagesStage, then the model.
-    prepared = PrepareImagesStage(controlnet=True)(
+    prepared = PrepareImagesStage(capabilities=row_capabilities(controlnet="controlnet_hed"))(
         {"id": ["r"], "width": [64], "height": [64], "status": ["ok"], "error": [None]}
         | {"hint": [hint]}
     )

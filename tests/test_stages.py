@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from k3batch.config import ModelConfig
-from k3batch.rows import RowRules
+from k3batch.rows.rules import RowRules
 from k3batch.stages.base import apply_stage
 from k3batch.stages.generate import GenerateStage
 from k3batch.stages.validate import ValidateStage

@@ -15,9 +15,7 @@ def tokenizer_path(model) -> str:
     checkpoint for Kandinsky 3, the prior for Kandinsky 2.2."""
     from k3batch.model import family
 
-    if family.MEMBERS[model.name].family == family.KANDINSKY22:
-        return model.kandinsky22_paths()["prior"]
-    return model.path
+    return family.of(model.name).tokenizer_path(model)
 
 
 @functools.lru_cache(maxsize=4)

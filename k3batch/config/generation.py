@@ -127,24 +127,27 @@ def apply_member_defaults(generation: GenerationConfig, model: ModelConfig) -> N
     from k3batch.model import family
 
     g, m = generation, model
-    member = family.MEMBERS[m.name]
+    member, own = family.MEMBERS[m.name], family.of(m.name)
     prior_fields = ("prior_num_inference_steps", "prior_guidance_scale")
-    if member.family != family.KANDINSKY22:
+    if not member.has_prior:
+        with_prior = ", ".join(
+            f.title for f in family.FAMILIES.values() if any(x.has_prior for x in f.members)
+        )
         for name in prior_fields:
             if getattr(g, name) is not None:
                 raise ValueError(
-                    f"generation.{name}: only Kandinsky 2.2 members have a prior, not "
+                    f"generation.{name}: only {with_prior} members have a prior, not "
                     f"{m.name} (got {getattr(g, name)!r}); remove it"
                 )
     else:
-        if g.scheduler != samplers.REFERENCE:
-            raise ValueError(
-                f"generation.scheduler: {m.name} samples with its own diffusers schedulers "
-                f"(UnCLIP prior, DDPM decoder), not {g.scheduler!r}; remove it"
-            )
         for name in prior_fields:
             if getattr(g, name) is None:
                 setattr(g, name, getattr(member, name))
+    if own.own_schedulers and g.scheduler != samplers.REFERENCE:
+        raise ValueError(
+            f"generation.scheduler: {m.name} samples with {own.own_schedulers}, "
+            f"not {g.scheduler!r}; remove it"
+        )
     if m.refine and not member.refinable:
         refinable = ", ".join(family.members_with(refinable=True))
         raise ValueError(f"model.refine: works on {refinable} (base) jobs, not {m.name}")

@@ -143,11 +143,10 @@ class JobConfig(Strict):
         apply_member_defaults(self.generation, self.model)
         from k3batch.model import family
 
-        k22 = family.MEMBERS[self.model.name].family == family.KANDINSKY22
-        if k22 and self.resources.text_encoder_pool.enabled:
+        why = family.of(self.model.name).no_text_encoder_pool
+        if why and self.resources.text_encoder_pool.enabled:
             raise ValueError(
-                f"resources.text_encoder_pool: {self.model.name}'s CLIP text encoder is part of "
-                "its prior, which runs in the generation actor; disable the pool"
+                f"resources.text_encoder_pool: {self.model.name}{why}; disable the pool"
             )
         return self
 

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from k3batch.config.base import Dtype, Strict
 from k3batch.model import family
+from k3batch.model.kandinsky22 import members as k22_members
 
 
 class DtypeMap(Strict):
@@ -49,19 +50,9 @@ def _changed(section, names) -> list[str]:
     ]
 
 
-# The tiny Kandinsky 3 set's IP-Adapter folder (weights + image_encoder/; k3batch.testing.tiny).
-TINY_IP_ADAPTER_FOLDER = "ip_adapter"
-# Components only Kandinsky 2.2 members load (dtype and device keys).
-K22_COMPONENTS = ("prior", "image_encoder", "depth_estimator")
-# The tiny Kandinsky 2.2 set (`model.make_tiny`, k3batch.testing.tiny_k22): one directory
-# at `model.path` with a folder per decoder, the prior and a depth estimator.
-TINY_K22_FOLDERS = {
-    family.K22: "decoder",
-    family.K22_INPAINT: "decoder-inpaint",
-    family.K22_DEPTH: "controlnet-depth",
-}
-TINY_K22_PRIOR = "prior"
-TINY_K22_DEPTH = "depth"
+# Every per-component dtype/device key a family loads (its `Family.components`), in order.
+COMPONENTS = tuple(dict.fromkeys(c for f in family.FAMILIES.values() for c in f.components))
+CORE_COMPONENTS = ("unet", "text_encoder", "movq")  # what every family loads
 
 
 class CompileConfig(Strict):
@@ -193,21 +184,18 @@ class DeviceMap(Strict):
         "auto", description="Kandinsky 2.2 ControlNet depth only: device of the DPT estimator."
     )
 
-    @field_validator("unet", "text_encoder", "movq", *K22_COMPONENTS)
+    @field_validator(*COMPONENTS)
     @classmethod
     def _device(cls, v: str) -> str:
         return _check_device(v)
 
 
 # model.precision presets: dtype per component, and TF32 for float32 components on CUDA.
-# Kandinsky 2.2's prior, image encoder and depth estimator follow the UNet's dtype.
+# Components beside the UNet, T5 and MoVQ (Kandinsky 2.2's prior, image encoder and depth
+# estimator) follow the UNet's dtype.
 PRECISIONS = {
-    "bfloat16": ({c: "bfloat16" for c in ("unet", "text_encoder", "movq", *K22_COMPONENTS)}, True),
-    "reference": (
-        {"unet": "float32", "text_encoder": "float16", "movq": "float32"}
-        | dict.fromkeys(K22_COMPONENTS, "float32"),
-        False,
-    ),
+    "bfloat16": (dict.fromkeys(COMPONENTS, "bfloat16"), True),
+    "reference": (dict.fromkeys(COMPONENTS, "float32") | {"text_encoder": "float16"}, False),
 }
 
 
@@ -233,7 +221,7 @@ class ModelConfig(Strict):
     prior_path: str | None = Field(
         None,
         description="Kandinsky 2.2 only: the prior's diffusers folder or Hub repo (prior, "
-        f"CLIP text and image encoders, tokenizer, scheduler); null: `{family.KANDINSKY22_PRIOR}` "
+        f"CLIP text and image encoders, tokenizer, scheduler); null: `{k22_members.PRIOR_REPO}` "
         "(`prior/` under `path` with `make_tiny`).",
     )
     depth_estimator: str | None = Field(
@@ -336,57 +324,32 @@ class ModelConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _kandinsky22(self):
-        """Kandinsky 2.2 members: their decoder repo by default, what they cannot do refused;
-        the 2.2-only fields refused on Kandinsky 3 members."""
-        member = family.MEMBERS[self.name]
+    def _member_settings(self):
+        """What the member's family cannot do is refused naming the field (and its defaults,
+        e.g. the member's own `path`, filled); another family's fields are refused."""
+        member, own = family.MEMBERS[self.name], family.of(self.name)
         for name, what in (("controlnet", "ControlNet"), ("ip_adapter", "IP-Adapter")):
-            if getattr(self, name) is not None and self.name != family.BASE:
+            if getattr(self, name) is not None and not member.conditioning:
+                takers = ", ".join(family.members_with(conditioning=True))
                 raise ValueError(
-                    f"model.{name}: the Kandinsky 3 {what} works with {family.BASE}, "
+                    f"model.{name}: the Kandinsky 3 {what} works with {takers}, "
                     f"not {self.name}; remove it"
                 )
-        if self.ip_adapter is not None and self.ip_adapter.path is None and not self.make_tiny:
-            raise ValueError(
-                "model.ip_adapter.path: required (the adapter's weights in the fork's layout); "
-                "null means the tiny set's, with model.make_tiny only"
-            )
-        if member.family != family.KANDINSKY22:
-            set_here = [f"model.{f}" for f in ("prior_path", "depth_estimator") if getattr(self, f)]
+        for other in family.FAMILIES.values():
+            if other is own:
+                continue
+            set_here = [f"model.{f}" for f in other.model_fields if getattr(self, f)]
+            foreign = [c for c in other.components if c not in own.components]
             if self.precision is None:  # a preset sets every key
-                set_here += [f"model.dtype.{c}" for c in _changed(self.dtype, K22_COMPONENTS)]
+                set_here += [f"model.dtype.{c}" for c in _changed(self.dtype, foreign)]
             if isinstance(self.device, DeviceMap):
-                set_here += [f"model.device.{c}" for c in _changed(self.device, K22_COMPONENTS)]
+                set_here += [f"model.device.{c}" for c in _changed(self.device, foreign)]
             if set_here:
                 raise ValueError(
-                    f"{set_here[0]}: only Kandinsky 2.2 members use it, not {self.name}; remove it"
+                    f"{set_here[0]}: only {other.title} members use it, not {self.name}; remove it"
                 )
-            return self
-        if "path" not in self.model_fields_set:
-            self.path = member.default_path
-        refused = [
-            ("layout", self.layout == "reference", "loads the diffusers layout only"),
-            ("variant", self.variant is not None, "has no weight variants in k3batch"),
-            ("lora", bool(self.lora), "takes no LoRA (Kandinsky 3 UNets only)"),
-        ]
-        for name, bad, why in refused:
-            if bad:
-                raise ValueError(f"model.{name}: {self.name} {why}; remove it")
-        if self.depth_estimator and not member.needs_hint:
-            hinted = ", ".join(family.members_with(needs_hint=True))
-            raise ValueError(
-                f"model.depth_estimator: only {hinted} estimates depth, not {self.name}; remove it"
-            )
+        own.check_model(self)
         return self
-
-    def kandinsky22_paths(self) -> dict[str, str | None]:
-        """Where a Kandinsky 2.2 member's parts load from: `decoder`, `prior` and
-        `depth_estimator` (None: rows bring their hints)."""
-        decoder, prior = self.path, self.prior_path or family.KANDINSKY22_PRIOR
-        if self.make_tiny:
-            decoder = os.path.join(self.path, TINY_K22_FOLDERS[self.name])
-            prior = self.prior_path or os.path.join(self.path, TINY_K22_PRIOR)
-        return {"decoder": decoder, "prior": prior, "depth_estimator": self.depth_estimator}
 
     def absolute_paths(self) -> None:
         """Make local paths absolute, in place: Ray workers and Serve replicas need not share
@@ -405,25 +368,9 @@ class ModelConfig(Strict):
             if value and os.path.exists(value):  # else a Hub id (the encoder)
                 setattr(self.ip_adapter, name, os.path.abspath(value))
 
-    def ip_adapter_paths(self) -> tuple[str, str] | None:
-        """(adapter weights, image encoder) of `ip_adapter`, nulls resolved; None without it."""
-        if self.ip_adapter is None:
-            return None
-        tiny = os.path.join(self.path, TINY_IP_ADAPTER_FOLDER)
-        path = self.ip_adapter.path or tiny
-        encoder = self.ip_adapter.image_encoder
-        if encoder is None:
-            encoder = (
-                os.path.join(tiny, family.IP_ADAPTER_ENCODER_FOLDER)
-                if self.make_tiny
-                else family.IP_ADAPTER_IMAGE_ENCODER
-            )
-        return path, encoder
-
     def device_map(self) -> dict[str, str]:
-        components = ("unet", "text_encoder", "movq")
-        if family.MEMBERS[self.name].family == family.KANDINSKY22:
-            components += K22_COMPONENTS
+        """The device of each component the member's family loads."""
+        components = family.of(self.name).components
         if isinstance(self.device, str):
             return {c: self.device for c in components}
         return {c: getattr(self.device, c) for c in components}

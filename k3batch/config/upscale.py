@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from k3batch.config.base import Dtype, Strict
 from k3batch.config.model import _check_device
-from k3batch.model.family import SUPERRES
+from k3batch.model.superres.checkpoints import SUPERRES
 
 DEFAULT_PATH = "ai-forever/KandiSuperRes"
 

@@ -118,8 +118,9 @@ def compare_with_input(cfg: JobConfig, info: InputInfo, table) -> tuple[list, li
     """Ids of input records (images) without a record, and of records of no input row, by
     record hash (from the row hash: the identity Ray gives each input row; user ids may
     repeat). An image after a row's first is named `id/k`."""
-    from k3batch import rows
     from k3batch.dataflow import read_input
+    from k3batch.rows.records import derived_id, image_index, record_hashes, record_name
+    from k3batch.rows.seeds import records_of
 
     rules = kinds.get(cfg.job).record_rules(cfg)
     per_image = schema.RECORD_HASH in table.column_names
@@ -137,17 +138,17 @@ def compare_with_input(cfg: JobConfig, info: InputInfo, table) -> tuple[list, li
         # As ValidateStage names rows: the id column, or an id derived from the row hash.
         given = batch.column(id_column).to_pylist() if id_column else [None] * len(hashes)
         counts = (
-            [rows.records_of(v, rules) for v in batch.column(images_column).to_pylist()]
+            [records_of(v, rules) for v in batch.column(images_column).to_pylist()]
             if images_column
             else [rules.num_images_per_prompt if per_image else 1] * len(hashes)
         )
         row_ids = [
-            str(i) if isinstance(i, (str, int)) and i != "" else rows.derived_id(h)
+            str(i) if isinstance(i, (str, int)) and i != "" else derived_id(h)
             for i, h in zip(given, hashes, strict=True)
         ]
-        owner, ks = rows.image_index(counts)
-        input_hashes += rows.record_hashes([hashes[j] for j in owner], ks).tolist()
-        input_ids += [rows.record_name(row_ids[j], k) for j, k in zip(owner, ks, strict=True)]
+        owner, ks = image_index(counts)
+        input_hashes += record_hashes([hashes[j] for j in owner], ks).tolist()
+        input_ids += [record_name(row_ids[j], k) for j, k in zip(owner, ks, strict=True)]
     out_hashes = table.column(schema.RECORD_HASH if per_image else schema.ROW_HASH).to_pylist()
     out_ids = table.column(schema.ID).to_pylist()
     out_ks = table.column(schema.K).to_pylist() if schema.K in table.column_names else None
@@ -155,7 +156,7 @@ def compare_with_input(cfg: JobConfig, info: InputInfo, table) -> tuple[list, li
     known = set(input_hashes)
     missing = [i for h, i in zip(input_hashes, input_ids, strict=True) if h not in written]
     unexpected = [
-        rows.record_name(i, out_ks[j] if out_ks else 0)
+        record_name(i, out_ks[j] if out_ks else 0)
         for j, (h, i) in enumerate(zip(out_hashes, out_ids, strict=True))
         if h not in known
     ]

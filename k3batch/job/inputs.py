@@ -97,7 +97,7 @@ def count_images(cfg: JobConfig, files, fs, schema, num_rows: int) -> int:
     `num_images_per_prompt` (a bad value is one error record)."""
     import pyarrow.dataset as pads
 
-    from k3batch import rows
+    from k3batch.rows.seeds import records_of
 
     rules = kinds.get(cfg.job).record_rules(cfg)
     if rules.images_column is None or rules.images_column not in schema.names:
@@ -111,7 +111,7 @@ def count_images(cfg: JobConfig, files, fs, schema, num_rows: int) -> int:
     except Exception as e:
         raise ConfigError(f"input.uri: cannot read {cfg.input.uri}: {e}") from None
     # Distinct values only become Python objects (nulls are one of them: the default).
-    return sum(rows.records_of(v, rules) * n for v, n in value_counts(column).items())
+    return sum(records_of(v, rules) * n for v, n in value_counts(column).items())
 
 
 MAX_DUPLICATE_IDS = 10_000

@@ -62,9 +62,11 @@ class JobKind:
     def record_rules(self, cfg: JobConfig):
         """The `rows.RowRules` that say how many records (images) each input row yields, as
         the resume filter, the input count and the accounting read them."""
-        from k3batch.rows import RowRules
+        from k3batch.model import family
+        from k3batch.rows.rules import RowRules
 
-        return RowRules.from_config(cfg.generation, cfg.limits, cfg.model.name)
+        capabilities = family.row_capabilities(cfg.model)
+        return RowRules.from_config(cfg.generation, cfg.limits, capabilities)
 
     def output_format(self, cfg: JobConfig) -> str:
         """The output format (`k3batch.outputs`) this kind writes."""

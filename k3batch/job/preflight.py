@@ -81,35 +81,34 @@ def check_model(cfg: JobConfig) -> None:
     check_scores(cfg.scores)
 
     m = cfg.model
-    path = m.path
     check_conditioning(cfg)
-    if m.make_tiny:
-        check_lora(cfg)
-        return
-    if family.MEMBERS[m.name].family == family.KANDINSKY22:
-        check_kandinsky22(cfg)
-        return
-    if os.path.isdir(path):
-        missing = family.missing_files(path, m.name, m.refine, m.layout)
-        if missing:
-            raise ConfigError(
-                f"model.path: {path} has no {', '.join(missing)} for model.name={m.name}"
-                + (" with model.refine" if m.refine else "")
-            )
-        check_lora(cfg)
-        return
-    if os.path.exists(path) or not _HF_REPO_ID.match(path):
-        raise ConfigError(
-            f"model.path: {path!r} is neither a checkpoint directory nor a Hugging Face repo id"
-        )
-    check_hub_model(path)
+    if not m.make_tiny:  # the tiny set is built at start, complete
+        check_weights(family.of(m.name).weight_checks(m), m.name)
     check_lora(cfg)
+
+
+def check_weights(checks, member: str) -> None:
+    """Each place the job's weights load from (`member.WeightCheck`): a local folder with
+    everything the job needs (the missing parts named), or a Hugging Face repo id."""
+    for c in checks:
+        if os.path.isdir(c.path):
+            if c.missing:
+                raise ConfigError(
+                    f"{c.field}: {c.path} has no {', '.join(c.missing)} for "
+                    f"model.name={member}{c.note}"
+                )
+            continue
+        if os.path.exists(c.path) or not _HF_REPO_ID.match(c.path):
+            raise ConfigError(
+                f"{c.field}: {c.path!r} is neither a {c.what} nor a Hugging Face repo id"
+            )
+        check_hub_model(c.path, c.field)
 
 
 def check_conditioning(cfg: JobConfig) -> None:
     """`model.controlnet` and `model.ip_adapter` name what is there (the tiny set's own are
     built with the model)."""
-    from k3batch.model import family
+    from k3batch.model.kandinsky3 import layout
 
     m = cfg.model
     built_later = m.make_tiny and m.controlnet and not os.path.exists(m.controlnet)
@@ -123,9 +122,9 @@ def check_conditioning(cfg: JobConfig) -> None:
         )
     if m.ip_adapter is None:
         return
-    weights, encoder = m.ip_adapter_paths()
-    if m.ip_adapter.path is not None and not os.path.isfile(family.ip_adapter_file(weights)):
-        where = f"has no {family.IP_ADAPTER_FILE}" if os.path.isdir(weights) else "is no file"
+    weights, encoder = layout.ip_adapter_paths(m)
+    if m.ip_adapter.path is not None and not os.path.isfile(layout.ip_adapter_file(weights)):
+        where = f"has no {layout.IP_ADAPTER_FILE}" if os.path.isdir(weights) else "is no file"
         raise ConfigError(f"model.ip_adapter.path: {weights!r} {where}")
     if m.ip_adapter.image_encoder is None and m.make_tiny:
         return
@@ -141,40 +140,6 @@ def check_conditioning(cfg: JobConfig) -> None:
         check_hub_model(encoder, field)
 
 
-def check_kandinsky22(cfg: JobConfig) -> None:
-    """The decoder, the prior and the depth estimator of a Kandinsky 2.2 job: a local folder
-    with its parts (the missing ones named), or a Hub repo."""
-    from k3batch.model import family
-
-    m = cfg.model
-    paths = m.kandinsky22_paths()
-    checks = [
-        ("model.path", paths["decoder"], family.missing_files(paths["decoder"], m.name, False)),
-        ("model.prior_path", paths["prior"], family.missing_prior_files(paths["prior"])),
-    ]
-    depth = paths["depth_estimator"]
-    if depth:
-        checks.append(
-            (
-                "model.depth_estimator",
-                depth,
-                [] if os.path.isfile(f"{depth}/config.json") else ["config.json"],
-            )
-        )
-    for field, path, missing in checks:
-        if os.path.isdir(path):
-            if missing:
-                raise ConfigError(
-                    f"{field}: {path} has no {', '.join(missing)} for model.name={m.name}"
-                )
-            continue
-        if os.path.exists(path) or not _HF_REPO_ID.match(path):
-            raise ConfigError(
-                f"{field}: {path!r} is neither a local folder nor a Hugging Face repo id"
-            )
-        check_hub_model(path, field)
-
-
 def check_lora(cfg: JobConfig) -> None:
     """Each `model.lora` file is read and its keys mapped; against a local checkpoint's UNet
     (built on the meta device, no weights read) every key's module and shape are checked, so
@@ -183,13 +148,13 @@ def check_lora(cfg: JobConfig) -> None:
     m = cfg.model
     if not m.lora:
         return
-    from k3batch.model import family
     from k3batch.model.adapters import lora as lora_weights
-    from k3batch.model.kandinsky3 import loading
+    from k3batch.model.kandinsky3 import layout, loading
+    from k3batch.model.kandinsky3.members import MEMBERS
 
     unet = None
-    if os.path.isdir(m.path) and not family.missing_files(m.path, m.name, False, m.layout):
-        unet = loading.unet_skeleton(m.path, family.MEMBERS[m.name], m.layout)
+    if os.path.isdir(m.path) and not layout.missing_files(m.path, m.name, False, m.layout):
+        unet = loading.unet_skeleton(m.path, MEMBERS[m.name], m.layout)
     for i, lora in enumerate(m.lora):
         try:
             if unet is None:

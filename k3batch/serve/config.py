@@ -223,7 +223,8 @@ class ServeAppConfig(Strict):
                 "Serve endpoint takes; run it as a batch job"
             )
         # A 2.2 member is asked for by its own name unless the config names it otherwise.
-        if member.family == family.KANDINSKY22 and "served_model_name" not in self.model_fields_set:
+        by_name = family.of(member.name).served_by_member_name
+        if by_name and "served_model_name" not in self.model_fields_set:
             self.served_model_name = member.name
         deployments = [("generator", self.generator)]
         if self.inpaint_model is not None:
@@ -235,7 +236,7 @@ class ServeAppConfig(Strict):
             apply_member_defaults(self.inpaint_generation, self.inpaint_model)
             inpaint = family.MEMBERS[self.inpaint_model.name]
             if (
-                inpaint.family == family.KANDINSKY22
+                family.of(inpaint.name).served_by_member_name
                 and "inpaint_served_model_name" not in self.model_fields_set
             ):
                 self.inpaint_served_model_name = inpaint.name

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import Request
 
 from k3batch import schema
-from k3batch.rows import show
+from k3batch.rows.values import show
 from k3batch.serve.protocol import ApiError, row_error
 
 
@@ -197,20 +197,22 @@ def prepare_images(job: dict, image: bytes, mask: bytes) -> dict:
     return {c: out[c] for c in PREPARED_COLUMNS}
 
 
-def prepare_mix(job: dict) -> list:
+def prepare_mix(job: dict, capabilities) -> list:
     """A variation row's `mix` (the uploaded image, weight 1) prepared as the batch job's
-    prepare stage prepares a mix; its failure is a 400 naming `image` (the upload)."""
-    out = _prepared(job, {schema.MIX: job[schema.MIX]}, param="image", kandinsky22=True)
+    prepare stage prepares a mix; its failure is a 400 naming `image` (the upload).
+    `capabilities`: the served model's (`k3batch.model.family.row_capabilities`)."""
+    out = _prepared(job, {schema.MIX: job[schema.MIX]}, param="image", capabilities=capabilities)
     return out[schema.MIX_PREPARED]
 
 
-def prepare_ip_images(job: dict, items: list[dict]) -> list[dict]:
+def prepare_ip_images(job: dict, items: list[dict], capabilities) -> list[dict]:
     """A Kandinsky 3 IP-Adapter row's `ip_images` read as the batch job's prepare stage reads
     them (its `ip_images_prepared`); a failure is a 400 naming `ip_images[j].image`."""
-    return _prepared(job, {schema.IP_IMAGES: items}, ip_adapter=True)[schema.IP_IMAGES_PREPARED]
+    out = _prepared(job, {schema.IP_IMAGES: items}, capabilities=capabilities)
+    return out[schema.IP_IMAGES_PREPARED]
 
 
-def prepare_hint(job: dict, hint: bytes) -> bytes:
-    """A Kandinsky 3 ControlNet row's `hint` read and resized to the row's size as the batch
-    job's prepare stage does (its `hint_rgb`); its failure is a 400 naming `hint`."""
-    return _prepared(job, {schema.HINT: hint}, controlnet=True)[schema.HINT_RGB]
+def prepare_hint(job: dict, hint: bytes, capabilities) -> bytes:
+    """A hinted row's `hint` read and resized to the row's size as the batch job's prepare
+    stage does (its `hint_rgb`); its failure is a 400 naming `hint`."""
+    return _prepared(job, {schema.HINT: hint}, capabilities=capabilities)[schema.HINT_RGB]

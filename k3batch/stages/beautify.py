@@ -8,10 +8,11 @@ import os
 
 import pyarrow as pa
 
-from k3batch import rows, schema
+from k3batch import schema
 from k3batch.beautify import choose
 from k3batch.beautify.config import SamplingConfig
 from k3batch.beautify.prompt import clean_output, request_seed
+from k3batch.rows.rules import RowRules
 from k3batch.stages.base import Stage
 from k3batch.stages.validate import ValidateStage
 
@@ -32,7 +33,7 @@ class PromptRowsStage(Stage):
         max_chars: int = 20000,
     ):
         self.validate = ValidateStage(
-            rows.RowRules(max_prompt_chars=max_chars), prompt_column, id_column
+            RowRules(max_prompt_chars=max_chars), prompt_column, id_column
         )
         self.prompt_column = prompt_column
         self.needs = (prompt_column,)

@@ -9,11 +9,11 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
-from k3batch import rows, schema
+from k3batch import schema
 from k3batch.model import samplers
+from k3batch.rows.records import record_hashes
 from k3batch.schema import EMBEDDING_COLUMNS, PROMPT_EMBEDS
 from k3batch.stages.base import SOURCE_ROWS, Stage, fail_row, ok_rows, start_output
-from k3batch.stages.loading import load_model, model_components, model_label
 
 if TYPE_CHECKING:
     from k3batch.config import ModelConfig
@@ -99,7 +99,10 @@ class GenerateStage(Stage):
             import torch
 
             torch.set_num_threads(torch_threads)
-        self.model_name = model_label(model)
+        from k3batch.model import family
+
+        self.family = family.of(model.name)
+        self.model_name = self.family.label(model)
         # `prompt_used` when beautification chose the text; `prompt` stays the original.
         self.prompt_column = prompt_column
         self.needs = tuple(prompt_column if c == schema.PROMPT else c for c in type(self).needs)
@@ -111,8 +114,9 @@ class GenerateStage(Stage):
 
             self.embeds_dtype = DTYPES[model.dtype.text_encoder]
         gpus.check_cuda("generation", model.device_map())
-        self.pipe = load_model(model, decode_batch_size, text_encoder=not text_encoder_pool)
-        gpus.report_devices(journal, gpus.device_record("generation", model_components(self.pipe)))
+        self.pipe = self.family.load(model, decode_batch_size, text_encoder=not text_encoder_pool)
+        components = self.family.loaded_components(self.pipe)
+        gpus.report_devices(journal, gpus.device_record("generation", components))
         compile = model.performance.compile
         self.warmup_seconds = None
         if warmup and compile.warmup and (compile.unet or compile.movq):
@@ -231,7 +235,7 @@ class GenerateStage(Stage):
         out[schema.SEED] = batch[schema.SEED]
         hashes = batch.get(schema.ROW_HASH)
         out[schema.RECORD_HASH] = (
-            rows.record_hashes(hashes, batch[schema.K]).tolist() if hashes else [None] * n
+            record_hashes(hashes, batch[schema.K]).tolist() if hashes else [None] * n
         )
         out[SOURCE_ROWS] = source
         return out

@@ -12,11 +12,16 @@ Anything that goes wrong is that row's error, naming the field and the value.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from k3batch import images, schema
-from k3batch.rows import show
+from k3batch.rows.values import show
 from k3batch.stages.base import Stage, fail_row, ok_rows, start_output
+
+if TYPE_CHECKING:
+    from k3batch.rows.capabilities import RowCapabilities
 
 
 def describe(value) -> str:
@@ -46,22 +51,17 @@ class PrepareImagesStage(Stage):
         max_side: int = 2048,
         base_dir: str | None = None,
         storage_settings: dict | None = None,
-        kandinsky22: bool = False,
-        controlnet: bool = False,
-        ip_adapter: bool = False,
+        capabilities: RowCapabilities | None = None,
     ):
-        """`kandinsky22`: a Kandinsky 2.2 job, whose rows may bring `hint` and `mix`;
-        `controlnet`: a Kandinsky 3 job with model.controlnet, whose rows may bring `hint`;
-        `ip_adapter`: one with model.ip_adapter, whose rows may bring `ip_images`."""
+        """`capabilities`: what the job's rows may bring (`k3batch.model.family.row_capabilities`):
+        a `hint` (depth or edge), `mix` items, `ip_images`; None: an image and a mask only."""
         self.max_side = max_side
-        self.hints = kandinsky22 or controlnet
-        self.ip_adapter = ip_adapter
-        if kandinsky22:
-            self.adds = self.adds | schema.types(schema.HINT_RGB, schema.MIX_PREPARED)
-        elif controlnet:
-            self.adds = self.adds | schema.types(schema.HINT_RGB)
-        if ip_adapter:
-            self.adds = self.adds | schema.types(schema.IP_IMAGES_PREPARED)
+        caps = capabilities
+        self.hints = caps is not None and caps.hint is not None
+        self.mixes = caps is not None and caps.mix
+        self.ip_images = caps is not None and caps.ip_images
+        if caps is not None:
+            self.adds = self.adds | schema.types(*caps.prepared_columns())
         # The job's `storage` section: input images on an S3-compatible store are read
         # through the same endpoint and credentials as the prompts.
         self.storage_settings = storage_settings
@@ -75,10 +75,9 @@ class PrepareImagesStage(Stage):
         out = start_output(batch, self.adds, carry=(schema.WIDTH, schema.HEIGHT))
         sources = batch.get(schema.IMAGE) or [None] * n
         masks = batch.get(schema.MASK) or [None] * n
-        k22 = schema.HINT_RGB in self.adds
         hints = (self.hints and batch.get(schema.HINT)) or [None] * n
-        mixes = (k22 and batch.get(schema.MIX)) or [None] * n
-        prompts = (self.ip_adapter and batch.get(schema.IP_IMAGES)) or [None] * n
+        mixes = (self.mixes and batch.get(schema.MIX)) or [None] * n
+        prompts = (self.ip_images and batch.get(schema.IP_IMAGES)) or [None] * n
         for i in ok_rows(batch):
             try:
                 if sources[i] is not None:

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 from k3batch import schema
 from k3batch.schema import NEGATIVE_PROMPT_EMBEDS, PROMPT_EMBEDS, PROMPT_EMBEDS_LENGTH
 from k3batch.stages.base import Stage, fail_row, ok_rows, start_output
-from k3batch.stages.loading import ensure_tiny
 
 if TYPE_CHECKING:
     from k3batch.config import ModelConfig
@@ -35,7 +34,7 @@ class TextEncodeStage(Stage):
     ):
         """`journal`: the job's actor (progress.JobActor), told which device T5 runs on."""
         from k3batch import gpus
-        from k3batch.model.kandinsky3.prompt_encoder import PromptEncoder
+        from k3batch.model import family
 
         if torch_threads:
             import torch
@@ -44,17 +43,7 @@ class TextEncodeStage(Stage):
         self.prompt_column = prompt_column
         self.needs = tuple(prompt_column if c == schema.PROMPT else c for c in type(self).needs)
         gpus.check_cuda("text encoder", model.device_map()["text_encoder"])
-        ensure_tiny(model)
-        self.encoder = PromptEncoder.from_pretrained(
-            model.path,
-            member=model.name,
-            layout=model.layout,
-            dtype=model.dtype.model_dump(),
-            device=model.device_map(),
-            variant=model.variant,
-            attention=model.performance.attention,
-            tf32=model.performance.tf32,
-        )
+        self.encoder = family.of(model.name).load_text_encoder(model)
         gpus.report_devices(
             journal,
             gpus.device_record("text encoder", {"text_encoder": self.encoder.text_encoder}),

@@ -9,7 +9,11 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from k3batch import rows, schema
+from k3batch import schema
+from k3batch.rows.records import record_hashes
+from k3batch.rows.rules import RowRules
+from k3batch.rows.seeds import row_seed
+from k3batch.rows.values import RowError
 from k3batch.stages.base import Stage, fail_row, ok_rows, start_output
 from k3batch.stages.prepare import PrepareImagesStage, RowFailure, describe
 from k3batch.stages.validate import ValidateStage
@@ -61,7 +65,7 @@ class UpscaleRowsStage(Stage):
         # Ids, and input columns named like k3batch's outputs kept as `input_<name>`, exactly
         # as a generation job's validation does them (an earlier job's metadata is a natural
         # input: its `image_uri` is read as `input_image_uri`).
-        self.ids = ValidateStage(rows.RowRules(), image_column, id_column, duplicate_ids)
+        self.ids = ValidateStage(RowRules(), image_column, id_column, duplicate_ids)
         self.field = image_column
         renamed = image_column in schema.OUTPUT_ONLY_COLUMNS
         self.image_column = f"input_{image_column}" if renamed else image_column
@@ -82,7 +86,7 @@ class UpscaleRowsStage(Stage):
         out: dict[str, list] = {name: [None] * n for name in self.adds}
         hashes = batch.get(schema.ROW_HASH)
         if hashes is not None:  # each row is its image k = 0
-            records = rows.record_hashes(np.array(hashes, np.uint64), np.zeros(n, np.int64))
+            records = record_hashes(np.array(hashes, np.uint64), np.zeros(n, np.int64))
             out[schema.RECORD_HASH] = records.tolist()
         seeds = batch.get(schema.SEED) or [None] * n
         for i in range(n):
@@ -91,8 +95,8 @@ class UpscaleRowsStage(Stage):
             out[schema.STATUS][i], out[schema.ERROR][i] = schema.STATUS_OK, None
             errors = [error] if error else []
             try:
-                out[schema.SEED][i] = rows.row_seed(seeds[i], self.seed, row_id)
-            except rows.RowError as e:
+                out[schema.SEED][i] = row_seed(seeds[i], self.seed, row_id)
+            except RowError as e:
                 errors.append(str(e))
             value = batch[self.image_column][i]
             if value is None:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from k3batch import rows, schema
+from k3batch import schema
+from k3batch.rows import records
+from k3batch.rows import rules as row_rules
+from k3batch.rows.check import normalise_row
+from k3batch.rows.values import show
 from k3batch.stages.base import Stage
 
 
@@ -13,7 +17,7 @@ class ValidateStage(Stage):
 
     def __init__(
         self,
-        rules: rows.RowRules,
+        rules: row_rules.RowRules,
         prompt_column: str = schema.PROMPT,
         id_column: str = schema.ID,
         duplicate_ids: dict[str, int] | None = None,
@@ -34,15 +38,9 @@ class ValidateStage(Stage):
             *schema.CONTROLNET_COLUMNS,
             *schema.IP_ADAPTER_COLUMNS,
         )
-        from k3batch.model import family
-
-        if family.MEMBERS[rules.model].family == family.KANDINSKY22:
-            # The prior's settings resolved per row; Kandinsky 3 outputs keep their columns.
-            self.adds = self.adds | schema.types(*schema.K22_OVERRIDE_COLUMNS)
-        if rules.controlnet:
-            self.adds = self.adds | schema.types(*schema.CONTROLNET_COLUMNS)
-        if rules.ip_adapter:
-            self.adds = self.adds | schema.types(schema.IP_ADAPTER_SCALE)
+        # The settings this job's rows resolve beyond every job's (a prior's, a hinted row's
+        # ControlNet settings, the IP-Adapter's scale); other jobs' outputs keep their columns.
+        self.adds = self.adds | schema.types(*rules.capabilities.validated_columns())
 
     def prepare(self, table: pa.Table) -> pa.Table:
         names = [f"input_{c}" if c in schema.OUTPUT_ONLY_COLUMNS else c for c in table.column_names]
@@ -59,7 +57,7 @@ class ValidateStage(Stage):
             raw = {c: batch[c][i] for c in batch}
             row_id, id_error = self.row_id(batch, i)
             raw[schema.ID] = row_id
-            row = rows.normalise_row(raw, self.prompt_column, self.rules)
+            row = normalise_row(raw, self.prompt_column, self.rules)
             if id_error:
                 row[schema.STATUS] = schema.STATUS_ERROR
                 row[schema.ERROR] = "; ".join(e for e in (id_error, row[schema.ERROR]) if e)
@@ -74,7 +72,7 @@ class ValidateStage(Stage):
         id_error = None
         value = ids[i] if ids is not None else None
         if ids is None:
-            return rows.derived_id(hashes[i]), None
+            return records.derived_id(hashes[i]), None
         if (isinstance(value, str) and value) or (
             isinstance(value, int) and not isinstance(value, bool)
         ):
@@ -83,12 +81,12 @@ class ValidateStage(Stage):
                 return row_id, None
             # Rows sharing an id would share an image key: none of them may use it.
             id_error = (
-                f"{self.id_column}: {rows.show(value)} is not unique "
+                f"{self.id_column}: {show(value)} is not unique "
                 f"({self.duplicate_ids[row_id]} input rows give it)"
             )
         else:
             id_error = (
-                f"{self.id_column}: expected a non-empty string or integer, got {rows.show(value)}"
+                f"{self.id_column}: expected a non-empty string or integer, got {show(value)}"
             )
         # Keep the row (accounted for, with an error) under a derived id when we can.
-        return (rows.derived_id(hashes[i]) if hashes is not None else f"row-{i}"), id_error
+        return (records.derived_id(hashes[i]) if hashes is not None else f"row-{i}"), id_error

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from k3batch import schema, storage
 from k3batch.images import EXTENSIONS, encode_rgb
-from k3batch.rows import record_key
+from k3batch.rows.records import record_key
 from k3batch.stages.base import Stage, fail_row, ok_rows, start_output
 
 

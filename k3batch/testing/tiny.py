@@ -14,6 +14,8 @@ import os
 import shutil
 import tempfile
 
+from k3batch.model.kandinsky3 import layout as k3_layout
+from k3batch.model.kandinsky3 import members as k3_members
 from k3batch.testing.tiny_parts import (
     MARKER,
     TINY_FORMAT,
@@ -64,13 +66,11 @@ def make_tiny(
         elif layout == "diffusers":
             _write_diffusers(tmp, parts)
             if size == "tiny":
-                from k3batch.config.model import TINY_IP_ADAPTER_FOLDER
-                from k3batch.model import family
                 from k3batch.testing.tiny_ip_adapter import make_tiny_ip_set
 
                 make_tiny_controlnet(os.path.join(tmp, CONTROLNET_FOLDER))
-                base_unet = parts["unets"][family.BASE][0]
-                make_tiny_ip_set(os.path.join(tmp, TINY_IP_ADAPTER_FOLDER), base_unet)
+                base_unet = parts["unets"][k3_members.BASE][0]
+                make_tiny_ip_set(os.path.join(tmp, k3_layout.TINY_IP_ADAPTER_FOLDER), base_unet)
         else:
             raise ValueError(f"layout must be diffusers or reference, got {layout!r}")
         with open(os.path.join(tmp, MARKER), "w") as f:
@@ -101,15 +101,14 @@ def make_tiny(
 def _write_diffusers(root: str, parts: dict) -> None:
     from diffusers import Kandinsky3Pipeline
 
-    from k3batch.model import family
     from k3batch.model.kandinsky3.convert import save_member
 
     unets = parts["unets"]
-    base_unet = unets[family.BASE][0]
+    base_unet = unets[k3_members.BASE][0]
     pipe_parts = {k: parts[k] for k in ("tokenizer", "text_encoder", "movq", "scheduler")}
     Kandinsky3Pipeline(unet=base_unet, **pipe_parts).save_pretrained(root)
     for name, (unet, null) in unets.items():
-        save_member(root, family.MEMBERS[name], unet, null)
+        save_member(root, k3_members.MEMBERS[name], unet, null)
 
 
 CONTROLNET_FOLDER = "controlnet_hed"  # the tiny Kandinsky 3 ControlNet inside a tiny set
@@ -138,16 +137,15 @@ def make_tiny_controlnet(path: str) -> str:
 def _write_reference(root: str, parts: dict) -> None:
     import torch
 
-    from k3batch.model import family
     from k3batch.model.kandinsky3 import keymap
 
-    weights = os.path.join(root, family.REFERENCE_WEIGHTS_DIR)
-    text_dir = os.path.join(weights, family.REFERENCE_TEXT_DIR)
+    weights = os.path.join(root, k3_layout.REFERENCE_WEIGHTS_DIR)
+    text_dir = os.path.join(weights, k3_layout.REFERENCE_TEXT_DIR)
     os.makedirs(text_dir)
     parts["text_encoder"].save_pretrained(text_dir)
     parts["tokenizer"].save_pretrained(text_dir)
     for name, (unet, null) in parts["unets"].items():
-        member = family.MEMBERS[name]
+        member = k3_members.MEMBERS[name]
         ref_unet, projection = keymap.unet_state_to_reference(unet.state_dict())
         torch.save(
             {"unet": ref_unet, "null_embedding": null}, os.path.join(weights, member.reference_file)
@@ -155,7 +153,7 @@ def _write_reference(root: str, parts: dict) -> None:
         torch.save(projection, os.path.join(text_dir, member.projection_file))
     levels = len(TINY_MOVQ["block_out_channels"])
     movq_state = keymap.movq_state_to_reference(parts["movq"].state_dict(), levels)
-    torch.save(movq_state, os.path.join(weights, family.REFERENCE_MOVQ_FILE))
+    torch.save(movq_state, os.path.join(weights, k3_layout.REFERENCE_MOVQ_FILE))
     unet_config = {k: v for k, v in TINY_UNET.items() if k != "encoder_hid_dim"}
-    with open(os.path.join(weights, family.REFERENCE_CONFIG_FILE), "w") as f:
+    with open(os.path.join(weights, k3_layout.REFERENCE_CONFIG_FILE), "w") as f:
         json.dump({"unet": unet_config, "movq": TINY_MOVQ}, f, indent=2)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from k3batch.model.kandinsky3 import layout
+
 TINY_IMAGE_EMBED_DIM = 16
 TINY_SEED = 4242
 TINY_CLIP_IMAGE_SIZE = 32
@@ -33,9 +35,8 @@ def make_tiny_ip_adapter(path: str, unet) -> str:
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    from k3batch.model import family
 
-    out = os.path.join(path, family.IP_ADAPTER_FILE)
+    out = os.path.join(path, layout.IP_ADAPTER_FILE)
     state = build_tiny_ip_adapter(unet).reference_state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, out)
     return out
@@ -72,8 +73,7 @@ def make_tiny_image_encoder(path: str) -> str:
 def make_tiny_ip_set(path: str, unet) -> str:
     """The tiny set's IP-Adapter folder: `ip_adapter.safetensors` for `unet` and the tiny
     image encoder in `image_encoder/` (what `model.ip_adapter: {}` loads with make_tiny)."""
-    from k3batch.model import family
 
     make_tiny_ip_adapter(path, unet)
-    make_tiny_image_encoder(os.path.join(path, family.IP_ADAPTER_ENCODER_FOLDER))
+    make_tiny_image_encoder(os.path.join(path, layout.IP_ADAPTER_ENCODER_FOLDER))
     return path

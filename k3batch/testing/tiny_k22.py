@@ -19,7 +19,9 @@ import os
 import shutil
 import tempfile
 
-from k3batch.config.model import TINY_K22_DEPTH, TINY_K22_FOLDERS, TINY_K22_PRIOR
+from k3batch.model.kandinsky22.members import TINY_DEPTH as TINY_K22_DEPTH
+from k3batch.model.kandinsky22.members import TINY_FOLDERS as TINY_K22_FOLDERS
+from k3batch.model.kandinsky22.members import TINY_PRIOR as TINY_K22_PRIOR
 from k3batch.testing.tiny_parts import TINY_MOVQ, TINY_SEED
 
 MARKER = "k3batch_tiny_k22.json"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 
+from k3batch.model.kandinsky3 import members as k3_members
+
 TINY_SEED = 20231122
 MARKER = "k3batch_tiny.json"
 # 3: the tiny set holds the IP-Adapter folder (an older set is rebuilt, not used without it).
@@ -207,7 +209,6 @@ def build_components(null_embedding: bool = True, size: str = "tiny"):
     from diffusers import VQModel
     from transformers import T5EncoderModel
 
-    from k3batch.model import family
     from k3batch.model.kandinsky3.loading import t5_config, unet_class
 
     if size not in SIZES:
@@ -215,8 +216,8 @@ def build_components(null_embedding: bool = True, size: str = "tiny"):
     unet_config, movq_config = SIZES[size]
     tokenizer = build_tokenizer()
     unets = {}
-    for i, name in enumerate(family.K3_NAMES):
-        member = family.MEMBERS[name]
+    for i, name in enumerate(k3_members.NAMES):
+        member = k3_members.MEMBERS[name]
         torch.manual_seed(TINY_SEED + 10 * i)
         unet = unet_class(member)(in_channels=member.in_channels, **unet_config)
         _wake_zero_weights(unet, TINY_SEED + 10 * i + 1)
@@ -264,8 +265,6 @@ def random_components(
     from diffusers import Kandinsky3UNet, VQModel
     from transformers import T5EncoderModel
 
-    from k3batch.model import family
-
     tokenizer = build_tokenizer()
     unet_config, movq_config, t5_config = architecture(size, len(tokenizer))
     gen = torch.Generator(device).manual_seed(seed)
@@ -284,7 +283,7 @@ def random_components(
         return model.eval()
 
     unets = {}
-    for name in members or (family.BASE, family.FLASH):
+    for name in members or (k3_members.BASE, k3_members.FLASH):
         unet = materialise(lambda: Kandinsky3UNet(in_channels=4, **unet_config))
         null = torch.randn(unet_config["cross_attention_dim"], generator=gen, device=device)
         unets[name] = (unet, null)

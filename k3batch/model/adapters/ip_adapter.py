@@ -29,8 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from k3batch.model import family
-from k3batch.model.kandinsky3 import keymap
+from k3batch.model.kandinsky3 import keymap, layout
 
 ADAPTER_PARTS = ("to_key_ip", "to_v_ip", "to_out_ip")
 NUM_IMAGE_TOKENS = 4  # the fork's num_image_tokens
@@ -207,7 +206,7 @@ def mix_embeddings(embeds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 def load(unet: nn.Module, path: str, image_embed_dim: int = IMAGE_EMBED_DIM) -> IPAdapter:
     """Build the adapter for `unet`, load the fork's weights strictly and attach it (after
     the UNet's attention processors are chosen: the adapter wraps them)."""
-    state = read_weights(family.ip_adapter_file(path))
+    state = read_weights(layout.ip_adapter_file(path))
     dim = state["image_proj.weight"].shape[1] if "image_proj.weight" in state else image_embed_dim
     adapter = IPAdapter(unet, image_embed_dim=dim)
     adapter.load_reference_state_dict(state)

@@ -16,12 +16,14 @@ import torch
 
 from k3batch.model import family
 from k3batch.model import loading as shared_loading
-from k3batch.model.kandinsky3 import loading
+from k3batch.model.kandinsky3 import layout, loading
+from k3batch.model.kandinsky3 import members as k3_members
+from k3batch.model.member import Member
 
 log = logging.getLogger(__name__)
 
 
-def save_member(root: str, member: family.Member, unet, null_embedding) -> None:
+def save_member(root: str, member: Member, unet, null_embedding) -> None:
     """One UNet (with its text projection) and its null embedding under its subfolder."""
     from safetensors.torch import save_file
 
@@ -30,7 +32,7 @@ def save_member(root: str, member: family.Member, unet, null_embedding) -> None:
     if null_embedding is not None:
         save_file(
             {"null_embedding": null_embedding.detach().contiguous()},
-            os.path.join(folder, family.NULL_EMBEDDING_FILE),
+            os.path.join(folder, layout.NULL_EMBEDDING_FILE),
         )
 
 
@@ -72,14 +74,14 @@ def convert(
         if not overwrite:
             raise FileExistsError(f"{dst} exists and is not empty (use --overwrite)")
         shutil.rmtree(dst)
-    unknown = [n for n in members or () if n not in family.K3_NAMES]
+    unknown = [n for n in members or () if n not in k3_members.NAMES]
     if unknown:
         # Kandinsky 2.2 ships in diffusers' layout already: nothing to convert.
-        raise KeyError(f"--members: {', '.join(unknown)} not one of {', '.join(family.K3_NAMES)}")
-    wanted = [family.MEMBERS[n] for n in (members or family.K3_NAMES)]
+        raise KeyError(f"--members: {', '.join(unknown)} not one of {', '.join(k3_members.NAMES)}")
+    wanted = [k3_members.MEMBERS[n] for n in (members or k3_members.NAMES)]
     if family.is_hub_id(src):
         src = loading.reference_download(src, wanted)
-    root = family.reference_root(src)
+    root = layout.reference_root(src)
     if root is None:
         raise FileNotFoundError(f"{src}: no reference-layout checkpoint (weights/movq.pt) found")
     found = [m for m in wanted if os.path.exists(os.path.join(root, m.reference_file))]
@@ -91,7 +93,7 @@ def convert(
     target = shared_loading.DTYPES[dtype] if dtype else None
     os.makedirs(dst, exist_ok=True)
 
-    text_dir = os.path.join(root, family.REFERENCE_TEXT_DIR)
+    text_dir = os.path.join(root, layout.REFERENCE_TEXT_DIR)
     tokenizer = AutoTokenizer.from_pretrained(text_dir)
     tokenizer.save_pretrained(os.path.join(dst, "tokenizer"))
     text_encoder = T5EncoderModel.from_pretrained(text_dir, dtype=target or "auto")
@@ -107,7 +109,7 @@ def convert(
         unet, null = loading.reference_unet(root, m)
         save_member(dst, m, shared_loading.cast(unet, "cpu", target or torch.float32), null)
         del unet
-    _scheduler_and_index(dst, tokenizer, with_base=family.MEMBERS[family.BASE] in found)
+    _scheduler_and_index(dst, tokenizer, with_base=k3_members.MEMBERS[k3_members.BASE] in found)
     with open(os.path.join(dst, "k3batch_family.json"), "w") as f:
         json.dump(
             {"source": os.path.abspath(src), "members": [m.name for m in found], "dtype": dtype},

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from k3batch.model import family
 from k3batch.model.kandinsky3 import text as textmod
+from k3batch.model.member import Member
 
 
 class RowLengthPooling(nn.Module):
@@ -37,7 +37,7 @@ class RowLengthPooling(nn.Module):
 class Denoiser:
     """One member's UNet with its text projection, row-length pooling and null embedding."""
 
-    def __init__(self, member: family.Member, unet: nn.Module, null_embedding):
+    def __init__(self, member: Member, unet: nn.Module, null_embedding):
         self.member = member
         self.unet = unet.eval()
         # The text projection runs outside the UNet: the reference zeroes padded positions

@@ -24,7 +24,9 @@ from torch import nn
 
 from k3batch.model import family
 from k3batch.model.kandinsky3 import keymap
+from k3batch.model.kandinsky3 import layout as files
 from k3batch.model.loading import DTYPES, build, load_pickle, per_component, resolve_device
+from k3batch.model.member import Member
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ class Kandinsky3InpaintUNet(Kandinsky3UNet):
         self.conv_out = nn.Conv2d(block_out_channels[0] // 2, out_channels, 3, padding=1)
 
 
-def unet_class(member: family.Member):
+def unet_class(member: Member):
     return Kandinsky3InpaintUNet if member.in_channels != 4 else Kandinsky3UNet
 
 
@@ -101,7 +103,7 @@ class Components:
 
 def load(
     path: str,
-    members: list[family.Member],
+    members: list[Member],
     *,
     layout: str = "auto",
     dtype: dict | str = "float32",
@@ -110,10 +112,10 @@ def load(
     text_encoder: bool = True,
 ) -> Components:
     """The members' UNets, the MoVQ and (unless `text_encoder=False`) T5 and its tokenizer."""
-    layout = family.detect_layout(path, layout)
+    layout = files.detect_layout(path, layout)
     dtypes = {c: DTYPES[per_component(dtype, c)] for c in COMPONENTS}
     devices = {c: resolve_device(per_component(device, c)) for c in COMPONENTS}
-    if layout == family.LAYOUT_REFERENCE:
+    if layout == files.LAYOUT_REFERENCE:
         return _load_reference(path, members, dtypes, devices, text_encoder)
     return _load_diffusers(path, members, dtypes, devices, variant, text_encoder)
 
@@ -127,10 +129,10 @@ def load_text(
     variant: str | None = None,
 ):
     """(tokenizer, T5 encoder) alone, for the text encoder pool."""
-    layout = family.detect_layout(path, layout)
+    layout = files.detect_layout(path, layout)
     dtype = DTYPES[per_component(dtype, "text_encoder")]
     device = resolve_device(per_component(device, "text_encoder"))
-    if layout == family.LAYOUT_REFERENCE:
+    if layout == files.LAYOUT_REFERENCE:
         if family.is_hub_id(path):
             path = reference_download(path, [])
         return _reference_text(_reference_root(path), dtype, device)
@@ -181,7 +183,7 @@ def _diffusers_null_embedding(path: str, folder: str) -> torch.Tensor | None:
     """The learned unconditional embedding, if the checkpoint ships one (k3batch's layout)."""
     from safetensors.torch import load_file
 
-    name = f"{folder}/{family.NULL_EMBEDDING_FILE}"
+    name = f"{folder}/{files.NULL_EMBEDDING_FILE}"
     if os.path.isdir(path):
         file = os.path.join(path, name)
         if not os.path.exists(file):
@@ -198,7 +200,7 @@ def _diffusers_null_embedding(path: str, folder: str) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------- reference layout
-def reference_download(repo_id: str, members: list[family.Member], text: bool = True) -> str:
+def reference_download(repo_id: str, members: list[Member], text: bool = True) -> str:
     """Only the files a job needs from a reference-layout Hugging Face repo.
 
     `text=False` skips the T5 weights (the text encoder pool has them) but keeps the
@@ -206,8 +208,8 @@ def reference_download(repo_id: str, members: list[family.Member], text: bool = 
     """
     from huggingface_hub import snapshot_download
 
-    w, t = family.REFERENCE_WEIGHTS_DIR, family.REFERENCE_TEXT_DIR
-    patterns = [f"{w}/{family.REFERENCE_MOVQ_FILE}", f"{w}/{family.REFERENCE_CONFIG_FILE}"]
+    w, t = files.REFERENCE_WEIGHTS_DIR, files.REFERENCE_TEXT_DIR
+    patterns = [f"{w}/{files.REFERENCE_MOVQ_FILE}", f"{w}/{files.REFERENCE_CONFIG_FILE}"]
     if text:
         patterns.append(f"{w}/{t}/*")
     else:
@@ -218,14 +220,14 @@ def reference_download(repo_id: str, members: list[family.Member], text: bool = 
 
 def reference_unet(
     root: str,
-    member: family.Member,
+    member: Member,
     text_dim: int | None = None,
     dtype=torch.float32,
     device="cpu",
 ):
     """(Kandinsky3UNet on `device` in `dtype`, null_embedding) from a reference-layout member."""
     ckpt = load_pickle(os.path.join(root, member.reference_file))
-    projection = load_pickle(os.path.join(root, family.REFERENCE_TEXT_DIR, member.projection_file))
+    projection = load_pickle(os.path.join(root, files.REFERENCE_TEXT_DIR, member.projection_file))
     state = keymap.unet_state_to_diffusers(ckpt["unet"], projection)
     config = _reference_unet_config(root, member, projection)
     null = ckpt.get("null_embedding")
@@ -233,22 +235,22 @@ def reference_unet(
     return unet, (null.float().clone() if null is not None else None)
 
 
-def _reference_unet_config(root: str, member: family.Member, projection: dict) -> dict:
-    config = {**REFERENCE_UNET_CONFIG, **family.read_reference_config(root).get("unet", {})}
+def _reference_unet_config(root: str, member: Member, projection: dict) -> dict:
+    config = {**REFERENCE_UNET_CONFIG, **files.read_reference_config(root).get("unet", {})}
     config["in_channels"] = member.in_channels
     config["encoder_hid_dim"] = projection["0.weight"].shape[1]
     return config
 
 
-def unet_skeleton(path: str, member: family.Member, layout: str = "auto") -> nn.Module:
+def unet_skeleton(path: str, member: Member, layout: str = "auto") -> nn.Module:
     """A local checkpoint's member UNet on the meta device: its parameter names and shapes
     without reading its weights (pre-flight checks of a LoRA against it)."""
     cls = unet_class(member)
-    if family.detect_layout(path, layout) == family.LAYOUT_REFERENCE:
+    if files.detect_layout(path, layout) == files.LAYOUT_REFERENCE:
         root = _reference_root(path)
         # Memory-mapped: only the projection's header is read, for the text width.
         projection = load_pickle(
-            os.path.join(root, family.REFERENCE_TEXT_DIR, member.projection_file)
+            os.path.join(root, files.REFERENCE_TEXT_DIR, member.projection_file)
         )
         config = _reference_unet_config(root, member, projection)
         with torch.device("meta"):
@@ -261,9 +263,9 @@ def unet_skeleton(path: str, member: family.Member, layout: str = "auto") -> nn.
 def reference_movq(root: str, dtype=torch.float32, device="cpu"):
     from diffusers import VQModel
 
-    config = {**REFERENCE_MOVQ_CONFIG, **family.read_reference_config(root).get("movq", {})}
+    config = {**REFERENCE_MOVQ_CONFIG, **files.read_reference_config(root).get("movq", {})}
     state = keymap.movq_state_to_diffusers(
-        load_pickle(os.path.join(root, family.REFERENCE_MOVQ_FILE)),
+        load_pickle(os.path.join(root, files.REFERENCE_MOVQ_FILE)),
         len(config["block_out_channels"]),
     )
     # The reference MoVQ has no codebook: k3batch decodes with force_not_quantize=True, as the
@@ -276,7 +278,7 @@ def reference_movq(root: str, dtype=torch.float32, device="cpu"):
 
 
 def _reference_root(path: str) -> str:
-    root = family.reference_root(path)
+    root = files.reference_root(path)
     if root is None:
         raise FileNotFoundError(f"{path} is not a reference-layout checkpoint (no weights/movq.pt)")
     return root
@@ -285,7 +287,7 @@ def _reference_root(path: str) -> str:
 def _reference_text(root: str, dtype, device):
     from transformers import AutoTokenizer, T5EncoderModel
 
-    text_dir = os.path.join(root, family.REFERENCE_TEXT_DIR)
+    text_dir = os.path.join(root, files.REFERENCE_TEXT_DIR)
     tokenizer = AutoTokenizer.from_pretrained(text_dir)
     # transformers reads pytorch_model*.bin with torch.load(weights_only=True) as well.
     text_encoder = T5EncoderModel.from_pretrained(text_dir, dtype=dtype, device_map=device)

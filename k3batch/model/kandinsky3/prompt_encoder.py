@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from k3batch.model import family, performance
+from k3batch.model import performance
+from k3batch.model.kandinsky3 import members as k3_members
 from k3batch.model.kandinsky3 import text as textmod
 
 
@@ -27,7 +28,7 @@ class PromptEncoder:
         cls,
         path: str,
         *,
-        member: str = family.BASE,
+        member: str = k3_members.BASE,
         layout: str = "auto",
         dtype: dict | str = "float32",
         device: dict | str = "auto",
@@ -43,7 +44,7 @@ class PromptEncoder:
         performance.set_text_attention(text_encoder, attention)
         if performance.runs_float32_on_cuda(text_encoder):
             performance.set_tf32(tf32)
-        return cls(tokenizer, text_encoder, family.MEMBERS[member].guided)
+        return cls(tokenizer, text_encoder, k3_members.MEMBERS[member].guided)
 
     @torch.no_grad()
     def embed(

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from k3batch.model.family import SUPERRES
+from k3batch.model.superres.checkpoints import SUPERRES
 from k3batch.model.superres.sr_unet import SIZE_MULTIPLE, SR_UNET, SRUNet
 
 # scale -> the file name on the Hugging Face repo ai-forever/KandiSuperRes.
