@@ -33,10 +33,11 @@ from k3batch.config import JobConfig
 from k3batch.dataflow import map_stage, read_input
 from k3batch.job.kinds import JobContext, JobKind
 from k3batch.job.pools import Pool, beautify_pools
+from k3batch.model.superres.loading import ensure_tiny_upscaler
 from k3batch.outputs import output_format
 from k3batch.rows import RowRules
 from k3batch.stages.generate import GenerateStage
-from k3batch.stages.loading import ensure_tiny, ensure_tiny_upscaler, is_kandinsky22
+from k3batch.stages.loading import ensure_tiny, is_kandinsky22
 from k3batch.stages.prepare import PrepareImagesStage
 from k3batch.stages.scores import ScoresStage
 from k3batch.stages.text_encode import TextEncodeStage

@@ -22,8 +22,8 @@ from k3batch.config import JobConfig
 from k3batch.dataflow import map_stage, read_input
 from k3batch.job.kinds import JobContext, JobKind
 from k3batch.job.pools import Pool
+from k3batch.model.superres.loading import ensure_tiny_upscaler
 from k3batch.outputs import output_format
-from k3batch.stages.loading import ensure_tiny_upscaler
 from k3batch.stages.upscale import UpscaleRowsStage, UpscaleStage
 
 ROWS_BATCH_SIZE = 16  # decoded images are large; keep task batches small
