@@ -196,7 +196,7 @@ def run(cfg: JobConfig, ctx: JobContext, build=build) -> None:
         data_ctx.execution_no_progress_timeout_s,
         data_ctx.raise_original_map_exception,
     )
-    data_ctx.checkpoint_config = resume.checkpoint_config(cfg)
+    data_ctx.checkpoint_config = resume.checkpoint_config(cfg, ctx.kind.record_rules(cfg))
     if cfg.faults.stall_timeout_s:
         data_ctx.execution_no_progress_timeout_s = cfg.faults.stall_timeout_s
     # Ray wraps a stage's exception in UserCodeException, and the original (a StorageError,

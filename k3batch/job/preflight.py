@@ -7,13 +7,16 @@ from __future__ import annotations
 import logging
 import os
 import re
+from typing import TYPE_CHECKING
 
 from k3batch import gpus, resume, storage
 from k3batch.config import ConfigError, JobConfig
-from k3batch.job import kinds
 from k3batch.job.inputs import InputInfo, inspect_input
 from k3batch.job.local_ray import check_local_cpus, starts_local_ray
 from k3batch.outputs import ENTRIES, Output
+
+if TYPE_CHECKING:
+    from k3batch.job.kinds import JobKind
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ def check_upscaler(cfg: JobConfig) -> None:
         )
 
 
-def check_model(cfg: JobConfig) -> None:
+def check_model(cfg: JobConfig, kind: JobKind) -> None:
     b = cfg.beautify
     local_llm = b.make_tiny or os.path.isdir(b.model)
     if b.enabled and b.backend == "vllm" and not local_llm:  # noqa: SIM102 - reads as two rules
@@ -68,7 +71,7 @@ def check_model(cfg: JobConfig) -> None:
                 "repo id"
             )
     check_upscaler(cfg)
-    if not kinds.get(cfg.job).uses_diffusion_model:
+    if not kind.uses_diffusion_model:
         return
     from k3batch.model import family
     from k3batch.stages.scores import check_scores
@@ -265,16 +268,17 @@ def prepare_output(cfg: JobConfig, output: Output) -> bool:
         ) from None
 
 
-def preflight(cfg: JobConfig) -> tuple[JobConfig, InputInfo, Output, bool]:
-    """Everything that can fail before Ray starts and before any model loads."""
+def preflight(cfg: JobConfig, kind: JobKind) -> tuple[JobConfig, InputInfo, Output, bool]:
+    """Everything that can fail before Ray starts and before any model loads. `kind`: the
+    job's kind (`job.kinds.get(cfg.job)`)."""
     cfg = resolve_paths(cfg)
-    check_local_cpus(cfg)
+    check_local_cpus(cfg, kind)
     local = starts_local_ray(cfg)
-    gpus.check_local_gpus(cfg, local=local)
+    gpus.check_local_gpus(cfg, kind, local=local)
     if local:
-        gpus.warn_local_gpu_memory(cfg)
-    info = inspect_input(cfg, images=kinds.get(cfg.job).makes_images)
-    check_model(cfg)
-    output = Output.from_config(cfg, kinds.get(cfg.job).output_format(cfg))
+        gpus.warn_local_gpu_memory(cfg, kind)
+    info = inspect_input(cfg, kind)
+    check_model(cfg, kind)
+    output = Output.from_config(cfg, kind.output_format(cfg))
     resumed = prepare_output(cfg, output)
     return cfg, info, output, resumed
