@@ -68,7 +68,7 @@ def _run(args) -> int:
     result = run_job(load_config(args.config, overrides), reporter)
     settings = result.run["config"].get("storage")
     report = None if args.no_report else _write_report(result.run["output"], args, settings)
-    print(summary(result.run, report))
+    print(summary(result.run, result.kind, report))
     if not result.ok:
         print(f"k3batch: accounting failed: {accounting_problem(result.run)}", file=sys.stderr)
         return 1

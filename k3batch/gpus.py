@@ -1,8 +1,9 @@
 """GPUs: what a job's pools ask for against what Ray has, and what each actor really got.
 
 - `gpus_needed` / `check_local_gpus` / `check_cluster_gpus`: before any work, the GPUs the
-  job's actor pools take at their starting sizes against the machine's or the cluster's. Ray
-  Data waits without a word for GPUs that never come.
+  job's actor pools (as its kind, `job.kinds.JobKind`, declares them) take at their starting
+  sizes against the machine's or the cluster's. Ray Data waits without a word for GPUs that
+  never come.
 - `ZERO_GPU_ENV`: the environment of stage actors that ask for no GPU (see its note).
 - `check_cuda` / `device_record` / `report_devices`: an actor Ray gave a GPU must see CUDA,
   and every model actor says which device and dtype each component runs on (run.json).
@@ -17,10 +18,13 @@ import math
 import os
 import re
 import sys
+from typing import TYPE_CHECKING
 
 from k3batch.config import ConfigError, JobConfig
-from k3batch.job.kinds import job_pools
 from k3batch.job.pools import Pool
+
+if TYPE_CHECKING:
+    from k3batch.job.kinds import JobKind
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +38,15 @@ log = logging.getLogger(__name__)
 ZERO_GPU_ENV = {"CUDA_VISIBLE_DEVICES": ""}
 
 
-def gpu_pools(cfg: JobConfig) -> list[Pool]:
+def gpu_pools(cfg: JobConfig, kind: JobKind) -> list[Pool]:
     """The job's actor pools that ask for GPUs."""
-    return [p for p in job_pools(cfg) if p.gpus_each > 0]
+    return [p for p in kind.pools(cfg) if p.gpus_each > 0]
 
 
-def gpus_needed(cfg: JobConfig) -> float:
+def gpus_needed(cfg: JobConfig, kind: JobKind) -> float:
     """GPUs the job's pools hold at their starting sizes; fractions count as fractions (Ray
     packs fractional actors onto one GPU)."""
-    return sum(p.total for p in gpu_pools(cfg))
+    return sum(p.total for p in gpu_pools(cfg, kind))
 
 
 def _needs(pools: list[Pool]) -> str:
@@ -74,18 +78,18 @@ def detected_gpus() -> int | None:
         return None
 
 
-def check_local_gpus(cfg: JobConfig, local: bool) -> None:
+def check_local_gpus(cfg: JobConfig, kind: JobKind, local: bool) -> None:
     """A local Ray that k3batch starts has the machine's GPUs (or ray.num_gpus): a job whose
     pools need more can never start. `local`: k3batch will start that Ray
     (`job.local_ray.starts_local_ray`)."""
-    pools = gpu_pools(cfg)
+    pools = gpu_pools(cfg, kind)
     _check_fractions(pools)
     if not local or not pools:
         return  # a cluster, or a Ray already up, is checked once joined (check_cluster_gpus)
     have = cfg.ray.num_gpus if cfg.ray.num_gpus is not None else detected_gpus()
     if have is None:
         return
-    need = gpus_needed(cfg)
+    need = gpus_needed(cfg, kind)
     widest = max(pools, key=lambda p: p.per_node)
     source = "ray.num_gpus" if cfg.ray.num_gpus is not None else "this machine"
     if need > have + 1e-9 or widest.per_node > have:
@@ -96,13 +100,13 @@ def check_local_gpus(cfg: JobConfig, local: bool) -> None:
         )
 
 
-def memory_warnings(cfg: JobConfig, gpu_gib: float, gpu_name: str) -> list[str]:
+def memory_warnings(cfg: JobConfig, kind: JobKind, gpu_gib: float, gpu_name: str) -> list[str]:
     """One line per GPU actor of the job whose estimated memory (`model.estimates`) is above
     `gpu_gib`: the estimate is calibrated, not exact, so it warns rather than refuses."""
     from k3batch.model import estimates
 
     lines = []
-    for actor in estimates.job_estimates(cfg):
+    for actor in estimates.job_estimates(cfg, kind):
         problem = actor.problem(gpu_gib, gpu_name)
         if problem:
             lines.append(
@@ -112,9 +116,9 @@ def memory_warnings(cfg: JobConfig, gpu_gib: float, gpu_name: str) -> list[str]:
     return lines
 
 
-def warn_local_gpu_memory(cfg: JobConfig) -> None:
+def warn_local_gpu_memory(cfg: JobConfig, kind: JobKind) -> None:
     """On a machine with GPUs, compare each GPU actor's estimate with GPU 0's memory."""
-    if not gpu_pools(cfg) or not detected_gpus():
+    if not gpu_pools(cfg, kind) or not detected_gpus():
         return
     try:
         import torch
@@ -123,7 +127,7 @@ def warn_local_gpu_memory(cfg: JobConfig) -> None:
     except Exception as e:  # noqa: BLE001 - no CUDA here: check_cuda says so in the actor
         log.debug("could not read the GPU's memory: %s", e)
         return
-    for line in memory_warnings(cfg, props.total_memory / 2**30, props.name):
+    for line in memory_warnings(cfg, kind, props.total_memory / 2**30, props.name):
         log.warning(line)
 
 
@@ -166,13 +170,13 @@ def autoscaler_limits() -> tuple[float, float] | None:
         return None
 
 
-def check_cluster_gpus(cfg: JobConfig) -> None:
+def check_cluster_gpus(cfg: JobConfig, kind: JobKind) -> None:
     """On a Ray k3batch did not start: fail when the autoscaler's limits say the pools can
     never be placed; warn when the cluster is short now (it may grow)."""
-    pools = gpu_pools(cfg)
+    pools = gpu_pools(cfg, kind)
     if not pools:
         return
-    need = gpus_needed(cfg)
+    need = gpus_needed(cfg, kind)
     widest = max(pools, key=lambda p: p.per_node)
     have, largest = cluster_gpus()
     limits = autoscaler_limits()

@@ -121,21 +121,19 @@ def write_job(fs, root: str, identity: dict) -> None:
     fs.pipe_file(f"{root}/{STATE_DIR}/job.json", json.dumps(record, indent=2).encode())
 
 
-def checkpoint_config(cfg: JobConfig):
+def checkpoint_config(cfg: JobConfig, rules):
     """Ray Data's CheckpointConfig for this job's output (kept after success: a rerun of a
     finished job then generates nothing, and rows appended to the input later are the only
     ones generated).
 
     A generation job commits records (images) by `record_hash`; the filter below turns the
-    committed records back into the input rows (and images) still to make.
+    committed records back into the input rows (and images) still to make. `rules`: the
+    job kind's `record_rules` (`rows.RowRules`), for each row's number of records.
     """
     from ray.data.checkpoint import CheckpointConfig
 
-    from k3batch.job import kinds
-
     uri = state_uri(cfg.output.uri, "checkpoint")
     fs, path = storage.arrow_filesystem(uri, cfg.storage.model_dump())
-    rules = kinds.get(cfg.job).record_rules(cfg)
     return CheckpointConfig(
         id_column=schema.RECORD_HASH,
         checkpoint_path=uri if storage.is_remote(uri) else path,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from k3batch import storage
-from k3batch.job import kinds as job_kinds
+
+if TYPE_CHECKING:
+    from k3batch.job.kinds import JobKind
 
 
 def accounting_problem(run: dict) -> str:
@@ -47,8 +51,9 @@ def _cost_line(run: dict) -> str | None:
     return f"0 GPU-s/image (no GPUs; {shown} actor-s/image over {actors} pool actors)"
 
 
-def summary(run: dict, report: str | None = None) -> str:
-    """The table the CLI prints at the end of a run."""
+def summary(run: dict, kind: JobKind, report: str | None = None) -> str:
+    """The table the CLI prints at the end of a run; `kind` (the run's job kind) names where
+    its output is."""
     lines = [
         f"output        {run['output']}",
         f"rows in/out   {run['rows_in']}{_images(run)} / {run['rows_out']}",
@@ -82,7 +87,7 @@ def summary(run: dict, report: str | None = None) -> str:
             + (f"; prompt used: {fallbacks}" if fallbacks else "")
         )
     out = run["output"]
-    lines += job_kinds.get(run["config"].get("job", "text_to_image")).output_lines(run)
+    lines += kind.output_lines(run)
     lines.append(f"run record    {storage.join(out, 'run.json')}")
     if report:
         lines.append(f"report        {report}")

@@ -24,21 +24,19 @@ read_parquet(input.uri, include_row_hash)
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import warnings
 
-from k3batch import crashes, resume
 from k3batch.config import JobConfig
 from k3batch.dataflow import map_stage, read_input
+from k3batch.job.execute import execute
 from k3batch.job.kinds import JobContext, JobKind
 from k3batch.job.pools import Pool, beautify_pools
 from k3batch.model import family
+from k3batch.model.superres.loading import ensure_tiny_upscaler
 from k3batch.outputs import output_format
 from k3batch.rows import records
 from k3batch.rows.rules import RowRules
 from k3batch.stages.generate import GenerateStage
-from k3batch.stages.loading import ensure_tiny_upscaler
 from k3batch.stages.prepare import PrepareImagesStage
 from k3batch.stages.scores import ScoresStage
 from k3batch.stages.text_encode import TextEncodeStage
@@ -174,55 +172,6 @@ def build(cfg: JobConfig, ctx: JobContext):
     )
 
 
-def run(cfg: JobConfig, ctx: JobContext, build=build) -> None:
-    """Execute the job with Ray Data's checkpointing on, so a rerun resumes.
-
-    `ctx.journal`: the job's crash journal actor (the runner passes its `progress.JobActor`);
-    None starts one for this run. `build`: the kind's dataset (another image-making kind's,
-    which shares this way of running).
-    """
-    import ray
-    from ray.data import DataContext
-
-    data_ctx = DataContext.get_current()
-    previous = (
-        data_ctx.checkpoint_config,
-        data_ctx.execution_no_progress_timeout_s,
-        data_ctx.raise_original_map_exception,
-    )
-    data_ctx.checkpoint_config = resume.checkpoint_config(cfg)
-    if cfg.faults.stall_timeout_s:
-        data_ctx.execution_no_progress_timeout_s = cfg.faults.stall_timeout_s
-    # Ray wraps a stage's exception in UserCodeException, and the original (a StorageError,
-    # say) does not survive the trip to the driver, only its traceback text does: keep it,
-    # so the runner can say what stopped the job.
-    data_ctx.raise_original_map_exception = True
-    own_journal = ctx.journal is None
-    if own_journal:
-        ctx = dataclasses.replace(ctx, journal=crashes.start_journal())
-    journal = ctx.journal
-    try:
-        # The dataset takes a copy of the context: checkpoint config and stall timeout included.
-        ds = build(cfg, ctx)
-        with warnings.catch_warnings():
-            # Ray turns checkpointing off with only a warning when the plan does not allow it
-            # (it must run from a Read to a Write); a job that silently cannot resume is worse
-            # than one that fails at start.
-            warnings.filterwarnings("error", message="You've enabled checkpointing")
-            ctx.output.format.write(ds, cfg, ctx.output, ctx.num_records)
-    except BaseException:
-        crashes.stop_workers(journal)
-        raise
-    finally:
-        (
-            data_ctx.checkpoint_config,
-            data_ctx.execution_no_progress_timeout_s,
-            data_ctx.raise_original_map_exception,
-        ) = previous
-        if own_journal:
-            ray.kill(journal)
-
-
 class TextToImage(JobKind):
     """Prompts (and images, masks) to images and metadata, in the configured output format."""
 
@@ -269,7 +218,7 @@ class TextToImage(JobKind):
         ensure_tiny_upscaler(cfg.upscale)
 
     def run(self, cfg: JobConfig, ctx: JobContext) -> None:
-        run(cfg, ctx)
+        execute(cfg, ctx, build)
 
     def finalise(self, cfg: JobConfig, ctx: JobContext) -> None:
         ctx.output.format.finalise(ctx.output, ctx.num_records)

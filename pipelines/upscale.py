@@ -7,7 +7,8 @@ read_parquet(input.uri, include_row_hash)
                                       the row's error naming the column
   -> repartition        (streaming)   blocks of one upscaling batch
   -> UpscaleStage       (actor pool)  KandiSuperRes, loaded once per actor
-  -> the output format's encode stage and writer, as text_to_image's
+  -> the output format's encode stage and writer, run as text_to_image's
+                                      (`job.execute`: checkpointing, crash journal, write)
 
 Each row is one record (k = 0), whatever `num_images_per_prompt` an earlier job's metadata
 holds: resume, the input count and the accounting read `record_rules`.
@@ -19,11 +20,12 @@ import os
 
 from k3batch.config import JobConfig
 from k3batch.dataflow import map_stage, read_input
+from k3batch.job.execute import execute
 from k3batch.job.kinds import JobContext, JobKind
 from k3batch.job.pools import Pool
+from k3batch.model.superres.loading import ensure_tiny_upscaler
 from k3batch.outputs import output_format
 from k3batch.rows.rules import RowRules
-from k3batch.stages.loading import ensure_tiny_upscaler
 from k3batch.stages.upscale import UpscaleRowsStage, UpscaleStage
 
 ROWS_BATCH_SIZE = 16  # decoded images are large; keep task batches small
@@ -115,10 +117,7 @@ class Upscale(JobKind):
         ensure_tiny_upscaler(cfg.upscale)
 
     def run(self, cfg: JobConfig, ctx: JobContext) -> None:
-        # Imported here: text_to_image imports this module (add_upscale) at its top.
-        from pipelines import text_to_image
-
-        text_to_image.run(cfg, ctx, build=build)
+        execute(cfg, ctx, build)
 
     def finalise(self, cfg: JobConfig, ctx: JobContext) -> None:
         ctx.output.format.finalise(ctx.output, ctx.num_records)

@@ -183,13 +183,15 @@ def test_beautify_config_rules(tmp_path):
 def test_missing_beautified_prompt_column_fails_at_start(tmp_path, tiny_dir):
     import pyarrow.parquet as pq
 
+    from k3batch.job import kinds
     from k3batch.job.preflight import preflight
 
     pq.write_table(pa.table({"prompt": ["a cat"]}), tmp_path / "in.parquet")
     data = job_config(tmp_path, str(tmp_path / "in.parquet"), tiny_dir)
     data["input"]["beautified_prompt_column"] = "beautified_prompt"
     with pytest.raises(ConfigError, match="'beautified_prompt' is not in the input table"):
-        preflight(load_config(data=data))
+        cfg = load_config(data=data)
+        preflight(cfg, kinds.get(cfg.job))
 
 
 # --- the OpenAI-compatible client against a real local HTTP server --------------------

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from k3batch.config import load_config
+from k3batch.job import kinds
 from k3batch.model import estimates, memory
 from k3batch.model.kandinsky3 import layout, loading
 from k3batch.model.kandinsky3 import memory as k3_memory
@@ -29,7 +30,8 @@ def actors(path: Path) -> list[memory.ActorMemory]:
     """The GPU actors (generation, T5 pool, Serve replicas) of a shipped config."""
     data = yaml.safe_load(path.read_text())
     if "applications" not in data:
-        return estimates.job_estimates(load_config(path))
+        cfg = load_config(path)
+        return estimates.job_estimates(cfg, kinds.get(cfg.job))
     out = []
     for app in data["applications"]:
         if app["import_path"].startswith("k3batch."):
@@ -57,12 +59,12 @@ def test_estimate_matches_its_calibration_run():
         REPO / "configs" / "base.yaml",
         ["model.refine=true", "limits.max_side=1024", "beautify.enabled=false"],
     )
-    est = estimates.job_estimates(cfg)[0].estimate
+    est = estimates.job_estimates(cfg, kinds.get(cfg.job))[0].estimate
     weights = est.total_gib - est.part("activations") - est.part("CUDA")
     assert weights == pytest.approx(28.1, abs=0.1)
     assert weights + est.part("activations") == pytest.approx(33.5, abs=0.2)
     cfg.resources.decode_batch_size = 4
-    est4 = estimates.job_estimates(cfg)[0].estimate
+    est4 = estimates.job_estimates(cfg, kinds.get(cfg.job))[0].estimate
     assert est4.total_gib - est4.part("CUDA") == pytest.approx(48.5, abs=0.2)
 
 
@@ -164,7 +166,7 @@ def test_a_config_that_cannot_fit_is_reported_with_its_parts():
             "resources.decode_batch_size=16",
         ],
     )
-    (gen,) = estimates.job_estimates(cfg)
+    (gen,) = estimates.job_estimates(cfg, kinds.get(cfg.job))
     message = gen.problem(memory.GPU_GIB["A10G 24GB"], "A10G 24GB")
     assert message is not None and "does not fit A10G 24GB (22.0 GiB)" in message
     for part in (
@@ -181,10 +183,10 @@ def test_a_config_that_cannot_fit_is_reported_with_its_parts():
 def test_offload_fits_24gb_and_the_same_config_without_it_does_not():
     offload = load_config(REPO / "configs" / "base-24gb.yaml")
     assert offload.model.device_map()["text_encoder"] == "cpu"
-    (gen,) = estimates.job_estimates(offload)
+    (gen,) = estimates.job_estimates(offload, kinds.get(offload.job))
     assert gen.estimate.part("T5") == 0 and gen.problem(memory.GPU_GIB["A10G 24GB"]) is None
     on_gpu = load_config(REPO / "configs" / "base-24gb.yaml", ["model.device=auto"])
-    (gen,) = estimates.job_estimates(on_gpu)
+    (gen,) = estimates.job_estimates(on_gpu, kinds.get(on_gpu.job))
     assert gen.estimate.part("T5 encoder weights") > 16
     assert "does not fit" in gen.problem(memory.GPU_GIB["A10G 24GB"])
 
@@ -198,7 +200,7 @@ def test_text_encoder_pool_moves_t5_to_its_own_estimate():
             "resources.text_encoder_pool.batch_size=32",
         ],
     )
-    gen, pool = estimates.job_estimates(cfg)
+    gen, pool = estimates.job_estimates(cfg, kinds.get(cfg.job))
     assert gen.estimate.part("T5") == 0
     assert pool.gpus == 0.5 and pool.estimate.part("T5 encoder weights") > 16
     assert pool.estimate.part("activations") < 2  # 64 prompts of 128 tokens: small
@@ -303,7 +305,8 @@ def test_every_shipped_config_starts_on_one_gpu(path):
             if g != "inpaint_generator" or app["args"].get("inpaint_model")
         )
     else:
-        needed = gpus_needed(load_config(path))
+        cfg = load_config(path)
+        needed = gpus_needed(cfg, kinds.get(cfg.job))
     assert needed <= 1, f"{path.name} needs {needed:g} GPUs to start"
 
 
@@ -311,9 +314,13 @@ def test_a_job_above_its_gpus_memory_gets_one_warning_line_naming_the_parts():
     from k3batch.gpus import memory_warnings
 
     base = load_config(REPO / "configs" / "base.yaml")
-    (line,) = memory_warnings(base, memory.GPU_GIB["A10G 24GB"], "NVIDIA A10G")
+    kind = kinds.get(base.job)
+    (line,) = memory_warnings(base, kind, memory.GPU_GIB["A10G 24GB"], "NVIDIA A10G")
     assert "generation actor: ~50.4 GiB" in line and "T5 encoder weights (bfloat16)" in line
     assert "does not fit NVIDIA A10G (22.0 GiB)" in line and "\n" not in line
-    assert memory_warnings(base, memory.GPU_GIB["H100 80GB"], "NVIDIA H100") == []
+    assert memory_warnings(base, kind, memory.GPU_GIB["H100 80GB"], "NVIDIA H100") == []
     small = load_config(REPO / "configs" / "base-24gb.yaml")
-    assert memory_warnings(small, memory.GPU_GIB["A10G 24GB"], "NVIDIA A10G") == []
+    assert (
+        memory_warnings(small, kinds.get(small.job), memory.GPU_GIB["A10G 24GB"], "NVIDIA A10G")
+        == []
+    )

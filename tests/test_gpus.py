@@ -17,6 +17,7 @@ import yaml
 
 from k3batch import gpus
 from k3batch.config import ConfigError, load_config
+from k3batch.job import kinds
 
 from .conftest import job_config
 from .test_cli import REPO, k3batch
@@ -27,7 +28,8 @@ def config(tmp_path, **sections):
 
 
 def test_gpus_needed_counts_every_pool_at_its_starting_size(tmp_path):
-    assert gpus.gpus_needed(config(tmp_path)) == 0
+    cfg = config(tmp_path)
+    assert gpus.gpus_needed(cfg, kinds.get(cfg.job)) == 0
     cfg = config(
         tmp_path,
         resources={
@@ -38,8 +40,8 @@ def test_gpus_needed_counts_every_pool_at_its_starting_size(tmp_path):
         },
         beautify={"enabled": True, "backend": "vllm", "model": "m", "vllm": {"num_engines": 2}},
     )
-    assert gpus.gpus_needed(cfg) == 2 * 1 + 3 * 0.5 + 2 * 1
-    assert [p.describe() for p in gpus.gpu_pools(cfg)] == [
+    assert gpus.gpus_needed(cfg, kinds.get(cfg.job)) == 2 * 1 + 3 * 0.5 + 2 * 1
+    assert [p.describe() for p in gpus.gpu_pools(cfg, kinds.get(cfg.job))] == [
         "resources (generation) 2 x 1",
         "resources.text_encoder_pool 3 x 0.5",
         "beautify.vllm 2 x 1",
@@ -50,24 +52,27 @@ def test_gpus_needed_counts_every_pool_at_its_starting_size(tmp_path):
         resources={"num_gpus_per_actor": 0.25, "text_encoder_pool": {"num_gpus_per_actor": 1}},
         beautify={"enabled": True, "backend": "openai", "model": "m"},
     )
-    assert gpus.gpus_needed(cfg) == 0.25
+    assert gpus.gpus_needed(cfg, kinds.get(cfg.job)) == 0.25
 
 
 def test_local_gpu_check_names_the_pools_and_the_numbers(tmp_path):
     fits = config(tmp_path, resources={"num_actors": 2, "num_gpus_per_actor": 0.5})
     fits.ray.num_gpus = 1
-    gpus.check_local_gpus(fits, local=True)
+    gpus.check_local_gpus(fits, kinds.get(fits.job), local=True)
     short = config(tmp_path, resources={"num_actors": 3, "num_gpus_per_actor": 0.5})
     short.ray.num_gpus = 1
     with pytest.raises(ConfigError, match=r"need 1\.5 GPUs \(resources \(generation\) 3 x 0\.5\)"):
-        gpus.check_local_gpus(short, local=True)
-    gpus.check_local_gpus(short, local=False)  # a cluster is checked once joined
+        gpus.check_local_gpus(short, kinds.get(short.job), local=True)
+    gpus.check_local_gpus(
+        short, kinds.get(short.job), local=False
+    )  # a cluster is checked once joined
     wide = config(tmp_path, resources={"num_gpus_per_actor": 2})
     wide.ray.num_gpus = 1
     with pytest.raises(ConfigError, match="but the local Ray has 1 "):
-        gpus.check_local_gpus(wide, local=True)
+        gpus.check_local_gpus(wide, kinds.get(wide.job), local=True)
     with pytest.raises(ConfigError, match="a fraction of a GPU only below 1"):
-        gpus.check_local_gpus(config(tmp_path, resources={"num_gpus_per_actor": 1.5}), True)
+        fraction = config(tmp_path, resources={"num_gpus_per_actor": 1.5})
+        gpus.check_local_gpus(fraction, kinds.get(fraction.job), True)
 
 
 @pytest.mark.slow
@@ -76,16 +81,19 @@ def test_a_cluster_short_of_gpus_warns_and_one_that_cannot_grow_enough_fails(
 ):
     cfg = config(tmp_path, resources={"num_gpus_per_actor": 1})
     with caplog.at_level(logging.WARNING, logger="k3batch.gpus"):
-        gpus.check_cluster_gpus(cfg)  # the test Ray has no GPU and no autoscaler config
+        gpus.check_cluster_gpus(
+            cfg, kinds.get(cfg.job)
+        )  # the test Ray has no GPU and no autoscaler config
     assert "the Ray cluster has 0 GPUs (at most 0 on a node) and this job's pools need 1" in (
         caplog.text
     )
     assert "wait for the autoscaler" in caplog.text
     # An autoscaler (v2) whose node groups hold 8 GPUs, at most 1 a node: 2 per actor never fits.
     monkeypatch.setattr(gpus, "autoscaler_limits", lambda: (8, 1))
-    gpus.check_cluster_gpus(cfg)
+    gpus.check_cluster_gpus(cfg, kinds.get(cfg.job))
     with pytest.raises(ConfigError, match="needs 2 on one node.*at most 1 on a node"):
-        gpus.check_cluster_gpus(config(tmp_path, resources={"num_gpus_per_actor": 2}))
+        wide = config(tmp_path, resources={"num_gpus_per_actor": 2})
+        gpus.check_cluster_gpus(wide, kinds.get(wide.job))
 
 
 ZERO_GPU_SCRIPT = textwrap.dedent(

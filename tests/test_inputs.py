@@ -265,6 +265,7 @@ def test_inpaint_rows_through_validate_prepare_generate(inpaint_stage, files):
 
 # ------------------------------------------------------------------ pre-flight
 def test_preflight_names_the_missing_member_files(tmp_path):
+    from k3batch.job import kinds
     from k3batch.job.preflight import check_model
 
     for sub in ("tokenizer", "text_encoder", "movq", "unet"):
@@ -280,7 +281,8 @@ def test_preflight_names_the_missing_member_files(tmp_path):
             "output": {"uri": "y"},
             "model": {"path": str(path), **model},
         }
-        check_model(load_config(data=data))
+        cfg = load_config(data=data)
+        check_model(cfg, kinds.get(cfg.job))
 
     check(tmp_path / "diff")
     check(tmp_path / "ref")
@@ -298,6 +300,7 @@ def test_flash_rows_through_validate_and_generate_report_what_flash_ignores(tiny
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from k3batch.job import kinds
     from k3batch.job.accounting import account
     from k3batch.job.inputs import InputInfo
     from k3batch.outputs import Output
@@ -334,6 +337,7 @@ def test_flash_rows_through_validate_and_generate_report_what_flash_ignores(tiny
     pq.write_table(pa.table(columns), meta / "part.parquet")
     data = {"input": {"uri": "x"}, "output": {"uri": str(tmp_path / "out")}}
     cfg = load_config(data=data)
-    counts = account(cfg, InputInfo(files=[], columns=[], num_rows=3), Output.from_config(cfg))
+    info = InputInfo(files=[], columns=[], num_rows=3)
+    counts = account(cfg, kinds.get(cfg.job), info, Output.from_config(cfg))
     assert counts["warnings_by_field"] == {"negative_prompt": 1, "guidance_scale": 1}
     assert counts["accounting"]["ok"]

@@ -14,6 +14,7 @@ from PIL import Image
 
 from k3batch import resume
 from k3batch.config import ConfigError, JobConfig, ModelConfig, load_config
+from k3batch.job import kinds
 from k3batch.model import estimates, family, memory
 from k3batch.model.kandinsky22 import members as k22_members
 from k3batch.rows.rules import RowRules
@@ -246,6 +247,7 @@ def test_beautified_prompts_fit_clips_77_tokens_for_k22_members():
 
 # ------------------------------------------------------------------ pre-flight and configs
 def test_preflight_names_the_missing_parts_of_local_k22_folders(tmp_path):
+    from k3batch.job import kinds
     from k3batch.job.preflight import check_model
 
     for part in ("unet", "movq"):
@@ -254,12 +256,12 @@ def test_preflight_names_the_missing_parts_of_local_k22_folders(tmp_path):
         (tmp_path / "prior" / part).mkdir(parents=True)
     cfg = job(model={"path": str(tmp_path / "decoder"), "prior_path": str(tmp_path / "prior")})
     with pytest.raises(ConfigError, match=r"^model.path: .*decoder has no scheduler for"):
-        check_model(cfg)
+        check_model(cfg, kinds.get(cfg.job))
     (tmp_path / "decoder" / "scheduler").mkdir()
     with pytest.raises(
         ConfigError, match=r"^model.prior_path: .* has no text_encoder, image_encoder, image_"
     ):
-        check_model(cfg)
+        check_model(cfg, kinds.get(cfg.job))
 
 
 @pytest.mark.parametrize("path", K22_CONFIGS, ids=lambda p: p.name)
@@ -270,7 +272,7 @@ def test_every_shipped_k22_config_validates(path):
         table = pq.read_table(REPO / cfg.input.uri)
         assert table.num_rows >= 2
         return
-    (gen,) = estimates.job_estimates(cfg)
+    (gen,) = estimates.job_estimates(cfg, kinds.get(cfg.job))
     assert gen.problem(memory.GPU_GIB[memory.DEFAULT_GPU]) is None
     assert any(part.startswith("prior weights (float16)") for part, _ in gen.estimate.parts)
 

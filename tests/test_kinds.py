@@ -27,10 +27,12 @@ def test_a_beautify_job_keeps_its_records_in_metadata_whatever_the_output_format
     data["job"] = "beautify"
     data["beautify"] = {"enabled": True, "backend": "openai", "openai": {"base_url": "http://x"}}
     data["output"]["format"] = "webdataset"
-    _, _, output, resumed = preflight(load_config(data=data))
+    cfg = load_config(data=data)
+    _, _, output, resumed = preflight(cfg, kinds.get(cfg.job))
     assert not resumed and output.format.records_dir == "metadata"
     text = dict(data, job="text_to_image", beautify={})
-    _, _, output, _ = preflight(load_config(data={**text, "output": {**data["output"], "overwrite": True}}))  # fmt: skip
+    cfg = load_config(data={**text, "output": {**data["output"], "overwrite": True}})
+    _, _, output, _ = preflight(cfg, kinds.get(cfg.job))
     assert output.format.records_dir == "shards"
 
 
@@ -43,7 +45,8 @@ def test_the_cpu_budget_and_the_gpu_check_read_the_same_pools(tmp_path, tiny_dir
         "text_encoder_pool": {"enabled": True, "num_actors": 2, "num_cpus_per_actor": 1},
     }
     cfg = load_config(data=data)
-    pools = kinds.job_pools(cfg)
+    kind = kinds.get(cfg.job)
+    pools = kind.pools(cfg)
     assert [p.name for p in pools] == ["resources (generation)", "resources.text_encoder_pool"]
-    assert reserved_cpus(cfg) == 3 * 2 + 2 * 1
-    assert [p.describe() for p in gpus.gpu_pools(cfg)] == ["resources (generation) 3 x 1"]
+    assert reserved_cpus(cfg, kind) == 3 * 2 + 2 * 1
+    assert [p.describe() for p in gpus.gpu_pools(cfg, kind)] == ["resources (generation) 3 x 1"]

@@ -95,15 +95,20 @@ def test_a_lora_that_does_not_fit_the_unet_fails_with_one_line(unet, tiny_dir, t
         lora.check(unet, down_only)
 
     # Pre-flight refuses it before Ray starts, against the checkpoint's meta-device UNet.
+    from k3batch.job import kinds
     from k3batch.job.preflight import check_model
+
+    def check(data):
+        cfg = load_config(data=data)
+        check_model(cfg, kinds.get(cfg.job))
 
     data = job_config(tmp_path, "in.parquet", tiny_dir)
     data["model"]["lora"] = [{"path": bad}]
     with pytest.raises(ConfigError, match=r"^model\.lora\[0\]\.path: LoRA .* does not fit "):
-        check_model(load_config(data=data))
+        check(data)
     data["model"]["lora"] = [{"path": str(tmp_path / "missing.safetensors")}]
     with pytest.raises(ConfigError, match="no such file"):
-        check_model(load_config(data=data))
+        check(data)
     data["model"]["lora"] = [{"path": bad, "scale": float("nan")}]
     with pytest.raises(ConfigError, match="model.lora.0.scale"):
         load_config(data=data)

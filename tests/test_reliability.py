@@ -16,6 +16,7 @@ from PIL import Image
 
 from k3batch.cli import main
 from k3batch.config import ConfigError, load_config
+from k3batch.job import kinds
 from k3batch.job.inputs import inspect_input
 from k3batch.job.run import run_job
 
@@ -198,7 +199,8 @@ def test_input_files_disagreeing_on_a_column_type_are_refused_at_start(tmp_path)
     pq.write_table(pa.table({"prompt": ["b"], "seed": ["x"]}), tmp_path / "in" / "b.parquet")
     data = {"input": {"uri": str(tmp_path / "in")}, "output": {"uri": str(tmp_path / "out")}}
     with pytest.raises(ConfigError) as err:
-        inspect_input(load_config(data=data))
+        cfg = load_config(data=data)
+        inspect_input(cfg, kinds.get(cfg.job))
     message = str(err.value)
     assert "column 'seed' is int64 in" in message and "but string in" in message
     assert "a.parquet" in message and "b.parquet" in message and "\n" not in message
@@ -536,8 +538,9 @@ def test_a_hub_model_that_is_not_there_stops_at_start(tmp_path):
         "output": {"uri": "y"},
         "model": {"path": "k3batch-test/no-such-model"},
     }
+    cfg = load_config(data=data)
     with pytest.raises(ConfigError, match=r"model.path: 'k3batch-test/no-such-model' is not in"):
-        check_model(load_config(data=data))
+        check_model(cfg, kinds.get(cfg.job))
 
 
 def test_a_cluster_too_small_for_the_actor_pools_gets_a_warning_naming_the_cpus(
@@ -552,11 +555,13 @@ def test_a_cluster_too_small_for_the_actor_pools_gets_a_warning_naming_the_cpus(
     have = int(ray.cluster_resources()["CPU"])
     data = small(tmp_path, prompts(tmp_path, 2), tiny_dir)
     data["resources"] = {**data.get("resources", {}), "num_actors": have, "num_cpus_per_actor": 1}
+    cfg = load_config(data=data)
     with caplog.at_level(logging.WARNING, logger="k3batch.job.local_ray"):
-        init_ray(load_config(data=data))  # Ray is already up: a cluster k3batch did not start
+        init_ray(cfg, kinds.get(cfg.job))  # Ray is already up: a cluster k3batch did not start
     assert f"the Ray cluster has {have} CPUs and this job needs {have + 1}" in caplog.text
     caplog.clear()
     data["resources"]["num_actors"] = have - 1
+    cfg = load_config(data=data)
     with caplog.at_level(logging.WARNING, logger="k3batch.job.local_ray"):
-        init_ray(load_config(data=data))
+        init_ray(cfg, kinds.get(cfg.job))
     assert "the Ray cluster has" not in caplog.text

@@ -80,7 +80,12 @@ def test_job_reads_a_bucket_and_writes_images_and_metadata_to_a_bucket(
 
 def test_named_profile_reaches_the_bucket(s3_server, s3_bucket, tmp_path, monkeypatch):
     """storage.profile: credentials from a named profile, none in the environment."""
+    from k3batch.job import kinds
     from k3batch.job.inputs import inspect_input
+
+    def inspect(data):
+        cfg = load_config(data=data)
+        return inspect_input(cfg, kinds.get(cfg.job))
 
     client, bucket = s3_bucket
     buf = io.BytesIO()
@@ -98,10 +103,10 @@ def test_named_profile_reaches_the_bucket(s3_server, s3_bucket, tmp_path, monkey
         "output": {"uri": f"s3://{bucket}/out"},
         "storage": {"endpoint_url": s3_server, "profile": "k3test"},
     }
-    assert inspect_input(load_config(data=data)).num_rows == 3
+    assert inspect(data).num_rows == 3
     data["storage"]["profile"] = "nosuchprofile"
     with pytest.raises(Exception, match="input.uri: cannot read"):
-        inspect_input(load_config(data=data))
+        inspect(data)
 
 
 def test_webdataset_shards_to_a_bucket_resume_and_renumber_there(

@@ -6,6 +6,7 @@ import pytest
 
 from k3batch import resume, schema
 from k3batch.config import ConfigError, JobConfig, ScoresConfig, load_config
+from k3batch.job import kinds
 from k3batch.job.preflight import check_model
 from k3batch.stages.scores import ScoresStage, check_scores, image_statistics
 
@@ -135,7 +136,7 @@ def test_unknown_classifier_label_or_model_fails_at_start_naming_the_field(score
         },
     )
     with pytest.raises(ConfigError) as e:
-        check_model(bad)  # pre-flight, before Ray starts or a model loads
+        check_model(bad, kinds.get(bad.job))  # pre-flight, before Ray starts or a model loads
     message = str(e.value)
     assert "\n" not in message and message.startswith("scores.classifiers[0].label: 'watermark'")
     assert "'nsfw'" in message  # the labels it has

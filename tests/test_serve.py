@@ -727,7 +727,7 @@ def test_upscale_route_answers_the_batch_stages_image(full, upscale_args):
     upscaling of that image with that seed; errors name the field."""
 
     from k3batch.config.upscale import UpscaleConfig
-    from k3batch.stages.loading import load_upscaler
+    from k3batch.model.superres.loading import load_upscaler
 
     picture = np.random.default_rng(3).integers(0, 256, (24, 16, 3), np.uint8)
     upload = {"image": ("p.png", png_bytes(Image.fromarray(picture)), "image/png")}

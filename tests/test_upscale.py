@@ -22,7 +22,7 @@ from PIL import Image
 from k3batch import schema
 from k3batch.config import ConfigError, load_config
 from k3batch.config.upscale import UpscaleConfig
-from k3batch.stages.loading import load_upscaler
+from k3batch.model.superres.loading import load_upscaler
 from k3batch.stages.upscale import UpscaleRowsStage, UpscaleStage
 
 from .conftest import job_config

@@ -4,21 +4,26 @@ from the written records."""
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from k3batch import schema
 from k3batch.config import JobConfig
-from k3batch.job import kinds
 from k3batch.job.inputs import InputInfo, value_counts
 from k3batch.outputs import Output, records
+
+if TYPE_CHECKING:
+    from k3batch.job.kinds import JobKind
+    from k3batch.rows import RowRules
 
 SHOWN_IDS = 100  # ids listed per accounting problem in run.json (all are counted)
 
 
-def account(cfg: JobConfig, info: InputInfo, output: Output) -> dict:
+def account(cfg: JobConfig, kind: JobKind, info: InputInfo, output: Output) -> dict:
     """Records expected = records out = ok + error, no record and no id twice: read back from
     the written records (across every run into this output, each once). A record is an image:
     a row asking for N images has N (`k` = 0 .. N-1), so records = rows x N. When records are
-    missing or doubled, the input is read again (through Ray, for its row hashes) to name them."""
+    missing or doubled, the input is read again (through Ray, for its row hashes) to name them,
+    each row's records counted by the job's `kind` (`record_rules`)."""
     import pyarrow.compute as pc
 
     table = records.read_records(
@@ -67,7 +72,7 @@ def account(cfg: JobConfig, info: InputInfo, output: Output) -> dict:
     failed = statuses.get(schema.STATUS_ERROR, 0)
     missing, unexpected = [], []
     if schema.ROW_HASH in table.column_names and (rows_out != expected or repeated_rows):
-        missing, unexpected = compare_with_input(cfg, info, table)
+        missing, unexpected = compare_with_input(cfg, kind.record_rules(cfg), info, table)
     out = {
         "rows_in": info.num_rows,
         "records_expected": expected,
@@ -114,7 +119,9 @@ def _fields_named(column) -> Counter:
     return found
 
 
-def compare_with_input(cfg: JobConfig, info: InputInfo, table) -> tuple[list, list]:
+def compare_with_input(
+    cfg: JobConfig, rules: RowRules, info: InputInfo, table
+) -> tuple[list, list]:
     """Ids of input records (images) without a record, and of records of no input row, by
     record hash (from the row hash: the identity Ray gives each input row; user ids may
     repeat). An image after a row's first is named `id/k`."""
@@ -122,7 +129,6 @@ def compare_with_input(cfg: JobConfig, info: InputInfo, table) -> tuple[list, li
     from k3batch.rows.records import derived_id, image_index, record_hashes, record_name
     from k3batch.rows.seeds import records_of
 
-    rules = kinds.get(cfg.job).record_rules(cfg)
     per_image = schema.RECORD_HASH in table.column_names
     ds = read_input(cfg, info.schema)
     id_column = cfg.input.id_column if cfg.input.id_column in info.columns else None

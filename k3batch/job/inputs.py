@@ -4,10 +4,14 @@ all files, and ids that repeat."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from k3batch import storage
 from k3batch.config import ConfigError, JobConfig
-from k3batch.job import kinds
+
+if TYPE_CHECKING:
+    from k3batch.job.kinds import JobKind
+    from k3batch.rows import RowRules
 
 
 @dataclass
@@ -26,9 +30,9 @@ class InputInfo:
             self.num_records = self.num_rows
 
 
-def inspect_input(cfg: JobConfig, images: bool = True) -> InputInfo:
-    """Parquet footers only: the input exists, has the prompt column, and how many rows
-    (and, for a kind that makes `images`, how many images its rows ask for)."""
+def inspect_input(cfg: JobConfig, kind: JobKind) -> InputInfo:
+    """Parquet footers only: the input exists, has the columns the job's `kind` needs, and
+    how many rows (and, for a kind that makes images, how many images its rows ask for)."""
     import pyarrow.dataset as pads
 
     fs, path = storage.filesystem(cfg.input.uri, cfg.storage.model_dump())
@@ -58,7 +62,7 @@ def inspect_input(cfg: JobConfig, images: bool = True) -> InputInfo:
         ) from None
     schema = unified_schema(files, schemas)
     columns = schema.names
-    for name, column in kinds.get(cfg.job).input_columns(cfg).items():
+    for name, column in kind.input_columns(cfg).items():
         if column not in columns:
             raise ConfigError(
                 f"{name}: column {column!r} is not in the input table "
@@ -80,8 +84,8 @@ def inspect_input(cfg: JobConfig, images: bool = True) -> InputInfo:
             raise ConfigError(f"input.uri: cannot read {cfg.input.uri}: {e}") from None
         duplicates = repeated_ids(ids.column(0), cfg.input.id_column)
     num_records = num_rows
-    if images:
-        num_records = count_images(cfg, files, fs, schema, num_rows)
+    if kind.makes_images:
+        num_records = count_images(cfg, kind.record_rules(cfg), files, fs, schema, num_rows)
     return InputInfo(
         files=files,
         columns=columns,
@@ -92,14 +96,14 @@ def inspect_input(cfg: JobConfig, images: bool = True) -> InputInfo:
     )
 
 
-def count_images(cfg: JobConfig, files, fs, schema, num_rows: int) -> int:
+def count_images(cfg: JobConfig, rules: RowRules, files, fs, schema, num_rows: int) -> int:
     """Images the rows ask for, counted as validation reads each row's
-    `num_images_per_prompt` (a bad value is one error record)."""
+    `num_images_per_prompt` (a bad value is one error record). `rules`: the kind's
+    `record_rules`."""
     import pyarrow.dataset as pads
 
     from k3batch.rows.seeds import records_of
 
-    rules = kinds.get(cfg.job).record_rules(cfg)
     if rules.images_column is None or rules.images_column not in schema.names:
         return num_rows * rules.num_images_per_prompt
     try:

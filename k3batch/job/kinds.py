@@ -6,6 +6,9 @@ whether it makes images, and how its output is finished and summarised. Adding a
 adding one module under `pipelines/` (and its name to `JobConfig.job`). `k3batch` looks
 kinds up by name here, the one place it reaches into `pipelines/`, so imports between the
 two stay one-way.
+
+`run_job` looks the job's kind up once and carries it: as an argument to pre-flight, the
+input inspection, Ray start-up and accounting, and in the `JobContext` a kind's `run` gets.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class JobContext:
-    """What the runner hands a kind's `run`: the input it inspected and the job's services."""
+    """What the runner hands a kind's `run`: the job's kind, the input it inspected and the
+    job's services."""
 
+    kind: JobKind
     output: Output
     num_rows: int
     num_records: int | None = None  # records to write (images); None: num_rows
@@ -73,6 +78,8 @@ class JobKind:
         return cfg.output.format
 
     def pools(self, cfg: JobConfig) -> list[Pool]:
+        """Every actor pool of the job: the one list the CPU budget (`job.local_ray`) and the
+        GPU checks (`k3batch.gpus`) read."""
         raise NotImplementedError
 
     def prepare(self, cfg: JobConfig) -> None:
@@ -87,11 +94,6 @@ class JobKind:
     def output_lines(self, run: dict) -> list[str]:
         """The summary's lines naming where this kind's output is."""
         raise NotImplementedError
-
-
-def job_pools(cfg: JobConfig) -> list[Pool]:
-    """Every actor pool of the job, as its kind declares them."""
-    return get(cfg.job).pools(cfg)
 
 
 def get(name: str) -> JobKind:

@@ -13,10 +13,13 @@ import math
 import os
 import re
 import sys
+from typing import TYPE_CHECKING
 
 from k3batch import gpus
 from k3batch.config import ConfigError, JobConfig
-from k3batch.job.kinds import job_pools
+
+if TYPE_CHECKING:
+    from k3batch.job.kinds import JobKind
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +29,17 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def reserved_cpus(cfg: JobConfig) -> float:
-    """CPUs the job's actor pools hold for the whole run, at their starting sizes."""
-    return sum(p.actors * p.cpus_each for p in job_pools(cfg))
+def reserved_cpus(cfg: JobConfig, kind: JobKind) -> float:
+    """CPUs the job's actor pools (as its `kind` declares them) hold for the whole run, at
+    their starting sizes."""
+    return sum(p.actors * p.cpus_each for p in kind.pools(cfg))
 
 
-def cpus_needed(cfg: JobConfig) -> int:
+def cpus_needed(cfg: JobConfig, kind: JobKind) -> int:
     """Logical CPUs the job cannot run with fewer of: its actor pools' plus one whole CPU,
     as Ray Data's list-files, read and repartition tasks ask one each. With none left those
     tasks are never scheduled and the job hangs without a word from Ray."""
-    return math.ceil(reserved_cpus(cfg) + 1)
+    return math.ceil(reserved_cpus(cfg, kind) + 1)
 
 
 # On resume Ray adds a CheckpointFilter actor pool that reserves one whole CPU (Ray 2.60
@@ -54,42 +58,43 @@ def starts_local_ray(cfg: JobConfig) -> bool:
     return not ray_address(cfg) and not (ray is not None and ray.is_initialized())
 
 
-def check_local_cpus(cfg: JobConfig) -> None:
+def check_local_cpus(cfg: JobConfig, kind: JobKind) -> None:
     local = not ray_address(cfg)
-    if local and cfg.ray.num_cpus is not None and cfg.ray.num_cpus < cpus_needed(cfg):
+    need = cpus_needed(cfg, kind)
+    if local and cfg.ray.num_cpus is not None and cfg.ray.num_cpus < need:
         raise ConfigError(
             f"ray.num_cpus: {cfg.ray.num_cpus} CPUs cannot run this job: its actor pools "
-            f"reserve {reserved_cpus(cfg):g} (resources.num_actors x "
+            f"reserve {reserved_cpus(cfg, kind):g} (resources.num_actors x "
             "resources.num_cpus_per_actor, plus the text encoder and beautify pools) and Ray "
-            f"Data's own tasks need one more; set ray.num_cpus to {cpus_needed(cfg)} or more, "
+            f"Data's own tasks need one more; set ray.num_cpus to {need} or more, "
             "or leave it unset"
         )
 
 
-def local_num_cpus(cfg: JobConfig, resumed: bool) -> int:
+def local_num_cpus(cfg: JobConfig, kind: JobKind, resumed: bool) -> int:
     """Logical CPUs of a new local Ray instance: ray.num_cpus, else the machine's, but at
     least `cpus_needed`. A small machine then counts more CPUs than it has: the tasks that
     need the extra one are short, and the actors' threads are what keep the cores busy. A
     resumed run counts CHECKPOINT_FILTER_CPUS more.
     """
-    cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, cpus_needed(cfg))
+    cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, cpus_needed(cfg, kind))
     return cpus + (CHECKPOINT_FILTER_CPUS if resumed else 0)
 
 
-def warn_if_cluster_short(cfg: JobConfig, resumed: bool) -> None:
+def warn_if_cluster_short(cfg: JobConfig, kind: JobKind, resumed: bool) -> None:
     """A cluster we did not start may be too small for the job (until its autoscaler adds
     nodes): say so, since Ray Data waits without a word."""
     import ray
 
     have = ray.cluster_resources().get("CPU", 0)
-    need = cpus_needed(cfg) + (CHECKPOINT_FILTER_CPUS if resumed else 0)
+    need = cpus_needed(cfg, kind) + (CHECKPOINT_FILTER_CPUS if resumed else 0)
     if have < need:
         log.warning(
             "k3batch: the Ray cluster has %g CPUs and this job needs %d (actor pools %g, "
             "plus one for Ray Data's tasks%s): it will wait until the cluster grows",
             have,
             need,
-            reserved_cpus(cfg),
+            reserved_cpus(cfg, kind),
             ", plus one for resume's checkpoint filter" if resumed else "",
         )
 
@@ -229,9 +234,10 @@ def _drop_ray_data_actor_args_error() -> None:
     atexit.register(restore)
 
 
-def init_ray(cfg: JobConfig, resumed: bool = False) -> None:
-    """Join ray.address / RAY_ADDRESS, else start a local Ray of this job's own. A failure
-    to do either is one ConfigError line naming the field and Ray's own first line."""
+def init_ray(cfg: JobConfig, kind: JobKind, resumed: bool = False) -> None:
+    """Join ray.address / RAY_ADDRESS, else start a local Ray of this job's own, sized for
+    the pools of the job's `kind`. A failure to do either is one ConfigError line naming the
+    field and Ray's own first line."""
     tty = sys.stderr.isatty()
     if not tty:
         # Model-loading bars (tqdm) in a log are \r-redraw noise; local workers inherit this.
@@ -277,7 +283,7 @@ def init_ray(cfg: JobConfig, resumed: bool = False) -> None:
                 # a crashed `ray start` left in /tmp/ray/ray_current_cluster (without an
                 # address, ray.init would try to join that and fail).
                 "address": "local",
-                "num_cpus": local_num_cpus(cfg, resumed),
+                "num_cpus": local_num_cpus(cfg, kind, resumed),
                 "num_gpus": cfg.ray.num_gpus,
                 "object_store_memory": (cfg.ray.object_store_memory_mb or 0) * 2**20 or None,
                 "include_dashboard": False,
@@ -293,8 +299,8 @@ def init_ray(cfg: JobConfig, resumed: bool = False) -> None:
         _drop_ray_data_actor_args_error()
         _quiet_ray_data_console()
     if not started_here:
-        warn_if_cluster_short(cfg, resumed)
-        gpus.check_cluster_gpus(cfg)
+        warn_if_cluster_short(cfg, kind, resumed)
+        gpus.check_cluster_gpus(cfg, kind)
     ctx = DataContext.get_current()
     # Progress bars redraw many times a second: fine on a terminal, a flood in job logs.
     ctx.enable_progress_bars = tty

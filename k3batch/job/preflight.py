@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import logging
 import os
-import re
+from typing import TYPE_CHECKING
 
 from k3batch import gpus, resume, storage
 from k3batch.config import ConfigError, JobConfig
-from k3batch.job import kinds
 from k3batch.job.inputs import InputInfo, inspect_input
 from k3batch.job.local_ray import check_local_cpus, starts_local_ray
+from k3batch.model import hub
 from k3batch.outputs import ENTRIES, Output
+
+if TYPE_CHECKING:
+    from k3batch.job.kinds import JobKind
 
 log = logging.getLogger(__name__)
 
-_HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_paths(cfg: JobConfig) -> JobConfig:
@@ -51,24 +53,24 @@ def check_upscaler(cfg: JobConfig) -> None:
             raise ConfigError(
                 f"upscale.path: {u.path} has no {name} (the upscale.model={u.model} checkpoint)"
             )
-    elif not os.path.isfile(u.path) and not _HF_REPO_ID.match(u.path):
+    elif not os.path.isfile(u.path) and not hub.looks_like_repo_id(u.path):
         raise ConfigError(
             f"upscale.path: {u.path!r} is neither a checkpoint file, a directory nor a Hugging "
             "Face repo id"
         )
 
 
-def check_model(cfg: JobConfig) -> None:
+def check_model(cfg: JobConfig, kind: JobKind) -> None:
     b = cfg.beautify
     local_llm = b.make_tiny or os.path.isdir(b.model)
     if b.enabled and b.backend == "vllm" and not local_llm:  # noqa: SIM102 - reads as two rules
-        if os.path.exists(b.model) or not _HF_REPO_ID.match(b.model):
+        if os.path.exists(b.model) or not hub.looks_like_repo_id(b.model):
             raise ConfigError(
                 f"beautify.model: {b.model!r} is neither a model directory nor a Hugging Face "
                 "repo id"
             )
     check_upscaler(cfg)
-    if not kinds.get(cfg.job).uses_diffusion_model:
+    if not kind.uses_diffusion_model:
         return
     from k3batch.model import family
     from k3batch.stages.scores import check_scores
@@ -98,7 +100,7 @@ def check_weights(checks, member: str) -> None:
                     f"model.name={member}{c.note}"
                 )
             continue
-        if os.path.exists(c.path) or not _HF_REPO_ID.match(c.path):
+        if os.path.exists(c.path) or not hub.looks_like_repo_id(c.path):
             raise ConfigError(
                 f"{c.field}: {c.path!r} is neither a {c.what} nor a Hugging Face repo id"
             )
@@ -132,7 +134,7 @@ def check_conditioning(cfg: JobConfig) -> None:
     if os.path.isdir(encoder):
         if not os.path.isfile(os.path.join(encoder, "config.json")):
             raise ConfigError(f"{field}: {encoder} has no config.json (a CLIP vision model)")
-    elif os.path.exists(encoder) or not _HF_REPO_ID.match(encoder):
+    elif os.path.exists(encoder) or not hub.looks_like_repo_id(encoder):
         raise ConfigError(
             f"{field}: {encoder!r} is neither a local folder nor a Hugging Face repo id"
         )
@@ -230,16 +232,17 @@ def prepare_output(cfg: JobConfig, output: Output) -> bool:
         ) from None
 
 
-def preflight(cfg: JobConfig) -> tuple[JobConfig, InputInfo, Output, bool]:
-    """Everything that can fail before Ray starts and before any model loads."""
+def preflight(cfg: JobConfig, kind: JobKind) -> tuple[JobConfig, InputInfo, Output, bool]:
+    """Everything that can fail before Ray starts and before any model loads. `kind`: the
+    job's kind (`job.kinds.get(cfg.job)`)."""
     cfg = resolve_paths(cfg)
-    check_local_cpus(cfg)
+    check_local_cpus(cfg, kind)
     local = starts_local_ray(cfg)
-    gpus.check_local_gpus(cfg, local=local)
+    gpus.check_local_gpus(cfg, kind, local=local)
     if local:
-        gpus.warn_local_gpu_memory(cfg)
-    info = inspect_input(cfg, images=kinds.get(cfg.job).makes_images)
-    check_model(cfg)
-    output = Output.from_config(cfg, kinds.get(cfg.job).output_format(cfg))
+        gpus.warn_local_gpu_memory(cfg, kind)
+    info = inspect_input(cfg, kind)
+    check_model(cfg, kind)
+    output = Output.from_config(cfg, kind.output_format(cfg))
     resumed = prepare_output(cfg, output)
     return cfg, info, output, resumed

@@ -13,7 +13,7 @@ from k3batch.config import ConfigError, JobConfig
 from k3batch.job import kinds
 from k3batch.job.accounting import account
 from k3batch.job.failures import JobFailed, failure_message
-from k3batch.job.kinds import JobContext
+from k3batch.job.kinds import JobContext, JobKind
 from k3batch.job.local_ray import init_ray
 from k3batch.job.preflight import preflight
 from k3batch.outputs import records
@@ -24,6 +24,7 @@ from k3batch.testing import faults
 @dataclass
 class RunResult:
     run: dict = field(default_factory=dict)
+    kind: JobKind | None = None  # the job's kind (its summary lines)
 
     @property
     def ok(self) -> bool:
@@ -59,14 +60,15 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
     """Run the job; `reporter` (the CLI's) prints live progress, replacing Ray Data's bars."""
     started = time.time()
     started_at = datetime.now(UTC).isoformat()
+    # The one look-up of the job's kind: everything below gets it from here.
     kind = kinds.get(cfg.job)
-    cfg, info, output, resumed = preflight(cfg)
+    cfg, info, output, resumed = preflight(cfg, kind)
     if resumed and not kind.resumes:
         raise ConfigError(
             f"output.uri: {cfg.output.uri} already holds this {cfg.job} job; {cfg.job} jobs "
             "do not resume: pass --overwrite"
         )
-    init_ray(cfg, resumed)
+    init_ray(cfg, kind, resumed)
     kind.prepare(cfg)
     if cfg.beautify.enabled and cfg.beautify.make_tiny:
         from k3batch.testing.tiny_llm import make_tiny_llm
@@ -85,6 +87,7 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
         try:
             # The tracker's actor is also the job's crash journal (progress.JobActor).
             ctx = JobContext(
+                kind,
                 output,
                 info.num_rows,
                 info.num_records,
@@ -109,7 +112,7 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
     )
     skipped = records.count_rows(output, [f for f in after if f in before])
     kind.finalise(cfg, ctx)
-    counts = account(cfg, info, output)
+    counts = account(cfg, kind, info, output)
     wall = time.time() - started
     run = {
         "k3batch_version": __version__,
@@ -136,4 +139,4 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
     }
     fs, root = output.filesystem()
     fs.pipe_file(f"{root}/run.json", json.dumps(run, indent=2).encode())
-    return RunResult(run=run)
+    return RunResult(run=run, kind=kind)

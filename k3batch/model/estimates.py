@@ -15,14 +15,13 @@ def generation_estimate(model, **settings) -> MemoryEstimate:
     return family.of(model.name).memory_estimate(model, **settings)
 
 
-def job_estimates(cfg) -> list[ActorMemory]:
-    """The GPU actors of a batch job (a JobConfig): generation, and the T5 pool if enabled.
+def job_estimates(cfg, kind) -> list[ActorMemory]:
+    """The GPU actors of a batch job (a JobConfig, and its `job.kinds.JobKind`): generation,
+    and the T5 pool if enabled.
 
     Rows may ask for any size up to `limits.max_side`, so the estimate takes the largest.
     """
-    from k3batch.job import kinds
-
-    if not kinds.get(cfg.job).uses_diffusion_model:
+    if not kind.uses_diffusion_model:
         return upscale_estimates(cfg)
     r, g = cfg.resources, cfg.generation
     pool = r.text_encoder_pool

@@ -11,8 +11,6 @@ the rows of a job may bring. Adding a family is adding its package and one entry
 
 from __future__ import annotations
 
-import re
-
 from k3batch.model.kandinsky3 import family as kandinsky3
 from k3batch.model.kandinsky3.members import BASE, FLASH, INPAINT
 from k3batch.model.kandinsky22 import family as kandinsky22
@@ -27,9 +25,6 @@ DEFAULT = BASE  # `model.name` when the config names none
 
 __all__ = ["BASE", "FLASH", "INPAINT", "K22", "K22_DEPTH", "K22_INPAINT"]
 
-_HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 def of(name: str) -> Family:
     """The family that declares member `name`."""
     return FAMILIES[MEMBERS[name].family]
@@ -40,12 +35,6 @@ def members_with(**capabilities) -> list[str]:
     return [
         m.name for m in MEMBERS.values() if all(getattr(m, k) == v for k, v in capabilities.items())
     ]
-
-
-def is_hub_id(path: str) -> bool:
-    import os
-
-    return bool(_HF_REPO_ID.match(path)) and not os.path.exists(path)
 
 
 def row_capabilities(model) -> RowCapabilities:

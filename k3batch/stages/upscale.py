@@ -150,7 +150,7 @@ class UpscaleStage(Stage):
     ):
         """`field`: what a row's error names when its image cannot be upscaled (the image
         column of `job: upscale`; `upscale` after generation, whose image k3batch made)."""
-        from k3batch.stages.loading import load_upscaler, upscaler_label
+        from k3batch.model.superres.loading import load_upscaler, upscaler_label
 
         if torch_threads:
             import torch

@@ -44,12 +44,11 @@ def make_tiny_sr_folder(path: str, flash: bool = False) -> str:
     it and a tiny Kandinsky 3 checkpoint, reference layout, in `path`/kandinsky3: ~30 s, so
     only when asked), and
     `k3batch_config.json` with the SR UNets' architecture (which
-    `stages.loading.load_upscaler` reads). Files already there are kept."""
+    `model.superres.loading.load_upscaler` reads). Files already there are kept."""
     import json
 
     from k3batch.model.superres.pipeline import CHECKPOINTS
-    from k3batch.model.superres.sr_unet import TINY_SR_UNET
-    from k3batch.stages.loading import TINY_SR_CONFIG_FILE
+    from k3batch.model.superres.sr_unet import TINY_SR_CONFIG_FILE, TINY_SR_UNET
 
     os.makedirs(path, exist_ok=True)
     for scale, name in CHECKPOINTS.items():

@@ -14,7 +14,7 @@ import shutil
 
 import torch
 
-from k3batch.model import family
+from k3batch.model import hub
 from k3batch.model import loading as shared_loading
 from k3batch.model.kandinsky3 import layout, loading
 from k3batch.model.kandinsky3 import members as k3_members
@@ -79,7 +79,7 @@ def convert(
         # Kandinsky 2.2 ships in diffusers' layout already: nothing to convert.
         raise KeyError(f"--members: {', '.join(unknown)} not one of {', '.join(k3_members.NAMES)}")
     wanted = [k3_members.MEMBERS[n] for n in (members or k3_members.NAMES)]
-    if family.is_hub_id(src):
+    if hub.is_hub_id(src):
         src = loading.reference_download(src, wanted)
     root = layout.reference_root(src)
     if root is None:

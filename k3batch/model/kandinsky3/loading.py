@@ -22,7 +22,7 @@ from diffusers import Kandinsky3UNet
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from k3batch.model import family
+from k3batch.model import hub
 from k3batch.model.kandinsky3 import keymap
 from k3batch.model.kandinsky3 import layout as files
 from k3batch.model.loading import DTYPES, build, load_pickle, per_component, resolve_device
@@ -133,7 +133,7 @@ def load_text(
     dtype = DTYPES[per_component(dtype, "text_encoder")]
     device = resolve_device(per_component(device, "text_encoder"))
     if layout == files.LAYOUT_REFERENCE:
-        if family.is_hub_id(path):
+        if hub.is_hub_id(path):
             path = reference_download(path, [])
         return _reference_text(_reference_root(path), dtype, device)
     return _diffusers_text(path, dtype, device, variant)
@@ -295,7 +295,7 @@ def _reference_text(root: str, dtype, device):
 
 
 def _load_reference(path, members, dtypes, devices, with_text=True) -> Components:
-    if family.is_hub_id(path):
+    if hub.is_hub_id(path):
         path = reference_download(path, members, text=with_text)
     root = _reference_root(path)
     tokenizer = text_encoder = None

@@ -46,6 +46,10 @@ TINY_SR_UNET = dict(
     dim_mult=(1, 2, 2, 4),
     num_resnet_blocks=(2, 2, 2, 2),
 )
+# Beside a tiny KandiSuperRes set (`upscale.make_tiny`): the UNet's architecture, which
+# `superres.loading.load_upscaler` reads. Here, not in `loading`, so that the tiny set's
+# builder (`testing.tiny_sr`), which `loading` calls, need not import `loading` back.
+TINY_SR_CONFIG_FILE = "k3batch_config.json"
 # Each level but the last halves the resolution.
 SIZE_MULTIPLE = 8
 

@@ -1,6 +1,9 @@
-"""Loading the upscaling stage's model (KandiSuperRes) once per actor, from the job's typed
-`upscale:` settings. The generation and text-encoder stages load their model through its
-family (`k3batch.model.family.of(name).load(model)`)."""
+"""Loading KandiSuperRes (x4, x2, Flash x2) once per actor from the job's typed upscale
+settings (`config.upscale.UpscaleConfig`): which checkpoint file, the tiny set of
+`upscale.make_tiny`, and the label the `upscale_model` column records.
+
+Light at import: torch and the models load inside `load_upscaler`.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from k3batch.config.upscale import UpscaleConfig
-
-# Beside a tiny KandiSuperRes set (`upscale.make_tiny`): the UNet's architecture.
-TINY_SR_CONFIG_FILE = "k3batch_config.json"
 
 
 def ensure_tiny_upscaler(upscale: UpscaleConfig) -> None:
@@ -33,12 +33,12 @@ def flash_kandinsky3_path(upscale: UpscaleConfig) -> str:
 def upscaler_file(upscale: UpscaleConfig) -> str:
     """The checkpoint file of `upscale.model`: in the directory `path`, the file `path`,
     or fetched from the Hugging Face repo `path`."""
-    from k3batch.model import family
+    from k3batch.model import hub
 
     name = upscale.file_name
     if os.path.isdir(upscale.path):
         return os.path.join(upscale.path, name)
-    if family.is_hub_id(upscale.path):
+    if hub.is_hub_id(upscale.path):
         from huggingface_hub import hf_hub_download
 
         return hf_hub_download(upscale.path, name)
@@ -52,6 +52,7 @@ def load_upscaler(upscale: UpscaleConfig):
 
     from k3batch.model.loading import resolve_device
     from k3batch.model.superres.pipeline import KandiSuperRes
+    from k3batch.model.superres.sr_unet import TINY_SR_CONFIG_FILE
 
     ensure_tiny_upscaler(upscale)
     file = upscaler_file(upscale)
