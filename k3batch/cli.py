@@ -31,14 +31,16 @@ SUBMIT_ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 RUN_RAY = (
     "Ray: with ray.address (or RAY_ADDRESS) set, the job joins that cluster or fails within "
     "seconds with one line (exit code 2); without one it starts a fresh local Ray of its own, "
-    "never a cluster a `ray start` on this machine recorded (set ray.address: auto for that)."
+    "never a cluster a `ray start` on this machine recorded (ray.address: auto joins the Ray "
+    "running here)."
 )
 SERVE_RAY = (
     "Ray: with --address (or RAY_ADDRESS), the server joins that cluster (host:port, "
-    "ray://host:port, or auto: the one `ray start` recorded here) or fails within seconds "
+    "ray://host:port, or auto: the Ray running on this machine) or fails within seconds "
     "with one line (exit code 2); without one it starts a fresh local Ray of its own. "
     "Deployments whose replicas the Ray cannot place are refused at start (exit code 2). "
-    "SIGTERM or Ctrl-C shuts Serve and Ray down (exit code 0)."
+    "SIGTERM or Ctrl-C shuts Serve and Ray down (on a joined cluster: this config's "
+    "applications, and Serve if none is left), exit code 0."
 )
 SUBMIT_RAY = (
     "The job runs on the cluster whose dashboard --address names (else RAY_API_SERVER_ADDRESS "

@@ -79,8 +79,8 @@ def set_environment(where: Target) -> None:
 
 
 def _recorded() -> str | None:
-    """The address `auto` stands for: the cluster the last `ray start` here recorded (Ray's
-    own lookup, a private API: without it, None)."""
+    """The address `auto` stands for: the cluster the last `ray start` here recorded, else a
+    Ray running on this machine (Ray's own lookup, a private API: without it, None)."""
     quiet = logging.getLogger("ray._private.services")  # its "multiple instances" warning
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -118,7 +118,7 @@ def unreachable(address: str) -> str | None:
         socket.create_connection(host_port, timeout=RAY_CONNECT_TIMEOUT_S).close()
     except OSError as e:
         why = f"{type(e).__name__}: {e}"
-        return f"{why} (auto: {recorded}, recorded by `ray start`)" if recorded else why
+        return f"{why} (auto is {recorded} here)" if recorded else why
     return None
 
 

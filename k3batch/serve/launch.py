@@ -149,5 +149,19 @@ def serve_forever(
         print("k3batch: stopping the server", file=sys.stderr, flush=True)
     finally:
         if started_serve:
-            serve.shutdown()
+            _stop_serve(state != "started", [app.get("name", "default") for app, _ in built])
         ray.shutdown()
+
+
+def _stop_serve(joined: bool, names: list[str]) -> None:
+    """On a Ray of our own, all of Serve. On a cluster we joined, the applications this
+    config deployed, and Serve itself only when no other application is left: others may
+    serve from the same cluster."""
+    from ray import serve
+
+    if joined:
+        for name in names:
+            serve.delete(name)
+        if serve.status().applications:
+            return
+    serve.shutdown()
