@@ -182,7 +182,7 @@ def main() -> None:
     if warm:
         ray.shutdown()
         # One actor per core leaves no CPU for Ray Data's tasks: start Ray as `k3batch run`
-        # would (job.local_ray.local_num_cpus), the actors' CPUs plus one.
+        # would (ray_start.budget.local_num_cpus), the actors' CPUs plus one.
         ray.init(num_cpus=cpus + 1, include_dashboard=False, logging_level="ERROR")
     pipe_b, actor_b, short_b, long_b = marginal(model_dir, tmp, short, long, cpus, per_core, warm)
     ray.shutdown()

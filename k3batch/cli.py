@@ -25,6 +25,30 @@ def _write_report(output: str, args, storage_settings: dict | None = None) -> st
         return None
 
 
+# Where `submit` finds the dashboard without --address (Ray's own `ray job submit` reads these).
+SUBMIT_ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+
+RUN_RAY = (
+    "Ray: with ray.address (or RAY_ADDRESS) set, the job joins that cluster or fails within "
+    "seconds with one line (exit code 2); without one it starts a fresh local Ray of its own, "
+    "never a cluster a `ray start` on this machine recorded (ray.address: auto joins the Ray "
+    "running here)."
+)
+SERVE_RAY = (
+    "Ray: with --address (or RAY_ADDRESS), the server joins that cluster (host:port, "
+    "ray://host:port, or auto: the Ray running on this machine) or fails within seconds "
+    "with one line (exit code 2); without one it starts a fresh local Ray of its own. "
+    "Deployments whose replicas the Ray cannot place are refused at start (exit code 2). "
+    "SIGTERM or Ctrl-C shuts Serve and Ray down (on a joined cluster: this config's "
+    "applications, and Serve if none is left), exit code 0."
+)
+SUBMIT_RAY = (
+    "The job runs on the cluster whose dashboard --address names (else RAY_API_SERVER_ADDRESS "
+    "or RAY_ADDRESS); one that cannot be reached is one line within seconds (exit code 2). "
+    "Nothing starts on this machine."
+)
+
+
 def _positive_int(raw: str) -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number above 0, got {raw!r}")
@@ -157,13 +181,14 @@ def _serve(args) -> int:
 
 def _submit(args) -> int:
     from k3batch.config import ConfigError
-    from k3batch.submit import default_address, submit
+    from k3batch.ray_start.connect import target
+    from k3batch.submit import submit
 
-    address = args.address or default_address()
-    if not address:
+    where = target(args.address, "--address", env=SUBMIT_ADDRESS_ENV)
+    if where.local:
         raise ConfigError("submit needs --address http://HEAD:8265 (or RAY_ADDRESS)")
     return submit(
-        address,
+        where,
         args.config,
         args.set,
         wait=args.wait,
@@ -208,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="k3batch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a batch job described by a YAML config")
+    run = sub.add_parser(
+        "run", help="run a batch job described by a YAML config", description=RUN_RAY
+    )
     run.add_argument("config", help="job config (YAML), e.g. configs/demo.yaml")
     _add_set(run, "override a config field, e.g. --set resources.batch_size=8 (repeatable)")
     run.add_argument(
@@ -276,10 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.set_defaults(func=_make_tiny)
 
-    sbm = sub.add_parser("submit", help="submit a job to a Ray cluster (Ray Jobs API)")
+    sbm = sub.add_parser(
+        "submit", help="submit a job to a Ray cluster (Ray Jobs API)", description=SUBMIT_RAY
+    )
     sbm.add_argument("config", help="job config (YAML) inside the project directory")
     sbm.add_argument(
-        "--address", help="the cluster's dashboard, e.g. http://HEAD:8265 (default: RAY_ADDRESS)"
+        "--address",
+        help="the cluster's dashboard, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
+        "else RAY_ADDRESS; one is required); unreachable: one line and exit code 2",
     )
     sbm.add_argument(
         "--wait", action="store_true", help="stream the logs and exit with the job's outcome"
@@ -289,11 +320,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(sbm, "override a config field on the cluster (repeatable)")
     sbm.set_defaults(func=_submit)
 
-    srv = sub.add_parser("serve", help="serve a Ray Serve config (OpenAI Images API endpoint)")
+    srv = sub.add_parser(
+        "serve",
+        help="serve a Ray Serve config (OpenAI Images API endpoint)",
+        description=SERVE_RAY,
+    )
     srv.add_argument("config", help="Serve config (YAML), e.g. configs/serve-demo.yaml")
     srv.add_argument("--host", help="override http_options.host")
     srv.add_argument("--port", type=int, help="override http_options.port")
-    srv.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or a local Ray)")
+    srv.add_argument(
+        "--address",
+        help="Ray cluster to join, e.g. 10.0.0.5:6379 or auto; unreachable: one line and exit "
+        "code 2 (default: RAY_ADDRESS; without either, a fresh local Ray, never a recorded one)",
+    )
     _add_set(
         srv,
         "override a field of the first application's args, e.g. --set batching.max_batch_size=8",

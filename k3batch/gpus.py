@@ -53,7 +53,7 @@ def _needs(pools: list[Pool]) -> str:
     return " + ".join(p.describe() for p in pools)
 
 
-def _check_fractions(pools: list[Pool]) -> None:
+def check_fractions(pools: list[Pool]) -> None:
     for p in pools:
         if p.gpus_each > 1 and p.gpus_each != int(p.gpus_each):
             # Ray refuses such a request when the actor is created, deep in the run.
@@ -81,9 +81,9 @@ def detected_gpus() -> int | None:
 def check_local_gpus(cfg: JobConfig, kind: JobKind, local: bool) -> None:
     """A local Ray that k3batch starts has the machine's GPUs (or ray.num_gpus): a job whose
     pools need more can never start. `local`: k3batch will start that Ray
-    (`job.local_ray.starts_local_ray`)."""
+    (`ray_start.budget.starts_local_ray`)."""
     pools = gpu_pools(cfg, kind)
-    _check_fractions(pools)
+    check_fractions(pools)
     if not local or not pools:
         return  # a cluster, or a Ray already up, is checked once joined (check_cluster_gpus)
     have = cfg.ray.num_gpus if cfg.ray.num_gpus is not None else detected_gpus()
@@ -143,8 +143,14 @@ def cluster_gpus() -> tuple[float, float]:
 
 
 def autoscaler_limits() -> tuple[float, float] | None:
-    """(most GPUs the cluster may grow to, most GPUs one node type has) from the autoscaler's
-    node groups, or None when Ray does not publish them.
+    """(most GPUs the cluster may grow to, most GPUs one node type has): see
+    `autoscaler_limits_of`."""
+    return autoscaler_limits_of("GPU")
+
+
+def autoscaler_limits_of(resource: str) -> tuple[float, float] | None:
+    """(most of `resource` the cluster may grow to, most one node type has) from the
+    autoscaler's node groups, or None when Ray does not publish them.
 
     Ray 2.60 publishes the node groups (with their max counts) in the GCS only under the
     autoscaler v2 (KubeRay, `ray up` with it on); one GCS key read, through a private API
@@ -158,12 +164,12 @@ def autoscaler_limits() -> tuple[float, float] | None:
         if config is None or not config.node_group_configs:
             return None
         groups = [g for g in config.node_group_configs if g.max_count != 0]
-        largest = max((g.resources.get("GPU", 0) for g in groups), default=0)
-        if any(g.max_count < 0 and g.resources.get("GPU", 0) > 0 for g in groups):
+        largest = max((g.resources.get(resource, 0) for g in groups), default=0)
+        if any(g.max_count < 0 and g.resources.get(resource, 0) > 0 for g in groups):
             total = math.inf
         else:
-            total = sum(g.max_count * g.resources.get("GPU", 0) for g in groups)
-        cap = config.max_resources.get("GPU", math.inf) if config.max_resources else math.inf
+            total = sum(g.max_count * g.resources.get(resource, 0) for g in groups)
+        cap = config.max_resources.get(resource, math.inf) if config.max_resources else math.inf
         return min(total, cap), largest
     except Exception as e:  # noqa: BLE001 - a private Ray API: without it, only warn
         log.debug("could not read the autoscaler's node groups: %s", e)

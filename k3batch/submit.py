@@ -2,18 +2,19 @@
 
 The project directory travels as the job's `working_dir` (so the cluster runs this exact
 code and the config inside it); the cluster's image provides the dependencies. The config is
-validated here first, so a bad one fails before anything is uploaded.
+validated here first, so a bad one fails before anything is uploaded; a dashboard that cannot
+be reached is one line within seconds (`k3batch.ray_start.connect.jobs_client`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import shlex
 import sys
 from pathlib import Path
 
 from k3batch.config import ConfigError, load_config
+from k3batch.ray_start.connect import Target, jobs_client
 
 # Never uploaded: environments, caches, outputs and VCS data (Ray caps working_dir size).
 EXCLUDES = [
@@ -63,7 +64,7 @@ async def _stream(client, job_id: str) -> None:
 
 
 def submit(
-    address: str,
+    where: Target,
     config: str,
     overrides: list[str],
     *,
@@ -71,10 +72,9 @@ def submit(
     working_dir: str | None = None,
     job_id: str | None = None,
 ) -> int:
-    from ray.job_submission import JobSubmissionClient
-
     spec = build_submission(config, overrides, working_dir)
-    client = JobSubmissionClient(address)
+    client = jobs_client(where)  # the cluster's dashboard, or one line within seconds
+    address = where.address
     job_id = client.submit_job(
         entrypoint=spec["entrypoint"], runtime_env=spec["runtime_env"], submission_id=job_id
     )
@@ -91,7 +91,3 @@ def submit(
         status = str(client.get_job_status(job_id).value)
     print(f"k3batch: job {job_id} {status}", flush=True)
     return 0 if status == "SUCCEEDED" else 1
-
-
-def default_address() -> str | None:
-    return os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")

@@ -139,7 +139,7 @@ def ray_local(tmp_path_factory):
         ray.shutdown()
     ray.init(
         # 3 logical CPUs on this 2-core machine: a resumed job adds Ray's CheckpointFilter
-        # actor, which reserves a whole CPU (see k3batch.job.local_ray.local_num_cpus).
+        # actor, which reserves a whole CPU (see k3batch.ray_start.budget.local_num_cpus).
         num_cpus=3,
         object_store_memory=300 * 2**20,
         include_dashboard=False,

@@ -8,8 +8,8 @@ import pytest
 from k3batch import gpus
 from k3batch.config import load_config
 from k3batch.job import kinds
-from k3batch.job.local_ray import reserved_cpus
 from k3batch.job.preflight import preflight
+from k3batch.ray_start.budget import reserved_cpus
 
 from .conftest import job_config
 

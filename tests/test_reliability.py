@@ -550,18 +550,18 @@ def test_a_cluster_too_small_for_the_actor_pools_gets_a_warning_naming_the_cpus(
 
     import ray
 
-    from k3batch.job.local_ray import init_ray
+    from k3batch.ray_start.jobs import init_ray
 
     have = int(ray.cluster_resources()["CPU"])
     data = small(tmp_path, prompts(tmp_path, 2), tiny_dir)
     data["resources"] = {**data.get("resources", {}), "num_actors": have, "num_cpus_per_actor": 1}
     cfg = load_config(data=data)
-    with caplog.at_level(logging.WARNING, logger="k3batch.job.local_ray"):
+    with caplog.at_level(logging.WARNING, logger="k3batch.ray_start.budget"):
         init_ray(cfg, kinds.get(cfg.job))  # Ray is already up: a cluster k3batch did not start
     assert f"the Ray cluster has {have} CPUs and this job needs {have + 1}" in caplog.text
     caplog.clear()
     data["resources"]["num_actors"] = have - 1
     cfg = load_config(data=data)
-    with caplog.at_level(logging.WARNING, logger="k3batch.job.local_ray"):
+    with caplog.at_level(logging.WARNING, logger="k3batch.ray_start.budget"):
         init_ray(cfg, kinds.get(cfg.job))
     assert "the Ray cluster has" not in caplog.text

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from k3batch import gpus, storage
 from k3batch.config import JobConfig
-from k3batch.job.local_ray import first_line
 from k3batch.progress import Tracker
+from k3batch.ray_start.connect import first_line
 
 
 class JobFailed(RuntimeError):

@@ -78,7 +78,7 @@ class JobKind:
         return cfg.output.format
 
     def pools(self, cfg: JobConfig) -> list[Pool]:
-        """Every actor pool of the job: the one list the CPU budget (`job.local_ray`) and the
+        """Every actor pool of the job: the one list the CPU budget (`ray_start.budget`) and the
         GPU checks (`k3batch.gpus`) read."""
         raise NotImplementedError
 

@@ -1,6 +1,6 @@
 """The actor pools a job holds for its whole run, at their starting sizes. Each job kind
 declares its own (`JobKind.pools`): the one enumeration that the CPU budget
-(`job.local_ray`) and the GPU checks (`k3batch.gpus`) both read."""
+(`ray_start.budget`) and the GPU checks (`k3batch.gpus`) both read."""
 
 from __future__ import annotations
 

@@ -11,15 +11,14 @@ from typing import TYPE_CHECKING
 from k3batch import gpus, resume, storage
 from k3batch.config import ConfigError, JobConfig
 from k3batch.job.inputs import InputInfo, inspect_input
-from k3batch.job.local_ray import check_local_cpus, starts_local_ray
 from k3batch.model import hub
 from k3batch.outputs import ENTRIES, Output
+from k3batch.ray_start.budget import check_local_cpus, starts_local_ray
 
 if TYPE_CHECKING:
     from k3batch.job.kinds import JobKind
 
 log = logging.getLogger(__name__)
-
 
 
 def resolve_paths(cfg: JobConfig) -> JobConfig:

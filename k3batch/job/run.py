@@ -14,10 +14,10 @@ from k3batch.job import kinds
 from k3batch.job.accounting import account
 from k3batch.job.failures import JobFailed, failure_message
 from k3batch.job.kinds import JobContext, JobKind
-from k3batch.job.local_ray import init_ray
 from k3batch.job.preflight import preflight
 from k3batch.outputs import records
 from k3batch.progress import Reporter, Tracker
+from k3batch.ray_start.jobs import init_ray
 from k3batch.testing import faults
 
 
