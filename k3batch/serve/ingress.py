@@ -26,8 +26,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from k3batch import rows, schema
+from k3batch import schema
 from k3batch.model import family
+from k3batch.rows.rules import RowRules
+from k3batch.rows.seeds import MAX_SEED, pick_seed
 from k3batch.serve.auth import authorize, load_api_keys
 from k3batch.serve.checks import (
     check_common,
@@ -82,22 +84,18 @@ class Ingress:
         self.beautifier = beautifier
         self.upscaler = upscaler
         self.keys = load_api_keys(self.cfg)
-        # The model name resolves null steps/guidance to the member's own defaults; with
-        # model.controlnet, rows take a `hint` and the control settings, with
-        # model.ip_adapter `ip_images` and `ip_adapter_scale`.
-        self.controlnet = self.cfg.model.controlnet is not None
-        self.ip_adapter = self.cfg.model.ip_adapter is not None
-        self.rules = rows.RowRules.from_config(
-            self.cfg.generation,
-            self.cfg.limits,
-            self.cfg.model.name,
-            controlnet=self.controlnet,
-            ip_adapter=self.ip_adapter,
+        # The member resolves null steps/guidance to its own defaults; with model.controlnet,
+        # rows take a `hint` and the control settings, with model.ip_adapter `ip_images` and
+        # `ip_adapter_scale` (the model's row capabilities, as the batch job's).
+        self.rules = RowRules.from_config(
+            self.cfg.generation, self.cfg.limits, family.row_capabilities(self.cfg.model)
         )
         self.member = family.MEMBERS[self.cfg.model.name]
         if self.cfg.inpaint_model is not None:
-            self.inpaint_rules = rows.RowRules.from_config(
-                self.cfg.inpaint_generation, self.cfg.limits, self.cfg.inpaint_model.name
+            self.inpaint_rules = RowRules.from_config(
+                self.cfg.inpaint_generation,
+                self.cfg.limits,
+                family.row_capabilities(self.cfg.inpaint_model),
             )
             self.inpaint_member = family.MEMBERS[self.cfg.inpaint_model.name]
 
@@ -172,11 +170,15 @@ class Ingress:
         jobs, beautified = await self._jobs(req, self.rules, extra)
         # Decoded once per request and shared by its n rows (they differ by seed only).
         if schema.HINT in extra:
-            hint_rgb = await asyncio.to_thread(prepare_hint, jobs[0], extra[schema.HINT])
+            hint_rgb = await asyncio.to_thread(
+                prepare_hint, jobs[0], extra[schema.HINT], self.rules.capabilities
+            )
             for job in jobs:
                 job[schema.HINT_RGB] = hint_rgb
         if schema.IP_IMAGES in extra:
-            prepared = await asyncio.to_thread(prepare_ip_images, jobs[0], extra[schema.IP_IMAGES])
+            prepared = await asyncio.to_thread(
+                prepare_ip_images, jobs[0], extra[schema.IP_IMAGES], self.rules.capabilities
+            )
             for job in jobs:
                 job[schema.IP_IMAGES_PREPARED] = prepared
         results = await self._dispatch(self.generator, jobs)
@@ -225,7 +227,9 @@ class Ingress:
         # (Kandinsky22 encodes the mix only), so a placeholder passes the row rules.
         extra = {schema.MIX: [{schema.MIX_IMAGE: image, schema.MIX_WEIGHT: 1.0}]}
         jobs, _ = await self._jobs(req, self.rules, extra, prompt="(image variation)")
-        prepared = await asyncio.to_thread(prepare_mix, {**jobs[0], **extra})
+        prepared = await asyncio.to_thread(
+            prepare_mix, {**jobs[0], **extra}, self.rules.capabilities
+        )
         for job in jobs:
             job[schema.PROMPT] = ""
             job[schema.MIX_PREPARED] = prepared
@@ -248,8 +252,8 @@ class Ingress:
         reason = too_large(w, h, u.scale, u.max_output_side)
         if reason:
             raise ApiError(400, f"image: {reason}", param="image")
-        seed = rows.pick_seed() if req.seed is None or req.seed == -1 else req.seed
-        if not 0 <= seed <= rows.MAX_SEED:
+        seed = pick_seed() if req.seed is None or req.seed == -1 else req.seed
+        if not 0 <= seed <= MAX_SEED:
             raise ApiError(400, f"seed: must be -1 or in [0, 2**64), got {seed}", param="seed")
         job = {
             schema.ID: uuid.uuid4().hex,

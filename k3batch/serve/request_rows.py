@@ -4,7 +4,8 @@ field)."""
 
 import uuid
 
-from k3batch import rows, schema
+from k3batch import schema
+from k3batch.rows.check import normalise_row
 from k3batch.serve.protocol import row_error
 from k3batch.serve.uploads import b64_image
 
@@ -45,7 +46,7 @@ def request_row(req, prompt: str, width, height, i: int, rules, extra=None) -> d
         **{c: getattr(req, c, None) for c in (*schema.CONTROLNET_COLUMNS, schema.IP_ADAPTER_SCALE)},
         **(extra or {}),
     }
-    row = rows.normalise_row(raw, schema.PROMPT, rules)
+    row = normalise_row(raw, schema.PROMPT, rules)
     if row[schema.STATUS] != schema.STATUS_OK:
         raise row_error(row[schema.ERROR])
     return row
