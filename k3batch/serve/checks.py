@@ -4,7 +4,6 @@ name, `n`, `response_format`, the fields a member or the app's config lacks (the
 field."""
 
 from k3batch import schema
-from k3batch.model import family
 from k3batch.serve.config import ServeAppConfig
 from k3batch.serve.protocol import ApiError
 
@@ -39,19 +38,8 @@ def check_response_format(req, cfg: ServeAppConfig) -> None:
         )
 
 
-def check_common(
-    req, cfg: ServeAppConfig, served_name: str, member, beautifier_configured: bool
-) -> None:
+def check_common(req, cfg: ServeAppConfig, served_name: str, beautifier_configured: bool) -> None:
     check_model(req, served_name)
-    if member.family != family.KANDINSKY22:
-        for name in (schema.PRIOR_NUM_INFERENCE_STEPS, schema.PRIOR_GUIDANCE_SCALE):
-            if getattr(req, name) is not None:
-                raise ApiError(
-                    400,
-                    f"{name}: only Kandinsky 2.2 members have a prior, not "
-                    f"{served_name!r} ({member.name})",
-                    param=name,
-                )
     if not 1 <= req.n <= cfg.limits.max_n:
         raise ApiError(400, f"n must be in [1, {cfg.limits.max_n}], got {req.n}", param="n")
     check_response_format(req, cfg)
@@ -59,24 +47,31 @@ def check_common(
         raise ApiError(400, "beautify is not configured on this server", param="beautify")
 
 
-def check_conditioning(req, cfg: ServeAppConfig, member) -> None:
+def check_conditioning(req, served_name: str, capabilities) -> None:
     """The ControlNet and IP-Adapter fields need a model served with model.controlnet /
-    model.ip_adapter: a 400 naming the first one given otherwise, saying why."""
+    model.ip_adapter (a depth member takes its `hint` without either): a 400 naming the
+    first one given otherwise, saying why. `capabilities`: the served model's rows'."""
+    caps, member = capabilities, capabilities.member
     for on, config, what, names in (
         (
-            cfg.model.controlnet is not None,
+            caps.control_settings,
             "controlnet",
             "ControlNet",
             (schema.HINT, *schema.CONTROLNET_COLUMNS),
         ),
-        (cfg.model.ip_adapter is not None, "ip_adapter", "IP-Adapter", schema.IP_ADAPTER_COLUMNS),
+        (caps.ip_images, "ip_adapter", "IP-Adapter", schema.IP_ADAPTER_COLUMNS),
     ):
-        given = [n for n in names if getattr(req, n) is not None]
+        given = [
+            n
+            for n in names
+            if getattr(req, n) is not None and not (n == schema.HINT and caps.hint is not None)
+        ]
         if on or not given:
             continue
-        name, served = given[0], cfg.served_model_name
-        if member.name == family.BASE:
-            why = f"{served!r} is served without model.{config}"
+        name = given[0]
+        if member.conditioning:
+            why = f"{served_name!r} is served without model.{config}"
         else:
-            why = f"it works with {family.BASE} only, not {served!r} ({member.name})"
+            takers = caps.takers["conditioning"]
+            why = f"it works with {takers} only, not {served_name!r} ({member.name})"
         raise ApiError(400, f"{name}: needs the Kandinsky 3 {what}, but {why}", param=name)

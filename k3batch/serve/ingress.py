@@ -90,14 +90,12 @@ class Ingress:
         self.rules = RowRules.from_config(
             self.cfg.generation, self.cfg.limits, family.row_capabilities(self.cfg.model)
         )
-        self.member = family.MEMBERS[self.cfg.model.name]
         if self.cfg.inpaint_model is not None:
             self.inpaint_rules = RowRules.from_config(
                 self.cfg.inpaint_generation,
                 self.cfg.limits,
                 family.row_capabilities(self.cfg.inpaint_model),
             )
-            self.inpaint_member = family.MEMBERS[self.cfg.inpaint_model.name]
 
     # -- routes -------------------------------------------------------------------------
     @fastapi_app.get("/healthz")
@@ -162,10 +160,8 @@ class Ingress:
         authorize(request, self.keys)
         data = await read_json(request, self.cfg.limits.max_request_bytes)
         req = validated(ImageGenerationRequest, data)
-        check_common(
-            req, self.cfg, self.cfg.served_model_name, self.member, self.beautifier is not None
-        )
-        check_conditioning(req, self.cfg, self.member)
+        check_common(req, self.cfg, self.cfg.served_model_name, self.beautifier is not None)
+        check_conditioning(req, self.cfg.served_model_name, self.rules.capabilities)
         extra = await asyncio.to_thread(generation_images, req, self.cfg.limits.max_side)
         jobs, beautified = await self._jobs(req, self.rules, extra)
         # Decoded once per request and shared by its n rows (they differ by seed only).
@@ -190,13 +186,7 @@ class Ingress:
             raise not_configured("inpainting")
         fields, files = await read_form(request, self.cfg.limits.max_upload_bytes)
         req = validated(ImageEditRequest, fields)
-        check_common(
-            req,
-            self.cfg,
-            self.cfg.inpaint_served_model_name,
-            self.inpaint_member,
-            self.beautifier is not None,
-        )
+        check_common(req, self.cfg, self.cfg.inpaint_served_model_name, self.beautifier is not None)
         # Image decoding and resizing stay off the event loop.
         image, mask = await asyncio.to_thread(edit_inputs, files)
         extra = {schema.IMAGE: image, schema.MASK: mask}
@@ -211,17 +201,16 @@ class Ingress:
         authorize(request, self.keys)
         fields, files = await read_form(request, self.cfg.limits.max_upload_bytes)
         req = validated(ImageVariationRequest, fields)
-        if self.member.name != family.K22:
+        caps = self.rules.capabilities
+        if not caps.mix:
             # The served model may be named as the request names it: this is its refusal.
             raise ApiError(
                 400,
-                f"model: variations come from {family.K22}'s prior image embedding; "
-                f"{self.cfg.served_model_name!r} ({self.member.name}) cannot make them",
+                f"model: variations come from {caps.takers['mix']}'s prior image embedding; "
+                f"{self.cfg.served_model_name!r} ({caps.member.name}) cannot make them",
                 param="model",
             )
-        check_common(
-            req, self.cfg, self.cfg.served_model_name, self.member, self.beautifier is not None
-        )
+        check_common(req, self.cfg, self.cfg.served_model_name, self.beautifier is not None)
         image = await asyncio.to_thread(variation_input, files)
         # A variation is a mix of one image at weight 1: the row's prompt is not used
         # (Kandinsky22 encodes the mix only), so a placeholder passes the row rules.

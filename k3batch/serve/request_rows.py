@@ -1,6 +1,7 @@
 """A request's rows, as a batch row's: its fields and base64 images in the row's columns,
-normalised and checked by the batch job's row rules (a failing row is a 400 naming its
-field)."""
+normalised and checked by the batch job's row rules, which read the served member's declared
+capabilities: a failing row, or a setting the member does not take (a batch row's warning), is
+a 400 naming its field."""
 
 import uuid
 
@@ -49,4 +50,8 @@ def request_row(req, prompt: str, width, height, i: int, rules, extra=None) -> d
     row = normalise_row(raw, schema.PROMPT, rules)
     if row[schema.STATUS] != schema.STATUS_OK:
         raise row_error(row[schema.ERROR])
+    if row[schema.WARNING]:
+        # A setting the served member does not take: a batch row runs with a warning, a
+        # request that names it is answered 400 rather than silently generated without it.
+        raise row_error(row[schema.WARNING].split("; ")[0])
     return row

@@ -48,8 +48,9 @@ import logging
 import numpy as np
 import torch
 
-from k3batch.model import family, performance
 from k3batch.model import movq as movq_codec
+from k3batch.model import performance
+from k3batch.model.kandinsky22 import members as k22_members
 from k3batch.model.kandinsky22.devices import align_devices
 from k3batch.model.kandinsky22.inputs import check_image, check_mix, hint_tensor, pil
 from k3batch.model.kandinsky22.kinds import (
@@ -83,7 +84,7 @@ class Kandinsky22:
     ):
         self.prior_pipe = prior_pipe
         self.decoder_pipes = decoder_pipes  # kind -> pipeline (they share unet, movq)
-        self.member = family.MEMBERS[member]
+        self.member = k22_members.MEMBERS[member]
         self.depth_estimator = depth_estimator  # (DPTForDepthEstimation, its processor)
         self.decode_batch_size = decode_batch_size
         self.movq_memory_format = torch.preserve_format
@@ -99,8 +100,8 @@ class Kandinsky22:
         cls,
         path: str,
         *,
-        member: str = family.K22,
-        prior_path: str = family.KANDINSKY22_PRIOR,
+        member: str = k22_members.K22,
+        prior_path: str = k22_members.PRIOR_REPO,
         depth_estimator: str | None = None,
         dtype: dict | str = "float32",
         device: dict | str = "auto",
@@ -113,9 +114,9 @@ class Kandinsky22:
         key of `loading.COMPONENTS`."""
         from k3batch.model.kandinsky22 import loading
 
-        m = family.MEMBERS[member]
-        if m.family != family.KANDINSKY22:
+        if member not in k22_members.MEMBERS:
             raise ValueError(f"{member} is not a Kandinsky 2.2 member")
+        m = k22_members.MEMBERS[member]
         prior_pipe, pipes, depth = loading.load(path, m, prior_path, depth_estimator, dtype, device)
         model = cls(
             prior_pipe, pipes, member, depth_estimator=depth, decode_batch_size=decode_batch_size
@@ -205,8 +206,10 @@ class Kandinsky22:
         """ValueError naming the field of a row this member cannot generate."""
         kind = self.kind(r)
         if kind == KIND_MIX:
-            if self.member.name != family.K22:
-                raise ValueError(f"mix: image mixing runs on {family.K22}, not {self.member.name}")
+            if self.member.name != k22_members.K22:
+                raise ValueError(
+                    f"mix: image mixing runs on {k22_members.K22}, not {self.member.name}"
+                )
             check_mix(r.mix)
         elif kind == KIND_INPAINT:
             if r.image is None:

@@ -18,7 +18,8 @@ import logging
 import numpy as np
 import torch
 
-from k3batch.model import family, performance
+from k3batch.model import performance
+from k3batch.model.kandinsky3 import members as k3_members
 from k3batch.model.kandinsky3 import text as textmod
 from k3batch.model.kandinsky3.denoiser import Denoiser
 from k3batch.model.kandinsky3.sampling import (
@@ -43,7 +44,7 @@ class Kandinsky3(Sampling):
         text_encoder,
         movq,
         denoisers: dict[str, Denoiser],
-        member: str = family.BASE,
+        member: str = k3_members.BASE,
         *,
         refine: bool = False,
         decode_batch_size: int = 1,
@@ -53,9 +54,9 @@ class Kandinsky3(Sampling):
         self.text_encoder = text_encoder.eval() if text_encoder is not None else None
         self.movq = movq.eval()
         self.movq_memory_format = torch.preserve_format
-        self.member = family.MEMBERS[member]
+        self.member = k3_members.MEMBERS[member]
         self.denoiser = denoisers[member]
-        self.refiner = denoisers[family.FLASH] if refine else None
+        self.refiner = denoisers[k3_members.FLASH] if refine else None
         self.decode_batch_size = decode_batch_size
         self.max_batch: int | None = None  # rows per sample() call; set on out-of-memory
         self.device = self.denoiser.device
@@ -68,7 +69,7 @@ class Kandinsky3(Sampling):
         cls,
         path: str,
         *,
-        member: str = family.BASE,
+        member: str = k3_members.BASE,
         refine: bool = False,
         layout: str = "auto",
         dtype: dict | str = "float32",
@@ -89,9 +90,9 @@ class Kandinsky3(Sampling):
         image encoder) for the base member (rows with `ip_images`)."""
         from k3batch.model.kandinsky3 import loading
 
-        if refine and not family.MEMBERS[member].refinable:
-            raise ValueError(f"refine works on {family.BASE} jobs, not {member}")
-        members = family.members_needed(member, refine)
+        if refine and not k3_members.MEMBERS[member].refinable:
+            raise ValueError(f"refine works on {k3_members.BASE} jobs, not {member}")
+        members = k3_members.members_needed(member, refine)
         parts = loading.load(
             path,
             members,
@@ -140,9 +141,9 @@ class Kandinsky3(Sampling):
         """Load the ControlNet at `path` next to the base UNet (its dtype and device)."""
         from k3batch.model.adapters import controlnet
 
-        if self.member.name != family.BASE:
+        if self.member.name != k3_members.BASE:
             raise ValueError(
-                f"model.controlnet works with the {family.BASE} member, not {self.member.name}"
+                f"model.controlnet works with the {k3_members.BASE} member, not {self.member.name}"
             )
         d = self.denoiser
         self.control = controlnet.Control(controlnet.load(path, d.dtype, d.device), d)
@@ -152,9 +153,9 @@ class Kandinsky3(Sampling):
         UNet's dtype and device)."""
         from k3batch.model.adapters import ip_adapter
 
-        if self.member.name != family.BASE:
+        if self.member.name != k3_members.BASE:
             raise ValueError(
-                f"model.ip_adapter works with the {family.BASE} member, not {self.member.name}"
+                f"model.ip_adapter works with the {k3_members.BASE} member, not {self.member.name}"
             )
         d = self.denoiser
         self.image_prompts = ip_adapter.load_image_prompts(d.unet, path, image_encoder, d.dtype)

@@ -55,7 +55,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from k3batch.model.family import FLASH_TIMESTEPS, REFINE_TIMESTEP, SUPERRES
+from k3batch.model.kandinsky3.members import FLASH, FLASH_TIMESTEPS, MEMBERS, REFINE_TIMESTEP
+from k3batch.model.superres.checkpoints import SUPERRES
 from k3batch.model.superres.pipeline import STRIDE, WINDOW, check_windows
 from k3batch.model.superres.sr_unet import SR_UNET, SRUNet
 from k3batch.model.superres.tiles import (
@@ -171,7 +172,7 @@ class KandiSuperResFlash:
         the Flash UNet and the MoVQ (MoVQ in float32, as the reference); `context_path`: the
         folder with `context.pt` and `context_mask.pt` (default: `path`'s folder, then its
         `weights/`). Every file is read with `weights_only=True`: no pickled code runs."""
-        from k3batch.model import family, loading
+        from k3batch.model import loading
         from k3batch.model.kandinsky3 import loading as k3_loading
         from k3batch.model.kandinsky3.denoiser import Denoiser
 
@@ -194,7 +195,7 @@ class KandiSuperResFlash:
             loading.DTYPES[dtype],
             dev,
         )
-        member = family.MEMBERS[family.FLASH]
+        member = MEMBERS[FLASH]
         parts = k3_loading.load(
             kandinsky3_path,
             [member],
