@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     failed; 2 a bad config, input or environment, found before any work."""
     from k3batch.config import ConfigError
     from k3batch.job.failures import JobFailed
+    from k3batch.ray_start.connect import quiet_console
 
+    quiet_console()  # before any command imports tqdm (pre-flight builds tiny sets)
     args = build_parser().parse_args(argv)
     if args.command == "config" and not (args.schema or args.reference or args.config):
         print("k3batch config: give a CONFIG, --schema or --reference", file=sys.stderr)

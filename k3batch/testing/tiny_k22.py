@@ -77,7 +77,7 @@ def build_prior_pipeline():
     import torch
     from diffusers import KandinskyV22PriorPipeline, PriorTransformer, UnCLIPScheduler
     from transformers import (
-        CLIPImageProcessor,
+        CLIPImageProcessorPil,
         CLIPTextConfig,
         CLIPTextModelWithProjection,
         CLIPVisionConfig,
@@ -124,7 +124,7 @@ def build_prior_pipeline():
     with torch.no_grad():
         prior.clip_mean.copy_(0.1 * torch.randn(prior.clip_mean.shape, generator=g))
         prior.clip_std.copy_(1.0 + 0.1 * torch.rand(prior.clip_std.shape, generator=g))
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(
         crop_size=CLIP_IMAGE_SIZE,
         do_center_crop=True,
         do_normalize=True,
@@ -179,7 +179,7 @@ def build_decoder_pipeline(member: str, movq=None):
 def build_depth_estimator():
     """(tiny random DPTForDepthEstimation, its DPTImageProcessor)."""
     import torch
-    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessorPil
 
     torch.manual_seed(TINY_SEED + 120)
     config = DPTConfig(
@@ -196,7 +196,7 @@ def build_depth_estimator():
         is_hybrid=False,
     )
     model = DPTForDepthEstimation(config).eval()
-    processor = DPTImageProcessor(
+    processor = DPTImageProcessorPil(
         size={"height": DEPTH_IMAGE_SIZE, "width": DEPTH_IMAGE_SIZE}, keep_aspect_ratio=False
     )
     return model, processor

@@ -59,7 +59,7 @@ def _is_saved(path: str) -> bool:
 
 def _write_clip(path: str) -> None:
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
     tokenizer = build_clip_tokenizer()
     ids = {
@@ -89,7 +89,7 @@ def _write_clip(path: str) -> None:
     )
     torch.manual_seed(TINY_SEED)
     model = CLIPModel(config).eval()
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
     model.save_pretrained(path)
@@ -104,7 +104,7 @@ def make_tiny_classifier(path: str, labels: tuple[str, ...] = CLASSIFIER_LABELS)
 
 def _write_classifier(path: str, labels: tuple[str, ...]) -> None:
     import torch
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
     config = ViTConfig(
         image_size=IMAGE_SIZE,
@@ -118,7 +118,7 @@ def _write_classifier(path: str, labels: tuple[str, ...]) -> None:
     )
     torch.manual_seed(TINY_SEED)
     ViTForImageClassification(config).eval().save_pretrained(path)
-    ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+    ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
 
 
 def make_tiny_scorers(scores) -> None:

@@ -34,7 +34,7 @@ def load(
     import diffusers
     from diffusers import PriorTransformer, UNet2DConditionModel, VQModel
     from transformers import (
-        CLIPImageProcessor,
+        CLIPImageProcessorPil,
         CLIPTextModelWithProjection,
         CLIPTokenizer,
         CLIPVisionModelWithProjection,
@@ -67,7 +67,11 @@ def load(
         text_encoder=text_encoder,
         tokenizer=CLIPTokenizer.from_pretrained(prior_path, subfolder="tokenizer"),
         scheduler=scheduler(prior_path),
-        image_processor=CLIPImageProcessor.from_pretrained(prior_path, subfolder="image_processor"),
+        # The PIL processor by name: the one diffusers' pipelines were written against, and
+        # `CLIPImageProcessor` without torchvision warns that it falls back to it.
+        image_processor=CLIPImageProcessorPil.from_pretrained(
+            prior_path, subfolder="image_processor"
+        ),
     )
     unet = place(UNet2DConditionModel.from_pretrained(path, subfolder="unet"), "unet")
     movq = place(VQModel.from_pretrained(path, subfolder="movq"), "movq")
@@ -87,6 +91,6 @@ def load(
 
         depth = (
             place(DPTForDepthEstimation.from_pretrained(depth_estimator), "depth_estimator"),
-            AutoImageProcessor.from_pretrained(depth_estimator),
+            AutoImageProcessor.from_pretrained(depth_estimator, backend="pil"),
         )
     return prior_pipe, pipes, depth
