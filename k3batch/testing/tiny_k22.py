@@ -75,6 +75,10 @@ def decoder_scheduler():
 def build_prior_pipeline():
     """A seeded tiny `KandinskyV22PriorPipeline`."""
     import torch
+
+    from k3batch.model.kandinsky22.loading import pil_image_processors
+
+    pil_image_processors()  # before diffusers' prior pipeline imports CLIPImageProcessor
     from diffusers import KandinskyV22PriorPipeline, PriorTransformer, UnCLIPScheduler
     from transformers import (
         CLIPImageProcessorPil,

@@ -15,6 +15,20 @@ from k3batch.model.member import Member
 COMPONENTS = ("prior", "text_encoder", "image_encoder", "unet", "movq", "depth_estimator")
 
 
+def pil_image_processors() -> None:
+    """Bind transformers' `CLIPImageProcessor` to `CLIPImageProcessorPil` when torchvision is
+    not installed, before diffusers' Kandinsky 2.2 pipelines import it. Without torchvision
+    the name is a stand-in that binds the PIL class on first use anyway, and warns so ("falling
+    back to CLIPImageProcessorPil") once per process: diffusers' modules import it by name,
+    so k3batch cannot ask for the PIL class itself there, as it does everywhere else."""
+    from importlib.util import find_spec
+
+    import transformers
+
+    if find_spec("torchvision") is None:
+        transformers.CLIPImageProcessor = transformers.CLIPImageProcessorPil
+
+
 def _setting(value, component: str, default: str) -> str:
     if isinstance(value, dict):
         return value.get(component, default)
@@ -31,6 +45,7 @@ def load(
 ) -> tuple:
     """(the prior pipeline, member `m`'s decoder pipelines by kind, (depth estimator, its
     processor) or None); `Kandinsky22.from_pretrained` says what each argument names."""
+    pil_image_processors()
     import diffusers
     from diffusers import PriorTransformer, UNet2DConditionModel, VQModel
     from transformers import (
