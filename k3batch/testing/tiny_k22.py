@@ -76,10 +76,10 @@ def build_prior_pipeline():
     """A seeded tiny `KandinskyV22PriorPipeline`."""
     import torch
 
-    from k3batch.model.kandinsky22.loading import pil_image_processors
+    from k3batch.model.kandinsky22.loading import pil_fallback_quiet
 
-    pil_image_processors()  # before diffusers' prior pipeline imports CLIPImageProcessor
-    from diffusers import KandinskyV22PriorPipeline, PriorTransformer, UnCLIPScheduler
+    with pil_fallback_quiet():
+        from diffusers import KandinskyV22PriorPipeline, PriorTransformer, UnCLIPScheduler
     from transformers import (
         CLIPImageProcessorPil,
         CLIPTextConfig,

@@ -6,6 +6,9 @@ built into diffusers' `KandinskyV22*` pipeline objects."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 
 from k3batch.model.kandinsky22.kinds import KIND_CONTROLNET, KIND_IMAGE, KIND_INPAINT, KIND_TEXT
@@ -15,18 +18,22 @@ from k3batch.model.member import Member
 COMPONENTS = ("prior", "text_encoder", "image_encoder", "unet", "movq", "depth_estimator")
 
 
-def pil_image_processors() -> None:
-    """Bind transformers' `CLIPImageProcessor` to `CLIPImageProcessorPil` when torchvision is
-    not installed, before diffusers' Kandinsky 2.2 pipelines import it. Without torchvision
-    the name is a stand-in that binds the PIL class on first use anyway, and warns so ("falling
-    back to CLIPImageProcessorPil") once per process: diffusers' modules import it by name,
-    so k3batch cannot ask for the PIL class itself there, as it does everywhere else."""
-    from importlib.util import find_spec
+@contextlib.contextmanager
+def pil_fallback_quiet():
+    """Import diffusers' Kandinsky 2.2 pipelines inside this. Their modules import
+    transformers' `CLIPImageProcessor` by name, which without torchvision resolves to
+    `CLIPImageProcessorPil` and says so in a warning ("requires torchvision ... falling back").
+    k3batch passes the PIL processor by name itself (below), so the line says nothing about
+    this run: transformers' import-time log is held at ERROR while they import."""
+    from transformers.utils import logging as hf_logging
 
-    import transformers
-
-    if find_spec("torchvision") is None:
-        transformers.CLIPImageProcessor = transformers.CLIPImageProcessorPil
+    log = hf_logging.get_logger("transformers.utils.import_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _setting(value, component: str, default: str) -> str:
@@ -45,7 +52,6 @@ def load(
 ) -> tuple:
     """(the prior pipeline, member `m`'s decoder pipelines by kind, (depth estimator, its
     processor) or None); `Kandinsky22.from_pretrained` says what each argument names."""
-    pil_image_processors()
     import diffusers
     from diffusers import PriorTransformer, UNet2DConditionModel, VQModel
     from transformers import (
@@ -76,7 +82,9 @@ def load(
         CLIPVisionModelWithProjection.from_pretrained(prior_path, subfolder="image_encoder"),
         "image_encoder",
     )
-    prior_pipe = diffusers.KandinskyV22PriorPipeline(
+    with pil_fallback_quiet():
+        prior_class = diffusers.KandinskyV22PriorPipeline
+    prior_pipe = prior_class(
         prior=prior,
         image_encoder=image_encoder,
         text_encoder=text_encoder,
