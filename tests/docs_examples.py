@@ -119,6 +119,15 @@ def commands(bash: str) -> list[str]:
     return out
 
 
+def bare(command: str) -> str:
+    """A command without its trailing comment and with single spaces: what identifies it
+    (the same job shown on two pages with different comments is one run)."""
+    try:
+        return shlex.join(shlex.split(command, comments=True))
+    except ValueError:  # unbalanced quotes: keep it as it is
+        return " ".join(command.split())
+
+
 def free_port() -> int:
     import socket
 
@@ -174,8 +183,9 @@ class Sandbox:
     def run(self, command: str, timeout: float = 900) -> Result:
         """Run one command as printed (in bash, from the sandbox root). A `k3batch run` is
         run once per session: the same job shown on two pages shares its run."""
-        if command in self.results:
-            return self.results[command]
+        key = bare(command)
+        if key in self.results:
+            return self.results[key]
         started = time.monotonic()
         proc = subprocess.run(
             ["bash", "-o", "pipefail", "-c", command],
@@ -189,7 +199,7 @@ class Sandbox:
             command, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started
         )
         if command.startswith(".venv/bin/k3batch run "):
-            self.results[command] = result
+            self.results[key] = result
         return result
 
     def serve(self, command: str, timeout: float = 600) -> Server:
@@ -218,7 +228,7 @@ class Sandbox:
                 url = f"http://127.0.0.1:{self.port}/healthz"
                 with urllib.request.urlopen(url, timeout=5) as resp:
                     if resp.status == 200:
-                        self.served.add(command)
+                        self.served.add(bare(command))
                         return server
             if time.monotonic() > deadline:
                 raise AssertionError(f"{command} not ready in {timeout} s:\n{log.read_text()}")
