@@ -163,7 +163,7 @@ class Sandbox:
     results: dict[str, Result] = field(default_factory=dict)  # k3batch runs, shared
     servers: list[Server] = field(default_factory=list)
     served: set[str] = field(default_factory=set)  # server commands that came up healthy
-    seconds: dict[str, float] = field(default_factory=dict)  # per page, for the report
+    seconds: dict[str, tuple] = field(default_factory=dict)  # page: (wall s, cpu s)
 
     @classmethod
     def create(cls, root: Path, env: dict) -> Sandbox:

@@ -34,6 +34,13 @@ QUIET = re.compile(
 )
 
 
+def children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def assert_quiet(result: dx.Result) -> None:
     """A healthy run: exit 0, and stderr holds only k3batch's lines (its own and the actors'
     as Ray forwards them): no warnings, tracebacks or progress bars."""
@@ -124,6 +131,7 @@ def sandbox(tmp_path_factory):
 @pytest.mark.parametrize("page", RUNNABLE, ids=lambda p: str(p.relative_to(dx.REPO)))
 def test_page_examples_run_as_printed(page, sandbox):
     started = time.monotonic()
+    cpu_before = children_cpu()
     namespace: dict = {"__name__": "__docs__"}
     printed: dict[str, str] = {}  # command -> what it printed, for output markers
     skipped = []
@@ -160,7 +168,7 @@ def test_page_examples_run_as_printed(page, sandbox):
                 printed[block.id] = sandbox.python(block.code, namespace, block.id)
     finally:
         stopped = sandbox.stop_servers()
-        sandbox.seconds[page.name] = time.monotonic() - started
+        sandbox.seconds[page.name] = (time.monotonic() - started, children_cpu() - cpu_before)
     for server, code in stopped:
         assert code == 0, f"{server.command} exited {code} on Ctrl-C:\n{server.log.read_text()}"
     if skipped:
