@@ -104,6 +104,7 @@ class Snapshot:
     elapsed: float
     order: list[StageInfo]
     stages: dict[str, dict] = field(default_factory=dict)
+    unit: str = "rows"  # what `total` counts: "records" when rows make several images
 
     def _last(self) -> dict:
         return self.stages.get(self.order[-1].name, {}) if self.order else {}
@@ -152,8 +153,9 @@ class Snapshot:
 class Tracker:
     """Driver side of a job's progress: the tally actor, the stage order, the reporter."""
 
-    def __init__(self, total: int, reporter: Reporter | None = None):
+    def __init__(self, total: int, reporter: Reporter | None = None, unit: str = "rows"):
         self.total = total
+        self.unit = unit
         self.reporter = reporter
         self.order: list[StageInfo] = []
         self.tally = None
@@ -184,7 +186,8 @@ class Tracker:
         import ray
 
         stages = ray.get(self.tally.snapshot.remote()) if self.tally is not None else {}
-        return Snapshot(self.total, time.monotonic() - self.started, list(self.order), stages)
+        elapsed = time.monotonic() - self.started
+        return Snapshot(self.total, elapsed, list(self.order), stages, self.unit)
 
     def __exit__(self, *exc) -> None:
         import ray
@@ -193,7 +196,8 @@ class Tracker:
             self.final = self.snapshot()
         except Exception as e:  # noqa: BLE001 - progress must not hide the job's own error
             log.warning("k3batch: could not read the progress tally: %s", e)
-            self.final = Snapshot(self.total, time.monotonic() - self.started, list(self.order))
+            elapsed = time.monotonic() - self.started
+            self.final = Snapshot(self.total, elapsed, list(self.order), unit=self.unit)
         if self.tally is not None:
             try:
                 self.devices = ray.get(self.tally.device_records.remote())
@@ -237,7 +241,7 @@ def render(snap: Snapshot, images_per_s: float | None, rows_per_s: float | None)
     eta = 0.0 if left <= 0 else (left / rows_per_s if rows_per_s else None)
     speed = f"{images_per_s:.2f}" if images_per_s is not None else "-"
     return (
-        f"{snap.done}/{snap.total} rows ({pct:.0f}%), {speed} images/s, "
+        f"{snap.done}/{snap.total} {snap.unit} ({pct:.0f}%), {speed} images/s, "
         f"{snap.errors} errors, ETA {_duration(eta)}, elapsed {_duration(snap.elapsed)}"
     )
 

@@ -83,7 +83,9 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
         if before
         else info.num_records
     )
-    with Tracker(todo, reporter) as tracker, faults.stage_overrides() as overrides:
+    # Progress counts records (images) when rows make several, and says so.
+    unit = "records" if info.num_records != info.num_rows else "rows"
+    with Tracker(todo, reporter, unit) as tracker, faults.stage_overrides() as overrides:
         try:
             # The tracker's actor is also the job's crash journal (progress.JobActor).
             ctx = JobContext(
