@@ -9,7 +9,7 @@ import torch
 from k3batch.model.adapters import controlnet
 from k3batch.model.kandinsky3.pipeline import Request
 
-from .conftest import load_tiny
+from .conftest import LATENT_ATOL, load_tiny
 
 SIZE, STEPS = 64, 2
 
@@ -80,22 +80,28 @@ def test_skip_hooks_equal_a_hand_written_forward_with_residuals(tiny_dir):
 
 def test_zero_scale_no_hint_hint_scale_and_window(model, plain):
     """One batch: zero scale and a hintless row are the base latents bit for bit (batched with
-    hinted rows); a hint, another hint, another scale and a late window each change them."""
-    base = plain.sample([req(1), req(2)])
+    hinted rows); a hint, another hint, another scale and a late window each change them.
+
+    Bit for bit against the plain model on the same six rows (it ignores hints): the same
+    shapes run the same kernels. Against the two rows alone, a batch of another size, CPU
+    kernels may round differently (issue 29: on AVX-512 EPYC machines they do), so that
+    comparison is within LATENT_ATOL."""
     hint = edges(0)
-    out = model.sample(
-        [
-            req(1, hint, controlnet_conditioning_scale=0.0),
-            req(2),
-            req(1, hint),
-            req(1, edges(1)),
-            req(1, hint, controlnet_conditioning_scale=2.0),
-            # Two steps: int(2*0.6)=1 -> only step 1 is controlled.
-            req(1, hint, control_guidance_start=0.6, control_guidance_end=0.9),
-        ]
-    )
+    rows = [
+        req(1, hint, controlnet_conditioning_scale=0.0),
+        req(2),
+        req(1, hint),
+        req(1, edges(1)),
+        req(1, hint, controlnet_conditioning_scale=2.0),
+        # Two steps: int(2*0.6)=1 -> only step 1 is controlled.
+        req(1, hint, control_guidance_start=0.6, control_guidance_end=0.9),
+    ]
+    out = model.sample(rows)
+    base = plain.sample(rows)
     assert torch.equal(out[0], base[0])
     assert torch.equal(out[1], base[1])
+    alone = plain.sample([req(1), req(2)])
+    torch.testing.assert_close(out[:2], alone, atol=LATENT_ATOL, rtol=0)
 
     def differ(a, b):
         return (a - b).abs().max() > 1e-3

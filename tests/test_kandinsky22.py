@@ -154,6 +154,20 @@ def test_text_to_image_equals_diffusers_combined(models, oracle, negative):
     assert want.std() > 5  # a picture, not a flat field
 
 
+def test_guidance_off_at_one_equals_diffusers_combined(models, oracle):
+    """Guidance 1.0 (Ikomia's decoder default; the prior at 1.0 too): one branch, as diffusers
+    runs it, the negative prompt still in the prior's batch (docs/kandinsky22.md)."""
+    from diffusers import KandinskyV22CombinedPipeline
+
+    pipe = _combined(KandinskyV22CombinedPipeline, oracle, "decoder")
+    off = {**DIFFUSERS_ARGS, "guidance_scale": 1.0, "prior_guidance_scale": 1.0}
+    want = _uint8(pipe(PROMPT, negative_prompt=NEGATIVE, generator=_g(), **off).images)
+    got = models[family.K22].generate([_row(guidance_scale=1.0, prior_guidance_scale=1.0)])
+    assert_same_images(got, [want], max_flips=0)
+    guided = models[family.K22].generate([_row()])
+    assert np.abs(guided[0].astype(int) - got[0]).mean() > 1
+
+
 def test_image_to_image_equals_diffusers_combined(models, oracle):
     from diffusers import KandinskyV22Img2ImgCombinedPipeline
 
