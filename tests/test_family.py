@@ -90,7 +90,7 @@ def test_reference_layout_generates_what_the_diffusers_layout_generates(tiny_ref
     torch.testing.assert_close(ref_model.sample([r]), tiny_model.sample([r]), atol=0, rtol=0)
 
 
-def test_per_component_dtypes(tiny_dir):
+def test_per_component_dtypes(tiny_dir, cpu_bfloat16_attention):
     model = load_tiny(
         tiny_dir,
         "kandinsky3-flash",

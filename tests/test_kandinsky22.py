@@ -348,7 +348,7 @@ def test_bad_mix_item_names_mix(models, mix, where):
         models[family.K22].generate([_row(mix=mix)])
 
 
-def test_components_on_other_dtypes_still_generate(tiny_k22, models):
+def test_components_on_other_dtypes_still_generate(tiny_k22, models, cpu_bfloat16_attention):
     """Per-component dtypes (contract keys): bfloat16 MoVQ and prior around a float32 UNet."""
     model = _load(tiny_k22, family.K22, dtype={"movq": "bfloat16", "prior": "bfloat16"})
     assert model.components()["movq"].dtype == torch.bfloat16
