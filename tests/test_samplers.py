@@ -17,7 +17,7 @@ from k3batch.model.schedule import DiffusionSchedule, base_timesteps
 from k3batch.rows.check import normalise_row
 from k3batch.rows.rules import RowRules
 
-from .conftest import FP32, load_tiny, row_capabilities
+from .conftest import FP32, assert_same_images, load_tiny, row_capabilities
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -316,9 +316,10 @@ def test_generate_stage_runs_each_rows_scheduler(tiny_dir, tiny_model):
     }
     out = stage(batch)
     assert out[schema.STATUS] == ["ok"] * 4
-    got = [np.frombuffer(b, np.uint8) for b in out[schema.IMAGE_RGB]]
-    assert np.array_equal(got[0], got[2])
+    got = [np.frombuffer(b, np.uint8).reshape(64, 64, 3) for b in out[schema.IMAGE_RGB]]
+    # Equal rows at two positions of one batch: to the rounding of CPU kernels (conftest).
+    assert_same_images([got[0]], [got[2]])
     for i, name in enumerate(names):
         (want,) = tiny_model.generate([req("a cat", 5, steps=2, scheduler=name)])
-        assert np.abs(got[i].astype(int) - want.reshape(-1).astype(int)).max() <= 1, name
+        assert np.abs(got[i].astype(int) - want.astype(int)).max() <= 1, name
     assert not np.array_equal(got[0], got[1]) and not np.array_equal(got[0], got[3])
