@@ -109,21 +109,58 @@ def tiny_model(tiny_dir):
 
 # Batch invariance. Each row has its own generator, so a row's noise never depends on its
 # batch. The arithmetic can: CPU convolution and matrix kernels pick different blockings for
-# different batch shapes, so latents agree to float32 rounding (~1e-6), and an image byte
-# that sits on a rounding boundary can flip by one grey level.
+# different batch shapes (and per CPU: AVX-512, AVX2, plain; Intel or AMD), so latents agree
+# to float32 rounding (~1e-6), and an image byte that sits on a rounding boundary can flip by
+# one grey level. How many bytes sit there depends on the CPU's kernels: 3-10 of the 12288
+# of a 64x64 image were measured here across ATEN_CPU_CAPABILITY settings, so images of
+# different batch shapes may differ by one grey level on at most 0.5% of their bytes.
+# Bit-for-bit comparisons are kept for the same computation only: see docs/testing.md.
 LATENT_ATOL = 1e-4
+FLIP_FRACTION = 0.005
 
 
-def assert_same_images(a, b, max_flips=8):
+def assert_same_images(a, b, max_flips=None):
+    """Images equal but for one grey level on a few bytes (`max_flips`; None: 0.5% of each
+    image's bytes, for images from different batch shapes; 0: bit for bit)."""
     import numpy as np
 
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         assert x.shape == y.shape
+        limit = max(8, int(x.size * FLIP_FRACTION)) if max_flips is None else max_flips
         diff = np.abs(x.astype(int) - y.astype(int))
-        assert diff.max() <= 1 and int((diff > 0).sum()) <= max_flips, (
+        assert diff.max() <= 1 and int((diff > 0).sum()) <= limit, (
             diff.max(),
             (diff > 0).sum(),
+        )
+
+
+def cpu_bfloat16_attention_runs() -> bool:
+    """Whether torch's CPU attention runs in bfloat16 in this process. With
+    ATEN_CPU_CAPABILITY forced below what the CPU has (avx2 or default on an AVX-512 machine),
+    torch 2.13 picks its packed bfloat16 kernel from the hardware and then refuses it for the
+    forced capability ("pack_vnni2 is only supported when avx512 is supported"); a CPU that
+    really lacks AVX-512 takes the unpacked path. 64 tokens is the size where packing starts."""
+    import torch
+
+    q = torch.zeros(1, 1, 64, 64, dtype=torch.bfloat16)
+    try:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    except RuntimeError as e:
+        if "pack_vnni2" in str(e):
+            return False
+        raise
+    return True
+
+
+@pytest.fixture
+def cpu_bfloat16_attention():
+    """Skips a test of bfloat16 components where torch cannot run bfloat16 attention on this
+    CPU with the capability forced (cpu_bfloat16_attention_runs)."""
+    if not cpu_bfloat16_attention_runs():
+        pytest.skip(
+            "torch's CPU bfloat16 attention refuses a forced ATEN_CPU_CAPABILITY below this "
+            "CPU's (pack_vnni2)"
         )
 
 

@@ -155,11 +155,15 @@ def test_image_prompt_rows_differ_from_plain_rows_only_through_their_images(
     plain, one, zero, mixed = (
         np.frombuffer(b, np.uint8).reshape(64, 64, 3) for b in out["image_rgb"][:4]
     )
-    # The plain row is the model's image without the adapter (alone: to float32 rounding);
-    # scale 0 reproduces it bit for bit.
+    # The plain row and the scale-0 row are the model's image without the adapter: bit for bit
+    # on the same batch (the same shapes and positions run the same kernels), to float32
+    # rounding alone or at another position (with AVX2 kernels two equal rows of one batch
+    # can differ in the last bit: docs/testing.md).
     row = Request("a red fox", None, 5, 64, 64, 2, 3.0)
+    same_batch = tiny_model.generate([row] * 4)
+    assert np.array_equal(plain, same_batch[0]) and np.array_equal(zero, same_batch[2])
     assert_same_images([plain], tiny_model.generate([row]))
-    assert np.array_equal(zero, plain)
+    assert_same_images([zero], [plain])
     assert np.abs(one.astype(int) - plain).mean() > 1
     assert np.abs(mixed.astype(int) - one).mean() > 1
     # A row's image does not depend on the rows beside it (to float32 rounding: conftest).
@@ -197,6 +201,55 @@ def test_embeddings_are_clip_image_embeds_mixed_by_weight(stage):
     size = clip.config.image_size
     torch.testing.assert_close(embeds[1], embed(torch.zeros(1, 3, size, size)))
     assert scales.tolist() == [0.5, 0.0]
+
+
+def test_guided_sampling_with_image_prompts_matches_a_reference_loop(stage, tiny_dir):
+    """The reference's DDIM loop (tests/reference_oracle.py) on its own UNet with the tiny
+    adapter attached, the cond half conditioned on the row's CLIP embeddings mixed by weight
+    (transformers run here), the uncond half on the zero image's, both at the row's scale
+    (docs/ip-adapter.md); rows of other images, weights (not summing to 1), scales, guidance
+    and a plain row in one batch."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    from k3batch.model.adapters import ip_adapter
+    from k3batch.model.request import Request
+
+    from .reference_oracle import Oracle
+
+    folder = os.path.join(tiny_dir, "ip_adapter")
+    oracle = Oracle(tiny_dir)
+    adapter = ip_adapter.load(oracle.unet, folder)
+    encoder = os.path.join(folder, "image_encoder")
+    clip = CLIPVisionModelWithProjection.from_pretrained(encoder).eval()
+    processor = CLIPImageProcessor.from_pretrained(encoder)
+    size = clip.config.image_size
+
+    def embed(pixels):
+        with torch.no_grad():
+            return clip(pixel_values=pixels).image_embeds
+
+    zero = embed(torch.zeros(1, 3, size, size))
+    a, b, c = picture(11), picture(12, (64, 24)), picture(13, (30, 52))
+    rows = [
+        Request("a red fox", "blurry", 7, 64, 64, 4, 4.5, ip_images=[(a, 0.25), (b, 2.0)],
+                ip_adapter_scale=0.6),
+        Request("a lighthouse at dawn", None, 8, 64, 64, 4, 2.0, ip_images=[(c, 1.0)],
+                ip_adapter_scale=1.3),
+        Request("a teapot", None, 9, 64, 64, 4, 5.0),
+    ]  # fmt: skip
+    latents = stage.pipe.sample(rows)
+    for r, latent in zip(rows, latents, strict=True):
+        if r.ip_images:
+            mixed = sum(
+                w * embed(processor(images=im, return_tensors="pt").pixel_values)
+                for im, w in r.ip_images
+            )
+            scale = torch.tensor([r.ip_adapter_scale] * 2)
+            with adapter.conditioned(torch.cat([mixed, zero]), scale):
+                want, _ = oracle(r.prompt, r.seed, r.guidance_scale, 4, 64, r.negative_prompt)
+        else:
+            want, _ = oracle(r.prompt, r.seed, r.guidance_scale, 4, 64, r.negative_prompt)
+        torch.testing.assert_close(latent[None], want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow

@@ -2,7 +2,11 @@
 
 The oracle is diffusers' own pipelines (KandinskyV22CombinedPipeline and friends) loaded
 independently from the same tiny folders: for one row, same seed, k3batch's image must equal
-theirs. Sizes are kept minimal (64x64, 2 prior and 2 decoder steps).
+theirs. Sizes are kept minimal (64x64, 2 prior and 3 decoder steps). Every setting that
+could be read in place of another has its own value: prior steps 2 and guidance 2.5, decoder
+steps 3 and guidance 5.0, image-to-image strength 0.6; mix weights do not sum to 1. The
+ControlNet hint is built in the test as diffusers' documentation of
+`KandinskyV22ControlnetPipeline` builds it (`make_hint`), not with k3batch's code.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from k3batch.model.request import Request
 from tests.conftest import assert_same_images
 
 SIZE = 64
-STEPS = dict(num_inference_steps=2, prior_num_inference_steps=2)
+STEPS = dict(num_inference_steps=3, prior_num_inference_steps=2)
+GUIDANCE = dict(guidance_scale=5.0, prior_guidance_scale=2.5)
 PROMPT = "a red fox in the rain, oil painting"
 NEGATIVE = "a blue castle"
 
@@ -84,7 +89,7 @@ def _uint8(images) -> np.ndarray:
 
 
 def _row(seed=3, negative=NEGATIVE, **fields) -> Request:
-    fields = {**STEPS, "guidance_scale": 4.0, "prior_guidance_scale": 4.0, **fields}
+    fields = {**STEPS, **GUIDANCE, **fields}
     return Request(PROMPT, negative, seed, SIZE, SIZE, **fields)
 
 
@@ -104,15 +109,37 @@ def _g(seed=3):
     return torch.Generator().manual_seed(seed)
 
 
-DIFFUSERS_ARGS = dict(
-    num_inference_steps=2,
-    prior_num_inference_steps=2,
-    guidance_scale=4.0,
-    prior_guidance_scale=4.0,
-    height=SIZE,
-    width=SIZE,
-    output_type="np",
-)
+DIFFUSERS_ARGS = dict(**STEPS, **GUIDANCE, height=SIZE, width=SIZE, output_type="np")
+PRIOR_ARGS = dict(num_inference_steps=2, guidance_scale=2.5)
+DECODER_ARGS = dict(num_inference_steps=3, guidance_scale=5.0, height=SIZE, width=SIZE)
+
+
+def make_hint(depth) -> torch.Tensor:
+    """diffusers' documented `make_hint` (KandinskyV22ControlnetPipeline's example) from the
+    depth-estimation pipeline's `depth` image onwards: one channel repeated on three, /255,
+    channels first; batched with a leading axis as the example's `unsqueeze(0)`."""
+    depth = np.array(depth)
+    if depth.ndim == 2:
+        depth = np.concatenate([depth[:, :, None]] * 3, axis=2)
+    detected_map = torch.from_numpy(depth).float() / 255.0
+    return detected_map.permute(2, 0, 1).unsqueeze(0)
+
+
+def _controlnet_image(oracle, hint, seed=3, negative=NEGATIVE) -> np.ndarray:
+    g = _g(seed)  # one generator through the prior and the decoder, as the combined pipelines
+    embeds, negatives = oracle["prior"](
+        PROMPT, negative_prompt=negative, generator=g, return_dict=False, **PRIOR_ARGS
+    )
+    return _uint8(
+        oracle["controlnet"](
+            image_embeds=embeds,
+            negative_image_embeds=negatives,
+            hint=hint,
+            generator=g,
+            output_type="np",
+            **DECODER_ARGS,
+        ).images
+    )
 
 
 # ---------------------------------------------------------------- parity with diffusers
@@ -125,6 +152,20 @@ def test_text_to_image_equals_diffusers_combined(models, oracle, negative):
     got = models[family.K22].generate([_row(negative=negative)])
     assert_same_images(got, [want], max_flips=0)
     assert want.std() > 5  # a picture, not a flat field
+
+
+def test_guidance_off_at_one_equals_diffusers_combined(models, oracle):
+    """Guidance 1.0 (Ikomia's decoder default; the prior at 1.0 too): one branch, as diffusers
+    runs it, the negative prompt still in the prior's batch (docs/kandinsky22.md)."""
+    from diffusers import KandinskyV22CombinedPipeline
+
+    pipe = _combined(KandinskyV22CombinedPipeline, oracle, "decoder")
+    off = {**DIFFUSERS_ARGS, "guidance_scale": 1.0, "prior_guidance_scale": 1.0}
+    want = _uint8(pipe(PROMPT, negative_prompt=NEGATIVE, generator=_g(), **off).images)
+    got = models[family.K22].generate([_row(guidance_scale=1.0, prior_guidance_scale=1.0)])
+    assert_same_images(got, [want], max_flips=0)
+    guided = models[family.K22].generate([_row()])
+    assert np.abs(guided[0].astype(int) - got[0]).mean() > 1
 
 
 def test_image_to_image_equals_diffusers_combined(models, oracle):
@@ -168,60 +209,72 @@ def test_inpainting_equals_diffusers_combined(models, oracle):
 
 
 def test_controlnet_with_hint_equals_diffusers(models, oracle):
-    from k3batch.model.kandinsky22.inputs import hint_tensor
-
-    hint = _image(4)
-    g = _g()  # one generator through the prior and the decoder, as the combined pipelines
-    embeds, negatives = oracle["prior"](
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        num_inference_steps=2,
-        guidance_scale=4.0,
-        generator=g,
-        return_dict=False,
-    )
-    want = _uint8(
-        oracle["controlnet"](
-            image_embeds=embeds,
-            negative_image_embeds=negatives,
-            hint=hint_tensor([hint]),
-            num_inference_steps=2,
-            guidance_scale=4.0,
-            height=SIZE,
-            width=SIZE,
-            generator=g,
-            output_type="np",
-        ).images
-    )
+    hint = _image(4)  # three different channels: a channel-order mix-up shows
+    want = _controlnet_image(oracle, make_hint(hint))
     got = models[family.K22_DEPTH].generate([_row(hint=hint)])
     assert_same_images(got, [want], max_flips=0)
 
 
-def test_mix_equals_diffusers_interpolate(models, oracle):
+def test_controlnet_with_an_estimated_hint_equals_diffusers_documented_recipe(
+    models, oracle, tiny_k22
+):
+    """A row with an image and no hint: diffusers' documentation estimates the depth with
+    transformers' depth-estimation pipeline and makes the hint from its `depth` image."""
+    from transformers import pipeline
+
+    depth_estimator = pipeline("depth-estimation", model=f"{tiny_k22}/depth")
+    image = _image(8)
+    want = _controlnet_image(oracle, make_hint(depth_estimator(_pil(image))["depth"]), seed=5)
+    got = models[family.K22_DEPTH].generate([_row(seed=5, image=image)])
+    assert_same_images(got, [want], max_flips=0)
+
+
+@pytest.mark.parametrize("negative", [NEGATIVE, None])
+def test_mix_equals_diffusers_interpolate(models, oracle, negative):
+    """Weights 0.3 and 0.9 (not normalised by diffusers); a row's negative prompt is the
+    prior's negative prompt and gives the negative embedding (docs/kandinsky22.md)."""
     image = _image(5)
     g = _g()
     out = oracle["prior"].interpolate(
         ["a green owl", _pil(image)],
-        [0.3, 0.7],
-        num_inference_steps=2,
-        guidance_scale=4.0,
+        [0.3, 0.9],
         generator=g,
+        negative_prior_prompt=negative,
+        negative_prompt="" if negative is None else negative,
+        **PRIOR_ARGS,
     )
     want = _uint8(
         oracle["decoder"](
             image_embeds=out.image_embeds,
             negative_image_embeds=out.negative_image_embeds,
-            num_inference_steps=2,
-            guidance_scale=4.0,
-            height=SIZE,
-            width=SIZE,
             generator=g,
             output_type="np",
+            **DECODER_ARGS,
         ).images
     )
-    row = _row(negative=None, mix=[("a green owl", 0.3), (image, 0.7)])
+    row = _row(negative=negative, mix=[("a green owl", 0.3), (image, 0.9)])
     got = models[family.K22].generate([row])
     assert_same_images(got, [want], max_flips=0)
+
+
+def test_rows_of_one_batch_each_equal_diffusers(models, oracle):
+    """Rows with other prompts, negative prompts and seeds in one call, each against
+    diffusers' combined pipeline alone (batch shapes differ: one grey level, conftest)."""
+    from diffusers import KandinskyV22CombinedPipeline
+
+    pipe = _combined(KandinskyV22CombinedPipeline, oracle, "decoder")
+    rows = [_row(seed=41), _row(seed=42, negative="a green meadow")]
+    rows[1].prompt = "a golden teapot on a table"
+    got = models[family.K22].generate(rows)
+    want = [
+        _uint8(
+            pipe(
+                r.prompt, negative_prompt=r.negative_prompt, generator=_g(r.seed), **DIFFUSERS_ARGS
+            ).images
+        )
+        for r in rows
+    ]
+    assert_same_images(got, want)
 
 
 # ---------------------------------------------------------------- batches and seeds
@@ -295,7 +348,7 @@ def test_bad_mix_item_names_mix(models, mix, where):
         models[family.K22].generate([_row(mix=mix)])
 
 
-def test_components_on_other_dtypes_still_generate(tiny_k22, models):
+def test_components_on_other_dtypes_still_generate(tiny_k22, models, cpu_bfloat16_attention):
     """Per-component dtypes (contract keys): bfloat16 MoVQ and prior around a float32 UNet."""
     model = _load(tiny_k22, family.K22, dtype={"movq": "bfloat16", "prior": "bfloat16"})
     assert model.components()["movq"].dtype == torch.bfloat16

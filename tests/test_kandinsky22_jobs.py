@@ -94,12 +94,13 @@ def test_what_a_member_cannot_use_is_refused_with_one_line_naming_it(kwargs, exp
 
 
 # ------------------------------------------------------------------ rows
+# Every default its own value: a prior setting filled from the decoder's would show.
 K22_RULES = RowRules(
     capabilities=row_capabilities(name=family.K22),
     num_inference_steps=2,
     guidance_scale=4.0,
     prior_num_inference_steps=25,
-    prior_guidance_scale=4.0,
+    prior_guidance_scale=2.5,
 )
 ITEM = pa.struct([("prompt", pa.string()), ("image", pa.binary()), ("weight", pa.float64())])
 
@@ -121,7 +122,8 @@ def test_prior_settings_per_row_are_validated_and_ignored_with_a_warning_on_kand
     )
     assert out["status"] == ["ok", "ok", "error", "error"]
     assert out["prior_num_inference_steps"][:2] == [3, 25]
-    assert out["prior_guidance_scale"][:2] == [1.0, 4.0]
+    assert out["prior_guidance_scale"][:2] == [1.0, 2.5]
+    assert out["num_inference_steps"][:2] == [2, 2] and out["guidance_scale"][:2] == [4.0, 4.0]
     assert out["error"][2].startswith("prior_num_inference_steps: must be in [2, ")
     assert out["error"][3] == "prior_guidance_scale: must be finite and >= 0, got inf"
     k3 = validate(RowRules(), {"id": ["a"], "prompt": ["x"], "prior_guidance_scale": [2.0]})
@@ -286,7 +288,15 @@ def test_the_shipped_k22_demos_cover_all_five_modes():
 
 # ------------------------------------------------------------------ whole jobs (tiny 2.2 set)
 EXAMPLE = REPO / "data" / "inpaint"
-STEPS = {"num_inference_steps": 2, "prior_num_inference_steps": 2, "width": 64, "height": 64}
+# Prior and decoder settings all different: a job that swapped them would record it.
+STEPS = {
+    "num_inference_steps": 3,
+    "prior_num_inference_steps": 2,
+    "guidance_scale": 5.0,
+    "prior_guidance_scale": 2.5,
+    "width": 64,
+    "height": 64,
+}
 
 
 @pytest.fixture
@@ -336,7 +346,7 @@ def test_k22_job_text_image_and_mix_rows_with_bad_rows(ray_local, tmp_path, tiny
     )
     base = {"prompt": "a red fox", "seed": 7, "image": None, "strength": None, "mix": None}
     mix = [{"prompt": "a blue lake", "image": None, "weight": 0.4}]
-    mix += [{"prompt": None, "image": (EXAMPLE / "lake.png").read_bytes(), "weight": 0.6}]
+    mix += [{"prompt": None, "image": (EXAMPLE / "lake.png").read_bytes(), "weight": 0.9}]
     table = [
         {**base, "id": "t2i"},
         {**base, "id": "t2i-prior-3", "prior_num_inference_steps": 3},
@@ -359,9 +369,16 @@ def test_k22_job_text_image_and_mix_rows_with_bad_rows(ray_local, tmp_path, tiny
         "prior_num_inference_steps": 1,
         "image": 1,
     }
-    assert (
-        meta["t2i"]["prior_num_inference_steps"] == 2 and meta["t2i"]["prior_guidance_scale"] == 4.0
-    )
+    t2i_settings = [
+        meta["t2i"][k]
+        for k in (
+            "num_inference_steps",
+            "guidance_scale",
+            "prior_num_inference_steps",
+            "prior_guidance_scale",
+        )
+    ]
+    assert t2i_settings == [3, 5.0, 2, 2.5]
     assert meta["t2i-prior-3"]["prior_num_inference_steps"] == 3
     assert "prior(" in meta["t2i"]["model"]
     assert (meta["i2i"]["width"], meta["i2i"]["height"]) == (128, 128)

@@ -1,5 +1,11 @@
 """LoRA for the UNet: both key layouts, scales and sums, one-line refusals, the fingerprint,
-and a job's GenerateStage with `model.lora` (tiny random LoRAs on the tiny model)."""
+and a job's GenerateStage with `model.lora` (tiny random LoRAs on the tiny model).
+
+Two oracles share nothing with `lora.py`'s key tables: a fork-layout file named from the
+fork's own code (`tiny_lora.FORK_PROCESSOR_LAYERS`, its source recorded there) whose update
+is added in the fork's (reference) namespace to a reference-layout checkpoint; and LoRAs made
+by peft on the UNet and saved by diffusers' own `save_lora_weights`, against peft's own
+forward (no key is read by the test at all)."""
 
 from __future__ import annotations
 
@@ -10,9 +16,15 @@ import torch
 
 from k3batch.config import ConfigError, ModelConfig, load_config
 from k3batch.model.adapters import lora
-from k3batch.testing.tiny_lora import lora_keys, lora_tensors, write_lora
+from k3batch.testing.tiny_lora import (
+    FORK_PROCESSOR_LAYERS,
+    fork_lora_for_reference_state,
+    lora_keys,
+    lora_tensors,
+    write_lora,
+)
 
-from .conftest import FP32, job_config
+from .conftest import FP32, job_config, load_tiny
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +167,97 @@ def test_generate_stage_with_a_lora_at_scale_0_is_the_base_image_and_at_1_is_not
     assert zero["image_rgb"] == base["image_rgb"]
     assert one["image_rgb"] != base["image_rgb"]
     assert one["model"][0] == f"kandinsky3+lora(a.safetensors@1):{tiny_dir}"
+
+
+def test_a_fork_layout_lora_is_the_forks_update_in_the_forks_namespace(tiny_ref_dir, tmp_path):
+    """The fork adds `up @ down` to the reference Attention's own linears (to_query, to_key,
+    to_value, output_layer): applied there, to the reference-layout checkpoint itself, it must
+    give the UNet k3batch fuses from the file, whatever names k3batch maps in between."""
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from k3batch.model.kandinsky3 import layout
+
+    weights = os.path.join(layout.REFERENCE_WEIGHTS_DIR, "kandinsky3.pt")
+    checkpoint = torch.load(os.path.join(tiny_ref_dir, weights), weights_only=True)
+    tensors, updates = fork_lora_for_reference_state(checkpoint["unet"], seed=5)
+    # Every attention of the tiny UNet, the pooling's too, each with the fork's four layers.
+    assert {k.rsplit(".", 2)[1] for k in updates} == set(FORK_PROCESSOR_LAYERS)
+    assert any(k.startswith("feature_pooling.attention.") for k in updates)
+    assert "down_samples.1.resnet_attn_blocks.0.1.attention.processor.to_v_lora.up.weight" in (
+        tensors
+    )
+    path = str(tmp_path / "fork.safetensors")
+    save_file(tensors, path)
+
+    state = dict(checkpoint["unet"])
+    for key, (down, up) in updates.items():
+        state[key] = state[key] + 0.6 * (up @ down)
+    oracle_dir = tmp_path / "oracle"
+    shutil.copytree(tiny_ref_dir, oracle_dir)
+    torch.save({**checkpoint, "unet": state}, oracle_dir / weights)
+
+    fused = load_tiny(tiny_ref_dir, lora=[(path, 0.6)]).unet.state_dict()
+    expected = load_tiny(str(oracle_dir)).unet.state_dict()
+    plain = load_tiny(tiny_ref_dir).unet.state_dict()
+    changed = [k for k in plain if not torch.equal(plain[k], expected[k])]
+    assert len(changed) == len(updates)
+    for k in plain:
+        torch.testing.assert_close(fused[k], expected[k], rtol=0, atol=1e-6, msg=k)
+
+
+def _peft_lora(unet, tmp_path, name, seed, rank, alpha, targets):
+    """(peft-wrapped copy of `unet`, the file diffusers' save_lora_weights writes for it)."""
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    with torch.random.fork_rng():  # peft draws its random init from the global RNG
+        torch.manual_seed(seed)
+        wrapped = inject_adapter_in_model(config, copy.deepcopy(unet), adapter_name=name)
+    folder = tmp_path / name
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        str(folder),
+        unet_lora_layers=get_peft_model_state_dict(wrapped, adapter_name=name),
+        unet_lora_adapter_metadata=config.to_dict(),
+    )
+    return wrapped, str(folder / "pytorch_lora_weights.safetensors"), config
+
+
+def test_peft_loras_saved_by_diffusers_fuse_to_what_peft_computes(unet, tmp_path):
+    """Two LoRAs made by peft (attention linears and the 3x3 conv_in; alpha != rank), saved by
+    diffusers' save_lora_weights, fused at scales 0.7 and -0.4: the UNet's output equals
+    peft's own forward with both adapters active at those scales."""
+    from peft import inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    wrapped, first, _ = _peft_lora(
+        unet, tmp_path, "a", 1, 2, 3, ["to_q", "to_k", "to_v", "to_out.0", "conv_in"]
+    )
+    _, second, config_b = _peft_lora(unet, tmp_path, "b", 2, 3, 1, ["to_k", "to_out.0"])
+    assert lora.read(first)[0] == lora.LAYOUT_DIFFUSERS
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        inject_adapter_in_model(config_b, wrapped, adapter_name="b")
+    layers = [m for m in wrapped.modules() if isinstance(m, LoraLayer)]
+    for m in layers:
+        m.set_adapter([a for a in ("a", "b") if a in m.lora_A])
+        for adapter, scale in (("a", 0.7), ("b", -0.4)):
+            if adapter in m.lora_A:
+                m.set_scale(adapter, scale)
+    ours = copy.deepcopy(unet)
+    assert lora.fuse(ours, [(first, 0.7), (second, -0.4)]) == len(layers)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 6, unet.config.encoder_hid_dim, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6])
+    t = torch.tensor([400.0, 400.0])
+    with torch.no_grad():
+        want = wrapped(x, t, ctx, mask, return_dict=False)[0]
+        got = ours(x, t, ctx, mask, return_dict=False)[0]
+        base = unet(x, t, ctx, mask, return_dict=False)[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (want - base).abs().max() > 1e-2

@@ -145,7 +145,9 @@ def test_decode_halves_its_chunk_on_out_of_memory(tiny_dir, plain, monkeypatch):
     assert sizes == [2]
 
 
-def test_bfloat16_components_stay_close_and_the_sampler_stays_float32(tiny_dir, plain):
+def test_bfloat16_components_stay_close_and_the_sampler_stays_float32(
+    tiny_dir, plain, cpu_bfloat16_attention
+):
     _, latents, images = plain
     bf16 = {"unet": "bfloat16", "text_encoder": "bfloat16", "movq": "bfloat16"}
     model = load_tiny(tiny_dir, dtype=bf16)

@@ -2,8 +2,10 @@
 reference's x4 / x2 sampling (DPM-Solver++ with MultiDiffusion windows) on a tiny model.
 
 Windows are scaled down (32 px every 24 px) so a 14x18 input (56x72 canvas at x4) spans
-2x3 windows. Agreement with the reference's own code is checked by
-scripts/check_reference_sr.py, which needs a checkout of ai-forever/KandiSuperRes.
+2x3 windows. The sampler, the windows and x2 are checked against oracles written here from
+the paper and docs/superres.md (no k3batch sampling code in them). Agreement with the
+reference's own code is checked by scripts/check_reference_sr.py, which needs a checkout of
+ai-forever/KandiSuperRes.
 """
 
 import math
@@ -211,6 +213,92 @@ def test_sampling_matches_dpm_solver_from_the_paper(x4):
     # and the sampler is not blind to the solver: one step less is another image
     (fewer,) = x4.upscale([im], [11], num_inference_steps=4)
     assert np.abs(fewer.astype(int) - out).mean() > 1
+
+
+def _starts(side, window, stride):
+    """Window offsets along a side as docs/superres.md says: windows of `window` every
+    `stride`, the last flush with the edge; one window of the side when it is no longer."""
+    if side <= window:
+        return [0]
+    return [*range(0, side - window, stride), side - window]
+
+
+def _multidiffusion_oracle(unet, image, seed, scale, steps, window, stride):
+    """KandiSuperRes x4 / x2 from its description (docs/superres.md) in float64: the canvas
+    (odd sides rounded up to even, then times the scale; at most one window and not a multiple
+    of 8: up to one), the bilinearly resized low-resolution image, the seed's noise, and
+    DPM-Solver++(2M) from the paper per window, each with its own history, the canvas the
+    per-pixel mean of the windows after every step; then clip, bilinear align_corners back to
+    the output size for odd sides, x255 truncated. The UNet sees one window per call."""
+    h, w = image.shape[:2]
+
+    def canvas(side):
+        c = (side + side % 2) * scale
+        return c + (-c) % 8 if c <= window else c
+
+    ch, cw = canvas(h), canvas(w)
+    lowres = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255) * 2 - 1
+    lowres = torch.nn.functional.interpolate(lowres, (ch, cw), mode="bilinear")
+    x = torch.randn((1, 3, ch, cw), generator=torch.Generator().manual_seed(seed)).double()
+    wh, ww = min(ch, window), min(cw, window)
+    views = [
+        (a, a + wh, c, c + ww)
+        for a in _starts(ch, window, stride)
+        for c in _starts(cw, window, stride)
+    ]
+    times = np.round(np.linspace(0, 999, steps + 1))[::-1][:-1].astype(int).tolist()
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    lam = alpha.log() - sigma.log()
+    history = {}  # window -> (its previous data prediction, h)
+    for i, t in enumerate(times):
+        total, count = torch.zeros_like(x), torch.zeros_like(x)
+        for v, (a, b, c, d) in enumerate(views):
+            xw = x[:, :, a:b, c:d]
+            time = torch.full((1,), float(t))
+            pred = unet(xw.float(), time, lowres[:, :, a:b, c:d]).double()
+            if i == len(times) - 1:
+                new = pred  # first order to sigma = 0: the data prediction
+            else:
+                s = times[i + 1]
+                step = lam[s] - lam[t]
+                corrected = pred
+                if v in history:
+                    previous, h_previous = history[v]
+                    corrected = pred + (pred - previous) / (2 * h_previous / step)
+                new = sigma[s] / sigma[t] * xw - alpha[s] * torch.expm1(-step) * corrected
+                history[v] = (pred, step)
+            total[:, :, a:b, c:d] += new
+            count[:, :, a:b, c:d] += 1
+        x = total / count
+    out = ((x + 1) / 2).clamp(0, 1)
+    if (ch, cw) != (h * scale, w * scale):
+        out = torch.nn.functional.interpolate(
+            out, (h * scale, w * scale), mode="bilinear", align_corners=True
+        )
+    return out[0].mul(255).byte().permute(1, 2, 0).numpy(), len(views)
+
+
+def test_windows_and_x2_match_a_float64_multidiffusion_oracle(files, x4):
+    """x4 on 2x3 overlapping windows; x2 on 3x2 windows with an odd side (resized back) and
+    on a one-window canvas rounded up to a multiple of 8: three rows of one batch, each
+    against the oracle alone (4 steps: second-order steps run)."""
+    x2 = KandiSuperRes.from_pretrained(
+        files[2], 2, "cpu", config=TINY_SR_UNET, max_tiles_per_call=3, **SAMPLING
+    )
+    cases = [
+        (x4, image(14, 18, 21), 31, 6),
+        (x2, image(31, 22, 22), 32, 6),
+        (x2, image(7, 9, 23), 33, 1),
+    ]
+    x2_out = x2.upscale([cases[1][1], cases[2][1]], [32, 33], num_inference_steps=4)
+    (x4_out,) = x4.upscale([cases[0][1]], [31], num_inference_steps=4)
+    for (model, im, seed, windows), got in zip(cases, [x4_out, *x2_out], strict=True):
+        with torch.no_grad():
+            want, n = _multidiffusion_oracle(model.unet, im, seed, model.scale, 4, 32, 24)
+        assert n == windows and got.shape == want.shape
+        diff = np.abs(got.astype(int) - want)
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from k3batch.config.upscale import UpscaleConfig
 from k3batch.model.superres.loading import load_upscaler
 from k3batch.stages.upscale import UpscaleRowsStage, UpscaleStage
 
-from .conftest import job_config
+from .conftest import assert_same_images, job_config
 from .test_job import read_metadata
 
 # Tiny windows so a 16 px input spans several of them at x2 and x4.
@@ -79,9 +79,10 @@ def test_the_stage_upscales_each_record_with_its_seed_whatever_the_batch(sr_dir)
         assert (out[schema.WIDTH][i], out[schema.HEIGHT][i]) == (2 * w, 2 * h)
         assert (out[schema.SOURCE_WIDTH][i], out[schema.SOURCE_HEIGHT][i]) == (w, h)
         got = np.frombuffer(out[schema.IMAGE_RGB][i], np.uint8).reshape(2 * h, 2 * w, 3)
-        # The model alone, on this image alone: a batch does not change an image.
+        # The model alone, on this image alone: a batch does not change an image (up to the
+        # rounding of CPU kernels picked for another batch shape: one grey level, conftest).
         alone = model.upscale([im], [7 + i], num_inference_steps=2)[0]
-        assert np.array_equal(got, alone)
+        assert_same_images([got], [alone])
         assert out[schema.SOURCE_IMAGE_RGB][i] == im.tobytes()
         assert out[schema.UPSCALE_MODEL][i].startswith("kandisuperres-x2@2steps:")
         assert out[schema.UPSCALE_SECONDS][i] > 0
