@@ -151,6 +151,7 @@ class Regional:
         # Static shapes unless asked otherwise: each block sees one shape per job size.
         dynamic = settings.get("dynamic") or False
         kwargs = compile_kwargs(settings, fullgraph=True, dynamic=dynamic)
+        self.errors = _errors()
         self.blocks = [Block(self, path, block, kwargs) for path, block in found]
 
     def new_key(self, code, key) -> None:
@@ -277,7 +278,7 @@ class Block:
             self.owner.new_key(self.code, key)
         try:
             out = self.compiled_forward(*args, **kwargs)
-        except _errors() as e:
+        except self.owner.errors as e:
             self.state = "eager"
             self.reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
             log.warning("%s: block %s runs eager: %s", self.owner.name, self.path, self.reason)
