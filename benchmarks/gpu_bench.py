@@ -44,7 +44,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from k3batch.model.kandinsky3 import members as k3_members
 
@@ -64,16 +64,22 @@ PROMPTS = [
 ]
 
 
+# What runs, each on the same modules: diffusers' pipeline eager and at its best documented
+# settings (`peer_best`), k3batch eager, compiled (regional) and compiled with FP8 GEMMs.
+IMPLS = ("diffusers", "diffusers-best", "k3batch", "k3batch-compiled", "k3batch-fp8")
+
+
 @dataclass
 class Result:
-    member: str  # kandinsky3 | kandinsky3-flash
-    impl: str  # k3batch | diffusers
+    member: str  # kandinsky3 | kandinsky3-flash | kandinsky2.2
+    impl: str  # one of IMPLS
     batch: int
     seconds: float  # one batch, whole call (median over repeats)
     text: float | None = None  # per-stage seconds for the batch
     unet: float | None = None
     decode: float | None = None
     peak_gib: float | None = None
+    first_call_s: float | None = None  # the warm-up call: compilation when compiled
 
     @property
     def images_per_second(self) -> float:
@@ -117,7 +123,23 @@ def parse_args(argv=None):
     )
     p.add_argument("--compile", action="store_true", help="torch.compile UNet and MoVQ decoder")
     p.add_argument("--compile-mode", default="default")
+    p.add_argument("--compile-scope", choices=["regional", "whole"], default="regional")
+    p.add_argument("--compile-backend", default="inductor", help="eager: CPU smoke runs")
+    p.add_argument(
+        "--movq-attention", default="sdpa", help="model.performance.movq_attention (k3batch)"
+    )
+    p.add_argument(
+        "--impls",
+        default="diffusers,k3batch",
+        help=f"what runs, of {', '.join(IMPLS)} (compiled ones use --compile-mode)",
+    )
+    p.add_argument(
+        "--peer-mode",
+        default="default",
+        help="torch.compile mode of diffusers-best (diffusers' docs use max-autotune: minutes)",
+    )
     p.add_argument("--no-baseline", action="store_true", help="skip diffusers' pipeline")
+    p.add_argument("--jsonl", default=None, help="append a JSON line per result here")
     p.add_argument(
         "--peak-tflops",
         type=float,
@@ -138,6 +160,12 @@ def parse_args(argv=None):
     if args.peak_tflops is None and args.device.startswith("cuda"):
         args.peak_tflops = H100_BF16_TFLOPS
     args.members = args.members.split(",")
+    args.impls = args.impls.split(",")
+    unknown = [i for i in args.impls if i not in IMPLS]
+    if unknown:
+        p.error(f"--impls: unknown {unknown}; known: {', '.join(IMPLS)}")
+    if args.no_baseline:
+        args.impls = [i for i in args.impls if not i.startswith("diffusers")]
     args.k22_size = args.k22_size or (64 if small else 768)  # Ikomia's default size
     args.k22_steps = args.k22_steps or (4 if small else 100)
     args.prior_steps = args.prior_steps or (2 if small else 25)
@@ -274,8 +302,22 @@ def peak_gib(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
 
 
-def bench_k3batch(model, member: str, args) -> Result:
-    from k3batch.model.kandinsky3 import text as textmod
+def emit(result: Result, args) -> None:
+    """A result as one JSON line on stdout and in `--jsonl` (a run cut short keeps it)."""
+    emit_record({**asdict(result), "images_per_second": result.images_per_second}, args)
+
+
+def emit_record(record: dict, args) -> None:
+    line = json.dumps({"bench": "gpu_bench", **record}, default=str)
+    print(line, flush=True)
+    if args.jsonl:
+        with open(args.jsonl, "a") as f:
+            f.write(line + "\n")
+
+
+def bench_k3batch(model, member: str, args, impl: str = "k3batch") -> Result:
+    """Whole `generate()` calls, each split into stages by timing the T5 forward (text), the
+    decode, and the rest (the UNet loop), as `bench_diffusers` splits diffusers' calls."""
     from k3batch.model.kandinsky3.pipeline import Request
     from k3batch.rows.seeds import derive_seed
 
@@ -293,37 +335,30 @@ def bench_k3batch(model, member: str, args) -> Result:
         )
         for i, p in enumerate(prompts)
     ]
-    guided = model.denoiser.guided
-
-    def stages():
-        def encode():
-            tokens = textmod.tokenize(model.tokenizer, prompts, [None] * len(prompts))
-            return tokens.lengths, textmod.run_encoder(tokens, model.text_encoder, guided)
-
-        (lengths, hidden), t_text = timed(encode, args.device)
-        embedded = [
-            replace(r, text=e)
-            for r, e in zip(requests, textmod.row_embeddings(hidden, lengths), strict=True)
-        ]
-        latents, t_unet = timed(lambda: model.sample(embedded), args.device)
-        _, t_decode = timed(lambda: model.decode(latents), args.device)
-        return t_text, t_unet, t_decode
-
-    warmup = timed(lambda: model.generate(requests), args.device)[1]  # and compilation
-    print(f"  k3batch {member}: first batch (warm-up, compilation) {warmup:.1f} s", flush=True)
-    stages()
-    whole, split = [], []
-    reset_peak(args.device)
-    for _ in range(args.repeats):
-        whole.append(timed(lambda: model.generate(requests), args.device)[1])
-        split.append(stages())
-    med = [statistics.median(s[i] for s in split) for i in range(3)]
-    return Result(
-        member, "k3batch", args.batch_size, statistics.median(whole), *med, peak_gib(args.device)
-    )
+    spent = {"text": 0.0, "decode": 0.0}
+    encoder = model.text_encoder
+    encoder.forward = timed_into(spent, "text", encoder.forward, args.device)
+    model.decode = timed_into(spent, "decode", model.decode, args.device)
+    try:
+        warmup = timed(lambda: model.generate(requests), args.device)[1]  # and compilation
+        print(f"  {impl} {member}: first batch (warm-up, compilation) {warmup:.1f} s", flush=True)
+        for c in model.compiled:
+            print(f"  {c.summary()}", flush=True)
+        whole, text, decode = [], [], []
+        reset_peak(args.device)
+        for _ in range(args.repeats):
+            spent.update(text=0.0, decode=0.0)
+            whole.append(timed(lambda: model.generate(requests), args.device)[1])
+            text.append(spent["text"])
+            decode.append(spent["decode"])
+    finally:
+        del encoder.forward  # the instance attributes; the methods are back
+        del model.decode
+    w, t, d = (statistics.median(v) for v in (whole, text, decode))
+    return Result(member, impl, args.batch_size, w, t, w - t - d, d, peak_gib(args.device), warmup)
 
 
-def bench_diffusers(pipe, member: str, args) -> Result:
+def bench_diffusers(pipe, member: str, args, impl: str = "diffusers") -> Result:
     import torch
 
     from k3batch.model import family
@@ -351,7 +386,7 @@ def bench_diffusers(pipe, member: str, args) -> Result:
     pipe.encode_prompt = timing("text", pipe.encode_prompt)
     pipe.movq.decode = timing("decode", pipe.movq.decode)
     try:
-        call()  # warm-up
+        warmup = timed(call, args.device)[1]  # and compilation (diffusers-best)
         whole, text, decode = [], [], []
         reset_peak(args.device)
         for _ in range(args.repeats):
@@ -363,7 +398,55 @@ def bench_diffusers(pipe, member: str, args) -> Result:
         del pipe.encode_prompt  # the instance attributes; the methods are back
         del pipe.movq.decode
     w, t, d = (statistics.median(v) for v in (whole, text, decode))
-    return Result(member, "diffusers", args.batch_size, w, t, w - t - d, d, peak_gib(args.device))
+    return Result(member, impl, args.batch_size, w, t, w - t - d, d, peak_gib(args.device), warmup)
+
+
+def peer_best(unet, movq, args):
+    """diffusers at its documented speed settings, on these modules: fused QKV projections,
+    channels_last UNet and MoVQ, Inductor's `conv_1x1_as_mm` and `coordinate_descent_tuning`,
+    and torch.compile of the UNet and the MoVQ decoder (`--peer-mode`; diffusers' guide uses
+    max-autotune, minutes per shape). The compile is regional over the same blocks as
+    k3batch's, as diffusers' `compile_repeated_blocks` would do if `Kandinsky3UNet` declared
+    its `_repeated_blocks` (it declares none, and a whole-UNet compile did not finish in 215 s
+    on an H200). QKV fusion goes through each `Attention`'s own `fuse_projections` and
+    diffusers' `FusedAttnProcessor2_0`: the model-level `fuse_qkv_projections` skips this
+    UNet's attention class. Returns a function that undoes all of it."""
+    import torch
+    from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
+    from k3batch.model import compiling, performance
+
+    layers = [m for m in unet.modules() if isinstance(m, Attention)]
+    for m in layers:
+        m.fuse_projections()
+        m.set_processor(FusedAttnProcessor2_0())
+    performance.to_channels_last(unet)
+    performance.to_channels_last(movq)
+    settings = {
+        "backend": args.compile_backend,
+        "mode": args.peer_mode,
+        "conv_1x1_as_mm": True,
+        "coordinate_descent_tuning": True,
+    }
+    compiled = [
+        compiling.compile_model("diffusers UNet", unet, "kandinsky3_unet", settings),
+        compiling.compile_model("diffusers MoVQ decoder", movq.decoder, "movq_decoder", settings),
+    ]
+
+    def undo():
+        for c in compiled:
+            print(f"  {c.summary()}", flush=True)
+            c.restore()
+        for m in layers:
+            for name in ("to_qkv", "to_kv"):
+                if hasattr(m, name):
+                    delattr(m, name)
+            m.fused_projections = False
+        performance.set_attention(unet, args.attention)
+        for module in (unet, movq):
+            torch.nn.Module.to(module, memory_format=torch.contiguous_format)
+
+    return undo
 
 
 # ------------------------------------------------------------------ Kandinsky 2.2
@@ -498,16 +581,18 @@ def bench_k22(parts: dict, args) -> list[Result]:
         width=args.size,
     )
     spent = {"text": 0.0, "decode": 0.0}
+    warm_up = [None]
 
     def timing(name, fn):
         return timed_into(spent, name, fn, args.device)
 
     def measure(call, prior_call_owner, movq):
-        """(median whole seconds, prior, unet, decode) over the repeats, after a warm-up."""
+        """(median whole seconds, prior, unet, decode) over the repeats, after a warm-up
+        (its seconds in `warm_up`: compilation when compiled)."""
         prior_call_owner.forward = timing("text", prior_call_owner.forward)
         movq.decode = timing("decode", movq.decode)
         try:
-            call()
+            warm_up[0] = timed(call, args.device)[1]
             rows = []
             reset_peak(args.device)
             for _ in range(args.repeats):
@@ -522,7 +607,7 @@ def bench_k22(parts: dict, args) -> list[Result]:
         return [statistics.median(r[i] for r in rows) for i in range(4)]
 
     results = []
-    if not args.no_baseline:
+    if "diffusers" in args.impls:
         pipe = diffusers.KandinskyV22CombinedPipeline(
             unet=parts["unet"],
             scheduler=decoder_scheduler(),
@@ -547,21 +632,12 @@ def bench_k22(parts: dict, args) -> list[Result]:
         finally:
             del parts["text_encoder"].forward
         results.append(Result(K22, "diffusers", args.batch_size, w, t, u, d, peak_gib(args.device)))
+        emit(results[-1], args)
         print(f"  diffusers {K22}: {results[-1].images_per_second:.3f} img/s", flush=True)
         del pipe
 
     prior_pipe = diffusers.KandinskyV22PriorPipeline(**prior_parts)
     decoder_parts = dict(unet=parts["unet"], scheduler=decoder_scheduler(), movq=parts["movq"])
-    model = Kandinsky22(
-        prior_pipe,
-        {KIND_TEXT: diffusers.KandinskyV22Pipeline(**decoder_parts)},
-        K22,
-        decode_batch_size=args.decode_batch_size,
-    ).optimize(
-        args.attention,
-        args.channels_last,
-        {"unet": args.compile, "movq": args.compile, "mode": args.compile_mode},
-    )
     requests = [
         Request(
             p,
@@ -576,14 +652,53 @@ def bench_k22(parts: dict, args) -> list[Result]:
         )
         for i, p in enumerate(prompts)
     ]
-    parts["text_encoder"].forward = timing("text", parts["text_encoder"].forward)
-    try:
-        w, t, u, d = measure(lambda: model.generate(requests), parts["prior"], parts["movq"])
-    finally:
-        del parts["text_encoder"].forward
-    results.append(Result(K22, "k3batch", args.batch_size, w, t, u, d, peak_gib(args.device)))
-    print(f"  k3batch {K22}: {results[-1].images_per_second:.3f} img/s", flush=True)
+    # k3batch-fp8 last: it converts the UNet's layers in place.
+    for impl in (i for i in IMPLS if i.startswith("k3batch") and i in args.impls):
+        model = Kandinsky22(
+            prior_pipe,
+            {KIND_TEXT: diffusers.KandinskyV22Pipeline(**decoder_parts)},
+            K22,
+            decode_batch_size=args.decode_batch_size,
+        ).optimize(
+            args.attention,
+            args.channels_last,
+            k3batch_compile(impl, args),
+            movq_attention=args.movq_attention,
+            fp8=impl == "k3batch-fp8",
+        )
+        parts["text_encoder"].forward = timing("text", parts["text_encoder"].forward)
+        start = time.perf_counter()
+        try:
+            w, t, u, d = measure(
+                lambda m=model: m.generate(requests), parts["prior"], parts["movq"]
+            )
+            first = warm_up[0]
+        finally:
+            del parts["text_encoder"].forward
+            for c in model.compiled:
+                print(f"  {c.summary()}", flush=True)
+                c.restore()
+        results.append(Result(K22, impl, args.batch_size, w, t, u, d, peak_gib(args.device), first))
+        emit(results[-1], args)
+        print(
+            f"  {impl} {K22}: {results[-1].images_per_second:.3f} img/s "
+            f"(first call {first:.1f} s, all {time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
     return results
+
+
+def k3batch_compile(impl: str, args) -> dict:
+    """`model.performance.compile` of an impl: `k3batch` as the flags say, the others
+    compiled (regional unless `--compile-scope`)."""
+    on = args.compile or impl != "k3batch"
+    return {
+        "unet": on,
+        "movq": on,
+        "mode": args.compile_mode,
+        "scope": args.compile_scope,
+        "backend": args.compile_backend,
+    }
 
 
 # ------------------------------------------------------------------ report
@@ -595,7 +710,7 @@ def mfu(flops: float, seconds: float | None, peak_tflops: float | None) -> str:
 
 def report(results: list[Result], flops: dict, args) -> str:
     head = (
-        f"{'member':<17} {'impl':<10} {'img/s':>8} {'s/batch':>8} {'text s':>7} {'unet s':>8} "
+        f"{'member':<17} {'impl':<16} {'img/s':>8} {'s/batch':>8} {'text s':>7} {'unet s':>8} "
         f"{'decode s':>8} {'MFU text':>8} {'MFU unet':>8} {'MFU dec':>8} {'MFU img':>8} "
         f"{'peak GiB':>8}"
     )
@@ -603,18 +718,18 @@ def report(results: list[Result], flops: dict, args) -> str:
     for r in results:
         f, b, peak = flops[r.member], r.batch, args.peak_tflops
         lines.append(
-            f"{r.member:<17} {r.impl:<10} {r.images_per_second:>8.3f} {r.seconds:>8.3f} "
+            f"{r.member:<17} {r.impl:<16} {r.images_per_second:>8.3f} {r.seconds:>8.3f} "
             f"{r.text:>7.3f} {r.unet:>8.3f} {r.decode:>8.3f} "
             f"{mfu(f['text'] * b, r.text, peak):>8} {mfu(f['unet'] * b, r.unet, peak):>8} "
             f"{mfu(f['decode'] * b, r.decode, peak):>8} {mfu(f['image'] * b, r.seconds, peak):>8} "
             f"{'-' if r.peak_gib is None else f'{r.peak_gib:.1f}':>8}"
         )
     for member in args.members:
-        ours = [r for r in results if r.member == member and r.impl == "k3batch"]
-        base = [r for r in results if r.member == member and r.impl == "diffusers"]
-        if ours and base:
-            ratio = ours[0].images_per_second / base[0].images_per_second
-            lines.append(f"{member}: k3batch / diffusers images/s = {ratio:.2f}x")
+        by = {r.impl: r for r in results if r.member == member}
+        for ours in (i for i in IMPLS if i.startswith("k3batch") and i in by):
+            for peer in (i for i in IMPLS if i.startswith("diffusers") and i in by):
+                ratio = by[ours].images_per_second / by[peer].images_per_second
+                lines.append(f"{member}: {ours} / {peer} images/s = {ratio:.2f}x")
     return "\n".join(lines)
 
 
@@ -628,13 +743,16 @@ def main(argv=None) -> dict:
     if superres_bench.MEMBER in args.members:
         # Its own run and table (another model kind: no text encoder, pixel-space windows).
         args.members = [m for m in args.members if m != superres_bench.MEMBER]
+        compiled = args.compile or "k3batch-compiled" in args.impls
         superres = superres_bench.bench(
             args.small,
             args.device,
             "float32" if args.small else "float16",
-            args.repeats if args.small else 2,
+            args.repeats if args.small else min(args.repeats, 2),
             (4, 1),
+            args.compile_backend if compiled else None,
         )
+        emit_record({"event": "superres", **superres}, args)
         print(superres_bench.report(superres, args.peak_tflops), flush=True)
         if not args.members:
             if args.json:
@@ -703,10 +821,29 @@ def main(argv=None) -> dict:
         backends = sdpa_backends(args.device, dtype, args.size)
         for name, names in backends.items():
             print(f"SDPA kernels for {name}: {', '.join(names) or 'none (math fallback)'}")
+    emit_record(
+        {
+            "event": "setup",
+            "device": device_name,
+            "torch": torch.__version__,
+            "build_s": build_s,
+            "size": args.size,
+            "steps": args.steps,
+            "batch": args.batch_size,
+            "impls": args.impls,
+            "flops_per_image": flops,
+            "peak_tflops": args.peak_tflops,
+            "sdpa_backends": backends,
+        },
+        args,
+    )
     results: list[Result] = []
 
-    # diffusers first: k3batch's Denoiser rewires the UNet it wraps (projection, pooling).
-    if not args.no_baseline and k3_members:
+    # In this order, on the same modules: diffusers eager, k3batch eager and compiled (their
+    # Denoiser rewires the UNet it wraps: undone before the next), diffusers at its best
+    # settings, k3batch with FP8 (it converts the UNet's layers in place: last).
+    pipe = None
+    if k3_members and any(i.startswith("diffusers") for i in args.impls):
         pipe = Kandinsky3Pipeline(
             tokenizer=parts["tokenizer"],
             text_encoder=parts["text_encoder"],
@@ -715,25 +852,55 @@ def main(argv=None) -> dict:
             movq=parts["movq"],
         )
         pipe.set_progress_bar_config(disable=True)
-        for m in k3_members:
-            results.append(bench_diffusers(pipe, m, args))
-            print(f"  diffusers {m}: {results[-1].images_per_second:.3f} img/s", flush=True)
-        del pipe
 
-    compile_settings = {"unet": args.compile, "movq": args.compile, "mode": args.compile_mode}
-    for m in k3_members:
-        unet, null = parts["unets"][m]
-        member = family.MEMBERS[m]
-        model = Kandinsky3(
-            parts["tokenizer"],
-            parts["text_encoder"],
-            parts["movq"],
-            {m: Denoiser(member, unet, null if member.guidance_scale is not None else None)},
-            m,
-            decode_batch_size=args.decode_batch_size,
-        ).optimize(args.attention, args.channels_last, compile_settings)
-        results.append(bench_k3batch(model, m, args))
-        print(f"  k3batch {m}: {results[-1].images_per_second:.3f} img/s", flush=True)
+    def run_diffusers(impl):
+        undo = peer_best(pipe.unet, pipe.movq, args) if impl == "diffusers-best" else None
+        try:
+            for m in k3_members:
+                results.append(bench_diffusers(pipe, m, args, impl))
+                emit(results[-1], args)
+        finally:
+            if undo is not None:
+                undo()
+
+    def run_k3batch(impls):
+        for m in k3_members:
+            unet, null = parts["unets"][m]
+            member = family.MEMBERS[m]
+            denoiser = Denoiser(member, unet, null if member.guidance_scale is not None else None)
+            for impl in impls:
+                model = Kandinsky3(
+                    parts["tokenizer"],
+                    parts["text_encoder"],
+                    parts["movq"],
+                    {m: denoiser},
+                    m,
+                    decode_batch_size=args.decode_batch_size,
+                ).optimize(
+                    args.attention,
+                    args.channels_last,
+                    k3batch_compile(impl, args),
+                    movq_attention=args.movq_attention,
+                    fp8=impl == "k3batch-fp8",
+                )
+                try:
+                    results.append(bench_k3batch(model, m, args, impl))
+                    emit(results[-1], args)
+                finally:
+                    for c in model.compiled:
+                        c.restore()
+            # diffusers' modules back in the UNet for the next phase.
+            unet.encoder_hid_proj = denoiser.projection
+            unet.add_time_condition = denoiser.pooling.pooling
+
+    if "diffusers" in args.impls:
+        run_diffusers("diffusers")
+    run_k3batch([i for i in ("k3batch", "k3batch-compiled") if i in args.impls])
+    if "diffusers-best" in args.impls:
+        run_diffusers("diffusers-best")
+    if "k3batch-fp8" in args.impls:
+        run_k3batch(["k3batch-fp8"])
+    pipe = None  # noqa: F841 - the pipeline's references go before the Kandinsky 2.2 run
 
     if k22_parts:
         results.extend(bench_k22(k22_parts, k22_args))

@@ -58,7 +58,16 @@ def window_flops(unet_config: dict, window: int) -> float:
     return float(counter.get_total_flops())
 
 
-def bench(small: bool, device: str, dtype: str, repeats: int, tiles: tuple[int, ...]) -> dict:
+def bench(
+    small: bool,
+    device: str,
+    dtype: str,
+    repeats: int,
+    tiles: tuple[int, ...],
+    compile: str | None = None,
+) -> dict:
+    """Eager runs at each `tiles`; with `compile` (a torch.compile backend) one more at
+    `tiles[0]` with the SR UNet compiled block by block (`compiling`, regional)."""
     import numpy as np
     import torch
 
@@ -78,26 +87,38 @@ def bench(small: bool, device: str, dtype: str, repeats: int, tiles: tuple[int, 
     windows = len(window_starts(canvas, s["window"], s["stride"])) ** 2
     flops = window_flops(s["unet"], min(canvas, s["window"])) * windows * STEPS
     runs, outputs = [], {}
-    for per_call in tiles:
+    plan = [(t, False) for t in tiles] + ([(tiles[0], True)] if compile else [])
+    for per_call, compiled in plan:
         model = KandiSuperRes(
             unet, 4, window=s["window"], stride=s["stride"], max_tiles_per_call=per_call
         )
-        model.upscale([image[:8, :8]], [0], num_inference_steps=1)  # warm-up: kernels, cuDNN
+        region = None
+        if compiled:
+            from k3batch.model import compiling
+
+            region = compiling.compile_model("SR UNet", unet, "sr_unet", {"backend": compile})
+        # Warm-up: kernels, cuDNN; compiled, the shapes of a whole image (windows per call).
+        first = timed(lambda m=model: m.upscale([image], [0], num_inference_steps=1), device)[1]
         reset_peak(device)
         times = []
         for _ in range(repeats):
             out, seconds = timed(lambda m=model: m.upscale([image], [42]), device)
             times.append(seconds)
-        outputs[per_call] = out[0]
+        outputs[(per_call, compiled)] = out[0]
         runs.append(
             {
                 "max_tiles_per_call": per_call,
+                "compiled": compiled,
                 "seconds": statistics.median(times),
+                "first_call_s": first,
                 "unet_calls": -(-windows // per_call) * STEPS,
                 "peak_gib": peak_gib(device),
+                **({"summary": region.summary()} if region else {}),
             }
         )
-    first = outputs[tiles[0]].astype(np.int16)
+        if region is not None:
+            region.restore()
+    first = outputs[(tiles[0], False)].astype(np.int16)
     return {
         "member": MEMBER,
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
@@ -110,7 +131,7 @@ def bench(small: bool, device: str, dtype: str, repeats: int, tiles: tuple[int, 
         "runs": runs,
         # Batching windows must not change the image (exact on CPU; kernels may round apart).
         "max_abs_pixel_diff": max(
-            int(np.abs(outputs[t].astype(np.int16) - first).max()) for t in tiles
+            int(np.abs(o.astype(np.int16) - first).max()) for o in outputs.values()
         ),
     }
 
@@ -128,8 +149,13 @@ def report(result: dict, peak_tflops: float | None) -> str:
         lines.append(
             f"{r['max_tiles_per_call']:>10} {r['seconds']:>8.3f} {r['unet_calls']:>10} "
             f"{mfu(result['flops_per_image'], r['seconds'], peak_tflops):>6} {peak:>8}"
+            + (f"  compiled (first call {r['first_call_s']:.1f} s)" if r.get("compiled") else "")
         )
-    by = {r["max_tiles_per_call"]: r["seconds"] for r in result["runs"]}
+    compiled = [r for r in result["runs"] if r.get("compiled")]
+    by = {r["max_tiles_per_call"]: r["seconds"] for r in result["runs"] if not r.get("compiled")}
+    if compiled and compiled[0]["max_tiles_per_call"] in by:
+        eager = by[compiled[0]["max_tiles_per_call"]]
+        lines.append(f"{MEMBER}: compiled / eager images/s = {eager / compiled[0]['seconds']:.2f}x")
     if len(by) > 1:
         best, one = min(by, key=by.get), by.get(1)
         if one:
@@ -147,6 +173,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="default: float16 (float32 with --small)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs; default 2 (1 small)")
     p.add_argument("--tiles", default="4,1", help="max_tiles_per_call values to compare")
+    p.add_argument("--compile", default=None, help="also a compiled run with this backend")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     args.device = args.device or ("cpu" if args.small else "cuda")
@@ -158,7 +185,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    result = bench(args.small, args.device, args.dtype, args.repeats, args.tiles)
+    result = bench(args.small, args.device, args.dtype, args.repeats, args.tiles, args.compile)
     peak = H100_TFLOPS if args.device.startswith("cuda") else None
     print(report(result, peak), flush=True)
     if args.json:

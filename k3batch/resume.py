@@ -34,9 +34,10 @@ _NOT_FINGERPRINTED = {
     "output": {"overwrite", "rows_per_file"},
     "model": {"device"},
     "scores": {"batch_size", "device", "num_actors", "num_cpus_per_actor", "num_gpus_per_actor"},
-    # An image does not depend on its batch or on how windows share UNet calls.
+    # An image does not depend on its batch, on how windows share UNet calls, or on compile.
     "upscale": {
         "batch_size",
+        "compile",
         "device",
         "max_tiles_per_call",
         "num_actors",
@@ -44,6 +45,9 @@ _NOT_FINGERPRINTED = {
         "num_gpus_per_actor",
     },
 }
+
+SPEED_ONLY = ("movq_attention", "cudnn_benchmark")
+SPEED_ONLY_COMPILE = ("scope", "conv_1x1_as_mm", "coordinate_descent_tuning", "artifacts")
 
 
 def job_identity(cfg: JobConfig) -> dict:
@@ -54,6 +58,16 @@ def job_identity(cfg: JobConfig) -> dict:
         else:
             for name in fields:
                 data[section].pop(name, None)
+    # Speed settings added after outputs existed that leave images as they are: out, so
+    # those outputs keep their fingerprint (and a resume may change them). FP8 changes
+    # images: in, when on.
+    perf = data["model"]["performance"]
+    for name in SPEED_ONLY:
+        perf.pop(name, None)
+    for name in SPEED_ONLY_COMPILE:
+        perf["compile"].pop(name, None)
+    if not perf.get("fp8"):
+        perf.pop("fp8", None)
     if cfg.model.lora:
         from k3batch.model.adapters.lora import sha256
 

@@ -1,9 +1,12 @@
 """The GPU benchmark's CPU mode runs end to end (the GPU figures come from a GPU machine)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,3 +71,49 @@ def test_device_check_small_mode_runs_the_gpu_bench_and_the_drift_check(tmp_path
     assert all(0 < e < 1 for e in bf16["final_latent_rel_error"])
     assert all(20 < p < math.inf for p in bf16["psnr_db"])
     assert 0 < drift["reference"]["eps_rel_error"] < bf16["eps_rel_error"]
+
+
+@pytest.mark.slow
+def test_device_check_smoke_mode_runs_every_gpu_step_on_the_tiny_model(tmp_path):
+    """`--smoke`: each step of the GPU check on CPU (compiled with Dynamo's `eager`
+    backend), a JSON line per measurement and per step in results.jsonl."""
+    import os
+
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", "benchmarks/device_check.sh", "--smoke"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=4 * 3600,
+        env=env,
+    )
+    log = (tmp_path / "check.log").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in records if "rc" in r}
+    expected = ["eager", "profile", "compile", "images", "fp8", "fp8_drift", "decode", "batch"]
+    assert list(steps) == [*expected, "switches"]
+    assert all(s["rc"] == 0 and s["records"] > 0 for s in steps.values()), steps
+    # The step lines reach stdout too (the device tool returns the output's tail).
+    assert '"step": "switches", "rc": 0' in proc.stdout
+
+    (unet,) = [r for r in records if r.get("model") == "unet"]
+    assert {"convolution", "group_norm"} <= set(unet["groups_ms"]) and unet["ms_per_call"] > 0
+    compiled = [r for r in records if r.get("variant") == "regional" and "blocks" in r]
+    for r in compiled:  # the compile step's and the fp8 step's bfloat16 run
+        assert r["blocks"]["compiled"] == r["blocks"]["blocks"] == 36
+        assert r["recompiles_at_another_timestep"] == 0 and r["rel_error_vs_eager_t500"] < 1e-5
+    images = {(r["member"], r["impl"]) for r in records if r.get("impl")}
+    assert {("kandinsky3", i) for i in ("diffusers", "k3batch", "k3batch-compiled")} <= images
+    assert ("kandinsky3", "diffusers-best") in images
+    (fp8_eager,) = [r for r in records if r.get("variant") == "fp8_eager"]
+    assert fp8_eager["fp8_gemms"] > 0 and 0 < fp8_eager["eps_rel_error_vs_bf16_t999"] < 0.5
+    decodes = [r for r in records if "attention" in r and "ms_per_decode" in r]
+    assert {(r["attention"], r["compiled"]) for r in decodes} == {
+        (k, c) for k in ("sdpa", "chunked", "split_heads") for c in (False, True)
+    }
+    assert all(r["max_abs_diff_vs_sdpa"] < 1e-3 for r in decodes)
+    drift = json.loads((tmp_path / "drift_fp8.json").read_text())
+    assert drift["yardstick"] == "bfloat16" and list(drift["results"]) == ["bfloat16", "fp8"]
+    assert all(20 < p < math.inf for p in drift["results"]["fp8"]["psnr_db"])

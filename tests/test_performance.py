@@ -82,7 +82,13 @@ def test_compiled_unet_and_decoder_give_the_same_images(tiny_dir, plain):
     model = load_tiny(
         tiny_dir,
         performance={
-            "compile": {"unet": True, "movq": True, "backend": "eager", "fullgraph": True}
+            "compile": {
+                "unet": True,
+                "movq": True,
+                "backend": "eager",
+                "fullgraph": True,
+                "scope": "whole",
+            }
         },
     )
     assert model.unet._compiled_call_impl is not None

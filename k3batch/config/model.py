@@ -61,30 +61,61 @@ class CompileConfig(Strict):
     unet: bool = Field(
         False,
         description="Compile the UNet(s) (every member the job loads). The first batch of each "
-        "new shape (size, batch) compiles, which takes minutes at 1024x1024.",
+        "new shape (size, batch) compiles.",
     )
     movq: bool = Field(
         False,
         description="Compile the MoVQ decoder: worth it for Flash, where decoding is ~70% of "
         "the work.",
     )
+    scope: Literal["regional", "whole"] = Field(
+        "regional",
+        description="`regional`: each repeated block (the UNet's ResNet and attention "
+        "blocks, the MoVQ decoder's mid and up blocks) compiled on its own with static shapes "
+        "and `fullgraph`, blocks of one class and shape sharing a graph (29 graphs for the "
+        "Kandinsky 3 UNet instead of one of ~4,900 nodes: what made the whole 3B UNet take "
+        "minutes); Dynamo's recompile limit is raised to the distinct shapes counted, and a "
+        "block that cannot compile runs eager with a warning; the actor logs one line per "
+        "model: blocks compiled, eager, graphs. `whole`: the whole module in one "
+        "torch.compile call, with `fullgraph` and `dynamic` as set.",
+    )
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = (
-        Field("default", description="torch.compile `mode`.")
+        Field(
+            "default",
+            description="torch.compile `mode`. `reduce-overhead` replays each compiled graph "
+            "as a CUDA graph (fewer kernel launches; per block with `scope: regional`); "
+            "`max-autotune` also benchmarks kernel choices (longer compile).",
+        )
     )
     backend: str = Field("inductor", description="torch.compile `backend`.")
     fullgraph: bool = Field(
-        False, description="torch.compile `fullgraph`: fail on graph breaks instead of splitting."
+        False,
+        description="torch.compile `fullgraph` with `scope: whole`: fail on graph breaks "
+        "instead of splitting (`regional` always compiles each block whole).",
     )
     dynamic: bool | None = Field(
         None,
-        description="torch.compile `dynamic`; null: recompile once with dynamic shapes when a "
-        "shape changes (e.g. a smaller last batch).",
+        description="torch.compile `dynamic`; null: static shapes with `scope: regional`; with "
+        "`whole`, recompile once with dynamic shapes when a shape changes (e.g. a smaller last "
+        "batch).",
+    )
+    conv_1x1_as_mm: bool = Field(
+        False,
+        description="Inductor's `conv_1x1_as_mm`: 1x1 convolutions (~40% of the Kandinsky 3 "
+        "UNet's FLOPs) as matrix products Inductor can fuse with their neighbours; among "
+        "diffusers' documented compile settings. Off until measured on a GPU "
+        "(`benchmarks/device_check.sh`).",
+    )
+    coordinate_descent_tuning: bool = Field(
+        False,
+        description="Inductor's `coordinate_descent_tuning`: tunes each generated kernel's "
+        "block sizes at compile time (longer compile, sometimes faster kernels); among "
+        "diffusers' documented settings. Off until measured on a GPU.",
     )
     warmup: bool = Field(
         True,
         description="Compile when the actor starts, on one batch of `resources.batch_size` "
-        "rows at `generation`'s size, instead of on the first real batch (the 3B UNet takes "
-        "over 3 minutes to compile on an H200 host; measured in benchmarks/RESULTS.md).",
+        "rows at `generation`'s size, instead of on the first real batch.",
     )
     cache_dir: str | None = Field(
         None,
@@ -92,10 +123,20 @@ class CompileConfig(Strict):
         "actors that share it (one node, or a shared filesystem) compile once and load the "
         "rest from it. null: torch's default, a per-user folder under /tmp.",
     )
+    artifacts: bool = Field(
+        True,
+        description="With `cache_dir` and `warmup`: an actor that compiled writes torch's "
+        "portable compile artifacts (`torch.compiler.save_cache_artifacts`: generated kernels, "
+        "autotuning results) to `<cache_dir>/artifacts/`, one file per torch version, device, "
+        "model and shape; an actor that finds its file loads it before warming up, so Inductor "
+        "generates no kernel again (Dynamo still traces). Copy that folder to other nodes, or "
+        "bake it into an image, to ship a compiled model with the job.",
+    )
 
 
 class PerformanceConfig(Strict):
-    """Speed settings that keep each image equal to the plain path up to float rounding."""
+    """Speed settings that keep each image equal to the plain path up to float rounding
+    (all but `fp8`)."""
 
     attention: Literal["sdpa", "eager"] = Field(
         "sdpa",
@@ -104,10 +145,26 @@ class PerformanceConfig(Strict):
         "flash / memory-efficient kernels on GPUs, no 16384x16384 score matrix in the MoVQ "
         "decoder at 1024x1024). `eager`: diffusers' AttnProcessor, scores materialised.",
     )
+    movq_attention: Literal["sdpa", "chunked", "split_heads"] = Field(
+        "sdpa",
+        description="How the MoVQ's one-head attention over every latent pixel runs (its head "
+        "is too wide for flash attention): `sdpa` (what `attention` chose); `chunked`: 4096 "
+        "queries at a time as two matrix products with a float32 softmax; `split_heads`: the "
+        "values in heads of at most 256 sharing the full-width scores. Same images up to "
+        "float rounding; which is fastest is measured by `benchmarks/device_check.sh`.",
+    )
     channels_last: bool = Field(
         False,
         description="Convolution weights and activations of the UNet(s) and MoVQ in "
-        "torch.channels_last memory format (faster convolutions in half precision on GPUs).",
+        "torch.channels_last memory format. Eager on an H200 it made the UNet 24% slower "
+        "(GroupNorm has no channels_last kernel); under compile the norms are fused, so it is "
+        "measured again there.",
+    )
+    cudnn_benchmark: bool = Field(
+        False,
+        description="`torch.backends.cudnn.benchmark`: cuDNN times its convolution algorithms "
+        "for each new input shape and keeps the fastest (a job runs few shapes). Process-wide; "
+        "off until measured on a GPU.",
     )
     compile: CompileConfig = Field(
         default_factory=CompileConfig, description="torch.compile settings."
@@ -117,6 +174,14 @@ class PerformanceConfig(Strict):
         description="float32 components on CUDA run matmuls and convolutions on TF32 tensor "
         "cores (torch's default is full float32 for matmuls, ~8x slower on an H100). "
         "`model.precision: reference` turns it off.",
+    )
+    fp8: bool = Field(
+        False,
+        description="The UNet's 1x1 convolutions and attention projections as row-wise scaled "
+        "FP8 (E4M3) matrix products (`torch._scaled_mm`), everything else in the UNet's dtype; "
+        "`model.precision: fp8` turns it on. Needs FP8 tensor cores (compute capability 8.9+: "
+        "L4, L40S, H100, H200) and a bfloat16 UNet on CUDA. Changes images (each operand "
+        "rounded to 3 mantissa bits): see docs/models-and-numerics.md.",
     )
 
 
@@ -196,6 +261,8 @@ class DeviceMap(Strict):
 PRECISIONS = {
     "bfloat16": (dict.fromkeys(COMPONENTS, "bfloat16"), True),
     "reference": (dict.fromkeys(COMPONENTS, "float32") | {"text_encoder": "float16"}, False),
+    # bfloat16, with the UNet's 1x1 convolutions and attention projections in FP8.
+    "fp8": (dict.fromkeys(COMPONENTS, "bfloat16"), True),
 }
 
 
@@ -271,13 +338,15 @@ class ModelConfig(Strict):
         "images). Kandinsky 2.2 members: the tiny 2.2 set (`decoder/`, `decoder-inpaint/`, "
         "`controlnet-depth/`, `prior/`, `depth/`) at `path`.",
     )
-    precision: Literal["bfloat16", "reference"] | None = Field(
+    precision: Literal["bfloat16", "reference", "fp8"] | None = Field(
         None,
         description="A precision preset instead of `dtype`: `bfloat16` runs UNet, T5 and MoVQ "
         "in bfloat16 (the GPU configs; the sampler's state stays float32); `reference` is the "
         "reference's dtype_map (UNet and MoVQ float32, T5 float16) with TF32 off, for images "
-        "faithful to ai-forever/Kandinsky-3. Kandinsky 2.2's prior, image encoder and depth "
-        "estimator follow the UNet. null: `dtype` as given.",
+        "faithful to ai-forever/Kandinsky-3; `fp8` is `bfloat16` with the UNet's 1x1 "
+        "convolutions and attention projections as FP8 matrix products "
+        "(`performance.fp8`; opt-in, GPUs with FP8 tensor cores). Kandinsky 2.2's prior, "
+        "image encoder and depth estimator follow the UNet. null: `dtype` as given.",
     )
     dtype: DtypeMap = Field(default_factory=DtypeMap, description="Dtype per component.")
     device: str | DeviceMap = Field(
@@ -321,6 +390,12 @@ class ModelConfig(Strict):
         object.__setattr__(self, "dtype", DtypeMap(**dtypes))
         if "tf32" not in self.performance.model_fields_set:
             object.__setattr__(self.performance, "tf32", tf32)
+        if self.precision == "fp8":
+            if "fp8" in self.performance.model_fields_set and not self.performance.fp8:
+                raise ValueError(
+                    "model.performance.fp8: false contradicts model.precision: 'fp8'; drop one"
+                )
+            object.__setattr__(self.performance, "fp8", True)
         return self
 
     @model_validator(mode="after")

@@ -100,6 +100,13 @@ class UpscaleConfig(Strict):
         description="Torch device (`auto`: CUDA when the actor has a GPU, else CPU; `cpu`, "
         "`cuda` or `cuda:N`).",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the SR UNet block by block (its ResNet blocks, static "
+        "shapes, Inductor; `model.performance.compile.scope: regional`): each new window "
+        "batch shape compiles on first use (the last call of a step may hold fewer windows). "
+        "A block that cannot compile runs eager with a warning.",
+    )
     batch_size: int = Field(
         2, ge=1, description="Images per upscaling call (their windows share UNet calls)."
     )

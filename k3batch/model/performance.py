@@ -10,7 +10,6 @@ keeps its state in float32 (see `kandinsky3` and `schedule`).
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import nn
@@ -67,21 +66,58 @@ def to_channels_last(module: nn.Module) -> nn.Module:
 
 
 def compile_module(module: nn.Module, settings: dict) -> nn.Module:
-    """`module.compile(...)` in place (state dict keys and attributes stay as they are)."""
-    mode = settings.get("mode", "default")
-    if settings.get("cache_dir"):
-        # Read by Inductor and Triton when they first compile, so set before any compile.
-        cache = os.path.abspath(settings["cache_dir"])
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-        os.environ["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
-    module.compile(
-        backend=settings.get("backend", "inductor"),
-        # torch.compile refuses a mode for some backends; "default" is the same as none.
-        mode=None if mode == "default" else mode,
-        fullgraph=settings.get("fullgraph", False),
-        dynamic=settings.get("dynamic"),
-    )
-    return module
+    """`module.compile(...)` in place, whole (`compiling.compile_whole`)."""
+    from k3batch.model import compiling
+
+    return compiling.compile_whole(module, settings)
+
+
+def set_cudnn_benchmark(enabled: bool) -> None:
+    """cuDNN times its algorithms per new convolution shape and keeps the fastest
+    (process-wide; torch's default is off)."""
+    torch.backends.cudnn.benchmark = enabled
+
+
+def optimize_parts(
+    unets: list[tuple[str, nn.Module]],
+    movq: nn.Module,
+    unet_blocks: str,
+    *,
+    compile: dict | None = None,
+    cudnn_benchmark: bool = False,
+    movq_attention: str = "sdpa",
+    fp8: bool = False,
+) -> list:
+    """The settings every family applies alike once attention and memory format are set:
+    FP8 GEMMs in the UNets (`fp8`), the MoVQ's attention, cuDNN autotuning, then compile
+    (`unet_blocks`: the UNets' entry of `compiling.BLOCKS`). Returns the compiled models,
+    whose `summary()` the actor logs after warm-up."""
+    from k3batch.model import compiling
+    from k3batch.model import fp8 as fp8_gemms
+    from k3batch.model.movq_attention import set_movq_attention
+
+    if fp8:
+        for name, unet in unets:
+            fp8_gemms.convert(unet, f"{name} UNet")
+    set_movq_attention(movq, movq_attention)
+    set_cudnn_benchmark(cudnn_benchmark)
+    compile = compile or {}
+    compiled = []
+    if compile.get("unet"):
+        for name, unet in unets:
+            compiled.append(compiling.compile_model(f"{name} UNet", unet, unet_blocks, compile))
+    if compile.get("movq"):
+        # The decoder is nearly all of decode(); post_quant_conv is one 4->4 conv.
+        compiled.append(
+            compiling.compile_model("MoVQ decoder", movq.decoder, "movq_decoder", compile)
+        )
+    return compiled
+
+
+def log_compiled(compiled: list) -> None:
+    """One line per compiled model: blocks run compiled and eager (after a warm-up)."""
+    for c in compiled:
+        log.info("%s", c.summary())
 
 
 def set_tf32(enabled: bool) -> None:

@@ -120,10 +120,21 @@ class GenerateStage(Stage):
         compile = model.performance.compile
         self.warmup_seconds = None
         if warmup and compile.warmup and (compile.unet or compile.movq):
+            from k3batch.model import compiling
+
+            artifacts = None
+            if compile.cache_dir and compile.artifacts:
+                # Another actor's (or node's) generated kernels, loaded before compiling.
+                what = {"model": model.model_dump(mode="json"), "warmup": warmup}
+                artifacts = compiling.artifacts_file(compile.cache_dir, what)
+                if compiling.load_artifacts(artifacts):
+                    artifacts = None
             # Compiling on the first real batch would hold that batch (and the progress
             # line) for minutes; the actor is not ready until its model is.
             self.warmup_seconds = self.pipe.warm_up(**warmup)
             log.info("generate: compiled and warmed up in %.1f s", self.warmup_seconds)
+            if artifacts:
+                compiling.save_artifacts(artifacts)
 
     # Override points (no-ops here): `k3batch.testing.faults` injects faults through them.
     def before_batch(self) -> None:

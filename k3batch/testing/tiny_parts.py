@@ -250,7 +250,12 @@ def architecture(size: str, tiny_vocab: int) -> tuple[dict, dict, object]:
 
 
 def random_components(
-    size: str, device, dtype, seed: int = TINY_SEED, members: tuple[str, ...] | None = None
+    size: str,
+    device,
+    dtype,
+    seed: int = TINY_SEED,
+    members: tuple[str, ...] | None = None,
+    text_encoder: bool = True,
 ) -> dict:
     """Random-weight components of the `tiny` or `full` (real) architecture, for benchmarks.
 
@@ -260,6 +265,7 @@ def random_components(
     `build_components` does, with UNets for base and Flash (no inpainting) as
     {name: (unet, null_embedding)} (`members` picks fewer); the tokenizer is the tiny one at both sizes (token ids
     fit the full vocabulary; the encoder runs on 128 positions whatever the prompt).
+    `text_encoder=False` leaves T5 out (None): UNet and MoVQ benchmarks need no 8.7B encoder.
     """
     import torch
     from diffusers import Kandinsky3UNet, VQModel
@@ -289,7 +295,7 @@ def random_components(
         unets[name] = (unet, null)
     return dict(
         tokenizer=tokenizer,
-        text_encoder=materialise(lambda: T5EncoderModel(t5_config)),
+        text_encoder=materialise(lambda: T5EncoderModel(t5_config)) if text_encoder else None,
         movq=materialise(lambda: VQModel(**movq_config)),
         scheduler=diffusers_scheduler(),
         unets=unets,

@@ -94,6 +94,7 @@ class Kandinsky22:
         decoder = next(iter(decoder_pipes.values()))
         self.unet = decoder.unet
         self.movq = decoder.movq
+        self.compiled: list = []  # compiling.Regional / Whole per compiled model (optimize)
 
     @classmethod
     def from_pretrained(
@@ -130,6 +131,9 @@ class Kandinsky22:
         channels_last: bool = False,
         compile: dict | None = None,
         tf32: bool = True,
+        cudnn_benchmark: bool = False,
+        movq_attention: str = "sdpa",
+        fp8: bool = False,
     ) -> Kandinsky22:
         """`model.performance` on the decoder (see `performance`); returns self."""
         if any(performance.runs_float32_on_cuda(m) for m in self.components().values() if m):
@@ -140,11 +144,15 @@ class Kandinsky22:
             performance.to_channels_last(self.unet)
             performance.to_channels_last(self.movq)
             self.movq_memory_format = torch.channels_last
-        compile = compile or {}
-        if compile.get("unet"):
-            performance.compile_module(self.unet, compile)
-        if compile.get("movq"):
-            performance.compile_module(self.movq.decoder, compile)
+        self.compiled = performance.optimize_parts(
+            [(self.member.name, self.unet)],
+            self.movq,
+            "kandinsky22_unet",
+            compile=compile,
+            cudnn_benchmark=cudnn_benchmark,
+            movq_attention=movq_attention,
+            fp8=fp8,
+        )
         return self
 
     # ------------------------------------------------------------ what the stage reads
@@ -235,6 +243,7 @@ class Kandinsky22:
         start = time.perf_counter()
         rows = warm_up_requests(self.member, width, height, batch_size, prior_num_inference_steps=2)
         self.generate(rows)
+        performance.log_compiled(self.compiled)
         return time.perf_counter() - start
 
     @torch.no_grad()

@@ -7,8 +7,9 @@ them and groups rows into batches; its samplers (`sampling`) follow ai-forever/K
 not diffusers' pipelines.
 
 GPU path (`model.performance`, `performance.py`): SDPA attention, channels_last,
-torch.compile of the UNet(s) and the MoVQ decoder; cond and uncond rows run in one UNet
-forward of twice the batch; MoVQ decode chunks halve on out-of-memory.
+torch.compile of the UNet(s) and the MoVQ decoder (block by block, `compiling`), FP8 GEMMs
+(`fp8`); cond and uncond rows run in one UNet forward of twice the batch; MoVQ decode chunks
+halve on out-of-memory.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Kandinsky3(Sampling):
         self.schedule = DiffusionSchedule(self.device)
         self.control = None  # controlnet.Control with `model.controlnet` (base member)
         self.image_prompts = None  # ip_adapter.ImagePrompts with `model.ip_adapter` (base)
+        self.compiled: list = []  # compiling.Regional / Whole per compiled model (optimize)
 
     @classmethod
     def from_pretrained(
@@ -166,6 +168,9 @@ class Kandinsky3(Sampling):
         channels_last: bool = False,
         compile: dict | None = None,
         tf32: bool = True,
+        cudnn_benchmark: bool = False,
+        movq_attention: str = "sdpa",
+        fp8: bool = False,
     ) -> Kandinsky3:
         """Apply `model.performance` to the loaded modules (see `performance`); returns self."""
         denoisers = [d for d in (self.denoiser, self.refiner) if d is not None]
@@ -183,13 +188,15 @@ class Kandinsky3(Sampling):
                 d.memory_format = torch.channels_last
             performance.to_channels_last(self.movq)
             self.movq_memory_format = torch.channels_last
-        compile = compile or {}
-        if compile.get("unet"):
-            for d in denoisers:
-                performance.compile_module(d.unet, compile)
-        if compile.get("movq"):
-            # The decoder is nearly all of decode(); post_quant_conv is one 4->4 conv.
-            performance.compile_module(self.movq.decoder, compile)
+        self.compiled = performance.optimize_parts(
+            [(d.member.name, d.unet) for d in denoisers],
+            self.movq,
+            "kandinsky3_unet",
+            compile=compile,
+            cudnn_benchmark=cudnn_benchmark,
+            movq_attention=movq_attention,
+            fp8=fp8,
+        )
         return self
 
     @torch.no_grad()
@@ -207,6 +214,7 @@ class Kandinsky3(Sampling):
             text = textmod.PromptEmbedding(torch.zeros(2, width_in))
         rows = warm_up_requests(self.member, width, height, batch_size, text=text)
         self.generate(rows)
+        performance.log_compiled(self.compiled)
         return time.perf_counter() - start
 
     # Views of the job's own member (tests and the stage read them).

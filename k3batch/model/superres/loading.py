@@ -51,7 +51,6 @@ def load_upscaler(upscale: UpscaleConfig):
     import json
 
     from k3batch.model.loading import resolve_device
-    from k3batch.model.superres.pipeline import KandiSuperRes
     from k3batch.model.superres.sr_unet import TINY_SR_CONFIG_FILE
 
     ensure_tiny_upscaler(upscale)
@@ -63,6 +62,17 @@ def load_upscaler(upscale: UpscaleConfig):
             config = json.load(f)["sr_unet"]
     device = resolve_device(upscale.device)
     dtype = upscale.dtype or ("float16" if device.type == "cuda" else "float32")
+    model = _load(upscale, file, device, dtype, config)
+    if upscale.compile:
+        from k3batch.model import compiling
+
+        model.compiled = [compiling.compile_model("SR UNet", model.unet, "sr_unet", {})]
+    return model
+
+
+def _load(upscale: UpscaleConfig, file: str, device, dtype: str, config: dict | None):
+    from k3batch.model.superres.pipeline import KandiSuperRes
+
     if upscale.model == "flash-x2":
         from k3batch.model.superres.flash import KandiSuperResFlash
 
