@@ -20,13 +20,17 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from k3batch.crashes import CrashJournal
+from k3batch.crashes import CrashJournal, lost, on_driver_node
 
 log = logging.getLogger(__name__)
 
 TTY_INTERVAL_S = 0.5
 LOG_INTERVAL_S = 30.0
 RATE_WINDOW_S = 60.0
+# How often the driver reads the job actor's state (also when no progress is shown): the
+# most a restart of the actor can lose (see JobActor).
+STATE_INTERVAL_S = 5.0
+CALL_TIMEOUT_S = 60
 
 
 class Tally:
@@ -55,18 +59,39 @@ class Tally:
             span[1] = max(span[1], finished)
 
     def snapshot(self) -> dict:
-        actor_seconds = {
-            stage: sum(last - start for start, last in spans.values())
-            for stage, spans in self.actors.items()
+        return stage_snapshot(self.stages, self.actors)
+
+    def merge(self, stages: dict, actors: dict) -> None:
+        """Add another tally's counts (`stages`, `actors` as this one keeps them) to these."""
+        for name, other in stages.items():
+            s = self.stages.setdefault(
+                name,
+                {"rows": 0, "ok": 0, "images": 0, "error_rows": 0, "errors": {}, "batches": 0},
+            )
+            for key in ("rows", "ok", "images", "error_rows", "batches", "busy_seconds"):
+                s[key] = s.get(key, 0) + other.get(key, 0)
+            for kind, n in other.get("errors", {}).items():
+                s["errors"][kind] = s["errors"].get(kind, 0) + n
+        for stage, spans in actors.items():
+            for actor_id, (started, finished) in spans.items():
+                span = self.actors.setdefault(stage, {}).setdefault(actor_id, [started, finished])
+                span[0], span[1] = min(span[0], started), max(span[1], finished)
+
+
+def stage_snapshot(stages: dict, actors: dict) -> dict:
+    """Per stage: its counts, how many pool actors ran it and the seconds they held."""
+    actor_seconds = {
+        stage: sum(last - start for start, last in spans.values())
+        for stage, spans in actors.items()
+    }
+    return {
+        name: {
+            **s,
+            "actors": len(actors.get(name, {})),
+            "actor_seconds": actor_seconds.get(name, 0.0),
         }
-        return {
-            name: {
-                **s,
-                "actors": len(self.actors.get(name, {})),
-                "actor_seconds": actor_seconds.get(name, 0.0),
-            }
-            for name, s in self.stages.items()
-        }
+        for name, s in stages.items()
+    }
 
 
 class JobActor(Tally, CrashJournal):
@@ -74,12 +99,27 @@ class JobActor(Tally, CrashJournal):
 
     One process rather than two: each Ray actor is a Python process that takes about a second
     of CPU to start, on the first image's path, and a little CPU all along while idle.
+
+    It runs on the driver's node (`crashes.on_driver_node`): a worker node lost does not take
+    it along. Should its own process die, Ray starts it again there, empty (up to
+    `crashes.MAX_RESTARTS` times), and the driver's `Tracker`, which reads its `state` every
+    `STATE_INTERVAL_S` seconds, hands it back the last state it read (`restore`). So a
+    restart loses only what arrived since that read: the counts of batches that ended in
+    those seconds (progress and run.json's stage counts come out short by them), the crash
+    journal's starts and ends in them (a row that was running alone when its worker died
+    may take one death more to be isolated), and the generation actors' handles, until each
+    registers again with its next batch (a run that fails before then may leave an actor
+    stuck in a batch running). Past its restarts it is lost: the Tracker says so, once.
     """
 
     def __init__(self):
+        import uuid
+
         Tally.__init__(self)
         CrashJournal.__init__(self)
         self.devices: dict[str, dict] = {}  # actor -> its device record (k3batch.gpus)
+        # Which start of the actor this is: a restart runs __init__ again.
+        self.incarnation = uuid.uuid4().hex
 
     def record_devices(self, record: dict) -> None:
         """A model actor's devices; a restarted actor keeps its id and its one entry."""
@@ -87,6 +127,32 @@ class JobActor(Tally, CrashJournal):
 
     def device_records(self) -> list[dict]:
         return list(self.devices.values())
+
+    def state(self) -> dict:
+        """Everything but the workers' handles, which the driver must not hold (a handle
+        keeps its actor alive): plain data, a few kB whatever the number of rows."""
+        return {
+            "incarnation": self.incarnation,
+            "stages": self.stages,
+            "actors": self.actors,
+            "devices": self.devices,
+            "unfinished": self.unfinished,
+        }
+
+    def restore(self, state: dict) -> None:
+        """Add an earlier incarnation's `state` to this one's (after a restart)."""
+        self.merge(state["stages"], state["actors"])
+        for actor, record in state["devices"].items():
+            self.devices.setdefault(actor, record)
+        for key, n in state["unfinished"].items():
+            self.unfinished[key] = self.unfinished.get(key, 0) + n
+
+
+def start_job_actor():
+    """The job's actor, on the driver's node (`crashes.on_driver_node`)."""
+    import ray
+
+    return ray.remote(**on_driver_node())(JobActor).remote()
 
 
 @dataclass
@@ -150,7 +216,12 @@ class Snapshot:
 
 
 class Tracker:
-    """Driver side of a job's progress: the tally actor, the stage order, the reporter."""
+    """Driver side of a job's progress: the job actor, the stage order, the reporter.
+
+    A thread reads the job actor's state every `STATE_INTERVAL_S` seconds (the reporter's
+    reads count too) and keeps the last one: a restarted actor gets it back (`JobActor`),
+    and an actor lost for good is said once, with what stops working; the job goes on, and
+    its end uses the last state read."""
 
     def __init__(self, total: int, reporter: Reporter | None = None):
         self.total = total
@@ -160,15 +231,30 @@ class Tracker:
         self.started = time.monotonic()
         self.final: Snapshot | None = None
         self.devices: list[dict] = []  # run.json's `devices`: one record per model actor
+        self.restarts = 0  # restarts of the job actor seen
+        self.lost: str | None = None  # why the job actor is gone for good, once it is
+        self._state: dict | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watch: threading.Thread | None = None
 
     def __enter__(self) -> Tracker:
-        import ray
-
-        self.tally = ray.remote(num_cpus=0)(JobActor).remote()
+        self.tally = start_job_actor()
         self.started = time.monotonic()
+        self._watch = threading.Thread(
+            target=self._watch_loop, name="k3batch-job-actor", daemon=True
+        )
+        self._watch.start()
         if self.reporter is not None:
             self.reporter.start(self.snapshot, self.total)
         return self
+
+    def _watch_loop(self) -> None:
+        while not self._stop.wait(STATE_INTERVAL_S):
+            try:
+                self.read()
+            except Exception as e:  # noqa: BLE001 - the next read may do better
+                log.debug("could not read the job actor: %s", e)
 
     def register(self, name: str, gpus_per_actor: float = 0.0, actor_pool: bool = False) -> str:
         """A stage joins the job, in pipeline order; returns its name, made unique (`x_2`)."""
@@ -180,25 +266,75 @@ class Tracker:
         self.order.append(StageInfo(unique, gpus_per_actor or 0.0, actor_pool))
         return unique
 
-    def snapshot(self) -> Snapshot:
+    def read(self) -> dict | None:
+        """The job actor's state (restored into it first when it restarted); the last state
+        read once it is lost. None before any read succeeded."""
         import ray
 
-        stages = ray.get(self.tally.snapshot.remote()) if self.tally is not None else {}
-        return Snapshot(self.total, time.monotonic() - self.started, list(self.order), stages)
+        with self._lock:
+            if self.tally is None or self.lost is not None:
+                return self._state
+            try:
+                state = ray.get(self.tally.state.remote(), timeout=CALL_TIMEOUT_S)
+                if self._state is not None and state["incarnation"] != self._state["incarnation"]:
+                    ray.get(self.tally.restore.remote(self._state), timeout=CALL_TIMEOUT_S)
+                    state = ray.get(self.tally.state.remote(), timeout=CALL_TIMEOUT_S)
+                    self.restarts += 1
+                    log.warning(
+                        "k3batch: the job actor (progress tally, crash journal) restarted after "
+                        "its process died; its counts are restored from %.0f s before, so what "
+                        "ended in between is not counted (progress and run.json's stage counts "
+                        "may come out short by it)",
+                        STATE_INTERVAL_S,
+                    )
+            except Exception as e:
+                if not lost(e):
+                    raise
+                self._lose(e)
+                return self._state
+            self._state = state
+            return state
+
+    def _lose(self, e: Exception) -> None:
+        """Say once what the job goes on without."""
+        text = str(e).strip().splitlines()
+        self.lost = f"{type(e).__name__}: {text[0] if text else ''}"
+        done = Snapshot(self.total, 0.0, list(self.order), self._stages()).done
+        log.warning(
+            "k3batch: the job actor (progress tally, crash journal) is lost (%s). The job "
+            "goes on and every row it writes is accounted for at the end, but progress stops "
+            "at %d of %d rows, run.json's stage counts and devices stop there too, a row "
+            "that kills its worker is no longer isolated (Ray retries it until "
+            "faults.stall_timeout_s), and a failed run cannot stop its stuck actors",
+            self.lost,
+            done,
+            self.total,
+        )
+
+    def _stages(self) -> dict:
+        state = self._state or {}
+        return stage_snapshot(state.get("stages", {}), state.get("actors", {}))
+
+    def snapshot(self) -> Snapshot:
+        self.read()
+        return Snapshot(
+            self.total, time.monotonic() - self.started, list(self.order), self._stages()
+        )
 
     def __exit__(self, *exc) -> None:
         import ray
 
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.join()
         try:
             self.final = self.snapshot()
         except Exception as e:  # noqa: BLE001 - progress must not hide the job's own error
             log.warning("k3batch: could not read the progress tally: %s", e)
-            self.final = Snapshot(self.total, time.monotonic() - self.started, list(self.order))
-        if self.tally is not None:
-            try:
-                self.devices = ray.get(self.tally.device_records.remote())
-            except Exception as e:  # noqa: BLE001 - as above
-                log.warning("k3batch: could not read the actors' device records: %s", e)
+            self.final = Snapshot(
+                self.total, time.monotonic() - self.started, list(self.order), self._stages()
+            )
+        self.devices = list((self._state or {}).get("devices", {}).values())
         if self.reporter is not None:
             self.reporter.stop(self.final if exc[0] is None else None)
         if self.tally is not None:
