@@ -121,6 +121,49 @@ def write_job(fs, root: str, identity: dict) -> None:
     fs.pipe_file(f"{root}/{STATE_DIR}/job.json", json.dumps(record, indent=2).encode())
 
 
+# Written when a run ends with every record accounted for; removed when a run starts work.
+COMPLETE = "complete.json"
+
+
+def _digest(values) -> str:
+    return hashlib.sha256(json.dumps(values).encode()).hexdigest()
+
+
+def completion(info, record_files: list[str], records: int) -> dict:
+    """What a finished output is made of: the input (each file's path and rows: what Ray's
+    row hashes are made of, so the same files and counts give the same records), the records
+    the input asks for, and the record files with the records they hold."""
+    return {
+        "input": _digest([[str(f) for f in info.files], list(info.file_rows)]),
+        "records_expected": info.num_records,
+        "record_files": _digest(sorted(str(f) for f in record_files)),
+        "records": records,
+    }
+
+
+def write_completed(fs, root: str, record: dict) -> None:
+    fs.pipe_file(f"{root}/{STATE_DIR}/{COMPLETE}", json.dumps(record, indent=2).encode())
+
+
+def clear_completed(fs, root: str) -> None:
+    """Before a run writes: an output part-way through a run is not complete."""
+    path = f"{root}/{STATE_DIR}/{COMPLETE}"
+    if fs.exists(path):
+        fs.rm(path)
+
+
+def completed(fs, root: str, info, record_files: list[str], records: int) -> bool:
+    """Whether a rerun has nothing left to do: the last run finished with every record
+    accounted for, and neither the input (files, rows per file, records asked for) nor the
+    record files (names, records) changed since. Ray's checkpoint filter would then leave no
+    row; this says so from what pre-flight read anyway, without starting the job's pools.
+    Any change (rows appended, a record file lost) is a normal resumed run."""
+    path = f"{root}/{STATE_DIR}/{COMPLETE}"
+    if not fs.exists(path):
+        return False
+    return json.loads(fs.cat_file(path)) == completion(info, record_files, records)
+
+
 def checkpoint_config(cfg: JobConfig, rules):
     """Ray Data's CheckpointConfig for this job's output (kept after success: a rerun of a
     finished job then generates nothing, and rows appended to the input later are the only

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from k3batch import __version__, schema
+from k3batch import __version__, resume, schema
 from k3batch.config import ConfigError, JobConfig
 from k3batch.job import kinds
 from k3batch.job.accounting import account
@@ -16,7 +17,7 @@ from k3batch.job.failures import JobFailed, failure_message
 from k3batch.job.kinds import JobContext, JobKind
 from k3batch.job.preflight import preflight
 from k3batch.outputs import records
-from k3batch.progress import Reporter, Tracker
+from k3batch.progress import Reporter, Snapshot, Tracker
 from k3batch.ray_start.jobs import init_ray
 from k3batch.testing import faults
 
@@ -68,38 +69,22 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
             f"output.uri: {cfg.output.uri} already holds this {cfg.job} job; {cfg.job} jobs "
             "do not resume: pass --overwrite"
         )
-    init_ray(cfg, kind, resumed)
-    kind.prepare(cfg)
-    if cfg.beautify.enabled and cfg.beautify.make_tiny:
-        from k3batch.testing.tiny_llm import make_tiny_llm
-
-        make_tiny_llm(cfg.beautify.model)
-    if reporter is not None:
-        _take_over_progress(reporter)
-    before = set(output.record_files())
-    # Progress counts this run's records (images): those an earlier run finished are skipped.
-    todo = (
-        max(info.num_records - records.count_rows(output, sorted(before), skip_unreadable=True), 0)
-        if before
-        else info.num_records
-    )
-    with Tracker(todo, reporter) as tracker, faults.stage_overrides() as overrides:
-        try:
-            # The tracker's actor is also the job's crash journal (progress.JobActor).
-            ctx = JobContext(
-                kind,
-                output,
-                info.num_rows,
-                info.num_records,
-                info.schema,
-                info.duplicate_ids,
-                journal=tracker.tally,
-                tracker=tracker,
-                stage_overrides=overrides,
-            )
-            kind.run(cfg, ctx)
-        except Exception as e:
-            raise JobFailed(failure_message(cfg, e, tracker)) from e
+    before = sorted(output.record_files())
+    done_before = records.count_rows(output, before, skip_unreadable=True) if before else 0
+    fs, root = output.filesystem()
+    # A rerun with nothing left (every record accounted for, nothing changed since) finishes
+    # here: no pools asked for, no dataset run, however small the cluster has become.
+    nothing_left = resumed and resume.completed(fs, root, info, before, done_before)
+    init_ray(cfg, kind, resumed, work=not nothing_left)
+    ctx = JobContext(kind, output, info.num_rows, info.num_records, info.schema, info.duplicate_ids)
+    if nothing_left:
+        cost = Snapshot(0, 0.0, []).cost()
+        devices: list[dict] = []
+    else:
+        resume.clear_completed(fs, root)
+        todo = info.num_records - done_before
+        cost, devices = _run_dataset(cfg, kind, ctx, todo, resumed, reporter)
+    before = set(before)
     # Record files from before that are still there hold rows an earlier run finished (Ray
     # deleted those of writes it had not committed); the new ones hold this run's rows.
     after = output.record_files()
@@ -110,7 +95,9 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
     images = (
         new.column(schema.STATUS).to_pylist().count(schema.STATUS_OK) if kind.makes_images else 0
     )
-    skipped = records.count_rows(output, [f for f in after if f in before])
+    still = [f for f in after if f in before]
+    # Every earlier file still there (no write of theirs was undone): counted at the start.
+    skipped = done_before if len(still) == len(before) else records.count_rows(output, still)
     kind.finalise(cfg, ctx)
     counts = account(cfg, kind, info, output)
     wall = time.time() - started
@@ -129,14 +116,48 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
             "rows_this_run": generated,
             "skipped_by_resume": skipped,
         },
-        **tracker.final.cost(),
-        "devices": tracker.devices,
+        **cost,
+        "devices": devices,
         "input_files": len(info.files),
         "output": cfg.output.uri,
         "format": cfg.output.format,
         "config": cfg.model_dump(mode="json"),
         "versions": versions(),
     }
-    fs, root = output.filesystem()
     fs.pipe_file(f"{root}/run.json", json.dumps(run, indent=2).encode())
+    if run["accounting"]["ok"] and kind.resumes:
+        record_files = output.record_files()  # as finalised (shards renumbered)
+        resume.write_completed(fs, root, resume.completion(info, record_files, counts["rows_out"]))
     return RunResult(run=run, kind=kind)
+
+
+def _run_dataset(
+    cfg: JobConfig,
+    kind: JobKind,
+    ctx: JobContext,
+    todo: int,
+    resumed: bool,
+    reporter: Reporter | None,
+) -> tuple[dict, list[dict]]:
+    """Run the kind's dataset with the job's actor (progress tally and crash journal);
+    returns run.json's cost figures and device records. `todo`: the records this run makes
+    (an earlier run's are skipped), for the progress line."""
+    kind.prepare(cfg)
+    if cfg.beautify.enabled and cfg.beautify.make_tiny:
+        from k3batch.testing.tiny_llm import make_tiny_llm
+
+        make_tiny_llm(cfg.beautify.model)
+    if reporter is not None:
+        _take_over_progress(reporter)
+    with Tracker(max(todo, 0), reporter) as tracker, faults.stage_overrides() as overrides:
+        try:
+            # The tracker's actor is also the job's crash journal (progress.JobActor).
+            kind.run(
+                cfg,
+                dataclasses.replace(
+                    ctx, journal=tracker.tally, tracker=tracker, stage_overrides=overrides
+                ),
+            )
+        except Exception as e:
+            raise JobFailed(failure_message(cfg, e, tracker, kind, resumed)) from e
+    return tracker.final.cost(), tracker.devices
