@@ -471,7 +471,8 @@ def bench_k22(parts: dict, args) -> list[Result]:
     import diffusers
     import torch
 
-    from k3batch.model.kandinsky22.pipeline import KIND_TEXT, Kandinsky22
+    from k3batch.model.kandinsky22.kinds import KIND_TEXT
+    from k3batch.model.kandinsky22.pipeline import Kandinsky22
     from k3batch.model.request import Request
     from k3batch.rows.seeds import derive_seed
     from k3batch.testing.tiny_k22 import decoder_scheduler

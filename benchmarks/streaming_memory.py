@@ -84,7 +84,7 @@ def run(n: int, model_dir: str, tmp: str) -> dict:
     import ray
 
     from k3batch.job.run import run_job
-    from k3batch.report import write_report
+    from k3batch.report.page import write_report
 
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
     ray.init(

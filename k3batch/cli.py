@@ -10,7 +10,7 @@ import sys
 
 def _write_report(output: str, args, storage_settings: dict | None = None) -> str | None:
     """The report's index URI, or None (with a one-line warning) if it could not be written."""
-    from k3batch.report import write_report
+    from k3batch.report.page import write_report
 
     try:
         return write_report(
@@ -101,7 +101,7 @@ def _run(args) -> int:
 
 def _report(args) -> int:
     from k3batch.config import ConfigError
-    from k3batch.report import write_report
+    from k3batch.report.page import write_report
 
     try:
         report = write_report(
@@ -198,7 +198,7 @@ def _submit(args) -> int:
 
 
 def _report_options(parser: argparse.ArgumentParser) -> None:
-    from k3batch.report import DEFAULT_COLUMNS, DEFAULT_SAMPLES, DEFAULT_THUMB
+    from k3batch.report.page import DEFAULT_COLUMNS, DEFAULT_SAMPLES, DEFAULT_THUMB
 
     group = parser.add_argument_group("report")
     group.add_argument(

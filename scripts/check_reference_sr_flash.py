@@ -186,7 +186,7 @@ def check_refine(ref: dict, root: str, folder: str, k3: str, sr_unet, model) -> 
     import importlib
     import warnings
 
-    from k3batch.model.superres.flash import MOVQ_TILE
+    from k3batch.model.superres.tiles import MOVQ_TILE
 
     # The reference wraps MoVQ and the refiner in torch.cuda.amp.autocast (off on CPU).
     warnings.filterwarnings("ignore", message=".*autocast.*")

@@ -168,7 +168,7 @@ def test_inpainting_equals_diffusers_combined(models, oracle):
 
 
 def test_controlnet_with_hint_equals_diffusers(models, oracle):
-    from k3batch.model.kandinsky22.pipeline import hint_tensor
+    from k3batch.model.kandinsky22.inputs import hint_tensor
 
     hint = _image(4)
     g = _g()  # one generator through the prior and the decoder, as the combined pipelines

@@ -24,14 +24,8 @@ import yaml
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from k3batch.report import (
-    CAPTION_HEIGHT,
-    DEFAULT_COLUMNS,
-    DEFAULT_SAMPLES,
-    DEFAULT_THUMB,
-    PAD,
-    beautify,
-)
+from k3batch.report.contact_sheet import CAPTION_HEIGHT, PAD, beautify
+from k3batch.report.page import DEFAULT_COLUMNS, DEFAULT_SAMPLES, DEFAULT_THUMB
 
 from .chromium import open_page, require_chromium
 from .report_html import figures

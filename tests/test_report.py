@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from k3batch.report import CAPTION_HEIGHT, PAD, beautify, write_report
+from k3batch.report.contact_sheet import CAPTION_HEIGHT, PAD, beautify
+from k3batch.report.page import write_report
 
 from .chromium import open_page, require_chromium
 from .report_html import figures

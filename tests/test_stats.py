@@ -14,7 +14,8 @@ from k3batch import resume
 from k3batch.config import load_config
 from k3batch.job.run import run_job
 from k3batch.outputs import shards, stats
-from k3batch.report import StatsScan, _scan, write_report
+from k3batch.report.page import write_report
+from k3batch.report.scan import StatsScan, scan_rows
 
 from .conftest import job_config
 
@@ -103,7 +104,7 @@ def test_files_job_scores_and_stats_and_report_from_them(
     fs = fsspec.filesystem("file")
     names = [str(f) for f in files]
     from_stats = StatsScan.read(fs, names, stats.read_stats(fs, names, "_stats"))
-    from_rows = _scan(fs, names)
+    from_rows = scan_rows(fs, names)
     assert (from_stats.rows, from_stats.statuses, from_stats.error_kinds) == (
         from_rows.rows,
         from_rows.statuses,

@@ -8,14 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from k3batch.model import movq as movqmod
-from k3batch.model.superres.flash import (
-    CONTEXT_FILE,
-    SR_FILE,
-    KandiSuperResFlash,
-    blend_tiles,
-    tile_starts,
-)
+from k3batch.model.superres.flash import CONTEXT_FILE, SR_FILE, KandiSuperResFlash
 from k3batch.model.superres.sr_unet import TINY_SR_UNET
+from k3batch.model.superres.tiles import blend_tiles, tile_starts
 from k3batch.testing.tiny import make_tiny
 from k3batch.testing.tiny_sr import make_tiny_sr_flash
 

@@ -25,6 +25,7 @@ DEFAULT = BASE  # `model.name` when the config names none
 
 __all__ = ["BASE", "FLASH", "INPAINT", "K22", "K22_DEPTH", "K22_INPAINT"]
 
+
 def of(name: str) -> Family:
     """The family that declares member `name`."""
     return FAMILIES[MEMBERS[name].family]
@@ -64,24 +65,3 @@ def _capabilities(member: Member, conditioning: dict) -> RowCapabilities:
     return RowCapabilities(
         member, own_schedulers=family.own_schedulers, takers=takers, **conditioning
     )
-
-
-# TEMPORARY, until the pipeline modules import their own family's declarations (a module
-# split is in flight): names those modules still read from here.
-from k3batch.model.kandinsky3.members import (  # noqa: E402
-    FLASH_TIMESTEPS,
-    REFINE_TIMESTEP,
-    members_needed,
-)
-from k3batch.model.kandinsky22.members import FAMILY as KANDINSKY22  # noqa: E402
-from k3batch.model.kandinsky22.members import PRIOR_REPO as KANDINSKY22_PRIOR  # noqa: E402
-from k3batch.model.superres.checkpoints import SUPERRES  # noqa: E402
-
-__all__ += [
-    "FLASH_TIMESTEPS",
-    "KANDINSKY22",
-    "KANDINSKY22_PRIOR",
-    "REFINE_TIMESTEP",
-    "SUPERRES",
-    "members_needed",
-]

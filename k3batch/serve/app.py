@@ -1,5 +1,6 @@
-"""The Serve application builder: the deployments of `k3batch.serve.deployments` bound with
-their replicas and resources from the app's config.
+"""The Serve application builder: the `Ingress` (`k3batch.serve.ingress`) and the model
+deployments (`k3batch.serve.deployments`) bound with their replicas and resources from the
+app's config.
 
 `k3batch.serve.app:build_app` is the `import_path` of the Serve configs (configs/serve*.yaml,
 cluster/rayservice.yaml) and of `k3batch serve`.
@@ -8,7 +9,8 @@ cluster/rayservice.yaml) and of `k3batch serve`.
 from ray import serve
 
 from k3batch.serve.config import DeploymentConfig, GeneratorDeploymentConfig, ServeAppConfig
-from k3batch.serve.deployments import Beautifier, Generator, Ingress, Upscaler
+from k3batch.serve.deployments import Beautifier, Generator, Upscaler
+from k3batch.serve.ingress import Ingress
 
 
 def replicas(d: DeploymentConfig) -> dict:

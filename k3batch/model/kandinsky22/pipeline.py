@@ -1,9 +1,10 @@
 """The Kandinsky 2.2 members on diffusers' own `KandinskyV22*` pipelines.
 
 Design: k3batch does not re-implement Kandinsky 2.2's samplers. It loads the components
-(prior folder: `PriorTransformer`, CLIP text and image towers, tokenizer, `UnCLIPScheduler`,
-image processor; decoder folder: `UNet2DConditionModel`, its scheduler, MoVQ `VQModel`), each
-in its own dtype and on its own device, builds diffusers' pipeline objects around them
+(`loading`: prior folder: `PriorTransformer`, CLIP text and image towers, tokenizer,
+`UnCLIPScheduler`, image processor; decoder folder: `UNet2DConditionModel`, its scheduler,
+MoVQ `VQModel`), each in its own dtype and on its own device, builds diffusers' pipeline
+objects around them
 (`KandinskyV22PriorPipeline`, `KandinskyV22Pipeline`, `KandinskyV22Img2ImgPipeline`,
 `KandinskyV22InpaintPipeline`, `KandinskyV22ControlnetPipeline`) and calls those. The
 numerics, the guidance `uncond + w*(cond - uncond)` (off at w <= 1) and the negative prompt's
@@ -36,40 +37,33 @@ Where k3batch departs from calling a pipeline once per batch, on purpose:
   round half to even, uint8 (diffusers computes x*0.5+0.5 in the MoVQ's dtype, k3batch in
   float32: equal for a float32 MoVQ);
 - components on different devices or dtypes get forward hooks that move (and cast) each
-  module's inputs to its own device and dtype and its outputs back to the pipeline's device,
-  which diffusers' pipelines assume is one device for all. With one device and one dtype
-  (the default) no hook is added.
+  module's inputs to its own device and dtype and its outputs back to the pipeline's device
+  (`devices`); with one device and one dtype (the default) no hook is added.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 
 import numpy as np
 import torch
 
-from k3batch.model import family, performance
 from k3batch.model import movq as movq_codec
+from k3batch.model import performance
+from k3batch.model.kandinsky22 import members as k22_members
+from k3batch.model.kandinsky22.devices import align_devices
+from k3batch.model.kandinsky22.inputs import check_image, check_mix, hint_tensor, pil
+from k3batch.model.kandinsky22.kinds import (
+    KIND_CONTROLNET,
+    KIND_IMAGE,
+    KIND_INPAINT,
+    KIND_MIX,
+    KIND_TEXT,
+)
+from k3batch.model.kandinsky22.prior import mix_embeddings, prompt_embeddings
 from k3batch.model.request import Request, warm_up_requests
 
 log = logging.getLogger(__name__)
-
-KIND_TEXT = "text-to-image"
-KIND_IMAGE = "image-to-image"
-KIND_INPAINT = "inpainting"
-KIND_CONTROLNET = "controlnet"
-KIND_MIX = "mix"
-
-# The keys of `dtype` and `device` mappings (a missing key: float32 / "auto").
-COMPONENTS = ("prior", "text_encoder", "image_encoder", "unet", "movq", "depth_estimator")
-
-
-def _setting(value, component: str, default: str) -> str:
-    if isinstance(value, dict):
-        return value.get(component, default)
-    return value
 
 
 class Kandinsky22:
@@ -90,7 +84,7 @@ class Kandinsky22:
     ):
         self.prior_pipe = prior_pipe
         self.decoder_pipes = decoder_pipes  # kind -> pipeline (they share unet, movq)
-        self.member = family.MEMBERS[member]
+        self.member = k22_members.MEMBERS[member]
         self.depth_estimator = depth_estimator  # (DPTForDepthEstimation, its processor)
         self.decode_batch_size = decode_batch_size
         self.movq_memory_format = torch.preserve_format
@@ -106,8 +100,8 @@ class Kandinsky22:
         cls,
         path: str,
         *,
-        member: str = family.K22,
-        prior_path: str = family.KANDINSKY22_PRIOR,
+        member: str = k22_members.K22,
+        prior_path: str = k22_members.PRIOR_REPO,
         depth_estimator: str | None = None,
         dtype: dict | str = "float32",
         device: dict | str = "auto",
@@ -117,91 +111,18 @@ class Kandinsky22:
         """Load `member`'s decoder from `path` (a diffusers decoder folder or Hub repo), the
         prior from `prior_path` and, for ControlNet depth, a transformers depth estimator
         (`depth_estimator`: a DPT folder or Hub id). `dtype`/`device`: one value, or one per
-        key of `COMPONENTS`."""
-        import diffusers
-        from diffusers import PriorTransformer, UNet2DConditionModel, VQModel
-        from transformers import (
-            CLIPImageProcessor,
-            CLIPTextModelWithProjection,
-            CLIPTokenizer,
-            CLIPVisionModelWithProjection,
-        )
+        key of `loading.COMPONENTS`."""
+        from k3batch.model.kandinsky22 import loading
 
-        from k3batch.model.loading import DTYPES, resolve_device
-
-        m = family.MEMBERS[member]
-        if m.family != family.KANDINSKY22:
+        if member not in k22_members.MEMBERS:
             raise ValueError(f"{member} is not a Kandinsky 2.2 member")
-        dtypes = {c: DTYPES[_setting(dtype, c, "float32")] for c in COMPONENTS}
-        devices = {c: resolve_device(_setting(device, c, "auto")) for c in COMPONENTS}
-
-        def place(module, name):
-            return torch.nn.Module.to(module, devices[name], dtypes[name]).eval()
-
-        def scheduler(folder):
-            config = diffusers.DDPMScheduler.load_config(folder, subfolder="scheduler")
-            return getattr(diffusers, config["_class_name"]).from_config(config)
-
-        prior = place(PriorTransformer.from_pretrained(prior_path, subfolder="prior"), "prior")
-        text_encoder = place(
-            CLIPTextModelWithProjection.from_pretrained(prior_path, subfolder="text_encoder"),
-            "text_encoder",
-        )
-        image_encoder = place(
-            CLIPVisionModelWithProjection.from_pretrained(prior_path, subfolder="image_encoder"),
-            "image_encoder",
-        )
-        prior_pipe = diffusers.KandinskyV22PriorPipeline(
-            prior=prior,
-            image_encoder=image_encoder,
-            text_encoder=text_encoder,
-            tokenizer=CLIPTokenizer.from_pretrained(prior_path, subfolder="tokenizer"),
-            scheduler=scheduler(prior_path),
-            image_processor=CLIPImageProcessor.from_pretrained(
-                prior_path, subfolder="image_processor"
-            ),
-        )
-        unet = place(UNet2DConditionModel.from_pretrained(path, subfolder="unet"), "unet")
-        movq = place(VQModel.from_pretrained(path, subfolder="movq"), "movq")
-        parts = dict(unet=unet, scheduler=scheduler(path), movq=movq)
-        if m.needs_mask:
-            pipes = {KIND_INPAINT: diffusers.KandinskyV22InpaintPipeline(**parts)}
-        elif m.needs_hint:
-            pipes = {KIND_CONTROLNET: diffusers.KandinskyV22ControlnetPipeline(**parts)}
-        else:
-            pipes = {
-                KIND_TEXT: diffusers.KandinskyV22Pipeline(**parts),
-                KIND_IMAGE: diffusers.KandinskyV22Img2ImgPipeline(**parts),
-            }
-        depth = None
-        if depth_estimator is not None:
-            from transformers import AutoImageProcessor, DPTForDepthEstimation
-
-            depth = (
-                place(DPTForDepthEstimation.from_pretrained(depth_estimator), "depth_estimator"),
-                AutoImageProcessor.from_pretrained(depth_estimator),
-            )
+        m = k22_members.MEMBERS[member]
+        prior_pipe, pipes, depth = loading.load(path, m, prior_path, depth_estimator, dtype, device)
         model = cls(
             prior_pipe, pipes, member, depth_estimator=depth, decode_batch_size=decode_batch_size
         )
-        model._align_devices()
+        align_devices(model.prior_pipe, model.unet, model.movq, model.device)
         return model.optimize(**(performance or {}))
-
-    def _align_devices(self) -> None:
-        """Hooks that move each module's inputs to its device and dtype when the components
-        differ in either (diffusers' pipelines assume one device and dtype)."""
-        prior = {
-            "prior": self.prior_pipe.prior,
-            "text_encoder": self.prior_pipe.text_encoder,
-            "image_encoder": self.prior_pipe.image_encoder,
-        }
-        decoder = {"unet": self.unet, "movq": self.movq}
-        places = {_place(mod) for mod in [*prior.values(), *decoder.values()]}
-        if len(places) == 1:
-            return
-        for modules, home in ((prior, _place(self.prior_pipe.prior)[0]), (decoder, self.device)):
-            for mod in modules.values():
-                _add_align_hooks(mod, home)
 
     def optimize(
         self,
@@ -285,8 +206,10 @@ class Kandinsky22:
         """ValueError naming the field of a row this member cannot generate."""
         kind = self.kind(r)
         if kind == KIND_MIX:
-            if self.member.name != family.K22:
-                raise ValueError(f"mix: image mixing runs on {family.K22}, not {self.member.name}")
+            if self.member.name != k22_members.K22:
+                raise ValueError(
+                    f"mix: image mixing runs on {k22_members.K22}, not {self.member.name}"
+                )
             check_mix(r.mix)
         elif kind == KIND_INPAINT:
             if r.image is None:
@@ -299,7 +222,7 @@ class Kandinsky22:
                     "hint: ControlNet depth needs a hint, or an image and model.depth_estimator"
                 )
             if r.hint is not None:
-                _check_image(r.hint, "hint", (r.height, r.width))
+                check_image(r.hint, "hint", (r.height, r.width))
 
     # ------------------------------------------------------------ generation
     @torch.no_grad()
@@ -342,10 +265,11 @@ class Kandinsky22:
     def _generate(self, rows: list[Request]) -> list[np.ndarray]:
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
         kind = self.kind(rows[0])
+        steps, scale = self._prior_settings(rows[0])
         if kind == KIND_MIX:
-            embeds, negatives = self._mix(rows, generators)
+            embeds, negatives = mix_embeddings(self.prior_pipe, rows, generators, steps, scale)
         else:
-            embeds, negatives = self._prior(rows, generators)
+            embeds, negatives = prompt_embeddings(self.prior_pipe, rows, generators, steps, scale)
         embeds, negatives = embeds.to(self.device), negatives.to(self.device)
         first = rows[0]
         common = dict(
@@ -384,7 +308,7 @@ class Kandinsky22:
             return list(movq_codec.to_uint8(pixels, rounding="round"))
         elif kind == KIND_IMAGE:
             latents = self.decoder_pipes[KIND_IMAGE](
-                image=[_pil(r.image) for r in rows],
+                image=[pil(r.image) for r in rows],
                 image_embeds=embeds,
                 negative_image_embeds=negatives,
                 strength=first.strength,
@@ -400,43 +324,6 @@ class Kandinsky22:
             )[0]
         return self.decode(latents)
 
-    def _prior(self, rows, generators) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image embeddings, negative image embeddings) of the rows' prompts."""
-        steps, scale = self._prior_settings(rows[0])
-        negatives = None
-        if rows[0].negative_prompt is not None:
-            negatives = [r.negative_prompt for r in rows]
-            # diffusers appends the negatives to the prompts: row i's generator serves both.
-            generators = generators + generators
-        return self.prior_pipe(
-            [r.prompt for r in rows],
-            negative_prompt=negatives,
-            num_inference_steps=steps,
-            guidance_scale=scale,
-            generator=generators,
-            output_type="pt",
-            return_dict=False,
-        )
-
-    def _mix(self, rows, generators) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's mix, as `KandinskyV22PriorPipeline.interpolate` with its generator; a
-        negative prompt acts in the prior and gives the negative embedding, as without mix."""
-        steps, scale = self._prior_settings(rows[0])
-        embeds, negatives = [], []
-        for r, g in zip(rows, generators, strict=True):
-            out = self.prior_pipe.interpolate(
-                [item if isinstance(item, str) else _pil(item) for item, _ in r.mix],
-                [float(w) for _, w in r.mix],
-                num_inference_steps=steps,
-                guidance_scale=scale,
-                generator=g,
-                negative_prior_prompt=r.negative_prompt,
-                negative_prompt="" if r.negative_prompt is None else r.negative_prompt,
-            )
-            embeds.append(out.image_embeds)
-            negatives.append(out.negative_image_embeds)
-        return torch.cat(embeds), torch.cat(negatives)
-
     @torch.no_grad()
     def estimate_hint(self, image: np.ndarray) -> np.ndarray:
         """A depth hint (HxWx3 uint8, the image's size) from the depth estimator, as
@@ -445,10 +332,10 @@ class Kandinsky22:
         it on three channels."""
         if self.depth_estimator is None:
             raise ValueError("hint: no hint given and no model.depth_estimator to estimate it")
-        _check_image(image, "image")
+        check_image(image, "image")
         model, processor = self.depth_estimator
         param = next(model.parameters())
-        inputs = processor(images=_pil(image), return_tensors="pt")
+        inputs = processor(images=pil(image), return_tensors="pt")
         out = model(pixel_values=inputs["pixel_values"].to(param.device, param.dtype))
         depth = processor.post_process_depth_estimation(out, target_sizes=[image.shape[:2]])
         depth = depth[0]["predicted_depth"].float().cpu().numpy()
@@ -464,99 +351,3 @@ class Kandinsky22:
             self.movq, latents, self.decode_batch_size, self.movq_memory_format, rounding="round"
         )
         return images
-
-
-# ---------------------------------------------------------------- row inputs
-def hint_tensor(hints: list[np.ndarray]) -> torch.Tensor:
-    """HxWx3 uint8 depth maps -> (N, 3, H, W) float in [0, 1], as diffusers' `make_hint`."""
-    return torch.stack(
-        [
-            torch.from_numpy(np.asarray(h, np.uint8)).float().div(255.0).permute(2, 0, 1)
-            for h in hints
-        ]
-    )
-
-
-def check_mix(mix) -> None:
-    """ValueError naming `mix` (and the item) unless `mix` is a non-empty list of (prompt
-    text or HxWx3 uint8 image, finite weight) items."""
-    if not isinstance(mix, (list, tuple)) or not mix:
-        raise ValueError("mix: expected a non-empty list of (prompt or image, weight) items")
-    for i, item in enumerate(mix):
-        if not isinstance(item, (list, tuple)) or len(item) != 2:
-            raise ValueError(f"mix[{i}]: expected a (prompt or image, weight) pair")
-        cond, weight = item
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, numbers.Real)
-            or not math.isfinite(weight)
-        ):
-            raise ValueError(f"mix[{i}]: weight {weight!r} is not a finite number")
-        if isinstance(cond, str):
-            continue
-        if not isinstance(cond, np.ndarray):
-            raise ValueError(
-                f"mix[{i}]: expected a prompt or an HxWx3 uint8 image, got {type(cond).__name__}"
-            )
-        _check_image(cond, f"mix[{i}]")
-
-
-def _check_image(image, field: str, size: tuple[int, int] | None = None) -> None:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
-        raise ValueError(f"{field}: expected an HxWx3 uint8 image")
-    if image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
-        raise ValueError(f"{field}: expected an HxWx3 uint8 image, got shape {image.shape}")
-    if size is not None and image.shape[:2] != tuple(size):
-        raise ValueError(
-            f"{field}: size {image.shape[1]}x{image.shape[0]}, the row's is {size[1]}x{size[0]}"
-        )
-
-
-def _pil(image: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray(np.asarray(image, np.uint8))
-
-
-# ---------------------------------------------------------------- mixed devices and dtypes
-def _place(module) -> tuple[torch.device, torch.dtype]:
-    p = next(module.parameters())
-    return p.device, p.dtype
-
-
-def _move(value, device, dtype=None):
-    """`value` (tensors, possibly nested in outputs, dicts, lists, tuples) on `device`;
-    floating tensors also cast to `dtype` when given."""
-    if isinstance(value, torch.Tensor):
-        if dtype is not None and value.is_floating_point():
-            return value.to(device, dtype)
-        return value.to(device)
-    if isinstance(value, dict):  # diffusers' BaseOutput and transformers' ModelOutput too
-        for k in list(value.keys()):
-            value[k] = _move(value[k], device, dtype)
-        return value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_move(v, device, dtype) for v in value)
-    return value
-
-
-def _add_align_hooks(module, home) -> None:
-    """Inputs to the module's device and dtype, outputs to `home` (the pipeline's device)."""
-    device, dtype = _place(module)
-
-    def before(_, args, kwargs):
-        return _move(args, device, dtype), _move(kwargs, device, dtype)
-
-    def after(_, args, kwargs, output):
-        return _move(output, home)
-
-    module.register_forward_pre_hook(before, with_kwargs=True)
-    module.register_forward_hook(after, with_kwargs=True)
-    if hasattr(module, "encode"):
-        # The pipelines call MoVQ's encode, not its forward (k3batch decodes it itself).
-        encode = module.encode
-
-        def aligned_encode(*args, **kwargs):
-            return _move(encode(*_move(args, device, dtype), **_move(kwargs, device, dtype)), home)
-
-        module.encode = aligned_encode

@@ -55,23 +55,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from k3batch.model.family import FLASH_TIMESTEPS, REFINE_TIMESTEP, SUPERRES
+from k3batch.model.kandinsky3.members import FLASH, FLASH_TIMESTEPS, MEMBERS, REFINE_TIMESTEP
+from k3batch.model.superres.checkpoints import SUPERRES
 from k3batch.model.superres.pipeline import STRIDE, WINDOW, check_windows
 from k3batch.model.superres.sr_unet import SR_UNET, SRUNet
+from k3batch.model.superres.tiles import (
+    MOVQ_FACTOR,
+    MOVQ_TILE,
+    TILE,
+    blend_tiles,
+    movq_decode,
+    movq_encode,
+    tile_starts,
+)
 
 SR_FILE = SUPERRES["flash-x2"][1]
 CONTEXT_FILE = "context.pt"
 CONTEXT_MASK_FILE = "context_mask.pt"
 SIDE_MULTIPLE = 32
-TILE = 352  # latent tile of the refine
-OVERLAP = 0.25
 MAX_TILES_PER_CALL = 4
-# The reference's MoVQ (`get_movq`): tiles of 1024 px above 1024 px a side, encode without
-# overlap, decode with 0.25; 8 px per latent.
-MOVQ_TILE = 1024
-MOVQ_ENCODE_OVERLAP = 0.0
-MOVQ_DECODE_OVERLAP = 0.25
-MOVQ_FACTOR = 8
 # Canvases of more pixels than this side squared run the SR steps in windows (a deviation
 # from the reference, which runs the whole canvas): the whole canvas needs ~1.19 GiB of UNet
 # activations per megapixel in float16, ~19 GiB at 4096x4096 (docs/superres.md).
@@ -81,35 +83,6 @@ WHOLE_CANVAS_SIDE = 4096
 def linear_alphas_cumprod() -> torch.Tensor:
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float32)
     return torch.cumprod(1.0 - betas, dim=0)
-
-
-def tile_starts(side: int, tile: int = TILE, overlap: float = OVERLAP) -> list[int]:
-    """The reference's tile offsets: every tile * (1 - overlap), tiles past the edge cut."""
-    return list(range(0, side, int(tile * (1 - overlap))))
-
-
-def blend_tiles(tiles: list[list[torch.Tensor]], tile: int = TILE, overlap: float = OVERLAP):
-    """The reference's blend: linear ramps over tile * overlap with the (already blended) tile
-    above and to the left, each tile then cropped to tile - blend; returns the whole latent."""
-    extent = int(tile * overlap)
-    keep = tile - extent
-    rows = []
-    for i, row in enumerate(tiles):
-        out = []
-        for j, t in enumerate(row):
-            if i > 0:
-                above = tiles[i - 1][j]
-                n = min(above.shape[2], t.shape[2], extent)
-                for y in range(n):
-                    t[:, :, y] = above[:, :, y - n] * (1 - y / n) + t[:, :, y] * (y / n)
-            if j > 0:
-                left = row[j - 1]
-                n = min(left.shape[3], t.shape[3], extent)
-                for x in range(n):
-                    t[:, :, :, x] = left[:, :, :, x - n] * (1 - x / n) + t[:, :, :, x] * (x / n)
-            out.append(t[:, :, :keep, :keep])
-        rows.append(torch.cat(out, dim=3))
-    return torch.cat(rows, dim=2)
 
 
 def load_context(folder: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +172,7 @@ class KandiSuperResFlash:
         the Flash UNet and the MoVQ (MoVQ in float32, as the reference); `context_path`: the
         folder with `context.pt` and `context_mask.pt` (default: `path`'s folder, then its
         `weights/`). Every file is read with `weights_only=True`: no pickled code runs."""
-        from k3batch.model import family, loading
+        from k3batch.model import loading
         from k3batch.model.kandinsky3 import loading as k3_loading
         from k3batch.model.kandinsky3.denoiser import Denoiser
 
@@ -222,7 +195,7 @@ class KandiSuperResFlash:
             loading.DTYPES[dtype],
             dev,
         )
-        member = family.MEMBERS[family.FLASH]
+        member = MEMBERS[FLASH]
         parts = k3_loading.load(
             kandinsky3_path,
             [member],
@@ -331,46 +304,15 @@ class KandiSuperResFlash:
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The float32 MoVQ latent of one SR image (1, 3, H, W), as the reference's MoVQ:
-        whole up to `movq_tile` px a side, else tiles of `movq_tile` px every `movq_tile`,
-        one per call, side by side (its blend over 0 latents keeps each tile as it is)."""
-        from k3batch.model import movq as movqmod
-
-        x = x.to(self.device)
-        tile = self.movq_tile
-        if max(x.shape[-2:]) <= tile:
-            return movqmod.encode(self.movq, x)
-        grid = [
-            [
-                movqmod.encode(self.movq, x[:, :, a : a + tile, c : c + tile])
-                for c in tile_starts(x.shape[3], tile, MOVQ_ENCODE_OVERLAP)
-            ]
-            for a in tile_starts(x.shape[2], tile, MOVQ_ENCODE_OVERLAP)
-        ]
-        return blend_tiles(grid, tile // MOVQ_FACTOR, MOVQ_ENCODE_OVERLAP)
+        """The float32 MoVQ latent of one SR image (1, 3, H, W), in tiles of `movq_tile` px
+        above that side (`tiles.movq_encode`)."""
+        return movq_encode(self.movq, x.to(self.device), self.movq_tile)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """A latent's image (1, 3, 8h, 8w) float32 in [-1, 1]-ish, as the reference's MoVQ:
-        whole up to `movq_tile` / 8 latents a side, else latent tiles of `movq_tile` / 8
-        every 3/4 of that, one per call, blended over `movq_tile` / 4 px (`blend_tiles`)."""
-        param = next(self.movq.parameters())
-        z = z.to(param.device, param.dtype)
-        tile = self.movq_tile // MOVQ_FACTOR
-
-        def run(latent):
-            return self.movq.decode(latent, force_not_quantize=True).sample
-
-        if max(z.shape[-2:]) <= tile:
-            return run(z).float()
-        grid = [
-            [
-                run(z[:, :, a : a + tile, c : c + tile])
-                for c in tile_starts(z.shape[3], tile, MOVQ_DECODE_OVERLAP)
-            ]
-            for a in tile_starts(z.shape[2], tile, MOVQ_DECODE_OVERLAP)
-        ]
-        return blend_tiles(grid, self.movq_tile, MOVQ_DECODE_OVERLAP).float()
+        """A latent's image (1, 3, 8h, 8w) float32 in [-1, 1]-ish, in tiles of `movq_tile` / 8
+        latents above that side (`tiles.movq_decode`)."""
+        return movq_decode(self.movq, z, self.movq_tile)
 
     def refine_tiles(self, rows: list[_Row], latents: list[torch.Tensor]) -> list[torch.Tensor]:
         """The tiled one-step refine of each row's latent, tiles batched across rows."""
