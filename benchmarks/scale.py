@@ -21,7 +21,7 @@ tar shards + Parquet index):
 Reported per N: driver and worker peak RSS (sampled every 0.2 s; workers: every process
 under the run's own raylet), the resume filter (the committed ids loaded from the checkpoint
 and `resume.filter_images` over the input, timed on the driver: the code Ray's filter actor
-runs; and the seconds Ray itself logs for loading the checkpoint), the time the rerun spends
+runs; and the seconds Ray itself spends loading the checkpoint when the rerun starts), the time the rerun spends
 before its first image (from `run_job`'s call to the first generation batch the progress
 tally counts), write throughput (records per second of each run: with a model that costs
 nothing, the writers and k3batch's stages are the ceiling), files per output folder, the
@@ -41,10 +41,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -119,17 +117,26 @@ class FirstImage:
         self.reporter = Watch(stream=open(os.devnull, "w"), interval=0.2, tty=False)  # noqa: SIM115
 
 
-class RayLog(logging.Handler):
-    """Ray Data's own log lines of interest: the seconds it took to load the checkpoint."""
+class CheckpointLoad:
+    """The seconds Ray Data spends loading the checkpoint when the rerun's dataset starts
+    (`CheckpointManager.load_checkpoint`, on the driver: list, read every checkpoint file,
+    gather the ids into one block, sort them)."""
 
     def __init__(self):
-        super().__init__(logging.INFO)
-        self.checkpoint_seconds: float | None = None
+        from ray.data.checkpoint.checkpoint_filter import CheckpointManager
 
-    def emit(self, record):
-        found = re.search(r"Checkpoint loaded for \w+ in ([0-9.]+) seconds", record.getMessage())
-        if found:
-            self.checkpoint_seconds = float(found.group(1))
+        self.seconds: float | None = None
+        load = CheckpointManager.load_checkpoint
+        watch = self
+
+        def timed(manager, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return load(manager, *args, **kwargs)
+            finally:
+                watch.seconds = (watch.seconds or 0.0) + time.perf_counter() - start
+
+        CheckpointManager.load_checkpoint = timed
 
 
 def committed_ids(checkpoint_dir: str):
@@ -182,13 +189,13 @@ def one(mode: str, input_dir: str, output: str, fmt: str, cpus: int) -> dict:
     from streaming_memory import PeakSampler
 
     if mode == "report":
-        from k3batch.report import write_report
+        from k3batch.report.page import write_report
 
         with PeakSampler("no raylet") as peaks:
             start = time.perf_counter()
             write_report(output)
             seconds = time.perf_counter() - start
-        return {"seconds": seconds, "driver": peaks.driver}
+        return {"seconds": seconds, "driver": peaks.driver, "driver_cpu_s": driver_cpu_seconds()}
 
     import ray
 
@@ -210,8 +217,7 @@ def one(mode: str, input_dir: str, output: str, fmt: str, cpus: int) -> dict:
         object_store_memory=512 * 2**20,
         _temp_dir=ray_tmp,
     )
-    ray_log = RayLog()
-    logging.getLogger("ray.data").addHandler(ray_log)
+    checkpoint = CheckpointLoad()
     result: dict = {}
     if mode == "resume":
         result["filter"] = resume_filter(cfg)
@@ -226,7 +232,8 @@ def one(mode: str, input_dir: str, output: str, fmt: str, cpus: int) -> dict:
     result.update(
         seconds=seconds,
         first_image_s=first.at,
-        ray_checkpoint_load_s=ray_log.checkpoint_seconds,
+        ray_checkpoint_load_s=checkpoint.seconds,
+        driver_cpu_s=driver_cpu_seconds(),
         rows_this_run=run["rows_this_run"],
         skipped=run["skipped_by_resume"],
         rows_out=run["rows_out"],
@@ -236,6 +243,14 @@ def one(mode: str, input_dir: str, output: str, fmt: str, cpus: int) -> dict:
         model=STANDIN,
     )
     return result
+
+
+def driver_cpu_seconds() -> float:
+    """CPU seconds this (driver) process has used: steadier than wall time on a busy machine."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def subprocess_one(mode: str, input_dir: str, output: str, fmt: str, cpus: int) -> dict:
@@ -304,6 +319,7 @@ def figures(r: dict) -> dict[str, float]:
         "Ray checkpoint load s": r["resume"]["ray_checkpoint_load_s"] or float("nan"),
         "rerun before first image s": r["resume"]["first_image_s"] or float("nan"),
         "no-op rerun s": r["noop"]["seconds"],
+        "driver CPU s (resume run)": r["resume"]["driver_cpu_s"],
         "records/s (resume run)": half / r["resume"]["seconds"],
         "most files in one folder": most,
         "checkpoint MiB": out["bytes"].get("_k3batch", 0) / MIB,
