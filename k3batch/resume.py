@@ -129,16 +129,21 @@ def _digest(values) -> str:
     return hashlib.sha256(json.dumps(values).encode()).hexdigest()
 
 
-def completion(info, record_files: list[str], records: int) -> dict:
+def _made_of(info, record_sizes: dict[str, int]) -> dict:
     """What a finished output is made of: the input (each file's path and rows: what Ray's
     row hashes are made of, so the same files and counts give the same records), the records
-    the input asks for, and the record files with the records they hold."""
+    it asks for, and the record files (names and sizes, from one listing)."""
     return {
         "input": _digest([[str(f) for f in info.files], list(info.file_rows)]),
         "records_expected": info.num_records,
-        "record_files": _digest(sorted(str(f) for f in record_files)),
-        "records": records,
+        "record_files": _digest(sorted([str(f), int(n)] for f, n in record_sizes.items())),
     }
+
+
+def completion(info, record_sizes: dict[str, int], counts: dict) -> dict:
+    """`_k3batch/complete.json` for an output whose accounting (`counts`, as
+    `job.accounting.account` returns them) found every record once."""
+    return {**_made_of(info, record_sizes), "counts": counts}
 
 
 def write_completed(fs, root: str, record: dict) -> None:
@@ -152,16 +157,20 @@ def clear_completed(fs, root: str) -> None:
         fs.rm(path)
 
 
-def completed(fs, root: str, info, record_files: list[str], records: int) -> bool:
-    """Whether a rerun has nothing left to do: the last run finished with every record
-    accounted for, and neither the input (files, rows per file, records asked for) nor the
-    record files (names, records) changed since. Ray's checkpoint filter would then leave no
-    row; this says so from what pre-flight read anyway, without starting the job's pools.
-    Any change (rows appended, a record file lost) is a normal resumed run."""
+def completed(fs, root: str, info, record_sizes: dict[str, int]) -> dict | None:
+    """The accounting of the run that finished this output, when a rerun has nothing left
+    to do: that run ended with every record accounted for, and neither the input (files,
+    rows per file, records asked for) nor the record files (names, sizes) changed since.
+    Ray's checkpoint filter would then leave no row; this says so from pre-flight's footers
+    and one listing, without starting the job's pools or reading a record. None otherwise:
+    any change (rows appended, a record file lost or rewritten) is a normal resumed run."""
     path = f"{root}/{STATE_DIR}/{COMPLETE}"
     if not fs.exists(path):
-        return False
-    return json.loads(fs.cat_file(path)) == completion(info, record_files, records)
+        return None
+    record = json.loads(fs.cat_file(path))
+    if {k: v for k, v in record.items() if k != "counts"} != _made_of(info, record_sizes):
+        return None
+    return record["counts"]
 
 
 def checkpoint_config(cfg: JobConfig, rules):

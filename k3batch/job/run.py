@@ -69,21 +69,26 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
             f"output.uri: {cfg.output.uri} already holds this {cfg.job} job; {cfg.job} jobs "
             "do not resume: pass --overwrite"
         )
-    before = sorted(output.record_files())
-    done_before = records.count_rows(output, before, skip_unreadable=True) if before else 0
     fs, root = output.filesystem()
-    # A rerun with nothing left (every record accounted for, nothing changed since) finishes
-    # here: no pools asked for, no dataset run, however small the cluster has become.
-    nothing_left = resumed and resume.completed(fs, root, info, before, done_before)
-    init_ray(cfg, kind, resumed, work=not nothing_left)
+    listing = output.record_sizes()
+    # A rerun with nothing left (the last run ended with every record accounted for, and
+    # neither the input nor the record files changed since) ends here, from one listing:
+    # no pools asked for, no dataset run, no record read, however large the output or small
+    # the cluster has become.
+    finished = resume.completed(fs, root, info, listing) if resumed else None
+    init_ray(cfg, kind, resumed, work=finished is None)
+    if finished is not None:
+        skipped = finished["rows_out"]  # every record, made by earlier runs
+        run = _record(cfg, kind, info, finished, started, started_at, resumed, 0, skipped, 0)
+        run.update(**Snapshot(0, 0.0, []).cost(), devices=[])
+        fs.pipe_file(f"{root}/run.json", json.dumps(run, indent=2).encode())
+        return RunResult(run=run, kind=kind)
+    before = sorted(listing)
+    done_before = records.count_rows(output, before, skip_unreadable=True) if before else 0
     ctx = JobContext(kind, output, info.num_rows, info.num_records, info.schema, info.duplicate_ids)
-    if nothing_left:
-        cost = Snapshot(0, 0.0, []).cost()
-        devices: list[dict] = []
-    else:
-        resume.clear_completed(fs, root)
-        todo = info.num_records - done_before
-        cost, devices = _run_dataset(cfg, kind, ctx, todo, resumed, reporter)
+    resume.clear_completed(fs, root)
+    todo = info.num_records - done_before
+    cost, devices = _run_dataset(cfg, kind, ctx, todo, resumed, reporter)
     before = set(before)
     # Record files from before that are still there hold rows an earlier run finished (Ray
     # deleted those of writes it had not committed); the new ones hold this run's rows.
@@ -100,8 +105,31 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
     skipped = done_before if len(still) == len(before) else records.count_rows(output, still)
     kind.finalise(cfg, ctx)
     counts = account(cfg, kind, info, output)
+    run = _record(cfg, kind, info, counts, started, started_at, resumed, generated, skipped, images)
+    run.update(**cost, devices=devices)
+    fs.pipe_file(f"{root}/run.json", json.dumps(run, indent=2).encode())
+    if run["accounting"]["ok"] and kind.resumes:
+        # The record files as finalised (shards renumbered), and what the accounting found.
+        resume.write_completed(fs, root, resume.completion(info, output.record_sizes(), counts))
+    return RunResult(run=run, kind=kind)
+
+
+def _record(
+    cfg: JobConfig,
+    kind: JobKind,
+    info,
+    counts: dict,
+    started: float,
+    started_at: str,
+    resumed: bool,
+    generated: int,
+    skipped: int,
+    images: int,
+) -> dict:
+    """run.json, but for the cost figures and devices: the accounting's `counts`, and this
+    run's records (`generated`, of which `images` ok) and those an earlier run made."""
     wall = time.time() - started
-    run = {
+    return {
         "k3batch_version": __version__,
         "started_at": started_at,
         "finished_at": datetime.now(UTC).isoformat(),
@@ -116,19 +144,12 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
             "rows_this_run": generated,
             "skipped_by_resume": skipped,
         },
-        **cost,
-        "devices": devices,
         "input_files": len(info.files),
         "output": cfg.output.uri,
         "format": cfg.output.format,
         "config": cfg.model_dump(mode="json"),
         "versions": versions(),
     }
-    fs.pipe_file(f"{root}/run.json", json.dumps(run, indent=2).encode())
-    if run["accounting"]["ok"] and kind.resumes:
-        record_files = output.record_files()  # as finalised (shards renumbered)
-        resume.write_completed(fs, root, resume.completion(info, record_files, counts["rows_out"]))
-    return RunResult(run=run, kind=kind)
 
 
 def _run_dataset(
