@@ -13,7 +13,7 @@ REFERENCE_PATH = "docs/config.md"
 HEADER = """\
 # Config reference
 
-<!-- Generated from k3batch/config/ by `k3batch config --reference > docs/config.md`;
+<!-- Generated from k3batch/config/ by `.venv/bin/k3batch config --reference > docs/config.md`;
      edit the Field descriptions there, not this file (tests/test_docs.py checks it). -->
 
 A job is one YAML file with the sections below. Unknown keys are errors. Any field can be

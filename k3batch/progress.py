@@ -170,6 +170,7 @@ class Snapshot:
     elapsed: float
     order: list[StageInfo]
     stages: dict[str, dict] = field(default_factory=dict)
+    unit: str = "rows"  # what `total` counts: "records" when rows make several images
 
     def _last(self) -> dict:
         return self.stages.get(self.order[-1].name, {}) if self.order else {}
@@ -223,8 +224,9 @@ class Tracker:
     and an actor lost for good is said once, with what stops working; the job goes on, and
     its end uses the last state read."""
 
-    def __init__(self, total: int, reporter: Reporter | None = None):
+    def __init__(self, total: int, reporter: Reporter | None = None, unit: str = "rows"):
         self.total = total
+        self.unit = unit
         self.reporter = reporter
         self.order: list[StageInfo] = []
         self.tally = None
@@ -299,16 +301,17 @@ class Tracker:
         """Say once what the job goes on without."""
         text = str(e).strip().splitlines()
         self.lost = f"{type(e).__name__}: {text[0] if text else ''}"
-        done = Snapshot(self.total, 0.0, list(self.order), self._stages()).done
+        done = Snapshot(self.total, 0.0, list(self.order), self._stages(), self.unit).done
         log.warning(
             "k3batch: the job actor (progress tally, crash journal) is lost (%s). The job "
             "goes on and every row it writes is accounted for at the end, but progress stops "
-            "at %d of %d rows, run.json's stage counts and devices stop there too, a row "
+            "at %d of %d %s, run.json's stage counts and devices stop there too, a row "
             "that kills its worker is no longer isolated (Ray retries it until "
             "faults.stall_timeout_s), and a failed run cannot stop its stuck actors",
             self.lost,
             done,
             self.total,
+            self.unit,
         )
 
     def _stages(self) -> dict:
@@ -318,7 +321,7 @@ class Tracker:
     def snapshot(self) -> Snapshot:
         self.read()
         return Snapshot(
-            self.total, time.monotonic() - self.started, list(self.order), self._stages()
+            self.total, time.monotonic() - self.started, list(self.order), self._stages(), self.unit
         )
 
     def __exit__(self, *exc) -> None:
@@ -332,7 +335,11 @@ class Tracker:
         except Exception as e:  # noqa: BLE001 - progress must not hide the job's own error
             log.warning("k3batch: could not read the progress tally: %s", e)
             self.final = Snapshot(
-                self.total, time.monotonic() - self.started, list(self.order), self._stages()
+                self.total,
+                time.monotonic() - self.started,
+                list(self.order),
+                self._stages(),
+                self.unit,
             )
         self.devices = list((self._state or {}).get("devices", {}).values())
         if self.reporter is not None:
@@ -373,7 +380,7 @@ def render(snap: Snapshot, images_per_s: float | None, rows_per_s: float | None)
     eta = 0.0 if left <= 0 else (left / rows_per_s if rows_per_s else None)
     speed = f"{images_per_s:.2f}" if images_per_s is not None else "-"
     return (
-        f"{snap.done}/{snap.total} rows ({pct:.0f}%), {speed} images/s, "
+        f"{snap.done}/{snap.total} {snap.unit} ({pct:.0f}%), {speed} images/s, "
         f"{snap.errors} errors, ETA {_duration(eta)}, elapsed {_duration(snap.elapsed)}"
     )
 

@@ -13,7 +13,9 @@ if TYPE_CHECKING:
 def accounting_problem(run: dict) -> str:
     """One line naming what broke the invariant, and which ids (the first ten of each)."""
     acc = run["accounting"]
-    parts = [f"rows in {run['rows_in']}{_images(run)}, rows out {run['rows_out']}"]
+    several = run.get("records_expected", run["rows_in"]) != run["rows_in"]
+    out = "records out" if several else "rows out"
+    parts = [f"rows in {run['rows_in']}{_images(run)}, {out} {run['rows_out']}"]
     if acc.get("other_status"):
         parts.append(f"{acc['other_status']} rows neither ok nor error")
     for label, count, ids in (
@@ -54,17 +56,24 @@ def _cost_line(run: dict) -> str | None:
 def summary(run: dict, kind: JobKind, report: str | None = None) -> str:
     """The table the CLI prints at the end of a run; `kind` (the run's job kind) names where
     its output is."""
-    lines = [
-        f"output        {run['output']}",
-        f"rows in/out   {run['rows_in']}{_images(run)} / {run['rows_out']}",
-        f"ok / errors   {run['ok']} / {run['error']}",
-        f"this run      {run.get('rows_this_run', run['rows_out'])} rows; "
-        f"{run.get('skipped_by_resume', 0)} finished earlier, skipped",
-    ]
+    # Rows are the input's; records the images written (rows x num_images_per_prompt). With
+    # one image per row they are the same count, said once as rows.
+    unit = "records" if run.get("records_expected", run["rows_in"]) != run["rows_in"] else "rows"
+    lines = [f"output        {run['output']}"]
+    if unit == "rows":
+        lines.append(f"rows in/out   {run['rows_in']} / {run['rows_out']}")
+        lines.append(f"ok / errors   {run['ok']} / {run['error']}")
+    else:
+        lines.append(f"rows in       {run['rows_in']}{_images(run)}")
+        lines.append(f"records out   {run['rows_out']}")
+        lines.append(f"ok / errors   {run['ok']} / {run['error']} records")
+    lines.append(
+        f"this run      {run.get('rows_this_run', run['rows_out'])} {unit}; "
+        f"{run.get('skipped_by_resume', 0)} finished earlier, skipped"
+    )
     if run["errors_by_field"]:
         kinds = ", ".join(f"{k}: {v}" for k, v in run["errors_by_field"].items())
         lines.append(f"errors by     {kinds}")
-    lines.append(f"skipped       {run.get('skipped_by_resume', 0)} (done by an earlier run)")
     lines.append(
         f"wall time     {run['wall_seconds']:.1f} s ({run['images_per_second']:.2f} images/s)"
     )

@@ -206,3 +206,47 @@ def test_demo_run_prints_only_k3batch_lines_even_with_a_stale_ray_address_record
         assert re.match(r"(\(.* pid=\d+[^)]*\) )?k3batch", line), line
     # Each model actor says once where its components run (issue: devices in the log).
     assert re.search(r"k3batch: generation actor \S+ runs .*unet cpu/float32", proc.stderr)
+
+
+def test_run_help_lists_every_job_kind_from_the_registry():
+    from typing import get_args
+
+    from k3batch.config import JobConfig
+    from k3batch.job import kinds
+
+    registry = kinds.all_kinds()
+    # The registry (pipelines/ modules with a KIND) and the config's choices agree.
+    assert set(registry) == set(get_args(JobConfig.model_fields["job"].annotation))
+    proc = k3batch("run", "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    for name, kind in registry.items():
+        assert f"{name}: {kind.summary}" in text, name
+
+
+def test_make_tiny_help_lists_every_tiny_set_and_builds_the_superres_and_scorer_sets(tmp_path):
+    from k3batch.model import family
+    from k3batch.model.superres.pipeline import CHECKPOINTS
+    from k3batch.testing.tiny_sets import EXTRA_SETS
+
+    proc = k3batch("make-tiny", "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    for name, fam in family.FAMILIES.items():
+        assert f"--family {name}: {fam.tiny_set}" in text, name
+    for tiny_set in EXTRA_SETS:
+        assert f"{tiny_set.option}: {tiny_set.what}" in text, tiny_set.option
+    assert {"--superres", "--scorers", "--llm"} <= {t.option for t in EXTRA_SETS}
+
+    sr = k3batch("make-tiny", str(tmp_path / "sr"), "--superres")
+    assert sr.returncode == 0, sr.stderr
+    assert all((tmp_path / "sr" / name).is_file() for name in CHECKPOINTS.values())
+    scorers = k3batch("make-tiny", str(tmp_path / "scorers"), "--scorers")
+    assert scorers.returncode == 0, scorers.stderr
+    from transformers import AutoModelForImageClassification, CLIPModel
+
+    CLIPModel.from_pretrained(tmp_path / "scorers" / "clip")
+    nsfw = AutoModelForImageClassification.from_pretrained(tmp_path / "scorers" / "nsfw")
+    assert set(nsfw.config.label2id) == {"normal", "nsfw"}
+    both = k3batch("make-tiny", str(tmp_path / "x"), "--superres", "--llm")
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr

@@ -203,9 +203,10 @@ def test_job_writes_rows_times_n_records_and_resumes_per_image(ray_local, tmp_pa
         9,
     )
     assert (first.run["ok"], first.run["error"]) == (6, 3)
-    assert "rows in/out   5 (9 records: num_images_per_prompt) / 9" in summary(
-        first.run, first.kind
-    )
+    assert (
+        "rows in       5 (9 records: num_images_per_prompt)\nrecords out   9\n"
+        "ok / errors   6 / 3 records\nthis run      9 records; 0 finished earlier, skipped"
+    ) in summary(first.run, first.kind)
     meta = tmp_path / "out" / "metadata"
     table = _records(meta)
     got = sorted(zip(table.column("id").to_pylist(), table.column("k").to_pylist(), strict=True))

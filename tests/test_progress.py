@@ -95,6 +95,41 @@ def test_render_shows_rows_rate_errors_and_eta():
     assert "ETA ?" in render(snap, None, None)
     done = Snapshot(total=40, elapsed=3700, order=ORDER, stages={"write_images": {"rows": 40}})
     assert "ETA 0s, elapsed 1h01m" in render(done, None, None)
+    # Rows that make several images each: the count is of records, and says so.
+    records = Snapshot(total=144, elapsed=5, order=ORDER, stages=done.stages, unit="records")
+    assert render(records, None, None).startswith("40/144 records (28%)")
+
+
+def test_summary_says_each_count_once_rows_and_records_apart():
+    from k3batch.job.kinds import JobKind
+    from k3batch.summary import summary
+
+    class Kind(JobKind):
+        def output_lines(self, run):
+            return []
+
+    run = {
+        "output": "out/x", "rows_in": 36, "rows_out": 36, "ok": 36, "error": 0,
+        "rows_this_run": 36, "skipped_by_resume": 0, "errors_by_field": {},
+        "wall_seconds": 9.0, "images_per_second": 4.0, "accounting": {"ok": True},
+    }  # fmt: skip
+    one = summary(run, Kind()).splitlines()
+    assert one[1:4] == [
+        "rows in/out   36 / 36",
+        "ok / errors   36 / 0",
+        "this run      36 rows; 0 finished earlier, skipped",
+    ]
+    several = {**run, "records_expected": 144, "rows_out": 144, "ok": 140, "error": 4}
+    several.update(rows_this_run=100, skipped_by_resume=44)
+    lines = summary(several, Kind()).splitlines()
+    assert lines[1:5] == [
+        "rows in       36 (144 records: num_images_per_prompt)",
+        "records out   144",
+        "ok / errors   140 / 4 records",
+        "this run      100 records; 44 finished earlier, skipped",
+    ]
+    for text in (one, lines):  # each count once: no second line about skipped rows
+        assert sum("finished earlier" in line or "skipped" in line for line in text) == 1
 
 
 def test_rate_uses_a_window():

@@ -189,6 +189,34 @@ def test_a_controlnet_hint_on_kandinsky22_is_a_400_saying_why(k22_server):
     assert "works with kandinsky3 only" in r.json()["error"]["message"], r.text
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("route", "field", "value"),
+    [
+        ("generations", "scheduler", "nope"),
+        ("generations", "scheduler", "euler"),  # a real sampler name, but not 2.2's
+        ("edits", "scheduler", "unipc"),
+    ],
+)
+def test_a_setting_the_served_member_does_not_take_is_a_400_naming_it(
+    k22_server, route, field, value
+):
+    """The batch job runs such a row with a warning; a request naming it is refused (the
+    same rule: the member's declared row capabilities)."""
+    if route == "generations":
+        body = {"prompt": "a cat", "size": "64x64", field: value}
+        r = httpx.post(f"{k22_server}/v1/images/generations", json=body, timeout=60)
+    else:
+        files = {
+            k: (f"{k}.png", png(picture(i)), "image/png") for i, k in enumerate(("image", "mask"))
+        }
+        data = {"prompt": "a cat", field: value}
+        r = httpx.post(f"{k22_server}/v1/images/edits", files=files, data=data, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field and "ignored by kandinsky2.2" in error["message"], r.text
+
+
 def test_serve_config_names_and_refusals():
     from k3batch.serve.config import ServeAppConfig
     from k3batch.serve.launch import load_serve_config

@@ -95,6 +95,26 @@ class JobKind:
         """The summary's lines naming where this kind's output is."""
         raise NotImplementedError
 
+    @property
+    def summary(self) -> str:
+        """What the kind does, in one paragraph: its class docstring's first (for help)."""
+        return " ".join((type(self).__doc__ or "").strip().split("\n\n")[0].split())
+
+
+def all_kinds() -> dict[str, JobKind]:
+    """Every kind there is, by name: each module of `pipelines/` that defines a `KIND`
+    (found by name, as `get` finds one)."""
+    import pkgutil
+    from importlib.util import find_spec
+
+    spec = find_spec("pipelines")
+    found = {}
+    for info in pkgutil.iter_modules(spec.submodule_search_locations if spec else []):
+        kind = getattr(importlib.import_module(f"pipelines.{info.name}"), "KIND", None)
+        if isinstance(kind, JobKind):
+            found[kind.name] = kind
+    return dict(sorted(found.items()))
+
 
 def get(name: str) -> JobKind:
     """The kind `pipelines/<name>.py` defines; a clear error for an unknown name."""

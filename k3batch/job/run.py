@@ -170,7 +170,9 @@ def _run_dataset(
         make_tiny_llm(cfg.beautify.model)
     if reporter is not None:
         _take_over_progress(reporter)
-    with Tracker(max(todo, 0), reporter) as tracker, faults.stage_overrides() as overrides:
+    # Progress counts records (images) when rows make several, and says so.
+    unit = "records" if ctx.num_records != ctx.num_rows else "rows"
+    with Tracker(max(todo, 0), reporter, unit) as tracker, faults.stage_overrides() as overrides:
         try:
             # The tracker's actor is also the job's crash journal (progress.JobActor).
             kind.run(

@@ -54,8 +54,10 @@ def target(address: str | None, field: str, env: tuple[str, ...] = ("RAY_ADDRESS
     return Target(None)
 
 
-def set_environment(where: Target) -> None:
-    """Environment defaults Ray reads when `ray` is imported: call before `import ray`.
+def quiet_console() -> None:
+    """A log gets no redraws: when stderr is not a terminal, tqdm bars (model loading, and
+    the tiny sets' "Writing model shards" at pre-flight) are off. Call before anything
+    imports tqdm (transformers, huggingface_hub, ray): tqdm reads TQDM_* when imported.
     Set with setdefault, so a value in the environment wins; local workers inherit them."""
     if not sys.stderr.isatty():
         # Model-loading bars (tqdm) in a log are \r-redraw noise. `import ray` imports
@@ -64,6 +66,12 @@ def set_environment(where: Target) -> None:
         # Ray wraps the "(Actor pid=N)" prefix of forwarded worker lines in ANSI colours
         # whatever the stream; in a log file those are escape-code noise.
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
+def set_environment(where: Target) -> None:
+    """Environment defaults Ray reads when `ray` is imported: call before `import ray`.
+    Set with setdefault, so a value in the environment wins; local workers inherit them."""
+    quiet_console()
     if where.address:
         # Bound Ray's own retries for an address that answers but is no Ray head (or is
         # slow): one GCS connection attempt of ~10 s (plus its 5 s gRPC connect) instead

@@ -67,23 +67,26 @@ class ClipScorer:
     column = schema.CLIP_SCORE
 
     def __init__(self, path: str, device: str = "cpu", dtype: str = "float32"):
-        from transformers import AutoProcessor, CLIPModel
+        from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
         self.device, self.dtype, self.torch = _torch_setup(device, dtype)
         self.model = CLIPModel.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(path)
+        # PIL image processors by name (here and below): CLIP's reference preprocessing, and
+        # the default class without torchvision warns that it falls back to them.
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.image_processor = CLIPImageProcessorPil.from_pretrained(path)
         self.max_length = self.model.config.text_config.max_position_embeddings
 
     def __call__(self, images: list, prompts: list[str]) -> list[float]:
         torch = self.torch
-        text = self.processor.tokenizer(
+        text = self.tokenizer(
             prompts,
             padding=True,
             truncation=True,
             max_length=self.max_length,
             return_tensors="pt",
         ).to(self.device)
-        pixels = self.processor.image_processor(images=images, return_tensors="pt")
+        pixels = self.image_processor(images=images, return_tensors="pt")
         with torch.inference_mode():
             image_emb = self.model.get_image_features(
                 pixel_values=pixels["pixel_values"].to(self.device, self.dtype)
@@ -104,7 +107,7 @@ class ClassifierScorer:
         self.device, self.dtype, self.torch = _torch_setup(device, dtype)
         model = AutoModelForImageClassification.from_pretrained(path, dtype=self.dtype)
         self.model = model.to(self.device).eval()
-        self.processor = AutoImageProcessor.from_pretrained(path)
+        self.processor = AutoImageProcessor.from_pretrained(path, backend="pil")
         self.index = label_index(model.config, label)
         self.multi_label = model.config.problem_type == "multi_label_classification"
 

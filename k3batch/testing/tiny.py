@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 from k3batch.model.kandinsky3 import layout as k3_layout
 from k3batch.model.kandinsky3 import members as k3_members
+from k3batch.testing.build_once import build_dir
 from k3batch.testing.tiny_parts import (
     MARKER,
     TINY_FORMAT,
@@ -46,7 +45,8 @@ def make_tiny(
     layout: str = "diffusers",
     size: str = "tiny",
 ) -> str:
-    """Write a tiny checkpoint of the whole family to `path` (atomic rename).
+    """Write a tiny checkpoint of the whole family to `path`, once however many processes ask
+    at the same time (`testing.build_once`).
 
     `layout`: `diffusers` (k3batch's family layout) or `reference` (ai-forever/Kandinsky3.1's
     `weights/` files, with a `k3batch_config.json` for the tiny architecture). `size`:
@@ -54,16 +54,14 @@ def make_tiny(
     """
     if size != "tiny" and layout != "diffusers":
         raise ValueError(f"the {size!r} size is written in the diffusers layout only")
-    if is_tiny_checkpoint(path, layout, size) and not overwrite:
-        return path
-    parts = build_components(null_embedding=null_embedding, size=size)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
-    try:
+    if layout not in ("diffusers", "reference"):
+        raise ValueError(f"layout must be diffusers or reference, got {layout!r}")
+
+    def write(tmp: str) -> None:
+        parts = build_components(null_embedding=null_embedding, size=size)
         if layout == "reference":
             _write_reference(tmp, parts)
-        elif layout == "diffusers":
+        else:
             _write_diffusers(tmp, parts)
             if size == "tiny":
                 from k3batch.testing.tiny_ip_adapter import make_tiny_ip_set
@@ -71,9 +69,7 @@ def make_tiny(
                 make_tiny_controlnet(os.path.join(tmp, CONTROLNET_FOLDER))
                 base_unet = parts["unets"][k3_members.BASE][0]
                 make_tiny_ip_set(os.path.join(tmp, k3_layout.TINY_IP_ADAPTER_FOLDER), base_unet)
-        else:
-            raise ValueError(f"layout must be diffusers or reference, got {layout!r}")
-        with open(os.path.join(tmp, MARKER), "w") as f:
+        with open(os.path.join(tmp, MARKER), "w") as f:  # last: the set is complete
             json.dump(
                 {
                     "format": TINY_FORMAT,
@@ -84,18 +80,10 @@ def make_tiny(
                 },
                 f,
             )
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            # Another process (a second worker on this node) finished first.
-            if not is_tiny_checkpoint(path, layout, size):
-                raise
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    return build_dir(
+        path, write, lambda p: is_tiny_checkpoint(p, layout, size), overwrite=overwrite
+    )
 
 
 def _write_diffusers(root: str, parts: dict) -> None:

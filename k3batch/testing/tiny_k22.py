@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 from k3batch.model.kandinsky22.members import TINY_DEPTH as TINY_K22_DEPTH
 from k3batch.model.kandinsky22.members import TINY_FOLDERS as TINY_K22_FOLDERS
 from k3batch.model.kandinsky22.members import TINY_PRIOR as TINY_K22_PRIOR
+from k3batch.testing.build_once import build_dir
 from k3batch.testing.tiny_parts import TINY_MOVQ, TINY_SEED
 
 MARKER = "k3batch_tiny_k22.json"
@@ -76,9 +75,13 @@ def decoder_scheduler():
 def build_prior_pipeline():
     """A seeded tiny `KandinskyV22PriorPipeline`."""
     import torch
-    from diffusers import KandinskyV22PriorPipeline, PriorTransformer, UnCLIPScheduler
+
+    from k3batch.model.kandinsky22.loading import pil_fallback_quiet
+
+    with pil_fallback_quiet():
+        from diffusers import KandinskyV22PriorPipeline, PriorTransformer, UnCLIPScheduler
     from transformers import (
-        CLIPImageProcessor,
+        CLIPImageProcessorPil,
         CLIPTextConfig,
         CLIPTextModelWithProjection,
         CLIPVisionConfig,
@@ -125,7 +128,7 @@ def build_prior_pipeline():
     with torch.no_grad():
         prior.clip_mean.copy_(0.1 * torch.randn(prior.clip_mean.shape, generator=g))
         prior.clip_std.copy_(1.0 + 0.1 * torch.rand(prior.clip_std.shape, generator=g))
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(
         crop_size=CLIP_IMAGE_SIZE,
         do_center_crop=True,
         do_normalize=True,
@@ -180,7 +183,7 @@ def build_decoder_pipeline(member: str, movq=None):
 def build_depth_estimator():
     """(tiny random DPTForDepthEstimation, its DPTImageProcessor)."""
     import torch
-    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessorPil
 
     torch.manual_seed(TINY_SEED + 120)
     config = DPTConfig(
@@ -197,7 +200,7 @@ def build_depth_estimator():
         is_hybrid=False,
     )
     model = DPTForDepthEstimation(config).eval()
-    processor = DPTImageProcessor(
+    processor = DPTImageProcessorPil(
         size={"height": DEPTH_IMAGE_SIZE, "width": DEPTH_IMAGE_SIZE}, keep_aspect_ratio=False
     )
     return model, processor
@@ -212,18 +215,14 @@ def is_tiny_k22(path: str) -> bool:
 
 
 def make_tiny_k22(path: str, overwrite: bool = False) -> str:
-    """Write the tiny Kandinsky 2.2 folders under `path` (atomic rename); returns `path`."""
-    from diffusers import VQModel
+    """Write the tiny Kandinsky 2.2 folders under `path`, once however many processes ask at
+    the same time (`testing.build_once`); returns `path`."""
 
-    if is_tiny_k22(path) and not overwrite:
-        return path
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tiny-k22-", dir=parent)
-    try:
-        build_prior_pipeline().save_pretrained(os.path.join(tmp, TINY_K22_PRIOR))
+    def write(tmp: str) -> None:
         import torch
+        from diffusers import VQModel
 
+        build_prior_pipeline().save_pretrained(os.path.join(tmp, TINY_K22_PRIOR))
         torch.manual_seed(TINY_SEED + 1)
         movq = VQModel(**TINY_MOVQ)  # one MoVQ for all decoders, as the real repos share it
         for member, folder in DECODER_FOLDERS.items():
@@ -231,17 +230,7 @@ def make_tiny_k22(path: str, overwrite: bool = False) -> str:
         model, processor = build_depth_estimator()
         model.save_pretrained(os.path.join(tmp, TINY_K22_DEPTH))
         processor.save_pretrained(os.path.join(tmp, TINY_K22_DEPTH))
-        with open(os.path.join(tmp, MARKER), "w") as f:
+        with open(os.path.join(tmp, MARKER), "w") as f:  # last: the set is complete
             json.dump({"format": TINY_K22_FORMAT, "seed": TINY_SEED}, f)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            # Another process (a second worker on this node) finished first.
-            if not is_tiny_k22(path):
-                raise
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    return build_dir(path, write, is_tiny_k22, overwrite=overwrite)

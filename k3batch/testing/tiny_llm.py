@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 from k3batch.beautify.prompt import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, format_prompt
 from k3batch.testing import tiny_parts
+from k3batch.testing.build_once import build_dir
 
 TINY_LLM_SEED = 20231123
 MARKER = "k3batch_tiny_llm.json"
@@ -82,27 +81,14 @@ def is_tiny_llm(path: str) -> bool:
 
 
 def make_tiny_llm(path: str, overwrite: bool = False) -> str:
-    """Write the tiny Mistral checkpoint and tokenizer to `path` (atomic rename)."""
-    if is_tiny_llm(path) and not overwrite:
-        return path
-    tokenizer = build_llm_tokenizer()
-    model = build_llm(len(tokenizer))
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tiny-llm-", dir=parent)
-    try:
+    """Write the tiny Mistral checkpoint and tokenizer to `path`, once however many processes
+    ask at the same time (`testing.build_once`)."""
+
+    def write(tmp: str) -> None:
+        tokenizer = build_llm_tokenizer()
         tokenizer.save_pretrained(tmp)
-        model.save_pretrained(tmp)
-        with open(os.path.join(tmp, MARKER), "w") as f:
+        build_llm(len(tokenizer)).save_pretrained(tmp)
+        with open(os.path.join(tmp, MARKER), "w") as f:  # last: the set is complete
             json.dump({"format": TINY_LLM_FORMAT, "seed": TINY_LLM_SEED}, f)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not is_tiny_llm(path):  # another process finished first
-                raise
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    return build_dir(path, write, is_tiny_llm, overwrite=overwrite)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from k3batch.testing.build_once import build_dir
 from k3batch.testing.tiny_parts import TINY_SEED, corpus
 
 IMAGE_SIZE = 32
@@ -46,12 +47,20 @@ def build_clip_tokenizer():
 
 
 def make_tiny_clip(path: str) -> str:
-    """A tiny random CLIPModel with its processor (tokenizer + CLIPImageProcessor) at `path`."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    """A tiny random CLIPModel with its processor (tokenizer + CLIPImageProcessor) at `path`,
+    built once however many processes ask at the same time (`testing.build_once`)."""
+    return build_dir(path, _write_clip, _is_saved)
 
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
+
+def _is_saved(path: str) -> bool:
+    # The folder only ever appears whole (`build_dir`), so its config means a complete model.
+    return os.path.exists(os.path.join(path, "config.json"))
+
+
+def _write_clip(path: str) -> None:
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+
     tokenizer = build_clip_tokenizer()
     ids = {
         "bos_token_id": tokenizer.bos_token_id,
@@ -80,21 +89,23 @@ def make_tiny_clip(path: str) -> str:
     )
     torch.manual_seed(TINY_SEED)
     model = CLIPModel(config).eval()
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
     model.save_pretrained(path)
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-    return path
 
 
 def make_tiny_classifier(path: str, labels: tuple[str, ...] = CLASSIFIER_LABELS) -> str:
-    """A tiny random ViTForImageClassification over `labels` with its image processor."""
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    """A tiny random ViTForImageClassification over `labels` with its image processor, built
+    once however many processes ask at the same time (`testing.build_once`)."""
+    return build_dir(path, lambda tmp: _write_classifier(tmp, labels), _is_saved)
 
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
+
+def _write_classifier(path: str, labels: tuple[str, ...]) -> None:
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+
     config = ViTConfig(
         image_size=IMAGE_SIZE,
         patch_size=8,
@@ -107,8 +118,7 @@ def make_tiny_classifier(path: str, labels: tuple[str, ...] = CLASSIFIER_LABELS)
     )
     torch.manual_seed(TINY_SEED)
     ViTForImageClassification(config).eval().save_pretrained(path)
-    ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
-    return path
+    ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
 
 
 def make_tiny_scorers(scores) -> None:

@@ -42,33 +42,36 @@ def make_tiny_sr_folder(path: str, flash: bool = False) -> str:
     """The tiny set of `upscale.make_tiny` in the directory `path`: the x4 and x2 files under
     their published names, with `flash` also the Flash x2 file (its refine's context beside
     it and a tiny Kandinsky 3 checkpoint, reference layout, in `path`/kandinsky3: ~30 s, so
-    only when asked), and
-    `k3batch_config.json` with the SR UNets' architecture (which
-    `model.superres.loading.load_upscaler` reads). Files already there are kept."""
+    only when asked), and `k3batch_config.json` with the SR UNets' architecture (which
+    `model.superres.loading.load_upscaler` reads). Built once however many processes ask at
+    the same time (`testing.build_once`); a set without the Flash files is rebuilt with
+    them when `flash` asks."""
     import json
 
+    from k3batch.model.superres.flash import CONTEXT_MASK_FILE
     from k3batch.model.superres.pipeline import CHECKPOINTS
     from k3batch.model.superres.sr_unet import TINY_SR_CONFIG_FILE, TINY_SR_UNET
+    from k3batch.testing.build_once import build_dir
+    from k3batch.testing.tiny import is_tiny_checkpoint, make_tiny
 
-    os.makedirs(path, exist_ok=True)
-    for scale, name in CHECKPOINTS.items():
-        if not os.path.exists(os.path.join(path, name)):
-            make_tiny_sr(os.path.join(path, name), scale)
-    from k3batch.model.superres.flash import CONTEXT_MASK_FILE
+    def is_built(folder: str) -> bool:
+        if not os.path.exists(os.path.join(folder, TINY_SR_CONFIG_FILE)):
+            return False
+        return not flash or (
+            os.path.exists(os.path.join(folder, CONTEXT_MASK_FILE))
+            and is_tiny_checkpoint(os.path.join(folder, "kandinsky3"), "reference")
+        )
 
-    if flash and not os.path.exists(os.path.join(path, CONTEXT_MASK_FILE)):  # written last
-        make_tiny_sr_flash(path)
-    if flash and not os.path.isdir(os.path.join(path, "kandinsky3")):
-        from k3batch.testing.tiny import make_tiny
-
-        make_tiny(os.path.join(path, "kandinsky3"), layout="reference")
-    config = os.path.join(path, TINY_SR_CONFIG_FILE)
-    if not os.path.exists(config):
-        tmp = f"{config}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
+    def write(tmp: str) -> None:
+        for scale, name in CHECKPOINTS.items():
+            make_tiny_sr(os.path.join(tmp, name), scale)
+        if flash:
+            make_tiny_sr_flash(tmp)
+            make_tiny(os.path.join(tmp, "kandinsky3"), layout="reference")
+        with open(os.path.join(tmp, TINY_SR_CONFIG_FILE), "w") as f:  # last: complete
             json.dump({"sr_unet": TINY_SR_UNET}, f, indent=2)
-        os.replace(tmp, config)
-    return path
+
+    return build_dir(path, write, is_built)
 
 
 def make_tiny_sr_flash(folder: str) -> str:

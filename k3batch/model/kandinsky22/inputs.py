@@ -11,11 +11,10 @@ import torch
 
 def hint_tensor(hints: list[np.ndarray]) -> torch.Tensor:
     """HxWx3 uint8 depth maps -> (N, 3, H, W) float in [0, 1], as diffusers' `make_hint`."""
+    # torch.tensor copies: a hint read from Arrow or PIL is a read-only array, which
+    # torch.from_numpy would share and warn about.
     return torch.stack(
-        [
-            torch.from_numpy(np.asarray(h, np.uint8)).float().div(255.0).permute(2, 0, 1)
-            for h in hints
-        ]
+        [torch.tensor(np.asarray(h, np.uint8)).float().div(255.0).permute(2, 0, 1) for h in hints]
     )
 
 

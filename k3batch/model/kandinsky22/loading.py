@@ -6,6 +6,9 @@ built into diffusers' `KandinskyV22*` pipeline objects."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 
 from k3batch.model.kandinsky22.kinds import KIND_CONTROLNET, KIND_IMAGE, KIND_INPAINT, KIND_TEXT
@@ -13,6 +16,24 @@ from k3batch.model.member import Member
 
 # The keys of `dtype` and `device` mappings (a missing key: float32 / "auto").
 COMPONENTS = ("prior", "text_encoder", "image_encoder", "unet", "movq", "depth_estimator")
+
+
+@contextlib.contextmanager
+def pil_fallback_quiet():
+    """Import diffusers' Kandinsky 2.2 pipelines inside this. Their modules import
+    transformers' `CLIPImageProcessor` by name, which without torchvision resolves to
+    `CLIPImageProcessorPil` and says so in a warning ("requires torchvision ... falling back").
+    k3batch passes the PIL processor by name itself (below), so the line says nothing about
+    this run: transformers' import-time log is held at ERROR while they import."""
+    from transformers.utils import logging as hf_logging
+
+    log = hf_logging.get_logger("transformers.utils.import_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _setting(value, component: str, default: str) -> str:
@@ -34,7 +55,7 @@ def load(
     import diffusers
     from diffusers import PriorTransformer, UNet2DConditionModel, VQModel
     from transformers import (
-        CLIPImageProcessor,
+        CLIPImageProcessorPil,
         CLIPTextModelWithProjection,
         CLIPTokenizer,
         CLIPVisionModelWithProjection,
@@ -61,13 +82,19 @@ def load(
         CLIPVisionModelWithProjection.from_pretrained(prior_path, subfolder="image_encoder"),
         "image_encoder",
     )
-    prior_pipe = diffusers.KandinskyV22PriorPipeline(
+    with pil_fallback_quiet():
+        prior_class = diffusers.KandinskyV22PriorPipeline
+    prior_pipe = prior_class(
         prior=prior,
         image_encoder=image_encoder,
         text_encoder=text_encoder,
         tokenizer=CLIPTokenizer.from_pretrained(prior_path, subfolder="tokenizer"),
         scheduler=scheduler(prior_path),
-        image_processor=CLIPImageProcessor.from_pretrained(prior_path, subfolder="image_processor"),
+        # The PIL processor by name: the one diffusers' pipelines were written against, and
+        # `CLIPImageProcessor` without torchvision warns that it falls back to it.
+        image_processor=CLIPImageProcessorPil.from_pretrained(
+            prior_path, subfolder="image_processor"
+        ),
     )
     unet = place(UNet2DConditionModel.from_pretrained(path, subfolder="unet"), "unet")
     movq = place(VQModel.from_pretrained(path, subfolder="movq"), "movq")
@@ -87,6 +114,6 @@ def load(
 
         depth = (
             place(DPTForDepthEstimation.from_pretrained(depth_estimator), "depth_estimator"),
-            AutoImageProcessor.from_pretrained(depth_estimator),
+            AutoImageProcessor.from_pretrained(depth_estimator, backend="pil"),
         )
     return prior_pipe, pipes, depth

@@ -163,7 +163,7 @@ class KandiSuperRes:
     def _row(self, image: np.ndarray, seed: int, steps: int) -> _Row:
         h, w = image.shape[:2]
         ch, cw = self.canvas_side(h), self.canvas_side(w)
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]  # a copy: writable
         lowres = pixels.float().div(255) * 2 - 1
         lowres = F.interpolate(lowres.to(self.device), (ch, cw), mode="bilinear")
         generator = torch.Generator("cpu").manual_seed(seed)

@@ -1,32 +1,14 @@
-"""`k3batch` command line: run a job, report on it, build tiny models, show the config."""
+"""The `k3batch` command line's parser: every sub-command, its options and help texts.
+
+The lists in the help come from the registries, so a new job kind (`pipelines/<kind>.py`),
+model family (`k3batch.model.family.FAMILIES`) or tiny set (`k3batch.testing.tiny_sets`)
+shows up in `run --help` and `make-tiny --help` without editing this module."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 
-
-def _write_report(output: str, args, storage_settings: dict | None = None) -> str | None:
-    """The report's index URI, or None (with a one-line warning) if it could not be written."""
-    from k3batch.report.page import write_report
-
-    try:
-        return write_report(
-            output,
-            samples=args.samples,
-            columns=args.columns,
-            thumb=args.thumb_size,
-            storage_settings=storage_settings,
-        ).index_uri
-    except Exception as e:  # noqa: BLE001 - the job's outcome stands without a report
-        print(f"k3batch: could not write the report: {type(e).__name__}: {e}", file=sys.stderr)
-        return None
-
-
-# Where `submit` finds the dashboard without --address (Ray's own `ray job submit` reads these).
-SUBMIT_ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+from k3batch.cli import commands
 
 RUN_RAY = (
     "Ray: with ray.address (or RAY_ADDRESS) set, the job joins that cluster or fails within "
@@ -65,138 +47,6 @@ def _positive_seconds(raw: str) -> float:
     return value
 
 
-def _env_seconds(name: str) -> float | None:
-    from k3batch.config import ConfigError
-
-    raw = os.environ.get(name)
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be a number of seconds above 0, got {raw!r}")
-    return value
-
-
-def _run(args) -> int:
-    from k3batch.config import load_config
-    from k3batch.job.run import run_job
-    from k3batch.progress import Reporter
-    from k3batch.summary import accounting_problem, summary
-
-    overrides = [*args.set, *(["output.overwrite=true"] if args.overwrite else [])]
-    interval = args.progress_interval or _env_seconds("K3BATCH_PROGRESS_INTERVAL")
-    reporter = None if args.no_progress else Reporter(interval=interval)
-    result = run_job(load_config(args.config, overrides), reporter)
-    settings = result.run["config"].get("storage")
-    report = None if args.no_report else _write_report(result.run["output"], args, settings)
-    print(summary(result.run, result.kind, report))
-    if not result.ok:
-        print(f"k3batch: accounting failed: {accounting_problem(result.run)}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _report(args) -> int:
-    from k3batch.config import ConfigError
-    from k3batch.report.page import write_report
-
-    try:
-        report = write_report(
-            args.output, samples=args.samples, columns=args.columns, thumb=args.thumb_size
-        )
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
-    if report.counted_from == "stats":
-        print("counted from  the metadata files' stats files (*_stats.json)")
-    else:
-        print(
-            f"counted from  the metadata rows ({report.files_without_stats} file(s) without "
-            "a stats file)"
-        )
-    print(f"contact sheet {report.contact_sheet_uri} ({len(report.samples)} images)")
-    print(f"report        {report.index_uri}")
-    return 0
-
-
-def _make_tiny(args) -> int:
-    if args.llm:
-        from k3batch.testing.tiny_llm import make_tiny_llm
-
-        path = make_tiny_llm(args.dir, overwrite=True)
-        print(f"tiny random Mistral LLM (Hugging Face layout, for vLLM) written to {path}")
-        return 0
-    from k3batch.model import family
-
-    options = {"null_embedding": not args.no_null_embedding, "layout": args.layout}
-    print(family.FAMILIES[args.family].make_tiny(args.dir, size=args.size, **options))
-    return 0
-
-
-def _convert(args) -> int:
-    from k3batch.model.kandinsky3.convert import convert
-
-    members = args.members.split(",") if args.members else None
-    try:
-        written = convert(args.src, args.dst, members, args.dtype, args.overwrite)
-    except (FileNotFoundError, FileExistsError, KeyError) as e:
-        print(f"k3batch convert: {e}", file=sys.stderr)
-        return 2
-    print(f"converted {', '.join(written)} from {args.src} to {args.dst} (diffusers layout)")
-    return 0
-
-
-def _chat_template(args) -> int:
-    from k3batch.beautify.prompt import CHAT_TEMPLATE
-
-    print(CHAT_TEMPLATE)
-    return 0
-
-
-def _config(args) -> int:
-    from k3batch.config import JobConfig, load_config
-
-    if args.schema:
-        print(json.dumps(JobConfig.model_json_schema(), indent=2))
-        return 0
-    if args.reference:
-        from k3batch.docs import config_reference
-
-        print(config_reference(), end="")
-        return 0
-    cfg = load_config(args.config, args.set)
-    print(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    return 0
-
-
-def _serve(args) -> int:
-    from k3batch.serve.launch import load_serve_config, serve_forever
-
-    spec = load_serve_config(args.config, args.set)
-    serve_forever(spec, host=args.host, port=args.port, address=args.address)
-    return 0
-
-
-def _submit(args) -> int:
-    from k3batch.config import ConfigError
-    from k3batch.ray_start.connect import target
-    from k3batch.submit import submit
-
-    where = target(args.address, "--address", env=SUBMIT_ADDRESS_ENV)
-    if where.local:
-        raise ConfigError("submit needs --address http://HEAD:8265 (or RAY_ADDRESS)")
-    return submit(
-        where,
-        args.config,
-        args.set,
-        wait=args.wait,
-        working_dir=args.working_dir,
-        job_id=args.job_id,
-    )
-
-
 def _report_options(parser: argparse.ArgumentParser) -> None:
     from k3batch.report.page import DEFAULT_COLUMNS, DEFAULT_SAMPLES, DEFAULT_THUMB
 
@@ -226,15 +76,45 @@ def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help=help)
 
 
+def _kinds_epilog() -> str:
+    """`run --help`'s list of job kinds, from the registry (`job.kinds.all_kinds`)."""
+    from k3batch.job import kinds
+
+    lines = ["job kinds (`job:` in the config; default text_to_image):"]
+    lines += [f"  {name}: {kind.summary}" for name, kind in kinds.all_kinds().items()]
+    return "\n".join(lines)
+
+
+def _tiny_sets_description() -> str:
+    """`make-tiny --help`'s list of tiny sets: each family's (`Family.tiny_set`), then the
+    others (`testing.tiny_sets`)."""
+    from k3batch.model import family
+    from k3batch.testing import tiny_sets
+
+    lines = ["Random-weight models of the real architectures, built offline in seconds; DIR:"]
+    lines += [f"  --family {name}: {fam.tiny_set}" for name, fam in family.FAMILIES.items()]
+    lines += [f"  {t.option}: {t.what}" for t in tiny_sets.EXTRA_SETS]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from k3batch.model import family
     from k3batch.model.kandinsky3 import members as k3_members
+    from k3batch.testing import tiny_sets
 
-    parser = argparse.ArgumentParser(prog="k3batch", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="k3batch",
+        description="Kandinsky batch image generation on Ray: run a job, report on it, serve, "
+        "build tiny models, show the config.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(
-        "run", help="run a batch job described by a YAML config", description=RUN_RAY
+        "run",
+        help="run a batch job described by a YAML config",
+        description=RUN_RAY,
+        epilog=_kinds_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("config", help="job config (YAML), e.g. configs/demo.yaml")
     _add_set(run, "override a config field, e.g. --set resources.batch_size=8 (repeatable)")
@@ -254,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-report", action="store_true", help="do not write OUTPUT/report/ after the run"
     )
     _report_options(run)
-    run.set_defaults(func=_run)
+    run.set_defaults(func=commands.run)
 
     report = sub.add_parser(
         "report",
@@ -262,12 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("output", help="the run's output.uri (local path or fsspec URI)")
     _report_options(report)
-    report.set_defaults(func=_report)
+    report.set_defaults(func=commands.report)
 
     tiny = sub.add_parser(
         "make-tiny",
-        help="write a tiny random-weight Kandinsky 3 checkpoint (2.2: --family kandinsky2.2; "
-        "LLM: --llm)",
+        help="write a tiny random-weight model set for tests and demos: a family's (Kandinsky "
+        "3 by default, --family) or "
+        + ", ".join(f"{t.option.lstrip('-')} ({t.option})" for t in tiny_sets.EXTRA_SETS),
+        description=_tiny_sets_description(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tiny.add_argument("dir", help="directory to write")
     tiny.add_argument(
@@ -293,15 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--family",
         choices=list(family.FAMILIES),
         default=family.MEMBERS[family.DEFAULT].family,
-        help="which family's tiny set (the `model.path` of a `make_tiny` job): "
-        + "; ".join(f"{name}: {f.tiny_set}" for name, f in family.FAMILIES.items()),
+        help="which family's tiny set (listed above; the `model.path` of a `make_tiny` job)",
     )
-    tiny.add_argument(
-        "--llm",
-        action="store_true",
-        help="write a tiny random Mistral LLM instead (for the beautify tests and demo)",
-    )
-    tiny.set_defaults(func=_make_tiny)
+    extra = tiny.add_mutually_exclusive_group()
+    for tiny_set in tiny_sets.EXTRA_SETS:
+        extra.add_argument(
+            tiny_set.option, action="store_true", help=f"write {tiny_set.what} instead"
+        )
+    tiny.set_defaults(func=commands.make_tiny)
 
     sbm = sub.add_parser(
         "submit", help="submit a job to a Ray cluster (Ray Jobs API)", description=SUBMIT_RAY
@@ -318,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     sbm.add_argument("--working-dir", help="directory to upload (default: the project root)")
     sbm.add_argument("--job-id", help="submission id (default: generated)")
     _add_set(sbm, "override a config field on the cluster (repeatable)")
-    sbm.set_defaults(func=_submit)
+    sbm.set_defaults(func=commands.submit)
 
     srv = sub.add_parser(
         "serve",
@@ -337,13 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
         srv,
         "override a field of the first application's args, e.g. --set batching.max_batch_size=8",
     )
-    srv.set_defaults(func=_serve)
+    srv.set_defaults(func=commands.serve)
 
     template = sub.add_parser(
         "chat-template",
         help="print the Kandinsky 3.1 beautification chat template (for vllm serve --chat-template)",
     )
-    template.set_defaults(func=_chat_template)
+    template.set_defaults(func=commands.chat_template)
 
     conv = sub.add_parser(
         "convert",
@@ -362,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cast the weights when writing (default: keep the source's dtype)",
     )
     conv.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
-    conv.set_defaults(func=_convert)
+    conv.set_defaults(func=commands.convert)
 
     config = sub.add_parser("config", help="validate and print a config, or print the JSON schema")
     config.add_argument("config", nargs="?", help="job config (YAML)")
@@ -373,29 +255,5 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the config reference as Markdown (docs/config.md)",
     )
-    config.set_defaults(func=_config)
+    config.set_defaults(func=commands.config)
     return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 every row accounted for; 1 the job stopped part-way or its accounting
-    failed; 2 a bad config, input or environment, found before any work."""
-    from k3batch.config import ConfigError
-    from k3batch.job.failures import JobFailed
-
-    args = build_parser().parse_args(argv)
-    if args.command == "config" and not (args.schema or args.reference or args.config):
-        print("k3batch config: give a CONFIG, --schema or --reference", file=sys.stderr)
-        return 2
-    try:
-        return args.func(args)
-    except ConfigError as e:
-        print(f"k3batch: {e}", file=sys.stderr)
-        return 2
-    except JobFailed as e:
-        print(f"k3batch: job failed: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
