@@ -22,7 +22,7 @@ CALL_TIMEOUT_S = 60
 
 
 # Ray restarts a job's bookkeeping actor (this journal, or the job actor that includes it:
-# `progress.JobActor`) this many times when its process dies; then it is lost for the run.
+# `job_actor.JobActor`) this many times when its process dies; then it is lost for the run.
 MAX_RESTARTS = 5
 
 
@@ -71,7 +71,7 @@ def on_driver_node() -> dict:
 
 
 def start_journal():
-    """A journal of its own, for a run without the job actor (`progress.JobActor`). A
+    """A journal of its own, for a run without the job actor (`job_actor.JobActor`). A
     restart empties it: crash counts start again."""
     import ray
 

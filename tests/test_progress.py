@@ -9,9 +9,10 @@ import time
 import pyarrow as pa
 import pytest
 
+from k3batch.job_actor import Tally
 from k3batch.metrics import error_kinds
 from k3batch.observe import batch_stats, stage_name
-from k3batch.progress import Rate, Reporter, Snapshot, StageInfo, Tally, render
+from k3batch.progress import Rate, Reporter, Snapshot, StageInfo, render
 from k3batch.stages.generate import GenerateStage
 from k3batch.stages.write import WriteImagesStage
 
@@ -243,8 +244,8 @@ def test_tracker_counts_batches_of_real_ray_stages(ray_local):
 def test_an_unreachable_tally_never_fails_a_batch(ray_local, caplog):
     import ray
 
+    from k3batch.job_actor import Tally
     from k3batch.observe import StageObserver
-    from k3batch.progress import Tally
     from k3batch.rows.rules import RowRules
     from k3batch.stages.validate import ValidateStage
 
@@ -259,7 +260,7 @@ def test_an_unreachable_tally_never_fails_a_batch(ray_local, caplog):
 
 def test_a_restarted_job_actor_gets_its_counts_back():
     """Merging an earlier incarnation's state adds to what the new one counted since."""
-    from k3batch.progress import JobActor
+    from k3batch.job_actor import JobActor
 
     old = JobActor()
     old.add(stats("generate", 4, images=4), ("actor-1", 100.0, 110.0))

@@ -174,7 +174,7 @@ def _run_dataset(
     unit = "records" if ctx.num_records != ctx.num_rows else "rows"
     with Tracker(max(todo, 0), reporter, unit) as tracker, faults.stage_overrides() as overrides:
         try:
-            # The tracker's actor is also the job's crash journal (progress.JobActor).
+            # The tracker's actor is also the job's crash journal (job_actor.JobActor).
             kind.run(
                 cfg,
                 dataclasses.replace(
