@@ -21,6 +21,11 @@ log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 60
 
 
+# Ray restarts a job's bookkeeping actor (this journal, or the job actor that includes it:
+# `job_actor.JobActor`) this many times when its process dies; then it is lost for the run.
+MAX_RESTARTS = 5
+
+
 class CrashJournal:
     """Runs as a Ray actor (0 CPUs) for the length of a job."""
 
@@ -34,8 +39,12 @@ class CrashJournal:
     def worker_handles(self) -> list:
         return list(self.workers.values())
 
-    def start(self, key: str) -> int:
-        """Record a start; returns how many earlier starts of `key` never ended."""
+    def start(self, key: str, actor_id: str | None = None, handle=None) -> int:
+        """Record a start; returns how many earlier starts of `key` never ended. The
+        calling actor (`actor_id`, `handle`) registers again with each start: a restarted
+        journal knows the job's workers again after their next batch."""
+        if actor_id is not None:
+            self.workers[actor_id] = handle
         earlier = self.unfinished.get(key, 0)
         self.unfinished[key] = earlier + 1
         return earlier
@@ -44,10 +53,38 @@ class CrashJournal:
         self.unfinished.pop(key, None)
 
 
+def on_driver_node() -> dict:
+    """Ray options for a job's bookkeeping actor: 0 CPUs, on the driver's own node, restarted
+    there if its process dies. Left to Ray, a 0-CPU actor goes to any node, and a worker
+    node lost (a spot machine taken back) took the job's progress and crash journal with it;
+    the driver's node lost ends the job anyway. Calls made while it restarts are retried."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {
+        "num_cpus": 0,
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False),
+        "max_restarts": MAX_RESTARTS,
+        "max_task_retries": -1,
+    }
+
+
 def start_journal():
+    """A journal of its own, for a run without the job actor (`job_actor.JobActor`). A
+    restart empties it: crash counts start again."""
     import ray
 
-    return ray.remote(num_cpus=0)(CrashJournal).remote()
+    return ray.remote(**on_driver_node())(CrashJournal).remote()
+
+
+def lost(error: BaseException) -> bool:
+    """Whether `error` says the actor called is gone for good (not slow, not restarting)."""
+    try:
+        from ray.exceptions import ActorDiedError
+    except ImportError:  # pragma: no cover - Ray is there wherever an actor was called
+        return False
+    return isinstance(error, ActorDiedError)
 
 
 def stop_workers(journal) -> None:
@@ -68,10 +105,15 @@ def key(row_keys: list) -> str:
 
 
 class JournalClient:
-    """A stage's handle on the journal; when it cannot be reached, crash handling is off."""
+    """A stage's handle on the journal; when it cannot be reached, crash handling is off.
+
+    A journal lost for good (its actor died past its restarts) is said once for the whole
+    job by the driver, which watches it (`progress.Tracker`): each worker only notes it in
+    its debug log. A journal that does not answer in time is a warning here."""
 
     def __init__(self, journal):
         self.journal = journal
+        self.actor_id = self.handle = None
         if journal is None:
             return
         try:
@@ -79,9 +121,17 @@ class JournalClient:
 
             context = ray.get_runtime_context()
             if context.get_actor_id():
-                journal.register.remote(context.get_actor_id(), context.current_actor)
+                self.actor_id, self.handle = context.get_actor_id(), context.current_actor
+                journal.register.remote(self.actor_id, self.handle)
         except Exception as e:  # noqa: BLE001 - only the clean-up after a failure needs it
             log.warning("k3batch: could not register with the crash journal: %s", e)
+
+    def _off(self, e: Exception) -> None:
+        if lost(e):
+            log.debug("k3batch: the crash journal is lost, crash isolation is off: %s", e)
+        else:
+            log.warning("k3batch: crash journal unreachable, crash isolation is off: %s", e)
+        self.journal = None
 
     def start(self, key: str) -> int:
         if self.journal is None:
@@ -89,10 +139,10 @@ class JournalClient:
         try:
             import ray
 
-            return ray.get(self.journal.start.remote(key), timeout=CALL_TIMEOUT_S)
+            call = self.journal.start.remote(key, self.actor_id, self.handle)
+            return ray.get(call, timeout=CALL_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - generation goes on without crash isolation
-            log.warning("k3batch: crash journal unreachable, crash isolation is off: %s", e)
-            self.journal = None
+            self._off(e)
             return 0
 
     def end(self, key: str) -> None:
@@ -101,5 +151,4 @@ class JournalClient:
         try:
             self.journal.end.remote(key)  # not waited for: the next start is ordered after it
         except Exception as e:  # noqa: BLE001
-            log.warning("k3batch: crash journal unreachable, crash isolation is off: %s", e)
-            self.journal = None
+            self._off(e)

@@ -74,6 +74,7 @@ def map_stage(
     if tracker is not None:
         observer.stage = tracker.register(observer.stage, num_gpus, actor_pool=actors is not None)
         observer.tally = tracker.tally
+        observer.watched = True
     common = dict(
         batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus, zero_copy_batch=True
     )

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from k3batch import schema
+from k3batch.crashes import lost
 from k3batch.metrics import APP_BATCH, error_kinds, metrics
 from k3batch.schema import STATUS_ERROR, STATUS_OK
 from k3batch.stages.base import Stage, run_stage
@@ -96,6 +97,9 @@ class StageObserver:
     stage: str
     makes_images: bool = False
     tally: Any = None  # the job's progress tally actor, or None
+    # The driver watches the tally (`progress.Tracker`) and says once for the job when it is
+    # lost: then each worker only notes it in its debug log.
+    watched: bool = False
     app: str = APP_BATCH
     actor_id: str | None = None  # set in an actor pool's actor: its seconds are counted
     actor_started: float | None = None
@@ -125,7 +129,10 @@ class StageObserver:
             try:
                 self._tally(stats)
             except Exception as e:  # noqa: BLE001
-                _warn_once("tally", f"k3batch: progress tally unreachable, counting stops: {e}")
+                if self.watched and lost(e):
+                    log.debug("k3batch: the progress tally is lost, counting stops: %s", e)
+                else:
+                    _warn_once("tally", f"k3batch: progress tally unreachable, counting stops: {e}")
                 self.tally = None
         return out
 

@@ -1,7 +1,8 @@
-"""A job's live progress: a tally actor fed by every stage, read by a reporter on the driver.
+"""A job's live progress: the job actor's tally (`job_actor.py`), fed by every stage, read by
+the driver's `Tracker` and printed by a reporter.
 
-Each stage's workers send their batch counts to one small named-less Ray actor (the tally,
-0 CPUs), whose handle `dataflow.map_stage` puts into the stage's arguments when it is given
+Each stage's workers send their batch counts to one small named-less Ray actor (the job
+actor, 0 CPUs, on the driver's node), whose handle `dataflow.map_stage` puts into the stage's arguments when it is given
 the job's `Tracker` (`JobContext.tracker`). Ray's own writer stays as it is; rows are done when they leave the last stage
 (`map_stage` registers stages in pipeline order). The driver's `Reporter` thread polls the
 tally: on a terminal it redraws one line; in a job log it prints a line every N seconds.
@@ -20,73 +21,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from k3batch.crashes import CrashJournal
+from k3batch.crashes import lost
+from k3batch.job_actor import STATE_INTERVAL_S, stage_snapshot, start_job_actor
 
 log = logging.getLogger(__name__)
 
 TTY_INTERVAL_S = 0.5
 LOG_INTERVAL_S = 30.0
 RATE_WINDOW_S = 60.0
-
-
-class Tally:
-    """Counts per stage; runs as a Ray actor (see `Tracker`), plain Python otherwise."""
-
-    def __init__(self):
-        self.stages: dict[str, dict] = {}
-        self.actors: dict[str, dict[str, list[float]]] = {}  # stage -> actor -> [start, last]
-
-    def add(self, stats: dict, actor: tuple | None = None) -> None:
-        s = self.stages.setdefault(
-            stats["stage"],
-            {"rows": 0, "ok": 0, "images": 0, "error_rows": 0, "errors": {}, "batches": 0},
-        )
-        s["busy_seconds"] = s.get("busy_seconds", 0.0) + stats["seconds"]
-        s["batches"] += 1
-        for key in ("rows", "ok", "images", "error_rows"):
-            s[key] += stats[key]
-        for kind, n in stats["errors"].items():
-            s["errors"][kind] = s["errors"].get(kind, 0) + n
-        if actor is not None:
-            actor_id, started, finished = actor
-            span = self.actors.setdefault(stats["stage"], {}).setdefault(
-                actor_id, [started, finished]
-            )
-            span[1] = max(span[1], finished)
-
-    def snapshot(self) -> dict:
-        actor_seconds = {
-            stage: sum(last - start for start, last in spans.values())
-            for stage, spans in self.actors.items()
-        }
-        return {
-            name: {
-                **s,
-                "actors": len(self.actors.get(name, {})),
-                "actor_seconds": actor_seconds.get(name, 0.0),
-            }
-            for name, s in self.stages.items()
-        }
-
-
-class JobActor(Tally, CrashJournal):
-    """The job's one small actor: the progress tally and the crash journal (`k3batch.crashes`).
-
-    One process rather than two: each Ray actor is a Python process that takes about a second
-    of CPU to start, on the first image's path, and a little CPU all along while idle.
-    """
-
-    def __init__(self):
-        Tally.__init__(self)
-        CrashJournal.__init__(self)
-        self.devices: dict[str, dict] = {}  # actor -> its device record (k3batch.gpus)
-
-    def record_devices(self, record: dict) -> None:
-        """A model actor's devices; a restarted actor keeps its id and its one entry."""
-        self.devices[record.get("actor_id") or f"pid {record.get('pid')}"] = record
-
-    def device_records(self) -> list[dict]:
-        return list(self.devices.values())
+CALL_TIMEOUT_S = 60
 
 
 @dataclass
@@ -151,7 +94,12 @@ class Snapshot:
 
 
 class Tracker:
-    """Driver side of a job's progress: the tally actor, the stage order, the reporter."""
+    """Driver side of a job's progress: the job actor, the stage order, the reporter.
+
+    A thread reads the job actor's state every `STATE_INTERVAL_S` seconds (the reporter's
+    reads count too) and keeps the last one: a restarted actor gets it back (`JobActor`),
+    and an actor lost for good is said once, with what stops working; the job goes on, and
+    its end uses the last state read."""
 
     def __init__(self, total: int, reporter: Reporter | None = None, unit: str = "rows"):
         self.total = total
@@ -162,15 +110,30 @@ class Tracker:
         self.started = time.monotonic()
         self.final: Snapshot | None = None
         self.devices: list[dict] = []  # run.json's `devices`: one record per model actor
+        self.restarts = 0  # restarts of the job actor seen
+        self.lost: str | None = None  # why the job actor is gone for good, once it is
+        self._state: dict | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watch: threading.Thread | None = None
 
     def __enter__(self) -> Tracker:
-        import ray
-
-        self.tally = ray.remote(num_cpus=0)(JobActor).remote()
+        self.tally = start_job_actor()
         self.started = time.monotonic()
+        self._watch = threading.Thread(
+            target=self._watch_loop, name="k3batch-job-actor", daemon=True
+        )
+        self._watch.start()
         if self.reporter is not None:
             self.reporter.start(self.snapshot, self.total)
         return self
+
+    def _watch_loop(self) -> None:
+        while not self._stop.wait(STATE_INTERVAL_S):
+            try:
+                self.read()
+            except Exception as e:  # noqa: BLE001 - the next read may do better
+                log.debug("could not read the job actor: %s", e)
 
     def register(self, name: str, gpus_per_actor: float = 0.0, actor_pool: bool = False) -> str:
         """A stage joins the job, in pipeline order; returns its name, made unique (`x_2`)."""
@@ -182,27 +145,80 @@ class Tracker:
         self.order.append(StageInfo(unique, gpus_per_actor or 0.0, actor_pool))
         return unique
 
-    def snapshot(self) -> Snapshot:
+    def read(self) -> dict | None:
+        """The job actor's state (restored into it first when it restarted); the last state
+        read once it is lost. None before any read succeeded."""
         import ray
 
-        stages = ray.get(self.tally.snapshot.remote()) if self.tally is not None else {}
-        elapsed = time.monotonic() - self.started
-        return Snapshot(self.total, elapsed, list(self.order), stages, self.unit)
+        with self._lock:
+            if self.tally is None or self.lost is not None:
+                return self._state
+            try:
+                state = ray.get(self.tally.state.remote(), timeout=CALL_TIMEOUT_S)
+                if self._state is not None and state["incarnation"] != self._state["incarnation"]:
+                    ray.get(self.tally.restore.remote(self._state), timeout=CALL_TIMEOUT_S)
+                    state = ray.get(self.tally.state.remote(), timeout=CALL_TIMEOUT_S)
+                    self.restarts += 1
+                    log.warning(
+                        "k3batch: the job actor (progress tally, crash journal) restarted after "
+                        "its process died; its counts are restored from %.0f s before, so what "
+                        "ended in between is not counted (progress and run.json's stage counts "
+                        "may come out short by it)",
+                        STATE_INTERVAL_S,
+                    )
+            except Exception as e:
+                if not lost(e):
+                    raise
+                self._lose(e)
+                return self._state
+            self._state = state
+            return state
+
+    def _lose(self, e: Exception) -> None:
+        """Say once what the job goes on without."""
+        text = str(e).strip().splitlines()
+        self.lost = f"{type(e).__name__}: {text[0] if text else ''}"
+        done = Snapshot(self.total, 0.0, list(self.order), self._stages(), self.unit).done
+        log.warning(
+            "k3batch: the job actor (progress tally, crash journal) is lost (%s). The job "
+            "goes on and every row it writes is accounted for at the end, but progress stops "
+            "at %d of %d %s, run.json's stage counts and devices stop there too, a row "
+            "that kills its worker is no longer isolated (Ray retries it until "
+            "faults.stall_timeout_s), and a failed run cannot stop its stuck actors",
+            self.lost,
+            done,
+            self.total,
+            self.unit,
+        )
+
+    def _stages(self) -> dict:
+        state = self._state or {}
+        return stage_snapshot(state.get("stages", {}), state.get("actors", {}))
+
+    def snapshot(self) -> Snapshot:
+        self.read()
+        return Snapshot(
+            self.total, time.monotonic() - self.started, list(self.order), self._stages(), self.unit
+        )
 
     def __exit__(self, *exc) -> None:
         import ray
 
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.join()
         try:
             self.final = self.snapshot()
         except Exception as e:  # noqa: BLE001 - progress must not hide the job's own error
             log.warning("k3batch: could not read the progress tally: %s", e)
-            elapsed = time.monotonic() - self.started
-            self.final = Snapshot(self.total, elapsed, list(self.order), unit=self.unit)
-        if self.tally is not None:
-            try:
-                self.devices = ray.get(self.tally.device_records.remote())
-            except Exception as e:  # noqa: BLE001 - as above
-                log.warning("k3batch: could not read the actors' device records: %s", e)
+            self.final = Snapshot(
+                self.total,
+                time.monotonic() - self.started,
+                list(self.order),
+                self._stages(),
+                self.unit,
+            )
+        self.devices = list((self._state or {}).get("devices", {}).values())
         if self.reporter is not None:
             self.reporter.stop(self.final if exc[0] is None else None)
         if self.tally is not None:

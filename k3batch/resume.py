@@ -135,6 +135,58 @@ def write_job(fs, root: str, identity: dict) -> None:
     fs.pipe_file(f"{root}/{STATE_DIR}/job.json", json.dumps(record, indent=2).encode())
 
 
+# Written when a run ends with every record accounted for; removed when a run starts work.
+COMPLETE = "complete.json"
+
+
+def _digest(values) -> str:
+    return hashlib.sha256(json.dumps(values).encode()).hexdigest()
+
+
+def _made_of(info, record_sizes: dict[str, int]) -> dict:
+    """What a finished output is made of: the input (each file's path and rows: what Ray's
+    row hashes are made of, so the same files and counts give the same records), the records
+    it asks for, and the record files (names and sizes, from one listing)."""
+    return {
+        "input": _digest([[str(f) for f in info.files], list(info.file_rows)]),
+        "records_expected": info.num_records,
+        "record_files": _digest(sorted([str(f), int(n)] for f, n in record_sizes.items())),
+    }
+
+
+def completion(info, record_sizes: dict[str, int], counts: dict) -> dict:
+    """`_k3batch/complete.json` for an output whose accounting (`counts`, as
+    `job.accounting.account` returns them) found every record once."""
+    return {**_made_of(info, record_sizes), "counts": counts}
+
+
+def write_completed(fs, root: str, record: dict) -> None:
+    fs.pipe_file(f"{root}/{STATE_DIR}/{COMPLETE}", json.dumps(record, indent=2).encode())
+
+
+def clear_completed(fs, root: str) -> None:
+    """Before a run writes: an output part-way through a run is not complete."""
+    path = f"{root}/{STATE_DIR}/{COMPLETE}"
+    if fs.exists(path):
+        fs.rm(path)
+
+
+def completed(fs, root: str, info, record_sizes: dict[str, int]) -> dict | None:
+    """The accounting of the run that finished this output, when a rerun has nothing left
+    to do: that run ended with every record accounted for, and neither the input (files,
+    rows per file, records asked for) nor the record files (names, sizes) changed since.
+    Ray's checkpoint filter would then leave no row; this says so from pre-flight's footers
+    and one listing, without starting the job's pools or reading a record. None otherwise:
+    any change (rows appended, a record file lost or rewritten) is a normal resumed run."""
+    path = f"{root}/{STATE_DIR}/{COMPLETE}"
+    if not fs.exists(path):
+        return None
+    record = json.loads(fs.cat_file(path))
+    if {k: v for k, v in record.items() if k != "counts"} != _made_of(info, record_sizes):
+        return None
+    return record["counts"]
+
+
 def checkpoint_config(cfg: JobConfig, rules):
     """Ray Data's CheckpointConfig for this job's output (kept after success: a rerun of a
     finished job then generates nothing, and rows appended to the input later are the only

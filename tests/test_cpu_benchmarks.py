@@ -64,3 +64,21 @@ def test_kandinsky22_flops_gives_the_priors_share():
     out = run_benchmark("benchmarks/kandinsky22_flops.py", "--size", "256", "--steps", "10")
     share = float(re.search(r"^prior share ([0-9.]+) of", out, re.M).group(1))
     assert 0 < share < 1
+
+
+def test_scale_benchmark_measures_a_half_finished_output_and_a_no_op_rerun(tmp_path):
+    import json
+
+    out = run_benchmark("benchmarks/scale.py", "--smoke", "--json", str(tmp_path / "scale.json"))
+    assert "instant stand-in, no model ran" in out
+    growth = re.search(r"^rerun before first image s\s+([0-9.e+]+)", out, re.M)
+    assert growth and float(growth.group(1)) > 0, out
+    (result,) = json.loads((tmp_path / "scale.json").read_text())
+    resume, noop = result["resume"], result["noop"]
+    assert (resume["skipped"], resume["rows_this_run"]) == (150, 150)
+    assert resume["filter"]["rows_left"] == 150 and resume["filter"]["committed"] == 150
+    assert resume["ray_checkpoint_load_s"] > 0 and resume["driver"] > 0
+    assert (noop["rows_this_run"], noop["rows_out"]) == (0, 300)
+    assert noop["first_image_s"] is None  # nothing generated: no pool was started
+    # images/ holds the 300 images and the Hugging Face image folder's metadata.parquet.
+    assert result["output"]["files"]["images"] == 301 and result["report"]["seconds"] > 0

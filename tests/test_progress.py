@@ -4,13 +4,15 @@ import io
 import logging
 import re
 import sys
+import time
 
 import pyarrow as pa
 import pytest
 
+from k3batch.job_actor import Tally
 from k3batch.metrics import error_kinds
 from k3batch.observe import batch_stats, stage_name
-from k3batch.progress import Rate, Reporter, Snapshot, StageInfo, Tally, render
+from k3batch.progress import Rate, Reporter, Snapshot, StageInfo, render
 from k3batch.stages.generate import GenerateStage
 from k3batch.stages.write import WriteImagesStage
 
@@ -242,8 +244,8 @@ def test_tracker_counts_batches_of_real_ray_stages(ray_local):
 def test_an_unreachable_tally_never_fails_a_batch(ray_local, caplog):
     import ray
 
+    from k3batch.job_actor import Tally
     from k3batch.observe import StageObserver
-    from k3batch.progress import Tally
     from k3batch.rows.rules import RowRules
     from k3batch.stages.validate import ValidateStage
 
@@ -254,3 +256,63 @@ def test_an_unreachable_tally_never_fails_a_batch(ray_local, caplog):
     out = observer.apply(ValidateStage(RowRules()), table)
     assert out.column("status").to_pylist() == ["ok", "error"]
     assert observer.tally is None and "progress tally unreachable" in caplog.text
+
+
+def test_a_restarted_job_actor_gets_its_counts_back():
+    """Merging an earlier incarnation's state adds to what the new one counted since."""
+    from k3batch.job_actor import JobActor
+
+    old = JobActor()
+    old.add(stats("generate", 4, images=4), ("actor-1", 100.0, 110.0))
+    old.start("batch-a")
+    old.record_devices({"actor_id": "actor-1", "stage": "generation"})
+    new = JobActor()
+    assert new.incarnation != old.incarnation
+    new.add(stats("generate", 2, images=2), ("actor-1", 100.0, 130.0))
+    new.start("batch-a")
+    new.restore(old.state())
+    gen = new.snapshot()["generate"]
+    assert (gen["rows"], gen["images"], gen["batches"], gen["busy_seconds"]) == (6, 6, 2, 2.0)
+    assert gen["actors"] == 1 and gen["actor_seconds"] == 30.0  # one span, 100 to 130
+    assert new.start("batch-a") == 2  # both starts before count as unfinished
+    assert new.device_records() == [{"actor_id": "actor-1", "stage": "generation"}]
+
+
+def _add(tracker, rows):
+    import ray
+
+    ray.get(tracker.tally.add.remote(stats("write_images", rows)))
+
+
+@pytest.mark.slow
+def test_the_job_actor_restarts_with_its_counts_and_its_loss_is_said_once(ray_local, caplog):
+    """Its process killed, Ray starts it again and the driver hands back the last state it
+    read; killed for good, the driver says once what the job goes on without, and the end
+    of the job uses the last state read."""
+    import ray
+
+    from k3batch.progress import Tracker
+
+    with caplog.at_level(logging.WARNING, logger="k3batch.progress"):
+        with Tracker(total=20) as tracker:
+            tracker.register("write_images")
+            _add(tracker, 5)
+            assert tracker.snapshot().done == 5
+            first = tracker.read()["incarnation"]
+            ray.kill(tracker.tally, no_restart=False)  # the process dies; Ray restarts it
+            # The kill takes effect a moment later; a read during the restart waits for the
+            # new process (calls are retried), and the first read of it restores it.
+            deadline = time.monotonic() + 60
+            while tracker.read()["incarnation"] == first:
+                assert time.monotonic() < deadline, "the job actor did not restart"
+            assert tracker.restarts == 1
+            _add(tracker, 3)
+            assert tracker.snapshot().done == 8
+            assert "restarted after its process died" in caplog.text
+            ray.kill(tracker.tally)  # gone for good
+            assert tracker.snapshot().done == 8
+            assert tracker.snapshot().done == 8  # said once, however often it is read
+        lines = [r.getMessage() for r in caplog.records if "is lost" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "progress stops at 8 of 20 rows" in lines[0] and "no longer isolated" in lines[0]
+    assert tracker.final.done == 8 and tracker.lost.startswith("ActorDiedError")

@@ -565,3 +565,44 @@ def test_a_cluster_too_small_for_the_actor_pools_gets_a_warning_naming_the_cpus(
     with caplog.at_level(logging.WARNING, logger="k3batch.ray_start.budget"):
         init_ray(cfg, kinds.get(cfg.job))
     assert "the Ray cluster has" not in caplog.text
+
+
+def test_a_cluster_that_can_never_fit_the_pools_is_refused_at_start_with_the_numbers(
+    ray_local, tmp_path, tiny_dir, caplog, monkeypatch
+):
+    """As the GPU check: short now is a warning (with how long the job will wait); an
+    autoscaler (v2) whose node groups can never hold the pools is a refusal at start."""
+    import logging
+
+    import ray
+
+    from k3batch import gpus
+    from k3batch.ray_start import budget
+
+    have = int(ray.cluster_resources()["CPU"])
+    data = small(tmp_path, prompts(tmp_path, 2), tiny_dir, faults={"stall_timeout_s": 900})
+    data["resources"] = {**data.get("resources", {}), "num_actors": have, "num_cpus_per_actor": 1}
+    cfg = load_config(data=data)
+    kind = kinds.get(cfg.job)
+    with caplog.at_level(logging.WARNING, logger="k3batch.ray_start.budget"):
+        budget.check_cluster_cpus(cfg, kind, resumed=False)  # no autoscaler: it may grow
+    assert "stop after 900 s without progress (faults.stall_timeout_s)" in caplog.text
+    # Node groups that add at most 2 CPUs, 1 a node: never more than the CPUs there are now.
+    monkeypatch.setattr(gpus, "autoscaler_limits_of", lambda resource: (2.0, 1.0))
+    with pytest.raises(ConfigError) as refused:
+        budget.check_cluster_cpus(cfg, kind, resumed=False)
+    assert str(refused.value).startswith(
+        f"CPUs: the Ray cluster has {have} CPUs and this job needs {have + 1} (actor pools "
+        f"{have}, plus one for Ray Data's tasks), and the cluster can grow to {have} CPUs, at "
+        f"most {have} on a node"
+    )
+    # One actor wider than any node type ever is: refused even with CPUs enough in all.
+    data["resources"].update(num_actors=1, num_cpus_per_actor=have + 1)
+    wide = load_config(data=data)
+    monkeypatch.setattr(gpus, "autoscaler_limits_of", lambda resource: (64.0, 2.0))
+    with pytest.raises(ConfigError) as refused:
+        budget.check_cluster_cpus(wide, kind, resumed=False)
+    assert (
+        f"one actor of resources (generation) needs {have + 1} on one node, where the most any "
+        f"node has is {have}, and the cluster can grow to 64 CPUs, at most {have} on a node"
+    ) in str(refused.value)

@@ -106,6 +106,19 @@ def test_webdataset_shards_read_back_and_a_lost_shard_is_regenerated(ray_local, 
     assert sorted(r["id"] for r in index) == sorted(table(10).column("id").to_pylist())
     assert sorted(read_back()) == sorted(samples)
 
+    # Nothing left: a third run ends from _k3batch/complete.json (the second run wrote it;
+    # the first run's stopped matching once shard 1 was lost, which is why the second made
+    # rows): no dataset ran (no stage counted), and run.json carries the second run's
+    # accounting, with every record skipped.
+    complete = json.loads((tmp_path / "out" / "_k3batch" / "complete.json").read_text())
+    assert complete["counts"]["rows_out"] == 10
+    third = run_job(load_config(data=cfg))
+    assert third.ok and third.run["resumed"]
+    assert (third.run["rows_this_run"], third.run["skipped_by_resume"]) == (0, 10)
+    assert (third.run["ok"], third.run["error"], third.run["stages"]) == (9, 1, {})
+    assert third.run["accounting"]["ok"] and third.run["accounting"]["skipped_by_resume"] == 10
+    assert sorted(t.name for t in out.glob("*.tar")) == [t.name for t in tars]
+
 
 def test_killed_job_resumes_and_generates_only_missing_rows(tmp_path, tiny_dir):
     """A job killed part-way (SIGKILL to the driver and its local Ray) and rerun with the same

@@ -21,7 +21,7 @@ def execute(cfg: JobConfig, ctx: JobContext, build: Callable[[JobConfig, JobCont
     """Build the kind's dataset (`build(cfg, ctx)`, ending before the final write) and write
     it with the output format, with Ray Data's checkpointing on so a rerun resumes.
 
-    `ctx.journal`: the job's crash journal actor (the runner passes its `progress.JobActor`);
+    `ctx.journal`: the job's crash journal actor (the runner passes its `job_actor.JobActor`);
     None starts one for this run. `ctx.kind`'s record rules say how many records each input
     row yields, for the resume filter.
     """

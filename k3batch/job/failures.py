@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from k3batch import gpus, storage
 from k3batch.config import JobConfig
 from k3batch.progress import Tracker
+from k3batch.ray_start import budget
 from k3batch.ray_start.connect import first_line
+
+if TYPE_CHECKING:
+    from k3batch.job.kinds import JobKind
 
 
 class JobFailed(RuntimeError):
@@ -44,8 +50,16 @@ def stalled_stage(snapshot) -> tuple[str, int, int] | None:
     return None
 
 
-def failure_message(cfg: JobConfig, error: Exception, tracker: Tracker) -> str:
-    """One line for a job that stopped part-way: what stopped it, and that a rerun resumes."""
+def failure_message(
+    cfg: JobConfig,
+    error: Exception,
+    tracker: Tracker,
+    kind: JobKind | None = None,
+    resumed: bool = False,
+) -> str:
+    """One line for a job that stopped part-way: what stopped it, and that a rerun resumes.
+    `kind` (the job's) and `resumed`: to say, for a stall, when the cluster is too small for
+    the job's pools now (a node lost for good)."""
     from ray.data import DataContext
     from ray.data.exceptions import ExecutionTimeoutError
 
@@ -66,9 +80,20 @@ def failure_message(cfg: JobConfig, error: Exception, tracker: Tracker) -> str:
             if where
             else "the final write stopped"
         )
+        short = None
+        if kind is not None:
+            try:
+                short = budget.cpu_shortfall(cfg, kind, resumed)
+            except Exception:  # noqa: BLE001 - the message does without the cluster's size
+                short = None
+        why = (
+            f"waiting for CPUs: {short}"
+            if short
+            else "a worker stuck in a batch, or waiting for resources"
+        )
         return (
             f"faults.stall_timeout_s: no stage made progress for {timeout:g} s; {stage} "
-            f"(a worker stuck in a batch, or waiting for resources); {RESUME_HINT}"
+            f"({why}); {RESUME_HINT}"
         )
     for c in causes:
         if isinstance(c, storage.StorageError):

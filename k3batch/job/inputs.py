@@ -24,6 +24,9 @@ class InputInfo:
     # Records the job must write: one per image (num_images_per_prompt per row), or one per
     # row for kinds that make no images. None: as many as rows.
     num_records: int | None = None
+    # Rows in each of `files`, from their footers: with the paths, what Ray's row hashes
+    # are made of (a rerun with nothing left to do is told by them: `resume.completed`).
+    file_rows: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         if self.num_records is None:
@@ -54,8 +57,10 @@ def inspect_input(cfg: JobConfig, kind: JobKind) -> InputInfo:
         raise ConfigError(f"input.uri: no .parquet files under {cfg.input.uri}")
     try:
         dataset = pads.dataset(files, filesystem=fs, format="parquet")
-        schemas = [fragment.physical_schema for fragment in dataset.get_fragments()]
-        num_rows = dataset.count_rows()
+        fragments = list(dataset.get_fragments())
+        schemas = [fragment.physical_schema for fragment in fragments]
+        file_rows = [fragment.count_rows() for fragment in fragments]
+        num_rows = sum(file_rows)
     except Exception as e:
         raise ConfigError(
             f"input.uri: not a readable Parquet table: {cfg.input.uri}: {e}"
@@ -93,6 +98,7 @@ def inspect_input(cfg: JobConfig, kind: JobKind) -> InputInfo:
         schema=schema,
         duplicate_ids=duplicates,
         num_records=num_records,
+        file_rows=file_rows,
     )
 
 

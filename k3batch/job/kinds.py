@@ -34,7 +34,7 @@ class JobContext:
     num_records: int | None = None  # records to write (images); None: num_rows
     schema: Any = None  # pyarrow.Schema: every input file's columns, unified
     duplicate_ids: dict = field(default_factory=dict)  # id -> rows that give it
-    journal: Any = None  # the job's crash journal actor (progress.JobActor), or None
+    journal: Any = None  # the job's crash journal actor (job_actor.JobActor), or None
     tracker: Any = None  # the job's progress.Tracker, which every stage joins; None: none
     # The pipeline's one override point: {stage class: (replacement, extra kwargs)}. Only
     # `k3batch.testing.faults` fills it, to inject faults into the generation actors.

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from k3batch import __version__, schema
+from k3batch import __version__, resume, schema
 from k3batch.config import ConfigError, JobConfig
 from k3batch.job import kinds
 from k3batch.job.accounting import account
@@ -16,7 +17,7 @@ from k3batch.job.failures import JobFailed, failure_message
 from k3batch.job.kinds import JobContext, JobKind
 from k3batch.job.preflight import preflight
 from k3batch.outputs import records
-from k3batch.progress import Reporter, Tracker
+from k3batch.progress import Reporter, Snapshot, Tracker
 from k3batch.ray_start.jobs import init_ray
 from k3batch.testing import faults
 
@@ -68,40 +69,27 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
             f"output.uri: {cfg.output.uri} already holds this {cfg.job} job; {cfg.job} jobs "
             "do not resume: pass --overwrite"
         )
-    init_ray(cfg, kind, resumed)
-    kind.prepare(cfg)
-    if cfg.beautify.enabled and cfg.beautify.make_tiny:
-        from k3batch.testing.tiny_llm import make_tiny_llm
-
-        make_tiny_llm(cfg.beautify.model)
-    if reporter is not None:
-        _take_over_progress(reporter)
-    before = set(output.record_files())
-    # Progress counts this run's records (images): those an earlier run finished are skipped.
-    todo = (
-        max(info.num_records - records.count_rows(output, sorted(before), skip_unreadable=True), 0)
-        if before
-        else info.num_records
-    )
-    # Progress counts records (images) when rows make several, and says so.
-    unit = "records" if info.num_records != info.num_rows else "rows"
-    with Tracker(todo, reporter, unit) as tracker, faults.stage_overrides() as overrides:
-        try:
-            # The tracker's actor is also the job's crash journal (progress.JobActor).
-            ctx = JobContext(
-                kind,
-                output,
-                info.num_rows,
-                info.num_records,
-                info.schema,
-                info.duplicate_ids,
-                journal=tracker.tally,
-                tracker=tracker,
-                stage_overrides=overrides,
-            )
-            kind.run(cfg, ctx)
-        except Exception as e:
-            raise JobFailed(failure_message(cfg, e, tracker)) from e
+    fs, root = output.filesystem()
+    listing = output.record_sizes()
+    # A rerun with nothing left (the last run ended with every record accounted for, and
+    # neither the input nor the record files changed since) ends here, from one listing:
+    # no pools asked for, no dataset run, no record read, however large the output or small
+    # the cluster has become.
+    finished = resume.completed(fs, root, info, listing) if resumed else None
+    init_ray(cfg, kind, resumed, work=finished is None)
+    if finished is not None:
+        skipped = finished["rows_out"]  # every record, made by earlier runs
+        run = _record(cfg, kind, info, finished, started, started_at, resumed, 0, skipped, 0)
+        run.update(**Snapshot(0, 0.0, []).cost(), devices=[])
+        fs.pipe_file(f"{root}/run.json", json.dumps(run, indent=2).encode())
+        return RunResult(run=run, kind=kind)
+    before = sorted(listing)
+    done_before = records.count_rows(output, before, skip_unreadable=True) if before else 0
+    ctx = JobContext(kind, output, info.num_rows, info.num_records, info.schema, info.duplicate_ids)
+    resume.clear_completed(fs, root)
+    todo = info.num_records - done_before
+    cost, devices = _run_dataset(cfg, kind, ctx, todo, resumed, reporter)
+    before = set(before)
     # Record files from before that are still there hold rows an earlier run finished (Ray
     # deleted those of writes it had not committed); the new ones hold this run's rows.
     after = output.record_files()
@@ -112,11 +100,36 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
     images = (
         new.column(schema.STATUS).to_pylist().count(schema.STATUS_OK) if kind.makes_images else 0
     )
-    skipped = records.count_rows(output, [f for f in after if f in before])
+    still = [f for f in after if f in before]
+    # Every earlier file still there (no write of theirs was undone): counted at the start.
+    skipped = done_before if len(still) == len(before) else records.count_rows(output, still)
     kind.finalise(cfg, ctx)
     counts = account(cfg, kind, info, output)
+    run = _record(cfg, kind, info, counts, started, started_at, resumed, generated, skipped, images)
+    run.update(**cost, devices=devices)
+    fs.pipe_file(f"{root}/run.json", json.dumps(run, indent=2).encode())
+    if run["accounting"]["ok"] and kind.resumes:
+        # The record files as finalised (shards renumbered), and what the accounting found.
+        resume.write_completed(fs, root, resume.completion(info, output.record_sizes(), counts))
+    return RunResult(run=run, kind=kind)
+
+
+def _record(
+    cfg: JobConfig,
+    kind: JobKind,
+    info,
+    counts: dict,
+    started: float,
+    started_at: str,
+    resumed: bool,
+    generated: int,
+    skipped: int,
+    images: int,
+) -> dict:
+    """run.json, but for the cost figures and devices: the accounting's `counts`, and this
+    run's records (`generated`, of which `images` ok) and those an earlier run made."""
     wall = time.time() - started
-    run = {
+    return {
         "k3batch_version": __version__,
         "started_at": started_at,
         "finished_at": datetime.now(UTC).isoformat(),
@@ -131,14 +144,43 @@ def run_job(cfg: JobConfig, reporter: Reporter | None = None) -> RunResult:
             "rows_this_run": generated,
             "skipped_by_resume": skipped,
         },
-        **tracker.final.cost(),
-        "devices": tracker.devices,
         "input_files": len(info.files),
         "output": cfg.output.uri,
         "format": cfg.output.format,
         "config": cfg.model_dump(mode="json"),
         "versions": versions(),
     }
-    fs, root = output.filesystem()
-    fs.pipe_file(f"{root}/run.json", json.dumps(run, indent=2).encode())
-    return RunResult(run=run, kind=kind)
+
+
+def _run_dataset(
+    cfg: JobConfig,
+    kind: JobKind,
+    ctx: JobContext,
+    todo: int,
+    resumed: bool,
+    reporter: Reporter | None,
+) -> tuple[dict, list[dict]]:
+    """Run the kind's dataset with the job's actor (progress tally and crash journal);
+    returns run.json's cost figures and device records. `todo`: the records this run makes
+    (an earlier run's are skipped), for the progress line."""
+    kind.prepare(cfg)
+    if cfg.beautify.enabled and cfg.beautify.make_tiny:
+        from k3batch.testing.tiny_llm import make_tiny_llm
+
+        make_tiny_llm(cfg.beautify.model)
+    if reporter is not None:
+        _take_over_progress(reporter)
+    # Progress counts records (images) when rows make several, and says so.
+    unit = "records" if ctx.num_records != ctx.num_rows else "rows"
+    with Tracker(max(todo, 0), reporter, unit) as tracker, faults.stage_overrides() as overrides:
+        try:
+            # The tracker's actor is also the job's crash journal (job_actor.JobActor).
+            kind.run(
+                cfg,
+                dataclasses.replace(
+                    ctx, journal=tracker.tally, tracker=tracker, stage_overrides=overrides
+                ),
+            )
+        except Exception as e:
+            raise JobFailed(failure_message(cfg, e, tracker, kind, resumed)) from e
+    return tracker.final.cost(), tracker.devices

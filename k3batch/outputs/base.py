@@ -59,6 +59,19 @@ class Output:
         fs, root = self.filesystem(self.format.records_dir)
         return [f for f in storage.list_files(fs, root, ".parquet") if self.format.is_record(f)]
 
+    def record_sizes(self) -> dict[str, int]:
+        """The record files (`record_files`, sorted) with their sizes in bytes: one listing,
+        no file opened."""
+        fs, root = self.filesystem(self.format.records_dir)
+        if not fs.exists(root):
+            return {}
+        found = fs.find(root, detail=True)
+        return {
+            path: int(found[path]["size"])
+            for path in sorted(found)
+            if path.endswith(".parquet") and self.format.is_record(path)
+        }
+
     def clear(self) -> None:
         """Remove what an earlier run left (`output.overwrite`)."""
         fs, root = self.filesystem()

@@ -81,22 +81,74 @@ def local_num_cpus(cfg: JobConfig, kind: JobKind, resumed: bool) -> int:
     return cpus + (CHECKPOINT_FILTER_CPUS if resumed else 0)
 
 
-def warn_if_cluster_short(cfg: JobConfig, kind: JobKind, resumed: bool) -> None:
-    """A cluster we did not start may be too small for the job (until its autoscaler adds
-    nodes): say so, since Ray Data waits without a word."""
+def cluster_cpus() -> tuple[float, float]:
+    """(CPUs in the Ray cluster now, the most CPUs one alive node has)."""
     import ray
 
-    have = ray.cluster_resources().get("CPU", 0)
+    total = ray.cluster_resources().get("CPU", 0)
+    largest = max(
+        (n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0
+    )
+    return total, largest
+
+
+def _widest_actor(cfg: JobConfig, kind: JobKind) -> Pool | None:
+    """The pool whose one actor asks the most CPUs (an actor takes them all on one node)."""
+    return max(kind.pools(cfg), key=lambda p: p.cpus_each, default=None)
+
+
+def cpu_shortfall(cfg: JobConfig, kind: JobKind, resumed: bool) -> str | None:
+    """What the Ray this process is connected to lacks for the job's pools, now, in words
+    with the numbers; None when they fit. Ray Data waits for CPUs without a word."""
+    have, largest = cluster_cpus()
     need = cpus_needed(cfg, kind) + (CHECKPOINT_FILTER_CPUS if resumed else 0)
-    if have < need:
-        log.warning(
-            "k3batch: the Ray cluster has %g CPUs and this job needs %d (actor pools %g, "
-            "plus one for Ray Data's tasks%s): it will wait until the cluster grows",
-            have,
-            need,
-            reserved_cpus(cfg, kind),
-            ", plus one for resume's checkpoint filter" if resumed else "",
+    widest = _widest_actor(cfg, kind)
+    if have >= need and (widest is None or widest.cpus_each <= largest):
+        return None
+    filter_cpu = ", plus one for resume's checkpoint filter" if resumed else ""
+    text = (
+        f"the Ray cluster has {have:g} CPUs and this job needs {need} (actor pools "
+        f"{reserved_cpus(cfg, kind):g}, plus one for Ray Data's tasks{filter_cpu})"
+    )
+    if widest is not None and widest.cpus_each > largest:
+        text += (
+            f", and one actor of {widest.name} needs {widest.cpus_each:g} on one node, where "
+            f"the most any node has is {largest:g}"
         )
+    return text
+
+
+def check_cluster_cpus(cfg: JobConfig, kind: JobKind, resumed: bool) -> None:
+    """On a Ray k3batch did not start: refuse when the autoscaler's limits say the job's
+    CPUs can never be there (as `gpus.check_cluster_gpus` does for GPUs); warn with the
+    numbers, and how long the job will wait, when the cluster is short now."""
+    from ray.data import DataContext
+
+    short = cpu_shortfall(cfg, kind, resumed)
+    if short is None:
+        return
+    have, largest = cluster_cpus()
+    need = cpus_needed(cfg, kind) + (CHECKPOINT_FILTER_CPUS if resumed else 0)
+    widest = _widest_actor(cfg, kind)
+    limits = gpus.autoscaler_limits_of("CPU")
+    if limits is not None:
+        most, most_per_node = max(limits[0], have), max(limits[1], largest)
+        if need > most + 1e-9 or (widest is not None and widest.cpus_each > most_per_node):
+            raise ConfigError(
+                f"CPUs: {short}, and the cluster can grow to {most:g} CPUs, at most "
+                f"{most_per_node:g} on a node; lower resources.num_actors or "
+                "resources.num_cpus_per_actor (and the other pools' sizes)"
+            )
+    timeout = (
+        cfg.faults.stall_timeout_s or DataContext.get_current().execution_no_progress_timeout_s
+    )
+    log.warning(
+        "k3batch: %s: it will wait until the cluster grows%s",
+        short,
+        f", and stop after {timeout:g} s without progress (faults.stall_timeout_s)"
+        if timeout and timeout > 0
+        else "",
+    )
 
 
 # ------------------------------------------------------------------ Serve deployments

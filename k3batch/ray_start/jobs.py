@@ -22,10 +22,12 @@ if TYPE_CHECKING:
     from k3batch.job.kinds import JobKind
 
 
-def init_ray(cfg: JobConfig, kind: JobKind, resumed: bool = False) -> None:
+def init_ray(cfg: JobConfig, kind: JobKind, resumed: bool = False, work: bool = True) -> None:
     """Join ray.address / RAY_ADDRESS, else start a local Ray of this job's own, sized for
     the pools of the job's `kind`. A failure to do either is one ConfigError line naming the
-    field and Ray's own first line."""
+    field and Ray's own first line. `work`: the job has rows to make, so a Ray it did not
+    start is checked for the CPUs and GPUs its pools ask (`check_cluster`); a rerun with
+    nothing left asks for none."""
     where = budget.job_target(cfg)
     set_environment(where)  # before the first `import ray`
     from ray.data import DataContext
@@ -48,14 +50,21 @@ def init_ray(cfg: JobConfig, kind: JobKind, resumed: bool = False) -> None:
     if state != "running":
         _drop_ray_data_actor_args_error()
         _quiet_ray_data_console()
-    if state != "started":
-        budget.warn_if_cluster_short(cfg, kind, resumed)
-        gpus.check_cluster_gpus(cfg, kind)
+    if state != "started" and work:
+        check_cluster(cfg, kind, resumed)
     ctx = DataContext.get_current()
     # Progress bars redraw many times a second: fine on a terminal, a flood in job logs.
     tty = sys.stderr.isatty()
     ctx.enable_progress_bars = tty
     ctx.enable_operator_progress_bars = tty
+
+
+def check_cluster(cfg: JobConfig, kind: JobKind, resumed: bool = False) -> None:
+    """A Ray this job did not start, against its pools: refused at start (one line, the
+    numbers) when the autoscaler's limits say they can never be placed, a warning with the
+    numbers when it is short now (it may grow)."""
+    budget.check_cluster_cpus(cfg, kind, resumed)
+    gpus.check_cluster_gpus(cfg, kind)
 
 
 # Ray Data hands each actor pool worker its DataContext and map transformer as object

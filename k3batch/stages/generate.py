@@ -114,9 +114,8 @@ class GenerateStage(Stage):
 
             self.embeds_dtype = DTYPES[model.dtype.text_encoder]
         gpus.check_cuda("generation", model.device_map())
-        self.pipe = self.family.load(model, decode_batch_size, text_encoder=not text_encoder_pool)
-        components = self.family.loaded_components(self.pipe)
-        gpus.report_devices(journal, gpus.device_record("generation", components))
+        self.pipe = self.load_model(model, decode_batch_size, text_encoder=not text_encoder_pool)
+        gpus.report_devices(journal, gpus.device_record("generation", self.model_components()))
         compile = model.performance.compile
         self.warmup_seconds = None
         if warmup and compile.warmup and (compile.unet or compile.movq):
@@ -135,6 +134,15 @@ class GenerateStage(Stage):
             log.info("generate: compiled and warmed up in %.1f s", self.warmup_seconds)
             if artifacts:
                 compiling.save_artifacts(artifacts)
+
+    def load_model(self, model: ModelConfig, decode_batch_size: int, text_encoder: bool):
+        """The pipeline this stage calls (`generate(requests)`). An override point:
+        `k3batch.testing.standin` puts an instant stand-in here for the scale benchmark."""
+        return self.family.load(model, decode_batch_size, text_encoder=text_encoder)
+
+    def model_components(self) -> dict:
+        """The loaded modules by component name (run.json's device record)."""
+        return self.family.loaded_components(self.pipe)
 
     # Override points (no-ops here): `k3batch.testing.faults` injects faults through them.
     def before_batch(self) -> None:

@@ -32,7 +32,7 @@ class TextEncodeStage(Stage):
         torch_threads: int | None = None,
         journal=None,
     ):
-        """`journal`: the job's actor (progress.JobActor), told which device T5 runs on."""
+        """`journal`: the job's actor (job_actor.JobActor), told which device T5 runs on."""
         from k3batch import gpus
         from k3batch.model import family
 

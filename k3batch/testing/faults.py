@@ -17,6 +17,13 @@ K3BATCH_TEST_CRASH_PROMPT=TEXT      generating any group that holds a row with p
 K3BATCH_TEST_CUDA_ERROR_PROMPT=TEXT generating any group that holds a row with prompt TEXT raises
                                     the error CUDA gives for an illegal memory access, every time
                                     (a row that poisons its worker's CUDA context).
+K3BATCH_TEST_HOLD_AFTER_BATCHES=N   a generation actor that has finished N batches waits in the
+                                    next until the file K3BATCH_TEST_RELEASE_FILE exists (the
+                                    multi-node tests hold a job mid-run while they kill or add
+                                    a node, then let it go on).
+K3BATCH_TEST_INSTANT_MODEL=1        the generation stage's model is an instant stand-in
+                                    (`k3batch.testing.standin`): the scale benchmark's zero-cost
+                                    model stage.
 """
 
 from __future__ import annotations
@@ -34,7 +41,11 @@ _NAMES = (
     "FAIL_PROMPT",
     "CRASH_PROMPT",
     "CUDA_ERROR_PROMPT",
+    "HOLD_AFTER_BATCHES",
+    "RELEASE_FILE",
 )
+INSTANT_MODEL = PREFIX + "INSTANT_MODEL"
+RELEASE_POLL_S = 0.1
 
 
 def from_env() -> dict | None:
@@ -72,6 +83,11 @@ class Hooks:
             else:
                 os.close(fd)
                 os._exit(1)
+        hold_after = self.hooks.get("hold_after_batches")
+        if hold_after and self.batches > int(hold_after):
+            release = self.hooks["release_file"]
+            while not os.path.exists(release):
+                time.sleep(RELEASE_POLL_S)
         hang_after = self.hooks.get("hang_after_batches")
         if hang_after and self.batches > int(hang_after):
             while True:
@@ -86,12 +102,13 @@ class Hooks:
             raise RuntimeError(f"test hook: failing on prompt {self.hooks['fail_prompt']!r}")
 
 
-def faulty_generate_stage():
-    """GenerateStage with the hooks run at its two override points (imported lazily: the
-    stage module is what a Ray worker loads anyway)."""
+def faulty_generate_stage(base: type | None = None):
+    """(GenerateStage, `base` with the hooks run at its two override points); `base`: the
+    stage to inject into, GenerateStage unless given (imported lazily: the stage module is
+    what a Ray worker loads anyway)."""
     from k3batch.stages.generate import GenerateStage
 
-    class FaultInjectingGenerateStage(GenerateStage):
+    class FaultInjectingGenerateStage(base or GenerateStage):
         def __init__(self, *args, test_hooks: dict, **kwargs):
             self.hooks = Hooks(test_hooks)
             super().__init__(*args, **kwargs)
@@ -110,11 +127,24 @@ def stage_overrides():
     """{production stage: (replacement, extra kwargs)} for the hooks set on this (driver)
     process, empty when none are; the crash marker is removed after the job."""
     hooks = from_env()
-    if hooks is None:
+    instant = os.environ.get(INSTANT_MODEL) == "1"
+    if hooks is None and not instant:
         yield {}
         return
-    stage, faulty = faulty_generate_stage()
+    from k3batch.stages.generate import GenerateStage
+
+    stage = GenerateStage
+    if instant:
+        from k3batch.testing.standin import instant_generate_stage
+
+        stage = instant_generate_stage()
+    if hooks is None:
+        yield {GenerateStage: (stage, {})}
+        return
+    if "hold_after_batches" in hooks and "release_file" not in hooks:
+        raise ValueError(f"{PREFIX}HOLD_AFTER_BATCHES needs {PREFIX}RELEASE_FILE")
+    _, faulty = faulty_generate_stage(stage)
     try:
-        yield {stage: (faulty, {"test_hooks": hooks})}
+        yield {GenerateStage: (faulty, {"test_hooks": hooks})}
     finally:
         clean_up(hooks)
