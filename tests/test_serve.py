@@ -332,6 +332,8 @@ def test_k3batch_serve_command_serves_the_demo_config(tmp_path):
             f"model.path={tmp_path / 'tiny'}",
             "--set",
             "generator.num_cpus=0.5",
+            "--set",
+            f"upscale.path={tmp_path / 'tiny-sr'}",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -354,7 +356,19 @@ def test_k3batch_serve_command_serves_the_demo_config(tmp_path):
             json={"prompt": "a tiny boat", "num_inference_steps": 2},
         )
         assert r.status_code == 200, r.text
+        generated = base64.b64decode(r.json()["data"][0]["b64_json"])
         assert png_pixels(r.json()["data"][0]["b64_json"]).shape == (128, 128, 3)
+        # The demo config serves the tiny KandiSuperRes x4 next to the generator.
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/images/upscale",
+            timeout=120,
+            files={"image": ("out.png", generated, "image/png")},
+            data={"seed": "7"},
+        )
+        assert r.status_code == 200, r.text
+        item = r.json()["data"][0]
+        assert (item["width"], item["height"], item["seed"]) == (512, 512, 7)
+        assert png_pixels(item["b64_json"]).shape == (512, 512, 3)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
