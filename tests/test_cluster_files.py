@@ -100,11 +100,11 @@ def test_rayservice_embeds_configs_serve_yaml_and_its_app_builds():
     loaded = load_serve_config(str(REPO / "configs" / "serve.yaml"))
     for app in loaded["applications"]:
         assert callable(import_attr(app["import_path"]))
-    # The GPU worker group holds every generator deployment at its max replicas.
+    # The GPU worker group holds every GPU deployment at its max replicas.
     args = loaded["applications"][0]["args"]
     wanted = sum(
         g["autoscaling_config"]["max_replicas"] * g["num_gpus"]
-        for g in (args["generator"], args["inpaint_generator"])
+        for g in (args["generator"], args["inpaint_generator"], args["upscaler"])
     )
     group = spec["rayClusterConfig"]["workerGroupSpecs"][0]
     gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])

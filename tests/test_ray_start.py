@@ -159,8 +159,9 @@ def test_serve_deployments_are_counted_from_the_config_as_serve_would_start_them
     # The ingress first; autoscaled deployments start at min_replicas.
     assert [(p.name, p.actors, p.cpus_each, p.gpus_each, p.where) for p in pools] == [
         ("Ingress", 1, 0.1, 0, "ingress"),
-        ("Generator", 1, 4, 0.5, "generator"),
-        ("InpaintGenerator", 1, 4, 0.5, "inpaintgenerator"),
+        ("Generator", 1, 4, 0.45, "generator"),
+        ("InpaintGenerator", 1, 4, 0.45, "inpaintgenerator"),
+        ("Upscaler", 1, 2, 0.1, "upscaler"),
     ]
     args = {
         **app["args"],

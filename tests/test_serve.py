@@ -332,6 +332,8 @@ def test_k3batch_serve_command_serves_the_demo_config(tmp_path):
             f"model.path={tmp_path / 'tiny'}",
             "--set",
             "generator.num_cpus=0.5",
+            "--set",
+            f"upscale.path={tmp_path / 'tiny-sr'}",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -354,7 +356,19 @@ def test_k3batch_serve_command_serves_the_demo_config(tmp_path):
             json={"prompt": "a tiny boat", "num_inference_steps": 2},
         )
         assert r.status_code == 200, r.text
+        generated = base64.b64decode(r.json()["data"][0]["b64_json"])
         assert png_pixels(r.json()["data"][0]["b64_json"]).shape == (128, 128, 3)
+        # The demo config serves the tiny KandiSuperRes x4 next to the generator.
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/images/upscale",
+            timeout=120,
+            files={"image": ("out.png", generated, "image/png")},
+            data={"seed": "7"},
+        )
+        assert r.status_code == 200, r.text
+        item = r.json()["data"][0]
+        assert (item["width"], item["height"], item["seed"]) == (512, 512, 7)
+        assert png_pixels(item["b64_json"]).shape == (512, 512, 3)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -766,6 +780,59 @@ def test_upscale_route_answers_the_batch_stages_image(full, upscale_args):
         )
         assert r.status_code == status, r.text
         assert r.json()["error"]["param"] == param, r.text
+
+
+@pytest.fixture(scope="module")
+def flash(server, upscale_args):
+    """An app whose upscale route serves the tiny KandiSuperRes Flash x2 (its generator, on
+    0.1 CPU, is only there because every app has one)."""
+    from ray import serve
+
+    from k3batch.serve.app import build_app
+
+    upscale = {**upscale_args, "model": "flash-x2"}
+    args = {
+        **server["args"],
+        "generator": {"num_cpus": 0.1, "max_ongoing_requests": 4},
+        "request_timeout_s": 120,
+        "upscale": upscale,
+        "upscaler": {"num_cpus": 0.25},
+    }
+    serve.run(build_app(args), name="flash", route_prefix="/flash")
+    yield f"{server['url']}/flash", upscale
+    serve.delete("flash")
+
+
+def test_upscale_route_serves_flash_x2_as_the_model_upscales(flash):
+    """/v1/images/upscale with `upscale.model: flash-x2`: twice the size, the model's own
+    image for that picture and seed (its four SR steps and Flash refine); a picture below
+    Flash's 32 px a side is a 400 naming `image`, not a failure in the replica."""
+    from k3batch.config.upscale import UpscaleConfig
+    from k3batch.model.superres.loading import load_upscaler
+
+    url, upscale = flash
+    picture = np.random.default_rng(4).integers(0, 256, (48, 32, 3), np.uint8)
+    upload = {"image": ("p.png", png_bytes(Image.fromarray(picture)), "image/png")}
+    r = httpx.post(
+        f"{url}/v1/images/upscale", headers=auth(), files=upload, data={"seed": "9"}, timeout=120
+    )
+    assert r.status_code == 200, r.text
+    item = r.json()["data"][0]
+    assert (item["width"], item["height"], item["seed"]) == (64, 96, 9)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the replica's thread count (0.25 CPU -> 1 thread)
+    try:
+        with torch.random.fork_rng():
+            expected = load_upscaler(UpscaleConfig(**upscale)).upscale([picture], [9])[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_images([png_pixels(item["b64_json"])], [expected])
+    models = httpx.get(f"{url}/v1/models", headers=auth()).json()["data"]
+    assert "kandisuperres-flash-x2" in [m["id"] for m in models]
+    small = {"image": ("s.png", png_bytes(Image.new("RGB", (40, 16))), "image/png")}
+    r = httpx.post(f"{url}/v1/images/upscale", headers=auth(), files=small, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image", r.text
+    assert "sides must be >= 32 px for flash-x2, got 40x16" in r.json()["error"]["message"]
 
 
 def test_beautify_revises_the_prompt_and_generates_from_it(full):

@@ -1,9 +1,11 @@
 """Kandinsky 2.2 through Serve, over real HTTP with the official openai client: generations on
-`kandinsky2.2`, edits on `kandinsky2.2-inpaint`, and /v1/images/variations. One app on the
-tiny 2.2 set (64x64, 2 prior and 2 decoder steps) serves every test here."""
+`kandinsky2.2`, edits on `kandinsky2.2-inpaint`, and /v1/images/variations, from one app on
+the tiny 2.2 set (64x64, 2 prior and 2 decoder steps); generations with a depth `hint` on
+`kandinsky2.2-controlnet-depth`, from a second app beside it on the same Serve."""
 
 import base64
 import io
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -16,6 +18,7 @@ from k3batch.model import family
 from .conftest import assert_same_images, free_port
 
 SIZE = "64x64"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def args_for(tiny_k22: str) -> dict:
@@ -217,6 +220,111 @@ def test_a_setting_the_served_member_does_not_take_is_a_400_naming_it(
     assert error["param"] == field and "ignored by kandinsky2.2" in error["message"], r.text
 
 
+DEPTH_HINT = str(REPO / "data" / "kandinsky22" / "house_depth.png")  # 128 px: resized to 64
+
+
+@pytest.fixture(scope="module")
+def depth_server(k22_server, tiny_k22):
+    """Kandinsky 2.2 ControlNet depth at /depth on the Serve of `k22_server` (its start-up
+    is the costly part on 2 cores); started only by the tests that use it."""
+    from ray import serve
+
+    from k3batch.serve.app import build_app
+
+    base = args_for(tiny_k22)
+    args = {k: v for k, v in base.items() if not k.startswith("inpaint") and k != "generator"} | {
+        "model": {
+            "name": family.K22_DEPTH,
+            "path": f"{tiny_k22}/controlnet-depth",
+            "prior_path": f"{tiny_k22}/prior",
+            "device": "cpu",
+        },
+        "generator": {"num_cpus": 0.25, "max_ongoing_requests": 4},
+    }
+    serve.run(build_app(args), name="k22depth", route_prefix="/depth")
+    yield f"{k22_server}/depth", args
+    serve.delete("k22depth")
+
+
+@pytest.mark.slow
+def test_a_depth_hint_generates_the_batch_paths_image(depth_server):
+    """`hint` on /v1/images/generations of Kandinsky 2.2 ControlNet depth: each image is the
+    batch path's (the row's hint through the prepare stage, then the member's model as a
+    job loads it) for the same seed and settings; the hint is required, and Kandinsky 3's
+    ControlNet settings are 400s naming them."""
+    import torch
+
+    from k3batch.config import ModelConfig
+    from k3batch.model.request import Request
+    from k3batch.stages.prepare import PrepareImagesStage
+
+    from .conftest import row_capabilities
+
+    url, args = depth_server
+    hint = Path(DEPTH_HINT).read_bytes()
+    # The tiny ControlNet's hint moves the image mostly through guidance: at 2 steps and
+    # guidance 3 by a grey level or two, at 4 steps and guidance 8 by tens.
+    settings = {"num_inference_steps": 4, "guidance_scale": 8.0, "prior_guidance_scale": 2.5}
+
+    def generate(**body):
+        body = {"prompt": "a tower", "size": SIZE, "seed": 3, **settings, **body}
+        return httpx.post(f"{url}/v1/images/generations", json=body, timeout=120)
+
+    b64 = base64.b64encode(hint).decode()
+    r = generate(n=2, hint=f"data:image/png;base64,{b64}")
+    assert r.status_code == 200, r.text
+    served = [pixels(d["b64_json"]) for d in r.json()["data"]]
+    # The batch job's path: the row's hint read and resized by the prepare stage, then the
+    # member loaded from the same model section, one row at a time.
+    prepared = PrepareImagesStage(capabilities=row_capabilities(name=family.K22_DEPTH))(
+        {"id": ["r"], "width": [64], "height": [64], "status": ["ok"], "error": [None]}
+        | {"hint": [hint]}
+    )
+    hint_rgb = np.frombuffer(prepared["hint_rgb"][0], np.uint8).reshape(64, 64, 3)
+    model = family.of(family.K22_DEPTH).load(ModelConfig(**args["model"]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the replica's thread count (0.25 CPU -> 1 thread)
+    try:
+        expected = [
+            model.generate(
+                [
+                    Request(
+                        "a tower",
+                        None,
+                        3 + i,
+                        64,
+                        64,
+                        settings["num_inference_steps"],
+                        settings["guidance_scale"],
+                        prior_num_inference_steps=2,
+                        prior_guidance_scale=settings["prior_guidance_scale"],
+                        hint=hint_rgb,
+                    )
+                ]
+            )[0]
+            for i in range(2)
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_images(served, expected)
+    # The hint steers the image: another depth map (plain base64 this time), another image.
+    flat = base64.b64encode(png(np.zeros((64, 64, 3), np.uint8))).decode()
+    other = generate(hint=flat)
+    assert other.status_code == 200, other.text
+    assert np.abs(pixels(other.json()["data"][0]["b64_json"]).astype(int) - served[0]).max() > 1
+    for body, param, says in (
+        ({}, "hint", "needs a depth image"),
+        ({"hint": "@@@ not base64"}, "hint", "hint"),
+        ({"hint": b64, "controlnet_conditioning_scale": 0.5}, "controlnet_conditioning_scale", ""),
+        ({"hint": b64, "scheduler": "unipc"}, "scheduler", "ignored by"),
+    ):
+        r = generate(**body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+        assert says in r.json()["error"]["message"], r.text
+    models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
+    assert [m["id"] for m in models] == [family.K22_DEPTH]
+
+
 def test_serve_config_names_and_refusals():
     from k3batch.serve.config import ServeAppConfig
     from k3batch.serve.launch import load_serve_config
@@ -227,10 +335,16 @@ def test_serve_config_names_and_refusals():
         "kandinsky2.2-inpaint",
     )
     assert cfg.generation.prior_num_inference_steps == 2
-    with pytest.raises(ValueError, match="model.name: kandinsky2.2-controlnet-depth needs"):
-        ServeAppConfig.model_validate({"model": {"name": family.K22_DEPTH}})
+    # ControlNet depth is served at /v1/images/generations, by its own name.
+    depth = ServeAppConfig.model_validate({"model": {"name": family.K22_DEPTH}})
+    assert depth.served_model_name == family.K22_DEPTH
+    with pytest.raises(ValueError, match="model.name: kandinsky2.2-inpaint needs an image and"):
+        ServeAppConfig.model_validate({"model": {"name": family.K22_INPAINT}})
     spec = load_serve_config("configs/serve-kandinsky22.yaml")
     app = ServeAppConfig.model_validate(spec["applications"][0]["args"])
     assert app.model.name == family.K22 and app.inpaint_model.name == family.K22_INPAINT
+    depth_spec = load_serve_config("configs/serve-kandinsky22-depth.yaml")
+    depth_app = ServeAppConfig.model_validate(depth_spec["applications"][0]["args"])
+    assert depth_app.served_model_name == family.K22_DEPTH
     with pytest.raises(ConfigError, match=r"generation\.prior_guidance_scale"):
         load_serve_config("configs/serve-kandinsky22.yaml", ["generation.prior_guidance_scale=-1"])

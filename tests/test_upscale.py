@@ -272,3 +272,44 @@ def test_generation_job_upscales_into_webdataset_keeping_the_source(
             assert big.size == (128, 128) and small.size == (64, 64)
             meta = json.loads(tar.extractfile(f"{key}.json").read())
             assert meta["upscale_model"].startswith("kandisuperres-x2@2steps:")
+
+
+@pytest.mark.slow
+def test_flash_x2_upscale_job_writes_the_models_images(ray_local, tmp_path, sr_dir):
+    """`job: upscale` with the tiny Flash x2 on local Ray: each image twice the size, the
+    model's own image for that picture and the row's seed (its SR steps and Flash refine)."""
+    from k3batch.job.run import run_job
+
+    pictures = {"a": picture(32, 48, 6), "b": picture(40, 32, 7)}
+    for name, image in pictures.items():
+        Image.fromarray(image).save(tmp_path / f"{name}.png")
+    table = {
+        "id": list(pictures),
+        "image_uri": [str(tmp_path / f"{n}.png") for n in pictures],
+        "seed": [5, 6],
+    }
+    pq.write_table(pa.table(table), tmp_path / "in.parquet")
+    cfg = job_config(tmp_path, str(tmp_path / "in.parquet"), str(tmp_path / "unused-model"))
+    cfg["job"] = "upscale"
+    cfg["input"]["image_column"] = "image_uri"
+    flash = {"model": "flash-x2", "path": sr_dir, "make_tiny": True, "device": "cpu"}
+    cfg["upscale"] = flash | {"dtype": "float32", "batch_size": 2, "num_cpus_per_actor": 1}
+    result = run_job(load_config(data=cfg))
+    assert result.ok and result.run["ok"] == 2, result.run
+    model = load_upscaler(UpscaleConfig(**cfg["upscale"]))
+    meta = {m["id"]: m for m in read_metadata(tmp_path / "out")}
+    for (name, image), seed in zip(pictures.items(), table["seed"], strict=True):
+        h, w = image.shape[:2]
+        m = meta[name]
+        assert (m["width"], m["height"], m["source_width"], m["source_height"]) == (
+            2 * w,
+            2 * h,
+            w,
+            h,
+        )
+        assert m["seed"] == seed and m["upscale_model"].startswith("kandisuperres-flash-x2:")
+        with Image.open(m["image_uri"]) as written:
+            got = np.asarray(written.convert("RGB"))
+        # The actor's batch of two against the model on this image alone: within one grey
+        # level on a few bytes (conftest).
+        assert_same_images([got], [model.upscale([image], [seed])[0]])

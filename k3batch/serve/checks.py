@@ -49,9 +49,17 @@ def check_common(req, cfg: ServeAppConfig, served_name: str, beautifier_configur
 
 def check_conditioning(req, served_name: str, capabilities) -> None:
     """The ControlNet and IP-Adapter fields need a model served with model.controlnet /
-    model.ip_adapter (a depth member takes its `hint` without either): a 400 naming the
-    first one given otherwise, saying why. `capabilities`: the served model's rows'."""
+    model.ip_adapter (a depth member takes its `hint` without either, and needs it: a
+    request has no `image` to estimate one from): a 400 naming the first one given
+    otherwise, saying why. `capabilities`: the served model's rows'."""
     caps, member = capabilities, capabilities.member
+    if caps.hint == "depth" and req.hint is None:
+        raise ApiError(
+            400,
+            f"hint: missing (null), {served_name!r} ({member.name}) needs a depth image "
+            "(base64 or a data: URL) on every request",
+            param=schema.HINT,
+        )
     for on, config, what, names in (
         (
             caps.control_settings,
@@ -74,4 +82,6 @@ def check_conditioning(req, served_name: str, capabilities) -> None:
         else:
             takers = caps.takers["conditioning"]
             why = f"it works with {takers} only, not {served_name!r} ({member.name})"
+            if name == schema.HINT and caps.takers.get("depth_hint"):
+                why += f"; a depth hint is {caps.takers['depth_hint']}'s"
         raise ApiError(400, f"{name}: needs the Kandinsky 3 {what}, but {why}", param=name)

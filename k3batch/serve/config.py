@@ -208,19 +208,14 @@ class ServeAppConfig(Strict):
                     f"{section}.num_images_per_prompt: a request's `n` sets the images per "
                     f"request; remove it (got {getattr(self, section).num_images_per_prompt})"
                 )
-        # /v1/images/generations serves a member that needs no image; /v1/images/edits one
-        # that repaints an image under a mask.
+        # /v1/images/generations serves a member that needs no image (a depth member's
+        # `hint` comes in the request's body, as the Kandinsky 3 ControlNet's edge hint);
+        # /v1/images/edits one that repaints an image under a mask.
         member = family.MEMBERS[self.model.name]
         if member.needs_mask:
             raise ValueError(
                 f"model.name: {self.model.name} needs an image and a mask; configure it as "
                 "inpaint_model (served at /v1/images/edits)"
-            )
-        if member.needs_hint:
-            # No endpoint of the OpenAI Images API carries a depth hint.
-            raise ValueError(
-                f"model.name: {self.model.name} needs a depth `hint` per image, which no "
-                "Serve endpoint takes; run it as a batch job"
             )
         # A 2.2 member is asked for by its own name unless the config names it otherwise.
         by_name = family.of(member.name).served_by_member_name

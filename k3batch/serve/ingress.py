@@ -5,7 +5,9 @@ builds its rows as the batch job does and hands them to the model deployments
     POST /v1/images/generations   text-to-image (OpenAI Images API + k3batch extensions,
                                   among them a Kandinsky 3 ControlNet `hint` when the
                                   model has `model.controlnet`, and `ip_images` image
-                                  prompts when it has `model.ip_adapter`)
+                                  prompts when it has `model.ip_adapter`; the depth
+                                  `hint` every request to Kandinsky 2.2 ControlNet depth
+                                  brings)
     POST /v1/images/edits         inpainting (multipart image + mask); 404 unless an
                                   inpainting model is configured
     POST /v1/images/variations    new images of an uploaded image through Kandinsky 2.2's
@@ -226,6 +228,7 @@ class Ingress:
         return images_response(req, jobs, results, None, self.cfg.output_uri)
 
     async def _upscale(self, request: Request) -> dict:
+        from k3batch.model.superres.checkpoints import FLASH_SIDE_MULTIPLE
         from k3batch.stages.upscale import too_large
 
         authorize(request, self.keys)
@@ -239,6 +242,9 @@ class Ingress:
         u = self.cfg.upscale
         h, w = image.shape[:2]
         reason = too_large(w, h, u.scale, u.max_output_side)
+        if u.model == "flash-x2" and min(w, h) < FLASH_SIDE_MULTIPLE:
+            # The model would refuse it in the replica: a 500 for the client's own input.
+            reason = f"sides must be >= {FLASH_SIDE_MULTIPLE} px for flash-x2, got {w}x{h}"
         if reason:
             raise ApiError(400, f"image: {reason}", param="image")
         seed = pick_seed() if req.seed is None or req.seed == -1 else req.seed

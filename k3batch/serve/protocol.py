@@ -129,6 +129,8 @@ class ImageGenerationRequest(ImageEditRequest):
     style: str | None = None  # accepted for client compatibility; not used
     # Kandinsky 3 ControlNet, with `model.controlnet` only (else a 400 naming the field): an
     # edge image as base64 or a `data:` URL (`uploads.b64_image`), and the rows' settings.
+    # The same `hint` field carries Kandinsky 2.2 ControlNet depth's depth image (required
+    # there; the control settings are Kandinsky 3's only).
     hint: str | None = None
     controlnet_conditioning_scale: float | None = None
     control_guidance_start: float | None = None

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from k3batch.model.kandinsky3.members import FLASH, FLASH_TIMESTEPS, MEMBERS, REFINE_TIMESTEP
-from k3batch.model.superres.checkpoints import SUPERRES
+from k3batch.model.superres.checkpoints import FLASH_SIDE_MULTIPLE, SUPERRES
 from k3batch.model.superres.pipeline import STRIDE, WINDOW, check_windows
 from k3batch.model.superres.sr_unet import SR_UNET, SRUNet
 from k3batch.model.superres.tiles import (
@@ -72,7 +72,7 @@ from k3batch.model.superres.tiles import (
 SR_FILE = SUPERRES["flash-x2"][1]
 CONTEXT_FILE = "context.pt"
 CONTEXT_MASK_FILE = "context_mask.pt"
-SIDE_MULTIPLE = 32
+SIDE_MULTIPLE = FLASH_SIDE_MULTIPLE
 MAX_TILES_PER_CALL = 4
 # Canvases of more pixels than this side squared run the SR steps in windows (a deviation
 # from the reference, which runs the whole canvas): the whole canvas needs ~1.19 GiB of UNet
