@@ -13,6 +13,7 @@ from k3batch.config import load_config
 from k3batch.job import kinds
 from k3batch.model import estimates, memory
 from k3batch.model.kandinsky3 import layout, loading
+from k3batch.model.kandinsky3 import members as k3_members
 from k3batch.model.kandinsky3 import memory as k3_memory
 from k3batch.model.superres import memory as sr_memory
 from k3batch.serve.config import ServeAppConfig
@@ -258,7 +259,7 @@ def test_diffusers_layout_weights_are_not_copied_into_host_memory(tiny_dir):
     """Loaded with `device_map=`: on the CPU in the file's dtype every parameter is the
     safetensors file's own pages (no host copy); on a GPU the same path reads them onto it.
     diffusers records the map it was given (transformers 5 keeps it only across devices)."""
-    member = loading.family.MEMBERS["kandinsky3"]
+    member = k3_members.MEMBERS["kandinsky3"]
     parts = loading.load(tiny_dir, [member], dtype=FP32, device="cpu")
     unet = parts.unets["kandinsky3"][0]
     for module, folder in (
@@ -276,7 +277,7 @@ def test_diffusers_layout_weights_are_not_copied_into_host_memory(tiny_dir):
 def test_reference_layout_assigns_the_memory_mapped_weights_without_a_host_copy(tiny_ref_dir):
     """Built on meta and assigned: in float32 on the CPU the UNet's parameters are the file's
     own pages; other dtypes/devices are cast tensor by tensor, to the same values."""
-    member = loading.family.MEMBERS["kandinsky3"]
+    member = k3_members.MEMBERS["kandinsky3"]
     root = layout.reference_root(tiny_ref_dir)
     unet, _ = loading.reference_unet(root, member)
     # The text projection comes from its own file (flan_ul2_encoder/projection.pt).
