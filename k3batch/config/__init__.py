@@ -18,13 +18,12 @@ from k3batch.config.loading import (
 )
 from k3batch.config.model import (
     PRECISIONS,
-    CompileConfig,
     DeviceMap,
     DtypeMap,
     LoraConfig,
     ModelConfig,
-    PerformanceConfig,
 )
+from k3batch.config.performance import CompileConfig, PerformanceConfig
 from k3batch.config.resources import ResourcesConfig, TextEncoderPoolConfig
 from k3batch.config.scores import ClassifierConfig, ScoresConfig
 
