@@ -211,7 +211,11 @@ def test_prepare_reads_hints_at_the_row_size_and_mix_images_as_arrays():
     out = apply_stage(stage, pa.table(batch)).to_pydict()
     assert out["status"] == ["ok", "ok", "error", "error"]
     assert out["error"][3] == "mix[0].image: 200x40 is above limits.max_side=128"
-    got = np.frombuffer(out["hint_rgb"][0], np.uint8).reshape(128, 64, 3)
+    # The depth hint is read where the member takes one (the ControlNet-depth member's job).
+    depth = PrepareImagesStage(capabilities=row_capabilities(name=family.K22_DEPTH), max_side=128)
+    hinted = {k: batch[k] for k in ("id", "width", "height", "status", "error", "hint")}
+    got = apply_stage(depth, pa.table(hinted)).to_pydict()["hint_rgb"][0]
+    got = np.frombuffer(got, np.uint8).reshape(128, 64, 3)
     assert np.array_equal(got, np.asarray(Image.fromarray(hint).resize((64, 128))))
     first, second = out["mix_prepared"][1]
     assert (first["prompt"], first["rgb"], first["weight"]) == ("a dog", None, 0.25)
