@@ -659,13 +659,8 @@ def bench_k22(parts: dict, args) -> list[Result]:
             {KIND_TEXT: diffusers.KandinskyV22Pipeline(**decoder_parts)},
             K22,
             decode_batch_size=args.decode_batch_size,
-        ).optimize(
-            args.attention,
-            args.channels_last,
-            k3batch_compile(impl, args),
-            movq_attention=args.movq_attention,
-            fp8=impl == "k3batch-fp8",
         )
+        model = k3batch_optimize(model, impl, args)
         parts["text_encoder"].forward = timing("text", parts["text_encoder"].forward)
         start = time.perf_counter()
         try:
@@ -686,6 +681,18 @@ def bench_k22(parts: dict, args) -> list[Result]:
             flush=True,
         )
     return results
+
+
+def k3batch_optimize(model, impl: str, args):
+    """`model.optimize` with the run's performance settings for k3batch implementation `impl`
+    (either family's model class takes the same ones)."""
+    return model.optimize(
+        args.attention,
+        args.channels_last,
+        k3batch_compile(impl, args),
+        movq_attention=args.movq_attention,
+        fp8=impl == "k3batch-fp8",
+    )
 
 
 def k3batch_compile(impl: str, args) -> dict:
@@ -876,13 +883,8 @@ def main(argv=None) -> dict:
                     {m: denoiser},
                     m,
                     decode_batch_size=args.decode_batch_size,
-                ).optimize(
-                    args.attention,
-                    args.channels_last,
-                    k3batch_compile(impl, args),
-                    movq_attention=args.movq_attention,
-                    fp8=impl == "k3batch-fp8",
                 )
+                model = k3batch_optimize(model, impl, args)
                 try:
                     results.append(bench_k3batch(model, m, args, impl))
                     emit(results[-1], args)
