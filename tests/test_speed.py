@@ -448,10 +448,12 @@ def test_a_regional_compile_stage_warms_up_and_writes_no_artifacts_without_kerne
     tiny_dir, tmp_path
 ):
     """The generation stage compiles at start; with the `eager` backend there is nothing
-    for torch.compiler to save, and no file is written."""
+    for torch.compiler to save, and no file is written, even when something else in the
+    process was compiled to kernels before (its artifacts are not this model's)."""
     from k3batch.stages.generate import GenerateStage
 
     torch._dynamo.reset()
+    torch.compile(lambda x: x * 3 + 1, backend="inductor")(torch.arange(4.0))
     cache = str(tmp_path / "stage-cache")
     cfg = ModelConfig(
         path=tiny_dir,

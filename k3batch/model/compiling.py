@@ -25,6 +25,7 @@ ran compiled, how many eager, as how many graphs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import defaultdict
@@ -303,6 +304,22 @@ def artifacts_file(cache_dir: str, what: dict) -> str:
     identity = {"torch": torch.__version__, "device": device, **what}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
     return os.path.join(os.path.abspath(cache_dir), "artifacts", digest.hexdigest()[:24] + ".bin")
+
+
+@contextlib.contextmanager
+def recording_artifacts():
+    """Record only what is compiled inside this block as the artifacts `save_artifacts`
+    writes: torch.compiler keeps every artifact of the process, so a second model compiled
+    in the same process (a Serve replica's upscaler, an earlier test) would otherwise land in
+    this model's file."""
+    try:
+        from torch.compiler._cache import CacheArtifactManager
+
+        fresh = CacheArtifactManager.with_fresh_cache()
+    except (ImportError, AttributeError):  # an older torch: the process-wide record
+        fresh = contextlib.nullcontext()
+    with fresh:
+        yield
 
 
 def load_artifacts(path: str) -> bool:

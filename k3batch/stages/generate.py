@@ -130,10 +130,11 @@ class GenerateStage(Stage):
                     artifacts = None
             # Compiling on the first real batch would hold that batch (and the progress
             # line) for minutes; the actor is not ready until its model is.
-            self.warmup_seconds = self.pipe.warm_up(**warmup)
+            with compiling.recording_artifacts():
+                self.warmup_seconds = self.pipe.warm_up(**warmup)
+                if artifacts:
+                    compiling.save_artifacts(artifacts)
             log.info("generate: compiled and warmed up in %.1f s", self.warmup_seconds)
-            if artifacts:
-                compiling.save_artifacts(artifacts)
 
     def load_model(self, model: ModelConfig, decode_batch_size: int, text_encoder: bool):
         """The pipeline this stage calls (`generate(requests)`). An override point:
