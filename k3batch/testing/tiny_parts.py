@@ -115,7 +115,11 @@ def build_tokenizer():
     )
     tok.train_from_iterator(corpus(), trainer)
     vocab = [tuple(item) for item in json.loads(tok.to_str())["model"]["vocab"]]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
+    # The trainer's scores vary in the last bits from run to run (its EM sums run in
+    # parallel), and it orders pieces of equal score differently, which swaps their ids.
+    # Rounded scores, ties ordered by the piece: every build gets the same tokenizer.
+    specials, pieces = vocab[:3], [(p, round(s, 9)) for p, s in vocab[3:]]
+    return T5Tokenizer(vocab=specials + sorted(pieces, key=lambda v: (-v[1], v[0])), extra_ids=0)
 
 
 TINY_UNET = dict(
