@@ -5,9 +5,14 @@ the project does not depend on (`pip install einops scikit-image`). It imports t
 modules from the checkout (nothing is copied), builds the tiny family in the reference layout
 with `make_tiny`, loads those weights into the reference's own UNet, MoVQ and text encoder,
 runs its text-to-image, Flash and inpainting pipelines on CPU with a seed, and runs k3batch
-on the same files and seeds.
+on the same files and seeds. The cases (`K3_CASES`) and k3batch's side of each are
+`k3batch.testing.reference_goldens`'; besides the images it compares the first noise draw
+and the final latent (MoVQ's input), recorded on the way past.
 
-    python scripts/check_reference.py /path/to/Kandinsky-3
+    python scripts/check_reference.py /path/to/Kandinsky-3 [--record tests/goldens]
+
+`--record DIR` writes each case's golden files (the reference's inputs, first noise draw,
+final latent and image, and a JSON of where they came from) for tests/test_goldens.py.
 
 The reference imports torchvision only for ToTensor/ToPILImage and omegaconf only for
 training configs; a CPU-only environment without them gets minimal stand-ins for those two
@@ -16,6 +21,7 @@ training configs; a CPU-only environment without them gets minimal stand-ins for
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 import tempfile
@@ -27,13 +33,14 @@ import torch
 from PIL import Image
 from transformers import T5EncoderModel
 
-from k3batch import images as kimg
-from k3batch.model.kandinsky3 import loading  # noqa: F401
-from k3batch.model.kandinsky3.pipeline import Kandinsky3, Request
+from k3batch.model.kandinsky3 import (
+    loading,  # noqa: F401
+    members,
+)
+from k3batch.model.kandinsky3.pipeline import Kandinsky3
+from k3batch.testing import reference_goldens as golden
 from k3batch.testing.tiny import make_tiny
 from k3batch.testing.tiny_parts import TINY_MOVQ, TINY_UNET
-
-PROMPT = "a blue robot in the rain, oil painting"
 
 
 def _stand_ins() -> None:
@@ -70,7 +77,7 @@ def _reference(checkout: str):
     pkg = types.ModuleType("kandinsky3")
     pkg.__path__ = [f"{checkout}/kandinsky3"]
     sys.modules["kandinsky3"] = pkg
-    names = ["model.unet", "movq", "condition_encoders", "condition_processors"]
+    names = ["model.unet", "model.diffusion", "movq", "condition_encoders", "condition_processors"]
     names += ["t2i_pipeline", "inpainting_pipeline"]
     return {n: importlib.import_module(f"kandinsky3.{n}") for n in names}
 
@@ -100,7 +107,12 @@ def _diff(ref, ours) -> str:
     return f"max |diff| {d.max()} grey levels, {(d > 0).sum()} of {d.size} bytes differ"
 
 
-def main(checkout: str) -> None:
+def _max_diff(a, b) -> str:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return f"max |diff| {np.abs(a - b).max():.2e} (of values up to {np.abs(a).max():.2f})"
+
+
+def main(checkout: str, record: str | None = None) -> None:
     ref = _reference(checkout)
     root = make_tiny(tempfile.mkdtemp(prefix="k3-ref-check-") + "/tiny", layout="reference")
     w = f"{root}/weights"
@@ -143,55 +155,82 @@ def main(checkout: str) -> None:
     processor = ref["condition_processors"].T5TextConditionProcessor(128, f"{w}/flan_ul2_encoder")
     devices = dict.fromkeys(("unet", "text_encoder", "movq"), "cpu")
     dtypes = dict.fromkeys(("unet", "text_encoder", "movq"), torch.float32)
-    T2I = ref["t2i_pipeline"].Kandinsky3T2IPipeline
 
-    def ours(member, request):
-        model = Kandinsky3.from_pretrained(root, member=member, dtype="float32", device="cpu")
-        return model.generate([request])[0]
+    def pipeline(name):
+        member = members.MEMBERS[name]
+        u, null = unet(member.reference_file, member.in_channels)
+        enc = encoder(member.projection_file)
+        if name == "kandinsky3-inpaint":
+            cls = ref["inpainting_pipeline"].Kandinsky3InpaintingPipeline
+            return cls(devices, dtypes, u, null, processor, enc, movq)
+        T2I = ref["t2i_pipeline"].Kandinsky3T2IPipeline
+        return T2I(devices, dtypes, u, null, processor, enc, movq, name == "kandinsky3-flash")
 
-    u, null = unet("kandinsky3.pt", 4)
-    pipe = T2I(devices, dtypes, u, null, processor, encoder("projection.pt"), movq, False)
-    for negative in (None, "blurry, ugly"):
-        torch.manual_seed(11)
-        image = pipe(PROMPT, negative_text=negative, width=128, height=64, steps=5)[0]
-        mine = ours("kandinsky3", Request(PROMPT, negative, 11, 128, 64, 5, 3.0))
-        print(f"text-to-image, negative={negative!r}: {_diff(image, mine)}")
+    # Recorded on the way past, values unchanged: the first noise draw (p_sample_loop's
+    # torch.randn, reproduced from the global generator's state at entry) and the final
+    # latent (MoVQ's decode input).
+    rec: dict = {}
+    diffusion = ref["model.diffusion"].BaseDiffusion
+    loop = diffusion.p_sample_loop
 
-    u, null = unet("kandinsky3_flash.pt", 4)
-    pipe = T2I(devices, dtypes, u, null, processor, encoder("projection_flash.pt"), movq, True)
-    torch.manual_seed(5)
-    image = pipe(PROMPT, width=64, height=64)[0]
-    print(
-        f"flash: {_diff(image, ours('kandinsky3-flash', Request(PROMPT, None, 5, 64, 64, 4, 0.0)))}"
-    )
+    def rec_loop(self, model_, shape, *args, **kwargs):
+        g = torch.Generator().set_state(torch.get_rng_state())
+        rec["noise"] = torch.randn(*shape, generator=g)
+        return loop(self, model_, shape, *args, **kwargs)
 
-    u, null = unet("kandinsky3_inpainting.pt", 9)
-    inpaint_cls = ref["inpainting_pipeline"].Kandinsky3InpaintingPipeline
-    pipe = inpaint_cls(
-        devices, dtypes, u, null, processor, encoder("projection_inpainting.pt"), movq
-    )
-    picture = Image.fromarray(np.random.default_rng(3).integers(0, 256, (150, 100, 3), np.uint8))
-    mask = np.zeros((150, 100), dtype=int)
-    mask[20:90, 10:60] = 1
-    torch.manual_seed(7)
-    image = pipe(PROMPT, picture, mask, steps=5)[0]
-    size = kimg.diffusion_size(*picture.size)
-    request = Request(
-        PROMPT,
-        None,
-        7,
-        *size,
-        5,
-        4.0,
-        image=kimg.prepare_image(picture, size),
-        mask=kimg.prepare_mask(mask, size),
-    )
-    print(
-        f"inpainting {picture.size} -> {image.size}: {_diff(image, ours('kandinsky3-inpaint', request))}"
-    )
+    decode = movq.decode
+
+    def rec_decode(z):
+        rec["latent"] = z.clone()
+        return decode(z)
+
+    diffusion.p_sample_loop, movq.decode = rec_loop, rec_decode
+    pipes, models = {}, {}
+    try:
+        for case in golden.K3_CASES:
+            if case.member not in pipes:
+                pipes[case.member] = pipeline(case.member)
+                models[case.member] = Kandinsky3.from_pretrained(
+                    root, member=case.member, dtype="float32", device="cpu"
+                )
+            inputs = golden.k3_inputs(case)
+            torch.manual_seed(case.seed)
+            if case.picture is None:
+                kwargs = dict(negative_text=case.negative, width=case.width, height=case.height)
+                if case.member != "kandinsky3-flash":  # Flash: its own four steps, unguided
+                    kwargs.update(steps=case.steps, guidance_scale=case.guidance)
+                image = pipes[case.member](golden.K3_PROMPT, **kwargs)[0]
+            else:
+                image = pipes[case.member](
+                    golden.K3_PROMPT,
+                    Image.fromarray(inputs["picture"]),
+                    inputs["mask"].astype(int),
+                    negative_text=case.negative,
+                    steps=case.steps,
+                    guidance_weight_text=case.guidance,
+                )[0]
+            theirs = {"noise": rec["noise"], "latent": rec["latent"], "image": np.asarray(image)}
+            ours = golden.k3_side(models[case.member], case, inputs)
+            same = np.array_equal(theirs["noise"].numpy(), ours["noise"])
+            print(
+                f"{case.name} {image.size}: first noise draw {'equal' if same else 'DIFFERS'}; "
+                f"final latent {_max_diff(theirs['latent'], ours['latent'])}; "
+                f"image {_diff(theirs['image'], ours['image'])}"
+            )
+            if record:
+                digest = golden.digest_files(root, golden.k3_files(case))
+                meta = golden.metadata(
+                    "Kandinsky-3", checkout, "scripts/check_reference.py", case, digest
+                )
+                meta["settings"]["prompt"] = golden.K3_PROMPT
+                golden.save(record, case.name, {**inputs, **theirs}, meta)
+    finally:
+        diffusion.p_sample_loop, movq.decode = loop, decode
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(__doc__)
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkout", help="a checkout of ai-forever/Kandinsky-3")
+    parser.add_argument("--record", metavar="DIR", help="write each case's golden files to DIR")
+    args = parser.parse_args()
+    main(args.checkout, args.record)

@@ -15,11 +15,16 @@ here, and matplotlib an empty module.
    fork's class, and compares the fork's residuals with k3batch's on the same latents,
    timestep, context, mask and hint.
 
-    python scripts/check_reference_controlnet.py /path/to/kandinsky3-diffusers
+    python scripts/check_reference_controlnet.py /path/to/kandinsky3-diffusers [--record DIR]
+
+The tiny ControlNet, the inputs (the hint a random uint8 picture) and k3batch's side are
+`k3batch.testing.reference_goldens`'; `--record DIR` writes the inputs and the fork's
+residuals as DIR/controlnet_residuals.npz (and .json) for tests/test_goldens.py.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import logging
 import os
@@ -32,7 +37,7 @@ import torch
 from torch import nn
 
 from k3batch.model.adapters import controlnet as cn
-from k3batch.testing.tiny_parts import TINY_UNET
+from k3batch.testing import reference_goldens as golden
 
 PKG = "k3fork"
 REAL_FORK_CONFIG = dict(
@@ -89,7 +94,7 @@ def _fork(checkout: str):
     return _load(f"{PKG}.models.unet_kandi3", os.path.join(models, "unet_kandi3.py"))
 
 
-def main(checkout: str) -> int:
+def main(checkout: str, record: str | None = None) -> int:
     fork = _fork(checkout)
     ok = True
 
@@ -112,31 +117,25 @@ def main(checkout: str) -> int:
         print("  only k3batch:", sorted(set(o_shapes) - set(t_shapes))[:10])
 
     # 2. tiny weights through the fork's own forward
-    config = dict(TINY_UNET, block_out_channels=(32, 32, 64, 64))
-    config.pop("encoder_hid_dim")
-    torch.manual_seed(0)
-    ours = cn.Kandinsky3ControlNet(**config)
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.copy_(torch.randn(p.shape) * 0.2)
-    ours.eval()
+    ours = golden.controlnet_model()
     with tempfile.TemporaryDirectory() as tmp:
         cn.save(ours, tmp)
         fork_cfg = cn.reference_config(ours.config)
         fork_cfg = {k: v for k, v in fork_cfg.items() if not k.startswith("_")}
         theirs = fork.UNetKandi3Controlnet(**fork_cfg).eval()
         theirs.load_state_dict(cn._read_state(tmp), strict=True)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    t = torch.tensor([500.0, 500.0])
-    ctx = torch.randn(2, 5, config["cross_attention_dim"], generator=g)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    hint = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    inputs = golden.controlnet_inputs()
     with torch.no_grad():
-        ref = theirs(x, t, context=ctx, context_mask=mask.bool(), hint=hint)
-        additive = ((1 - mask.float()) * -10000.0).unsqueeze(1)
-        got = ours(x, t[:1], ctx, additive, hint)
-    for level, (a, b) in enumerate(zip(ref, got, strict=True)):
+        ref = theirs(
+            torch.from_numpy(inputs["x"]),
+            torch.from_numpy(inputs["t"]),
+            context=torch.from_numpy(inputs["context"]),
+            context_mask=torch.from_numpy(inputs["mask"]).bool(),
+            hint=golden.controlnet_hint(inputs),
+        )
+    got = golden.controlnet_side(ours, inputs)
+    for level, a in enumerate(ref):
+        b = torch.from_numpy(got[f"residual_{level}"])
         d = (a - b).abs().max().item()
         # random weights grow the activations to ~1e4: float32 rounding is relative
         good = d <= 1e-5 * a.abs().max().item()
@@ -144,9 +143,24 @@ def main(checkout: str) -> int:
         print(
             f"tiny residual {level} {tuple(a.shape)}: max |diff| {d:.2e} (max |ref| {a.abs().max().item():.2e}) {'ok' if good else 'DIFFERS'}"
         )
+    if record:
+        digest = golden.digest_tensors(ours.state_dict().items())
+        meta = golden.metadata(
+            "kandinsky3-diffusers",
+            checkout,
+            "scripts/check_reference_controlnet.py",
+            {"config": golden.controlnet_config(), "seed": 0, "inputs_seed": 1},
+            digest,
+        )
+        arrays = {**inputs, **{f"residual_{i}": r for i, r in enumerate(ref)}}
+        golden.save(record, golden.CONTROLNET_CASE, arrays, meta)
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkout", help="a checkout of ai-forever/kandinsky3-diffusers")
+    parser.add_argument("--record", metavar="DIR", help="write the case's golden files to DIR")
+    args = parser.parse_args()
+    sys.exit(main(args.checkout, args.record))

@@ -15,7 +15,11 @@ Not part of the test suite: it needs a checkout of ai-forever/kandinsky3-diffuse
    strictly, and compares one UNet call with k3batch's (`ip_adapter.load` on the same
    files) at several image weights (`img_weight`, k3batch's `ip_adapter_scale`).
 
-    python scripts/check_reference_ip_adapter.py /path/to/kandinsky3-diffusers
+    python scripts/check_reference_ip_adapter.py /path/to/kandinsky3-diffusers [--record DIR]
+
+The tiny base UNet and adapter, the inputs and k3batch's side are
+`k3batch.testing.reference_goldens`'; `--record DIR` writes the inputs and the fork's outputs
+as DIR/ip_adapter_unet.npz (and .json) for tests/test_goldens.py.
 
 The fork's package `__init__` needs an older huggingface_hub, so its modules are imported under
 empty package objects whose `utils`, `configuration_utils` and `models.modeling_utils` are the
@@ -25,6 +29,7 @@ matplotlib, imported but unused by its attention_processor, is stubbed when abse
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import os
@@ -43,11 +48,11 @@ from diffusers import Kandinsky3UNet
 from k3batch.model.adapters import ip_adapter
 from k3batch.model.kandinsky3 import keymap
 from k3batch.model.kandinsky3.loading import REFERENCE_UNET_CONFIG
-from k3batch.testing.tiny_ip_adapter import TINY_IMAGE_EMBED_DIM, make_tiny_ip_adapter
-from k3batch.testing.tiny_parts import TINY_UNET, _wake_zero_weights
+from k3batch.testing import reference_goldens as golden
+from k3batch.testing.tiny_ip_adapter import TINY_IMAGE_EMBED_DIM
+from k3batch.testing.tiny_parts import TINY_UNET
 
 TOLERANCE = 5e-5  # float32 (einsum softmax vs scaled_dot_product_attention), relative
-SCALES = (0.0, 0.5, 1.0, 2.0)
 
 
 def _fork(checkout: str) -> types.ModuleType:
@@ -133,12 +138,11 @@ def _tiny_fork_unet(fork):
     return unet.eval()
 
 
-def check_tiny_forward(fork, workdir: str) -> float:
+def check_tiny_forward(fork, workdir: str, checkout: str, record: str | None) -> float:
     """Step 2: one UNet call of the fork and of k3batch on the same tiny weights."""
-    torch.manual_seed(0)
-    base = Kandinsky3UNet(in_channels=4, **TINY_UNET).eval()
-    _wake_zero_weights(base, 1)
-    adapter_file = make_tiny_ip_adapter(os.path.join(workdir, "ip_adapter"), base)
+    base = golden.ip_base_unet()
+    adapter_file = golden.ip_adapter_file(os.path.join(workdir, "ip_adapter"), base)
+    digest = golden.ip_digest(base, adapter_file)
 
     theirs = _tiny_fork_unet(fork)
     state = {}
@@ -152,42 +156,48 @@ def check_tiny_forward(fork, workdir: str) -> float:
     state.update(ip_adapter.read_weights(adapter_file))
     theirs.load_state_dict(state, strict=True)
 
-    ours = ip_adapter.load(base, adapter_file)
-
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 4, 16, 16, generator=g)
-    t = torch.tensor([999, 421])
-    ctx = torch.randn(2, 6, TINY_UNET["encoder_hid_dim"], generator=g)
-    mask = torch.ones(2, 6, dtype=torch.long)
-    mask[1, 4:] = 0
-    emb = torch.randn(2, TINY_IMAGE_EMBED_DIM, generator=g)
-    worst = 0.0
+    inputs = golden.ip_inputs()
+    x, t, ctx, mask, emb = (
+        torch.from_numpy(inputs[k]) for k in ("x", "t", "context", "mask", "image_embeds")
+    )
+    ours = golden.ip_side(base, adapter_file, inputs)
+    worst, refs = 0.0, {}
     with torch.no_grad():
-        plain = base(x, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
-        for scale in SCALES:
+        for i, scale in enumerate(golden.IP_SCALES):
             ref = theirs(
                 x, t, context=ctx, context_mask=mask, use_projections=True,
                 image_features=emb, img_weight=scale,
             ).sample  # fmt: skip
-            with ours.conditioned(emb, torch.full((2,), scale)):
-                got = base(x, t, encoder_hidden_states=ctx, encoder_attention_mask=mask).sample
+            refs[f"scale_{i}"] = ref
+            got = torch.from_numpy(ours[f"scale_{i}"])
             err = ((got - ref).abs().max() / ref.abs().max()).item()
-            moved = (got - plain).abs().max().item()
+            moved = (got - torch.from_numpy(ours["plain"])).abs().max().item()
             print(f"tiny, img_weight {scale}: max rel. difference {err:.2e}"
                   f" (image branch moves the output by {moved:.3f})")  # fmt: skip
             worst = max(worst, err)
     assert worst < TOLERANCE, worst
+    if record:
+        meta = golden.metadata(
+            "kandinsky3-diffusers",
+            checkout,
+            "scripts/check_reference_ip_adapter.py",
+            {"scales": golden.IP_SCALES, "base_seed": 0, "inputs_seed": 5},
+            digest,
+        )
+        golden.save(record, golden.IP_ADAPTER_CASE, {**inputs, **refs}, meta)
     return worst
 
 
-def main(checkout: str) -> None:
+def main(checkout: str, record: str | None = None) -> None:
     fork = _fork(checkout)
     check_names_and_shapes(fork)
-    worst = check_tiny_forward(fork, tempfile.mkdtemp(prefix="k3-ip-ref-"))
+    worst = check_tiny_forward(fork, tempfile.mkdtemp(prefix="k3-ip-ref-"), checkout, record)
     print(f"OK: the fork and k3batch agree (worst relative difference {worst:.1e})")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(__doc__)
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkout", help="a checkout of ai-forever/kandinsky3-diffusers")
+    parser.add_argument("--record", metavar="DIR", help="write the case's golden files to DIR")
+    args = parser.parse_args()
+    main(args.checkout, args.record)

@@ -16,7 +16,11 @@ cases set those defaults to k3batch's tiny-test windows, so several windows over
 small canvas; one case keeps the real windows. Both sides' float canvases (before the
 conversion to pixels) are recorded on the way past and compared as well as the images.
 
-    python scripts/check_reference_sr.py /path/to/KandiSuperRes
+    python scripts/check_reference_sr.py /path/to/KandiSuperRes [--record tests/goldens]
+
+The cases (`SR_CASES`) and k3batch's side are `k3batch.testing.reference_goldens`'.
+`--record DIR` writes each case's golden files (the picture, the reference's canvas and
+image; every 16th pixel of the real-windows case) for tests/test_goldens.py.
 
 The reference package's `__init__` downloads weights (huggingface_hub), so its modules are
 imported under an empty package object; torchvision, used only for ToTensor / ToPILImage /
@@ -26,6 +30,7 @@ is not installed.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
@@ -38,22 +43,12 @@ import torch
 from PIL import Image
 
 from k3batch.model.superres import pipeline as superres
-from k3batch.model.superres.pipeline import KandiSuperRes
 from k3batch.model.superres.sr_unet import SR_UNET, TINY_SR_UNET, SRUNet
+from k3batch.testing import reference_goldens as golden
 from k3batch.testing.tiny_sr import make_tiny_sr
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from check_reference import _diff, _stand_ins  # noqa: E402
-
-# (scale, low-resolution height, width, window, stride)
-CASES = [
-    (4, 14, 18, 32, 24),  # 56x72 canvas: 2x3 overlapping windows
-    (4, 8, 8, 32, 24),  # one window
-    (2, 21, 27, 32, 24),  # odd sides: even canvas 44x56, resized to 42x54 at the end
-    (4, 280, 262, 1024, 800),  # the real windows: 1120x1048 canvas, 2x2 windows
-]
-SEED = 13
-STEPS = 5
 
 
 def _reference(checkout: str) -> dict:
@@ -105,14 +100,15 @@ def check_names(ref: dict) -> None:
     )
 
 
-def main(checkout: str) -> None:
+def main(checkout: str, record: str | None = None) -> None:
     ref = _reference(checkout)
     check_names(ref)
     solver_cls = ref["model.diffusion_sr"].DPMSolver
     pipeline_cls = ref["sr_pipeline"].KandiSuperResPipeline
     default_views = solver_cls.get_views.__defaults__
 
-    # Record both sides' float canvases, passing the values through unchanged.
+    # Record the reference's float canvas, passing the values through unchanged (k3batch's
+    # is recorded by `golden.sr_side`).
     canvases = {}
     generate = solver_cls.generate_panorama
 
@@ -120,50 +116,47 @@ def main(checkout: str) -> None:
         canvases["reference"] = out = generate(self, *args, **kwargs)
         return out
 
-    to_uint8 = superres._to_uint8
-
-    def recorded_to_uint8(x, size):
-        canvases["k3batch"] = x
-        return to_uint8(x, size)
-
     solver_cls.generate_panorama = recorded_generate
-    superres._to_uint8 = recorded_to_uint8
 
     root = tempfile.mkdtemp(prefix="k3-sr-ref-check-")
     files = {s: make_tiny_sr(os.path.join(root, n), s) for s, n in superres.CHECKPOINTS.items()}
     worst = 0.0
-    for scale, h, w, window, stride in CASES:
+    for case in golden.SR_CASES:
         unet = _reference_unet(ref, TINY_SR_UNET).eval()
-        unet.load_state_dict(torch.load(files[scale], weights_only=True), strict=True)
-        pipe = pipeline_cls(scale, "cpu", torch.float32, False, unet)
-        picture = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), np.uint8)
-        solver_cls.get_views.__defaults__ = (window, stride)
+        unet.load_state_dict(torch.load(files[case.scale], weights_only=True), strict=True)
+        pipe = pipeline_cls(case.scale, "cpu", torch.float32, False, unet)
+        picture = golden.sr_picture(case)
+        solver_cls.get_views.__defaults__ = (case.window, case.stride)
         try:
-            theirs = pipe(Image.fromarray(picture), steps=STEPS, seed=SEED)
+            image = pipe(Image.fromarray(picture), steps=golden.SR_STEPS, seed=golden.SR_SEED)
         finally:
             solver_cls.get_views.__defaults__ = default_views
-        # 15 windows per UNet call: the reference's view_batch_size, so both sides run the
-        # same batch shapes (other shapes may round differently in CPU kernels, ~1e-6).
-        model = KandiSuperRes.from_pretrained(
-            files[scale],
-            scale,
-            "cpu",
-            config=TINY_SR_UNET,
-            window=window,
-            stride=stride,
-            max_tiles_per_call=15,
-        )
-        (ours,) = model.upscale([picture], [SEED], num_inference_steps=STEPS)
-        d = (canvases["reference"] - canvases["k3batch"]).abs().max().item()
+        theirs = {"canvas": canvases["reference"].numpy(), "image": np.asarray(image)}
+        ours = golden.sr_side(files[case.scale], case, picture)
+        d = np.abs(theirs["canvas"] - ours["canvas"]).max()
         worst = max(worst, d)
+        h, w = ours["image"].shape[:2]
         print(
-            f"x{scale} {h}x{w} -> {ours.shape[0]}x{ours.shape[1]}, windows {window}/{stride}: "
-            f"canvas max |diff| {d:.3g}; image {_diff(theirs, ours)}"
+            f"{case.name}: x{case.scale} {case.height}x{case.width} -> {h}x{w}, windows "
+            f"{case.window}/{case.stride}: canvas max |diff| {d:.3g}; image "
+            f"{_diff(theirs['image'], ours['image'])}"
         )
+        if record:
+            digest = golden.digest_files(root, [superres.CHECKPOINTS[case.scale]])
+            meta = golden.metadata(
+                "KandiSuperRes", checkout, "scripts/check_reference_sr.py", case, digest
+            )
+            meta["settings"].update(seed=golden.SR_SEED, steps=golden.SR_STEPS)
+            arrays = golden.subsampled(theirs, case.subsample)
+            if case.subsample == 1:  # a large picture is rebuilt from its seed
+                arrays["picture"] = picture
+            golden.save(record, case.name, arrays, meta)
     print(f"worst canvas max |diff|: {worst:.3g}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(__doc__)
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkout", help="a checkout of ai-forever/KandiSuperRes")
+    parser.add_argument("--record", metavar="DIR", help="write each case's golden files to DIR")
+    args = parser.parse_args()
+    main(args.checkout, args.record)

@@ -37,12 +37,19 @@ are equal bit for bit; the images differ by at most 1 grey level in at most 145 
 bytes (the MoVQ decoders' rounding: the count stays with equal refined latents).
 
     python scripts/check_reference_sr_flash.py /path/to/KandiSuperRes [sr] [movq] [refine]
+        [--record tests/goldens]
+
+The cases (`FLASH_CASES`) and k3batch's side are `k3batch.testing.reference_goldens`'.
+`--record DIR` writes each SR and refine case's golden files (the picture, the reference's
+image, and for the refine its MoVQ and refined latents and, for the smallest case, its noise
+draws) for tests/test_goldens.py; the MoVQ part records none.
 
 (no part named: all three; the refine takes ~1 minute on one CPU thread, the MoVQ part ~2)
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -54,6 +61,7 @@ from PIL import Image
 from k3batch.model.kandinsky3.members import FLASH_TIMESTEPS
 from k3batch.model.superres.flash import SR_FILE, KandiSuperResFlash
 from k3batch.model.superres.sr_unet import TINY_SR_UNET
+from k3batch.testing import reference_goldens as golden
 from k3batch.testing.tiny import make_tiny
 from k3batch.testing.tiny_sr import make_tiny_sr_flash
 
@@ -63,16 +71,10 @@ from check_reference_sr import _reference, _reference_unet  # noqa: E402
 
 from k3batch.model.kandinsky3 import layout
 
-CASES = [(32, 32), (40, 70), (64, 96)]  # 40x70: sides rounded down to 32x64, resized back
-# Refine: one latent tile (32x32, 40x70); two tiles of the real 352 every 264 down (1088x64:
-# a 272x16 latent, tiles 272 and 8 latents tall, blended over 8) and across (64x1088), where
-# the tiled MoVQ runs too (3 encode tiles, 3 decode tiles).
-REFINE_CASES = [(32, 32), (40, 70), (1088, 64), (64, 1088)]
-SEED = 21
 PARTS = ("sr", "movq", "refine")
 
 
-def main(checkout: str, parts: tuple[str, ...] = PARTS) -> None:
+def main(checkout: str, parts: tuple[str, ...] = PARTS, record: str | None = None) -> None:
     ref = _reference(checkout)
     pipeline_cls = ref["sr_pipeline"].KandiSuperResPipeline
     root = tempfile.mkdtemp(prefix="k3-srflash-ref-check-")
@@ -86,16 +88,31 @@ def main(checkout: str, parts: tuple[str, ...] = PARTS) -> None:
     model = KandiSuperResFlash.from_pretrained(
         folder, k3, device="cpu", config=TINY_SR_UNET, refine=False
     )
-    if "sr" in parts:
-        for h, w in CASES:
-            picture = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), np.uint8)
-            torch.manual_seed(SEED)
-            theirs = np.asarray(pipe(Image.fromarray(picture), seed=SEED, refine=False))
-            (ours,) = model.upscale([picture], [SEED])
-            print(
-                f"flash x2 SR steps {h}x{w} -> {ours.shape[0]}x{ours.shape[1]}: "
-                f"{_diff(theirs, ours)}"
+
+    def save(case, theirs, picture):
+        if record:
+            digest = golden.flash_digest(folder, k3, case)
+            meta = golden.metadata(
+                "KandiSuperRes", checkout, "scripts/check_reference_sr_flash.py", case, digest
             )
+            meta["settings"]["seed"] = golden.FLASH_SEED
+            arrays = golden.flash_arrays(theirs, case)
+            if case.subsample == 1:  # a large picture is rebuilt from its seed
+                arrays["picture"] = picture
+            golden.save(record, case.name, arrays, meta)
+
+    if "sr" in parts:
+        for case in (c for c in golden.FLASH_CASES if not c.refine):
+            picture = golden.flash_picture(case)
+            torch.manual_seed(golden.FLASH_SEED)
+            image = pipe(Image.fromarray(picture), seed=golden.FLASH_SEED, refine=False)
+            theirs = {"image": np.asarray(image)}
+            ours = golden.flash_side(model, case, picture)["image"]
+            print(
+                f"{case.name}: flash x2 SR steps {case.height}x{case.width} -> "
+                f"{ours.shape[0]}x{ours.shape[1]}: {_diff(theirs['image'], ours)}"
+            )
+            save(case, theirs, picture)
     if "movq" in parts:
         for tile, (h, w) in ((1024, (1088, 1152)), (64, (136, 200))):
             movq = _reference_movq(k3, tile)
@@ -118,7 +135,7 @@ def main(checkout: str, parts: tuple[str, ...] = PARTS) -> None:
                 "one untiled tile shows too)"
             )
     if "refine" in parts:
-        check_refine(ref, root, folder, k3, unet, model)
+        check_refine(ref, root, folder, k3, unet, model, save)
 
 
 def _reference_movq(k3: str, tile: int):
@@ -178,11 +195,12 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> str:
     return f"max |diff| {d:.2e} (relative {d / a.abs().max().item():.1e})"
 
 
-def check_refine(ref: dict, root: str, folder: str, k3: str, sr_unet, model) -> None:
+def check_refine(ref: dict, root: str, folder: str, k3: str, sr_unet, model, save) -> None:
     """The reference's `refine=True` (SR steps, its tiled MoVQ, `refine_tiled` with its own
     T2I UNet, the context read from `weights/` of the working directory) against
     `KandiSuperResFlash(refine=True)`; the noise draws, the MoVQ latents and the refined
-    latents are recorded on the way past on both sides (values passed through unchanged)."""
+    latents are recorded on the way past on both sides (values passed through unchanged);
+    `save(case, reference's record, picture)` writes a case's golden."""
     import importlib
     import warnings
 
@@ -216,102 +234,71 @@ def check_refine(ref: dict, root: str, folder: str, k3: str, sr_unet, model) -> 
 
     def rec_loop(self, model_, shape, *args, **kwargs):
         g = torch.Generator().set_state(torch.get_rng_state())
-        rec["ref_noise"].append(torch.randn(*shape, generator=g))
+        rec["noise"].append(torch.randn(*shape, generator=g))
         return loop(self, model_, shape, *args, **kwargs)
 
     def recorder(q_sample):
         def rec_q_sample(self, x_start, t, noise=None):
             noise = self.gen_noise(x_start) if noise is None else noise
-            rec["ref_noise"].append(noise.clone())
+            rec["noise"].append(noise.clone())
             return q_sample(self, x_start, t, noise)
 
         return rec_q_sample
 
     def rec_tiled(self, model_, img, context, context_mask):
-        rec["ref_latent"] = img.clone()
-        rec["ref_refined"] = out = tiled(self, model_, img, context, context_mask)
+        rec["latent"] = img.clone()
+        rec["refined"] = out = tiled(self, model_, img, context, context_mask)
         return out.clone()
 
     base_sr.p_sample_loop, base_sr.q_sample = rec_loop, recorder(sr_q)
     base_refine.q_sample, base_refine.refine_tiled = recorder(refine_q), rec_tiled
     # The reference UNet's input x_t and epsilon, one call per refine tile.
     pipe.refiner.register_forward_hook(
-        lambda module, args, out: rec["ref_eps"].append((args[0].clone(), out.clone()))
+        lambda module, args, out: rec["eps"].append((args[0].clone(), out.clone()))
     )
 
-    def ours(latent=None, reference_eps=False):
-        """k3batch's refine=True, recording its noise, MoVQ latent, the UNet's x_t and epsilon
-        and the refined latent; with `latent`, the refine starts from that latent instead of
-        k3batch's own encode; with `reference_eps`, each tile's epsilon is the reference UNet's
-        for the same x_t (which must be equal bit for bit) instead of the Flash UNet's."""
-        m = KandiSuperResFlash(
-            model.unet, model.refiner, model.movq, model.context, model.context_mask, refine=True
+    def reference_eps(x, t, own):
+        """The reference UNet's epsilon for each row of x (which must equal one of its x_t
+        bit for bit)."""
+        return torch.cat(
+            [next(o for i, o in rec["eps"] if torch.equal(i, x[k : k + 1])) for k in range(len(x))]
         )
-        noise, encode, refine_tiles, eps = m._noise, m.encode, m.refine_tiles, m._eps
-
-        def rec_noise(row, shape):
-            x = noise(row, shape)
-            rec["our_noise"].append(x.clone())
-            return x
-
-        def rec_encode(x):
-            rec["our_latent"] = z = encode(x) if latent is None else latent.clone()
-            return z.clone()
-
-        def rec_refine_tiles(rows, latents):
-            rec["our_refined"] = out = refine_tiles(rows, latents)
-            return [z.clone() for z in out]
-
-        def rec_eps(x, t):
-            if not reference_eps:
-                e = eps(x, t)
-            else:
-                e = torch.cat(
-                    [
-                        next(o for i, o in rec["ref_eps"] if torch.equal(i, x[k : k + 1]))
-                        for k in range(len(x))
-                    ]
-                )
-            rec["our_eps"] += [(x[k : k + 1].clone(), e[k : k + 1].clone()) for k in range(len(x))]
-            return e
-
-        m._noise, m.encode, m.refine_tiles = rec_noise, rec_encode, rec_refine_tiles
-        m._eps = rec_eps
-        rec["our_noise"], rec["our_eps"] = [], []
-        (image,) = m.upscale([picture], [SEED])
-        return image
 
     cwd = os.getcwd()
     try:
-        for h, w in REFINE_CASES:
-            picture = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), np.uint8)
-            rec["ref_noise"], rec["ref_eps"] = [], []
+        for case in (c for c in golden.FLASH_CASES if c.refine):
+            h, w = case.height, case.width
+            picture = golden.flash_picture(case)
+            rec["noise"], rec["eps"] = [], []
             os.chdir(root)
             try:
-                torch.manual_seed(SEED)
-                theirs = np.asarray(pipe(Image.fromarray(picture), seed=SEED, refine=True))
+                torch.manual_seed(golden.FLASH_SEED)
+                image = pipe(Image.fromarray(picture), seed=golden.FLASH_SEED, refine=True)
             finally:
                 os.chdir(cwd)
-            mine = ours()
-            ref_noise, our_noise = rec["ref_noise"], rec["our_noise"]
+            theirs = dict(rec, image=np.asarray(image))
+            ours = golden.flash_side(model, case, picture)
+            ref_noise, our_noise = theirs["noise"], ours["noise"]
             same = len(ref_noise) == len(our_noise) and all(
                 a.shape == b.shape and torch.equal(a, b)
                 for a, b in zip(ref_noise, our_noise, strict=False)
             )
-            z_ref, z_ours = rec["ref_latent"], rec["our_latent"]
-            refined_ref, refined_ours = rec["ref_refined"], rec["our_refined"][0]
+            z_ref, z_ours = theirs["latent"], ours["latent"]
+            refined_ref = theirs["refined"]
             tiles = len(ref_noise) - 1 - len(FLASH_TIMESTEPS)
             print(
-                f"refine {h}x{w} -> {mine.shape[0]}x{mine.shape[1]} (latent "
+                f"{case.name}: refine {h}x{w} -> {image.size[1]}x{image.size[0]} (latent "
                 f"{z_ref.shape[2]}x{z_ref.shape[3]}, {tiles} refine tile(s)): noise draws "
                 f"{'the same' if same else 'DIFFER'} ({len(ref_noise)} / {len(our_noise)}); "
                 f"MoVQ latent {_max_diff(z_ref, z_ours)}; refined latent "
-                f"{_max_diff(refined_ref, refined_ours)}; image {_diff(theirs, mine)}"
+                f"{_max_diff(refined_ref, ours['refined'][0])}; image "
+                f"{_diff(theirs['image'], ours['image'])}"
             )
+            save(case, theirs, picture)
             # The refine's own arithmetic: k3batch's refine on the reference's MoVQ latent
             # (the same x_t then), with its own Flash UNet and with the reference UNet's eps.
-            mine = ours(z_ref)
-            pairs = list(zip(rec["ref_eps"], rec["our_eps"], strict=True))
+            ours = golden.flash_side(model, case, picture, latent=z_ref)
+            pairs = list(zip(theirs["eps"], ours["eps"], strict=True))
             x_same = all(torch.equal(a[0], b[0]) for a, b in pairs)
             eps_d = max((a[1] - b[1]).abs().max().item() for a, b in pairs)
             eps_m = max(a[1].abs().max().item() for a, _ in pairs)
@@ -319,12 +306,14 @@ def check_refine(ref: dict, root: str, folder: str, k3: str, sr_unet, model) -> 
                 f"  from the reference's MoVQ latent: UNet inputs x_t "
                 f"{'equal bit for bit' if x_same else 'DIFFER'}, epsilon max |diff| {eps_d:.2e} "
                 f"(relative {eps_d / eps_m:.1e}); refined latent "
-                f"{_max_diff(refined_ref, rec['our_refined'][0])}; image {_diff(theirs, mine)}"
+                f"{_max_diff(refined_ref, ours['refined'][0])}; image "
+                f"{_diff(theirs['image'], ours['image'])}"
             )
-            mine = ours(z_ref, reference_eps=True)
+            ours = golden.flash_side(model, case, picture, latent=z_ref, eps=reference_eps)
             print(
                 f"  and the reference UNet's epsilon: refined latent "
-                f"{_max_diff(refined_ref, rec['our_refined'][0])}; image {_diff(theirs, mine)}"
+                f"{_max_diff(refined_ref, ours['refined'][0])}; image "
+                f"{_diff(theirs['image'], ours['image'])}"
             )
     finally:
         base_sr.p_sample_loop, base_sr.q_sample = loop, sr_q
@@ -332,6 +321,9 @@ def check_refine(ref: dict, root: str, folder: str, k3: str, sr_unet, model) -> 
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or not set(sys.argv[2:]) <= set(PARTS):
-        sys.exit(__doc__)
-    main(sys.argv[1], tuple(sys.argv[2:]) or PARTS)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkout", help="a checkout of ai-forever/KandiSuperRes")
+    parser.add_argument("parts", nargs="*", choices=PARTS, help="default: all three")
+    parser.add_argument("--record", metavar="DIR", help="write each case's golden files to DIR")
+    args = parser.parse_args()
+    main(args.checkout, tuple(args.parts) or PARTS, args.record)
