@@ -218,9 +218,9 @@ def main(checkout: str, record: str | None = None) -> None:
                 f"image {_diff(theirs['image'], ours['image'])}"
             )
             if record:
-                digest = golden.digest_files(root, golden.k3_files(case))
+                weights = golden.file_weights(root, golden.k3_files(case))
                 meta = golden.metadata(
-                    "Kandinsky-3", checkout, "scripts/check_reference.py", case, digest
+                    "Kandinsky-3", checkout, "scripts/check_reference.py", case, weights
                 )
                 meta["settings"]["prompt"] = golden.K3_PROMPT
                 golden.save(record, case.name, {**inputs, **theirs}, meta)

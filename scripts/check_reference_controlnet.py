@@ -144,13 +144,13 @@ def main(checkout: str, record: str | None = None) -> int:
             f"tiny residual {level} {tuple(a.shape)}: max |diff| {d:.2e} (max |ref| {a.abs().max().item():.2e}) {'ok' if good else 'DIFFERS'}"
         )
     if record:
-        digest = golden.digest_tensors(ours.state_dict().items())
+        weights = golden.weights_summary(ours.state_dict().items())
         meta = golden.metadata(
             "kandinsky3-diffusers",
             checkout,
             "scripts/check_reference_controlnet.py",
             {"config": golden.controlnet_config(), "seed": 0, "inputs_seed": 1},
-            digest,
+            weights,
         )
         arrays = {**inputs, **{f"residual_{i}": r for i, r in enumerate(ref)}}
         golden.save(record, golden.CONTROLNET_CASE, arrays, meta)

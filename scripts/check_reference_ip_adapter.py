@@ -142,7 +142,7 @@ def check_tiny_forward(fork, workdir: str, checkout: str, record: str | None) ->
     """Step 2: one UNet call of the fork and of k3batch on the same tiny weights."""
     base = golden.ip_base_unet()
     adapter_file = golden.ip_adapter_file(os.path.join(workdir, "ip_adapter"), base)
-    digest = golden.ip_digest(base, adapter_file)
+    weights = golden.ip_weights(base, adapter_file)
 
     theirs = _tiny_fork_unet(fork)
     state = {}
@@ -182,7 +182,7 @@ def check_tiny_forward(fork, workdir: str, checkout: str, record: str | None) ->
             checkout,
             "scripts/check_reference_ip_adapter.py",
             {"scales": golden.IP_SCALES, "base_seed": 0, "inputs_seed": 5},
-            digest,
+            weights,
         )
         golden.save(record, golden.IP_ADAPTER_CASE, {**inputs, **refs}, meta)
     return worst

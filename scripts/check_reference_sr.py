@@ -142,9 +142,9 @@ def main(checkout: str, record: str | None = None) -> None:
             f"{_diff(theirs['image'], ours['image'])}"
         )
         if record:
-            digest = golden.digest_files(root, [superres.CHECKPOINTS[case.scale]])
+            weights = golden.file_weights(root, [superres.CHECKPOINTS[case.scale]])
             meta = golden.metadata(
-                "KandiSuperRes", checkout, "scripts/check_reference_sr.py", case, digest
+                "KandiSuperRes", checkout, "scripts/check_reference_sr.py", case, weights
             )
             meta["settings"].update(seed=golden.SR_SEED, steps=golden.SR_STEPS)
             arrays = golden.subsampled(theirs, case.subsample)

@@ -91,9 +91,9 @@ def main(checkout: str, parts: tuple[str, ...] = PARTS, record: str | None = Non
 
     def save(case, theirs, picture):
         if record:
-            digest = golden.flash_digest(folder, k3, case)
+            weights = golden.flash_weights(folder, k3, case)
             meta = golden.metadata(
-                "KandiSuperRes", checkout, "scripts/check_reference_sr_flash.py", case, digest
+                "KandiSuperRes", checkout, "scripts/check_reference_sr_flash.py", case, weights
             )
             meta["settings"]["seed"] = golden.FLASH_SEED
             arrays = golden.flash_arrays(theirs, case)

@@ -5,15 +5,15 @@ never copied) beside k3batch on tiny weights built from fixed seeds. With `--rec
 each script writes, per case, `DIR/<case>.npz`: the reference's inputs (pictures, masks,
 latents), the noise and intermediate arrays it captures where they are small, and its
 outputs; and `DIR/<case>.json`: the reference repository and commit, the script, the case's
-settings, torch's version and the digest of the tiny weights the case used.
+settings, torch's version and a summary of the tiny weights the case used.
 `tests/test_goldens.py` runs k3batch's side of every case against those files on every run,
 with no reference checkout. Each case's settings and k3batch's side are defined here once,
 for the scripts and the test alike.
 
-The weights' digest (`digest_tensors`, `digest_files`) covers what the outputs depend on:
-every tensor (name, dtype, shape, bytes) and the tiny tokenizer's vocabulary, not the
-files' bytes, which also carry library versions (transformers writes its own into
-config.json) and would change with an upgrade that leaves the weights as they are.
+The weights' summary (`weights_summary`) covers what the outputs depend on: every tensor
+(name, dtype, shape, values) and the tiny tokenizer's vocabulary, not the files' bytes,
+which also carry library versions (transformers writes its own into config.json) and would
+change with an upgrade that leaves the weights as they are.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def cases(folder: str) -> list[str]:
     return sorted(n[: -len(".json")] for n in os.listdir(folder) if n.endswith(".json"))
 
 
-def metadata(repo: str, checkout: str, script: str, settings: dict, weights: str) -> dict:
+def metadata(repo: str, checkout: str, script: str, settings: dict, weights: dict) -> dict:
     """The sidecar of a golden: where it came from and on what."""
     import torch
 
@@ -75,7 +75,7 @@ def metadata(repo: str, checkout: str, script: str, settings: dict, weights: str
         "settings": _jsonable(settings),
         "torch": torch.__version__,
         "numpy": np.__version__,
-        "weights_sha256": weights,
+        "weights": weights,
     }
 
 
@@ -95,15 +95,52 @@ def _jsonable(v):
     return v
 
 
-# --------------------------------------------------------------------------- digests
-def digest_tensors(named: Iterable[tuple[str, object]], h=None) -> str:
-    """sha256 over (name, dtype, shape, bytes) of tensors, in name order."""
-    h = h or hashlib.sha256()
+# --------------------------------------------------------------------------- weights
+# Tiny weights are the same on every build of one machine, but not bit for bit across CPUs:
+# torch's CPU random fills (normal_, uniform_) round differently without AVX2 (its scalar
+# loops: 1 ulp apart on most values), and every tiny builder draws through them. So a
+# golden keeps the exact digest and a summary that tells a rebuilt set from a changed one:
+# the tensors' names, dtypes and shapes (and the tokenizer's vocabulary) exactly, and four
+# float64 sums over their values, which rounding moves by at most 6e-8 of their scale (one
+# ulp of every value, all one way) and a changed builder (a tensor redrawn or rescaled) far
+# more; a few single values moved by less than WEIGHTS_RTOL of the scale would pass.
+WEIGHTS_RTOL = 1e-6
+
+
+def weights_summary(named: Iterable[tuple[str, object]], extra: bytes = b"") -> dict:
+    """{"sha256": of every (name, dtype, shape, bytes) and `extra`, "layout_sha256": of the
+    names, dtypes, shapes and `extra`, "sums": [sum v, sum |v|, sum v^2, sum v * ramp]}
+    (the ramp -1..1 over each tensor), over the tensors in name order."""
+    exact, layout = hashlib.sha256(extra), hashlib.sha256(extra)
+    sums = np.zeros(4)
     for name, t in sorted(named, key=lambda kv: kv[0]):
         t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(-1).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+        head = f"{name}|{t.dtype}|{tuple(t.shape)}|".encode()
+        exact.update(head)
+        layout.update(head)
+        if not t.numel():
+            continue
+        exact.update(t.reshape(-1).numpy().tobytes())
+        v = t.reshape(-1).double().numpy()
+        ramp = np.linspace(-1.0, 1.0, v.size)
+        sums += [v.sum(), np.abs(v).sum(), (v * v).sum(), (v * ramp).sum()]
+    return {"sha256": exact.hexdigest(), "layout_sha256": layout.hexdigest(), "sums": sums.tolist()}
+
+
+def weights_differ(recorded: dict, now: dict) -> str | None:
+    """Why `now` (a `weights_summary`) is not the set `recorded` was; None when it is, bit
+    for bit or within float rounding."""
+    if now["sha256"] == recorded["sha256"]:
+        return None
+    if now["layout_sha256"] != recorded["layout_sha256"]:
+        return "other tensor names, dtypes or shapes, or another tokenizer vocabulary"
+    _, abs_sum, sq_sum, _ = recorded["sums"]
+    scales = (abs_sum, abs_sum, sq_sum, abs_sum)
+    names = ("sum", "sum |v|", "sum v^2", "ramp sum")
+    for what, a, b, scale in zip(names, recorded["sums"], now["sums"], scales, strict=True):
+        if abs(a - b) > WEIGHTS_RTOL * scale:
+            return f"other values: {what} {b!r}, recorded {a!r}"
+    return None
 
 
 def _flatten(obj, prefix: str = "") -> list[tuple[str, object]]:
@@ -116,26 +153,30 @@ def _flatten(obj, prefix: str = "") -> list[tuple[str, object]]:
     raise TypeError(f"{prefix}: not a tensor or a mapping of tensors ({type(obj).__name__})")
 
 
-def digest_files(root: str, files: Iterable[str]) -> str:
-    """sha256 of the tensors in `files` (paths relative to `root`: torch.save files and
-    safetensors) and, for a `tokenizer.json`, of its vocabulary."""
+def file_tensors(root: str, files: Iterable[str]) -> tuple[list, bytes]:
+    """(name, tensor) of every tensor in `files` (paths relative to `root`: torch.save
+    files and safetensors; names prefixed by the path), and the vocabulary of a
+    `tokenizer.json` among them (as bytes)."""
     import torch
     from safetensors.torch import load_file
 
-    h = hashlib.sha256()
+    named, extra = [], b""
     for rel in sorted(files):
         path = os.path.join(root, rel)
-        h.update(f"{rel}\n".encode())
         if os.path.basename(rel) == "tokenizer.json":
             with open(path) as f:
-                h.update(json.dumps(json.load(f)["model"]["vocab"]).encode())
+                extra += json.dumps(json.load(f)["model"]["vocab"]).encode()
             continue
         if rel.endswith(".safetensors"):
             state = load_file(path)
         else:
             state = torch.load(path, weights_only=True)
-        digest_tensors(_flatten(state), h)
-    return h.hexdigest()
+        named += _flatten(state, f"{rel}/")
+    return named, extra
+
+
+def file_weights(root: str, files: Iterable[str]) -> dict:
+    return weights_summary(*file_tensors(root, files))
 
 
 def rng_picture(h: int, w: int, seed: int) -> np.ndarray:
@@ -377,10 +418,11 @@ def flash_files(case: FlashCase) -> dict[str, list[str]]:
     }
 
 
-def flash_digest(sr_folder: str, k3_root: str, case: FlashCase) -> str:
+def flash_weights(sr_folder: str, k3_root: str, case: FlashCase) -> dict:
     files = flash_files(case)
-    both = digest_files(sr_folder, files["sr"]) + digest_files(k3_root, files["k3"])
-    return hashlib.sha256(both.encode()).hexdigest()
+    sr, sr_extra = file_tensors(sr_folder, files["sr"])
+    k3, k3_extra = file_tensors(k3_root, files["k3"])
+    return weights_summary(sr + k3, sr_extra + k3_extra)
 
 
 def flash_side(model, case: FlashCase, picture: np.ndarray, latent=None, eps=None) -> dict:
@@ -537,12 +579,13 @@ def ip_adapter_file(folder: str, base) -> str:
         return make_tiny_ip_adapter(folder, base)
 
 
-def ip_digest(base, adapter_file: str) -> str:
+def ip_weights(base, adapter_file: str) -> dict:
     from safetensors.torch import load_file
 
-    h = hashlib.sha256()
-    digest_tensors(base.state_dict().items(), h)
-    return digest_tensors(load_file(adapter_file).items(), h)
+    named = [(f"unet/{k}", v) for k, v in base.state_dict().items()]
+    return weights_summary(
+        named + [(f"adapter/{k}", v) for k, v in load_file(adapter_file).items()]
+    )
 
 
 def ip_inputs() -> dict[str, np.ndarray]:

@@ -4,7 +4,9 @@ Same architecture classes as the real models (Kandinsky3UNet for base and Flash,
 variant for inpainting, an x8 SpatialNorm MoVQ, a T5 encoder and a T5 tokenizer), with small
 widths, so tests and the demo run the real loading and sampling code on a CPU in seconds.
 Weights are random but seeded: every machine that builds the model gets the same weights, so
-a cluster's workers can each build their own. The parts are in `testing.tiny_parts`.
+a cluster's workers can each build their own (bit for bit where the CPUs' instruction sets
+match: without AVX2, torch's random fills round an ulp differently). The parts are in
+`testing.tiny_parts`.
 """
 
 from __future__ import annotations
