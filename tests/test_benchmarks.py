@@ -11,6 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_device_check_small_mode_runs_the_gpu_bench_and_the_drift_check(tmp_path):
     """The GPU check script's CPU mode: both benchmarks run end to end, results as JSON."""
     import math

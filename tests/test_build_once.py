@@ -9,6 +9,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -76,6 +78,7 @@ def test_two_processes_on_one_path_build_it_once_and_both_load_it(tmp_path):
     assert leftovers == ["artifact.lock"], leftovers  # no temporary folder left behind
 
 
+@pytest.mark.slow
 def test_two_processes_building_the_tiny_k22_set_both_read_every_file(tmp_path):
     """The reported failure: two Serve replicas of configs/serve-kandinsky22.yaml built
     .cache/k3batch/tiny-kandinsky22 at once, and one read a half-written (or just replaced)

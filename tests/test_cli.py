@@ -119,6 +119,7 @@ def test_schema_describes_every_field():
     walk(schema, "")
 
 
+@pytest.mark.slow
 def test_convert_command(tmp_path, tiny_ref_dir):
     proc = k3batch("convert", tiny_ref_dir, str(tmp_path / "family"))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -224,6 +225,7 @@ def test_run_help_lists_every_job_kind_from_the_registry():
         assert f"{name}: {kind.summary}" in text, name
 
 
+@pytest.mark.slow
 def test_make_tiny_help_lists_every_tiny_set_and_builds_the_superres_and_scorer_sets(tmp_path):
     from k3batch.model import family
     from k3batch.model.superres.pipeline import CHECKPOINTS

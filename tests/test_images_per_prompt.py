@@ -174,6 +174,7 @@ def _records(directory):
     return pads.dataset([str(f) for f in files], format="parquet").to_table()
 
 
+@pytest.mark.slow
 def test_job_writes_rows_times_n_records_and_resumes_per_image(ray_local, tmp_path, tiny_dir):
     prompts = [f"prompt number {i}" for i in range(5)]
     prompts[3] = ""
@@ -275,6 +276,7 @@ def test_webdataset_sample_keys_carry_k():
     assert EncodeImagesStage()(batch)["key"] == [object_key("a.b", False)] * 2
 
 
+@pytest.mark.slow
 def test_the_dataset_walkthrough_runs_and_filters_by_score(ray_local, tmp_path, tiny_dir):
     """configs/dataset-demo.yaml as docs/dataset-synthesis.md runs it (on three prompts),
     then the docs' way to load the result with `datasets` and filter it by score."""

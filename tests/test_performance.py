@@ -69,6 +69,7 @@ def test_channels_last_gives_the_same_images(tiny_dir, plain):
     assert_same_images(model.decode(other), images)
 
 
+@pytest.mark.slow
 def test_compiled_unet_and_decoder_give_the_same_images(tiny_dir, plain):
     """torch.compile through the config path. Inductor on this 2-core CPU takes 1-2 minutes
     per shape (checked by hand: UNet within 6e-6, decoder within 2e-5 of eager), so the test
@@ -276,6 +277,7 @@ def test_decode_pads_its_chunks_to_one_shape(tiny_dir, plain):
     assert_same_images(out, images)
 
 
+@pytest.mark.slow
 def test_a_compiled_generation_stage_warms_up_at_start_on_the_jobs_shape(tiny_dir):
     from torch._dynamo.utils import counters
 
@@ -301,6 +303,7 @@ def test_a_compiled_generation_stage_warms_up_at_start_on_the_jobs_shape(tiny_di
     assert off.warmup_seconds is None
 
 
+@pytest.mark.slow
 def test_compile_cache_dir_holds_the_compiled_kernels(tmp_path, monkeypatch):
     from k3batch.model import performance
 

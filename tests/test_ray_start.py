@@ -81,6 +81,7 @@ def stale_ray_tmpdir():
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_serve_with_a_stale_recorded_ray_serves_and_sigterm_stops_it_cleanly(
     hello_config, stale_ray_tmpdir
 ):
@@ -177,6 +178,7 @@ def test_serve_deployments_are_counted_from_the_config_as_serve_would_start_them
     assert (pools["Upscaler"].actors, pools["Beautifier"].cpus_each) == (2, 0.2)
 
 
+@pytest.mark.slow
 def test_submit_refuses_an_unreachable_dashboard_in_seconds_with_one_line():
     closed = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
