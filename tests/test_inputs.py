@@ -240,6 +240,16 @@ def test_prepare_mask_resizes_as_the_references_skimage_resize():
         np.testing.assert_array_equal(keep, want)
 
 
+def test_prepare_mask_keeps_within_zero_and_one_where_rounding_passes_one():
+    """Bilinear weights that sum to 1 + 2e-16: an 8x8 half mask resized to 64x6 interpolates
+    past 1, and the keep-mask must not go below 0 (the reference's resize clips to the
+    input's range)."""
+    repaint = np.zeros((8, 8))
+    repaint[:, :4] = 1.0
+    keep = images.prepare_mask(repaint, (64, 6))
+    assert keep.min() == 0.0 and keep.max() == 1.0
+
+
 def test_prepare_mask_array_repaints_from_grey_128_in_any_mode():
     """1 = repaint from grey 128 up (the threshold itself included), of an RGB mask's
     luminance as of a grey one."""
