@@ -223,6 +223,46 @@ def test_prepare_scales_large_images_to_about_one_megapixel():
     assert images.diffusion_size(3000, 2000) == (1216, 832)
     assert images.diffusion_size(1024, 1024) == (1024, 1024)
     assert images.diffusion_size(700, 130) == (640, 128)
+    # 1024 * sqrt(1561 / 1000) = 1279.4: just under 1280, so 1216 (a 1025 px target: 1280).
+    assert images.diffusion_size(1561, 1000) == (1216, 768)
+
+
+def test_prepare_mask_resizes_as_the_references_skimage_resize():
+    """skimage's bilinear resize of the reference, worked by hand: a 2x2 repaint mask [1, 0]
+    per line to 4 wide samples it at pixel centres -0.25, 0.25, 0.75 and 1.25, mirrored at
+    the edges (-0.25 reads 0.25, 1.25 reads 0.75): repaint 0.75, 0.75, 0.25, 0.25, keep
+    1 minus that. An integer mask (the goldens' cases pass one) gives the same."""
+    repaint = np.array([[1, 0], [1, 0]])
+    want = np.array([[0.25, 0.25, 0.75, 0.75]] * 2, dtype=np.float32)
+    for mask in (repaint.astype(np.float64), repaint):
+        keep = images.prepare_mask(mask, (4, 2))
+        assert keep.dtype == np.float32
+        np.testing.assert_array_equal(keep, want)
+
+
+def test_prepare_mask_keeps_within_zero_and_one_where_rounding_passes_one():
+    """Bilinear weights that sum to 1 + 2e-16: an 8x8 half mask resized to 64x6 interpolates
+    past 1, and the keep-mask must not go below 0 (the reference's resize clips to the
+    input's range)."""
+    repaint = np.zeros((8, 8))
+    repaint[:, :4] = 1.0
+    keep = images.prepare_mask(repaint, (64, 6))
+    assert keep.min() == 0.0 and keep.max() == 1.0
+
+
+def test_prepare_mask_array_repaints_from_grey_128_in_any_mode():
+    """1 = repaint from grey 128 up (the threshold itself included), of an RGB mask's
+    luminance as of a grey one."""
+    grey = Image.fromarray(np.array([[127, 128, 255]], dtype=np.uint8))
+    np.testing.assert_array_equal(images.mask_array(grey), [[0.0, 1.0, 1.0]])
+    rgb = Image.fromarray(np.array([[[127] * 3, [128] * 3, [255, 255, 255]]], dtype=np.uint8))
+    np.testing.assert_array_equal(images.mask_array(rgb), [[0.0, 1.0, 1.0]])
+
+
+def test_prepare_image_makes_rgb_of_a_grey_image():
+    grey = Image.fromarray(np.full((2, 3), 100, dtype=np.uint8))
+    out = images.prepare_image(grey, (3, 2))
+    assert out.shape == (2, 3, 3) and out.dtype == np.uint8 and (out == 100).all()
 
 
 @pytest.fixture(scope="module")

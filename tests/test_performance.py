@@ -266,6 +266,16 @@ def test_row_noise_is_each_generators_own_sequence_whatever_the_window():
             assert torch.equal(drawn[row], torch.randn((4, 8, 8), generator=g)), (row, k)
 
 
+def test_row_noise_lands_on_the_streams_device():
+    """Each window is moved to the device the stream was made for, in the shape asked for
+    (torch's `meta` device stands in for a GPU: a draw left on the CPU would show)."""
+    from k3batch.model import noise
+
+    stream = noise.RowNoise([torch.Generator().manual_seed(s) for s in (1, 2)], (4, 8, 8), "meta")
+    draw = stream()
+    assert draw.device == torch.device("meta") and draw.shape == (2, 4, 8, 8)
+
+
 def test_decode_pads_its_chunks_to_one_shape(tiny_dir, plain):
     _, latents, images = plain
     model = load_tiny(tiny_dir, decode_batch_size=2)

@@ -86,6 +86,25 @@ def test_blend_ramps_toward_the_later_tile():
     torch.testing.assert_close(out[0, 0, 0, 6:9], torch.tensor([0.0, 0.5, 1.0]))
 
 
+def test_blend_ramps_every_row_from_the_blended_row_above():
+    """Three rows of constant tiles 0, 1, 2 (extent 2, keep 6): each row's first two lines
+    ramp from the last lines of the row above as blended (row 1's are 1, not 0)."""
+    col = [[torch.full((1, 1, 8, 4), float(v))] for v in (0, 1, 2)]
+    out = blend_tiles(col, tile=8, overlap=0.25)
+    want = [0.0] * 6 + [0.0, 0.5, 1, 1, 1, 1] + [1, 1.5, 2, 2, 2, 2]
+    torch.testing.assert_close(out[0, 0, :, 0], torch.tensor(want))
+
+
+def test_blend_of_edge_tiles_narrower_than_the_ramp_is_the_latent():
+    """A 38 x 38 latent in tiles of 16 every 12: the last row and column are 2 wide, less than
+    the 4 of the ramp, and still blend back into the latent."""
+    z = torch.randn(1, 4, 38, 38)
+    starts = tile_starts(38, 16, 0.25)
+    assert starts == [0, 12, 24, 36]
+    tiles = [[z[:, :, a : a + 16, c : c + 16].clone() for c in starts] for a in starts]
+    torch.testing.assert_close(blend_tiles(tiles, 16, 0.25), z)
+
+
 def test_pickled_objects_and_missing_context_are_refused(paths, tmp_path):
     sr, k3 = paths
     folder = tmp_path / "bad"
