@@ -225,7 +225,6 @@ def test_run_help_lists_every_job_kind_from_the_registry():
         assert f"{name}: {kind.summary}" in text, name
 
 
-@pytest.mark.slow
 def test_make_tiny_help_lists_every_tiny_set_and_builds_the_superres_and_scorer_sets(tmp_path):
     from k3batch.model import family
     from k3batch.model.superres.pipeline import CHECKPOINTS

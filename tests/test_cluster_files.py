@@ -111,7 +111,6 @@ def test_rayservice_embeds_configs_serve_yaml_and_its_app_builds():
     assert group["maxReplicas"] * gpus >= wanted
 
 
-@pytest.mark.slow
 def test_serve_beautify_config_builds_both_apps():
     """configs/serve-beautify.yaml: the k3batch app's beautifier points at the ray.serve.llm
     app of the same file, and both applications build (no GPU needed to build)."""

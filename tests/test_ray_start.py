@@ -178,7 +178,6 @@ def test_serve_deployments_are_counted_from_the_config_as_serve_would_start_them
     assert (pools["Upscaler"].actors, pools["Beautifier"].cpus_each) == (2, 0.2)
 
 
-@pytest.mark.slow
 def test_submit_refuses_an_unreachable_dashboard_in_seconds_with_one_line():
     closed = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()

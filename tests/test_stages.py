@@ -113,6 +113,21 @@ def test_generate_stage_groups_sizes_and_passes_error_rows_through(generate_stag
     assert out["model"][0].startswith("kandinsky3:") and out["generate_seconds"][0] > 0
 
 
+def test_the_scale_benchmarks_stand_in_is_the_generation_stage_without_a_model(tmp_path):
+    """The instant stand-in (benchmarks/scale.py) keeps the stage's own work (sizes, records,
+    error rows) and loads nothing: a config whose model folder does not exist still runs."""
+    from k3batch.testing.standin import GREY, STANDIN_LABEL, instant_generate_stage
+
+    missing = str(tmp_path / "no-weights-here")
+    stage = instant_generate_stage()(
+        ModelConfig(name="kandinsky3", path=missing, dtype=FP32, device="cpu")
+    )
+    out = stage(valid_batch(["a cat", "", "a fox"], width=[64, None, 128]))
+    assert out["status"] == ["ok", "error", "ok"]
+    assert [len(b) if b else 0 for b in out["image_rgb"]] == [64 * 64 * 3, 0, 64 * 128 * 3]
+    assert set(out["image_rgb"][2]) == {GREY} and out["model"][0] == STANDIN_LABEL
+
+
 def test_generate_stage_retries_a_failing_batch_row_by_row(generate_stage, monkeypatch):
     real = generate_stage.pipe.generate
 
