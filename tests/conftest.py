@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import pytest
 
@@ -165,11 +166,29 @@ def cpu_bfloat16_attention():
 
 
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory):
+def short_tmp():
+    """`short_tmp(name)`: a new folder right under /tmp, removed at the session's end. For
+    Ray's temp dirs: its socket paths must stay under 107 characters, and pytest's own
+    folders are too deep for that under pytest-xdist (`.../pytest-N/popen-gw0/...`)."""
+    import shutil
+    import tempfile
+
+    made = []
+
+    def make(name: str) -> Path:
+        made.append(tempfile.mkdtemp(prefix=f"k3{name}", dir="/tmp"))
+        return Path(made[-1])
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local(short_tmp):
     import ray
 
-    # A short private temp dir: Ray's socket paths must stay under 107 characters.
-    temp_dir = tmp_path_factory.mktemp("ray")
+    temp_dir = short_tmp("ray")
     if ray.is_initialized():
         # An earlier test's job started its own local Ray (`k3batch run` does): this
         # session's settings replace it, whichever tests a run selects.

@@ -34,14 +34,14 @@ WAIT_S = 180  # for a condition: far above what it takes on a busy 2-core machin
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(short_tmp):
     """A head node with 0 CPUs; each test adds the worker nodes it needs and loses them."""
     from ray.cluster_utils import Cluster
 
     with pytest.MonkeyPatch.context() as env:
         # The cluster's temp files, and the address file Ray writes for `auto`, stay in a
         # folder of this session, not in /tmp/ray where other Rays on the machine look.
-        env.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("mn")))
+        env.setenv("RAY_TMPDIR", str(short_tmp("mn")))
         # A killed node is declared dead after ~3 s of missed health checks, not ~15 s.
         env.setenv("RAY_health_check_period_ms", "1000")
         env.setenv("RAY_health_check_failure_threshold", "3")

@@ -28,9 +28,9 @@ def free_ports(n: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(short_tmp):
     """A private head node: own temp dir, free ports, stopped through its own process group."""
-    temp = tmp_path_factory.mktemp("rc")
+    temp = short_tmp("rc")
     gcs, dash, client, nm, om, agent, metrics, env_agent = free_ports(8)
     env = {
         **os.environ,
