@@ -1,5 +1,6 @@
 """Submitting jobs to a real Ray cluster started with `ray start --head` on this machine."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -71,6 +72,9 @@ def cluster(short_tmp):
         pgid = _group_of(temp)
         yield {"address": f"http://127.0.0.1:{dash}", "env": env}
     finally:
+        if pgid is None:  # a failed start can leave some daemons up: stop those too
+            with contextlib.suppress(AssertionError, ProcessLookupError):
+                pgid = _group_of(temp)
         if pgid:
             _stop(pgid)
 
