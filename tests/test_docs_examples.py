@@ -116,6 +116,8 @@ def sandbox(tmp_path_factory):
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
     for name in ("RAY_AUTH_MODE", "RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_ADDRESS"):
         env.pop(name, None)  # the suite's own settings: a reader has none of them
+    # OMP_NUM_THREADS=1 (conftest) stays: it changes no output, only how the examples' torch
+    # shares two cores with the other test process.
     box = dx.Sandbox.create(root, env)
     yield box
     box.stop_servers()

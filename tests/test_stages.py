@@ -194,10 +194,11 @@ def test_generate_stage_sets_its_torch_thread_count(tiny_dir):
 
     before = torch.get_num_threads()
     try:
+        torch.set_num_threads(3)  # neither the suite's 1 nor the stage's 2
         GenerateStage(
             ModelConfig(**{"name": "kandinsky3", "path": tiny_dir, "dtype": FP32, "device": "cpu"}),
-            torch_threads=1,
+            torch_threads=2,
         )
-        assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
