@@ -318,6 +318,19 @@ class SeaweedFS:
                     ) from None
                 time.sleep(0.25)
 
+    def start_new(self, tries: int = 3) -> None:
+        """The first start: a free port picked here can be taken by another process (the other
+        test worker, a Ray) before `weed` binds it, so on "address already in use" pick the
+        ports again. A restart (`start`) keeps its ports, as a store that comes back does."""
+        for attempt in range(tries):
+            try:
+                return self.start()
+            except RuntimeError as e:
+                if "address already in use" not in str(e) or attempt == tries - 1:
+                    raise
+                self.ports = {name: free_port() for name in self.PORTS}
+                self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
+
     def stop(self) -> None:
         import subprocess
 
@@ -338,7 +351,7 @@ class SeaweedFS:
 def s3_server(tmp_path_factory):
     """The session's S3 store (see `SeaweedFS`), stopped at session end. Yields the endpoint."""
     server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
-    server.start()
+    server.start_new()
     try:
         yield server.endpoint
     finally:
@@ -349,7 +362,7 @@ def s3_server(tmp_path_factory):
 def flaky_s3(tmp_path_factory):
     """A store of the test's own, to stop and start again while a job writes to it."""
     server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs-flaky"))
-    server.start()
+    server.start_new()
     try:
         yield server
     finally:
