@@ -272,8 +272,7 @@ class SeaweedFS:
         }
         (root / "s3.json").write_text(json.dumps(identities))
         # Every port it opens, named: master, volume, filer and s3, each with its gRPC port.
-        self.ports = {name: free_port() for name in self.PORTS}
-        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
+        self._pick_ports()
         self.proc = None
         self.log = None
 
@@ -328,8 +327,11 @@ class SeaweedFS:
             except RuntimeError as e:
                 if "address already in use" not in str(e) or attempt == tries - 1:
                     raise
-                self.ports = {name: free_port() for name in self.PORTS}
-                self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
+                self._pick_ports()
+
+    def _pick_ports(self) -> None:
+        self.ports = {name: free_port() for name in self.PORTS}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
 
     def stop(self) -> None:
         import subprocess
