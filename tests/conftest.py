@@ -190,6 +190,16 @@ def short_tmp():
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def stale_ray_tmpdir(short_tmp):
+    """A Ray temp dir where a `ray start` that died left its address: the record
+    (`ray/ray_current_cluster`) names a closed port. For RAY_TMPDIR."""
+    ray_tmp = short_tmp("s")
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}\n")
+    return ray_tmp
+
+
 @pytest.fixture(scope="session")
 def ray_local(short_tmp):
     import ray

@@ -3,10 +3,8 @@
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -165,32 +163,28 @@ NOISE = re.compile(r"WARNING|\] [A-Z]+ \S+\.(?:cc|h):\d+|\d+ [EWF] \d+ \d+\]|Tra
 
 
 @pytest.mark.slow
-def test_demo_run_prints_only_k3batch_lines_even_with_a_stale_ray_address_recorded(tmp_path):
+def test_demo_run_prints_only_k3batch_lines_even_with_a_stale_ray_address_recorded(
+    tmp_path, stale_ray_tmpdir
+):
     # A crashed `ray start` leaves its address in <ray temp dir>/ray_current_cluster: a job
     # without an address still starts its own Ray. RAY_TMPDIR keeps the stale file private.
     # The same run puts a 1-CPU generation actor on every core: Ray Data's list-files, read
     # and repartition tasks ask one whole CPU, so with no CPU left the job used to hang.
     cores = os.cpu_count() or 1
-    ray_tmp = Path(tempfile.mkdtemp(prefix="k3r", dir="/tmp"))  # short: Ray's socket paths
-    try:
-        (ray_tmp / "ray").mkdir()
-        (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}\n")
-        env = {"RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_TOKEN": "0123456789abcdef" * 4}
-        env.update(RAY_AUTH_MODE=None, RAY_DATA_DISABLE_PROGRESS_BARS=None)  # k3batch's own
-        proc = k3batch(
-            "run",
-            str(demo_config(tmp_path)),
-            "--set",
-            "generation.num_inference_steps=2",
-            "--set",
-            f"resources.num_actors={cores}",
-            "--set",
-            "resources.torch_threads=1",
-            env=env,
-            timeout=400,
-        )
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    env = {"RAY_TMPDIR": str(stale_ray_tmpdir), "RAY_AUTH_TOKEN": "0123456789abcdef" * 4}
+    env.update(RAY_AUTH_MODE=None, RAY_DATA_DISABLE_PROGRESS_BARS=None)  # k3batch's own
+    proc = k3batch(
+        "run",
+        str(demo_config(tmp_path)),
+        "--set",
+        "generation.num_inference_steps=2",
+        "--set",
+        f"resources.num_actors={cores}",
+        "--set",
+        "resources.torch_threads=1",
+        env=env,
+        timeout=400,
+    )
     # The README's demo command end to end (one run serves the three checks: each costs ~45 s).
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "out" / "run.json").read_text())["ok"] == 36

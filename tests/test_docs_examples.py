@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
@@ -110,9 +107,9 @@ def test_markers_are_read():
 
 # ------------------------------------------------------------------ running them
 @pytest.fixture(scope="session")
-def sandbox(tmp_path_factory):
+def sandbox(tmp_path_factory, short_tmp):
     root = tmp_path_factory.mktemp("docs-checkout")
-    ray_tmp = Path(tempfile.mkdtemp(prefix="k3d", dir="/tmp"))  # short: Ray's socket paths
+    ray_tmp = short_tmp("d")  # short: Ray's socket paths
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
     for name in ("RAY_AUTH_MODE", "RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_ADDRESS"):
         env.pop(name, None)  # the suite's own settings: a reader has none of them
@@ -121,7 +118,6 @@ def sandbox(tmp_path_factory):
     box = dx.Sandbox.create(root, env)
     yield box
     box.stop_servers()
-    shutil.rmtree(ray_tmp, ignore_errors=True)
     # Each page's (wall s, cpu s of its commands).
     total = sum(wall for wall, _ in box.seconds.values())
     pages = ", ".join(f"{k} {wall:.0f} s" for k, (wall, _) in box.seconds.items())

@@ -5,12 +5,10 @@ are refused at start; SIGTERM shuts Serve down cleanly. Jobs' own start-up is te
 test_cli.py (unreachable ray.address / RAY_ADDRESS, a failed local start, a stale record)."""
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -68,17 +66,6 @@ def hello_config(tmp_path):
     app = {"name": "hello", "route_prefix": "/", "import_path": "tests.serve_apps:hello"}
     path.write_text(yaml.safe_dump({"applications": [app]}))
     return path
-
-
-@pytest.fixture
-def stale_ray_tmpdir():
-    """A Ray temp dir where a `ray start` that died left its address: the record names a
-    closed port (Ray's socket paths need the dir short, hence /tmp)."""
-    ray_tmp = Path(tempfile.mkdtemp(prefix="k3s", dir="/tmp"))
-    (ray_tmp / "ray").mkdir()
-    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}\n")
-    yield ray_tmp
-    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.slow

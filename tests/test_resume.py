@@ -2,11 +2,9 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pyarrow as pa
@@ -120,7 +118,7 @@ def test_webdataset_shards_read_back_and_a_lost_shard_is_regenerated(ray_local, 
     assert sorted(t.name for t in out.glob("*.tar")) == [t.name for t in tars]
 
 
-def test_killed_job_resumes_and_generates_only_missing_rows(tmp_path, tiny_dir):
+def test_killed_job_resumes_and_generates_only_missing_rows(tmp_path, tiny_dir, short_tmp):
     """A job killed part-way (SIGKILL to the driver and its local Ray) and rerun with the same
     config ends with one output per input row, and the rerun generated only the missing ones.
     The table has no id column: ids and the resume key both come from Ray's row hash."""
@@ -142,8 +140,7 @@ def test_killed_job_resumes_and_generates_only_missing_rows(tmp_path, tiny_dir):
     checkpoint = tmp_path / "out" / "_k3batch" / "checkpoint"
     cmd = [sys.executable, "-m", "k3batch.cli", "run", str(config)]
     # The job's own local Ray in a private dir (short: Ray's socket paths must fit 107 chars).
-    ray_tmp = tempfile.mkdtemp(prefix="k3r", dir="/tmp")
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env = {**os.environ, "RAY_TMPDIR": str(short_tmp("r"))}
 
     # Its own session, so the kill takes the driver's whole local Ray down with it, as a
     # preempted machine would.
@@ -180,4 +177,3 @@ def test_killed_job_resumes_and_generates_only_missing_rows(tmp_path, tiny_dir):
     assert sorted(r["n"] for r in rows) == list(range(n)) and len({r["id"] for r in rows}) == n
     assert len(list((tmp_path / "out" / "images").glob("*.png"))) == n
     assert f"this run      {n - done} rows; {done} finished earlier" in second.stdout
-    shutil.rmtree(ray_tmp, ignore_errors=True)
