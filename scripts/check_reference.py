@@ -108,8 +108,11 @@ def _diff(ref, ours) -> str:
 
 
 def _max_diff(a, b) -> str:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return f"max |diff| {np.abs(a - b).max():.2e} (of values up to {np.abs(a).max():.2f})"
+    """Of two float arrays or tensors (`b` against `a`): the largest difference, absolute and
+    relative to `a`'s largest value."""
+    a, b = (golden.to_numpy(v).astype(np.float64) for v in (a, b))
+    d, top = np.abs(a - b).max(), np.abs(a).max()
+    return f"max |diff| {d:.2e} (relative {d / top:.1e}, of values up to {top:.2f})"
 
 
 def main(checkout: str, record: str | None = None) -> None:

@@ -66,7 +66,7 @@ from k3batch.testing.tiny import make_tiny
 from k3batch.testing.tiny_sr import make_tiny_sr_flash
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from check_reference import _diff, tiny_movq_config  # noqa: E402
+from check_reference import _diff, _max_diff, tiny_movq_config  # noqa: E402
 from check_reference_sr import _reference, _reference_unet  # noqa: E402
 
 from k3batch.model.kandinsky3 import layout
@@ -188,11 +188,6 @@ def _reference_refiner(k3: str):
     file = os.path.join(weights, family.MEMBERS[family.FLASH].reference_file)
     unet.load_state_dict(torch.load(file, weights_only=True)["unet"])
     return unet.eval()
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> str:
-    d = (a - b).abs().max().item()
-    return f"max |diff| {d:.2e} (relative {d / a.abs().max().item():.1e})"
 
 
 def check_refine(ref: dict, root: str, folder: str, k3: str, sr_unet, model, save) -> None:
