@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -230,3 +231,284 @@ def test_declared_input_columns_are_what_validation_takes(member, extra):
             assert out["status"] == "ok" and column not in said, (column, said)
         else:
             assert f"{column}: " in said, (column, said)
+
+
+# ------------------------------------------------------------------ sampling settings
+@pytest.mark.parametrize(
+    ("field", "value", "ok"),
+    [
+        ("num_inference_steps", 1, True),
+        ("num_inference_steps", 0, False),
+        ("num_inference_steps", 1000, True),  # limits.max_num_inference_steps' default
+        ("num_inference_steps", 1001, False),
+        ("guidance_scale", 0.0, True),  # guidance off is a setting, not an error
+        ("guidance_scale", 0.5, True),
+        ("guidance_scale", -0.01, False),
+        ("strength", 1.0, True),  # (0, 1]: 1 noises the input image all the way
+        ("strength", 1e-9, True),
+        ("strength", 0.0, False),
+        ("strength", 1.01, False),
+    ],
+)
+def test_sampling_settings_take_their_bounds_and_refuse_past_them(field, value, ok):
+    row = norm(**{field: value}, **({"image": "in.png"} if field == "strength" else {}))
+    if ok:
+        assert row["status"] == "ok" and row[field] == value, row["error"]
+    else:
+        assert row["status"] == "error" and row["error"].startswith(f"{field}: "), row["error"]
+        assert str(value) in row["error"]
+
+
+def rules_of(member) -> RowRules:
+    """The rules for rows of `member`: a registered member's name, or a `Member` declared in
+    the test (the rules read its declarations, not its name)."""
+    from .conftest import row_capabilities
+
+    if isinstance(member, str):
+        caps = row_capabilities(name=member)
+    else:
+        caps = dataclasses.replace(row_capabilities(name="kandinsky3"), member=member)
+    return RowRules(width=64, height=64, num_inference_steps=4, capabilities=caps)
+
+
+FLASH_SETTINGS = {
+    "negative_prompt": "blurry",
+    "guidance_scale": 1.0,
+    "num_inference_steps": 8,
+    "scheduler": "unipc",
+}
+
+
+def test_flash_names_each_setting_it_ignores_why_and_the_value():
+    row = normalise_row(
+        {"id": "r", "prompt": "a cat", **FLASH_SETTINGS}, "prompt", rules_of("kandinsky3-flash")
+    )
+    why = "(no guidance, 4 fixed steps)"
+    assert row["status"] == "ok", row["error"]
+    assert row["warning"] == "; ".join(
+        [
+            f"negative_prompt: ignored by kandinsky3-flash {why}, got 'blurry'",
+            f"guidance_scale: ignored by kandinsky3-flash {why}, got 1.0",
+            f"num_inference_steps: ignored by kandinsky3-flash {why}, got 8",
+            f"scheduler: ignored by kandinsky3-flash {why}, got 'unipc'",
+        ]
+    )
+    # What it runs is recorded, not what the row asked for.
+    assert (row["guidance_scale"], row["negative_prompt"]) == (None, None)
+    assert (row["num_inference_steps"], row["scheduler"]) == (4, "reference")
+
+
+def test_flash_is_silent_on_the_settings_it_runs_anyway():
+    """Guidance 0 is no guidance, an empty negative prompt none, 4 steps and the reference's
+    scheduler are Flash's own: nothing to warn of."""
+    same = {"negative_prompt": "", "guidance_scale": 0.0, "num_inference_steps": 4}
+    row = normalise_row(
+        {"id": "r", "prompt": "a cat", **same, "scheduler": "reference"},
+        "prompt",
+        rules_of("kandinsky3-flash"),
+    )
+    assert row["status"] == "ok" and row["warning"] is None, row["warning"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "why", "ignored"),
+    [
+        # guided, fixed steps: only the steps and scheduler are ignored, for that reason alone
+        ({"guidance_scale": 3.0}, "4 fixed steps", ["num_inference_steps", "scheduler"]),
+        # unguided, its own steps: only the guidance settings, for that reason alone
+        (
+            {"fixed_timesteps": None, "num_inference_steps": 50},
+            "no guidance",
+            ["negative_prompt", "guidance_scale"],
+        ),
+    ],
+)
+def test_ignored_settings_follow_what_the_member_declares(changes, why, ignored):
+    from k3batch.model import family
+
+    member = dataclasses.replace(family.MEMBERS["kandinsky3-flash"], name="m", **changes)
+    row = normalise_row(
+        {"id": "r", "prompt": "a cat", **FLASH_SETTINGS}, "prompt", rules_of(member)
+    )
+    assert row["status"] == "ok", row["error"]
+    assert row["warning"] == "; ".join(
+        f"{name}: ignored by m ({why}), got {FLASH_SETTINGS[name]!r}" for name in ignored
+    )
+
+
+def test_own_scheduler_members_ignore_a_rows_scheduler_naming_it_and_are_silent_without():
+    rules = rules_of("kandinsky2.2")
+    row = normalise_row({"id": "r", "prompt": "a cat", "scheduler": "euler"}, "prompt", rules)
+    assert row["status"] == "ok" and row["scheduler"] == "reference"
+    assert row["warning"] == (
+        "scheduler: ignored by kandinsky2.2 (its own diffusers schedulers), got 'euler'"
+    )
+    for quiet in ({}, {"scheduler": "reference"}):
+        row = normalise_row({"id": "r", "prompt": "a cat", **quiet}, "prompt", rules)
+        assert row["status"] == "ok" and row["warning"] is None, (quiet, row["warning"])
+
+
+def test_unknown_scheduler_error_lists_the_choices():
+    row = norm(scheduler="ddpm")
+    assert row["error"] == "scheduler: unknown 'ddpm', one of reference, dpmsolver++, unipc, euler"
+
+
+def test_strength_on_a_row_without_an_image_names_who_takes_it_and_the_value():
+    row = norm(strength=0.25)
+    assert row["status"] == "ok"
+    assert row["warning"] == (
+        "strength: ignored, only image-to-image rows (kandinsky3 with an image) use it, got 0.25"
+    )
+
+
+# ------------------------------------------------------------------ a prior's settings, mix
+def k22(**raw):
+    """A Kandinsky 2.2 row, with prior defaults (5 steps, 1.5) apart from the decoder's (4, 3.0)."""
+    rules = dataclasses.replace(
+        rules_of("kandinsky2.2"), prior_num_inference_steps=5, prior_guidance_scale=1.5
+    )
+    return normalise_row({"id": "r", "prompt": "a cat", **raw}, "prompt", rules)
+
+
+def test_prior_settings_default_to_the_priors_and_a_row_sets_them_apart_from_the_decoders():
+    row = k22()
+    assert row["status"] == "ok", row["error"]
+    assert (row["prior_num_inference_steps"], row["prior_guidance_scale"]) == (5, 1.5)
+    row = k22(prior_num_inference_steps=7, prior_guidance_scale=2.5)
+    assert (row["prior_num_inference_steps"], row["prior_guidance_scale"]) == (7, 2.5)
+    assert (row["num_inference_steps"], row["guidance_scale"]) == (4, 3.0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("prior_num_inference_steps", 2, None),  # diffusers' prior scheduler needs 2
+        ("prior_num_inference_steps", 1000, None),
+        ("prior_num_inference_steps", 1, "must be in [2, limits.max_num_inference_steps=1000]"),
+        ("prior_num_inference_steps", 1001, "must be in [2, limits.max_num_inference_steps=1000]"),
+        ("prior_guidance_scale", 0.0, None),
+        ("prior_guidance_scale", 0.5, None),  # not held to the steps' lower bound of 2
+        ("prior_guidance_scale", -0.5, "must be finite and >= 0"),
+        ("prior_guidance_scale", math.inf, "must be finite and >= 0"),
+    ],
+)
+def test_prior_settings_take_their_bounds_and_refuse_past_them(field, value, error):
+    row = k22(**{field: value})
+    if error is None:
+        assert row["status"] == "ok" and row[field] == value, row["error"]
+    else:
+        assert row["error"] == f"{field}: {error}, got {value}"
+
+
+def test_a_member_without_a_prior_warns_of_its_settings_and_records_none():
+    row = norm(prior_num_inference_steps=3, prior_guidance_scale=2.0)
+    assert row["status"] == "ok"
+    assert row["warning"] == (
+        "prior_num_inference_steps: ignored by kandinsky3 (no prior), got 3; "
+        "prior_guidance_scale: ignored by kandinsky3 (no prior), got 2.0"
+    )
+    assert row["prior_num_inference_steps"] is None and row["prior_guidance_scale"] is None
+
+
+def test_mix_on_a_member_that_does_not_mix_names_the_one_that_does():
+    mix = [{"prompt": "a dog", "weight": 0.7}]
+    row = norm(mix=mix)
+    assert row["error"] == f"mix: only kandinsky2.2 mixes images and prompts, got {mix!r}"
+
+
+def test_mix_of_prompts_and_images_with_any_finite_weights_is_taken():
+    mix = [{"prompt": "a dog", "weight": 0.7}, {"image": "a.png", "weight": -0.2}]
+    row = k22(mix=mix)
+    assert row["status"] == "ok" and row["error"] is None, row["error"]
+    assert k22(mix=[{"image": b"\x89PNG", "weight": 2}])["status"] == "ok"
+
+
+SHAPE = "{prompt | image, weight}"
+
+
+@pytest.mark.parametrize(
+    ("mix", "error"),
+    [
+        ("a dog", f"mix: expected a non-empty list of {SHAPE}, got 'a dog'"),
+        ([], f"mix: expected a non-empty list of {SHAPE}, got []"),
+        (["a dog"], f"mix[0]: expected {SHAPE}, got 'a dog'"),
+        (
+            [{"prompt": "a dog", "weight": 1}, {"prompt": "a", "image": "b.png", "weight": 1}],
+            "mix[1]: both prompt and image, give one, got "
+            "{'prompt': 'a', 'image': 'b.png', 'weight': 1}",
+        ),
+        ([{"weight": 1}], "mix[0]: neither prompt nor image, give one, got {'weight': 1}"),
+        ([{"prompt": " \t", "weight": 1}], "mix[0].prompt: expected visible text, got ' \\t'"),
+        ([{"prompt": 5, "weight": 1}], "mix[0].prompt: expected visible text, got 5"),
+        ([{"image": " ", "weight": 1}], "mix[0].image: empty URI, got ' '"),
+        ([{"image": b"", "weight": 1}], "mix[0].image: empty bytes"),
+        ([{"image": 3, "weight": 1}], "mix[0].image: expected a URI or raw bytes, got 3"),
+        ([{"prompt": "a dog"}], "mix[0].weight: expected a number, got None"),
+        ([{"prompt": "a dog", "weight": "1"}], "mix[0].weight: expected a number, got '1'"),
+        ([{"prompt": "a dog", "weight": True}], "mix[0].weight: expected a number, got True"),
+        ([{"prompt": "a dog", "weight": math.nan}], "mix[0].weight: must be finite, got nan"),
+    ],
+)
+def test_a_bad_mix_item_is_the_rows_error_naming_the_item(mix, error):
+    row = k22(mix=mix)
+    assert row["status"] == "error" and row["error"] == error
+
+
+# ------------------------------------------------------------------ seeds and images per row
+def test_derived_seeds_use_63_bits():
+    seeds = [derive_seed(7, f"r{i}") for i in range(64)]
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert max(seeds) >= 2**62  # one of 64 ids below 2**62 by chance: 2**-64
+
+
+def test_seed_zero_and_the_largest_seed_are_a_rows_own():
+    row = norm(seed=0, num_images_per_prompt=2)
+    assert row["status"] == "ok" and (row["seed"], row["image_seeds"]) == (0, [0, 1])
+    assert norm(seed=1)["seed"] == 1
+
+
+def test_a_job_seed_of_minus_one_draws_each_rows_seed_and_each_images():
+    rules = dataclasses.replace(RULES, seed=-1, num_images_per_prompt=3)
+    a, b = (normalise_row({"id": "r", "prompt": "a cat"}, "prompt", rules) for _ in range(2))
+    assert a["seed"] != b["seed"]
+    for row in (a, b, norm(seed=-1, num_images_per_prompt=3)):
+        seeds = row["image_seeds"]
+        assert seeds[0] == row["seed"] and len(set(seeds)) == 3
+        assert seeds[1:] != [row["seed"] + 1, row["seed"] + 2]  # drawn, not consecutive
+
+
+def test_images_per_prompt_up_to_the_limit_and_no_seeds_for_a_bad_count():
+    row = norm(num_images_per_prompt=64)  # limits.max_num_images_per_prompt's default
+    assert row["status"] == "ok" and len(row["image_seeds"]) == 64
+    for bad in (0, 65, "two"):
+        row = norm(num_images_per_prompt=bad)
+        assert row["status"] == "error" and row["error"].startswith("num_images_per_prompt: ")
+        assert row["num_images_per_prompt"] is None and row["image_seeds"] is None
+
+
+def test_row_seed_resolves_a_seed_column_as_generation_does():
+    from k3batch.rows.seeds import row_seed
+    from k3batch.rows.values import RowError
+
+    assert row_seed(None, 7, "r1") == derive_seed(7, "r1") == norm()["seed"]
+    assert row_seed(None, 8, "r1") != row_seed(None, 7, "r1") != row_seed(None, 7, "r2")
+    for value in (0, 1, 5.0, 2**64 - 1):
+        assert row_seed(value, 7, "r1") == value
+    for value, base in ((None, -1), (-1, 7)):  # drawn: a new seed each time
+        drawn = {row_seed(value, base, "r1") for _ in range(3)}
+        assert len(drawn) == 3 and all(0 <= s < 2**63 for s in drawn)
+    for value in (2**64, -2):
+        with pytest.raises(
+            RowError, match=rf"^seed: must be -1 or in \[0, 2\*\*64\), got {value}$"
+        ):
+            row_seed(value, 7, "r1")
+    with pytest.raises(RowError, match=r"^seed: expected an integer, got 'x'$"):
+        row_seed("x", 7, "r1")
+
+
+def test_records_of_a_row_are_its_images_or_one_for_a_bad_count():
+    from k3batch.rows.seeds import records_of
+
+    rules = dataclasses.replace(RULES, num_images_per_prompt=3)
+    assert [records_of(v, rules) for v in (None, 2, 64)] == [3, 2, 64]
+    assert [records_of(v, rules) for v in (0, 65, "x", 1.5)] == [1, 1, 1, 1]
