@@ -8,6 +8,8 @@ from k3batch.rows.records import MAX_KEY_CHARS, object_key
 from k3batch.rows.rules import RowRules
 from k3batch.rows.seeds import derive_seed
 
+from .conftest import row_capabilities
+
 RULES = RowRules(width=64, height=64, num_inference_steps=4, seed=7)
 
 
@@ -212,8 +214,6 @@ def _variants():
 def test_declared_input_columns_are_what_validation_takes(member, extra):
     """`RowCapabilities.input_columns` (the config reference's table) is true: each listed
     column is taken without a word, each other one is a warning or an error naming it."""
-    from .conftest import row_capabilities
-
     caps = row_capabilities(name=member.name, **extra)
     rules = RowRules(width=64, height=64, num_inference_steps=4, capabilities=caps)
     base = {"id": "r", "prompt": "a cat"}
@@ -262,8 +262,6 @@ def test_sampling_settings_take_their_bounds_and_refuse_past_them(field, value, 
 def rules_of(member) -> RowRules:
     """The rules for rows of `member`: a registered member's name, or a `Member` declared in
     the test (the rules read its declarations, not its name)."""
-    from .conftest import row_capabilities
-
     if isinstance(member, str):
         caps = row_capabilities(name=member)
     else:
@@ -512,3 +510,74 @@ def test_records_of_a_row_are_its_images_or_one_for_a_bad_count():
     rules = dataclasses.replace(RULES, num_images_per_prompt=3)
     assert [records_of(v, rules) for v in (None, 2, 64)] == [3, 2, 64]
     assert [records_of(v, rules) for v in (0, 65, "x", 1.5)] == [1, 1, 1, 1]
+
+
+# ------------------------------------------------------------------ image prompts
+def test_image_prompt_messages_quote_what_the_row_gave():
+    ip = dataclasses.replace(
+        RULES, capabilities=row_capabilities(ip_adapter={"path": "ip_adapter.safetensors"})
+    )
+    images = [{"image": "ref.png", "weight": 0.6}]
+    row = norm(ip_images=images, ip_adapter_scale=0.4)
+    assert row["error"] == (
+        "ip_images: image prompts need model.ip_adapter (kandinsky3 with the IP-Adapter), "
+        f"got {images!r}"
+    )
+    assert row["warning"] == "ip_adapter_scale: ignored without model.ip_adapter, got 0.4"
+    row = normalise_row({"id": "r", "prompt": "a cat", "ip_adapter_scale": 0.4}, "prompt", ip)
+    assert row["warning"] == "ip_adapter_scale: ignored, the row has no ip_images, got 0.4"
+    item = {"weight": 0.6}
+    row = normalise_row({"id": "r", "prompt": "a cat", "ip_images": [item]}, "prompt", ip)
+    assert row["error"] == f"ip_images[0].image: missing (null), got {item!r}"
+
+
+# ------------------------------------------------------------------ hints, ControlNet settings
+DEPTH = "kandinsky2.2-controlnet-depth"
+
+
+def depth_row(estimator: bool = False, **raw):
+    caps = row_capabilities(
+        name=DEPTH, **({"depth_estimator": "Intel/dpt-large"} if estimator else {})
+    )
+    rules = dataclasses.replace(RULES, capabilities=caps)
+    return normalise_row({"id": "r", "prompt": "a cat", **raw}, "prompt", rules)
+
+
+def test_a_depth_row_needs_a_hint_or_an_image_with_an_estimator():
+    assert depth_row(hint="h.png")["status"] == "ok"
+    assert depth_row(estimator=True, image="in.png")["status"] == "ok"
+    assert depth_row()["error"] == (
+        f"hint: missing (null), {DEPTH} needs a `hint` depth image, or an `image` to estimate "
+        "it from"
+    )
+    assert depth_row(estimator=True)["error"] == depth_row()["error"]
+    assert depth_row(image="in.png")["error"] == (
+        "hint: missing (null), and no model.depth_estimator to estimate it from `image`; "
+        f"{DEPTH} needs one of them"
+    )
+    assert depth_row(hint=" ", image="in.png")["error"] == "hint: empty URI, got ' '"
+
+
+def test_a_hint_where_nothing_takes_one_names_who_does_and_the_value():
+    assert norm(hint="h.png")["error"] == (
+        f"hint: only {DEPTH} takes a depth hint, or kandinsky3 with model.controlnet an edge "
+        "hint; got 'h.png'"
+    )
+
+
+def test_control_settings_take_0_to_1_with_start_before_end():
+    rules = dataclasses.replace(RULES, capabilities=row_capabilities(controlnet="controlnet_hed"))
+
+    def row(**raw):
+        raw = {"id": "r", "prompt": "a cat", "hint": "h.png", **raw}
+        return normalise_row(raw, "prompt", rules)
+
+    ends = row(control_guidance_start=0.0, control_guidance_end=1.0)
+    assert ends["status"] == "ok", ends["error"]
+    assert (ends["control_guidance_start"], ends["control_guidance_end"]) == (0.0, 1.0)
+    same = row(control_guidance_start=0.5, control_guidance_end=0.5)
+    assert same["error"] == "control_guidance_start: must be < control_guidance_end (0.5), got 0.5"
+    assert same["control_guidance_start"] is None
+    assert norm(controlnet_conditioning_scale=0.5)["warning"] == (
+        "controlnet_conditioning_scale: ignored, without model.controlnet, got 0.5"
+    )
