@@ -581,3 +581,28 @@ def test_control_settings_take_0_to_1_with_start_before_end():
     assert norm(controlnet_conditioning_scale=0.5)["warning"] == (
         "controlnet_conditioning_scale: ignored, without model.controlnet, got 0.5"
     )
+
+
+# ------------------------------------------------------------------ images, masks, sizes
+def test_image_and_mask_messages_name_the_member_and_quote_the_value():
+    flash = normalise_row(
+        {"id": "r", "prompt": "a cat", "image": "in.png"}, "prompt", rules_of("kandinsky3-flash")
+    )
+    assert flash["error"] == "image: kandinsky3-flash is text-to-image only, got 'in.png'"
+    assert norm(mask="m.png")["error"] == "mask: only kandinsky3-inpaint takes a mask, got 'm.png'"
+    inpaint = normalise_row(
+        {"id": "r", "prompt": "a cat", "image": "in.png", "mask": " "},
+        "prompt",
+        rules_of("kandinsky3-inpaint"),
+    )
+    assert inpaint["error"] == "mask: empty URI, got ' '"
+
+
+def test_sizes_up_to_max_side_and_an_image_rows_own_size():
+    row = norm(width=2048, height=64)  # limits.max_side's default
+    assert row["status"] == "ok" and row["width"] == 2048
+    assert norm(width=2112)["error"] == "width: 2112 is above limits.max_side=2048"
+    row = norm(image="in.png")
+    assert (row["width"], row["height"]) == (None, None)  # the image's, once it is read
+    row = norm(image="in.png", width=128)
+    assert (row["width"], row["height"]) == (128, None)
