@@ -606,3 +606,13 @@ def test_sizes_up_to_max_side_and_an_image_rows_own_size():
     assert (row["width"], row["height"]) == (None, None)  # the image's, once it is read
     row = norm(image="in.png", width=128)
     assert (row["width"], row["height"]) == (128, None)
+
+
+def test_values_in_messages_are_quoted_whole_up_to_60_characters_then_cut():
+    from k3batch.rows.values import show
+
+    assert show("x" * 58) == "'" + "x" * 58 + "'"  # 60 characters quoted
+    assert show("x" * 59) == "'" + "x" * 56 + "... (59 chars)"
+    assert norm(width="w" * 100)["error"] == "width: expected an integer, got '" + "w" * 56 + (
+        "... (100 chars)"
+    )
