@@ -323,3 +323,15 @@ def test_generate_stage_runs_each_rows_scheduler(tiny_dir, tiny_model):
         (want,) = tiny_model.generate([req("a cat", 5, steps=2, scheduler=name)])
         assert np.abs(got[i].astype(int) - want.astype(int)).max() <= 1, name
     assert not np.array_equal(got[0], got[1]) and not np.array_equal(got[0], got[3])
+
+
+def test_scheduler_choices_are_described_and_an_unknown_one_lists_them():
+    described = samplers.describe()
+    assert described.startswith("`reference`: the reference's DDIM with eta=1")
+    assert described.count("; `") == len(samplers.NAMES) - 1
+    assert "; `dpmsolver++`: diffusers' DPMSolverMultistepScheduler" in described
+    with pytest.raises(
+        ValueError,
+        match=r"^scheduler: unknown 'ddpm'; one of reference, dpmsolver\+\+, unipc, euler$",
+    ):
+        samplers.build("ddpm")

@@ -73,7 +73,6 @@ class Solver:
     and its steps. Stateful (multistep history), so built per call."""
 
     def __init__(self, name: str, num_inference_steps: int, strength: float | None = None):
-        self.name = name
         self.scheduler = build(name)
         # Timesteps stay on the CPU: the UNet gets them as Python numbers (no device sync).
         self.scheduler.set_timesteps(num_inference_steps, device="cpu")
