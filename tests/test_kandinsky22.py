@@ -388,3 +388,23 @@ def test_warm_up_runs_a_batch_and_leaves_the_next_images_alone(models, member):
     before = model.generate([row])
     assert model.warm_up(SIZE, SIZE, 2) > 0
     assert_same_images(model.generate([row]), before, max_flips=0)
+
+
+def test_input_checks_name_the_field_and_what_is_wrong():
+    from k3batch.model.kandinsky22.inputs import check_image, check_mix
+
+    check_image(np.zeros((1, 5, 3), np.uint8), "image")  # one pixel high is an image
+    with pytest.raises(
+        ValueError, match=r"^image: expected an HxWx3 uint8 image, got shape \(0, 5, 3\)$"
+    ):
+        check_image(np.zeros((0, 5, 3), np.uint8), "image")
+    with pytest.raises(ValueError, match=r"^hint: size 4x2, the row's is 7x5$"):
+        check_image(np.zeros((2, 4, 3), np.uint8), "hint", size=(5, 7))
+    cases = [
+        ([("a dog", 1.0, 2)], r"^mix\[0\]: expected a \(prompt or image, weight\) pair$"),
+        ([("a dog", 1.0), ("a cat", "1")], r"^mix\[1\]: weight '1' is not a finite number$"),
+        ([(5, 1.0)], r"^mix\[0\]: expected a prompt or an HxWx3 uint8 image, got int$"),
+    ]
+    for mix, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_mix(mix)
