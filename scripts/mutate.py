@@ -93,6 +93,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("module", help="a module path in tests/mutation_map.toml")
     parser.add_argument("--show", action="store_true", help="print each survivor's diff")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="mutants tested at once (default 1: a shared machine)"
+    )
     a = parser.parse_args()
     modules = load_map()
     module = a.module.removeprefix("./")
@@ -102,8 +105,8 @@ def main() -> int:
     mutmut = Path(sys.executable).parent / "mutmut"
     # The mutated copy first on the path of every process the tests start, too.
     env = {**os.environ, "PYTHONPATH": str(work / "mutants")}
-    # Lowest priority, one worker: the machines this runs on are shared.
-    cmd = ["nice", "-n", "19", str(mutmut), "run", "--max-children", "1"]
+    # Lowest priority, one worker unless asked: the machines this runs on are shared.
+    cmd = ["nice", "-n", "19", str(mutmut), "run", "--max-children", str(a.jobs)]
     rc = subprocess.run(cmd, cwd=work, env=env).returncode
     if rc != 0:
         print(f"mutmut run exited with {rc}", file=sys.stderr)
