@@ -259,6 +259,11 @@ def test_sampling_settings_take_their_bounds_and_refuse_past_them(field, value, 
         assert str(value) in row["error"]
 
 
+def row_under(rules, **raw):
+    """Row `r`, prompt "a cat" with `raw`'s columns, normalised under `rules`."""
+    return normalise_row({"id": "r", "prompt": "a cat", **raw}, "prompt", rules)
+
+
 def rules_of(member) -> RowRules:
     """The rules for rows of `member`: a registered member's name, or a `Member` declared in
     the test (the rules read its declarations, not its name)."""
@@ -278,9 +283,7 @@ FLASH_SETTINGS = {
 
 
 def test_flash_names_each_setting_it_ignores_why_and_the_value():
-    row = normalise_row(
-        {"id": "r", "prompt": "a cat", **FLASH_SETTINGS}, "prompt", rules_of("kandinsky3-flash")
-    )
+    row = row_under(rules_of("kandinsky3-flash"), **FLASH_SETTINGS)
     why = "(no guidance, 4 fixed steps)"
     assert row["status"] == "ok", row["error"]
     assert row["warning"] == "; ".join(
@@ -300,11 +303,7 @@ def test_flash_is_silent_on_the_settings_it_runs_anyway():
     """Guidance 0 is no guidance, an empty negative prompt none, 4 steps and the reference's
     scheduler are Flash's own: nothing to warn of."""
     same = {"negative_prompt": "", "guidance_scale": 0.0, "num_inference_steps": 4}
-    row = normalise_row(
-        {"id": "r", "prompt": "a cat", **same, "scheduler": "reference"},
-        "prompt",
-        rules_of("kandinsky3-flash"),
-    )
+    row = row_under(rules_of("kandinsky3-flash"), **same, scheduler="reference")
     assert row["status"] == "ok" and row["warning"] is None, row["warning"]
 
 
@@ -325,9 +324,7 @@ def test_ignored_settings_follow_what_the_member_declares(changes, why, ignored)
     from k3batch.model import family
 
     member = dataclasses.replace(family.MEMBERS["kandinsky3-flash"], name="m", **changes)
-    row = normalise_row(
-        {"id": "r", "prompt": "a cat", **FLASH_SETTINGS}, "prompt", rules_of(member)
-    )
+    row = row_under(rules_of(member), **FLASH_SETTINGS)
     assert row["status"] == "ok", row["error"]
     assert row["warning"] == "; ".join(
         f"{name}: ignored by m ({why}), got {FLASH_SETTINGS[name]!r}" for name in ignored
@@ -336,13 +333,13 @@ def test_ignored_settings_follow_what_the_member_declares(changes, why, ignored)
 
 def test_own_scheduler_members_ignore_a_rows_scheduler_naming_it_and_are_silent_without():
     rules = rules_of("kandinsky2.2")
-    row = normalise_row({"id": "r", "prompt": "a cat", "scheduler": "euler"}, "prompt", rules)
+    row = row_under(rules, scheduler="euler")
     assert row["status"] == "ok" and row["scheduler"] == "reference"
     assert row["warning"] == (
         "scheduler: ignored by kandinsky2.2 (its own diffusers schedulers), got 'euler'"
     )
     for quiet in ({}, {"scheduler": "reference"}):
-        row = normalise_row({"id": "r", "prompt": "a cat", **quiet}, "prompt", rules)
+        row = row_under(rules, **quiet)
         assert row["status"] == "ok" and row["warning"] is None, (quiet, row["warning"])
 
 
@@ -365,7 +362,7 @@ def k22(**raw):
     rules = dataclasses.replace(
         rules_of("kandinsky2.2"), prior_num_inference_steps=5, prior_guidance_scale=1.5
     )
-    return normalise_row({"id": "r", "prompt": "a cat", **raw}, "prompt", rules)
+    return row_under(rules, **raw)
 
 
 def test_prior_settings_default_to_the_priors_and_a_row_sets_them_apart_from_the_decoders():
@@ -467,7 +464,7 @@ def test_seed_zero_and_the_largest_seed_are_a_rows_own():
 
 def test_a_job_seed_of_minus_one_draws_each_rows_seed_and_each_images():
     rules = dataclasses.replace(RULES, seed=-1, num_images_per_prompt=3)
-    a, b = (normalise_row({"id": "r", "prompt": "a cat"}, "prompt", rules) for _ in range(2))
+    a, b = (row_under(rules) for _ in range(2))
     assert a["seed"] != b["seed"]
     for row in (a, b, norm(seed=-1, num_images_per_prompt=3)):
         seeds = row["image_seeds"]
@@ -524,10 +521,10 @@ def test_image_prompt_messages_quote_what_the_row_gave():
         f"got {images!r}"
     )
     assert row["warning"] == "ip_adapter_scale: ignored without model.ip_adapter, got 0.4"
-    row = normalise_row({"id": "r", "prompt": "a cat", "ip_adapter_scale": 0.4}, "prompt", ip)
+    row = row_under(ip, ip_adapter_scale=0.4)
     assert row["warning"] == "ip_adapter_scale: ignored, the row has no ip_images, got 0.4"
     item = {"weight": 0.6}
-    row = normalise_row({"id": "r", "prompt": "a cat", "ip_images": [item]}, "prompt", ip)
+    row = row_under(ip, ip_images=[item])
     assert row["error"] == f"ip_images[0].image: missing (null), got {item!r}"
 
 
@@ -540,7 +537,7 @@ def depth_row(estimator: bool = False, **raw):
         name=DEPTH, **({"depth_estimator": "Intel/dpt-large"} if estimator else {})
     )
     rules = dataclasses.replace(RULES, capabilities=caps)
-    return normalise_row({"id": "r", "prompt": "a cat", **raw}, "prompt", rules)
+    return row_under(rules, **raw)
 
 
 def test_a_depth_row_needs_a_hint_or_an_image_with_an_estimator():
@@ -569,8 +566,7 @@ def test_control_settings_take_0_to_1_with_start_before_end():
     rules = dataclasses.replace(RULES, capabilities=row_capabilities(controlnet="controlnet_hed"))
 
     def row(**raw):
-        raw = {"id": "r", "prompt": "a cat", "hint": "h.png", **raw}
-        return normalise_row(raw, "prompt", rules)
+        return row_under(rules, hint="h.png", **raw)
 
     ends = row(control_guidance_start=0.0, control_guidance_end=1.0)
     assert ends["status"] == "ok", ends["error"]
@@ -585,16 +581,10 @@ def test_control_settings_take_0_to_1_with_start_before_end():
 
 # ------------------------------------------------------------------ images, masks, sizes
 def test_image_and_mask_messages_name_the_member_and_quote_the_value():
-    flash = normalise_row(
-        {"id": "r", "prompt": "a cat", "image": "in.png"}, "prompt", rules_of("kandinsky3-flash")
-    )
+    flash = row_under(rules_of("kandinsky3-flash"), image="in.png")
     assert flash["error"] == "image: kandinsky3-flash is text-to-image only, got 'in.png'"
     assert norm(mask="m.png")["error"] == "mask: only kandinsky3-inpaint takes a mask, got 'm.png'"
-    inpaint = normalise_row(
-        {"id": "r", "prompt": "a cat", "image": "in.png", "mask": " "},
-        "prompt",
-        rules_of("kandinsky3-inpaint"),
-    )
+    inpaint = row_under(rules_of("kandinsky3-inpaint"), image="in.png", mask=" ")
     assert inpaint["error"] == "mask: empty URI, got ' '"
 
 
