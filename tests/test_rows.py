@@ -271,7 +271,7 @@ def rules_of(member) -> RowRules:
         caps = row_capabilities(name=member)
     else:
         caps = dataclasses.replace(row_capabilities(name="kandinsky3"), member=member)
-    return RowRules(width=64, height=64, num_inference_steps=4, capabilities=caps)
+    return dataclasses.replace(RULES, capabilities=caps)
 
 
 FLASH_SETTINGS = {
