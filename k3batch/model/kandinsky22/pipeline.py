@@ -246,30 +246,31 @@ class Kandinsky22:
         performance.log_compiled(self.compiled)
         return time.perf_counter() - start
 
-    @torch.no_grad()
     def generate(self, requests: list[Request]) -> list[np.ndarray]:
         """Images (uint8, HxWx3) for rows of one `group_key`, `max_batch` rows at a time
         (halved on out-of-memory; an image does not depend on its batch)."""
-        key = self.group_key(requests[0])
-        if any(self.group_key(r) != key for r in requests):
-            raise ValueError(
-                "one generate() call takes rows of one kind, size, step counts, guidance "
-                "scales, strength and negative-prompt presence"
+        # no_grad in the body, not as a decorator: mutmut leaves decorated functions unmutated.
+        with torch.no_grad():
+            key = self.group_key(requests[0])
+            if any(self.group_key(r) != key for r in requests):
+                raise ValueError(
+                    "one generate() call takes rows of one kind, size, step counts, guidance "
+                    "scales, strength and negative-prompt presence"
+                )
+            for r in requests:
+                self.check_request(r)
+            limit = self.max_batch or len(requests)
+            images, kept = performance.in_chunks_halving_on_oom(
+                len(requests),
+                limit,
+                lambda start, size, _: self._generate(requests[start : start + size]),
+                padded=False,
+                what="sampling rows",
+                device=self.device,
             )
-        for r in requests:
-            self.check_request(r)
-        limit = self.max_batch or len(requests)
-        images, kept = performance.in_chunks_halving_on_oom(
-            len(requests),
-            limit,
-            lambda start, size, _: self._generate(requests[start : start + size]),
-            padded=False,
-            what="sampling rows",
-            device=self.device,
-        )
-        if kept < limit:
-            self.max_batch = kept
-        return images
+            if kept < limit:
+                self.max_batch = kept
+            return images
 
     def _generate(self, rows: list[Request]) -> list[np.ndarray]:
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in rows]
@@ -333,25 +334,25 @@ class Kandinsky22:
             )[0]
         return self.decode(latents)
 
-    @torch.no_grad()
     def estimate_hint(self, image: np.ndarray) -> np.ndarray:
         """A depth hint (HxWx3 uint8, the image's size) from the depth estimator, as
         transformers' depth-estimation pipeline makes its `depth` image (bicubic to the
         image's size, min-max normalised, x255 truncated) and diffusers' `make_hint` repeats
         it on three channels."""
-        if self.depth_estimator is None:
-            raise ValueError("hint: no hint given and no model.depth_estimator to estimate it")
-        check_image(image, "image")
-        model, processor = self.depth_estimator
-        param = next(model.parameters())
-        inputs = processor(images=pil(image), return_tensors="pt")
-        out = model(pixel_values=inputs["pixel_values"].to(param.device, param.dtype))
-        depth = processor.post_process_depth_estimation(out, target_sizes=[image.shape[:2]])
-        depth = depth[0]["predicted_depth"].float().cpu().numpy()
-        span = depth.max() - depth.min()
-        depth = (depth - depth.min()) / span if span > 0 else np.zeros_like(depth)
-        depth = (depth * 255).astype(np.uint8)
-        return np.repeat(depth[:, :, None], 3, axis=2)
+        with torch.no_grad():
+            if self.depth_estimator is None:
+                raise ValueError("hint: no hint given and no model.depth_estimator to estimate it")
+            check_image(image, "image")
+            model, processor = self.depth_estimator
+            param = next(model.parameters())
+            inputs = processor(images=pil(image), return_tensors="pt")
+            out = model(pixel_values=inputs["pixel_values"].to(param.device, param.dtype))
+            depth = processor.post_process_depth_estimation(out, target_sizes=[image.shape[:2]])
+            depth = depth[0]["predicted_depth"].float().cpu().numpy()
+            span = depth.max() - depth.min()
+            depth = (depth - depth.min()) / span if span > 0 else np.zeros_like(depth)
+            depth = (depth * 255).astype(np.uint8)
+            return np.repeat(depth[:, :, None], 3, axis=2)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:

@@ -59,36 +59,37 @@ class Sampling:
     `schedule`, `control` and `image_prompts`, `movq`, `tokenizer` and `text_encoder`,
     `device`; `group_key` and `decode_batch_size` are its too."""
 
-    @torch.no_grad()
     def sample(self, requests: list[Request]) -> torch.Tensor:
         """Final latents (float32) for rows of one `group_key`."""
-        key = self.group_key(requests[0])
-        if any(self.group_key(r) != key for r in requests):
-            raise ValueError(
-                "one generate() call takes rows of one size, step count and kind (and strength "
-                "and scheduler)"
-            )
-        kind = key[3]
-        lengths, hidden = self._text(requests)
-        cond = self.denoiser.condition(hidden, lengths)
-        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
-        shape = (4, requests[0].height // 8, requests[0].width // 8)
-        noise = RowNoise(generators, shape, self.device)
-        first, solver = requests[0], None
-        if kind != KIND_FLASH and first.scheduler != samplers.REFERENCE:
-            strength = first.strength if kind == KIND_IMAGE else None
-            solver = samplers.Solver(first.scheduler, first.num_inference_steps, strength)
-        if kind == KIND_FLASH:
-            x = self._flash(cond, noise)
-        elif kind == KIND_INPAINT:
-            x = self._inpaint(requests, cond, noise, solver)
-        elif kind == KIND_IMAGE:
-            x = self._image_to_image(requests, cond, noise, solver)
-        else:
-            x = self._guided(requests, self._start(noise(), solver), cond, noise, solver=solver)
-        if self.refiner is not None:
-            x = self._refine(x, hidden, lengths, noise)
-        return x
+        # no_grad in the body, not as a decorator: mutmut leaves decorated functions unmutated.
+        with torch.no_grad():
+            key = self.group_key(requests[0])
+            if any(self.group_key(r) != key for r in requests):
+                raise ValueError(
+                    "one generate() call takes rows of one size, step count and kind (and strength "
+                    "and scheduler)"
+                )
+            kind = key[3]
+            lengths, hidden = self._text(requests)
+            cond = self.denoiser.condition(hidden, lengths)
+            generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
+            shape = (4, requests[0].height // 8, requests[0].width // 8)
+            noise = RowNoise(generators, shape, self.device)
+            first, solver = requests[0], None
+            if kind != KIND_FLASH and first.scheduler != samplers.REFERENCE:
+                strength = first.strength if kind == KIND_IMAGE else None
+                solver = samplers.Solver(first.scheduler, first.num_inference_steps, strength)
+            if kind == KIND_FLASH:
+                x = self._flash(cond, noise)
+            elif kind == KIND_INPAINT:
+                x = self._inpaint(requests, cond, noise, solver)
+            elif kind == KIND_IMAGE:
+                x = self._image_to_image(requests, cond, noise, solver)
+            else:
+                x = self._guided(requests, self._start(noise(), solver), cond, noise, solver=solver)
+            if self.refiner is not None:
+                x = self._refine(x, hidden, lengths, noise)
+            return x
 
     def _text(self, requests) -> tuple[torch.Tensor, textmod.Hidden]:
         """(token counts, T5 outputs) of the rows: from the text encoder pool or run here."""

@@ -226,39 +226,41 @@ class KandiSuperResFlash:
     def _noise(self, row: _Row, shape) -> torch.Tensor:
         return torch.randn(shape, generator=row.generator).to(self.device)
 
-    @torch.no_grad()
     def sr(self, row: _Row) -> torch.Tensor:
         """The four x0 steps on one canvas: (1, 3, 2H', 2W') float32 in [-1, 1]-ish."""
-        shape = tuple(row.lowres.shape)
-        x = self._noise(row, shape)
-        for t in FLASH_TIMESTEPS:
-            abar = self.abar_sr[t]
-            x_t = abar.sqrt() * x + (1 - abar).sqrt() * self._noise(row, shape)
-            time = torch.full((1,), float(t), device=self.device, dtype=self.dtype)
-            x = self.unet(x_t.to(self.dtype), time, row.lowres.to(self.dtype)).float()
-        return x
+        # no_grad in the body, not as a decorator: mutmut leaves decorated functions unmutated.
+        with torch.no_grad():
+            shape = tuple(row.lowres.shape)
+            x = self._noise(row, shape)
+            for t in FLASH_TIMESTEPS:
+                abar = self.abar_sr[t]
+                x_t = abar.sqrt() * x + (1 - abar).sqrt() * self._noise(row, shape)
+                time = torch.full((1,), float(t), device=self.device, dtype=self.dtype)
+                x = self.unet(x_t.to(self.dtype), time, row.lowres.to(self.dtype)).float()
+            return x
 
-    @torch.no_grad()
     def upscale(self, images: list[np.ndarray], seeds: list[int]) -> list[np.ndarray]:
         """Each HxWx3 uint8 image upscaled to (2H)x(2W)x3 uint8 with its seed."""
-        from k3batch.model.superres.pipeline import _check_inputs, _to_uint8
+        with torch.no_grad():
+            from k3batch.model.superres.pipeline import _check_inputs, _to_uint8
 
-        _check_inputs(images, seeds, 1)
-        for i, im in enumerate(images):
-            if min(im.shape[:2]) < SIDE_MULTIPLE:
-                raise ValueError(
-                    f"images[{i}]: sides must be >= {SIDE_MULTIPLE} px, got {im.shape[:2]}"
-                )
-        rows = [self._row(im, int(s)) for im, s in zip(images, seeds, strict=True)]
-        srs = self.sr_steps(rows)
-        if not self.refine:
-            return [_to_uint8(x, row.out_size) for x, row in zip(srs, rows, strict=True)]
-        latents = [self.encode(x) for x in srs]
-        del srs
-        refined = self.refine_tiles(rows, latents)
-        return [
-            _to_uint8(self.decode(z), row.out_size) for z, row in zip(refined, rows, strict=True)
-        ]
+            _check_inputs(images, seeds, 1)
+            for i, im in enumerate(images):
+                if min(im.shape[:2]) < SIDE_MULTIPLE:
+                    raise ValueError(
+                        f"images[{i}]: sides must be >= {SIDE_MULTIPLE} px, got {im.shape[:2]}"
+                    )
+            rows = [self._row(im, int(s)) for im, s in zip(images, seeds, strict=True)]
+            srs = self.sr_steps(rows)
+            if not self.refine:
+                return [_to_uint8(x, row.out_size) for x, row in zip(srs, rows, strict=True)]
+            latents = [self.encode(x) for x in srs]
+            del srs
+            refined = self.refine_tiles(rows, latents)
+            return [
+                _to_uint8(self.decode(z), row.out_size)
+                for z, row in zip(refined, rows, strict=True)
+            ]
 
     def runs_whole(self, row: _Row) -> bool:
         """Whether the row's SR steps run the whole canvas in one UNet call (as the
@@ -276,31 +278,35 @@ class KandiSuperResFlash:
                 out[i] = x
         return out
 
-    @torch.no_grad()
     def sr_windows(self, rows: list[_Row]) -> list[torch.Tensor]:
         """The four x0 steps in MultiDiffusion windows (superres.py's geometry: `window` px
         every `stride`, the last flush with the edge): each step noises the whole canvas with
         the same draws as `sr`, predicts x0 per window (windows of equal shape from any rows
         batched, at most `max_tiles_per_call` per call) and takes the per-pixel mean."""
-        from k3batch.model.superres.pipeline import merge_windows, predict_windows, window_starts
+        with torch.no_grad():
+            from k3batch.model.superres.pipeline import (
+                merge_windows,
+                predict_windows,
+                window_starts,
+            )
 
-        xs, views = [], []
-        for row in rows:
-            ch, cw = row.lowres.shape[-2:]
-            wh, ww = min(ch, self.window), min(cw, self.window)
-            tops = window_starts(ch, self.window, self.stride)
-            lefts = window_starts(cw, self.window, self.stride)
-            views.append([(a, a + wh, c, c + ww) for a in tops for c in lefts])
-            xs.append(self._noise(row, tuple(row.lowres.shape)))
-        for t in FLASH_TIMESTEPS:
-            abar = self.abar_sr[t]
-            canvases = []
-            for x, row, v in zip(xs, rows, views, strict=True):
-                x_t = abar.sqrt() * x + (1 - abar).sqrt() * self._noise(row, tuple(x.shape))
-                canvases.append((x_t, row.lowres, v))
-            preds = predict_windows(self.unet, canvases, t, self.max_tiles_per_call)
-            xs = [merge_windows(x, v, p) for x, v, p in zip(xs, views, preds, strict=True)]
-        return xs
+            xs, views = [], []
+            for row in rows:
+                ch, cw = row.lowres.shape[-2:]
+                wh, ww = min(ch, self.window), min(cw, self.window)
+                tops = window_starts(ch, self.window, self.stride)
+                lefts = window_starts(cw, self.window, self.stride)
+                views.append([(a, a + wh, c, c + ww) for a in tops for c in lefts])
+                xs.append(self._noise(row, tuple(row.lowres.shape)))
+            for t in FLASH_TIMESTEPS:
+                abar = self.abar_sr[t]
+                canvases = []
+                for x, row, v in zip(xs, rows, views, strict=True):
+                    x_t = abar.sqrt() * x + (1 - abar).sqrt() * self._noise(row, tuple(x.shape))
+                    canvases.append((x_t, row.lowres, v))
+                preds = predict_windows(self.unet, canvases, t, self.max_tiles_per_call)
+                xs = [merge_windows(x, v, p) for x, v, p in zip(xs, views, preds, strict=True)]
+            return xs
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:

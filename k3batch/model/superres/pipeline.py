@@ -174,21 +174,23 @@ class KandiSuperRes:
         views = [(a, a + wh, c, c + ww) for a in tops for c in lefts]
         return _Row((h * self.scale, w * self.scale), x, lowres, views, solver(steps))
 
-    @torch.no_grad()
     def upscale(
         self, images: list[np.ndarray], seeds: list[int], num_inference_steps: int = STEPS
     ) -> list[np.ndarray]:
         """Each HxWx3 uint8 image upscaled to (H*scale)x(W*scale)x3 uint8 with its seed."""
-        _check_inputs(images, seeds, num_inference_steps)
-        rows = [
-            self._row(im, int(s), num_inference_steps) for im, s in zip(images, seeds, strict=True)
-        ]
-        for t in rows[0].solver.timesteps.tolist():
-            predictions = self._predict(rows, t)
-            for row, x0 in zip(rows, predictions, strict=True):
-                stepped = row.solver.step(x0, t, row.crops(row.x), return_dict=False)[0]
-                row.x = merge_windows(row.x, row.views, stepped)
-        return [_to_uint8(row.x, row.out_size) for row in rows]
+        # no_grad in the body, not as a decorator: mutmut leaves decorated functions unmutated.
+        with torch.no_grad():
+            _check_inputs(images, seeds, num_inference_steps)
+            rows = [
+                self._row(im, int(s), num_inference_steps)
+                for im, s in zip(images, seeds, strict=True)
+            ]
+            for t in rows[0].solver.timesteps.tolist():
+                predictions = self._predict(rows, t)
+                for row, x0 in zip(rows, predictions, strict=True):
+                    stepped = row.solver.step(x0, t, row.crops(row.x), return_dict=False)[0]
+                    row.x = merge_windows(row.x, row.views, stepped)
+            return [_to_uint8(row.x, row.out_size) for row in rows]
 
     def _predict(self, rows: list[_Row], t: int) -> list[torch.Tensor]:
         """Every row's x0 per window at time t, windows of equal shape batched across rows."""
