@@ -9,7 +9,10 @@ run gets a working directory of its own, `.cache/mutation/<module>/` (gitignored
 ruff and pytest's reach), holding the repo's pyproject.toml with the module's `[tool.mutmut]`
 appended, and links to the sources and tests. It starts fresh each time: mutmut keeps
 results per function across runs but not per test change, so a test written to kill a
-survivor would not be rerun against it. Prints the score and each survivor's diff.
+survivor would not be rerun against it. `--survivors` instead reruns, in the last run's
+folder, only the mutants that were not killed, against the map's tests as they are now
+(tests new since that run are traced first): the check that new tests kill them. Prints the
+score and each survivor's diff.
 """
 
 from __future__ import annotations
@@ -63,15 +66,23 @@ def mutmut_section(module: str, entry: dict) -> str:
     )
 
 
-def prepare(module: str, entry: dict) -> Path:
-    work = WORK / module.replace("/", "__").removesuffix(".py")
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+def work_dir(module: str) -> Path:
+    return WORK / module.replace("/", "__").removesuffix(".py")
+
+
+def settings(module: str, entry: dict) -> str:
     pyproject = (ROOT / "pyproject.toml").read_text()
     if "[tool.mutmut]" in pyproject:
         sys.exit("pyproject.toml has a [tool.mutmut] table: scripts/mutate.py writes its own")
-    (work / "pyproject.toml").write_text(pyproject + mutmut_section(module, entry))
+    return pyproject + mutmut_section(module, entry)
+
+
+def prepare(module: str, entry: dict) -> Path:
+    work = work_dir(module)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    (work / "pyproject.toml").write_text(settings(module, entry))
     for name in SOURCES + ["tests"]:
         (work / name).symlink_to(ROOT / name)
     mutants = work / "mutants"
@@ -94,6 +105,11 @@ def main() -> int:
     parser.add_argument("module", help="a module path in tests/mutation_map.toml")
     parser.add_argument("--show", action="store_true", help="print each survivor's diff")
     parser.add_argument(
+        "--survivors",
+        action="store_true",
+        help="rerun only the last run's surviving mutants, against the tests as they are now",
+    )
+    parser.add_argument(
         "--jobs", type=int, default=1, help="mutants tested at once (default 1: a shared machine)"
     )
     a = parser.parse_args()
@@ -101,12 +117,25 @@ def main() -> int:
     module = a.module.removeprefix("./")
     if module not in modules:
         sys.exit(f"module {module!r} is not in {MAP.relative_to(ROOT)}: {sorted(modules)}")
-    work = prepare(module, modules[module])
+    names: list[str] = []
+    if a.survivors:
+        work = work_dir(module)
+        if not (work / "mutants" / (module + ".meta")).is_file():
+            sys.exit(f"--survivors: no earlier run of {module} in {work}")
+        # The map's tests as they are now; mutmut traces tests it has not seen before.
+        (work / "pyproject.toml").write_text(settings(module, modules[module]))
+        status, _ = score(work, module)
+        names = sorted(k for k, s in status.items() if s != "killed")
+        if not names:
+            print(f"{module}: no survivors in the last run")
+            return 0
+    else:
+        work = prepare(module, modules[module])
     mutmut = Path(sys.executable).parent / "mutmut"
     # The mutated copy first on the path of every process the tests start, too.
     env = {**os.environ, "PYTHONPATH": str(work / "mutants")}
     # Lowest priority, one worker unless asked: the machines this runs on are shared.
-    cmd = ["nice", "-n", "19", str(mutmut), "run", "--max-children", str(a.jobs)]
+    cmd = ["nice", "-n", "19", str(mutmut), "run", "--max-children", str(a.jobs), *names]
     rc = subprocess.run(cmd, cwd=work, env=env).returncode
     if rc != 0:
         print(f"mutmut run exited with {rc}", file=sys.stderr)
