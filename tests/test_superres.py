@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from k3batch.model.superres.pipeline import CHECKPOINTS, KandiSuperRes, solver, window_starts
+from k3batch.model.superres.pipeline import (
+    CHECKPOINTS,
+    KandiSuperRes,
+    checkpoint_state,
+    solver,
+    window_starts,
+)
 from k3batch.model.superres.sr_unet import SR_UNET, TINY_SR_UNET, SRUNet
 from k3batch.testing.tiny_sr import make_tiny_sr
 
@@ -317,6 +323,64 @@ def test_windows_and_x2_match_a_float64_multidiffusion_oracle(files, x4):
 def test_bad_input_is_refused_naming_the_argument(x4, images, seeds, match):
     with pytest.raises(ValueError, match=match):
         x4.upscale(images, seeds)
+
+
+def test_bad_checkpoints_scales_and_dtypes_are_refused_with_the_exact_message(files, x4):
+    state = {"w": torch.zeros(1)}
+    assert checkpoint_state(state) is state and checkpoint_state({"unet": state}) is state
+    bad = "checkpoint: expected a state dict of tensors (or {'unet': state})"
+    for obj in ([torch.zeros(1)], torch.zeros(1), {"w": 1.0}, {"unet": {"w": "x"}}):
+        with pytest.raises(ValueError) as e:
+            checkpoint_state(obj)
+        assert str(e.value) == bad
+    for make in (
+        lambda: KandiSuperRes(x4.unet, 3),
+        lambda: KandiSuperRes.from_pretrained(files[4], 3, config=TINY_SR_UNET),
+    ):
+        with pytest.raises(ValueError) as e:
+            make()
+        assert str(e.value) == "scale: 3, expected one of [2, 4]"
+    with pytest.raises(ValueError) as e:
+        KandiSuperRes.from_pretrained(files[4], 4, dtype="fp8", config=TINY_SR_UNET)
+    assert str(e.value) == "dtype: 'fp8', expected one of ['bfloat16', 'float16', 'float32']"
+
+
+def test_the_default_scale_is_x4_and_a_dtype_runs_the_unet_in_it(files, x4):
+    """The UNet's inputs (noisy window, time, low-resolution window) are cast to its dtype, as
+    the reference does: a bfloat16 UNet runs (a float32 input would be refused by its first
+    layer) and lands near the float32 image."""
+    assert KandiSuperRes.from_pretrained(files[4], device="cpu", config=TINY_SR_UNET).scale == 4
+    half = KandiSuperRes.from_pretrained(
+        files[4], 4, "cpu", "bfloat16", config=TINY_SR_UNET, **SAMPLING
+    )
+    assert half.dtype == next(half.unet.parameters()).dtype == torch.bfloat16
+    im = image(14, 18, 9)
+    (want,) = x4.upscale([im], [3], num_inference_steps=2)
+    (got,) = half.upscale([im], [3], num_inference_steps=2)
+    assert got.dtype == np.uint8 and got.shape == want.shape
+    diff = np.abs(got.astype(int) - want)
+    assert diff.mean() < 3 and diff.max() < 40, (diff.mean(), diff.max())
+
+
+class _Counting(torch.nn.Module):
+    """The UNet, recording the window shapes of each call."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.calls = unet, []
+
+    def forward(self, x, t, lowres):
+        self.calls.append(tuple(x.shape))
+        return self.unet(x, t, lowres)
+
+
+def test_windows_of_equal_shape_from_any_rows_share_unet_calls(files, x4):
+    """14x18 at x4: 56x72, 2x3 windows of 32x32; 6x6: one 24x24 window; 8x8: one 32x32.
+    Seven 32x32 windows in calls of at most 3, the 24x24 one alone: four calls a step."""
+    counted = KandiSuperRes(_Counting(x4.unet), 4, max_tiles_per_call=3, **SAMPLING)
+    images = [image(14, 18, 1), image(6, 6, 2), image(8, 8, 3)]
+    counted.upscale(images, [1, 2, 3], num_inference_steps=1)
+    assert counted.unet.calls == [(3, 3, 32, 32), (3, 3, 32, 32), (1, 3, 32, 32), (1, 3, 24, 24)]
 
 
 def test_bad_settings_are_refused_naming_the_argument(files, x4):
