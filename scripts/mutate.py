@@ -11,8 +11,10 @@ appended, and links to the sources and tests. It starts fresh each time: mutmut 
 results per function across runs but not per test change, so a test written to kill a
 survivor would not be rerun against it. `--survivors` instead reruns, in the last run's
 folder, only the mutants that were not killed, against the map's tests as they are now
-(tests new since that run are traced first): the check that new tests kill them. Prints the
-score and each survivor's diff.
+(tests new since that run are traced first): the check that new tests kill them. `--resume`
+goes on with an interrupted run's untested mutants in its folder, against the map's tests as
+they are now (mutmut keeps each mutant's result as it goes). Prints the score and each
+survivor's diff.
 """
 
 from __future__ import annotations
@@ -104,10 +106,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("module", help="a module path in tests/mutation_map.toml")
     parser.add_argument("--show", action="store_true", help="print each survivor's diff")
-    parser.add_argument(
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument(
         "--survivors",
         action="store_true",
         help="rerun only the last run's surviving mutants, against the tests as they are now",
+    )
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with an interrupted run's untested mutants, against the tests as they are now",
     )
     parser.add_argument(
         "--jobs", type=int, default=1, help="mutants tested at once (default 1: a shared machine)"
@@ -118,18 +126,20 @@ def main() -> int:
     if module not in modules:
         sys.exit(f"module {module!r} is not in {MAP.relative_to(ROOT)}: {sorted(modules)}")
     names: list[str] = []
-    if a.survivors:
+    if a.survivors or a.resume:
+        flag = "--survivors" if a.survivors else "--resume"
         work = work_dir(module)
         if not (work / "mutants" / (module + ".meta")).is_file():
-            sys.exit(f"--survivors: no earlier run of {module} in {work}")
+            sys.exit(f"{flag}: no earlier run of {module} in {work}")
         # The map's tests as they are now; mutmut traces tests it has not seen before.
         (work / "pyproject.toml").write_text(settings(module, modules[module]))
+    if a.survivors:
         status, _ = score(work, module)
         names = sorted(k for k, s in status.items() if s != "killed")
         if not names:
             print(f"{module}: no survivors in the last run")
             return 0
-    else:
+    elif not a.resume:
         work = prepare(module, modules[module])
     mutmut = Path(sys.executable).parent / "mutmut"
     # The mutated copy first on the path of every process the tests start, too.
