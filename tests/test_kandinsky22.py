@@ -11,6 +11,8 @@ ControlNet hint is built in the test as diffusers' documentation of
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -408,3 +410,53 @@ def test_input_checks_name_the_field_and_what_is_wrong():
     for mix, message in cases:
         with pytest.raises(ValueError, match=message):
             check_mix(mix)
+
+
+def test_depth_hint_is_normalised_off_zero_at_the_images_size_and_blank_when_flat(tiny_k22):
+    """`estimate_hint` against transformers' depth-estimation pipeline on depths the tiny
+    estimator does not give by itself: its last convolution's bias raised, so the depth's
+    minimum is well above 0 (the ReLU head's minimum is 0 otherwise), on an image not of the
+    estimator's size; then its weights zeroed, a flat depth: a blank hint (the pipeline's
+    min-max would divide by zero). The flat case is at the estimator's own size: resizing a
+    flat map bicubically leaves float noise, which min-max stretches to 0..255."""
+    from transformers import pipeline
+
+    from k3batch.testing.tiny_k22 import DEPTH_IMAGE_SIZE
+
+    model = _load(tiny_k22, family.K22_DEPTH, depth_estimator=f"{tiny_k22}/depth")
+    dpt, processor = model.depth_estimator
+    last = dpt.head.head[4]
+    assert isinstance(last, torch.nn.Conv2d) and last.out_channels == 1
+    image = np.ascontiguousarray(np.concatenate([_image(8), _image(9)], axis=1)[:40])
+    with torch.no_grad():
+        last.bias += 3.0
+        depth = dpt(**processor(images=_pil(image), return_tensors="pt")).predicted_depth
+    assert depth.min() > 1.0
+    hint = model.estimate_hint(image)
+    want = pipeline("depth-estimation", model=dpt, image_processor=processor)(_pil(image))
+    assert hint.shape == (40, 2 * SIZE, 3) and hint.dtype == np.uint8
+    np.testing.assert_array_equal(hint[:, :, 0], np.array(want["depth"]))
+    assert (hint == hint[:, :, :1]).all() and hint.min() == 0 and hint.max() == 255
+    with torch.no_grad():
+        last.weight.zero_()
+    with warnings.catch_warnings():
+        # 0 / 0 is NaN, whose uint8 cast is 0 on some CPUs only: no division is the rule.
+        warnings.simplefilter("error", RuntimeWarning)
+        flat = model.estimate_hint(_image(8)[:DEPTH_IMAGE_SIZE, :DEPTH_IMAGE_SIZE])
+    assert flat.shape == (DEPTH_IMAGE_SIZE, DEPTH_IMAGE_SIZE, 3) and not flat.any()
+
+
+def test_depth_estimator_runs_in_its_own_dtype(tiny_k22, models):
+    """The processor's float32 pixels are cast to the estimator's dtype: a bfloat16 one runs
+    (its first layer refuses float32) and its hint lands near the float32 one."""
+    image = _image(8)
+    half = _load(
+        tiny_k22,
+        family.K22_DEPTH,
+        depth_estimator=f"{tiny_k22}/depth",
+        dtype={"depth_estimator": "bfloat16"},
+    )
+    assert next(half.depth_estimator[0].parameters()).dtype == torch.bfloat16
+    got = half.estimate_hint(image).astype(int)
+    want = models[family.K22_DEPTH].estimate_hint(image).astype(int)
+    assert got.shape == want.shape and np.abs(got - want).mean() < 8
