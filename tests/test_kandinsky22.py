@@ -460,3 +460,23 @@ def test_depth_estimator_runs_in_its_own_dtype(tiny_k22, models):
     got = half.estimate_hint(image).astype(int)
     want = models[family.K22_DEPTH].estimate_hint(image).astype(int)
     assert got.shape == want.shape and np.abs(got - want).mean() < 8
+
+
+def test_loading_defaults_a_bad_member_and_no_progress_bars(tiny_k22, capfd):
+    """Defaults a caller relies on: the device found ("auto": the CPU here), one latent per
+    MoVQ decode (flat memory, images independent of the batch); a bad member named exactly;
+    and no progress bar from diffusers' pipelines on stderr while generating."""
+    from k3batch.model.kandinsky22.pipeline import Kandinsky22
+    from k3batch.testing.tiny_k22 import DECODER_FOLDERS
+
+    model = Kandinsky22.from_pretrained(
+        f"{tiny_k22}/{DECODER_FOLDERS[family.K22]}", prior_path=f"{tiny_k22}/prior"
+    )
+    assert model.member.name == family.K22
+    assert model.device == torch.device("cpu") and model.decode_batch_size == 1
+    capfd.readouterr()
+    model.generate([_row(seed=4)])
+    assert "it/s" not in capfd.readouterr().err
+    with pytest.raises(ValueError) as e:
+        Kandinsky22.from_pretrained(f"{tiny_k22}/decoder", member="kandinsky3")
+    assert str(e.value) == "kandinsky3 is not a Kandinsky 2.2 member"
