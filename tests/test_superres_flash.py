@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from k3batch.model import movq as movqmod
-from k3batch.model.superres.flash import CONTEXT_FILE, SR_FILE, KandiSuperResFlash
+from k3batch.model.superres.flash import (
+    CONTEXT_FILE,
+    CONTEXT_MASK_FILE,
+    SR_FILE,
+    KandiSuperResFlash,
+    load_context,
+)
 from k3batch.model.superres.sr_unet import TINY_SR_UNET
 from k3batch.model.superres.tiles import blend_tiles, tile_starts
 from k3batch.testing.tiny import make_tiny
@@ -126,6 +132,60 @@ def test_pickled_objects_and_missing_context_are_refused(paths, tmp_path):
 
 class _Evil:
     pass
+
+
+def test_loading_takes_the_file_and_finds_the_context_in_weights(paths, model, tmp_path):
+    """The KandiSuperRes repo's layout: `path` the .pt file itself, the context in its
+    folder's `weights/`; the device found by default (the CPU here): the fixture's model."""
+    sr, k3 = paths
+    repo = tmp_path / "repo"
+    make_tiny_sr_flash(str(repo / "weights"))
+    (repo / "weights" / SR_FILE).rename(repo / SR_FILE)
+    loaded = KandiSuperResFlash.from_pretrained(str(repo / SR_FILE), k3, config=TINY_SR_UNET)
+    assert loaded.device == torch.device("cpu")
+    want = model.unet.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in loaded.unet.state_dict().items())
+    assert torch.equal(loaded.context, model.context)
+    assert torch.equal(loaded.context_mask, model.context_mask)
+
+
+def test_bad_contexts_and_dtypes_are_refused_with_the_exact_message(paths, tmp_path):
+    sr, k3 = paths
+    with pytest.raises(ValueError) as e:
+        KandiSuperResFlash.from_pretrained(sr, k3, device="cpu", dtype="fp8")
+    assert str(e.value) == "dtype: 'fp8', expected one of ['bfloat16', 'float16', 'float32']"
+    context = torch.zeros(1, 6, 4)
+    cases = [
+        (context[0], torch.ones(1, 6), "context (6, 4) / mask (1, 6)"),
+        (context, torch.ones(1, 5), "context (1, 6, 4) / mask (1, 5)"),
+        (context, torch.ones(6), "context (1, 6, 4) / mask (6,)"),
+    ]
+    for i, (c, m, shapes) in enumerate(cases):
+        folder = tmp_path / f"c{i}"
+        folder.mkdir()
+        torch.save(c, folder / CONTEXT_FILE)
+        torch.save(m, folder / CONTEXT_MASK_FILE)
+        with pytest.raises(ValueError) as e:
+            load_context(str(folder))
+        assert str(e.value) == f"context_path: {shapes} are not [1, L, C] / [1, L]"
+    torch.save({"context": context}, folder / CONTEXT_FILE)
+    with pytest.raises(ValueError) as e:
+        load_context(str(folder))
+    assert str(e.value) == f"context_path: {folder / CONTEXT_FILE} does not hold one tensor"
+    (folder / CONTEXT_MASK_FILE).unlink()
+    torch.save(context, folder / CONTEXT_FILE)
+    with pytest.raises(FileNotFoundError) as e:
+        load_context(str(folder))
+    assert str(e.value) == (
+        f"context_path: {str(folder)!r} has no {CONTEXT_MASK_FILE} (the KandiSuperRes repo's "
+        "weights/)"
+    )
+    good = tmp_path / "good"
+    good.mkdir()
+    torch.save(context.half(), good / CONTEXT_FILE)
+    torch.save(torch.ones(1, 6, dtype=torch.int32), good / CONTEXT_MASK_FILE)
+    c, m = load_context(str(good))
+    assert c.dtype == torch.float32 and m.dtype == torch.long and m.shape == (1, 6)
 
 
 def test_bad_input(model):

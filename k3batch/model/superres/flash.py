@@ -206,9 +206,6 @@ class KandiSuperResFlash:
         flash_unet, null = parts.unets[member.name]
         return cls(unet, Denoiser(member, flash_unet, null), parts.movq, context, mask, **sampling)
 
-    def canvas_side(self, side: int) -> int:
-        return (side - side % SIDE_MULTIPLE) * self.scale
-
     def _row(self, image: np.ndarray, seed: int) -> _Row:
         h, w = image.shape[:2]
         rh, rw = h - h % SIDE_MULTIPLE, w - w % SIDE_MULTIPLE
