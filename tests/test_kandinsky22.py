@@ -327,12 +327,19 @@ def test_estimated_hint_is_transformers_depth_image(models, tiny_k22):
     assert_same_images(got, want, max_flips=0)
 
 
-def test_missing_hint_without_estimator_names_hint(tiny_k22):
+def test_missing_hint_without_estimator_names_hint(tiny_k22, models):
     model = _load(tiny_k22, family.K22_DEPTH)
-    with pytest.raises(ValueError, match="^hint"):
-        model.generate([_row(image=_image(9))])
-    with pytest.raises(ValueError, match="^hint"):
-        model.generate([_row()])
+    message = "hint: ControlNet depth needs a hint, or an image and model.depth_estimator"
+    for row in (_row(image=_image(9)), _row()):
+        with pytest.raises(ValueError) as e:
+            model.generate([row])
+        assert str(e.value) == message
+    with pytest.raises(ValueError) as e:
+        model.estimate_hint(_image(9))
+    assert str(e.value) == "hint: no hint given and no model.depth_estimator to estimate it"
+    with pytest.raises(ValueError) as e:
+        models[family.K22_DEPTH].estimate_hint(np.zeros((4, 4), np.uint8))
+    assert str(e.value) == "image: expected an HxWx3 uint8 image, got shape (4, 4)"
 
 
 @pytest.mark.parametrize(
@@ -464,8 +471,9 @@ def test_depth_estimator_runs_in_its_own_dtype(tiny_k22, models):
 
 def test_loading_defaults_a_bad_member_and_no_progress_bars(tiny_k22, capfd):
     """Defaults a caller relies on: the device found ("auto": the CPU here), one latent per
-    MoVQ decode (flat memory, images independent of the batch); a bad member named exactly;
-    and no progress bar from diffusers' pipelines on stderr while generating."""
+    MoVQ decode (flat memory, images independent of the batch), and other settings passed
+    through; a bad member named exactly; no progress bar from diffusers' pipelines on stderr
+    while generating."""
     from k3batch.model.kandinsky22.pipeline import Kandinsky22
     from k3batch.testing.tiny_k22 import DECODER_FOLDERS
 
@@ -477,6 +485,10 @@ def test_loading_defaults_a_bad_member_and_no_progress_bars(tiny_k22, capfd):
     capfd.readouterr()
     model.generate([_row(seed=4)])
     assert "it/s" not in capfd.readouterr().err
+    other = _load(
+        tiny_k22, family.K22_DEPTH, depth_estimator=f"{tiny_k22}/depth", decode_batch_size=3
+    )
+    assert other.decode_batch_size == 3 and other.depth_estimator is not None
     with pytest.raises(ValueError) as e:
         Kandinsky22.from_pretrained(f"{tiny_k22}/decoder", member="kandinsky3")
     assert str(e.value) == "kandinsky3 is not a Kandinsky 2.2 member"

@@ -147,6 +147,10 @@ def test_loading_takes_the_file_and_finds_the_context_in_weights(paths, model, t
     assert all(torch.equal(v, want[k]) for k, v in loaded.unet.state_dict().items())
     assert torch.equal(loaded.context, model.context)
     assert torch.equal(loaded.context_mask, model.context_mask)
+    half = KandiSuperResFlash.from_pretrained(
+        sr, k3, device="cpu", dtype="bfloat16", config=TINY_SR_UNET
+    )
+    assert half.dtype == next(half.unet.parameters()).dtype == torch.bfloat16
 
 
 def test_bad_contexts_and_dtypes_are_refused_with_the_exact_message(paths, tmp_path):
