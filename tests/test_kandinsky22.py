@@ -492,3 +492,31 @@ def test_loading_defaults_a_bad_member_and_no_progress_bars(tiny_k22, capfd):
     with pytest.raises(ValueError) as e:
         Kandinsky22.from_pretrained(f"{tiny_k22}/decoder", member="kandinsky3")
     assert str(e.value) == "kandinsky3 is not a Kandinsky 2.2 member"
+
+
+def test_channels_last_and_movq_attention_reach_the_unet_and_the_movq(tiny_k22, models):
+    """`performance` settings land where they say: the UNet's and the MoVQ's convolutions
+    channels-last, the latents decoded channels-last, the MoVQ's attention the chosen kind;
+    the image the default model's."""
+    from k3batch.model.movq_attention import MovqAttention
+
+    model = _load(
+        tiny_k22,
+        family.K22,
+        performance={"channels_last": True, "movq_attention": "chunked"},
+    )
+    cl = torch.channels_last
+    assert model.unet.conv_in.weight.is_contiguous(memory_format=cl)
+    assert model.movq.decoder.conv_in.weight.is_contiguous(memory_format=cl)
+    processors = {type(m.processor) for m in model.movq.modules() if hasattr(m, "set_processor")}
+    assert processors == {MovqAttention}
+    seen = []
+    hook = model.movq.post_quant_conv.register_forward_pre_hook(
+        lambda _, args: seen.append(args[0].is_contiguous(memory_format=cl))
+    )
+    try:
+        got = model.generate([_row(seed=23)])
+    finally:
+        hook.remove()
+    assert seen == [True]
+    assert_same_images(got, models[family.K22].generate([_row(seed=23)]))
