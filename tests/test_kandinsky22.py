@@ -358,9 +358,19 @@ def test_bad_mix_item_names_mix(models, mix, where):
 
 
 def test_components_on_other_dtypes_still_generate(tiny_k22, models, cpu_bfloat16_attention):
-    """Per-component dtypes (contract keys): bfloat16 MoVQ and prior around a float32 UNet."""
-    model = _load(tiny_k22, family.K22, dtype={"movq": "bfloat16", "prior": "bfloat16"})
-    assert model.components()["movq"].dtype == torch.bfloat16
+    """Per-component dtypes (contract keys): bfloat16 MoVQ, prior and text encoder around a
+    float32 UNet and image encoder, each component under its own name."""
+    from k3batch.model.kandinsky22.loading import COMPONENTS
+
+    bf16s = dict(movq="bfloat16", prior="bfloat16", text_encoder="bfloat16")
+    model = _load(tiny_k22, family.K22, dtype=bf16s)
+    parts = model.components()
+    assert set(parts) == set(COMPONENTS) and parts["depth_estimator"] is None
+    dtypes = {name: next(m.parameters()).dtype for name, m in parts.items() if m is not None}
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert dtypes == dict(prior=bf16, movq=bf16, text_encoder=bf16, image_encoder=f32, unet=f32), (
+        dtypes
+    )
     row = _row(image=_image(10), strength=0.7)
     got = model.generate([row])[0]
     ref = models[family.K22].generate([row])[0]
