@@ -474,6 +474,7 @@ def test_depth_estimator_runs_in_its_own_dtype(tiny_k22, models):
         dtype={"depth_estimator": "bfloat16"},
     )
     assert next(half.depth_estimator[0].parameters()).dtype == torch.bfloat16
+    assert half.components()["depth_estimator"] is half.depth_estimator[0]
     got = half.estimate_hint(image).astype(int)
     want = models[family.K22_DEPTH].estimate_hint(image).astype(int)
     assert got.shape == want.shape and np.abs(got - want).mean() < 8
