@@ -151,6 +151,11 @@ def test_loading_takes_the_file_and_finds_the_context_in_weights(paths, model, t
         sr, k3, device="cpu", dtype="bfloat16", config=TINY_SR_UNET
     )
     assert half.dtype == next(half.unet.parameters()).dtype == torch.bfloat16
+    # The SR steps cast the UNet's inputs to its dtype (its first layer refuses float32).
+    image = _image(32, 32, 5)
+    got, want = half.sr(half._row(image, 7)), model.sr(model._row(image, 7))
+    diff = (got - want).abs().mean()
+    assert got.dtype == torch.float32 and diff < 0.05, diff
 
 
 def test_bad_contexts_and_dtypes_are_refused_with_the_exact_message(paths, tmp_path):
