@@ -531,3 +531,16 @@ def test_channels_last_and_movq_attention_reach_the_unet_and_the_movq(tiny_k22, 
         hook.remove()
     assert seen == [True]
     assert_same_images(got, models[family.K22].generate([_row(seed=23)]))
+
+
+def test_controlnet_hint_is_cast_to_a_bfloat16_model(tiny_k22, models, cpu_bfloat16_attention):
+    """All components bfloat16 (one dtype: no casting hooks) and the decoder's guidance off
+    (diffusers casts the hint only where it doubles it for guidance): the hint tensor is cast
+    to the UNet's dtype (float32 would be refused by its hint layers); the image lands near
+    the float32 model's."""
+    half = _load(tiny_k22, family.K22_DEPTH, dtype="bfloat16")
+    assert half.unet.dtype == torch.bfloat16
+    row = _row(seed=24, hint=_image(8), guidance_scale=1.0)
+    got = half.generate([row])[0].astype(int)
+    want = models[family.K22_DEPTH].generate([row])[0].astype(int)
+    assert got.shape == want.shape and np.abs(got - want).mean() < 20
