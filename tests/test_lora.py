@@ -261,3 +261,32 @@ def test_peft_loras_saved_by_diffusers_fuse_to_what_peft_computes(unet, tmp_path
         base = unet(x, t, ctx, mask, return_dict=False)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (want - base).abs().max() > 1e-2
+
+
+def test_diffusers_attention_processor_loras_fuse_as_diffusers_reads_them(unet, tmp_path):
+    """The older diffusers layout, `<attention>.processor.{to_q,to_k,to_v,to_out}_lora.
+    {down,up}.weight` (its LoRAAttnProcessor's layers): the keys are written here from that
+    naming and checked against diffusers' own converter to PEFT names; fused at 0.6, every
+    projection is its weight plus 0.6 * up @ down, nothing else changes."""
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+    from safetensors.torch import save_file
+
+    updates = lora_tensors(unet, seed=5)
+    old, peft_names = {}, {}
+    for module, (down, up) in updates.items():
+        attention, proj = module.removesuffix(".0").rsplit(".", 1)
+        for part, value, peft in (("down", down, "lora_A"), ("up", up, "lora_B")):
+            old[f"{attention}.processor.{proj}_lora.{part}.weight"] = value.contiguous()
+            peft_names[f"{module}.{peft}.weight"] = value
+    converted = convert_unet_state_dict_to_peft(dict(old))
+    assert converted.keys() == peft_names.keys()
+    path = str(tmp_path / "processor.safetensors")
+    save_file(old, path)
+    assert lora.read(path)[0] == lora.LAYOUT_DIFFUSERS
+    base, got = unet.state_dict(), fused(unet, [(path, 0.6)])
+    changed = {k for k in base if not torch.equal(got[k], base[k])}
+    assert changed == {f"{m}.weight" for m in updates}
+    assert any(m.endswith("to_out.0") for m in updates)
+    for module, (down, up) in updates.items():
+        want = base[f"{module}.weight"] + 0.6 * (up @ down)
+        torch.testing.assert_close(got[f"{module}.weight"], want, rtol=0, atol=1e-6)

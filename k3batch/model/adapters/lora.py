@@ -93,7 +93,14 @@ def _strip(key: str) -> str:
 
 
 def detect_layout(keys) -> str:
-    return LAYOUT_FORK if any(_FORK.fullmatch(_strip(k)) for k in keys) else LAYOUT_DIFFUSERS
+    """The fork's layout when a key is its processor's weight on a reference module. The name
+    alone does not tell: diffusers' attention processors call two of their layers `to_v_lora`
+    and `to_out_lora` too, so the module must be a reference name (one the key map renames)."""
+    for k in keys:
+        m = _FORK.fullmatch(_strip(k))
+        if m and keymap.unet_to_diffusers(m.group(1)) != m.group(1):
+            return LAYOUT_FORK
+    return LAYOUT_DIFFUSERS
 
 
 def _parse(key: str, layout: str) -> tuple[str, str] | None:
