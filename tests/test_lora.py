@@ -208,12 +208,15 @@ def test_a_fork_layout_lora_is_the_forks_update_in_the_forks_namespace(tiny_ref_
         torch.testing.assert_close(fused[k], expected[k], rtol=0, atol=1e-6, msg=k)
 
 
-def _peft_lora(unet, tmp_path, name, seed, rank, alpha, targets):
-    """(peft-wrapped copy of `unet`, the file diffusers' save_lora_weights writes for it)."""
+def _peft_lora(unet, tmp_path, name, seed, rank, alpha, targets, **settings):
+    """(peft-wrapped copy of `unet`, the file diffusers' save_lora_weights writes for it);
+    `settings`: more of peft's LoraConfig."""
     from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **settings
+    )
     with torch.random.fork_rng():  # peft draws its random init from the global RNG
         torch.manual_seed(seed)
         wrapped = inject_adapter_in_model(config, copy.deepcopy(unet), adapter_name=name)
@@ -290,3 +293,20 @@ def test_diffusers_attention_processor_loras_fuse_as_diffusers_reads_them(unet, 
     for module, (down, up) in updates.items():
         want = base[f"{module}.weight"] + 0.6 * (up @ down)
         torch.testing.assert_close(got[f"{module}.weight"], want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "settings, name",
+    [
+        (dict(use_dora=True), "use_dora"),
+        (dict(use_rslora=True), "use_rslora"),
+        (dict(alpha_pattern={"to_q": 4}), "alpha_pattern"),
+    ],
+)
+def test_peft_variants_fusing_cannot_reproduce_are_refused(unet, tmp_path, settings, name):
+    """DoRA, rsLoRA (alpha / sqrt(rank)) and per-module alphas, written into the file's
+    metadata by diffusers' save_lora_weights from peft's config: refused, not fused wrong."""
+    _, path, _ = _peft_lora(unet, tmp_path, "v", 1, 2, 2, ["to_q", "to_k"], **settings)
+    with pytest.raises(lora.LoraError) as e:
+        lora.read(path)
+    assert str(e.value) == f"LoRA {path}: PEFT {name} is not supported (metadata {name})"
