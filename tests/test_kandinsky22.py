@@ -544,3 +544,36 @@ def test_controlnet_hint_is_cast_to_a_bfloat16_model(tiny_k22, models, cpu_bfloa
     got = half.generate([row])[0].astype(int)
     want = models[family.K22_DEPTH].generate([row])[0].astype(int)
     assert got.shape == want.shape and np.abs(got - want).mean() < 20
+
+
+def test_rows_a_member_cannot_generate_are_refused_with_the_exact_message(models):
+    mask = np.ones((SIZE, SIZE), np.float32)
+    cases = [
+        (family.K22_INPAINT, _row(mask=mask), "image: inpainting needs an image"),
+        (family.K22_INPAINT, _row(image=_image(1)), "mask: inpainting needs a mask"),
+        (
+            family.K22_INPAINT,
+            _row(image=_image(1), mask=mask, mix=[("a cat", 1.0)]),
+            f"mix: image mixing runs on {family.K22}, not {family.K22_INPAINT}",
+        ),
+        (
+            family.K22_DEPTH,
+            _row(hint=np.zeros((SIZE, SIZE // 2, 3), np.uint8)),
+            f"hint: size {SIZE // 2}x{SIZE}, the row's is {SIZE}x{SIZE}",
+        ),
+        (
+            family.K22_DEPTH,
+            _row(hint=np.zeros((SIZE, SIZE), np.uint8)),
+            f"hint: expected an HxWx3 uint8 image, got shape ({SIZE}, {SIZE})",
+        ),
+    ]
+    for member, row, message in cases:
+        with pytest.raises(ValueError) as e:
+            models[member].check_request(row)
+        assert str(e.value) == message, member
+    with pytest.raises(ValueError) as e:
+        models[family.K22].generate([_row(), _row(num_inference_steps=4)])
+    assert str(e.value) == (
+        "one generate() call takes rows of one kind, size, step counts, guidance scales, "
+        "strength and negative-prompt presence"
+    )
