@@ -156,6 +156,37 @@ def test_loading_takes_the_file_and_finds_the_context_in_weights(paths, model, t
     got, want = half.sr(half._row(image, 7)), model.sr(model._row(image, 7))
     diff = (got - want).abs().mean()
     assert got.dtype == torch.float32 and diff < 0.05, diff
+    # and the refine gives the bfloat16 Flash UNet its context in its dtype
+    (got,), (want,) = half.upscale([image], [7]), model.upscale([image], [7])
+    assert got.shape == want.shape and np.abs(got.astype(int) - want).mean() < 8
+
+
+class _CountingRefiner:
+    """The Flash refiner, recording the batch shape of each call."""
+
+    def __init__(self, refiner):
+        self.refiner, self.calls = refiner, []
+        self.device, self.dtype = refiner.device, refiner.dtype
+
+    def __call__(self, x, *args):
+        self.calls.append(tuple(x.shape))
+        return self.refiner(x, *args)
+
+
+def test_refine_tiles_of_equal_shape_from_any_rows_share_calls_of_at_most_the_limit(model):
+    """Three 32x32 and two 32x64 images: one refine tile each, of 8x8 and 8x16 latents; at
+    most two a call: calls of 2 and 1 tiles of 8x8, and one of 2 tiles of 8x16."""
+    counted = KandiSuperResFlash(
+        model.unet,
+        _CountingRefiner(model.refiner),
+        model.movq,
+        model.context,
+        model.context_mask,
+        max_tiles_per_call=2,
+    )
+    images = [_image(32, 32, 1), _image(32, 64, 2), _image(32, 32, 3), _image(32, 64, 4)]
+    counted.upscale([*images, _image(32, 32, 5)], [1, 2, 3, 4, 5])
+    assert sorted(counted.refiner.calls) == [(1, 4, 8, 8), (2, 4, 8, 8), (2, 4, 8, 16)]
 
 
 def test_bad_contexts_and_dtypes_are_refused_with_the_exact_message(paths, tmp_path):
