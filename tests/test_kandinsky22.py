@@ -306,6 +306,14 @@ def test_group_key_separates_negative_none_from_empty(models):
     model = models[family.K22]
     assert model.group_key(_row(negative=None)) != model.group_key(_row(negative=""))
     assert model.group_key(_row()) == model.group_key(_row(seed=9, negative="other"))
+    # A row without prior settings runs on the member's.
+    m = model.member
+    unset = _row(prior_num_inference_steps=None, prior_guidance_scale=None)
+    member = _row(
+        prior_num_inference_steps=m.prior_num_inference_steps,
+        prior_guidance_scale=m.prior_guidance_scale,
+    )
+    assert model.group_key(unset) == model.group_key(member) != model.group_key(_row())
 
 
 # ---------------------------------------------------------------- depth and bad inputs
@@ -577,3 +585,30 @@ def test_rows_a_member_cannot_generate_are_refused_with_the_exact_message(models
         "one generate() call takes rows of one kind, size, step counts, guidance scales, "
         "strength and negative-prompt presence"
     )
+
+
+def test_sampling_halves_the_rows_of_a_call_on_out_of_memory_and_keeps_the_size(
+    tiny_k22, models, caplog
+):
+    """A call of more than one row runs out of memory (simulated where the rows are
+    sampled): the rows that were tried are halved, logged, and the size kept for later
+    calls; a call that fits sets no bound."""
+    model = _load(tiny_k22, family.K22)
+    rows = [_row(seed=s) for s in (5, 6, 7)]
+    model.generate(rows[:2])
+    assert model.max_batch is None
+    real, sizes = model._generate, []
+
+    def generate(rows):
+        sizes.append(len(rows))
+        if len(rows) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(rows)
+
+    model._generate = generate
+    model.max_batch = 4  # a bound larger than the call: the 3 rows tried are what is halved
+    with caplog.at_level("WARNING", logger="k3batch.model.performance"):
+        out = model.generate(rows)
+    assert sizes == [3, 1, 1, 1] and model.max_batch == 1
+    assert "sampling rows of 3 ran out of memory; 1 at a time" in caplog.messages
+    assert_same_images(out, models[family.K22].generate(rows))
