@@ -314,6 +314,11 @@ def test_group_key_separates_negative_none_from_empty(models):
         prior_guidance_scale=m.prior_guidance_scale,
     )
     assert model.group_key(unset) == model.group_key(member) != model.group_key(_row())
+    # Strength parts image-to-image rows only; it is no part of a text row's key.
+    image = _image(1)
+    key = model.group_key
+    assert key(_row(image=image, strength=0.6)) != key(_row(image=image, strength=0.7))
+    assert key(_row(strength=0.6)) == key(_row()) != key(_row(image=image, strength=0.6))
 
 
 # ---------------------------------------------------------------- depth and bad inputs
