@@ -12,8 +12,9 @@ results per function across runs but not per test change, so a test written to k
 survivor would not be rerun against it. `--survivors` instead reruns, in the last run's
 folder, only the mutants that were not killed, against the map's tests as they are now
 (tests new since that run are traced first): the check that new tests kill them. `--resume`
-goes on with an interrupted run's untested mutants in its folder, against the map's tests as
-they are now (mutmut keeps each mutant's result as it goes). Prints the score and each
+goes on with an interrupted run's untested mutants in its folder (mutmut keeps each mutant's
+result as it goes). Both need the module's map entry unchanged since that run: mutmut
+discards every result when its test selection changes. Prints the score and each
 survivor's diff.
 """
 
@@ -131,8 +132,14 @@ def main() -> int:
         work = work_dir(module)
         if not (work / "mutants" / (module + ".meta")).is_file():
             sys.exit(f"{flag}: no earlier run of {module} in {work}")
-        # The map's tests as they are now; mutmut traces tests it has not seen before.
-        (work / "pyproject.toml").write_text(settings(module, modules[module]))
+        # mutmut starts over when the test selection changes, so a changed map entry would
+        # throw the earlier results away: refused. New tests in the mapped files are fine
+        # (mutmut traces tests it has not seen before).
+        if (work / "pyproject.toml").read_text() != settings(module, modules[module]):
+            sys.exit(
+                f"{flag}: {module}'s settings (its map entry, or pyproject.toml) changed since "
+                "that run, and mutmut would start over: run it without " + flag
+            )
     if a.survivors:
         status, _ = score(work, module)
         names = sorted(k for k, s in status.items() if s != "killed")
