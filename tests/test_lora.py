@@ -310,3 +310,35 @@ def test_peft_variants_fusing_cannot_reproduce_are_refused(unet, tmp_path, setti
     with pytest.raises(lora.LoraError) as e:
         lora.read(path)
     assert str(e.value) == f"LoRA {path}: PEFT {name} is not supported (metadata {name})"
+
+
+def test_unreadable_incomplete_and_misfit_files_are_refused_with_the_exact_message(unet, tmp_path):
+    """Each refusal names the file and, where there is one, the key of the update's `down`
+    matrix (not its alpha's, which sorts first)."""
+    from safetensors.torch import save_file
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(lora.LoraError) as e:
+        lora.read(str(junk))
+    assert str(e.value).startswith(f"LoRA {junk}: not a safetensors file (SafetensorError: ")
+    empty = str(tmp_path / "empty.safetensors")
+    save_file({}, empty)
+    with pytest.raises(lora.LoraError) as e:
+        lora.read(empty)
+    assert str(e.value) == f"LoRA {empty}: holds no tensors"
+    name = "up_blocks.1.attentions.0.attention.to_v"  # 16 x 16
+    up_only = str(tmp_path / "up.safetensors")
+    save_file({f"unet.{name}.lora_B.weight": torch.zeros(16, 2)}, up_only)
+    with pytest.raises(lora.LoraError) as e:
+        lora.read(up_only)
+    assert str(e.value) == f"LoRA {up_only}: key 'unet.{name}.lora_B.weight' has no down matrix"
+    t = lora_tensors(unet)
+    t[name] = (torch.zeros(2, 32), t[name][1])
+    misfit = write_lora(str(tmp_path / "misfit.safetensors"), t, alpha=4.0)
+    with pytest.raises(lora.LoraError) as e:
+        lora.check(unet, misfit)
+    assert str(e.value) == (
+        f"LoRA {misfit}: key 'unet.{name}.lora_A.weight': up (16, 2) @ down (2, 32) does not "
+        f"fit {name}.weight (16, 16)"
+    )
