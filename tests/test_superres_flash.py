@@ -152,6 +152,9 @@ def test_loading_takes_the_file_and_finds_the_context_in_weights(paths, model, t
         sr, k3, device="cpu", dtype="bfloat16", config=TINY_SR_UNET
     )
     assert half.dtype == next(half.unet.parameters()).dtype == torch.bfloat16
+    # the Flash UNet in the dtype asked for, the MoVQ in float32 as the reference runs it
+    assert half.refiner.dtype == torch.bfloat16
+    assert next(half.movq.parameters()).dtype == torch.float32
     # The SR steps cast the UNet's inputs to its dtype (its first layer refuses float32).
     image = _image(32, 32, 5)
     got, want = half.sr(half._row(image, 7)), model.sr(model._row(image, 7))
