@@ -342,3 +342,27 @@ def test_unreadable_incomplete_and_misfit_files_are_refused_with_the_exact_messa
         f"LoRA {misfit}: key 'unet.{name}.lora_A.weight': up (16, 2) @ down (2, 32) does not "
         f"fit {name}.weight (16, 16)"
     )
+
+
+def test_updates_whose_matrices_do_not_chain_to_the_weight_are_refused(unet, tmp_path):
+    """Shapes `check` refuses, with the weight each would have fit had it been read
+    loosely: a 1-D `up`, and a convolution `up` with a kernel (only `down` carries it)."""
+    from safetensors.torch import save_file
+
+    conv = unet.conv_in.weight.shape  # (out, in, 3, 3)
+    linear = "up_blocks.1.attentions.0.attention.to_v"  # 16 x 16
+    cases = [
+        ("conv_in", torch.zeros(2, *conv[1:]), torch.zeros(conv[0], 2, 3, 1)),
+        ("conv_in", torch.zeros(2, *conv[1:]), torch.zeros(conv[0], 2, 3, 3)),
+        (linear, torch.zeros(2, 16), torch.zeros(16)),
+    ]
+    for i, (module, down, up) in enumerate(cases):
+        path = str(tmp_path / f"{i}.safetensors")
+        save_file({f"{module}.lora_A.weight": down, f"{module}.lora_B.weight": up}, path)
+        weight = tuple(dict(unet.named_parameters())[f"{module}.weight"].shape)
+        with pytest.raises(lora.LoraError) as e:
+            lora.check(unet, path)
+        assert str(e.value) == (
+            f"LoRA {path}: key '{module}.lora_A.weight': up {tuple(up.shape)} @ down "
+            f"{tuple(down.shape)} does not fit {module}.weight {weight}"
+        )
