@@ -366,3 +366,14 @@ def test_updates_whose_matrices_do_not_chain_to_the_weight_are_refused(unet, tmp
             f"LoRA {path}: key '{module}.lora_A.weight': up {tuple(up.shape)} @ down "
             f"{tuple(down.shape)} does not fit {module}.weight {weight}"
         )
+
+
+def test_a_half_precision_lora_is_multiplied_out_in_float32(unet, tmp_path):
+    """LoRAs are often saved in float16: the update is still up @ down in float32 (a float16
+    product would round every sum to 11 bits)."""
+    updates = {m: (d.half(), u.half()) for m, (d, u) in lora_tensors(unet, seed=7).items()}
+    path = write_lora(str(tmp_path / "half.safetensors"), updates)
+    base, got = unet.state_dict(), fused(unet, [(path, 1.0)])
+    for module, (down, up) in updates.items():
+        want = base[f"{module}.weight"] + up.float() @ down.float()
+        torch.testing.assert_close(got[f"{module}.weight"], want, rtol=0, atol=1e-6)
