@@ -415,3 +415,21 @@ def test_windowed_and_tiled_images_do_not_depend_on_the_batch(model):
     for image, seed, out in ((a, 1, both[0]), (b, 2, both[1])):
         (alone,) = flash.upscale([image], [seed])
         np.testing.assert_allclose(alone.astype(int), out.astype(int), atol=1)
+
+
+def test_settings_are_refused_with_the_exact_message_and_their_bounds_taken(model):
+    for settings, message in [
+        (dict(whole_canvas_side=0), "whole_canvas_side: 0, expected >= 1"),
+        (dict(movq_tile=0), "movq_tile: 0, expected a positive multiple of 32"),
+        (dict(movq_tile=48), "movq_tile: 48, expected a positive multiple of 32"),
+        (dict(movq_tile=-32), "movq_tile: -32, expected a positive multiple of 32"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            _variant(model, **settings)
+        assert str(e.value) == message
+    assert _variant(model, whole_canvas_side=1, movq_tile=32).movq_tile == 32
+    assert model.refine is True  # the reference's Flash x2 refines by default
+    # A canvas of exactly whole_canvas_side squared pixels runs whole; one more row does not.
+    edge = _variant(model, whole_canvas_side=64)
+    assert edge.runs_whole(edge._row(_image(32, 32, 1), 1))
+    assert not edge.runs_whole(edge._row(_image(64, 32, 1), 1))
