@@ -169,6 +169,8 @@ def test_image_prompt_rows_differ_from_plain_rows_only_through_their_images(
     # A row's image does not depend on the rows beside it (to float32 rounding: conftest).
     alone = Request("a red fox", None, 5, 64, 64, 2, 3.0, ip_images=[(first, 1.0)])
     assert_same_images(stage.pipe.generate([alone]), [one])
+    # A batch without image prompts skips the adapter: the plain model's image.
+    assert_same_images(stage.pipe.generate([row]), [plain])
 
 
 def test_embeddings_are_clip_image_embeds_mixed_by_weight(stage):
