@@ -116,6 +116,17 @@ def test_zero_scale_no_hint_hint_scale_and_window(model, plain):
         model.generate([req(1, hint, controlnet_conditioning_scale=0.0)])[0],
         plain.generate([req(1)])[0],
     )
+    # A batch with no hint does not run the ControlNet at all (it would add zeros).
+    calls = []
+    residuals = model.control.residuals
+    model.control.residuals = lambda *a: calls.append(1) or residuals(*a)
+    try:
+        model.sample([req(2)])
+        assert calls == []
+        model.sample([req(1, hint)])
+        assert len(calls) == 2  # one per step
+    finally:
+        del model.control.residuals
 
 
 def test_controlled_rows_of_one_batch_match_the_reference_loop_with_the_forks_control(
