@@ -209,3 +209,24 @@ def test_bench_size_is_the_same_family_wider_and_loads_like_the_tiny_one(tmp_pat
     assert image.shape == (64, 64, 3) and image.std() > 0
     with pytest.raises(ValueError, match="diffusers layout only"):
         make_tiny(str(tmp_path / "ref"), layout="reference", size="bench")
+
+
+def test_rows_carrying_pooled_text_are_the_rows_with_prompts_and_need_it_without_t5(
+    tiny_model, tiny_dir
+):
+    """Rows whose T5 outputs come from the text encoder pool (`embed`, then `Request.text`)
+    give the images of the same rows with prompts, negatives included, on a model loaded
+    without T5; rows without them are refused there with the exact message."""
+    import dataclasses
+
+    rows = [req("a cat", 1, negative="blurry"), req("a long prompt about a castle", 2)]
+    texts = tiny_model.embed([r.prompt for r in rows], [r.negative_prompt for r in rows])
+    pooled = [dataclasses.replace(r, text=t) for r, t in zip(rows, texts, strict=True)]
+    bare = Kandinsky3.from_pretrained(tiny_dir, dtype=FP32, device="cpu", text_encoder=False)
+    assert_same_images(bare.generate(pooled), tiny_model.generate(rows))
+    with pytest.raises(RuntimeError) as e:
+        bare.generate(rows)
+    assert str(e.value) == (
+        "the model was loaded without its text encoder; rows need prompt embeddings "
+        "(resources.text_encoder_pool)"
+    )
