@@ -180,14 +180,7 @@ class _CountingRefiner:
 def test_refine_tiles_of_equal_shape_from_any_rows_share_calls_of_at_most_the_limit(model):
     """Three 32x32 and two 32x64 images: one refine tile each, of 8x8 and 8x16 latents; at
     most two a call: calls of 2 and 1 tiles of 8x8, and one of 2 tiles of 8x16."""
-    counted = KandiSuperResFlash(
-        model.unet,
-        _CountingRefiner(model.refiner),
-        model.movq,
-        model.context,
-        model.context_mask,
-        max_tiles_per_call=2,
-    )
+    counted = _variant(model, refiner=_CountingRefiner(model.refiner), max_tiles_per_call=2)
     images = [_image(32, 32, 1), _image(32, 64, 2), _image(32, 32, 3), _image(32, 64, 4)]
     counted.upscale([*images, _image(32, 32, 5)], [1, 2, 3, 4, 5])
     assert sorted(counted.refiner.calls) == [(1, 4, 8, 8), (2, 4, 8, 8), (2, 4, 8, 16)]
@@ -260,11 +253,12 @@ def test_bad_input(model):
         model.upscale([np.zeros((32, 32), np.uint8)], [1])
 
 
-def _variant(model, movq=None, **settings) -> KandiSuperResFlash:
-    """The fixture's parts with other sampling settings (tiny tiles, windows, threshold)."""
+def _variant(model, movq=None, refiner=None, **settings) -> KandiSuperResFlash:
+    """The fixture's parts (or the `movq` / `refiner` given) with other sampling settings
+    (tiny tiles, windows, threshold)."""
     return KandiSuperResFlash(
         model.unet,
-        model.refiner,
+        refiner or model.refiner,
         movq or model.movq,
         model.context,
         model.context_mask,
@@ -429,7 +423,7 @@ def test_settings_are_refused_with_the_exact_message_and_their_bounds_taken(mode
         assert str(e.value) == message
     assert _variant(model, whole_canvas_side=1, movq_tile=32).movq_tile == 32
     assert model.refine is True  # the reference's Flash x2 refines by default
-    # A canvas of exactly whole_canvas_side squared pixels runs whole; one more row does not.
+    # A canvas of exactly whole_canvas_side squared pixels runs whole; a larger one does not.
     edge = _variant(model, whole_canvas_side=64)
     assert edge.runs_whole(edge._row(_image(32, 32, 1), 1))
     assert not edge.runs_whole(edge._row(_image(64, 32, 1), 1))
