@@ -238,9 +238,9 @@ class KandiSuperResFlash:
 
     def upscale(self, images: list[np.ndarray], seeds: list[int]) -> list[np.ndarray]:
         """Each HxWx3 uint8 image upscaled to (2H)x(2W)x3 uint8 with its seed."""
-        with torch.no_grad():
-            from k3batch.model.superres.pipeline import _check_inputs, _to_uint8
+        from k3batch.model.superres.pipeline import _check_inputs, _to_uint8
 
+        with torch.no_grad():
             _check_inputs(images, seeds, 1)
             for i, im in enumerate(images):
                 if min(im.shape[:2]) < SIDE_MULTIPLE:
@@ -280,13 +280,9 @@ class KandiSuperResFlash:
         every `stride`, the last flush with the edge): each step noises the whole canvas with
         the same draws as `sr`, predicts x0 per window (windows of equal shape from any rows
         batched, at most `max_tiles_per_call` per call) and takes the per-pixel mean."""
-        with torch.no_grad():
-            from k3batch.model.superres.pipeline import (
-                merge_windows,
-                predict_windows,
-                window_starts,
-            )
+        from k3batch.model.superres.pipeline import merge_windows, predict_windows, window_starts
 
+        with torch.no_grad():
             xs, views = [], []
             for row in rows:
                 ch, cw = row.lowres.shape[-2:]
