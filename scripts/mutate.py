@@ -103,6 +103,26 @@ def score(work: Path, module: str) -> tuple[dict[str, str], int]:
     return status, sum(s == "killed" for s in status.values())
 
 
+def not_killed(status: dict[str, str]) -> list[str]:
+    return sorted(k for k, s in status.items() if s != "killed")
+
+
+def earlier_run(module: str, entry: dict, flag: str) -> Path:
+    """The folder of the module's last run, for `flag`; exits when there is none, or when
+    the module's settings changed since: mutmut starts over when the test selection changes,
+    which would throw the earlier results away. New tests in the mapped files are fine
+    (mutmut traces tests it has not seen before)."""
+    work = work_dir(module)
+    if not (work / "mutants" / (module + ".meta")).is_file():
+        sys.exit(f"{flag}: no earlier run of {module} in {work}")
+    if (work / "pyproject.toml").read_text() != settings(module, entry):
+        sys.exit(
+            f"{flag}: {module}'s settings (its map entry, or pyproject.toml) changed since "
+            "that run, and mutmut would start over: run it without " + flag
+        )
+    return work
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("module", help="a module path in tests/mutation_map.toml")
@@ -126,28 +146,14 @@ def main() -> int:
     module = a.module.removeprefix("./")
     if module not in modules:
         sys.exit(f"module {module!r} is not in {MAP.relative_to(ROOT)}: {sorted(modules)}")
-    names: list[str] = []
     if a.survivors or a.resume:
-        flag = "--survivors" if a.survivors else "--resume"
-        work = work_dir(module)
-        if not (work / "mutants" / (module + ".meta")).is_file():
-            sys.exit(f"{flag}: no earlier run of {module} in {work}")
-        # mutmut starts over when the test selection changes, so a changed map entry would
-        # throw the earlier results away: refused. New tests in the mapped files are fine
-        # (mutmut traces tests it has not seen before).
-        if (work / "pyproject.toml").read_text() != settings(module, modules[module]):
-            sys.exit(
-                f"{flag}: {module}'s settings (its map entry, or pyproject.toml) changed since "
-                "that run, and mutmut would start over: run it without " + flag
-            )
-    if a.survivors:
-        status, _ = score(work, module)
-        names = sorted(k for k, s in status.items() if s != "killed")
-        if not names:
-            print(f"{module}: no survivors in the last run")
-            return 0
-    elif not a.resume:
+        work = earlier_run(module, modules[module], "--survivors" if a.survivors else "--resume")
+    else:
         work = prepare(module, modules[module])
+    names = not_killed(score(work, module)[0]) if a.survivors else []
+    if a.survivors and not names:
+        print(f"{module}: no survivors in the last run")
+        return 0
     mutmut = Path(sys.executable).parent / "mutmut"
     # The mutated copy first on the path of every process the tests start, too.
     env = {**os.environ, "PYTHONPATH": str(work / "mutants")}
@@ -158,7 +164,7 @@ def main() -> int:
         print(f"mutmut run exited with {rc}", file=sys.stderr)
         return rc
     status, killed = score(work, module)
-    survivors = sorted(k for k, s in status.items() if s != "killed")
+    survivors = not_killed(status)
     print(f"\n{module}: {killed} / {len(status)} killed ({100 * killed / len(status):.0f}%)")
     for name in survivors:
         print(f"  {status[name]}: {name}")
